@@ -1,0 +1,99 @@
+"""The gpusnap command line: click only. Each command parses, calls the engine, renders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from .. import VERSION
+from ..errors import GpusnapError, Interrupted, exit_code_table
+from .context import AppContext
+
+DEFAULT_STORE = "/var/lib/gpusnap"
+
+
+class LazyGroup(click.Group):
+    """Commands are imported only when run, so `gpusnap --help` stays instant."""
+
+    COMMANDS = {
+        "dump": "Checkpoint a process tree or a container into the store.",
+        "restore": "Restore a snapshot; prints the restored root pid.",
+        "ls": "List snapshots.",
+        "inspect": "Show everything recorded about a snapshot.",
+        "verify": "Re-hash every chunk of one or all snapshots.",
+        "rm": "Remove snapshots (their chunks go at the next gc).",
+        "gc": "Delete chunks no snapshot uses.",
+        "doctor": "Check CRIU, the kernel, CUDA and container engines; say how to fix.",
+        "demo": "Dump and restore a built-in workload and check its data.",
+    }
+
+    def list_commands(self, ctx):
+        return list(self.COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in self.COMMANDS:
+            return None
+        import importlib
+        module = importlib.import_module(f"gpusnap.cli.cmd_{name}")
+        return module.command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, help_ in self.COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", envvar="GPUSNAP_STORE", default=DEFAULT_STORE, show_default=True,
+              type=click.Path(file_okay=False), help="Snapshot store directory (env GPUSNAP_STORE).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+@click.option("-v", "--verbose", count=True, help="More detail on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.version_option(VERSION, prog_name="gpusnap")
+@click.pass_context
+def cli(ctx, store, as_json, verbose, quiet):
+    """gpusnap: checkpoint and restore GPU processes and containers, fast."""
+    ctx.obj = AppContext(store=store, as_json=as_json, verbose=verbose, quiet=quiet)
+
+
+def _sigterm(signum, frame):
+    raise Interrupted("terminated by SIGTERM; every change to the target was undone")
+
+
+def main(argv=None) -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
+    as_json = "--json" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="gpusnap", standalone_mode=False)
+    except GpusnapError as exc:
+        _report(exc, as_json)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        exc = Interrupted()
+        _report(exc, as_json)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(Interrupted.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else 1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+def _report(exc: GpusnapError, as_json: bool) -> None:
+    if as_json:
+        import json
+        click.echo(json.dumps(exc.to_dict()))
+    click.echo(f"gpusnap: error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"  hint: {exc.hint}", err=True)
+    if os.environ.get("GPUSNAP_TRACEBACK"):
+        import traceback
+        traceback.print_exc()

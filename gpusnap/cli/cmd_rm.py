@@ -1,0 +1,13 @@
+import click
+
+
+@click.command("rm")
+@click.argument("snapshots", nargs=-1, required=True)
+@click.pass_obj
+def command(app, snapshots):
+    """Remove SNAPSHOTS. Their chunks are freed by the next `gpusnap gc`."""
+    repo = app.repo(create=False)
+    with repo.exclusive_lock():
+        ids = [repo.resolve(s) for s in snapshots]
+        removed = repo.remove(ids)
+    app.emit({"removed": removed}, "\n".join(f"removed {i}" for i in removed))

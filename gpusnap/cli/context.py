@@ -1,0 +1,58 @@
+"""Shared CLI state: where the store is, how to print, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+
+import click
+
+
+@dataclass
+class AppContext:
+    store: str
+    as_json: bool = False
+    verbose: int = 0
+    quiet: bool = False
+
+    def repo(self, create: bool = True):
+        from ..store import Repository
+        return Repository.open(self.store, create=create)
+
+    def emit(self, data, text: str | None = None) -> None:
+        """JSON on stdout with --json, else the text form."""
+        if self.as_json:
+            click.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
+        elif text is not None:
+            click.echo(text)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(text, err=True)
+
+    @contextlib.contextmanager
+    def progress(self, desc: str, total: int | None = None):
+        """A byte counter on stderr, only on a tty and without -q."""
+        if self.quiet or self.as_json or not sys.stderr.isatty():
+            yield None
+            return
+        from tqdm import tqdm
+        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
+                  file=sys.stderr) as bar:
+            yield bar.update
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def timings_table(timings: dict[str, float]) -> str:
+    rows = [f"  {stage:<18} {secs:8.3f} s" for stage, secs in timings.items()]
+    rows.append(f"  {'total':<18} {sum(timings.values()):8.3f} s")
+    return "\n".join(rows)

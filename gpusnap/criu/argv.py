@@ -1,0 +1,38 @@
+"""CRIU command lines, built from plain options. Pure: no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# What a server process typically holds and CRIU refuses without being told.
+COMMON = ["--file-locks", "--tcp-established", "--ext-unix-sk", "--link-remap",
+          "--manage-cgroups=ignore"]
+
+
+@dataclass
+class CriuOptions:
+    shell_job: bool = False
+    extra: list[str] = field(default_factory=list)
+    verbosity: int = 4
+
+
+def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,
+              leave: str = "stopped") -> list[str]:
+    """leave: 'stopped' (gpusnap decides later: kill or resume), 'running', or 'killed'."""
+    argv = [criu, "dump", "--tree", str(pid), "--images-dir", images_dir,
+            "--log-file", "dump.log", f"-v{opts.verbosity}", *COMMON]
+    if leave == "stopped":
+        argv.append("--leave-stopped")
+    elif leave == "running":
+        argv.append("--leave-running")
+    if opts.shell_job:
+        argv.append("--shell-job")
+    return argv + list(opts.extra)
+
+
+def restore_argv(criu: str, images_dir: str, pidfile: str, opts: CriuOptions) -> list[str]:
+    argv = [criu, "restore", "--images-dir", images_dir, "--log-file", "restore.log",
+            f"-v{opts.verbosity}", "--restore-detached", "--pidfile", pidfile, *COMMON]
+    if opts.shell_job:
+        argv.append("--shell-job")
+    return argv + list(opts.extra)

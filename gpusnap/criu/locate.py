@@ -1,0 +1,50 @@
+"""Find a CRIU >= 4.1: $GPUSNAP_CRIU, then criu on PATH, then the private prefixes that
+scripts/install-criu.sh fills."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+
+from .. import sysrun
+from ..errors import CriuMissing
+
+MIN_VERSION = (4, 1)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRIVATE_PREFIXES = ["/opt/gpusnap/criu/bin/criu", os.path.join(_REPO_ROOT, ".deps/criu/bin/criu")]
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def candidates() -> list[str]:
+    out = []
+    if os.environ.get("GPUSNAP_CRIU"):
+        out.append(os.environ["GPUSNAP_CRIU"])
+    on_path = shutil.which("criu", path=os.environ.get("PATH", sysrun.SAFE_PATH) + ":/usr/sbin:/sbin")
+    if on_path:
+        out.append(on_path)
+    out += [p for p in PRIVATE_PREFIXES if os.path.exists(p)]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def find_criu() -> tuple[str, str]:
+    """(path, version string) of the first usable CRIU, or CriuMissing."""
+    seen = []
+    for path in candidates():
+        try:
+            res = sysrun.run([path, "--version"], timeout=20)
+        except OSError:
+            continue
+        version = parse_version(res.stdout)
+        seen.append(f"{path} ({'.'.join(map(str, version)) if version else 'unknown'})")
+        if version and version[:2] >= MIN_VERSION:
+            return path, ".".join(map(str, version))
+    found = "; found " + ", ".join(seen) if seen else ""
+    raise CriuMissing(f"CRIU >= {MIN_VERSION[0]}.{MIN_VERSION[1]} is not installed{found}",
+                      hint="run `make setup` (or scripts/install-criu.sh /opt/gpusnap/criu)")

@@ -1,0 +1,59 @@
+"""Run CRIU and turn its failures into errors that say why."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .. import sysrun
+from ..errors import CriuFailed
+from .argv import CriuOptions, dump_argv, restore_argv
+from .locate import find_criu
+
+_ERROR_LINE = re.compile(r"^\([\d.]+\)\s+(?:\d+:\s+)?Error\s+\(([^)]*)\):\s*(.*)$")
+
+
+def log_errors(log_path: str, limit: int = 5) -> list[str]:
+    """The first error lines of a CRIU log, without timestamps."""
+    out = []
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                m = _ERROR_LINE.match(line.strip())
+                if m:
+                    out.append(f"{m.group(2)} [{m.group(1)}]")
+                    if len(out) >= limit:
+                        break
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _fail(what: str, res: sysrun.Result, log_path: str) -> CriuFailed:
+    errors = log_errors(log_path)
+    detail = "; ".join(errors) if errors else (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return CriuFailed(f"criu {what} failed (exit {res.returncode}): {detail}",
+                      hint=f"full log: {log_path}")
+
+
+def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped",
+         timeout: float | None = None) -> None:
+    criu, _ = find_criu()
+    res = sysrun.run(dump_argv(criu, pid, images_dir, opts, leave=leave), timeout=timeout)
+    if not res.ok:
+        raise _fail("dump", res, os.path.join(images_dir, "dump.log"))
+
+
+def restore(images_dir: str, opts: CriuOptions, *, timeout: float | None = None) -> int:
+    criu, _ = find_criu()
+    pidfile = os.path.join(images_dir, "restored.pid")
+    res = sysrun.run(restore_argv(criu, images_dir, pidfile, opts), timeout=timeout)
+    if not res.ok:
+        raise _fail("restore", res, os.path.join(images_dir, "restore.log"))
+    with open(pidfile) as f:
+        return int(f.read().strip())
+
+
+def check() -> sysrun.Result:
+    criu, _ = find_criu()
+    return sysrun.run([criu, "check"], timeout=60)

@@ -1,0 +1,126 @@
+"""Host checks for `gpusnap doctor`: each says ok / missing / warn, and how to fix it."""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+from . import sysrun
+
+
+@dataclass
+class Check:
+    name: str
+    status: str          # ok | warn | missing
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _criu() -> list[Check]:
+    from .criu.locate import find_criu
+    from .errors import CriuMissing
+    try:
+        path, version = find_criu()
+    except CriuMissing as exc:
+        return [Check("criu", "missing", exc.message, "make setup")]
+    out = [Check("criu", "ok", f"{version} at {path}")]
+    res = sysrun.run([path, "check"], timeout=60)
+    text = (res.stdout + res.stderr).strip().splitlines()
+    out.append(Check("criu check", "ok" if res.ok else "warn",
+                     text[-1] if text else f"exit {res.returncode}",
+                     "" if res.ok else f"run `{path} check` for details"))
+    return out
+
+
+def _kernel() -> list[Check]:
+    out = []
+    soft_dirty = _probe_soft_dirty()
+    out.append(Check("soft-dirty tracking", "ok" if soft_dirty else "warn",
+                     "present" if soft_dirty else "absent: CRIU pre-dump/--track-mem unusable; "
+                     "gpusnap's incremental comes from its store dedup, so nothing is lost",
+                     "" if soft_dirty else "kernel built without CONFIG_MEM_SOFT_DIRTY"))
+    uffd = os.path.exists("/proc/sys/vm/unprivileged_userfaultfd") or os.path.exists("/dev/userfaultfd")
+    out.append(Check("userfaultfd", "ok" if uffd else "warn", "available" if uffd else "not found"))
+    return out
+
+
+def _probe_soft_dirty() -> bool:
+    """Clear soft-dirty bits of ourselves and look for bit 55 after a write."""
+    try:
+        buf = bytearray(4096 * 4)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("4")
+        buf[0] = 1
+        addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek((addr // 4096) * 8)
+            entry = int.from_bytes(f.read(8), "little")
+        return bool(entry >> 55 & 1)
+    except OSError:
+        return False
+
+
+def _privileges() -> list[Check]:
+    root = os.geteuid() == 0
+    return [Check("root", "ok" if root else "missing",
+                  "running as root" if root else f"uid {os.geteuid()}",
+                  "" if root else "run gpusnap as root (CRIU needs CAP_SYS_ADMIN and more)")]
+
+
+def _cuda() -> list[Check]:
+    lib = ctypes.util.find_library("cuda") or ("libcuda.so.1" if os.path.exists("/dev/nvidiactl") else None)
+    if not lib:
+        return [Check("nvidia driver", "missing", "libcuda not found (no GPU here?)",
+                      "install the NVIDIA driver >= 580 for GPU snapshots; CPU processes work without it")]
+    try:
+        from .cuda import driver
+        d = driver.load()
+        version = d.driver_version()
+        has_remap = version >= 12080
+        return [Check("nvidia driver", "ok", f"CUDA driver API {version // 1000}.{version % 1000 // 10}"),
+                Check("cuda checkpoint api", "ok" if d.has_checkpoint_api() else "missing",
+                      "cuCheckpointProcess* present" if d.has_checkpoint_api() else "absent",
+                      "" if d.has_checkpoint_api() else "driver >= 550 needed, >= 580 for --gpu remap"),
+                Check("gpu remap (--gpu)", "ok" if has_remap else "warn",
+                      "supported" if has_remap else "driver too old", "" if has_remap else "driver >= 580")]
+    except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
+        return [Check("nvidia driver", "warn", f"libcuda present but unusable: {exc}")]
+
+
+def _engines() -> list[Check]:
+    out = []
+    if shutil.which("docker"):
+        try:
+            import docker
+            info = docker.from_env(timeout=5).info()
+            exp = info.get("ExperimentalBuild", False)
+            out.append(Check("docker", "ok" if exp else "warn",
+                             f"daemon {info.get('ServerVersion')}, experimental={exp}",
+                             "" if exp else "start dockerd with --experimental for checkpoints"))
+        except Exception as exc:  # noqa: BLE001
+            out.append(Check("docker", "warn", f"client present, daemon unreachable: {str(exc)[:80]}",
+                             "scripts/setup-containers.sh"))
+    else:
+        out.append(Check("docker", "missing", "not installed", "scripts/setup-containers.sh"))
+    podman = shutil.which("podman")
+    if podman:
+        res = sysrun.run([podman, "version", "--format", "{{.Client.Version}}"], timeout=20)
+        out.append(Check("podman", "ok" if res.ok else "warn", res.stdout.strip() or res.stderr.strip()[:80]))
+    else:
+        out.append(Check("podman", "missing", "not installed", "scripts/setup-containers.sh"))
+    return out
+
+
+def run_checks() -> list[Check]:
+    checks: list[Check] = []
+    for group in (_privileges, _criu, _kernel, _cuda, _engines):
+        try:
+            checks += group()
+        except Exception as exc:  # noqa: BLE001
+            checks.append(Check(group.__name__.strip("_"), "warn", f"check failed: {exc}"))
+    return checks

@@ -1,0 +1,162 @@
+"""Dump: resolve the target, CUDA lock + checkpoint, CRIU dump, ingest, commit.
+
+Order and undo (every step that changes the target has its undo, run on any failure,
+Ctrl-C and SIGTERM included):
+
+    cuda lock            <- unlock
+    cuda checkpoint      <- cuda restore
+    criu dump (stopped)  <- SIGCONT
+    ingest, commit       (the store: nothing visible until the manifest is written)
+    then: kill the target, or (--leave-running) resume it
+
+Without --leave-running CRIU leaves the tree stopped rather than killing it, so a dump
+that fails after CRIU (disk full, say) still resumes the original: the target dies only
+once its snapshot is committed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import VERSION
+from ..criu import runner as criu_runner
+from ..criu.argv import CriuOptions
+from ..criu.locate import find_criu
+from ..errors import GpusnapError, UsageError
+from ..model import Target
+from ..store import Repository
+from ..targets.process import kill_and_wait
+from . import gpu, workdir
+from .timing import Stages
+
+
+@dataclass
+class DumpRequest:
+    pid: int | None = None
+    container: str | None = None
+    engine: str | None = None
+    name: str | None = None
+    leave_running: bool = False
+    lock_timeout_ms: int = 10_000
+
+
+@dataclass
+class DumpPlan:
+    request: DumpRequest
+    target: Target
+    criu_path: str
+    criu_version: str
+    cuda_pids: list[int] = field(default_factory=list)
+    criu_options: CriuOptions = field(default_factory=CriuOptions)
+
+
+def plan(req: DumpRequest) -> DumpPlan:
+    """Every check that can fail, before the target is touched."""
+    if (req.pid is None) == (req.container is None):
+        raise UsageError("name a container or give --pid, not both")
+    criu_path, criu_version = find_criu()
+    if req.pid is not None:
+        from ..targets import process
+        target = process.resolve(req.pid)
+    else:
+        from ..targets import containers
+        target = containers.resolve(req.container, req.engine)
+    return DumpPlan(request=req, target=target, criu_path=criu_path, criu_version=criu_version,
+                    cuda_pids=gpu.cuda_pids(target.pids),
+                    criu_options=CriuOptions(shell_job=target.shell_job))
+
+
+def _signal_tree(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def execute(plan: DumpPlan, repo: Repository,
+            progress: Callable[[int], None] | None = None) -> dict:
+    """Run the dump; returns the committed manifest."""
+    req, target = plan.request, plan.target
+    stages = Stages()
+    work = workdir.make(repo.path, "dump-")
+    images = os.path.join(work, "images")
+    logs = os.path.join(work, "logs")
+    os.makedirs(images)
+    os.makedirs(logs)
+    cuda = gpu.session(plan.cuda_pids) if plan.cuda_pids else None
+    cuda_facts = None
+    stopped = False
+    try:
+        with repo.shared_lock():
+            if cuda:
+                cuda_facts = cuda.describe()
+                with stages.stage("cuda_lock"):
+                    cuda.lock_all(req.lock_timeout_ms)
+                with stages.stage("cuda_checkpoint"):
+                    cuda.checkpoint_all()
+            leave = "running" if req.leave_running else "stopped"
+            with stages.stage("criu_dump"):
+                try:
+                    criu_runner.dump(target.root_pid, images, plan.criu_options, leave=leave)
+                finally:
+                    if os.path.exists(os.path.join(images, "dump.log")):
+                        shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
+            stopped = not req.leave_running
+            if req.leave_running and cuda:
+                with stages.stage("cuda_restore"):
+                    cuda.restore_all(None)
+                with stages.stage("cuda_unlock"):
+                    cuda.unlock_all()
+            with stages.stage("ingest"):
+                files, counts = repo.ingest_dir(images, progress)
+                log_files, log_counts = repo.ingest_dir(logs)
+            manifest = {
+                "id": repo.new_snapshot_id(), "name": req.name, "target": target.to_dict(),
+                "pids": target.pids, "criu_version": plan.criu_version,
+                "criu": {"shell_job": plan.criu_options.shell_job},
+                "kernel": platform.release(), "host": socket.gethostname(),
+                "gpusnap_version": VERSION, "files": files, "logs": log_files,
+                "bytes_logical": counts["bytes_logical"],
+                "bytes_stored": counts["bytes_stored"] + log_counts["bytes_stored"],
+                "bytes_new": counts["bytes_new"] + log_counts["bytes_new"],
+                "cuda": cuda_facts, "leave_running": req.leave_running,
+            }
+            with stages.stage("commit"):
+                manifest["timings"] = stages.to_dict()
+                repo.commit(manifest)
+        if stopped:
+            kill_and_wait(target.pids)
+            stopped = False
+        manifest["timings"] = stages.to_dict()
+        return manifest
+    except BaseException as exc:
+        _undo(target, cuda, stopped, work, repo)
+        if isinstance(exc, GpusnapError) and os.path.exists(os.path.join(logs, "dump.log")):
+            exc.hint = exc.hint or f"CRIU log kept at {_keep_log(repo, logs)}"
+        raise
+    finally:
+        workdir.remove(work)
+
+
+def _undo(target: Target, cuda, stopped: bool, work: str, repo: Repository) -> None:
+    """Bring the target back to where it started: resumed, CUDA restored and unlocked."""
+    if stopped:
+        _signal_tree(target.pids, signal.SIGCONT)
+    if cuda:
+        cuda.rollback()
+
+
+def _keep_log(repo: Repository, logs: str) -> str:
+    dest_dir = os.path.join(repo.path, "failed-logs")
+    os.makedirs(dest_dir, mode=0o700, exist_ok=True)
+    dest = os.path.join(dest_dir, f"dump-{os.getpid()}-{os.path.basename(os.path.dirname(logs))}.log")
+    shutil.copyfile(os.path.join(logs, "dump.log"), dest)
+    os.chmod(dest, 0o600)
+    return dest

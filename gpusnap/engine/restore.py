@@ -1,0 +1,80 @@
+"""Restore: materialise the images (verified), CRIU restore, CUDA restore + unlock.
+
+The snapshot is only read: a failed restore leaves it as it was. A tree that CRIU
+restored but whose CUDA restore failed is killed, not left half alive.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..criu import runner as criu_runner
+from ..criu.argv import CriuOptions
+from ..criu.locate import find_criu
+from ..errors import PidInUse
+from ..store import Repository
+from ..targets.process import kill_and_wait, taken
+from . import gpu, workdir
+from .timing import Stages
+
+
+@dataclass
+class RestoreRequest:
+    snapshot: str
+    gpus: list[str] | None = None
+
+
+@dataclass
+class RestorePlan:
+    request: RestoreRequest
+    manifest: dict
+    criu_path: str
+    gpu_pairs: list[tuple[str, str]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
+    manifest = repo.load(repo.resolve(req.snapshot))
+    criu_path, _ = find_criu()
+    busy = taken(manifest["pids"])
+    if busy:
+        raise PidInUse(f"pids {busy} are in use: the original process is probably still running",
+                       hint="stop the original first (a zombie's parent must reap it), "
+                            "or restore on another host")
+    p = RestorePlan(request=req, manifest=manifest, criu_path=criu_path)
+    if manifest.get("cuda"):
+        p.gpu_pairs, p.notes = gpu.plan_remap(manifest["cuda"], req.gpus)
+    return p
+
+
+def execute(plan: RestorePlan, repo: Repository,
+            progress: Callable[[int], None] | None = None) -> dict:
+    """Returns {'pid', 'snapshot', 'timings', 'notes'}."""
+    m = plan.manifest
+    stages = Stages()
+    work = workdir.make(repo.path, "restore-")
+    images = os.path.join(work, "images")
+    root_pid = None
+    try:
+        with repo.shared_lock():
+            with stages.stage("materialise"):
+                repo.materialise(m, images, progress)
+        with stages.stage("criu_restore"):
+            root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]))
+        cuda_pids = [p for p in m["cuda"]["pids"]] if m.get("cuda") else []
+        if cuda_pids:
+            cuda = gpu.session(cuda_pids)
+            with stages.stage("cuda_restore"):
+                cuda.restore_all(plan.gpu_pairs)
+            with stages.stage("cuda_unlock"):
+                cuda.unlock_all()
+        return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
+                "notes": plan.notes}
+    except BaseException:
+        if root_pid is not None:
+            kill_and_wait(m["pids"])
+        raise
+    finally:
+        workdir.remove(work)

@@ -1,0 +1,26 @@
+"""Per-stage wall-clock timings, kept in the order the stages ran."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+
+class Stages:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, other: dict[str, float]) -> None:
+        for k, v in other.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + v
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}

@@ -1,0 +1,123 @@
+"""Error classes. Each carries its exit code; the docstring is the message template.
+
+The CLI maps any GpusnapError to its exit_code and prints its message; nothing
+else in gpusnap decides exit codes. Codes are stable and listed in `gpusnap --help`.
+"""
+
+from __future__ import annotations
+
+
+class GpusnapError(Exception):
+    """gpusnap failed."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | None = None, *, hint: str | None = None):
+        super().__init__(message or (self.__doc__ or "").strip())
+        self.hint = hint
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+    def to_dict(self) -> dict:
+        return {"error": type(self).__name__, "message": self.message,
+                "exit_code": self.exit_code, "hint": self.hint}
+
+
+class UsageError(GpusnapError):
+    """Bad arguments."""
+    exit_code = 2
+
+
+class SnapshotNotFound(GpusnapError):
+    """No such snapshot."""
+    exit_code = 3
+
+
+class AmbiguousSnapshot(GpusnapError):
+    """The name or id prefix matches more than one snapshot."""
+    exit_code = 4
+
+
+class TargetNotFound(GpusnapError):
+    """The process or container to dump does not exist."""
+    exit_code = 5
+
+
+class PidInUse(GpusnapError):
+    """A pid the snapshot needs is taken (is the original still running?)."""
+    exit_code = 6
+
+
+class CriuMissing(GpusnapError):
+    """CRIU >= 4.1 is not installed."""
+    exit_code = 10
+
+
+class CriuFailed(GpusnapError):
+    """CRIU failed."""
+    exit_code = 11
+
+
+class CudaUnavailable(GpusnapError):
+    """The CUDA driver or its checkpoint API is not available."""
+    exit_code = 20
+
+
+class CudaFailed(GpusnapError):
+    """A CUDA checkpoint call failed."""
+    exit_code = 21
+
+
+class GpuMismatch(GpusnapError):
+    """The snapshot's GPUs cannot be mapped onto this host's GPUs."""
+    exit_code = 22
+
+
+class ContainerEngineError(GpusnapError):
+    """The container engine failed or is not usable."""
+    exit_code = 30
+
+
+class StoreError(GpusnapError):
+    """The snapshot store is unusable."""
+    exit_code = 40
+
+
+class StoreLocked(StoreError):
+    """The store is locked by another gpusnap."""
+    exit_code = 41
+
+
+class IntegrityError(StoreError):
+    """Stored data does not match its hash (corrupt or missing chunk)."""
+    exit_code = 42
+
+
+class InsecureStore(StoreError):
+    """The store can be read or written by other users."""
+    exit_code = 43
+
+
+class StoreFull(StoreError):
+    """No space left in the store."""
+    exit_code = 44
+
+
+class Interrupted(GpusnapError):
+    """Interrupted; every change to the target was undone."""
+    exit_code = 130
+
+
+ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
+              CriuMissing, CriuFailed, CudaUnavailable, CudaFailed, GpuMismatch,
+              ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
+              StoreFull, Interrupted]
+
+
+def exit_code_table() -> str:
+    """The exit codes, one per line, for --help."""
+    rows = [(0, "success"), (1, "unexpected error")] + [
+        (cls.exit_code, (cls.__doc__ or "").strip()) for cls in ALL_ERRORS]
+    return "\n".join(f"{code:>4}  {text}" for code, text in rows)

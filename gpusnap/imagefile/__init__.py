@@ -1,0 +1,1 @@
+"""CRIU image parsing: pure functions over file objects (pycriu's model)."""

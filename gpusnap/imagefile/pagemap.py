@@ -1,0 +1,79 @@
+"""CRIU pagemap images: which virtual pages a pages-N.img holds, and where.
+
+    PAGEMAP_IMAGE ::= COMMON_MAGIC PAGEMAP_MAGIC HEAD { PAGEMAP_ENTRY }
+    HEAD          ::= pagemap_head   { 1: pages_id u32 }          -> pages-<pages_id>.img
+    PAGEMAP_ENTRY ::= pagemap_entry  { 1: vaddr u64, 2: nr_pages u32 (0 since CRIU 4),
+                                       3: in_parent bool (old images), 4: flags u32,
+                                       5: pages_nr u64 (CRIU >= 4: the page count) }
+    flags: PE_PARENT=1 (pages live in a parent image), PE_LAZY=2, PE_PRESENT=4
+
+An entry's pages are in the pages image iff it is present: flags & PE_PRESENT when
+flags is set, else not in_parent. Present entries' pages follow each other in entry
+order, PAGE_SIZE bytes a page, so an entry's file offset is the sum of the present
+pages before it. Files: pagemap-<pid>.img and pagemap-shmem-<ino>.img.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import image
+from .protobuf import decode_fields
+
+PAGE_SIZE = 4096
+PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class PagemapEntry:
+    vaddr: int
+    nr_pages: int
+    flags: int | None
+    in_parent: bool
+
+    @property
+    def present(self) -> bool:
+        if self.flags is not None:
+            return bool(self.flags & PE_PRESENT)
+        return not self.in_parent
+
+
+def parse(f: BinaryIO) -> tuple[int, list[PagemapEntry]]:
+    """(pages_id, entries) of one pagemap image."""
+    if image.read_magic(f) != image.PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    it = image.entries(f)
+    head = decode_fields(next(it, b""))
+    pages_id = int(head.get(1, 0))
+    out = []
+    for payload in it:
+        fields = decode_fields(payload)
+        out.append(PagemapEntry(vaddr=int(fields.get(1, 0)), nr_pages=int(fields.get(5) or fields.get(2, 0)),
+                                flags=int(fields[4]) if 4 in fields else None,
+                                in_parent=bool(fields.get(3, 0))))
+    return pages_id, out
+
+
+def present_offsets(entries: list[PagemapEntry]) -> list[tuple[PagemapEntry, int]]:
+    """(entry, offset in the pages image) for every present entry."""
+    out, off = [], 0
+    for e in entries:
+        if e.present:
+            out.append((e, off))
+            off += e.nr_pages * PAGE_SIZE
+    return out
+
+
+def region_offsets_for_pages(pages_path: str) -> list[int]:
+    """File offsets in pages_path where a memory region's pages begin."""
+    directory = os.path.dirname(pages_path)
+    wanted = int(os.path.basename(pages_path)[len("pages-"):-len(".img")])
+    for pm in glob.glob(os.path.join(directory, "pagemap-*.img")):
+        with open(pm, "rb") as f:
+            pages_id, entries = parse(f)
+        if pages_id == wanted:
+            return [off for _, off in present_offsets(entries)]
+    return []

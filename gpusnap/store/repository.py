@@ -1,0 +1,360 @@
+"""The repository: chunks, snapshots (manifests) and the lock, on a local directory.
+
+Write ordering (docs/design.md): chunks are written (temp, rename), the filesystem is
+synced, then the manifest is written atomically. A snapshot is visible only once its
+manifest exists, and every chunk it names is durable by then. gc and rm hold the
+exclusive lock; dumps, restores and verify hold the shared one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
+                      StoreError)
+from . import chunker, codec, fsutil
+from .lock import store_lock
+
+FORMAT_VERSION = 1
+Progress = Callable[[int], None]
+
+
+@dataclass
+class SnapshotSummary:
+    id: str
+    name: str | None
+    created: str
+    target: str
+    bytes_logical: int
+    bytes_stored: int
+
+    @classmethod
+    def from_manifest(cls, m: dict) -> "SnapshotSummary":
+        target = m.get("target", {})
+        return cls(m["id"], m.get("name"), m["created"],
+                   f"{target.get('kind', '?')}:{target.get('name') or target.get('root_pid')}",
+                   m.get("bytes_logical", 0), m.get("bytes_stored", 0))
+
+
+def _threads() -> int:
+    return max(2, min(16, os.cpu_count() or 2))
+
+
+class Repository:
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.chunks_dir = os.path.join(self.path, "chunks")
+        self.snapshots_dir = os.path.join(self.path, "snapshots")
+        self.tmp_dir = os.path.join(self.path, "tmp")
+        self.lock_path = os.path.join(self.path, "lock")
+
+    # ---- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str, *, create: bool = True) -> "Repository":
+        repo = cls(path)
+        config = os.path.join(repo.path, "config")
+        if not os.path.exists(config):
+            if not create:
+                raise StoreError(f"no gpusnap store at {repo.path}")
+            repo._init()
+        repo._check_private()
+        with open(config) as f:
+            version = json.load(f).get("version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"store format {version} is not supported (this gpusnap: {FORMAT_VERSION})")
+        return repo
+
+    def _init(self) -> None:
+        old = os.umask(0o077)
+        try:
+            for d in (self.path, self.chunks_dir, self.snapshots_dir, self.tmp_dir):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(self.path, 0o700)
+            fsutil.write_atomic(os.path.join(self.path, "config"), json.dumps(
+                {"version": FORMAT_VERSION, "id": secrets.token_hex(16),
+                 "chunk_size": chunker.CHUNK_SIZE, "hash": "sha256", "codec": "zstd"}).encode())
+        finally:
+            os.umask(old)
+
+    def _check_private(self) -> None:
+        st = os.stat(self.path)
+        if st.st_uid != os.geteuid():
+            raise InsecureStore(f"store {self.path} belongs to uid {st.st_uid}, not to you")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InsecureStore(f"store {self.path} is open to other users (mode {st.st_mode & 0o777:o})",
+                                hint=f"chmod 700 {self.path}")
+
+    def shared_lock(self, timeout: float = 30.0):
+        return store_lock(self.lock_path, exclusive=False, timeout=timeout)
+
+    def exclusive_lock(self, timeout: float = 30.0):
+        return store_lock(self.lock_path, exclusive=True, timeout=timeout)
+
+    # ---- chunks --------------------------------------------------------------------
+    def chunk_path(self, cid: str) -> str:
+        return os.path.join(self.chunks_dir, cid[:2], cid)
+
+    def has_chunk(self, cid: str) -> bool:
+        return cid == codec.ZERO_ID or os.path.exists(self.chunk_path(cid))
+
+    def _put_chunk(self, data: memoryview) -> tuple[str, int, int]:
+        """Store one chunk if new; (id, stored bytes, new bytes)."""
+        if codec.is_zero(data):
+            return codec.ZERO_ID, 0, 0
+        cid = codec.chunk_id(data)
+        path = self.chunk_path(cid)
+        try:
+            return cid, os.stat(path).st_size, 0
+        except FileNotFoundError:
+            pass
+        blob = codec.compress(data)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.tmp_dir, f"{cid}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+                      "wb", closefd=True) as f:
+                f.write(blob)
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            fsutil.raise_os_error(exc, path)
+        return cid, len(blob), len(blob)
+
+    def read_chunk(self, cid: str, size: int) -> bytes:
+        if cid == codec.ZERO_ID:
+            return bytes(size)
+        try:
+            with open(self.chunk_path(cid), "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"chunk {cid[:16]} is missing from the store") from None
+        return codec.decompress(blob, cid, size)
+
+    # ---- ingest (dump side) ----------------------------------------------------------
+    def ingest_dir(self, src: str, progress: Progress | None = None) -> tuple[list[dict], dict]:
+        """Chunk every regular file under src into the store.
+
+        Returns (file entries for the manifest, byte counts). Chunks are not yet durable:
+        commit() syncs before it writes the manifest.
+        """
+        files = []
+        for root, _dirs, names in os.walk(src):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                st = os.lstat(full)
+                if stat.S_ISREG(st.st_mode):
+                    files.append((os.path.relpath(full, src), full, st))
+        entries, logical, stored, new = [], 0, 0, 0
+        seen: set[str] = set()
+        with ThreadPoolExecutor(_threads()) as pool:
+            for rel, full, st in sorted(files):
+                spans = chunker.boundaries(full, st.st_size)
+                with open(full, "rb") as f:
+                    fd = f.fileno()
+
+                    def one(span, fd=fd):
+                        off, n = span
+                        data = memoryview(os.pread(fd, n, off))
+                        result = self._put_chunk(data)
+                        if progress:
+                            progress(n)
+                        return result
+
+                    chunks = []
+                    for (off, n), (cid, size_stored, size_new) in zip(spans, pool.map(one, spans)):
+                        chunks.append([cid, n])
+                        if cid not in seen:
+                            seen.add(cid)
+                            stored += size_stored
+                        new += size_new
+                logical += st.st_size
+                entries.append({"path": rel, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+                                "chunks": chunks})
+        return entries, {"bytes_logical": logical, "bytes_stored": stored, "bytes_new": new}
+
+    def new_snapshot_id(self) -> str:
+        return secrets.token_hex(8)
+
+    def commit(self, manifest: dict) -> str:
+        """Make a snapshot visible: sync the chunks, then write its manifest atomically."""
+        manifest.setdefault("id", self.new_snapshot_id())
+        manifest.setdefault("created", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        manifest["format"] = FORMAT_VERSION
+        missing = [c for f in self._all_file_entries(manifest) for c, _ in f["chunks"]
+                   if not self.has_chunk(c)]
+        if missing:
+            raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
+        fsutil.syncfs(self.path)
+        fsutil.write_atomic(os.path.join(self.snapshots_dir, manifest["id"] + ".json"),
+                            json.dumps(manifest, indent=1, sort_keys=True).encode())
+        return manifest["id"]
+
+    @staticmethod
+    def _all_file_entries(manifest: dict) -> list[dict]:
+        return list(manifest.get("files", [])) + list(manifest.get("logs", []))
+
+    # ---- snapshots -----------------------------------------------------------------
+    def snapshot_ids(self) -> list[str]:
+        return sorted(n[:-5] for n in os.listdir(self.snapshots_dir) if n.endswith(".json"))
+
+    def load(self, snap_id: str) -> dict:
+        path = os.path.join(self.snapshots_dir, snap_id + ".json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise SnapshotNotFound(f"no snapshot {snap_id}") from None
+        except ValueError:
+            raise IntegrityError(f"manifest of snapshot {snap_id} is unreadable (truncated?)") from None
+
+    def manifests(self) -> list[dict]:
+        out = []
+        for sid in self.snapshot_ids():
+            try:
+                out.append(self.load(sid))
+            except IntegrityError:
+                continue
+        return sorted(out, key=lambda m: m.get("created", ""))
+
+    def resolve(self, ref: str) -> str:
+        """Snapshot id from an id, a unique id prefix, or a name (newest of that name)."""
+        ids = self.snapshot_ids()
+        if ref in ids:
+            return ref
+        named = [m for m in self.manifests() if m.get("name") == ref]
+        if named:
+            return named[-1]["id"]
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise AmbiguousSnapshot(f"'{ref}' matches {len(matches)} snapshots: {', '.join(matches[:5])}")
+        raise SnapshotNotFound(f"no snapshot with id or name '{ref}'")
+
+    def list(self) -> list[SnapshotSummary]:
+        return [SnapshotSummary.from_manifest(m) for m in self.manifests()]
+
+    # ---- materialise (restore side) ---------------------------------------------------
+    def materialise(self, manifest: dict, dest: str, progress: Progress | None = None,
+                    *, which: str = "files") -> None:
+        """Write a snapshot's files under dest, verifying each chunk as it is decompressed.
+
+        Zero chunks are left as holes. Any mismatch raises IntegrityError; the caller
+        removes dest.
+        """
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        jobs = []
+        fds = []
+        try:
+            for entry in manifest.get(which, []):
+                path = os.path.join(dest, entry["path"])
+                if not os.path.realpath(path).startswith(os.path.realpath(dest) + os.sep):
+                    raise IntegrityError(f"manifest path escapes the image dir: {entry['path']}")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                             entry.get("mode", 0o600) & 0o700 or 0o600)
+                fds.append(fd)
+                os.ftruncate(fd, entry["size"])
+                off = 0
+                for cid, n in entry["chunks"]:
+                    if cid != codec.ZERO_ID:
+                        jobs.append((fd, off, cid, n))
+                    off += n
+                if off != entry["size"]:
+                    raise IntegrityError(f"{entry['path']}: chunks add up to {off}, not {entry['size']}")
+
+            def one(job):
+                fd, off, cid, n = job
+                data = self.read_chunk(cid, n)
+                view = memoryview(data)
+                while view:
+                    written = os.pwrite(fd, view, off)
+                    view, off = view[written:], off + written
+                if progress:
+                    progress(n)
+
+            with ThreadPoolExecutor(_threads()) as pool:
+                for _ in pool.map(one, jobs):
+                    pass
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    # ---- verify, rm, gc -----------------------------------------------------------------
+    def verify(self, snap_ids: Iterable[str] | None = None, progress: Progress | None = None) -> dict:
+        """Re-hash every chunk the snapshots use. Returns {'checked', 'bad': [...]}."""
+        ids = list(snap_ids) if snap_ids is not None else self.snapshot_ids()
+        wanted: dict[str, int] = {}
+        bad = []
+        for sid in ids:
+            try:
+                m = self.load(sid)
+            except IntegrityError as exc:
+                bad.append({"snapshot": sid, "error": exc.message})
+                continue
+            for entry in self._all_file_entries(m):
+                for cid, n in entry["chunks"]:
+                    if cid != codec.ZERO_ID:
+                        wanted[cid] = n
+
+        def one(item):
+            cid, n = item
+            try:
+                self.read_chunk(cid, n)
+                err = None
+            except IntegrityError as exc:
+                err = {"chunk": cid, "error": exc.message}
+            if progress:
+                progress(n)
+            return err
+
+        with ThreadPoolExecutor(_threads()) as pool:
+            bad += [e for e in pool.map(one, sorted(wanted.items())) if e]
+        return {"snapshots": len(ids), "chunks_checked": len(wanted), "bad": bad}
+
+    def remove(self, snap_ids: Iterable[str]) -> list[str]:
+        removed = []
+        for sid in snap_ids:
+            path = os.path.join(self.snapshots_dir, sid + ".json")
+            try:
+                os.unlink(path)
+                removed.append(sid)
+            except FileNotFoundError:
+                raise SnapshotNotFound(f"no snapshot {sid}") from None
+        fsutil.fsync_dir(self.snapshots_dir)
+        return removed
+
+    def gc_plan(self) -> dict:
+        """Chunks no manifest references, and stale temp files. Pure reading."""
+        live: set[str] = set()
+        for sid in self.snapshot_ids():
+            m = self.load(sid)
+            for entry in self._all_file_entries(m):
+                live.update(c for c, _ in entry["chunks"])
+        dead, dead_bytes = [], 0
+        for sub in os.listdir(self.chunks_dir):
+            for cid in os.listdir(os.path.join(self.chunks_dir, sub)):
+                if cid not in live:
+                    path = os.path.join(self.chunks_dir, sub, cid)
+                    dead.append(path)
+                    dead_bytes += os.path.getsize(path)
+        temps = [os.path.join(self.tmp_dir, n) for n in os.listdir(self.tmp_dir)]
+        return {"chunks": dead, "bytes": dead_bytes, "temps": temps}
+
+    def gc_execute(self, plan: dict) -> None:
+        for path in plan["chunks"] + plan["temps"]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

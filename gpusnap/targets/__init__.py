@@ -1,0 +1,1 @@
+"""Resolve what the user named (a pid, a container) to a Target."""

@@ -1,0 +1,145 @@
+"""A process tree holding known data, that can prove after a restore that it is intact.
+
+    python -m gpusnap.workloads.memholder --state DIR [--mib N] [--zero-mib Z]
+        [--children K] [--threads T] [--mmap-file PATH]
+
+Writes DIR/ready (json: pid, expected checksum) once its data is in place. On SIGUSR1
+it checks everything it holds and writes DIR/report.json atomically: its own data, each
+child's data (asked over a pipe and over a socketpair), thread liveness, a MAP_SHARED
+file mapping, and a tick counter that keeps moving (state that lives only in memory).
+Run it with stdio on files or /dev/null and in its own session: CRIU needs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import random
+import signal
+import socket
+import threading
+import time
+
+MIB = 1 << 20
+
+
+def make_data(mib: int, seed: int) -> bytearray:
+    block = random.Random(seed).randbytes(MIB)
+    parts = []
+    for i in range(mib):
+        parts.append(i.to_bytes(8, "little") + block[8:])
+    return bytearray(b"".join(parts))
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.rename(tmp, path)
+
+
+def child_main(rpipe: int, wpipe: int, sock: socket.socket, mib: int, seed: int) -> None:
+    data = make_data(mib, seed)
+    expected = hashlib.sha256(data).hexdigest()
+    while True:
+        msg = os.read(rpipe, 64)
+        if not msg:
+            os._exit(0)
+        ok = hashlib.sha256(data).hexdigest() == expected
+        os.write(wpipe, b"ok\n" if ok else b"bad\n")
+        sock.sendall(b"pong" if ok else b"bad!")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--zero-mib", type=int, default=0)
+    ap.add_argument("--children", type=int, default=0)
+    ap.add_argument("--child-mib", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--mmap-file")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+
+    children = []
+    for k in range(args.children):
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        parent_sock, child_sock = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            parent_sock.close()
+            child_main(to_child_r, from_child_w, child_sock, args.child_mib, args.seed + 1 + k)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        child_sock.close()
+        children.append((pid, to_child_w, from_child_r, parent_sock))
+
+    data = make_data(args.mib, args.seed)
+    zeros = bytearray(args.zero_mib * MIB)           # touched, all zero
+    for off in range(0, len(zeros), 4096):
+        zeros[off] = 0
+    expected = hashlib.sha256(data).hexdigest()
+
+    mapped = None
+    if args.mmap_file:
+        with open(args.mmap_file, "wb") as f:
+            f.write(make_data(4, args.seed + 100))
+        fd = os.open(args.mmap_file, os.O_RDWR)
+        mapped = mmap.mmap(fd, 4 * MIB, mmap.MAP_SHARED)
+        os.close(fd)
+    mapped_expected = hashlib.sha256(mapped[:]).hexdigest() if mapped else None
+
+    counters = [0] * args.threads
+    stop = threading.Event()
+
+    def spin(i: int) -> None:
+        while not stop.is_set():
+            counters[i] += 1
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=spin, args=(i,), daemon=True) for i in range(args.threads)]
+    for t in threads:
+        t.start()
+
+    ticks = [0]
+    check_requested = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: check_requested.set())
+
+    def report() -> None:
+        kids = []
+        for pid, w, r, s in children:
+            os.write(w, b"check\n")
+            kids.append({"pid": pid, "pipe": os.read(r, 16).decode().strip(),
+                         "socket": s.recv(4).decode()})
+        before = list(counters)
+        time.sleep(0.05)
+        write_json(os.path.join(args.state, "report.json"), {
+            "pid": os.getpid(), "time": time.time(), "ticks": ticks[0],
+            "data_ok": hashlib.sha256(data).hexdigest() == expected,
+            "zeros_ok": not any(zeros),
+            "children": kids,
+            "children_ok": all(k["pipe"] == "ok" and k["socket"] == "pong" for k in kids),
+            "threads_alive": sum(1 for t in threads if t.is_alive()),
+            "threads_moving": all(a > b for a, b in zip(counters, before)) if threads else True,
+            "mmap_ok": (hashlib.sha256(mapped[:]).hexdigest() == mapped_expected) if mapped else None,
+        })
+
+    write_json(os.path.join(args.state, "ready"), {"pid": os.getpid(), "checksum": expected,
+                                                   "children": [c[0] for c in children]})
+    while True:
+        ticks[0] += 1
+        data[ticks[0] % len(data) // 4096 * 4096 + 7] ^= 0       # touch a page, keep contents
+        if check_requested.wait(0.05):
+            check_requested.clear()
+            report()
+
+
+if __name__ == "__main__":
+    main()
