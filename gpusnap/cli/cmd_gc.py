@@ -8,7 +8,7 @@ from .context import human_bytes
 @click.pass_obj
 def command(app, dry_run):
     """Delete chunks that no snapshot references (under the exclusive store lock)."""
-    repo = app.repo(create=False)
+    repo = app.repo()
     with repo.exclusive_lock():
         plan = repo.gc_plan()
         if not dry_run:

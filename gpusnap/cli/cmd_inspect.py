@@ -9,7 +9,7 @@ from .context import human_bytes, timings_table
 @click.pass_obj
 def command(app, snapshot, files):
     """Show what a snapshot holds: target, pids, sizes, CRIU and kernel, GPUs, timings."""
-    repo = app.repo(create=False)
+    repo = app.repo()
     m = repo.load(repo.resolve(snapshot))
     if not files:
         m = {k: v for k, v in m.items() if k not in ("files", "logs")}

@@ -11,7 +11,7 @@ from .context import timings_table
 def command(app, snapshot, gpus):
     """Restore SNAPSHOT (an id, a unique id prefix, or a name); prints the restored root pid."""
     from ..engine import restore
-    repo = app.repo(create=False)
+    repo = app.repo()
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None)
     plan = restore.plan(req, repo)
     for note in plan.notes:

@@ -6,7 +6,7 @@ import click
 @click.pass_obj
 def command(app, snapshots):
     """Remove SNAPSHOTS. Their chunks are freed by the next `gpusnap gc`."""
-    repo = app.repo(create=False)
+    repo = app.repo()
     with repo.exclusive_lock():
         ids = [repo.resolve(s) for s in snapshots]
         removed = repo.remove(ids)

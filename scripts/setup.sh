@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make setup`: idempotent. CRIU >= 4.1 (private prefix when the host's is missing or old),
+# then .venv/ with gpusnap installed editable. Run as root on Debian 12 (or Ubuntu 24.04).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CRIU_PREFIX=${CRIU_PREFIX:-/opt/gpusnap/criu}
+
+criu_ok() {
+    local v
+    v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *\([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || return 1
+    [ -n "$v" ] || return 1
+    set -- $v
+    [ "$1" -gt 4 ] || { [ "$1" -eq 4 ] && [ "$2" -ge 1 ]; }
+}
+
+if command -v criu >/dev/null && criu_ok "$(command -v criu)"; then
+    echo "setup: criu ok: $(command -v criu) ($(criu --version | head -1))"
+else
+    if [ "$(id -u)" != 0 ]; then echo "setup: CRIU >= 4.1 missing and not root: run as root" >&2; exit 1; fi
+    bash scripts/install-criu.sh "$CRIU_PREFIX"
+    ln -sf "$CRIU_PREFIX/bin/criu" /usr/local/sbin/criu
+    echo "setup: criu linked at /usr/local/sbin/criu"
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zstandard' 2>/dev/null; then
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+        apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
+    fi
+    rm -rf .venv
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/pip install -q -e '.[test,crypto]'
+fi
+echo "setup: .venv ready ($(.venv/bin/gpusnap --version))"

@@ -1,0 +1,138 @@
+"""Shared fixtures: a private store, real workloads with known data, the CLI as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def criu_usable() -> bool:
+    if os.geteuid() != 0:
+        return False
+    try:
+        from gpusnap.criu.locate import find_criu
+        find_criu()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_root = pytest.mark.skip(reason="needs root and CRIU >= 4.1 (make setup)")
+    usable = None
+    for item in items:
+        if "root" in item.keywords:
+            if usable is None:
+                usable = criu_usable()
+            if not usable:
+                item.add_marker(skip_root)
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = tmp_path / "store"
+    return str(path)
+
+
+class Workload:
+    """A memholder process tree, started the way CRIU likes: own session, stdio on files."""
+
+    def __init__(self, state_dir: str, args: list[str]):
+        self.state = state_dir
+        os.makedirs(state_dir, exist_ok=True)
+        log = open(os.path.join(state_dir, "log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpusnap.workloads.memholder", "--state", state_dir, *args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=REPO)
+        ready = wait_json(os.path.join(state_dir, "ready"), proc=self.proc)
+        self.pid = ready["pid"]
+        self.children = ready["children"]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.pid, *self.children]
+
+    def report(self, pid: int | None = None, timeout: float = 30) -> dict:
+        path = os.path.join(self.state, "report.json")
+        if os.path.exists(path):
+            os.unlink(path)
+        os.kill(pid or self.pid, signal.SIGUSR1)
+        return wait_json(path, timeout=timeout)
+
+    def reap(self) -> None:
+        """Collect the original (our child) once gpusnap killed it."""
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill_all(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        wait_pids_free(self.pids)
+
+
+def wait_json(path: str, *, proc=None, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"workload exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise TimeoutError(path)
+
+
+def wait_pids_free(pids, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def workload(tmp_path):
+    started = []
+
+    def start(*args: str, name: str = "w") -> Workload:
+        w = Workload(str(tmp_path / name), list(args))
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill_all()
+
+
+@pytest.fixture
+def gpusnap(store):
+    """Run the real CLI in a subprocess; returns (exit code, parsed JSON or stdout, stderr)."""
+
+    def run(*args: str, env: dict | None = None, check: bool = False):
+        full_env = {**os.environ, "GPUSNAP_STORE": store, **(env or {})}
+        proc = subprocess.run([sys.executable, "-m", "gpusnap", "--json", *args], cwd=REPO,
+                              capture_output=True, text=True, env=full_env, timeout=600)
+        try:
+            out = json.loads(proc.stdout) if proc.stdout.strip() else None
+        except ValueError:
+            out = proc.stdout
+        if check and proc.returncode != 0:
+            raise AssertionError(f"gpusnap {args} exited {proc.returncode}: {proc.stderr}")
+        return proc.returncode, out, proc.stderr
+
+    return run

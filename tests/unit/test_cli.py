@@ -1,0 +1,61 @@
+"""The CLI without CRIU: help, exit codes, JSON, store commands on a store built by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from click.testing import CliRunner
+
+from gpusnap.cli import cli, main
+from gpusnap.store import Repository
+
+
+def _store_with_snapshot(tmp_path) -> tuple[str, str]:
+    path = str(tmp_path / "store")
+    repo = Repository.open(path)
+    src = tmp_path / "img"
+    src.mkdir()
+    (src / "core-1.img").write_bytes(b"x" * 100)
+    files, counts = repo.ingest_dir(str(src))
+    sid = repo.commit({"name": "web", "target": {"kind": "process", "root_pid": 9, "name": "py"},
+                       "pids": [9], "criu_version": "4.2.1", "kernel": "6", "files": files,
+                       "logs": [], "timings": {"criu_dump": 0.1}, **counts})
+    return path, sid
+
+
+def test_help_lists_commands_and_exit_codes():
+    res = CliRunner().invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    for word in ("dump", "restore", "verify", "doctor", "Exit codes", "No such snapshot"):
+        assert word in res.output
+
+
+def test_ls_inspect_verify_rm_gc_json(tmp_path):
+    path, sid = _store_with_snapshot(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--store", path, "--json", "ls"])
+    assert json.loads(res.output)[0]["id"] == sid
+    res = runner.invoke(cli, ["--store", path, "--json", "inspect", "web"])
+    info = json.loads(res.output)
+    assert info["id"] == sid and info["bytes_logical"] == 100
+    res = runner.invoke(cli, ["--store", path, "--json", "verify"])
+    assert res.exit_code == 0 and json.loads(res.output)["bad"] == []
+    res = runner.invoke(cli, ["--store", path, "--json", "rm", sid[:5]])
+    assert json.loads(res.output)["removed"] == [sid]
+    res = runner.invoke(cli, ["--store", path, "--json", "gc"])
+    assert json.loads(res.output)["chunks"] == 1
+
+
+def test_errors_map_to_exit_codes(tmp_path, capsys):
+    path, _ = _store_with_snapshot(tmp_path)
+    for args, code in ((["inspect", "nope"], 3), (["dump"], 2)):
+        try:
+            main(["--store", path, "--json", *args])
+        except SystemExit as exc:
+            assert exc.code == code, args
+    os.chmod(path, 0o755)
+    try:
+        main(["--store", path, "ls"])
+    except SystemExit as exc:
+        assert exc.code == 43

@@ -1,0 +1,132 @@
+"""The store without CRIU: ingest, dedup, zero chunks, materialise, verify, gc, locks, privacy."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+
+import pytest
+
+from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
+                            StoreLocked)
+from gpusnap.store import Repository
+from gpusnap.store.chunker import CHUNK_SIZE
+
+
+def _images(path, files: dict[str, bytes]) -> str:
+    os.makedirs(path, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    return path
+
+
+def _snapshot(repo: Repository, src: str, name: str | None = None) -> dict:
+    files, counts = repo.ingest_dir(src)
+    m = {"name": name, "target": {"kind": "process", "root_pid": 1}, "pids": [1],
+         "files": files, "logs": [], **counts}
+    repo.commit(m)
+    return m
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return Repository.open(str(tmp_path / "store"))
+
+
+def test_roundtrip_is_byte_exact_and_zero_chunks_are_not_stored(repo, tmp_path):
+    rnd = random.Random(3)
+    data = rnd.randbytes(3 * CHUNK_SIZE + 123) + bytes(4 * CHUNK_SIZE) + rnd.randbytes(5000)
+    src = _images(str(tmp_path / "img"), {"pages-1.img": data, "core-1.img": b"core"})
+    m = _snapshot(repo, src)
+    zero_refs = [c for c, _ in m["files"][1]["chunks"] if c == "zero"]
+    assert len(zero_refs) >= 3
+    assert m["bytes_new"] < len(data) - 3 * CHUNK_SIZE
+    out = str(tmp_path / "out")
+    repo.materialise(repo.load(m["id"]), out)
+    assert open(os.path.join(out, "pages-1.img"), "rb").read() == data
+    assert open(os.path.join(out, "core-1.img"), "rb").read() == b"core"
+
+
+def test_identical_content_is_stored_once(repo, tmp_path):
+    data = random.Random(1).randbytes(2 * CHUNK_SIZE)
+    a = _snapshot(repo, _images(str(tmp_path / "a"), {"x.img": data}))
+    b = _snapshot(repo, _images(str(tmp_path / "b"), {"x.img": data}))
+    assert a["bytes_new"] > 0 and b["bytes_new"] == 0
+    assert b["bytes_stored"] == a["bytes_stored"]
+
+
+def test_store_is_private(repo):
+    for root, dirs, files in os.walk(repo.path):
+        for d in dirs:
+            assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) & 0o077 == 0
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) & 0o077 == 0
+    os.chmod(repo.path, 0o777)
+    with pytest.raises(InsecureStore):
+        Repository.open(repo.path)
+
+
+def test_corruption_is_detected_by_verify_and_materialise(repo, tmp_path):
+    m = _snapshot(repo, _images(str(tmp_path / "img"), {"pages-1.img": random.Random(2).randbytes(CHUNK_SIZE)}))
+    cid = m["files"][0]["chunks"][0][0]
+    path = repo.chunk_path(cid)
+    blob = bytearray(open(path, "rb").read())
+    blob[len(blob) // 2] ^= 1
+    open(path, "wb").write(bytes(blob))
+    assert repo.verify()["bad"]
+    with pytest.raises(IntegrityError):
+        repo.materialise(repo.load(m["id"]), str(tmp_path / "out"))
+    os.unlink(path)
+    assert "missing" in repo.verify()["bad"][0]["error"]
+
+
+def test_truncated_manifest_is_an_integrity_error(repo, tmp_path):
+    m = _snapshot(repo, _images(str(tmp_path / "img"), {"a.img": b"a"}))
+    path = os.path.join(repo.snapshots_dir, m["id"] + ".json")
+    open(path, "r+b").truncate(10)
+    with pytest.raises(IntegrityError):
+        repo.load(m["id"])
+    assert repo.verify()["bad"]
+
+
+def test_resolve_by_id_prefix_and_name(repo, tmp_path):
+    a = _snapshot(repo, _images(str(tmp_path / "a"), {"a.img": b"a"}), name="srv")
+    assert repo.resolve(a["id"]) == a["id"]
+    assert repo.resolve(a["id"][:6]) == a["id"]
+    assert repo.resolve("srv") == a["id"]
+    with pytest.raises(SnapshotNotFound):
+        repo.resolve("nope")
+    ids = [a["id"]] + [_snapshot(repo, _images(str(tmp_path / f"b{i}"), {"a.img": b"b"}))["id"]
+                       for i in range(40)]
+    common = next((p for p in "0123456789abcdef" if sum(i.startswith(p) for i in ids) > 1))
+    with pytest.raises(AmbiguousSnapshot):
+        repo.resolve(common)
+
+
+def test_rm_then_gc_frees_only_unreferenced_chunks(repo, tmp_path):
+    shared = random.Random(5).randbytes(CHUNK_SIZE)
+    a = _snapshot(repo, _images(str(tmp_path / "a"), {"x.img": shared + b"A" * 100}))
+    b = _snapshot(repo, _images(str(tmp_path / "b"), {"x.img": shared + b"B" * 100}))
+    repo.remove([a["id"]])
+    plan = repo.gc_plan()
+    assert len(plan["chunks"]) == 1
+    repo.gc_execute(plan)
+    assert repo.verify()["bad"] == []
+    repo.materialise(repo.load(b["id"]), str(tmp_path / "out"))
+
+
+def test_exclusive_lock_excludes_shared(repo):
+    with repo.shared_lock():
+        with repo.shared_lock(timeout=0.2):
+            pass
+        with pytest.raises(StoreLocked):
+            with repo.exclusive_lock(timeout=0.2):
+                pass
+
+
+def test_manifest_paths_cannot_escape(repo, tmp_path):
+    m = {"files": [{"path": "../evil", "size": 1, "mode": 0o600, "chunks": [["zero", 1]]}]}
+    with pytest.raises(IntegrityError):
+        repo.materialise(m, str(tmp_path / "out"))
