@@ -1,0 +1,89 @@
+"""Fixtures for tests on a real GPU: the driver, and torch_holder processes.
+
+Every test here is skipped, with the reason, where there is no NVIDIA driver >= 580 with
+the checkpoint API, no GPU, or no PyTorch for the workload.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from gpusnap.errors import GpusnapError
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLDER_PATH = ROOT / "tests" / "workloads" / "torch_holder.py"
+
+
+def load_torch_holder():
+    """tests/ is no package: import the workload module by its path."""
+    spec = importlib.util.spec_from_file_location("torch_holder", HOLDER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+torch_holder = load_torch_holder()
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_unavailable() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "PyTorch is not installed (the workload needs it)"
+    from gpusnap.cuda import get_driver, host_gpus
+    try:
+        major = get_driver().driver_major()
+        gpus = host_gpus().gpus
+    except GpusnapError as e:
+        return f"no usable CUDA driver: {e.message}"
+    if major < 580:
+        return f"NVIDIA driver {major} < 580"
+    if not gpus:
+        return "no GPU"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_gpu():
+    reason = gpu_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def driver():
+    from gpusnap.cuda import get_driver
+    return get_driver()
+
+
+@pytest.fixture
+def start_holder(tmp_path):
+    """start_holder(gib=1, mode='idle') -> a running Holder, killed after the test."""
+    started = []
+
+    def start(gib: float = 1.0, mode: str = "idle"):
+        workdir = tmp_path / f"holder{len(started)}"
+        workdir.mkdir()
+        holder = torch_holder.Holder(str(workdir), gib=gib, mode=mode)
+        started.append(holder)
+        return holder.start()
+
+    yield start
+    for holder in started:
+        holder.stop()
+
+
+@pytest.fixture(scope="module")
+def holder(tmp_path_factory):
+    """One 1 GiB holder running graphs + cuBLAS on two streams, shared by the tests of a
+    module that leave it RUNNING (each test asserts that it does)."""
+    reason = gpu_unavailable()
+    if reason:
+        pytest.skip(reason)
+    h = torch_holder.Holder(str(tmp_path_factory.mktemp("holder")), gib=1.0, mode="graphs")
+    h.start()
+    yield h
+    h.stop()
