@@ -34,7 +34,7 @@ GIB = 1 << 30
 
 def load_holder():
     spec = importlib.util.spec_from_file_location(
-        "torch_holder", ROOT / "tests" / "workloads" / "torch_holder.py")
+        "torch_holder", ROOT / "gpusnap" / "workloads" / "torch_holder.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,45 +66,82 @@ def _wait_file(path: str, proc: subprocess.Popen | None, timeout: float) -> dict
     raise DemoFailed(f"timed out waiting for {path}")
 
 
+class _CpuWorkload:
+    """The memholder tree: pipes, sockets, threads, a mapped file, known data."""
+    name = "cpu"
+
+    def __init__(self, state: str, mib: int):
+        self.state = state
+        self.proc = _start([sys.executable, "-m", "gpusnap.workloads.memholder", "--state", state,
+                            "--mib", str(mib), "--children", "2", "--threads", "2",
+                            "--mmap-file", os.path.join(state, "mapped")], state)
+        self.pid = _wait_file(os.path.join(state, "ready"), self.proc, 120)["pid"]
+
+    def reap(self) -> None:
+        self.proc.wait()
+
+    def check(self, pid: int) -> tuple[bool, dict]:
+        report_path = os.path.join(self.state, "report.json")
+        if os.path.exists(report_path):
+            os.unlink(report_path)
+        os.kill(pid, signal.SIGUSR1)
+        report = _wait_file(report_path, None, 60)
+        return bool(report.get("data_ok") and report.get("children_ok")), report
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _CudaWorkload:
+    """A PyTorch process holding known data in GPU memory, replaying CUDA graphs."""
+    name = "cuda"
+
+    def __init__(self, state: str, mib: int):
+        from ..workloads.torch_holder import Holder
+        self.holder = Holder(state, gib=max(0.25, mib / 1024), mode="graphs").start()
+        self.pid = self.holder.pid
+
+    def reap(self) -> None:
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+    def check(self, pid: int) -> tuple[bool, dict]:
+        self.holder.pid = pid
+        result = self.holder.check()
+        ok = bool(result.get("intact")) and result.get("checksum") == self.holder.checksum
+        return ok, result
+
+    def stop(self) -> None:
+        pass
+
+
 def run(repo: Repository, *, mib: int = 256, cuda: bool | None = None) -> DemoResult:
     cuda = gpu_available() if cuda is None else cuda
     state = tempfile.mkdtemp(prefix="gpusnap-demo-")
-    if cuda:
-        argv = [sys.executable, "-m", "gpusnap.workloads.torch_holder", "--state", state,
-                "--gib", str(max(1, mib // 1024))]
-        workload = "cuda"
-    else:
-        argv = [sys.executable, "-m", "gpusnap.workloads.memholder", "--state", state,
-                "--mib", str(mib), "--children", "2", "--threads", "2",
-                "--mmap-file", os.path.join(state, "mapped")]
-        workload = "cpu"
-    proc = _start(argv, state)
+    work = (_CudaWorkload if cuda else _CpuWorkload)(state, mib)
     restored_pid = None
     try:
-        ready = _wait_file(os.path.join(state, "ready"), proc, 120)
-        d_plan = dump.plan(dump.DumpRequest(pid=ready["pid"], name="gpusnap-demo"))
-        manifest = dump.execute(d_plan, repo)
-        proc.wait()
+        manifest = dump.execute(dump.plan(dump.DumpRequest(pid=work.pid, name="gpusnap-demo")), repo)
+        work.reap()
         r_plan = restore.plan(restore.RestoreRequest(snapshot=manifest["id"]), repo)
         result = restore.execute(r_plan, repo)
         restored_pid = result["pid"]
-        report_path = os.path.join(state, "report.json")
-        if os.path.exists(report_path):
-            os.unlink(report_path)
-        os.kill(restored_pid, 10)  # SIGUSR1: check your data
-        report = _wait_file(report_path, None, 60)
-        ok = report.get("data_ok") and report.get("children_ok", True) is not False
+        ok, report = work.check(restored_pid)
         if not ok:
             raise DemoFailed(f"restored workload reports damage: {report}")
-        return DemoResult(workload, manifest["id"], restored_pid, manifest["bytes_logical"],
+        report["data_ok"] = ok
+        return DemoResult(work.name, manifest["id"], restored_pid, manifest["bytes_logical"],
                           manifest["bytes_new"], {**manifest["timings"], **result["timings"]}, report)
     finally:
         from ..targets.process import kill_and_wait
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        work.stop()
         if restored_pid:
             kill_and_wait(_tree(restored_pid))
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _tree(root: int) -> list[int]:

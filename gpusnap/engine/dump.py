@@ -29,6 +29,7 @@ from ..criu import runner as criu_runner
 from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
 from ..errors import GpusnapError, UsageError
+from ..imagefile import zero_pages
 from ..model import Target
 from ..store import Repository
 from ..targets.process import kill_and_wait
@@ -114,6 +115,9 @@ def execute(plan: DumpPlan, repo: Repository,
                     cuda.restore_all(None)
                 with stages.stage("cuda_unlock"):
                     cuda.unlock_all()
+            # Zero-page elision (issue 5): drop all-zero private anonymous pages from the images.
+            with stages.stage("zero_elide"):
+                zero_stats = None if os.environ.get("GPUSNAP_NO_ZERO_ELIDE") else zero_pages.elide(images)
             with stages.stage("ingest"):
                 files, counts = repo.ingest_dir(images, progress)
                 log_files, log_counts = repo.ingest_dir(logs)
@@ -127,6 +131,7 @@ def execute(plan: DumpPlan, repo: Repository,
                 "bytes_stored": counts["bytes_stored"] + log_counts["bytes_stored"],
                 "bytes_new": counts["bytes_new"] + log_counts["bytes_new"],
                 "cuda": cuda_facts, "leave_running": req.leave_running,
+                "zero_pages_dropped": zero_stats.pages_dropped if zero_stats else None,
             }
             with stages.stage("commit"):
                 manifest["timings"] = stages.to_dict()

@@ -33,3 +33,12 @@ def cuda_pids(pids: list[int]) -> list[int]:
 def session(pids: list[int]):
     from ..cuda.session import CudaSession
     return CudaSession(pids)
+
+
+def plan_remap(cuda_facts: dict, choice: list[str] | None) -> tuple[list[tuple[str, str]] | None, list[str]]:
+    """UUID pairs for the driver (None: same GPUs) and notes for the user; refuses early."""
+    from ..cuda import host_gpus
+    from ..remap import plan_remap as plan
+    p = plan(cuda_facts.get("gpus", []), [g.to_dict() for g in host_gpus().gpus], choice,
+             cuda_facts.get("used_memory"))
+    return p.pairs, p.notes

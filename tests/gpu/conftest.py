@@ -15,18 +15,7 @@ import pytest
 from gpusnap.errors import GpusnapError
 
 ROOT = Path(__file__).resolve().parents[2]
-HOLDER_PATH = ROOT / "tests" / "workloads" / "torch_holder.py"
-
-
-def load_torch_holder():
-    """tests/ is no package: import the workload module by its path."""
-    spec = importlib.util.spec_from_file_location("torch_holder", HOLDER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-torch_holder = load_torch_holder()
+from gpusnap.workloads import torch_holder  # noqa: E402  (imports torch only in the child)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,139 @@
+"""A small transformers inference server, the workload gpusnap exists for.
+
+    python -m gpusnap.workloads.llm_server make --size 1b --out DIR     # random weights -> safetensors
+    python -m gpusnap.workloads.llm_server serve --model DIR --port P --state DIR
+
+`make` builds a Llama-style causal LM from a config with random weights (no model hub
+needed) and saves config.json + model.safetensors. `serve` loads it with
+from_pretrained onto the GPU, warms up (one generation), writes STATE/ready, and answers
+on localhost:
+    GET  /health                    -> {"ok": true, "pid": ...}
+    POST /generate {"ids": [...], "max_new_tokens": n}   -> {"ids": [...]} (greedy)
+Greedy decoding on fixed ids makes "the same tokens as before" checkable.
+Run it with stdio on files and in its own session (CRIU needs both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+SIZES = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab)  ~params
+    "tiny": (256, 2, 4, 4, 688, 32000),          # smoke tests
+    "0.5b": (1024, 24, 16, 16, 2816, 32000),     # ~0.46B
+    "1b": (2048, 16, 32, 8, 5632, 32000),        # ~1.1B (TinyLlama-shaped)
+    "1.5b": (2048, 24, 16, 8, 5632, 32000),      # ~1.5B
+    "8b": (4096, 32, 32, 8, 14336, 128256),      # Llama-3-8B-shaped
+}
+PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272, 17898, 3914, 28723]
+
+
+def _config(size: str):
+    from transformers import LlamaConfig
+    h, n, heads, kv, inter, vocab = SIZES[size]
+    return LlamaConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
+                       num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                       max_position_embeddings=4096, tie_word_embeddings=False,
+                       torch_dtype="bfloat16")
+
+
+def make(size: str, out: str, seed: int = 0) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+    os.makedirs(out, exist_ok=True)
+    config = _config(size)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    # rotary buffers were left empty by to_empty: recompute them the way the model does.
+    model = model.cpu()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "rotary" not in k}
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+
+
+def load(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda")
+    except TypeError:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16, device_map="cuda")
+    model.eval()
+    return model
+
+
+def generate(model, ids: list[int], n: int) -> list[int]:
+    import torch
+    with torch.inference_mode():
+        x = torch.tensor([ids], device="cuda")
+        out = model.generate(x, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def serve(model_dir: str, port: int, state: str) -> None:
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    t0 = time.time()
+    model = load(model_dir)
+    t_load = time.time()
+    warm = generate(model, PROMPT, 4)
+    t_warm = time.time()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"ok": True, "pid": os.getpid()})
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self._send({"ids": generate(model, req.get("ids") or PROMPT, int(req.get("max_new_tokens", 1)))})
+
+    server = HTTPServer(("127.0.0.1", port), Handler)
+    with open(os.path.join(state, "ready.tmp"), "w") as f:
+        json.dump({"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_load,
+                   "warm_ids": warm}, f)
+    os.rename(os.path.join(state, "ready.tmp"), os.path.join(state, "ready"))
+    server.serve_forever()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--size", choices=sorted(SIZES), default="1b")
+    m.add_argument("--out", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--model", required=True)
+    s.add_argument("--port", type=int, default=18080)
+    s.add_argument("--state", required=True)
+    args = ap.parse_args()
+    if args.cmd == "make":
+        make(args.size, args.out)
+    else:
+        serve(args.model, args.port, args.state)
+
+
+if __name__ == "__main__":
+    main()
