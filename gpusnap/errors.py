@@ -60,6 +60,11 @@ class CriuFailed(GpusnapError):
     exit_code = 11
 
 
+class ImageError(GpusnapError):
+    """A CRIU image could not be read or rewritten."""
+    exit_code = 12
+
+
 class CudaUnavailable(GpusnapError):
     """The CUDA driver or its checkpoint API is not available."""
     exit_code = 20
@@ -105,15 +110,20 @@ class StoreFull(StoreError):
     exit_code = 44
 
 
+class ArchiveError(StoreError):
+    """The archive is malformed or unsafe to import."""
+    exit_code = 45
+
+
 class Interrupted(GpusnapError):
     """Interrupted; every change to the target was undone."""
     exit_code = 130
 
 
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
-              CriuMissing, CriuFailed, CudaUnavailable, CudaFailed, GpuMismatch,
+              CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
-              StoreFull, Interrupted]
+              StoreFull, ArchiveError, Interrupted]
 
 
 def exit_code_table() -> str:

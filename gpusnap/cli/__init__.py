@@ -26,6 +26,9 @@ class LazyGroup(click.Group):
         "verify": "Re-hash every chunk of one or all snapshots.",
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
+        "export": "Write a snapshot and its chunks to one file.",
+        "import": "Add a snapshot from a file made by export.",
+        "hooks": "Install the CRIU action script for docker/podman/runc checkpoints.",
         "doctor": "Check CRIU, the kernel, CUDA and container engines; say how to fix.",
         "demo": "Dump and restore a built-in workload and check its data.",
     }

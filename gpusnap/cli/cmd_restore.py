@@ -7,18 +7,30 @@ from .context import timings_table
 @click.argument("snapshot")
 @click.option("--gpu", "gpus", help="GPUs to restore onto, by index or UUID, comma-separated "
               "(as CUDA_VISIBLE_DEVICES). Default: the snapshot's own, else a free one of the same chip.")
+@click.option("--name", help="Containers: restore as a new container NAME (default: into the "
+              "recorded container if it exists and is stopped, else a new one of its name).")
+@click.option("--device", "devices", multiple=True, metavar="OLD:NEW",
+              help="Containers: give the new container host device NEW where it had OLD "
+                   "(same path inside). --gpu does this for the GPU nodes. Repeatable.")
 @click.pass_obj
-def command(app, snapshot, gpus):
-    """Restore SNAPSHOT (an id, a unique id prefix, or a name); prints the restored root pid."""
+def command(app, snapshot, gpus, name, devices):
+    """Restore SNAPSHOT (an id, a unique id prefix, or a name).
+
+    Prints the restored root pid; for a container, its name, id and init pid.
+    """
     from ..engine import restore
     repo = app.repo()
-    req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None)
+    req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
+                                 name=name, devices=list(devices) or None)
     plan = restore.plan(req, repo)
     for note in plan.notes:
         app.note(note)
     total = plan.manifest.get("bytes_logical")
     with app.progress("restore", total) as progress:
         result = restore.execute(plan, repo, progress)
-    app.emit(result, str(result["pid"]))
+    container = result.get("container")
+    text = (f"{container['name']} {container['id'][:12]} {result['pid']}" if container
+            else str(result["pid"]))
+    app.emit(result, text)
     if not app.as_json and app.verbose:
         app.note(timings_table(result["timings"]))

@@ -12,6 +12,10 @@ Ctrl-C and SIGTERM included):
 Without --leave-running CRIU leaves the tree stopped rather than killing it, so a dump
 that fails after CRIU (disk full, say) still resumes the original: the target dies only
 once its snapshot is committed.
+
+The "criu dump" step is the target's checkpointer (engine/checkpointer.py): gpusnap's
+CRIU for a process tree; for a container, its engine's checkpoint (docker, podman), whose
+undo starts the container again from the images just taken.
 """
 
 from __future__ import annotations
@@ -19,21 +23,18 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import VERSION
-from ..criu import runner as criu_runner
 from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
 from ..errors import GpusnapError, UsageError
 from ..imagefile import zero_pages
 from ..model import Target
 from ..store import Repository
-from ..targets.process import kill_and_wait
-from . import gpu, workdir
+from . import checkpointer, gpu, workdir
 from .timing import Stages
 
 
@@ -73,14 +74,6 @@ def plan(req: DumpRequest) -> DumpPlan:
                     criu_options=CriuOptions(shell_job=target.shell_job))
 
 
-def _signal_tree(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def execute(plan: DumpPlan, repo: Repository,
             progress: Callable[[int], None] | None = None) -> dict:
     """Run the dump; returns the committed manifest."""
@@ -92,6 +85,7 @@ def execute(plan: DumpPlan, repo: Repository,
     os.makedirs(images)
     os.makedirs(logs)
     cuda = gpu.session(plan.cuda_pids) if plan.cuda_pids else None
+    ckpt = checkpointer.for_plan(plan, cuda)     # CRIU for a process, the engine for a container
     cuda_facts = None
     stopped = False
     try:
@@ -102,13 +96,8 @@ def execute(plan: DumpPlan, repo: Repository,
                     cuda.lock_all(req.lock_timeout_ms)
                 with stages.stage("cuda_checkpoint"):
                     cuda.checkpoint_all()
-            leave = "running" if req.leave_running else "stopped"
-            with stages.stage("criu_dump"):
-                try:
-                    criu_runner.dump(target.root_pid, images, plan.criu_options, leave=leave)
-                finally:
-                    if os.path.exists(os.path.join(images, "dump.log")):
-                        shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
+            with stages.stage(ckpt.stage):
+                ckpt.dump(images, logs, req.leave_running)
             stopped = not req.leave_running
             if req.leave_running and cuda:
                 with stages.stage("cuda_restore"):
@@ -117,7 +106,7 @@ def execute(plan: DumpPlan, repo: Repository,
                     cuda.unlock_all()
             # Zero-page elision (issue 5): drop all-zero private anonymous pages from the images.
             with stages.stage("zero_elide"):
-                zero_stats = None if os.environ.get("GPUSNAP_NO_ZERO_ELIDE") else zero_pages.elide(images)
+                zero_stats = None if os.environ.get("GPUSNAP_NO_ZERO_ELIDE") else zero_pages.elide(ckpt.criu_dir(images))
             with stages.stage("ingest"):
                 files, counts = repo.ingest_dir(images, progress)
                 log_files, log_counts = repo.ingest_dir(logs)
@@ -137,23 +126,25 @@ def execute(plan: DumpPlan, repo: Repository,
                 manifest["timings"] = stages.to_dict()
                 repo.commit(manifest)
         if stopped:
-            kill_and_wait(target.pids)
+            ckpt.finish()
             stopped = False
         manifest["timings"] = stages.to_dict()
         return manifest
     except BaseException as exc:
-        _undo(target, cuda, stopped, work, repo)
+        _undo(ckpt, cuda, stopped)
         if isinstance(exc, GpusnapError) and os.path.exists(os.path.join(logs, "dump.log")):
             exc.hint = exc.hint or f"CRIU log kept at {_keep_log(repo, logs)}"
+        if isinstance(exc, GpusnapError) and ckpt.undo_errors:
+            exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors]))
         raise
     finally:
         workdir.remove(work)
 
 
-def _undo(target: Target, cuda, stopped: bool, work: str, repo: Repository) -> None:
+def _undo(ckpt, cuda, stopped: bool) -> None:
     """Bring the target back to where it started: resumed, CUDA restored and unlocked."""
     if stopped:
-        _signal_tree(target.pids, signal.SIGCONT)
+        ckpt.resume(cuda)
     if cuda:
         cuda.rollback()
 

@@ -13,7 +13,7 @@ from typing import Callable
 from ..criu import runner as criu_runner
 from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
-from ..errors import PidInUse
+from ..errors import PidInUse, UsageError
 from ..store import Repository
 from ..targets.process import kill_and_wait, taken
 from . import gpu, workdir
@@ -24,6 +24,8 @@ from .timing import Stages
 class RestoreRequest:
     snapshot: str
     gpus: list[str] | None = None
+    name: str | None = None             # containers: restore as a new container NAME
+    devices: list[str] | None = None    # containers: OLD:NEW host device swaps
 
 
 @dataclass
@@ -35,9 +37,15 @@ class RestorePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
+def plan(req: RestoreRequest, repo: Repository):
+    """A RestorePlan, or for a container snapshot a container_restore plan."""
     manifest = repo.load(repo.resolve(req.snapshot))
     criu_path, _ = find_criu()
+    if manifest["target"]["kind"] != "process":
+        from . import container_restore
+        return container_restore.plan(req, repo, manifest)
+    if req.name or req.devices:
+        raise UsageError("--name and --device are for container snapshots")
     busy = taken(manifest["pids"])
     if busy:
         raise PidInUse(f"pids {busy} are in use: the original process is probably still running",
@@ -51,7 +59,10 @@ def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
 
 def execute(plan: RestorePlan, repo: Repository,
             progress: Callable[[int], None] | None = None) -> dict:
-    """Returns {'pid', 'snapshot', 'timings', 'notes'}."""
+    """Returns {'pid', 'snapshot', 'timings', 'notes'} (and 'container' for a container)."""
+    if not isinstance(plan, RestorePlan):
+        from . import container_restore
+        return container_restore.execute(plan, repo, progress)
     m = plan.manifest
     stages = Stages()
     work = workdir.make(repo.path, "restore-")

@@ -11,6 +11,11 @@ An entry's pages are in the pages image iff it is present: flags & PE_PRESENT wh
 flags is set, else not in_parent. Present entries' pages follow each other in entry
 order, PAGE_SIZE bytes a page, so an entry's file offset is the sum of the present
 pages before it. Files: pagemap-<pid>.img and pagemap-shmem-<ino>.img.
+
+Writing (zero_pages.py splits entries): an entry is re-encoded field by field in
+CRIU's order, 1 vaddr, 2 nr_pages, 3 in_parent, 4 flags, 5 pages_nr, with the fields the
+original carried; the page count goes where the original had it (5 if present, else 2;
+CRIU >= 4 writes nr_pages=0 next to pages_nr). Entries with other fields are not rewritten.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from . import image
-from .protobuf import decode_fields
+from .protobuf import decode_fields, encode_varint_field
 
 PAGE_SIZE = 4096
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
@@ -48,13 +53,76 @@ def parse(f: BinaryIO) -> tuple[int, list[PagemapEntry]]:
     it = image.entries(f)
     head = decode_fields(next(it, b""))
     pages_id = int(head.get(1, 0))
-    out = []
+    return pages_id, [_entry(decode_fields(payload)) for payload in it]
+
+
+@dataclass(frozen=True)
+class RawPagemap:
+    """A pagemap image as read: header bytes, head payload, each entry's payload and fields."""
+    magic: bytes
+    head: bytes
+    payloads: list[bytes]
+    fields: list[dict]
+
+    @property
+    def pages_id(self) -> int:
+        return int(decode_fields(self.head).get(1, 0))
+
+    @property
+    def entries(self) -> list[PagemapEntry]:
+        return [_entry(f) for f in self.fields]
+
+
+_KNOWN_FIELDS = {1, 2, 3, 4, 5}
+
+
+def read_raw(f: BinaryIO) -> RawPagemap:
+    """A pagemap image with enough kept to write it back (see write())."""
+    start = f.tell()
+    if image.read_magic(f) != image.PAGEMAP_MAGIC:
+        raise ValueError("not a pagemap image")
+    end = f.tell()
+    f.seek(start)
+    magic = f.read(end - start)
+    it = image.entries(f)
+    head = next(it, None)
+    if head is None:
+        raise ValueError("pagemap image has no head")
+    payloads, fields = [], []
     for payload in it:
-        fields = decode_fields(payload)
-        out.append(PagemapEntry(vaddr=int(fields.get(1, 0)), nr_pages=int(fields.get(5) or fields.get(2, 0)),
-                                flags=int(fields[4]) if 4 in fields else None,
-                                in_parent=bool(fields.get(3, 0))))
-    return pages_id, out
+        d = decode_fields(payload)
+        if set(d) - _KNOWN_FIELDS or any(not isinstance(v, int) for v in d.values()):
+            raise ValueError(f"pagemap entry with fields this writer does not know: {sorted(d)}")
+        payloads.append(payload)
+        fields.append(d)
+    return RawPagemap(magic=magic, head=head, payloads=payloads, fields=fields)
+
+
+def encode_entry(template: dict, vaddr: int, nr_pages: int) -> bytes:
+    """An entry like template (its flags, its encoding) for nr_pages pages at vaddr."""
+    out = encode_varint_field(1, vaddr)
+    out += encode_varint_field(2, 0 if 5 in template else nr_pages)
+    if 3 in template:
+        out += encode_varint_field(3, template[3])
+    if 4 in template:
+        out += encode_varint_field(4, template[4])
+    if 5 in template:
+        out += encode_varint_field(5, nr_pages)
+    return out
+
+
+def write(f: BinaryIO, raw: RawPagemap, payloads: list[bytes]) -> None:
+    """raw's header and head, then the given entry payloads."""
+    f.write(raw.magic)
+    image.write_entry(f, raw.head)
+    for payload in payloads:
+        image.write_entry(f, payload)
+
+
+def _entry(fields: dict) -> PagemapEntry:
+    return PagemapEntry(vaddr=int(fields.get(1, 0)), nr_pages=int(fields.get(5) or fields.get(2, 0)),
+                        flags=int(fields[4]) if 4 in fields else None,
+                        in_parent=bool(fields.get(3, 0)))
 
 
 def present_offsets(entries: list[PagemapEntry]) -> list[tuple[PagemapEntry, int]]:

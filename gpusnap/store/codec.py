@@ -19,10 +19,12 @@ def chunk_id(data) -> str:
 
 
 def is_zero(data: memoryview) -> bool:
+    """One memcmp against a zero buffer, without copying (bytes.startswith takes any buffer;
+    memoryview's own == compares byte by byte, about 15 times slower)."""
     zeros = getattr(_local, "zeros", None)
     if zeros is None or len(zeros) < len(data):
         zeros = _local.zeros = bytes(max(len(data), 1 << 20))
-    return data == memoryview(zeros)[: len(data)]
+    return zeros.startswith(data)
 
 
 def compress(data, level: int = 1) -> bytes:

@@ -116,6 +116,16 @@ class Repository:
         except FileNotFoundError:
             pass
         blob = codec.compress(data)
+        self.store_blob(cid, blob)
+        return cid, len(blob), len(blob)
+
+    def store_blob(self, cid: str, blob: bytes) -> None:
+        """Write a chunk's stored bytes under its id (temp name in tmp/, then rename).
+
+        Not durable until the next commit() syncs the filesystem. The caller vouches that
+        blob decompresses to bytes with this id (ingest made it; import verified it).
+        """
+        path = self.chunk_path(cid)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = os.path.join(self.tmp_dir, f"{cid}.{os.getpid()}.{threading.get_ident()}")
         try:
@@ -129,17 +139,19 @@ class Repository:
             except FileNotFoundError:
                 pass
             fsutil.raise_os_error(exc, path)
-        return cid, len(blob), len(blob)
+
+    def read_blob(self, cid: str) -> bytes:
+        """A chunk's stored (compressed) bytes, unverified."""
+        try:
+            with open(self.chunk_path(cid), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"chunk {cid[:16]} is missing from the store") from None
 
     def read_chunk(self, cid: str, size: int) -> bytes:
         if cid == codec.ZERO_ID:
             return bytes(size)
-        try:
-            with open(self.chunk_path(cid), "rb") as f:
-                blob = f.read()
-        except FileNotFoundError:
-            raise IntegrityError(f"chunk {cid[:16]} is missing from the store") from None
-        return codec.decompress(blob, cid, size)
+        return codec.decompress(self.read_blob(cid), cid, size)
 
     # ---- ingest (dump side) ----------------------------------------------------------
     def ingest_dir(self, src: str, progress: Progress | None = None) -> tuple[list[dict], dict]:
@@ -349,7 +361,10 @@ class Repository:
                     path = os.path.join(self.chunks_dir, sub, cid)
                     dead.append(path)
                     dead_bytes += os.path.getsize(path)
-        temps = [os.path.join(self.tmp_dir, n) for n in os.listdir(self.tmp_dir)]
+        # Only files: a directory here is a dump or restore work dir (when /dev/shm is
+        # unusable) that a restore may still be reading after it dropped its lock.
+        temps = [p for p in (os.path.join(self.tmp_dir, n) for n in os.listdir(self.tmp_dir))
+                 if os.path.isfile(p) and not os.path.islink(p)]
         return {"chunks": dead, "bytes": dead_bytes, "temps": temps}
 
     def gc_execute(self, plan: dict) -> None:

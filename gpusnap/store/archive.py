@@ -1,0 +1,281 @@
+"""One snapshot as one self-describing file, to carry between stores (export / import).
+
+    ARCHIVE ::= ustar/pax tar, members in this order, each a regular file:
+      gpusnap-archive.json   HEADER (JSON, at most 16 MiB)
+      manifest.json          the snapshot's manifest, as the store holds it
+      chunks/<id>            one per distinct non-zero chunk the manifest names: the
+                             stored bytes as they are (a zstd frame of the plain bytes)
+    HEADER ::= {"format": "gpusnap-archive", "version": 1, "snapshot": <id>,
+                "hash": "sha256", "codec": "zstd", "bytes": <sum of chunk sizes>,
+                "chunks": {<id>: <stored size>, ...}, "gpusnap_version": <str>}
+
+Import trusts nothing in the file: only the three kinds of names above, regular files
+only (no links, devices, directories), each name once, every chunk member exactly the
+size the header declared and the header's total under a limit, every chunk decompressed
+(bounded by its plain size in the manifest) and re-hashed before it enters the store.
+The manifest is committed last, after syncfs, exactly as a dump commits: an import cut
+short leaves at most unreferenced chunks for gc. Importing a snapshot the store already
+holds (same id, same manifest) is a no-op; the same id with another manifest is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+import io
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .. import VERSION
+from ..errors import ArchiveError, IntegrityError, SnapshotNotFound
+from . import codec, fsutil
+from .repository import Repository
+
+FORMAT = "gpusnap-archive"
+VERSION_1 = 1
+HEADER_NAME = "gpusnap-archive.json"
+MANIFEST_NAME = "manifest.json"
+CHUNK_PREFIX = "chunks/"
+MAX_META_BYTES = 16 << 20           # header and manifest
+MAX_CHUNK_PLAIN = 64 << 20          # a chunk's plain size as the manifest claims it
+DEFAULT_MAX_BYTES = 1 << 40         # all chunk members together
+
+_CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
+_SNAP_ID = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
+
+
+@dataclass
+class ImportResult:
+    id: str
+    chunks_imported: int
+    chunks_present: int
+    bytes_imported: int
+    already_present: bool
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _chunk_sizes(manifest: dict) -> dict[str, int]:
+    """Distinct non-zero chunk id -> plain size, over files and logs."""
+    out: dict[str, int] = {}
+    for entry in Repository._all_file_entries(manifest):
+        for cid, n in entry["chunks"]:
+            if cid != codec.ZERO_ID:
+                out[cid] = n
+    return out
+
+
+# ---- export ------------------------------------------------------------------------------
+
+def export(repo: Repository, snap_id: str, out: BinaryIO) -> dict:
+    """Write snapshot snap_id as an archive to out (a writable binary stream).
+
+    The caller holds the shared lock, so gc cannot take a chunk away mid-export.
+    """
+    path = os.path.join(repo.snapshots_dir, snap_id + ".json")
+    try:
+        with open(path, "rb") as f:
+            manifest_bytes = f.read()
+    except FileNotFoundError:
+        raise SnapshotNotFound(f"no snapshot {snap_id}") from None
+    manifest = repo.load(snap_id)
+    sizes = {}
+    for cid in sorted(_chunk_sizes(manifest)):
+        try:
+            sizes[cid] = os.path.getsize(repo.chunk_path(cid))
+        except FileNotFoundError:
+            raise IntegrityError(f"chunk {cid[:16]} of snapshot {snap_id} is missing from the store") from None
+    header = {"format": FORMAT, "version": VERSION_1, "snapshot": snap_id, "hash": "sha256",
+              "codec": "zstd", "chunks": sizes, "bytes": sum(sizes.values()),
+              "gpusnap_version": VERSION}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, HEADER_NAME, json.dumps(header, sort_keys=True).encode())
+        _add(tar, MANIFEST_NAME, manifest_bytes)
+        for cid in sizes:
+            blob = repo.read_blob(cid)
+            if len(blob) != sizes[cid]:
+                raise IntegrityError(f"chunk {cid[:16]} changed size during export")
+            _add(tar, CHUNK_PREFIX + cid, blob)
+    return {"id": snap_id, "chunks": len(sizes), "bytes": header["bytes"]}
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o600
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ---- import ------------------------------------------------------------------------------
+
+def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ImportResult:
+    """Read an archive from src (a stream; read once, front to back) into repo.
+
+    The caller holds the shared lock (as a dump does): chunks first, manifest last.
+    """
+    try:
+        tar = tarfile.open(fileobj=src, mode="r|")
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"not a gpusnap archive: {exc}") from None
+    header = manifest = None
+    sizes: dict[str, int] = {}
+    plain: dict[str, int] = {}
+    seen: set[str] = set()
+    imported = present = imported_bytes = 0
+    total = 0
+    try:
+        for member in tar:
+            name = _check_member(member, seen)
+            if header is None:
+                if name != HEADER_NAME:
+                    raise ArchiveError(f"the archive must start with {HEADER_NAME}, not {name}")
+                header = _check_header(_json_member(tar, member), max_bytes)
+                sizes = header["chunks"]
+                continue
+            if manifest is None:
+                if name != MANIFEST_NAME:
+                    raise ArchiveError(f"{MANIFEST_NAME} must follow the header, not {name}")
+                manifest = _check_manifest(_json_member(tar, member), header, sizes)
+                plain = _chunk_sizes(manifest)
+                continue
+            if not name.startswith(CHUNK_PREFIX):
+                raise ArchiveError(f"unexpected member {name}")
+            cid = name[len(CHUNK_PREFIX):]
+            if cid not in sizes:
+                raise ArchiveError(f"chunk {cid[:16]} is not declared in the header")
+            if member.size != sizes[cid]:
+                raise ArchiveError(f"chunk {cid[:16]} is {member.size} bytes, the header declared {sizes[cid]}")
+            total += member.size
+            if total > max_bytes:
+                raise ArchiveError(f"the archive holds more than {max_bytes} bytes of chunks")
+            blob = _read_member(tar, member)
+            if repo.has_chunk(cid):
+                present += 1
+                codec.decompress(blob, cid, plain[cid])       # still verify what we were given
+                continue
+            codec.decompress(blob, cid, plain[cid])           # raises IntegrityError on mismatch
+            repo.store_blob(cid, blob)
+            imported += 1
+            imported_bytes += len(blob)
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"the archive is damaged: {exc}") from None
+    finally:
+        tar.close()
+    if header is None or manifest is None:
+        raise ArchiveError("the archive has no header or no manifest")
+    arrived = {n[len(CHUNK_PREFIX):] for n in seen if n.startswith(CHUNK_PREFIX)}
+    if arrived != set(plain):
+        raise ArchiveError(f"{len(set(plain) - arrived)} chunks the manifest needs are missing from the archive")
+    snap_id = manifest["id"]
+    if snap_id in repo.snapshot_ids():
+        try:
+            same = repo.load(snap_id) == manifest
+        except IntegrityError:
+            same = False
+        if not same:
+            raise ArchiveError(f"the store already holds a different snapshot with id {snap_id}")
+        return ImportResult(snap_id, imported, present, imported_bytes, already_present=True)
+    repo.commit(manifest)
+    return ImportResult(snap_id, imported, present, imported_bytes, already_present=False)
+
+
+def _check_member(member: tarfile.TarInfo, seen: set[str]) -> str:
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        raise ArchiveError(f"unsafe path in the archive: {name!r}")
+    if not member.isreg():
+        kind = "symlink" if member.issym() else "hard link" if member.islnk() else "non-regular member"
+        raise ArchiveError(f"{kind} {name!r} in the archive: only regular files are allowed")
+    if name not in (HEADER_NAME, MANIFEST_NAME) and not (
+            name.startswith(CHUNK_PREFIX) and _CHUNK_ID.match(name[len(CHUNK_PREFIX):])):
+        raise ArchiveError(f"unexpected member {name!r} in the archive")
+    if name in seen:
+        raise ArchiveError(f"{name!r} appears twice in the archive")
+    seen.add(name)
+    return name
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    data = f.read(member.size + 1) if f else b""
+    if len(data) != member.size:
+        raise ArchiveError(f"{member.name} is truncated")
+    return data
+
+
+def _json_member(tar: tarfile.TarFile, member: tarfile.TarInfo):
+    if member.size > MAX_META_BYTES:
+        raise ArchiveError(f"{member.name} claims {member.size} bytes (limit {MAX_META_BYTES})")
+    try:
+        return json.loads(_read_member(tar, member))
+    except ValueError:
+        raise ArchiveError(f"{member.name} is not valid JSON") from None
+
+
+def _check_header(h, max_bytes: int) -> dict:
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
+        raise ArchiveError("not a gpusnap archive (bad header)")
+    if h.get("version") != VERSION_1:
+        raise ArchiveError(f"archive version {h.get('version')} is not supported (this gpusnap: {VERSION_1})")
+    if h.get("hash") != "sha256" or h.get("codec") != "zstd":
+        raise ArchiveError(f"archive uses {h.get('hash')}/{h.get('codec')}, this store sha256/zstd")
+    chunks = h.get("chunks")
+    if not isinstance(chunks, dict) or not all(
+            isinstance(k, str) and _CHUNK_ID.match(k) and isinstance(v, int) and 0 < v <= MAX_CHUNK_PLAIN * 2
+            for k, v in chunks.items()):
+        raise ArchiveError("the archive header's chunk list is malformed")
+    if sum(chunks.values()) > max_bytes:
+        raise ArchiveError(f"the archive declares {sum(chunks.values())} bytes of chunks, over the "
+                           f"limit of {max_bytes}")
+    if not isinstance(h.get("snapshot"), str) or not _SNAP_ID.match(h["snapshot"]):
+        raise ArchiveError("the archive header names no valid snapshot id")
+    return h
+
+
+def _check_manifest(m, header: dict, sizes: dict[str, int]) -> dict:
+    if not isinstance(m, dict) or m.get("id") != header["snapshot"]:
+        raise ArchiveError("the manifest does not belong to the snapshot the header names")
+    try:
+        plain = _chunk_sizes(m)
+        for entry in Repository._all_file_entries(m):
+            if not isinstance(entry["path"], str) or entry["path"].startswith("/") \
+                    or ".." in entry["path"].split("/"):
+                raise ArchiveError(f"manifest path escapes the image dir: {entry['path']!r}")
+            if sum(n for _, n in entry["chunks"]) != entry["size"]:
+                raise ArchiveError(f"{entry['path']}: chunks do not add up to its size")
+    except (KeyError, TypeError, ValueError):
+        raise ArchiveError("the manifest is malformed") from None
+    for cid, n in plain.items():
+        if not _CHUNK_ID.match(cid) or not isinstance(n, int) or not 0 < n <= MAX_CHUNK_PLAIN:
+            raise ArchiveError(f"the manifest names a malformed chunk {str(cid)[:16]}")
+    if set(sizes) != set(plain):
+        raise ArchiveError("the header's chunk list and the manifest's chunks differ")
+    return m
+
+
+def export_to_path(repo: Repository, snap_id: str, path: str) -> dict:
+    """export() into path atomically (temp name, fsync, rename): no half archive is left."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
+            result = export(repo, snap_id, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except OSError as exc:
+        _unlink(tmp)
+        fsutil.raise_os_error(exc, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return result
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,440 @@
+"""Real docker and podman containers: gpusnap dump -> restore keeps in-memory state, and
+the CRIU action script runs under docker, podman and runc checkpoints.
+
+The workload is a busybox shell whose counter lives only in a shell variable; it
+publishes it to /tmp/c (write then rename, so a reader never sees a half-written file).
+After a restore the counter goes on from where it was; a container started afresh would
+count from 1 again.
+
+A session fixture runs scripts/setup-containers.sh (idempotent: about a second once the
+host is ready, a minute on a fresh Debian 12). Only a non-root run is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.containers]
+
+IMAGE = "localhost/gpusnap-busybox:latest"
+WORKLOAD = "i=0; while :; do i=$((i+1)); echo $i >/tmp/c.t; mv /tmp/c.t /tmp/c; sleep 0.1; done"
+ENV = {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:"
+       + os.environ.get("PATH", "")}
+RUNC_CONF = "/etc/criu/runc.conf"
+HOOK_CONFIG = "/etc/gpusnap/config.yaml"
+HOOK_SCRIPT = "/usr/local/lib/gpusnap/gpusnap-criu-hook"
+ENGINES = ["docker", "podman"]
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    res = subprocess.run(list(argv), capture_output=True, text=True, env=ENV, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def container_host():
+    if os.geteuid() != 0:
+        pytest.skip("container tests need root")
+    start = time.monotonic()
+    res = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup-containers.sh"),
+                          "--no-python-image"], capture_output=True, text=True, env=ENV,
+                         timeout=1800)
+    assert res.returncode == 0, f"setup-containers.sh failed:\n{res.stdout}\n{res.stderr}"
+    yield {"setup_s": time.monotonic() - start}
+    _clean_containerd_restore_copies()
+
+
+def _clean_containerd_restore_copies():
+    """containerd 1.6 never deletes its copy of the images made for a docker restore."""
+    for base in ("/var/lib/containerd/tmp", "/tmp"):
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("ctrd-checkpoint"):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+
+
+class Box:
+    """One engine's view for a test: start containers, read their counters, clean up."""
+
+    def __init__(self, engine: str):
+        self.engine = engine
+        self.names: list[str] = []
+
+    def name(self) -> str:
+        n = f"gs-{uuid.uuid4().hex[:8]}"
+        self.names.append(n)
+        return n
+
+    def run(self, *extra: str, annotation: str | None = None) -> str:
+        name = self.name()
+        args = [self.engine, "run", "-d", "--name", name, *extra]
+        if annotation:
+            args += ["--annotation", annotation]
+        sh(*args, IMAGE, "sh", "-c", WORKLOAD)
+        self.wait_counter(name, 15)
+        return name
+
+    def inspect(self, name: str) -> dict:
+        return json.loads(sh(self.engine, "inspect", name).stdout)[0]
+
+    def running(self, name: str) -> bool:
+        return self.inspect(name)["State"]["Running"] is True
+
+    def pid(self, name: str) -> int:
+        return int(self.inspect(name)["State"]["Pid"])
+
+    def id(self, name: str) -> str:
+        return self.inspect(name)["Id"]
+
+    def counter(self, name: str) -> int:
+        for _ in range(50):
+            res = sh(self.engine, "exec", name, "cat", "/tmp/c", check=False)
+            if res.returncode == 0 and res.stdout.strip().isdigit():
+                return int(res.stdout)
+            time.sleep(0.05)
+        raise AssertionError(f"no counter in {name}: {res.stderr}")
+
+    def wait_counter(self, name: str, at_least: int, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.counter(name)
+            if value >= at_least or time.monotonic() > deadline:
+                assert value >= at_least, f"{name}: counter {value} < {at_least}"
+                return value
+            time.sleep(0.1)
+
+    def wait_stopped(self, name: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.running(name):
+            assert time.monotonic() < deadline, f"{name} did not stop"
+            time.sleep(0.05)
+
+    def exec(self, name: str, script: str) -> str:
+        return sh(self.engine, "exec", name, "sh", "-c", script).stdout
+
+    def cleanup(self) -> None:
+        for n in self.names:
+            if self.engine == "docker":
+                sh("docker", "rm", "-f", n, check=False)
+            else:
+                sh("podman", "rm", "-f", "-t", "0", n, check=False)
+        if self.engine == "docker":
+            _clean_containerd_restore_copies()
+
+
+@pytest.fixture(params=ENGINES)
+def box(request, container_host):
+    b = Box(request.param)
+    yield b
+    b.cleanup()
+
+
+def _restored(out: dict) -> str:
+    assert set(out["container"]) >= {"engine", "id", "name"}, out
+    return out["container"]["name"]
+
+
+# ---- gpusnap dump / restore ------------------------------------------------------------
+
+def test_dump_stops_the_container_and_restore_continues_its_counter(box, gpusnap):
+    name = box.run()
+    cid = box.id(name)
+    rc, snap, err = gpusnap("dump", name, "--engine", box.engine, "--name", "keep")
+    assert rc == 0, err
+    box.wait_stopped(name)
+    rc, out, err = gpusnap("restore", "keep")
+    assert rc == 0, err
+    assert _restored(out) == name and out["container"]["id"] == cid, "restored into itself"
+    assert out["container"]["engine"] == box.engine
+    assert out["pid"] == box.pid(name) and box.running(name)
+    after = box.counter(name)
+    assert after >= 15, f"counter restarted: {after} (state was not restored)"
+    later = box.wait_counter(name, after + 3)
+    assert later > after, "the restored container keeps counting"
+
+
+def test_counter_goes_on_from_the_dumped_value(box, gpusnap):
+    """A counter read just before the dump bounds it from below after the restore."""
+    name = box.run()
+    seen = box.wait_counter(name, 20)
+    rc, snap, err = gpusnap("dump", name)                    # engine detected
+    assert rc == 0, err
+    box.wait_stopped(name)
+    rc, out, err = gpusnap("restore", snap["id"])
+    assert rc == 0, err
+    assert box.counter(name) >= seen
+
+
+def test_restore_under_a_new_name_leaves_the_original_stopped(box, gpusnap):
+    name = box.run()
+    seen = box.wait_counter(name, 20)
+    rc, snap, err = gpusnap("dump", name, "--name", "copyme")
+    assert rc == 0, err
+    box.wait_stopped(name)
+    new = box.name()
+    rc, out, err = gpusnap("restore", "copyme", "--name", new)
+    assert rc == 0, err
+    assert _restored(out) == new and out["container"]["id"] != box.id(name)
+    assert box.running(new) and not box.running(name)
+    assert box.counter(new) >= seen
+    # the snapshot stays restorable into the original as well
+    rc, out, err = gpusnap("restore", "copyme")
+    assert rc == 0, err
+    assert _restored(out) == name and box.counter(name) >= seen
+
+
+def test_leave_running_keeps_the_original_counting(box, gpusnap):
+    name = box.run()
+    pid = box.pid(name)
+    seen = box.wait_counter(name, 20)
+    rc, snap, err = gpusnap("dump", name, "--leave-running", "--name", "live")
+    assert rc == 0, err
+    assert box.running(name) and box.pid(name) == pid
+    box.wait_counter(name, seen + 5)
+
+    rc, out, err = gpusnap("restore", "live")
+    assert rc == 6, err                                     # the original is still there
+    assert out["error"] == "PidInUse"
+
+    copy = box.name()
+    rc, out, err = gpusnap("restore", "live", "--name", copy)
+    assert rc == 0, err
+    assert box.running(copy) and box.running(name)
+    assert seen <= box.counter(copy)
+    assert box.counter(name) > seen
+
+
+def test_device_is_swapped_in_a_new_container(box, gpusnap):
+    """--device OLD:NEW (what --gpu does for /dev/nvidiaN): the new container gets host
+    NEW under the path OLD had, in its config, its cgroup and the node CRIU restores."""
+    name = box.run("--device", "/dev/null:/dev/gsdev")
+    assert box.exec(name, "stat -c %t:%T /dev/gsdev").strip() == "1:3"
+    rc, snap, err = gpusnap("dump", name, "--leave-running")
+    assert rc == 0, err
+    copy = box.name()
+    rc, out, err = gpusnap("restore", snap["id"], "--name", copy, "--device", "/dev/null:/dev/zero")
+    assert rc == 0, err
+    assert any("/dev/zero" in n for n in out["notes"]), out
+    assert box.exec(copy, "stat -c %t:%T /dev/gsdev").strip() == "1:5"
+    assert box.exec(copy, "head -c 4 /dev/gsdev | od -An -tx1").split() == ["00"] * 4
+    assert box.exec(name, "stat -c %t:%T /dev/gsdev").strip() == "1:3", "original untouched"
+
+    rc, out, err = gpusnap("restore", snap["id"], "--name", box.name(),
+                           "--device", "/dev/kmsg:/dev/zero")
+    assert rc == 2 and "was not given /dev/kmsg" in err
+
+
+def test_failed_ingest_brings_the_container_back_and_leaves_no_snapshot(box, store):
+    """The engine has already stopped the container when the store fails: the undo
+    starts it again from the images just taken (its counter goes on)."""
+    from gpusnap.engine import dump
+    from gpusnap.errors import StoreFull
+    from gpusnap.store import Repository
+
+    class FullRepository(Repository):
+        def ingest_dir(self, src, progress=None):
+            raise StoreFull("injected: no space left")
+
+    name = box.run()
+    seen = box.wait_counter(name, 20)
+    repo = FullRepository.open(store)
+    plan = dump.plan(dump.DumpRequest(container=name, engine=box.engine))
+    with pytest.raises(StoreFull):
+        dump.execute(plan, repo)
+    assert box.running(name), "the container runs again"
+    assert box.counter(name) >= seen, "from its checkpoint, not from scratch"
+    assert repo.list() == []
+
+
+@pytest.fixture
+def runc_conf():
+    """Lets a test write /etc/criu/runc.conf (read by runc for every docker/podman/runc
+    checkpoint on this host) and puts back exactly what was there."""
+    old = open(RUNC_CONF).read() if os.path.exists(RUNC_CONF) else None
+    old_bak = open(RUNC_CONF + ".bak").read() if os.path.exists(RUNC_CONF + ".bak") else None
+    yield RUNC_CONF
+    for path, text in ((RUNC_CONF, old), (RUNC_CONF + ".bak", old_bak)):
+        if text is None:
+            if os.path.exists(path):
+                os.unlink(path)
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+
+
+def test_failed_engine_checkpoint_keeps_the_container_running(box, gpusnap, runc_conf, tmp_path):
+    """A CRIU action script that fails at pre-dump (as the gpusnap hook does when it
+    cannot checkpoint CUDA) makes the engine's checkpoint fail: gpusnap exits 30, the
+    container keeps running, no snapshot appears."""
+    failing = tmp_path / "fail-pre-dump"
+    failing.write_text('#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && exit 1\nexit 0\n')
+    failing.chmod(0o755)
+    os.makedirs(os.path.dirname(runc_conf), exist_ok=True)
+    with open(runc_conf, "w") as f:
+        f.write(f"action-script {failing}\n")
+    name = box.run()
+    pid = box.pid(name)
+    rc, out, err = gpusnap("dump", name)
+    assert rc == 30, err
+    assert out["error"] == "ContainerEngineError"
+    assert box.running(name) and box.pid(name) == pid
+    box.wait_counter(name, box.counter(name) + 3)
+    assert gpusnap("ls")[1] == []
+
+
+# ---- the CRIU action script under the runtimes ------------------------------------------
+
+DUMP_ACTIONS = ["pre-dump", "network-lock", "post-dump"]
+RESTORE_ACTIONS = ["pre-restore", "setup-namespaces", "post-setup-namespaces", "post-restore",
+                   "network-unlock", "pre-resume", "post-resume"]
+
+
+@pytest.fixture
+def hook(runc_conf, tmp_path):
+    """gpusnap hooks install into the real runc.conf, logging to a file of this test
+    (through /etc/gpusnap/config.yaml, put back afterwards)."""
+    log = tmp_path / "hook.log"
+    old_cfg = open(HOOK_CONFIG).read() if os.path.exists(HOOK_CONFIG) else None
+    os.makedirs(os.path.dirname(HOOK_CONFIG), exist_ok=True)
+    with open(HOOK_CONFIG, "w") as f:
+        f.write(f"# test config\nlog: {log}\nremap: {{}}\n")
+    os.chmod(HOOK_CONFIG, 0o644)
+    had_script = os.path.exists(HOOK_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "gpusnap", "--json", "hooks", "install"],
+                         cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["config"] == runc_conf and os.access(HOOK_SCRIPT, os.X_OK)
+    again = subprocess.run([sys.executable, "-m", "gpusnap", "--json", "hooks", "install"],
+                           cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert json.loads(again.stdout)["changed"] == [], "install is idempotent"
+
+    def actions() -> list[str]:
+        if not log.exists():
+            return []
+        return [line.split()[1].split("=", 1)[1] for line in log.read_text().splitlines()
+                if line.split()[1].startswith("action=")]
+
+    yield {"log": log, "actions": actions}
+    subprocess.run([sys.executable, "-m", "gpusnap", "hooks", "uninstall",
+                    *([] if not had_script else ["--keep-script"])],
+                   cwd=REPO, capture_output=True, text=True, env=ENV)
+    if old_cfg is None:
+        os.unlink(HOOK_CONFIG)
+    else:
+        with open(HOOK_CONFIG, "w") as f:
+            f.write(old_cfg)
+
+
+def _wait_for(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_hook_runs_under_docker_checkpoint_and_restore(container_host, hook):
+    b = Box("docker")
+    try:
+        name = b.run()
+        sh("docker", "checkpoint", "create", "--leave-running", name, "ck1")
+        assert hook["actions"]() == DUMP_ACTIONS + ["network-unlock"]
+        sh("docker", "checkpoint", "create", name, "ck2")
+        b.wait_stopped(name)
+        seen = len(hook["actions"]())
+        sh("docker", "start", "--checkpoint", "ck2", name)
+        assert hook["actions"]()[seen - 3:] == DUMP_ACTIONS + RESTORE_ACTIONS
+        assert b.running(name)
+        text = hook["log"].read_text()
+        assert "no /dev/nvidia* in the tree" in text and "no CUDA in the tree" in text
+    finally:
+        b.cleanup()
+
+
+def test_hook_runs_under_podman_and_leaves_gpusnap_restores_to_gpusnap(container_host, hook, gpusnap):
+    b = Box("podman")
+    try:
+        name = b.run()
+        sh("podman", "container", "checkpoint", name)
+        sh("podman", "container", "restore", name)
+        assert hook["actions"]() == DUMP_ACTIONS + RESTORE_ACTIONS
+        assert b.running(name)
+        rc, snap, err = gpusnap("dump", name)
+        assert rc == 0, err
+        rc, out, err = gpusnap("restore", snap["id"])
+        assert rc == 0, err
+        assert "gpusnap drives this restore" in hook["log"].read_text()
+        assert "left to gpusnap" in hook["log"].read_text()
+    finally:
+        b.cleanup()
+
+
+def _runc_bundle(path, config_file: str) -> None:
+    rootfs = path / "rootfs"
+    rootfs.mkdir(parents=True)
+    sh("tar", "-C", str(rootfs), "-xf", "/var/cache/gpusnap/busybox-rootfs.tar")
+    sh("runc", "spec", "--bundle", str(path))
+    spec = json.loads((path / "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["sh", "-c", WORKLOAD]
+    spec["root"]["readonly"] = False
+    spec.setdefault("annotations", {})["org.criu.config"] = config_file
+    (path / "config.json").write_text(json.dumps(spec))
+
+
+def test_hook_runs_under_runc_through_the_annotation(container_host, tmp_path, gpusnap):
+    """runc with a per-container CRIU config (org.criu.config), installed by
+    `gpusnap hooks install --config` into a temp file: nothing global changes."""
+    conf = tmp_path / "criu.conf"
+    script = tmp_path / "hook" / "gpusnap-criu-hook"
+    rc, out, err = gpusnap("hooks", "install", "--config", str(conf), "--script", str(script))
+    assert rc == 0, err
+    assert conf.read_text().strip().endswith(f"action-script {script}")
+    log = "/var/log/gpusnap-hook.log"
+    start = os.path.getsize(log) if os.path.exists(log) else 0
+    bundle = tmp_path / "bundle"
+    _runc_bundle(bundle, str(conf))
+    cid = f"gs-{uuid.uuid4().hex[:8]}"
+    images = tmp_path / "images"
+    try:
+        subprocess.run(["runc", "run", "-d", "--bundle", str(bundle), cid], env=ENV,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=True, timeout=60)
+        time.sleep(0.5)
+        state = json.loads(sh("runc", "state", cid).stdout)
+        init = state["pid"]
+        sh("runc", "checkpoint", "--image-path", str(images), cid)
+        subprocess.run(["runc", "restore", "-d", "--bundle", str(bundle), "--image-path",
+                        str(images), cid], env=ENV, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+                       timeout=60)
+        new = json.loads(sh("runc", "state", cid).stdout)["pid"]
+        with open(log) as f:
+            f.seek(start)
+            lines = f.read().splitlines()
+        dumped = [ln.split()[1][len("action="):] for ln in lines if f"init={init}" in ln]
+        restored = [ln.split()[1][len("action="):] for ln in lines
+                    if f"init={new}" in ln or "action=pre-restore" in ln]
+        assert dumped == DUMP_ACTIONS, lines
+        assert restored[-len(RESTORE_ACTIONS):] == RESTORE_ACTIONS, lines
+    finally:
+        sh("runc", "kill", cid, "KILL", check=False)
+        time.sleep(0.2)
+        sh("runc", "delete", "-f", cid, check=False)
+    rc, out, err = gpusnap("hooks", "uninstall", "--config", str(conf), "--script", str(script))
+    assert rc == 0 and not conf.exists() and not script.exists()
