@@ -190,6 +190,11 @@ def naive_restore(images, cuda_pids):
                          "total": t3 - t0}
 
 
+def note(**kw):
+    """One JSON line per finished step, so a run cut short still says what it measured."""
+    print(json.dumps(kw, default=str), flush=True)
+
+
 def med(xs):
     return statistics.median(xs) if xs else None
 
@@ -219,6 +224,8 @@ def bench_size(size, runs, work, store):
             proc.wait()
     row["cold_start_s"] = cold
     row["server_load_s"] = info["load_s"]
+    note(size=size, step="cold", cold_start_s=cold, load_s=info["load_s"], warm_s=info["warm_s"],
+         disk_read_gbs=row["disk_read_gbs"])
 
     # gpusnap dump (the server from the last cold run) and a second snapshot after a restore
     pid = proc.pid
@@ -231,6 +238,8 @@ def bench_size(size, runs, work, store):
     row["dump_stages"] = snap["timings"]
     row["bytes_logical"], row["bytes_stored"], row["bytes_new"] = (
         snap["bytes_logical"], snap["bytes_stored"], snap["bytes_new"])
+    note(size=size, step="dump", dump_s=row["dump_s"], stages=snap["timings"],
+         bytes_logical=snap["bytes_logical"], bytes_new=snap["bytes_new"])
 
     restores = []
     for i in range(runs):
@@ -241,6 +250,7 @@ def bench_size(size, runs, work, store):
         t2 = time.perf_counter()
         assert tokens == expected, (tokens, expected)
         restores.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"]})
+        note(size=size, step="gpusnap_restore", **restores[-1])
         if i < runs - 1:
             kill_tree(tree(res["pid"]))
     second = gpusnap("dump", "--pid", str(res["pid"]), "--name", f"llm-{size}-2", store=store)
@@ -260,6 +270,7 @@ def bench_size(size, runs, work, store):
         pid, tokens, stages = naive_restore(images, cuda_pids)
         assert tokens == expected
         naive.append(stages)
+        note(size=size, step="naive_restore", **stages)
         kill_tree(tree(pid))
     row["naive_restore"] = naive
     shutil.rmtree(images, ignore_errors=True)
@@ -305,6 +316,7 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     mc = floor_memcpy()
     floors = {"pinned_h2d_gbs": floor_pinned_h2d(), "memcpy_gbs": {str(k): v for k, v in mc.items()}}
+    note(step="floors", **floors)
     rows = []
     for size in args.sizes.split(","):
         rows.append(bench_size(size, args.runs, args.work, store))

@@ -78,16 +78,27 @@ def _cuda() -> list[Check]:
         return [Check("nvidia driver", "missing", "libcuda not found (no GPU here?)",
                       "install the NVIDIA driver >= 580 for GPU snapshots; CPU processes work without it")]
     try:
-        from .cuda import driver
-        d = driver.load()
-        version = d.driver_version()
-        has_remap = version >= 12080
-        return [Check("nvidia driver", "ok", f"CUDA driver API {version // 1000}.{version % 1000 // 10}"),
-                Check("cuda checkpoint api", "ok" if d.has_checkpoint_api() else "missing",
-                      "cuCheckpointProcess* present" if d.has_checkpoint_api() else "absent",
-                      "" if d.has_checkpoint_api() else "driver >= 550 needed, >= 580 for --gpu remap"),
-                Check("gpu remap (--gpu)", "ok" if has_remap else "warn",
-                      "supported" if has_remap else "driver too old", "" if has_remap else "driver >= 580")]
+        from .cuda import get_driver
+        from .cuda.driver import REMAP_MIN_DRIVER
+        from .errors import CudaUnavailable
+        d = get_driver()
+        try:
+            d.version()              # loads libcuda and checks every checkpoint symbol
+        except CudaUnavailable as exc:
+            return [Check("nvidia driver", "warn", "libcuda loads", ""),
+                    Check("cuda checkpoint api", "missing", exc.message, exc.hint or "")]
+        major = d.driver_major()
+        shown = d.display_version() or str(major)
+        out = [Check("nvidia driver", "ok", f"{shown} (CUDA {d.version() // 1000}.{d.version() % 1000 // 10})"),
+               Check("cuda checkpoint api", "ok", "cuCheckpointProcess* present")]
+        remap = major >= REMAP_MIN_DRIVER
+        out.append(Check("gpu remap (--gpu)", "ok" if remap else "warn",
+                         "supported" if remap else f"driver {shown} < {REMAP_MIN_DRIVER}",
+                         "" if remap else f"upgrade the driver to >= {REMAP_MIN_DRIVER}"))
+        from .cuda import host_gpus
+        for g in host_gpus().gpus:
+            out.append(Check(f"gpu {g.index}", "ok", f"{g.name} {g.uuid} {g.memory_free >> 20} MiB free"))
+        return out
     except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
         return [Check("nvidia driver", "warn", f"libcuda present but unusable: {exc}")]
 

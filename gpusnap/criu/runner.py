@@ -47,6 +47,8 @@ def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped"
 def restore(images_dir: str, opts: CriuOptions, *, timeout: float | None = None) -> int:
     criu, _ = find_criu()
     pidfile = os.path.join(images_dir, "restored.pid")
+    if os.path.exists(pidfile):          # CRIU refuses to overwrite it (a second restore)
+        os.unlink(pidfile)
     res = sysrun.run(restore_argv(criu, images_dir, pidfile, opts), timeout=timeout)
     if not res.ok:
         raise _fail("restore", res, os.path.join(images_dir, "restore.log"))

@@ -175,9 +175,11 @@ class Repository:
                 with open(full, "rb") as f:
                     fd = f.fileno()
 
-                    def one(span, fd=fd):
+                    def one(span, fd=fd, full=full):
                         off, n = span
-                        data = memoryview(os.pread(fd, n, off))
+                        data = codec.scratch(n)
+                        if os.preadv(fd, [data], off) != n:
+                            raise StoreError(f"{full} changed while it was read")
                         result = self._put_chunk(data)
                         if progress:
                             progress(n)
@@ -288,8 +290,7 @@ class Repository:
 
             def one(job):
                 fd, off, cid, n = job
-                data = self.read_chunk(cid, n)
-                view = memoryview(data)
+                view = codec.decompress_view(self.read_blob(cid), cid, n)
                 while view:
                     written = os.pwrite(fd, view, off)
                     view, off = view[written:], off + written
@@ -323,7 +324,7 @@ class Repository:
         def one(item):
             cid, n = item
             try:
-                self.read_chunk(cid, n)
+                codec.decompress_view(self.read_blob(cid), cid, n)
                 err = None
             except IntegrityError as exc:
                 err = {"chunk": cid, "error": exc.message}

@@ -185,12 +185,15 @@ class Holder:
 
     def check(self, timeout: float = 120) -> dict:
         """Ask for a fresh check of the GPU data (the process must be running)."""
-        before = (_read_json(self.result_path) or {}).get("seq", 0)
+        # A restored copy counts from where it was dumped, so seq can go back: remove the
+        # old result instead of comparing sequence numbers.
+        if os.path.exists(self.result_path):
+            os.unlink(self.result_path)
         os.kill(self.pid, signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = _read_json(self.result_path)
-            if result and result["seq"] > before:
+            if result:
                 return result
             self._alive_or_raise()
             time.sleep(0.05)
