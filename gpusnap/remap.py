@@ -7,9 +7,11 @@ process had must appear exactly once as old, each onto a different new GPU. A lo
 plan always maps every snapshot GPU, and is refused here, before anything is touched,
 when it cannot be whole.
 
---gpu reads like CUDA_VISIBLE_DEVICES: indexes or UUIDs (or unique UUID prefixes), the
-i-th naming where snapshot GPU i goes. Snapshot GPUs it leaves unnamed go where the
-default puts them only if they hold no memory; one that holds memory must be named.
+--gpu reads like CUDA_VISIBLE_DEVICES: indexes or UUIDs (or unique UUID prefixes). Naming
+every snapshot GPU, the i-th says where snapshot GPU i goes. Naming fewer, they go to the
+snapshot GPUs that hold device memory, in order (a process that sees two GPUs but uses
+one: `--gpu 0` moves the one it uses onto GPU 0); the rest go where the default puts
+them, and one that holds memory but is left unnamed is refused.
 
 Default: each snapshot GPU onto the host GPU with its UUID; where that is absent or
 taken, onto the first free host GPU of the same chip with room.
@@ -115,8 +117,11 @@ def plan_remap(snapshot_gpus: list[dict], host_gpus: list[dict],
                     f"the snapshot needs {_gib(want)} there")
         return None
 
+    order = list(range(len(snapshot_gpus)))
+    if tokens and len(tokens) < len(snapshot_gpus) and need is not None:
+        order.sort(key=lambda i: 0 if needs(snapshot_gpus[i]) else 1)
     target: dict[int, int] = {}                     # snapshot position -> host position
-    for i, token in enumerate(tokens):
+    for i, token in zip(order, tokens):
         pos = _resolve(token, host_gpus)
         if pos in target.values():
             raise UsageError(f"--gpu names {_label(host_gpus[pos], pos)} twice")

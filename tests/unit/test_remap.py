@@ -211,3 +211,15 @@ def test_any_plan_is_whole_injective_and_fits(seed):
         assert by_uuid[new]["name"] == g["name"]
         assert need.get(g["uuid"], 0) <= by_uuid[new]["memory_free"]
     assert (plan.pairs is None) == all(o == n for o, n in plan.mapping)
+
+
+def test_fewer_gpus_named_go_to_the_snapshot_gpus_that_hold_memory():
+    """Seen on a two-GPU H200 host: a process that sees both GPUs and uses GPU 1,
+    restored with --gpu 0, must move its one used GPU onto host GPU 0 (the driver then
+    needs the swap, so the unused one goes to GPU 1)."""
+    snap = [{"uuid": "GPU-a", "name": "H200", "memory_total": 1}, {"uuid": "GPU-b", "name": "H200", "memory_total": 1}]
+    host = [{"uuid": "GPU-a", "name": "H200", "memory_total": 1, "memory_free": 10 << 30, "index": 0},
+            {"uuid": "GPU-b", "name": "H200", "memory_total": 1, "memory_free": 10 << 30, "index": 1}]
+    plan = plan_remap(snap, host, ["0"], {"GPU-b": 1 << 30})
+    assert dict(plan.mapping) == {"GPU-b": "GPU-a", "GPU-a": "GPU-b"}
+    assert plan.pairs is not None
