@@ -7,8 +7,19 @@ setup:
 demo: setup
 	.venv/bin/gpusnap --store $${GPUSNAP_STORE:-/var/lib/gpusnap} demo
 
-test: setup
-	.venv/bin/python -m pytest -q tests
+# CI entry (fresh Debian 12, root): CRIU and .venv first (setup), then docker/podman
+# (containers: it finds the CRIU that setup installed), then every test.
+# tests/gpu has a conftest of its own (both are imported as `conftest`): `make test-gpu`.
+test: setup containers
+	.venv/bin/python -m pytest -q tests/unit tests/integration
+
+# docker.io, containerd, runc, podman, local images; daemons started (idempotent, ~1 s
+# once done). Needs setup's CRIU (>= 4.1) on PATH first, hence the prerequisite.
+containers: setup
+	@bash scripts/setup-containers.sh --no-python-image
+
+clean-containers:
+	@bash scripts/stop-containers.sh --remove-containers
 
 test-unit: setup
 	.venv/bin/python -m pytest -q tests/unit

@@ -13,6 +13,7 @@ DIR/cold_start_<card>.json and .md and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -36,8 +37,9 @@ def sh(argv, **kw):
     return subprocess.run(argv, capture_output=True, text=True, **kw)
 
 
-def gpusnap(*args, store):
-    res = sh([sys.executable, "-m", "gpusnap", "--json", "--store", store, *args], cwd=REPO)
+def gpusnap(*args, store, env=None):
+    res = sh([sys.executable, "-m", "gpusnap", "--json", "--store", store, *args], cwd=REPO,
+             env={**os.environ, **(env or {})})
     if res.returncode != 0:
         raise RuntimeError(f"gpusnap {args}: {res.returncode} {res.stderr[-2000:]}")
     return json.loads(res.stdout)
@@ -199,7 +201,26 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def bench_size(size, runs, work, store):
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@contextlib.contextmanager
+def thp_mode(mode):
+    """Transparent huge pages for anonymous memory set to mode (None: leave as is)."""
+    if mode is None:
+        yield
+        return
+    old = open(THP).read().split("[")[1].split("]")[0]
+    with open(THP, "w") as f:
+        f.write(mode)
+    try:
+        yield
+    finally:
+        with open(THP, "w") as f:
+            f.write(old)
+
+
+def bench_size(size, runs, work, store, args_variants=False):
     model_dir = os.path.join(work, "models", size)
     state = os.path.join(work, "state")
     row = {"size": size}
@@ -241,23 +262,34 @@ def bench_size(size, runs, work, store):
     note(size=size, step="dump", dump_s=row["dump_s"], stages=snap["timings"],
          bytes_logical=snap["bytes_logical"], bytes_new=snap["bytes_new"])
 
-    restores = []
-    for i in range(runs):
-        t0 = time.perf_counter()
-        res = gpusnap("restore", snap["id"], store=store)
-        t1 = time.perf_counter()
-        tokens = first_token()
-        t2 = time.perf_counter()
-        assert tokens == expected, (tokens, expected)
-        restores.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"]})
-        note(size=size, step="gpusnap_restore", **restores[-1])
-        if i < runs - 1:
-            kill_tree(tree(res["pid"]))
+    variants = {"": ({}, None)}
+    if args_variants:
+        variants.update({"pwrite": ({"GPUSNAP_MATERIALISE": "pwrite"}, None),
+                         "thp": ({}, "always")})
+    restores, last_pid = {}, None
+    for label, (env, thp) in variants.items():
+        with thp_mode(thp):
+            out = []
+            for i in range(runs):
+                if last_pid:
+                    kill_tree(tree(last_pid))
+                t0 = time.perf_counter()
+                res = gpusnap("restore", snap["id"], store=store, env=env)
+                t1 = time.perf_counter()
+                tokens = first_token()
+                t2 = time.perf_counter()
+                assert tokens == expected, (tokens, expected)
+                last_pid = res["pid"]
+                out.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"]})
+                note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
+        restores[label] = out
     second = gpusnap("dump", "--pid", str(res["pid"]), "--name", f"llm-{size}-2", store=store)
     wait_gone(pids)
     row["second_bytes_new"] = second["bytes_new"]
     row["second_bytes_logical"] = second["bytes_logical"]
-    row["gpusnap_restore"] = restores
+    row["gpusnap_restore"] = restores.pop("")
+    for label, out in restores.items():
+        row[f"gpusnap_restore_{label}"] = out
 
     # naive baseline: restart a server, plain CRIU + CUDA API
     proc, _, _, _ = start_server(model_dir, state)
@@ -265,14 +297,16 @@ def bench_size(size, runs, work, store):
     pids, cuda_pids = naive_dump(proc.pid, images)
     proc.wait()
     wait_gone(pids)
-    naive = []
-    for i in range(runs):
-        pid, tokens, stages = naive_restore(images, cuda_pids)
-        assert tokens == expected
-        naive.append(stages)
-        note(size=size, step="naive_restore", **stages)
-        kill_tree(tree(pid))
-    row["naive_restore"] = naive
+    for label, thp in ([("", None), ("thp", "always")] if args_variants else [("", None)]):
+        naive = []
+        with thp_mode(thp):
+            for i in range(runs):
+                pid, tokens, stages = naive_restore(images, cuda_pids)
+                assert tokens == expected
+                naive.append(stages)
+                note(size=size, step=f"naive_restore{'_' + label if label else ''}", **stages)
+                kill_tree(tree(pid))
+        row["naive_restore" + ("_" + label if label else "")] = naive
     shutil.rmtree(images, ignore_errors=True)
     return row
 
@@ -300,6 +334,9 @@ def summarise(rows, floors, card):
         lines.append(f"- {r['size']} naive: " + ", ".join(f"{k} {med([x[k] for x in r['naive_restore']]):.3f}"
                                                           for k in keys))
         lines.append(f"- {r['size']} dump: " + ", ".join(f"{k} {v:.3f}" for k, v in r["dump_stages"].items()))
+        for key in sorted(k for k in r if k.startswith(("gpusnap_restore_", "naive_restore_"))):
+            lines.append(f"- {r['size']} {key}: total {med([x['total'] for x in r[key]]):.3f} s, " + ", ".join(
+                f"{k} {med([x[k] for x in r[key]]):.3f}" for k in r[key][0] if k != "total"))
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +344,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1b")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--variants", action="store_true",
+                    help="also restore with pwrite materialise and with THP=always (naive too)")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args()
@@ -319,7 +358,7 @@ def main():
     note(step="floors", **floors)
     rows = []
     for size in args.sizes.split(","):
-        rows.append(bench_size(size, args.runs, args.work, store))
+        rows.append(bench_size(size, args.runs, args.work, store, args.variants))
         print(summarise(rows, floors, card), flush=True)
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
     os.makedirs(args.out, exist_ok=True)

@@ -115,6 +115,11 @@ class ArchiveError(StoreError):
     exit_code = 45
 
 
+class WrongKey(StoreError):
+    """The key does not open this store (wrong key, or none given for an encrypted store)."""
+    exit_code = 46
+
+
 class Interrupted(GpusnapError):
     """Interrupted; every change to the target was undone."""
     exit_code = 130
@@ -123,7 +128,7 @@ class Interrupted(GpusnapError):
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
               CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
-              StoreFull, ArchiveError, Interrupted]
+              StoreFull, ArchiveError, WrongKey, Interrupted]
 
 
 def exit_code_table() -> str:

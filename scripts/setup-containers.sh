@@ -19,11 +19,14 @@
 # Idempotent: a second run on a prepared host only checks things and takes about a second.
 #
 # usage: setup-containers.sh [--no-python-image] [--no-start]
-# env:   GPUSNAP_CRIU_PREFIX (default /opt/gpusnap/criu)
+# env:   GPUSNAP_CRIU_PREFIX (default: $CRIU_PREFIX as scripts/setup.sh uses it, else
+#        /opt/gpusnap/criu). Run scripts/setup.sh (make setup) first: `make containers`
+#        and `make test` do.
 #        GPUSNAP_PYTHON_IMAGE=0 same as --no-python-image
 set -euo pipefail
 
-CRIU_PREFIX=${GPUSNAP_CRIU_PREFIX:-/opt/gpusnap/criu}
+# the prefix scripts/setup.sh (make setup) installs CRIU into, so that its CRIU is found
+CRIU_PREFIX=${GPUSNAP_CRIU_PREFIX:-${CRIU_PREFIX:-/opt/gpusnap/criu}}
 WITH_PYTHON=${GPUSNAP_PYTHON_IMAGE:-1}
 START_DAEMONS=1
 for arg in "$@"; do

@@ -28,6 +28,7 @@ class LazyGroup(click.Group):
         "gc": "Delete chunks no snapshot uses.",
         "export": "Write a snapshot and its chunks to one file.",
         "import": "Add a snapshot from a file made by export.",
+        "key": "Make a key file for an encrypted store (--key-file).",
         "hooks": "Install the CRIU action script for docker/podman/runc checkpoints.",
         "doctor": "Check CRIU, the kernel, CUDA and container engines; say how to fix.",
         "demo": "Dump and restore a built-in workload and check its data.",
@@ -55,14 +56,18 @@ EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
 @click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", envvar="GPUSNAP_STORE", default=DEFAULT_STORE, show_default=True,
               type=click.Path(file_okay=False), help="Snapshot store directory (env GPUSNAP_STORE).")
+@click.option("--key-file", envvar="GPUSNAP_KEY_FILE", type=click.Path(dir_okay=False),
+              help="Key of an encrypted store; a new store is created encrypted with it "
+                   "(env GPUSNAP_KEY_FILE; make one with `gpusnap key generate`).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.version_option(VERSION, prog_name="gpusnap")
 @click.pass_context
-def cli(ctx, store, as_json, verbose, quiet):
+def cli(ctx, store, key_file, as_json, verbose, quiet):
     """gpusnap: checkpoint and restore GPU processes and containers, fast."""
-    ctx.obj = AppContext(store=store, as_json=as_json, verbose=verbose, quiet=quiet)
+    ctx.obj = AppContext(store=store, key_file=key_file, as_json=as_json, verbose=verbose,
+                         quiet=quiet)
 
 
 def _sigterm(signum, frame):
@@ -81,8 +86,10 @@ def main(argv=None) -> None:
         exc = Interrupted()
         _report(exc, as_json)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(Interrupted.exit_code)
+    except click.exceptions.Abort:      # click's form of a KeyboardInterrupt
+        exc = Interrupted()
+        _report(exc, as_json)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(2 if isinstance(exc, click.UsageError) else 1)

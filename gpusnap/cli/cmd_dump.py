@@ -18,13 +18,18 @@ def command(app, container, pid, engine, name, leave_running, lock_timeout):
     Without --leave-running the original stops for good once its snapshot is committed;
     if anything fails it keeps running, unlocked.
     """
+    import time
+
     from ..engine import dump
+    started = time.perf_counter()
     req = dump.DumpRequest(pid=pid, container=container, engine=engine, name=name,
                            leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
     plan = dump.plan(req)
+    planned = time.perf_counter() - started
     repo = app.repo()
     with app.progress("dump") as progress:
         manifest = dump.execute(plan, repo, progress)
+    manifest["timings"] = {"plan": round(planned, 4), **manifest["timings"]}
     app.emit({"id": manifest["id"], "name": manifest["name"], "bytes_logical": manifest["bytes_logical"],
               "bytes_stored": manifest["bytes_stored"], "bytes_new": manifest["bytes_new"],
               "timings": manifest["timings"]}, manifest["id"])

@@ -18,16 +18,21 @@ def command(app, snapshot, gpus, name, devices):
 
     Prints the restored root pid; for a container, its name, id and init pid.
     """
+    import time
+
     from ..engine import restore
+    started = time.perf_counter()
     repo = app.repo()
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
                                  name=name, devices=list(devices) or None)
     plan = restore.plan(req, repo)
+    planned = time.perf_counter() - started
     for note in plan.notes:
         app.note(note)
     total = plan.manifest.get("bytes_logical")
     with app.progress("restore", total) as progress:
         result = restore.execute(plan, repo, progress)
+    result["timings"] = {"plan": round(planned, 4), **result["timings"]}
     container = result.get("container")
     text = (f"{container['name']} {container['id'][:12]} {result['pid']}" if container
             else str(result["pid"]))

@@ -13,13 +13,14 @@ import click
 @dataclass
 class AppContext:
     store: str
+    key_file: str | None = None
     as_json: bool = False
     verbose: int = 0
     quiet: bool = False
 
     def repo(self, create: bool = True):
         from ..store import Repository
-        return Repository.open(self.store, create=create)
+        return Repository.open(self.store, create=create, key_file=self.key_file)
 
     def emit(self, data, text: str | None = None) -> None:
         """JSON on stdout with --json, else the text form."""

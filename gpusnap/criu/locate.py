@@ -1,5 +1,6 @@
-"""Find a CRIU >= 4.1: $GPUSNAP_CRIU, then criu on PATH, then the private prefixes that
-scripts/install-criu.sh fills."""
+"""Find a CRIU >= 4.1: criu on PATH, then the private prefixes that scripts/install-criu.sh
+fills. $GPUSNAP_CRIU, when set, names the one CRIU to use: no fallback to another (a CRIU
+named on purpose that is missing is an error, not a reason to run a different one)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def parse_version(text: str) -> tuple[int, ...] | None:
 
 
 def candidates() -> list[str]:
-    out = []
     if os.environ.get("GPUSNAP_CRIU"):
-        out.append(os.environ["GPUSNAP_CRIU"])
+        return [os.environ["GPUSNAP_CRIU"]]
+    out = []
     on_path = shutil.which("criu", path=os.environ.get("PATH", sysrun.SAFE_PATH) + ":/usr/sbin:/sbin")
     if on_path:
         out.append(on_path)
@@ -39,12 +40,15 @@ def find_criu() -> tuple[str, str]:
     for path in candidates():
         try:
             res = sysrun.run([path, "--version"], timeout=20)
-        except OSError:
+        except OSError as exc:
+            seen.append(f"{path} (cannot run: {exc.strerror or exc})")
             continue
         version = parse_version(res.stdout)
         seen.append(f"{path} ({'.'.join(map(str, version)) if version else 'unknown'})")
         if version and version[:2] >= MIN_VERSION:
             return path, ".".join(map(str, version))
     found = "; found " + ", ".join(seen) if seen else ""
-    raise CriuMissing(f"CRIU >= {MIN_VERSION[0]}.{MIN_VERSION[1]} is not installed{found}",
-                      hint="run `make setup` (or scripts/install-criu.sh /opt/gpusnap/criu)")
+    hint = ("GPUSNAP_CRIU names the CRIU to use: point it at CRIU >= 4.1, or unset it"
+            if os.environ.get("GPUSNAP_CRIU") else
+            "run `make setup` (or scripts/install-criu.sh /opt/gpusnap/criu)")
+    raise CriuMissing(f"CRIU >= {MIN_VERSION[0]}.{MIN_VERSION[1]} is not installed{found}", hint=hint)

@@ -6,7 +6,8 @@
     resume(cuda)                        undo a dump that stopped the original
 
 A process tree is dumped by gpusnap's own CRIU, left stopped (not killed) until the
-snapshot is committed; resume is SIGCONT. A container is checkpointed by its engine so
+snapshot is committed; resume is SIGCONT, to the processes that were not stopped already
+before the dump (a tree someone SIGSTOP'd stays stopped, as it was found). A container is checkpointed by its engine so
 that the engine's own state stays consistent (docker/podman know it exited from a
 checkpoint); a checkpoint that stops it really stops it, so resume starts it again from
 the images just taken, then restores and unlocks the CUDA processes inside it, which
@@ -21,8 +22,10 @@ import shutil
 import signal
 import threading
 
+import psutil
+
 from ..criu import runner as criu_runner
-from ..errors import GpusnapError
+from ..errors import CriuFailed, GpusnapError, TargetNotFound
 from ..targets.process import kill_and_wait
 
 
@@ -62,11 +65,21 @@ class ProcessCheckpointer:
         self.target = plan.target
         self.options = plan.criu_options
         self.undo_errors: list[str] = []
+        self.stopped_before = {pid for pid in self.target.pids if _status(pid) == psutil.STATUS_STOPPED}
 
     def dump(self, images: str, logs: str, leave_running: bool) -> None:
         leave = "running" if leave_running else "stopped"
         try:
             criu_runner.dump(self.target.root_pid, images, self.options, leave=leave)
+        except BaseException as exc:
+            # CRIU may have stopped the tree before it failed, or before an interrupt that
+            # waited for it (sysrun): dump.py resumes only after a dump that returned.
+            if not leave_running:
+                self.resume(None)
+            root = self.target.root_pid
+            if isinstance(exc, CriuFailed) and _status(root) in (None, psutil.STATUS_ZOMBIE):
+                raise TargetNotFound(f"process {root} exited during the dump") from None
+            raise
         finally:
             if os.path.exists(os.path.join(images, "dump.log")):
                 shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
@@ -79,10 +92,20 @@ class ProcessCheckpointer:
 
     def resume(self, cuda) -> None:
         for pid in self.target.pids:
+            if pid in self.stopped_before:
+                continue
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+
+
+def _status(pid: int) -> str | None:
+    """psutil's status of pid, or None when it is gone."""
+    try:
+        return psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return None
 
 
 class ContainerCheckpointer:

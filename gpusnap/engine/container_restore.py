@@ -21,7 +21,6 @@ Steps, with their undo:
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable

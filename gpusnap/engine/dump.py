@@ -20,6 +20,7 @@ undo starts the container again from the images just taken.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -30,7 +31,7 @@ from typing import Callable
 from .. import VERSION
 from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
-from ..errors import GpusnapError, UsageError
+from ..errors import GpusnapError, Interrupted, UsageError
 from ..imagefile import zero_pages
 from ..model import Target
 from ..store import Repository
@@ -131,14 +132,31 @@ def execute(plan: DumpPlan, repo: Repository,
         manifest["timings"] = stages.to_dict()
         return manifest
     except BaseException as exc:
-        _undo(ckpt, cuda, stopped)
-        if isinstance(exc, GpusnapError) and os.path.exists(os.path.join(logs, "dump.log")):
-            exc.hint = exc.hint or f"CRIU log kept at {_keep_log(repo, logs)}"
-        if isinstance(exc, GpusnapError) and ckpt.undo_errors:
-            exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors]))
+        with _unwinding():
+            _undo(ckpt, cuda, stopped)
+        if isinstance(exc, GpusnapError):
+            if exc.hint and work in exc.hint:
+                exc.hint = None                 # it names a file in the work dir, removed below
+            if not isinstance(exc, Interrupted) and os.path.exists(os.path.join(logs, "dump.log")):
+                kept = _keep_log(repo, logs)
+                exc.hint = exc.hint or (f"CRIU log kept at {kept}" if kept else None)
+            if ckpt.undo_errors:
+                exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors]))
         raise
     finally:
-        workdir.remove(work)
+        with _unwinding():
+            workdir.remove(work)
+
+
+@contextlib.contextmanager
+def _unwinding():
+    """The undo and the clean-up run to their end: a second Ctrl-C or SIGTERM meanwhile
+    is dropped (gpusnap is already unwinding for the first, or about to exit)."""
+    try:
+        with checkpointer.hold_interrupts():
+            yield
+    except KeyboardInterrupt:
+        pass
 
 
 def _undo(ckpt, cuda, stopped: bool) -> None:
@@ -149,10 +167,17 @@ def _undo(ckpt, cuda, stopped: bool) -> None:
         cuda.rollback()
 
 
-def _keep_log(repo: Repository, logs: str) -> str:
+def _keep_log(repo: Repository, logs: str) -> str | None:
+    """Copy CRIU's log into the store's failed-logs/; None if that fails (the store is
+    full, say): the error being reported matters more than its log."""
     dest_dir = os.path.join(repo.path, "failed-logs")
-    os.makedirs(dest_dir, mode=0o700, exist_ok=True)
     dest = os.path.join(dest_dir, f"dump-{os.getpid()}-{os.path.basename(os.path.dirname(logs))}.log")
-    shutil.copyfile(os.path.join(logs, "dump.log"), dest)
-    os.chmod(dest, 0o600)
-    return dest
+    try:
+        os.makedirs(dest_dir, mode=0o700, exist_ok=True)
+        shutil.copyfile(os.path.join(logs, "dump.log"), dest)
+        os.chmod(dest, 0o600)
+        return dest
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(dest)
+        return None

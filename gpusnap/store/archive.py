@@ -4,10 +4,18 @@
       gpusnap-archive.json   HEADER (JSON, at most 16 MiB)
       manifest.json          the snapshot's manifest, as the store holds it
       chunks/<id>            one per distinct non-zero chunk the manifest names: the
-                             stored bytes as they are (a zstd frame of the plain bytes)
+                             stored bytes as they are (a zstd frame of the plain bytes;
+                             from an encrypted store, nonce || AES-256-GCM of that frame)
     HEADER ::= {"format": "gpusnap-archive", "version": 1, "snapshot": <id>,
                 "hash": "sha256", "codec": "zstd", "bytes": <sum of chunk sizes>,
                 "chunks": {<id>: <stored size>, ...}, "gpusnap_version": <str>}
+               from an encrypted store also: "hash": "hmac-sha256", "encryption":
+               "aes-256-gcm", "kdf": "hkdf-sha256", "key_check": <hex>, and manifest.json
+               is the sealed manifest as the store holds it (codec.py)
+
+An archive keeps the encoding of the store it came from: export never decrypts. An
+encrypted archive imports only into a store encrypted with the same key (same key_check:
+else WrongKey), a plain archive only into a plain store (else ArchiveError).
 
 Import trusts nothing in the file: only the three kinds of names above, regular files
 only (no links, devices, directories), each name once, every chunk member exactly the
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import VERSION
-from ..errors import ArchiveError, IntegrityError, SnapshotNotFound
+from ..errors import ArchiveError, IntegrityError, SnapshotNotFound, WrongKey
 from . import codec, fsutil
 from .repository import Repository
 
@@ -88,8 +96,8 @@ def export(repo: Repository, snap_id: str, out: BinaryIO) -> dict:
             sizes[cid] = os.path.getsize(repo.chunk_path(cid))
         except FileNotFoundError:
             raise IntegrityError(f"chunk {cid[:16]} of snapshot {snap_id} is missing from the store") from None
-    header = {"format": FORMAT, "version": VERSION_1, "snapshot": snap_id, "hash": "sha256",
-              "codec": "zstd", "chunks": sizes, "bytes": sum(sizes.values()),
+    header = {"format": FORMAT, "version": VERSION_1, "snapshot": snap_id,
+              **repo.codec.describe(), "chunks": sizes, "bytes": sum(sizes.values()),
               "gpusnap_version": VERSION}
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add(tar, HEADER_NAME, json.dumps(header, sort_keys=True).encode())
@@ -132,13 +140,14 @@ def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYT
             if header is None:
                 if name != HEADER_NAME:
                     raise ArchiveError(f"the archive must start with {HEADER_NAME}, not {name}")
-                header = _check_header(_json_member(tar, member), max_bytes)
+                header = _check_header(_json_member(tar, member), max_bytes, repo)
                 sizes = header["chunks"]
                 continue
             if manifest is None:
                 if name != MANIFEST_NAME:
                     raise ArchiveError(f"{MANIFEST_NAME} must follow the header, not {name}")
-                manifest = _check_manifest(_json_member(tar, member), header, sizes)
+                manifest = _check_manifest(_json_member(
+                    tar, member, lambda raw: repo.codec.unseal(header["snapshot"], raw)), header, sizes)
                 plain = _chunk_sizes(manifest)
                 continue
             if not name.startswith(CHUNK_PREFIX):
@@ -154,9 +163,9 @@ def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYT
             blob = _read_member(tar, member)
             if repo.has_chunk(cid):
                 present += 1
-                codec.decompress(blob, cid, plain[cid])       # still verify what we were given
+                repo.codec.decode(blob, cid, plain[cid])      # still verify what we were given
                 continue
-            codec.decompress(blob, cid, plain[cid])           # raises IntegrityError on mismatch
+            repo.codec.decode(blob, cid, plain[cid])          # raises IntegrityError on mismatch
             repo.store_blob(cid, blob)
             imported += 1
             imported_bytes += len(blob)
@@ -206,22 +215,31 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return data
 
 
-def _json_member(tar: tarfile.TarFile, member: tarfile.TarInfo):
+def _json_member(tar: tarfile.TarFile, member: tarfile.TarInfo, unseal=None):
     if member.size > MAX_META_BYTES:
         raise ArchiveError(f"{member.name} claims {member.size} bytes (limit {MAX_META_BYTES})")
+    raw = _read_member(tar, member)
     try:
-        return json.loads(_read_member(tar, member))
+        return json.loads(unseal(raw) if unseal else raw)
     except ValueError:
         raise ArchiveError(f"{member.name} is not valid JSON") from None
 
 
-def _check_header(h, max_bytes: int) -> dict:
+def _check_header(h, max_bytes: int, repo: Repository) -> dict:
     if not isinstance(h, dict) or h.get("format") != FORMAT:
         raise ArchiveError("not a gpusnap archive (bad header)")
     if h.get("version") != VERSION_1:
         raise ArchiveError(f"archive version {h.get('version')} is not supported (this gpusnap: {VERSION_1})")
-    if h.get("hash") != "sha256" or h.get("codec") != "zstd":
-        raise ArchiveError(f"archive uses {h.get('hash')}/{h.get('codec')}, this store sha256/zstd")
+    mine = repo.codec.describe()
+    if h.get("encryption") != mine.get("encryption"):
+        raise ArchiveError(f"the archive is {h.get('encryption') or 'not encrypted'}, the store "
+                           f"{mine.get('encryption') or 'not encrypted'}: an archive imports only "
+                           f"into a store of its own kind (restore and dump again to convert)")
+    if mine.get("encryption") and h.get("key_check") != mine["key_check"]:
+        raise WrongKey("the archive was made with another key than this store's")
+    if h.get("hash") != mine["hash"] or h.get("codec") != mine["codec"]:
+        raise ArchiveError(f"archive uses {h.get('hash')}/{h.get('codec')}, this store "
+                           f"{mine['hash']}/{mine['codec']}")
     chunks = h.get("chunks")
     if not isinstance(chunks, dict) or not all(
             isinstance(k, str) and _CHUNK_ID.match(k) and isinstance(v, int) and 0 < v <= MAX_CHUNK_PLAIN * 2

@@ -1,16 +1,42 @@
-"""Chunk codec: plain bytes <-> stored bytes. Chunk ids hash the plain bytes (as borg does),
-so dedup works whatever the compression level, and every read is verified."""
+"""Chunk codecs: plain bytes <-> stored bytes, the chunk id function, and the manifest seal.
+
+A store has one codec, named in its config (docs/design.md, "config"):
+
+    PlainCodec      id   = hex SHA-256(plain)
+                    chunk file    = zstd(plain)
+                    manifest file = the JSON as it is
+    EncryptedCodec  id   = hex HMAC-SHA256(id_key, plain)
+                    chunk file    = nonce(12) || AES-256-GCM(enc_key, nonce, zstd(plain), aad)
+                                    aad = "chunk:" + id
+                    manifest file = nonce(12) || AES-256-GCM(enc_key, nonce, zstd(json), aad)
+                                    aad = "snapshot:" + snapshot id
+                    id_key, enc_key, check_key = HKDF-SHA256(master key, no salt,
+                                    info = "gpusnap id-key v1" | "gpusnap enc-key v1" |
+                                           "gpusnap key-check v1"), 32 bytes each
+                    key_check (in the config) = hex HMAC-SHA256(check_key, "gpusnap key check")
+
+Ids are taken from the plain bytes before compression (as borg does), so dedup works
+whatever the compression level, and every read is verified: decode() checks the GCM tag
+(encrypted), decompresses bounded by the plain size, and re-derives the id.
+`cryptography` is imported only by EncryptedCodec (the `crypto` extra).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 import threading
 
 import zstandard
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, StoreError, WrongKey
 
 ZERO_ID = "zero"          # an all-zero chunk: never stored, restored as a hole
+NONCE_SIZE = 12
+_TAG_SIZE = 16
+KEY_SIZE = 32
+_CHECK_LABEL = b"gpusnap key check"
 _local = threading.local()
 
 
@@ -35,7 +61,7 @@ def compress(data, level: int = 1) -> bytes:
     return cctx.compress(data)
 
 
-def decompress(blob: bytes, expected_id: str, size: int) -> bytes:
+def _decompress(blob, expected_id: str, size: int) -> bytes:
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
@@ -43,27 +69,37 @@ def decompress(blob: bytes, expected_id: str, size: int) -> bytes:
         data = dctx.decompress(blob, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"chunk {expected_id[:16]} does not decompress: {exc}") from None
-    if len(data) != size or chunk_id(data) != expected_id:
+    if len(data) != size:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
     return data
 
 
-def scratch(size: int) -> memoryview:
+def decompress(blob: bytes, expected_id: str, size: int) -> bytes:
+    """A plain store's chunk: decompress and check its SHA-256 id."""
+    return PLAIN.decode(blob, expected_id, size)
+
+
+def scratch(size: int, name: str = "scratch") -> memoryview:
     """A per-thread buffer reused chunk after chunk: fresh 1 MiB allocations cost page
     faults on every chunk, which dominated ingest and materialise (a VM's first-touch
-    faults made it 50x slower than the copy itself)."""
-    buf = getattr(_local, "scratch", None)
+    faults made it 50x slower than the copy itself). name keeps apart buffers in use at
+    once (plain bytes, sealed bytes)."""
+    buf = getattr(_local, name, None)
     if buf is None or len(buf) < size:
-        buf = _local.scratch = bytearray(max(size, 1 << 20))
+        buf = bytearray(max(size, 1 << 20))
+        setattr(_local, name, buf)
     return memoryview(buf)[:size]
 
 
-def decompress_view(blob: bytes, expected_id: str, size: int) -> memoryview:
-    """Like decompress(), into this thread's scratch buffer: valid until its next use."""
+def _decompress_into_scratch(blob, expected_id: str, size: int,
+                             out: memoryview | None = None) -> memoryview:
+    """Decompress into out (e.g. a view of the destination file's mapping), else into
+    this thread's scratch buffer."""
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
-    out = scratch(size)
+    if out is None:
+        out = scratch(size)
     got = 0
     try:
         with dctx.stream_reader(blob) as reader:
@@ -75,6 +111,163 @@ def decompress_view(blob: bytes, expected_id: str, size: int) -> memoryview:
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"chunk {expected_id[:16]} does not decompress: {exc}") from None
-    if got != size or extra or chunk_id(out) != expected_id:
+    if got != size or extra:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
     return out
+
+
+def decompress_view(blob: bytes, expected_id: str, size: int) -> memoryview:
+    """Like decompress(), into this thread's scratch buffer: valid until its next use."""
+    return PLAIN.decode_view(blob, expected_id, size)
+
+
+class PlainCodec:
+    """SHA-256 ids, zstd chunk files, plain JSON manifests."""
+
+    encryption: str | None = None
+
+    def describe(self) -> dict:
+        """The fields of the store config (and of an archive header) naming this codec."""
+        return {"hash": "sha256", "codec": "zstd"}
+
+    def chunk_id(self, data) -> str:
+        return chunk_id(data)
+
+    def encode(self, cid: str, data) -> bytes:
+        return compress(data)
+
+    def decode(self, blob, cid: str, size: int) -> bytes:
+        data = _decompress(blob, cid, size)
+        if self.chunk_id(data) != cid:
+            raise IntegrityError(f"chunk {cid[:16]} does not match its hash")
+        return data
+
+    def decode_view(self, blob, cid: str, size: int, out: memoryview | None = None) -> memoryview:
+        """decode() into out, or this thread's scratch buffer (valid until its next use)."""
+        out = _decompress_into_scratch(blob, cid, size, out)
+        if self.chunk_id(out) != cid:
+            raise IntegrityError(f"chunk {cid[:16]} does not match its hash")
+        return out
+
+    def seal(self, snap_id: str, data: bytes) -> bytes:
+        return data
+
+    def unseal(self, snap_id: str, blob: bytes) -> bytes:
+        return blob
+
+
+PLAIN = PlainCodec()
+
+
+def _hkdf(master: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=info).derive(master)
+
+
+def key_check(master: bytes) -> str:
+    """What the config records to recognise the right key (reveals nothing of the key)."""
+    return hmac.new(_hkdf(master, b"gpusnap key-check v1"), _CHECK_LABEL, "sha256").hexdigest()
+
+
+class EncryptedCodec(PlainCodec):
+    """HMAC-SHA256 ids, AES-256-GCM over zstd, for chunks and manifests alike.
+
+    The salt-less KDF makes the subkeys depend on the key alone: two stores with one key
+    have the same chunk ids, so an archive moves between them unchanged.
+    """
+
+    encryption = "aes-256-gcm"
+
+    def __init__(self, master: bytes):
+        if len(master) != KEY_SIZE:
+            raise WrongKey(f"a gpusnap key is {KEY_SIZE} bytes, not {len(master)}")
+        try:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        except ImportError:
+            raise StoreError("an encrypted store needs the `cryptography` package",
+                             hint="pip install 'gpusnap[crypto]'") from None
+        self._id_key = _hkdf(master, b"gpusnap id-key v1")
+        self._aead = AESGCM(_hkdf(master, b"gpusnap enc-key v1"))
+        self.key_check = key_check(master)
+
+    def describe(self) -> dict:
+        return {"hash": "hmac-sha256", "codec": "zstd", "encryption": self.encryption,
+                "kdf": "hkdf-sha256", "key_check": self.key_check}
+
+    def chunk_id(self, data) -> str:
+        return hmac.digest(self._id_key, data, "sha256").hex()
+
+    def _encrypt(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, data, aad)
+
+    def _decrypt(self, blob, aad: bytes, what: str, into: bool = False):
+        """The plain bytes of nonce || ciphertext+tag; into: in this thread's "sealed"
+        scratch buffer (valid until its next use) instead of new bytes."""
+        from cryptography.exceptions import InvalidTag
+        view = memoryview(blob)
+        if len(view) < NONCE_SIZE + _TAG_SIZE:
+            raise IntegrityError(f"{what} is truncated")
+        try:
+            if not into:
+                return self._aead.decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)
+            out = scratch(len(view) - NONCE_SIZE - _TAG_SIZE, "sealed")
+            self._aead.decrypt_into(view[:NONCE_SIZE], view[NONCE_SIZE:], aad, out)
+            return out
+        except InvalidTag:
+            raise IntegrityError(f"{what} fails authentication (corrupt, truncated or "
+                                 f"tampered with)") from None
+
+    def encode(self, cid: str, data) -> memoryview:
+        """Valid until this thread's next encode (a scratch buffer, no 1 MiB allocation)."""
+        packed = compress(data)
+        out = scratch(NONCE_SIZE + len(packed) + _TAG_SIZE, "sealed")
+        nonce = os.urandom(NONCE_SIZE)
+        out[:NONCE_SIZE] = nonce
+        self._aead.encrypt_into(nonce, packed, b"chunk:" + cid.encode(), out[NONCE_SIZE:])
+        return out
+
+    def decode(self, blob, cid: str, size: int) -> bytes:
+        return super().decode(self._decrypt(blob, b"chunk:" + cid.encode(), f"chunk {cid[:16]}"),
+                              cid, size)
+
+    def decode_view(self, blob, cid: str, size: int, out: memoryview | None = None) -> memoryview:
+        return super().decode_view(
+            self._decrypt(blob, b"chunk:" + cid.encode(), f"chunk {cid[:16]}", into=True), cid, size, out)
+
+    def seal(self, snap_id: str, data: bytes) -> bytes:
+        return self._encrypt(compress(data), b"snapshot:" + snap_id.encode())
+
+    def unseal(self, snap_id: str, blob: bytes) -> bytes:
+        sealed = self._decrypt(blob, b"snapshot:" + snap_id.encode(), f"manifest of snapshot {snap_id}")
+        try:
+            return zstandard.ZstdDecompressor().decompress(sealed)
+        except zstandard.ZstdError:
+            raise IntegrityError(f"manifest of snapshot {snap_id} does not decompress") from None
+
+
+def for_config(config: dict, key: bytes | None, where: str) -> PlainCodec:
+    """The codec a store's (or an archive's) config names, opened with key.
+
+    No key for an encrypted store, a key for a plain one, or the wrong key: WrongKey.
+    """
+    encryption = config.get("encryption")
+    if encryption is None:
+        if config.get("hash", "sha256") != "sha256" or config.get("codec", "zstd") != "zstd":
+            raise StoreError(f"{where} uses {config.get('hash')}/{config.get('codec')}; "
+                             f"this gpusnap knows sha256/zstd")
+        if key is not None:
+            raise WrongKey(f"{where} is not encrypted, but a key file was given",
+                           hint="drop --key-file (unset GPUSNAP_KEY_FILE), or use a new store")
+        return PLAIN
+    if encryption != EncryptedCodec.encryption:
+        raise StoreError(f"{where} is encrypted with {encryption}; this gpusnap knows "
+                         f"{EncryptedCodec.encryption}")
+    if key is None:
+        raise WrongKey(f"{where} is encrypted: give its key file",
+                       hint="--key-file PATH or GPUSNAP_KEY_FILE")
+    codec = EncryptedCodec(key)
+    if not hmac.compare_digest(codec.key_check, str(config.get("key_check", ""))):
+        raise WrongKey(f"the key file does not open {where} (wrong key)")
+    return codec

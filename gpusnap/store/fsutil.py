@@ -44,12 +44,14 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, fsync: bool = Tru
         os.rename(tmp, path)
         if fsync:
             fsync_dir(os.path.dirname(path))
-    except OSError as exc:
+    except BaseException as exc:        # an interrupt too: leave no temp file behind
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise_os_error(exc, path)
+        if isinstance(exc, OSError):
+            raise_os_error(exc, path)
+        raise
 
 
 def raise_os_error(exc: OSError, path: str):

@@ -4,12 +4,16 @@ Write ordering (docs/design.md): chunks are written (temp, rename), the filesyst
 synced, then the manifest is written atomically. A snapshot is visible only once its
 manifest exists, and every chunk it names is durable by then. gc and rm hold the
 exclusive lock; dumps, restores and verify hold the shared one.
+
+How chunks and manifests are encoded (plain, or encrypted with a key file) is the
+store's codec (codec.py); everything here goes through it, so there is one code path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import mmap
 import os
 import secrets
 import stat
@@ -20,10 +24,12 @@ from typing import Callable, Iterable
 
 from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
                       StoreError)
-from . import chunker, codec, fsutil
+from . import chunker, codec, fsutil, keyfile
 from .lock import store_lock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # manifests, and a plain store's config
+ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses it rather
+                            # than write plain chunks into it
 Progress = Callable[[int], None]
 
 
@@ -49,8 +55,9 @@ def _threads() -> int:
 
 
 class Repository:
-    def __init__(self, path: str):
+    def __init__(self, path: str, store_codec: codec.PlainCodec | None = None):
         self.path = os.path.abspath(path)
+        self.codec = store_codec or codec.PLAIN
         self.chunks_dir = os.path.join(self.path, "chunks")
         self.snapshots_dir = os.path.join(self.path, "snapshots")
         self.tmp_dir = os.path.join(self.path, "tmp")
@@ -58,29 +65,40 @@ class Repository:
 
     # ---- opening -------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str, *, create: bool = True) -> "Repository":
+    def open(cls, path: str, *, create: bool = True, key_file: str | None = None) -> "Repository":
+        """Open (or create) the store at path. With key_file, a new store is created
+        encrypted and an existing one must be encrypted with that key (WrongKey)."""
         repo = cls(path)
+        key = keyfile.load(key_file) if key_file else None
         config = os.path.join(repo.path, "config")
         if not os.path.exists(config):
             if not create:
                 raise StoreError(f"no gpusnap store at {repo.path}")
-            repo._init()
+            repo._init(codec.EncryptedCodec(key) if key else codec.PLAIN)
         repo._check_private()
-        with open(config) as f:
-            version = json.load(f).get("version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"store format {version} is not supported (this gpusnap: {FORMAT_VERSION})")
+        try:
+            with open(config) as f:
+                conf = json.load(f)
+        except ValueError:
+            raise StoreError(f"the config of store {repo.path} is unreadable") from None
+        version = conf.get("version")
+        if version not in (FORMAT_VERSION, ENCRYPTED_VERSION) or \
+                (version == ENCRYPTED_VERSION) != bool(conf.get("encryption")):
+            raise StoreError(f"store format {version} is not supported (this gpusnap: "
+                             f"{FORMAT_VERSION}, {ENCRYPTED_VERSION} encrypted)")
+        repo.codec = codec.for_config(conf, key, f"store {repo.path}")
         return repo
 
-    def _init(self) -> None:
+    def _init(self, store_codec: codec.PlainCodec) -> None:
         old = os.umask(0o077)
         try:
             for d in (self.path, self.chunks_dir, self.snapshots_dir, self.tmp_dir):
                 os.makedirs(d, mode=0o700, exist_ok=True)
             os.chmod(self.path, 0o700)
+            version = ENCRYPTED_VERSION if store_codec.encryption else FORMAT_VERSION
             fsutil.write_atomic(os.path.join(self.path, "config"), json.dumps(
-                {"version": FORMAT_VERSION, "id": secrets.token_hex(16),
-                 "chunk_size": chunker.CHUNK_SIZE, "hash": "sha256", "codec": "zstd"}).encode())
+                {"version": version, "id": secrets.token_hex(16),
+                 "chunk_size": chunker.CHUNK_SIZE, **store_codec.describe()}).encode())
         finally:
             os.umask(old)
 
@@ -109,13 +127,13 @@ class Repository:
         """Store one chunk if new; (id, stored bytes, new bytes)."""
         if codec.is_zero(data):
             return codec.ZERO_ID, 0, 0
-        cid = codec.chunk_id(data)
+        cid = self.codec.chunk_id(data)
         path = self.chunk_path(cid)
         try:
             return cid, os.stat(path).st_size, 0
         except FileNotFoundError:
             pass
-        blob = codec.compress(data)
+        blob = self.codec.encode(cid, data)
         self.store_blob(cid, blob)
         return cid, len(blob), len(blob)
 
@@ -123,7 +141,7 @@ class Repository:
         """Write a chunk's stored bytes under its id (temp name in tmp/, then rename).
 
         Not durable until the next commit() syncs the filesystem. The caller vouches that
-        blob decompresses to bytes with this id (ingest made it; import verified it).
+        blob decodes to bytes with this id (ingest made it; import verified it).
         """
         path = self.chunk_path(cid)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -141,7 +159,7 @@ class Repository:
             fsutil.raise_os_error(exc, path)
 
     def read_blob(self, cid: str) -> bytes:
-        """A chunk's stored (compressed) bytes, unverified."""
+        """A chunk's stored (compressed, maybe encrypted) bytes, unverified."""
         try:
             with open(self.chunk_path(cid), "rb") as f:
                 return f.read()
@@ -151,7 +169,7 @@ class Repository:
     def read_chunk(self, cid: str, size: int) -> bytes:
         if cid == codec.ZERO_ID:
             return bytes(size)
-        return codec.decompress(self.read_blob(cid), cid, size)
+        return self.codec.decode(self.read_blob(cid), cid, size)
 
     # ---- ingest (dump side) ----------------------------------------------------------
     def ingest_dir(self, src: str, progress: Progress | None = None) -> tuple[list[dict], dict]:
@@ -186,12 +204,18 @@ class Repository:
                         return result
 
                     chunks = []
-                    for (off, n), (cid, size_stored, size_new) in zip(spans, pool.map(one, spans)):
-                        chunks.append([cid, n])
-                        if cid not in seen:
-                            seen.add(cid)
-                            stored += size_stored
-                        new += size_new
+                    try:
+                        for (off, n), (cid, size_stored, size_new) in zip(spans, pool.map(one, spans)):
+                            chunks.append([cid, n])
+                            if cid not in seen:
+                                seen.add(cid)
+                                stored += size_stored
+                            new += size_new
+                    except BaseException:
+                        # A full store or an interrupt: drop the queued chunks now (not after
+                        # the whole file), while fd is still open for the ones running.
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
                 logical += st.st_size
                 entries.append({"path": rel, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
                                 "chunks": chunks})
@@ -211,7 +235,8 @@ class Repository:
             raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
         fsutil.syncfs(self.path)
         fsutil.write_atomic(os.path.join(self.snapshots_dir, manifest["id"] + ".json"),
-                            json.dumps(manifest, indent=1, sort_keys=True).encode())
+                            self.codec.seal(manifest["id"], json.dumps(manifest, indent=1,
+                                                                       sort_keys=True).encode()))
         return manifest["id"]
 
     @staticmethod
@@ -225,10 +250,12 @@ class Repository:
     def load(self, snap_id: str) -> dict:
         path = os.path.join(self.snapshots_dir, snap_id + ".json")
         try:
-            with open(path) as f:
-                return json.load(f)
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot {snap_id}") from None
+        try:
+            return json.loads(self.codec.unseal(snap_id, raw))
         except ValueError:
             raise IntegrityError(f"manifest of snapshot {snap_id} is unreadable (truncated?)") from None
 
@@ -268,32 +295,45 @@ class Repository:
         removes dest.
         """
         os.makedirs(dest, mode=0o700, exist_ok=True)
+        use_mmap = os.environ.get("GPUSNAP_MATERIALISE", "mmap") == "mmap"
         jobs = []
-        fds = []
+        fds, maps = [], []
         try:
             for entry in manifest.get(which, []):
                 path = os.path.join(dest, entry["path"])
                 if not os.path.realpath(path).startswith(os.path.realpath(dest) + os.sep):
                     raise IntegrityError(f"manifest path escapes the image dir: {entry['path']}")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                              entry.get("mode", 0o600) & 0o700 or 0o600)
                 fds.append(fd)
                 os.ftruncate(fd, entry["size"])
+                # Writing through a shared mapping lets every thread fault its own pages
+                # in parallel and decompress straight into the file; pwrite() to one
+                # tmpfs file serialises on the inode lock.
+                target = fd
+                if use_mmap and entry["size"]:
+                    target = mmap.mmap(fd, entry["size"], mmap.MAP_SHARED)
+                    maps.append(target)
                 off = 0
                 for cid, n in entry["chunks"]:
                     if cid != codec.ZERO_ID:
-                        jobs.append((fd, off, cid, n))
+                        jobs.append((target, off, cid, n))
                     off += n
                 if off != entry["size"]:
                     raise IntegrityError(f"{entry['path']}: chunks add up to {off}, not {entry['size']}")
 
             def one(job):
-                fd, off, cid, n = job
-                view = codec.decompress_view(self.read_blob(cid), cid, n)
-                while view:
-                    written = os.pwrite(fd, view, off)
-                    view, off = view[written:], off + written
+                target, off, cid, n = job
+                blob = self.read_blob(cid)
+                if isinstance(target, mmap.mmap):
+                    with memoryview(target) as whole, whole[off:off + n] as out:
+                        self.codec.decode_view(blob, cid, n, out)
+                else:
+                    view = self.codec.decode_view(blob, cid, n)
+                    while view:
+                        written = os.pwrite(target, view, off)
+                        view, off = view[written:], off + written
                 if progress:
                     progress(n)
 
@@ -301,6 +341,8 @@ class Repository:
                 for _ in pool.map(one, jobs):
                     pass
         finally:
+            for m in maps:
+                m.close()
             for fd in fds:
                 os.close(fd)
 
@@ -324,7 +366,7 @@ class Repository:
         def one(item):
             cid, n = item
             try:
-                codec.decompress_view(self.read_blob(cid), cid, n)
+                self.codec.decode_view(self.read_blob(cid), cid, n)
                 err = None
             except IntegrityError as exc:
                 err = {"chunk": cid, "error": exc.message}

@@ -53,7 +53,7 @@ class DockerEngine:
                 raise ContainerEngineError("the docker Python SDK is missing",
                                            hint="pip install docker") from None
             try:
-                self._client = docker.from_env(timeout=120)
+                self._client = docker.from_env(timeout=60)
             except Exception as e:  # noqa: BLE001 - DockerException and friends
                 raise ContainerEngineError(f"cannot reach dockerd: {e}") from None
         return self._client
@@ -156,8 +156,10 @@ class DockerEngine:
         os.makedirs(staging, mode=0o700, exist_ok=True)
         body = {"CheckpointID": CHECKPOINT_NAME, "Exit": not leave_running,
                 "CheckpointDir": staging}
+        # no client timeout: a checkpoint of many GiB takes as long as it takes, and
+        # giving up on the call would not stop dockerd from stopping the container
         self._call("checkpoint create", self.api._post_json(
-            self.api._url("/containers/{0}/checkpoints", cid), data=body))
+            self.api._url("/containers/{0}/checkpoints", cid), data=body, timeout=None))
         if not leave_running:
             self.wait_stopped(cid)
         os.rename(os.path.join(staging, CHECKPOINT_NAME), os.path.join(dest, "checkpoint"))
@@ -256,7 +258,7 @@ class DockerEngine:
     def _start_checkpoint(self, cid: str, ck: str) -> None:
         for delay in (*_RETRY_DELAYS, None):
             res = self.api._post(self.api._url("/containers/{0}/start", cid),
-                                 params={"checkpoint": ck})
+                                 params={"checkpoint": ck}, timeout=None)
             if res.status_code in (200, 204):
                 return
             try:

@@ -1,0 +1,281 @@
+"""The CRIU action script (hooks/gpusnap-criu-hook) and `gpusnap hooks install`, without
+CRIU or a GPU: the CUDA side is a fake that follows the driver's state transitions."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import types
+
+import pytest
+
+from gpusnap import hooks_install
+from gpusnap.cuda.driver import CudaState
+from gpusnap.cuda.session import CudaSession
+from gpusnap.errors import CudaFailed
+
+HOOK = os.path.join(os.path.dirname(__file__), "..", "..", "hooks", "gpusnap-criu-hook")
+R, L, C = CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED
+
+
+def load_hook():
+    loader = importlib.machinery.SourceFileLoader("gpusnap_criu_hook", HOOK)
+    spec = importlib.util.spec_from_loader("gpusnap_criu_hook", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+class FakeDriver:
+    MOVES = {"lock": (R, L), "checkpoint": (L, C), "restore": (C, L), "unlock": (L, R)}
+
+    def __init__(self, states, fail=None):
+        self.states, self.fail, self.calls = dict(states), set(fail or ()), []
+
+    def get_state(self, pid):
+        if pid not in self.states:
+            raise CudaFailed(f"pid {pid} has no CUDA")
+        return self.states[pid]
+
+    def _op(self, op, pid, *args):
+        self.calls.append((op, pid, *args))
+        if (op, pid) in self.fail:
+            raise CudaFailed(f"{op} failed on {pid}")
+        src, dst = self.MOVES[op]
+        assert self.states[pid] == src, (op, pid, self.states[pid])
+        self.states[pid] = dst
+
+    def lock(self, pid, timeout_ms=0):
+        self._op("lock", pid)
+
+    def checkpoint(self, pid):
+        self._op("checkpoint", pid)
+
+    def restore(self, pid, pairs=None):
+        self._op("restore", pid, pairs)
+
+    def unlock(self, pid):
+        self._op("unlock", pid)
+
+
+def fake_cuda(driver):
+    return types.SimpleNamespace(
+        CudaState=CudaState, get_driver=lambda: driver,
+        CudaSession=lambda pids, d=None: CudaSession(pids, driver),
+        cuda_pids=lambda pids, d=None: [p for p in pids if p in driver.states])
+
+
+@pytest.fixture
+def hook(tmp_path, monkeypatch):
+    h = load_hook()
+    monkeypatch.setattr(h, "STATE_DIR", str(tmp_path / "state"))
+    lines = []
+    h.log_lines = lines
+    h.test_log = lines.append
+    return h
+
+
+# ---- config -----------------------------------------------------------------------------
+
+def test_config_subset():
+    text = """# gpusnap
+log: /var/log/x.log   # trailing comment
+lock_timeout_ms: 2500
+remap:
+  GPU-aaa: GPU-bbb
+  "GPU-ccc": 'GPU-ddd'
+"""
+    h = load_hook()
+    assert h.parse_config(text) == {"log": "/var/log/x.log", "lock_timeout_ms": "2500",
+                                    "remap": {"GPU-aaa": "GPU-bbb", "GPU-ccc": "GPU-ddd"}}
+    assert h.parse_config("remap: {GPU-a: GPU-b, GPU-c: GPU-d}\n")["remap"] == {
+        "GPU-a": "GPU-b", "GPU-c": "GPU-d"}
+    assert h.parse_config("remap: {}\n") == {"remap": {}}
+    for bad in ("  indented: first\n", "just words\n", "remap: GPU-a\n"):
+        with pytest.raises(h.HookError):
+            h.parse_config(bad)
+
+
+def test_config_file_must_be_root_owned_and_private(tmp_path):
+    h = load_hook()
+    path = tmp_path / "config.yaml"
+    assert h.load_config(str(path)) == ({}, None)
+    path.write_text("log: /tmp/x.log\n")
+    os.chmod(path, 0o644)
+    cfg, err = h.load_config(str(path))
+    if os.geteuid() == 0:
+        assert cfg == {"log": "/tmp/x.log"} and err is None
+    os.chmod(path, 0o666)
+    assert "writable" in h.load_config(str(path))[1] or "owned" in h.load_config(str(path))[1]
+    os.chmod(path, 0o644)
+    path.write_text("log: relative.log\n")
+    if os.geteuid() == 0:
+        assert "absolute" in h.load_config(str(path))[1]
+
+
+def test_init_pid_is_validated():
+    h = load_hook()
+    for bad in (None, "", "1", "0", "12; rm -rf /", "-5", "0x10", "99999999999", " 42"):
+        with pytest.raises(h.HookError):
+            h.parse_pid(bad, "CRTOOLS_INIT_PID")
+    assert h.parse_pid(str(os.getpid()), "CRTOOLS_INIT_PID") == os.getpid()
+
+
+def test_tree_of_this_process_includes_a_child():
+    import subprocess
+    h = load_hook()
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert child.pid in h.tree_pids(os.getpid())
+        assert h.tree_pids(child.pid) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+
+
+# ---- actions, with the fake driver --------------------------------------------------------
+
+def _setup(hook, monkeypatch, driver, tree):
+    monkeypatch.setattr(hook, "_cuda", lambda: fake_cuda(driver))
+    monkeypatch.setattr(hook, "tree_pids", lambda init: list(tree))
+    monkeypatch.setattr(hook, "holds_nvidia_fd", lambda pid: pid in driver.states
+                        and driver.states[pid] != C)
+    monkeypatch.setattr(hook, "maps_libcuda", lambda pid: pid in driver.states)
+    monkeypatch.setattr(hook, "criu_pid", lambda: 4242)
+    monkeypatch.setattr(hook, "starttime", lambda pid: 1000 + pid)
+    spawned = []
+    monkeypatch.setattr(hook, "spawn_guard", lambda path, criu: spawned.append((path, criu)))
+    return spawned
+
+
+def test_pre_dump_checkpoints_running_pids_skips_checkpointed_ones(hook, monkeypatch):
+    driver = FakeDriver({11: R, 12: C})           # 12: gpusnap already checkpointed it
+    spawned = _setup(hook, monkeypatch, driver, [10, 11, 12, 13])
+    assert hook.pre_dump(10, {}, hook.test_log) == 0
+    assert driver.states == {11: C, 12: C}
+    assert [c[:2] for c in driver.calls] == [("lock", 11), ("checkpoint", 11)]
+    (path, criu), = spawned
+    state = json.load(open(path))
+    assert criu == 4242 and state["initial"] == {"11": "RUNNING"}
+    assert "locked and checkpointed [11]" in hook.log_lines[-1]
+
+
+def test_pre_dump_without_cuda_does_not_load_it(hook, monkeypatch):
+    monkeypatch.setattr(hook, "_cuda", lambda: pytest.fail("libcuda must not be loaded"))
+    monkeypatch.setattr(hook, "tree_pids", lambda init: [10, 11])
+    monkeypatch.setattr(hook, "holds_nvidia_fd", lambda pid: False)
+    assert hook.pre_dump(10, {}, hook.test_log) == 0
+    assert "nothing to do" in hook.log_lines[-1]
+
+
+def test_pre_dump_failure_rolls_back_and_fails_closed(hook, monkeypatch):
+    driver = FakeDriver({11: R, 12: R}, fail={("checkpoint", 12)})
+    spawned = _setup(hook, monkeypatch, driver, [11, 12])
+    assert hook.pre_dump(11, {}, hook.test_log) == 1
+    assert driver.states == {11: R, 12: R}, "every pid back where it started"
+    assert spawned == []
+    assert "FAILED, dump aborted" in hook.log_lines[-1]
+
+
+def test_guard_undoes_what_pre_dump_did_when_the_processes_survive(hook, monkeypatch):
+    driver = FakeDriver({11: R, 12: C})
+    spawned = _setup(hook, monkeypatch, driver, [11, 12])
+    hook.pre_dump(11, {}, hook.test_log)
+    path, criu = spawned[0]
+    monkeypatch.setattr(hook, "wait_exit", lambda *a: True)
+    assert hook.guard(path, criu, -1, {}, hook.test_log) == 0
+    assert driver.states == {11: R, 12: C}, "12 was not ours to restore"
+    assert not os.path.exists(path)
+    assert "CUDA restored and unlocked" in hook.log_lines[-1]
+
+
+def test_guard_leaves_killed_processes_alone(hook, monkeypatch):
+    driver = FakeDriver({11: R})
+    spawned = _setup(hook, monkeypatch, driver, [11])
+    hook.pre_dump(11, {}, hook.test_log)
+    path, criu = spawned[0]
+    monkeypatch.setattr(hook, "wait_exit", lambda *a: True)
+    monkeypatch.setattr(hook, "starttime", lambda pid: None)       # gone: the dump killed it
+    assert hook.guard(path, criu, -1, {}, hook.test_log) == 0
+    assert driver.states == {11: C} and [c[0] for c in driver.calls] == ["lock", "checkpoint"]
+
+
+def test_guard_refuses_a_state_file_elsewhere(hook, tmp_path):
+    assert hook.guard(str(tmp_path / "x.json"), 1, -1, {}, hook.test_log) == 2
+
+
+def test_post_resume_restores_with_the_configured_remap(hook, monkeypatch):
+    driver = FakeDriver({21: C, 22: R})
+    _setup(hook, monkeypatch, driver, [20, 21, 22])
+    cfg = {"remap": {"GPU-a": "GPU-b"}}
+    assert hook.post_resume(20, cfg, hook.test_log) == 0
+    assert driver.states == {21: R, 22: R}
+    assert ("restore", 21, [("GPU-a", "GPU-b")]) in driver.calls
+
+
+def test_post_resume_leaves_gpusnap_restores_to_gpusnap(hook, monkeypatch, tmp_path):
+    driver = FakeDriver({21: C})
+    _setup(hook, monkeypatch, driver, [21])
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / hook.RESTORE_MARKER).write_text("snap nonce\n")
+    monkeypatch.setenv("CRTOOLS_IMAGE_DIR", str(images))
+    hook.pre_resume(21, hook.test_log)
+    assert hook.post_resume(21, {}, hook.test_log) == 0
+    assert driver.states == {21: C} and driver.calls == []
+    assert "left to gpusnap" in hook.log_lines[-1]
+
+
+def test_main_fails_closed_at_pre_dump_only(hook, monkeypatch):
+    monkeypatch.setattr(hook, "load_config", lambda path=hook.CONFIG: ({"log": os.devnull}, None))
+    env = {"CRTOOLS_SCRIPT_ACTION": "pre-dump", "CRTOOLS_INIT_PID": "not-a-pid"}
+    monkeypatch.setattr(hook.os, "environ", env)
+    assert hook.main(["hook"]) == 1
+    env["CRTOOLS_SCRIPT_ACTION"] = "post-dump"
+    assert hook.main(["hook"]) == 0
+    env["CRTOOLS_SCRIPT_ACTION"] = "no-such-action"
+    assert hook.main(["hook"]) == 0
+
+
+# ---- install / uninstall -------------------------------------------------------------------
+
+def test_install_is_idempotent_keeps_a_backup_and_uninstall_restores(tmp_path):
+    conf = tmp_path / "criu" / "runc.conf"
+    conf.parent.mkdir()
+    conf.write_text("tcp-established\n")
+    script = tmp_path / "lib" / "gpusnap-criu-hook"
+    report = hooks_install.install(str(conf), str(script), python="/opt/py/bin/python3")
+    assert report["changed"] == [str(script), str(conf)]
+    assert report["backup"] == str(conf) + ".bak"
+    assert (tmp_path / "criu" / "runc.conf.bak").read_text() == "tcp-established\n"
+    text = conf.read_text()
+    assert text.startswith("tcp-established\n") and text.endswith(f"action-script {script}\n")
+    body = script.read_text()
+    assert body.startswith("#!/opt/py/bin/python3 -I\n")
+    assert f"_SRC = {hooks_install._REPO!r}" in body
+    assert os.stat(script).st_mode & 0o777 == 0o755
+    again = hooks_install.install(str(conf), str(script), python="/opt/py/bin/python3")
+    assert again["changed"] == [] and again["backup"] is None
+    assert hooks_install.installed(str(conf), str(script))
+
+    out = hooks_install.uninstall(str(conf), str(script))
+    assert conf.read_text() == "tcp-established\n" and not script.exists()
+    assert out["changed"] == [str(conf), str(script)]
+
+
+def test_install_into_no_file_creates_it_and_uninstall_removes_it(tmp_path):
+    conf, script = tmp_path / "new.conf", tmp_path / "hook"
+    hooks_install.install(str(conf), str(script))
+    assert conf.read_text() == f"{hooks_install.MARK}\naction-script {script}\n"
+    hooks_install.uninstall(str(conf), str(script))
+    assert not conf.exists() and not script.exists()
+
+
+def test_an_existing_line_in_another_spelling_counts():
+    text = 'action-script = "/usr/local/lib/gpusnap/gpusnap-criu-hook"\n'
+    assert hooks_install.add_line(text, hooks_install.DEFAULT_SCRIPT) is None
+    assert hooks_install.remove_line(text, hooks_install.DEFAULT_SCRIPT) == ""
+    assert hooks_install.add_line("action-script /other\n", hooks_install.DEFAULT_SCRIPT) \
+        .endswith(f"action-script {hooks_install.DEFAULT_SCRIPT}\n")
