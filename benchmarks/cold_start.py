@@ -81,13 +81,13 @@ def kill_tree(pids):
     wait_gone(pids)
 
 
-def start_server(model_dir, state):
+def start_server(model_dir, state, extra=()):
     shutil.rmtree(state, ignore_errors=True)
     os.makedirs(state)
     log = open(os.path.join(state, "log"), "ab")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "gpusnap.workloads.llm_server", "serve",
-                             "--model", model_dir, "--port", str(PORT), "--state", state],
+                             "--model", model_dir, "--port", str(PORT), "--state", state, *extra],
                             cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True)
     ready = os.path.join(state, "ready")
@@ -220,7 +220,7 @@ def thp_mode(mode):
             f.write(old)
 
 
-def bench_size(size, runs, work, store, args_variants=False):
+def bench_size(size, runs, work, store, args_variants=False, sdk=False):
     model_dir = os.path.join(work, "models", size)
     state = os.path.join(work, "state")
     row = {"size": size}
@@ -308,7 +308,99 @@ def bench_size(size, runs, work, store, args_variants=False):
                 kill_tree(tree(pid))
         row["naive_restore" + ("_" + label if label else "")] = naive
     shutil.rmtree(images, ignore_errors=True)
+    if sdk:
+        try:
+            row["sdk"] = bench_sdk(size, runs, model_dir, state, store, expected)
+        except Exception as e:  # noqa: BLE001 - the other rows stand; say what broke
+            row["sdk"] = {"error": f"{type(e).__name__}: {e}"}
+            note(size=size, step="sdk", error=row["sdk"]["error"])
     return row
+
+
+# ---- gpusnap + SDK (issue 7) ------------------------------------------------------------
+def bench_sdk(size, runs, model_dir, state, store, expected):
+    """The same server with --sdk: dump drops the weights (prepare), restore reads them back
+    from model.safetensors (resume) before the first token."""
+    out, alive = {}, []
+    try:
+        return _bench_sdk(size, runs, model_dir, state, store, expected, out, alive)
+    finally:
+        for pid in alive:
+            kill_tree(tree(pid))
+
+
+def _bench_sdk(size, runs, model_dir, state, store, expected, out, alive):
+    proc, t, tokens, info = start_server(model_dir, state, extra=["--sdk"])
+    alive.append(proc.pid)
+    assert tokens == expected, (tokens, expected)
+    out["cold_start_s"], out["enable_s"] = t, info.get("sdk_enable_s")
+    out["backend"] = (info.get("sdk") or {}).get("backend")
+    pids = tree(proc.pid)
+    t = time.perf_counter()
+    snap = gpusnap("dump", "--pid", str(proc.pid), "--name", f"llm-{size}-sdk", store=store)
+    out["dump_s"] = time.perf_counter() - t
+    proc.wait()
+    wait_gone(pids)
+    out["dump_stages"] = snap["timings"]
+    out["bytes_logical"], out["bytes_stored"] = snap["bytes_logical"], snap["bytes_stored"]
+    out["bytes_out_of_image"] = (snap.get("sdk") or {}).get("bytes_out_of_image")
+    out["notes"] = snap.get("notes")
+    note(size=size, step="sdk_dump", dump_s=out["dump_s"], stages=snap["timings"],
+         bytes_logical=snap["bytes_logical"], bytes_out_of_image=out["bytes_out_of_image"])
+    restores, last = [], None
+    for i in range(runs):
+        if last:
+            kill_tree(tree(last))
+        t0 = time.perf_counter()
+        res = gpusnap("restore", snap["id"], store=store)
+        t1 = time.perf_counter()
+        alive.append(res["pid"])
+        tokens = first_token()
+        t2 = time.perf_counter()
+        assert tokens == expected, (tokens, expected)
+        last = res["pid"]
+        restores.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1,
+                         **res["timings"], "sdk_gbps": (res.get("sdk") or {}).get("gbps")})
+        out["readers"] = (res.get("sdk") or {}).get("readers")
+        note(size=size, step="sdk_restore", **restores[-1])
+    kill_tree(tree(last))
+    out["restore"] = restores
+    return out
+
+
+def summarise_sdk(rows):
+    rows = [r for r in rows if r.get("sdk")]
+    if not rows:
+        return []
+    lines = ["", "gpusnap + SDK (the server runs `llm_server serve --sdk`: dump drops its weights, "
+             "restore reads them back from model.safetensors before the first token):", "",
+             "| size | gpusnap + SDK restore s | x cold | x naive | x gpusnap | dump s | images GB | "
+             "weights out of image GB | reader | resume GB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        x = r["sdk"]
+        if "error" in x:
+            lines.append(f"| {r['size']} | failed: {x['error'][:200]} |")
+            continue
+        cold = med(r["cold_start_s"])
+        naive = med([y["total"] for y in r["naive_restore"]])
+        gs = med([y["total"] for y in r["gpusnap_restore"]])
+        sd = med([y["total"] for y in x["restore"]])
+        lines.append(f"| {r['size']} | {sd:.2f} | {cold/sd:.1f} | {naive/sd:.2f} | {gs/sd:.2f} | "
+                     f"{x['dump_s']:.2f} | {x['bytes_logical']/1e9:.2f} | "
+                     f"{(x['bytes_out_of_image'] or 0)/1e9:.2f} | {', '.join(x.get('readers') or [])} | "
+                     f"{med([y['sdk_gbps'] for y in x['restore'] if y.get('sdk_gbps')]) or 0:.1f} |")
+    lines += ["", "gpusnap + SDK stages (median s):", ""]
+    for r in rows:
+        x = r["sdk"]
+        if "error" in x:
+            continue
+        keys = [k for k in x["restore"][0] if k not in ("total", "sdk_gbps")]
+        lines.append(f"- {r['size']} restore: " + ", ".join(
+            f"{k} {med([y[k] for y in x['restore']]):.3f}" for k in keys))
+        lines.append(f"- {r['size']} dump: " + ", ".join(f"{k} {v:.3f}" for k, v in x["dump_stages"].items()))
+        lines.append(f"- {r['size']} cold start with --sdk: {x['cold_start_s']:.2f} s "
+                     f"(enable {x['enable_s'] or 0:.2f} s); reader: {(x.get('backend') or {}).get('reason')}")
+    return lines
 
 
 def summarise(rows, floors, card):
@@ -337,6 +429,7 @@ def summarise(rows, floors, card):
         for key in sorted(k for k in r if k.startswith(("gpusnap_restore_", "naive_restore_"))):
             lines.append(f"- {r['size']} {key}: total {med([x['total'] for x in r[key]]):.3f} s, " + ", ".join(
                 f"{k} {med([x[k] for x in r[key]]):.3f}" for k in r[key][0] if k != "total"))
+    lines += summarise_sdk(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +439,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--variants", action="store_true",
                     help="also restore with pwrite materialise and with THP=always (naive too)")
+    ap.add_argument("--sdk", action="store_true",
+                    help="also the same server with gpusnap.sdk (weights out of the snapshot)")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args()
@@ -358,7 +453,7 @@ def main():
     note(step="floors", **floors)
     rows = []
     for size in args.sizes.split(","):
-        rows.append(bench_size(size, args.runs, args.work, store, args.variants))
+        rows.append(bench_size(size, args.runs, args.work, store, args.variants, args.sdk))
         print(summarise(rows, floors, card), flush=True)
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
     os.makedirs(args.out, exist_ok=True)

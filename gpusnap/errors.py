@@ -120,6 +120,16 @@ class WrongKey(StoreError):
     exit_code = 46
 
 
+class AgentFailed(GpusnapError):
+    """A cooperating server's gpusnap agent (gpusnap.sdk) failed or did not answer."""
+    exit_code = 50
+
+
+class WeightsChanged(GpusnapError):
+    """A weight file the snapshot reloads from changed since the dump."""
+    exit_code = 51
+
+
 class Interrupted(GpusnapError):
     """Interrupted; every change to the target was undone."""
     exit_code = 130
@@ -128,7 +138,7 @@ class Interrupted(GpusnapError):
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
               CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
-              StoreFull, ArchiveError, WrongKey, Interrupted]
+              StoreFull, ArchiveError, WrongKey, AgentFailed, WeightsChanged, Interrupted]
 
 
 def exit_code_table() -> str:

@@ -20,7 +20,7 @@ class LazyGroup(click.Group):
 
     COMMANDS = {
         "dump": "Checkpoint a process tree or a container into the store.",
-        "restore": "Restore a snapshot; prints the restored root pid.",
+        "restore": "Restore a snapshot; prints the restored root pid (container: name id pid).",
         "ls": "List snapshots.",
         "inspect": "Show everything recorded about a snapshot.",
         "verify": "Re-hash every chunk of one or all snapshots.",

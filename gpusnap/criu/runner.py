@@ -52,8 +52,18 @@ def restore(images_dir: str, opts: CriuOptions, *, timeout: float | None = None)
     res = sysrun.run(restore_argv(criu, images_dir, pidfile, opts), timeout=timeout)
     if not res.ok:
         raise _fail("restore", res, os.path.join(images_dir, "restore.log"))
-    with open(pidfile) as f:
-        return int(f.read().strip())
+    return int(restored_pid(images_dir))
+
+
+def restored_pid(images_dir: str) -> int | None:
+    """The root pid of a CRIU restore from images_dir that finished, else None. An
+    interrupt during restore() is raised only once CRIU has finished (sysrun): the
+    caller's undo finds the tree it must kill here."""
+    try:
+        with open(os.path.join(images_dir, "restored.pid")) as f:
+            return int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def check() -> sysrun.Result:

@@ -35,7 +35,7 @@ from ..errors import GpusnapError, Interrupted, UsageError
 from ..imagefile import zero_pages
 from ..model import Target
 from ..store import Repository
-from . import checkpointer, gpu, workdir
+from . import agent_steps, checkpointer, gpu, workdir
 from .timing import Stages
 
 
@@ -89,7 +89,9 @@ def execute(plan: DumpPlan, repo: Repository,
     ckpt = checkpointer.for_plan(plan, cuda)     # CRIU for a process, the engine for a container
     cuda_facts = None
     stopped = False
+    sdk = agent_steps.DumpAgents(target)         # SDK agents (issue 7): weights out of the image
     try:
+        sdk.prepare(stages)                      # SDK: before the CUDA lock; failure -> transparent
         with repo.shared_lock():
             if cuda:
                 cuda_facts = cuda.describe()
@@ -105,6 +107,8 @@ def execute(plan: DumpPlan, repo: Repository,
                     cuda.restore_all(None)
                 with stages.stage("cuda_unlock"):
                     cuda.unlock_all()
+            if req.leave_running:
+                sdk.resume(stages)               # SDK: the original reads its weights back
             # Zero-page elision (issue 5): drop all-zero private anonymous pages from the images.
             with stages.stage("zero_elide"):
                 zero_stats = None if os.environ.get("GPUSNAP_NO_ZERO_ELIDE") else zero_pages.elide(ckpt.criu_dir(images))
@@ -122,6 +126,7 @@ def execute(plan: DumpPlan, repo: Repository,
                 "bytes_new": counts["bytes_new"] + log_counts["bytes_new"],
                 "cuda": cuda_facts, "leave_running": req.leave_running,
                 "zero_pages_dropped": zero_stats.pages_dropped if zero_stats else None,
+                "sdk": sdk.record(), "notes": sdk.notes,          # SDK (issue 7)
             }
             with stages.stage("commit"):
                 manifest["timings"] = stages.to_dict()
@@ -132,16 +137,18 @@ def execute(plan: DumpPlan, repo: Repository,
         manifest["timings"] = stages.to_dict()
         return manifest
     except BaseException as exc:
+        sdk_errors: list[str] = []
         with _unwinding():
             _undo(ckpt, cuda, stopped)
+            sdk_errors = sdk.undo()              # SDK: after CUDA runs again; never raises
         if isinstance(exc, GpusnapError):
             if exc.hint and work in exc.hint:
                 exc.hint = None                 # it names a file in the work dir, removed below
             if not isinstance(exc, Interrupted) and os.path.exists(os.path.join(logs, "dump.log")):
                 kept = _keep_log(repo, logs)
                 exc.hint = exc.hint or (f"CRIU log kept at {kept}" if kept else None)
-            if ckpt.undo_errors:
-                exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors]))
+            if ckpt.undo_errors or sdk_errors:
+                exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors, *sdk_errors]))
         raise
     finally:
         with _unwinding():

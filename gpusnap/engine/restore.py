@@ -16,7 +16,7 @@ from ..criu.locate import find_criu
 from ..errors import PidInUse, UsageError
 from ..store import Repository
 from ..targets.process import kill_and_wait, taken
-from . import gpu, workdir
+from . import agent_steps, gpu, workdir
 from .timing import Stages
 
 
@@ -51,6 +51,7 @@ def plan(req: RestoreRequest, repo: Repository):
         raise PidInUse(f"pids {busy} are in use: the original process is probably still running",
                        hint="stop the original first (a zombie's parent must reap it), "
                             "or restore on another host")
+    agent_steps.check_weights(manifest)         # SDK (issue 7): weight files unchanged, or refuse
     p = RestorePlan(request=req, manifest=manifest, criu_path=criu_path)
     if manifest.get("cuda"):
         p.gpu_pairs, p.notes = gpu.plan_remap(manifest["cuda"], req.gpus)
@@ -72,6 +73,7 @@ def execute(plan: RestorePlan, repo: Repository,
         with repo.shared_lock():
             with stages.stage("materialise"):
                 repo.materialise(m, images, progress)
+        agent_steps.prepare_socket_dirs(m)      # SDK: CRIU re-binds the agent's socket there
         with stages.stage("criu_restore"):
             root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]))
         cuda_pids = [p for p in m["cuda"]["pids"]] if m.get("cuda") else []
@@ -81,10 +83,11 @@ def execute(plan: RestorePlan, repo: Repository,
                 cuda.restore_all(plan.gpu_pairs)
             with stages.stage("cuda_unlock"):
                 cuda.unlock_all()
+        sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
         return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
-                "notes": plan.notes}
+                "notes": plan.notes, "sdk": sdk}
     except BaseException:
-        if root_pid is not None:
+        if root_pid is not None or criu_runner.restored_pid(images) is not None:
             kill_and_wait(m["pids"])
         raise
     finally:

@@ -1,7 +1,7 @@
 """A small transformers inference server, the workload gpusnap exists for.
 
     python -m gpusnap.workloads.llm_server make --size 1b --out DIR     # random weights -> safetensors
-    python -m gpusnap.workloads.llm_server serve --model DIR --port P --state DIR
+    python -m gpusnap.workloads.llm_server serve --model DIR --port P --state DIR [--sdk]
 
 `make` builds a Llama-style causal LM from a config with random weights (no model hub
 needed) and saves config.json + model.safetensors. `serve` loads it with
@@ -10,6 +10,9 @@ on localhost:
     GET  /health                    -> {"ok": true, "pid": ...}
     POST /generate {"ids": [...], "max_new_tokens": n}   -> {"ids": [...]} (greedy)
 Greedy decoding on fixed ids makes "the same tokens as before" checkable.
+--sdk enables gpusnap.sdk after loading: `gpusnap dump` then drops the weights before the
+checkpoint and `gpusnap restore` reads them back from model.safetensors; every generation
+runs under agent.serving() so none runs while the weights are out.
 Run it with stdio on files and in its own session (CRIU needs both).
 """
 
@@ -83,12 +86,23 @@ def generate(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def serve(model_dir: str, port: int, state: str) -> None:
+def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
+    import contextlib
     from http.server import BaseHTTPRequestHandler, HTTPServer
     t0 = time.time()
     model = load(model_dir)
     t_load = time.time()
-    warm = generate(model, PROMPT, 4)
+    agent = None
+    if sdk:
+        import gpusnap.sdk
+        agent = gpusnap.sdk.enable(model, os.path.join(model_dir, "model.safetensors"))
+    t_enable = time.time()
+
+    def serving():
+        return agent.serving() if agent else contextlib.nullcontext()
+
+    with serving():
+        warm = generate(model, PROMPT, 4)
     t_warm = time.time()
 
     class Handler(BaseHTTPRequestHandler):
@@ -108,12 +122,14 @@ def serve(model_dir: str, port: int, state: str) -> None:
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self._send({"ids": generate(model, req.get("ids") or PROMPT, int(req.get("max_new_tokens", 1)))})
+            with serving():
+                ids = generate(model, req.get("ids") or PROMPT, int(req.get("max_new_tokens", 1)))
+            self._send({"ids": ids})
 
     server = HTTPServer(("127.0.0.1", port), Handler)
     with open(os.path.join(state, "ready.tmp"), "w") as f:
-        json.dump({"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_load,
-                   "warm_ids": warm}, f)
+        json.dump({"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_enable,
+                   "sdk_enable_s": t_enable - t_load, "warm_ids": warm, "sdk": agent.status() if agent else None}, f)
     os.rename(os.path.join(state, "ready.tmp"), os.path.join(state, "ready"))
     server.serve_forever()
 
@@ -128,11 +144,12 @@ def main() -> None:
     s.add_argument("--model", required=True)
     s.add_argument("--port", type=int, default=18080)
     s.add_argument("--state", required=True)
+    s.add_argument("--sdk", action="store_true", help="enable gpusnap.sdk (weights out of snapshots)")
     args = ap.parse_args()
     if args.cmd == "make":
         make(args.size, args.out)
     else:
-        serve(args.model, args.port, args.state)
+        serve(args.model, args.port, args.state, args.sdk)
 
 
 if __name__ == "__main__":

@@ -109,8 +109,11 @@ def main() -> None:
         t.start()
 
     ticks = [0]
-    check_requested = threading.Event()
-    signal.signal(signal.SIGUSR1, lambda *_: check_requested.set())
+    # A flag, not an Event: Event.set() in a handler deadlocks when the signal lands
+    # while this thread holds the Event's lock inside Event.wait() (a handler runs in the
+    # main thread, between two bytecodes) -- seen as a rare hang after SIGSTOP/SIGCONT.
+    check_requested = [False]
+    signal.signal(signal.SIGUSR1, lambda *_: check_requested.__setitem__(0, True))
 
     def report() -> None:
         kids = []
@@ -136,8 +139,9 @@ def main() -> None:
     while True:
         ticks[0] += 1
         data[ticks[0] % len(data) // 4096 * 4096 + 7] ^= 0       # touch a page, keep contents
-        if check_requested.wait(0.05):
-            check_requested.clear()
+        time.sleep(0.05)
+        if check_requested[0]:
+            check_requested[0] = False
             report()
 
 

@@ -1,0 +1,35 @@
+"""sysrun.run: an interrupt waits for the child instead of killing it; a timeout kills it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from gpusnap import sysrun
+
+
+def test_ctrl_c_lets_the_child_finish_then_is_raised(tmp_path):
+    done = tmp_path / "done"
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        sysrun.run(["sh", "-c", f"sleep 0.6; touch {done}"])
+    assert done.exists(), "the child ran to its end"
+    assert time.monotonic() - start >= 0.6
+
+
+def test_timeout_still_kills_the_child(tmp_path):
+    with pytest.raises(subprocess.TimeoutExpired):
+        sysrun.run(["sh", "-c", f"sleep 5; touch {tmp_path / 'late'}"], timeout=0.3)
+    time.sleep(0.2)
+    assert not (tmp_path / "late").exists()
+
+
+def test_output_and_exit_code():
+    res = sysrun.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (res.returncode, res.stdout, res.stderr) == (3, "out\n", "err\n")
