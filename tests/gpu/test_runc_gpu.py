@@ -192,7 +192,7 @@ def runc_holder(tmp_path, runc, gpusnap):
     box = {"cid": cid, "bundle": bundle, "holder": holder, "runc": runc, "images": tmp_path / "img",
            "workpath": tmp_path / "criu-work", "log": log}
     try:
-        holder.ready = _wait(lambda: torch_holder._read_json(holder.state_path), 240,
+        holder.ready = _wait(lambda: torch_holder._read_json(holder.state_path), 120,
                              "the holder in the container")
         holder.pid = json.loads(runc("state", cid).stdout)["pid"]
         yield box
