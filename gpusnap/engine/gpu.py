@@ -1,33 +1,15 @@
 """The engine's view of CUDA: which pids need the CUDA steps, and a session over them.
 
-The cheap test (a /dev/nvidia* fd) runs first and never loads libcuda, so gpusnap on a
-host without a GPU never touches the driver.
+gpusnap.cuda.discover looks in /proc first (a /dev/nvidia* fd or a libcuda mapping) and
+asks the driver only about those pids, so on a host without a GPU libcuda is never loaded.
 """
 
 from __future__ import annotations
 
-import os
-
-
-def holds_nvidia_fd(pid: int) -> bool:
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia"):
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        return False
-    return False
-
 
 def cuda_pids(pids: list[int]) -> list[int]:
-    candidates = [p for p in pids if holds_nvidia_fd(p)]
-    if not candidates:
-        return []
     from ..cuda import discover
-    return discover.cuda_pids(candidates)
+    return discover.cuda_pids(pids)
 
 
 def session(pids: list[int]):
