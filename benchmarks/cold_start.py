@@ -280,7 +280,8 @@ def bench_size(size, runs, work, store, args_variants=False, sdk=False):
                 t2 = time.perf_counter()
                 assert tokens == expected, (tokens, expected)
                 last_pid = res["pid"]
-                out.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"]})
+                out.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"],
+                            **{f"mat_{k}": v for k, v in (res.get("materialise") or {}).items()}})
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
         restores[label] = out
     second = gpusnap("dump", "--pid", str(res["pid"]), "--name", f"llm-{size}-2", store=store)

@@ -85,7 +85,7 @@ def execute(plan: RestorePlan, repo: Repository,
                 cuda.unlock_all()
         sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
         return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
-                "notes": plan.notes, "sdk": sdk}
+                "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise}
     except BaseException:
         if root_pid is not None or criu_runner.restored_pid(images) is not None:
             kill_and_wait(m["pids"])
