@@ -265,6 +265,7 @@ def bench_size(size, runs, work, store, args_variants=False, sdk=False):
     variants = {"": ({}, None)}
     if args_variants:
         variants.update({"pwrite": ({"GPUSNAP_MATERIALISE": "pwrite"}, None),
+                         "prealloc": ({"GPUSNAP_PREALLOC": "1"}, None),
                          "thp": ({}, "always")})
     restores, last_pid = {}, None
     for label, (env, thp) in variants.items():
