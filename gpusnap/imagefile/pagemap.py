@@ -136,12 +136,21 @@ def present_offsets(entries: list[PagemapEntry]) -> list[tuple[PagemapEntry, int
 
 
 def region_offsets_for_pages(pages_path: str) -> list[int]:
-    """File offsets in pages_path where a memory region's pages begin."""
+    """File offsets in pages_path where a run of contiguous memory begins.
+
+    CRIU cuts its pagemap entries every 256 pages by address, whatever the content;
+    entries that continue each other in memory are merged here, so that a region's
+    boundaries are where its memory really starts (or a hole, or an elided zero run)."""
     directory = os.path.dirname(pages_path)
     wanted = int(os.path.basename(pages_path)[len("pages-"):-len(".img")])
     for pm in glob.glob(os.path.join(directory, "pagemap-*.img")):
         with open(pm, "rb") as f:
             pages_id, entries = parse(f)
         if pages_id == wanted:
-            return [off for _, off in present_offsets(entries)]
+            starts, next_vaddr = [], None
+            for e, off in present_offsets(entries):
+                if e.vaddr != next_vaddr:
+                    starts.append(off)
+                next_vaddr = e.vaddr + e.nr_pages * PAGE_SIZE
+            return starts
     return []

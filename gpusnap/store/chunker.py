@@ -1,7 +1,8 @@
 """Where chunk boundaries fall.
 
-Page images (pages-*.img) are cut at every memory region's start, taken from the
-matching pagemap image, and inside a region at content-defined page boundaries: a page
+Page images (pages-*.img) are cut at every memory region's start (runs of contiguous
+entries of the matching pagemap image: CRIU itself cuts entries every 256 pages), and
+inside a region at content-defined page boundaries: a page
 whose first 8 bytes hash to a value with a zero top byte starts a new chunk (one page in
 256: about 1 MiB between cuts), with at least MIN_PAGES and at most MAX_PAGES pages a
 chunk. A region inserted before others changes only its own chunks, and content that
