@@ -27,7 +27,7 @@ from .loader import gds_backend
 from .protocol import AgentError, request, socket_path
 from .safetensors import HeaderError, TensorEntry, file_identity, read_header
 
-__all__ = ["enable", "gds_backend", "read_header", "file_identity", "request", "socket_path",
+__all__ = ["enable", "enable_hooks", "gds_backend", "read_header", "file_identity", "request", "socket_path",
            "AgentError", "HeaderError", "TensorEntry"]
 
 
@@ -68,4 +68,24 @@ def enable(model, safetensors_files, scratch=None, *, socket_dir: str | None = N
         raise ValueError(f"check={check!r}: 'sample' or 'none'")
     agent = Agent(reg, socket_dir=socket_dir, watchdog_s=watchdog_s, verify=verify, reader=reader,
                   threads=threads, chunk=(chunk_mb << 20) if chunk_mb else None)
+    return agent.start() if start else agent
+
+
+def enable_hooks(prepare, resume, weight_files=(), *, socket_dir: str | None = None,
+                 watchdog_s: float | None = 600.0, start: bool = True):
+    """An agent for a server that drops and reloads its weights itself (vLLM's
+    sleep(level=2) / wake_up + reload_weights, say: docs/vllm.md).
+
+    prepare()        called by the agent's prepare; frees the weights. May return
+                     {"bytes_dropped": n} (recorded as the bytes out of the image).
+    resume()         called by resume; brings them back. May return {"bytes": n}.
+    weight_files     the files resume reads: their identity goes into the snapshot, and
+                     gpusnap restore refuses when one changed.
+    The serving gate, the watchdog and the socket are the same as enable()'s."""
+    from .agent import Agent
+    from .registry import Registry
+    agent = Agent(Registry(), socket_dir=socket_dir, watchdog_s=watchdog_s, verify=False,
+                  weight_files=list(weight_files) if not isinstance(weight_files, str) else [weight_files])
+    agent.on_prepare.append(prepare)
+    agent.on_resume.append(resume)
     return agent.start() if start else agent

@@ -51,10 +51,11 @@ class Agent:
     def __init__(self, reg: registry.Registry, *, socket_dir: str | None = None,
                  watchdog_s: float | None = 600.0, verify: bool = True,
                  reader: str | None = None, threads: int | None = None, chunk: int | None = None,
-                 gate_timeout_s: float = 20.0):
+                 gate_timeout_s: float = 20.0, weight_files=()):
         self.registry = reg
         self.socket_dir = socket_dir
-        self.path = socket_path(os.getpid(), socket_dir)
+        self.path = os.path.abspath(socket_path(os.getpid(), socket_dir))
+        self.weight_files = [os.path.realpath(f) for f in weight_files]   # besides the slots' files
         self.watchdog_s = watchdog_s
         self.verify = verify
         self.reader, self.threads, self.chunk = reader, threads, chunk
@@ -104,10 +105,11 @@ class Agent:
                 if self.verify:
                     for s, fp in zip(slots, registry.fingerprints([s.tensor for s in slots])):
                         s.fingerprint = fp
-                files = [file_identity(p) for p in sorted({s.file for s in slots})]
+                files = [file_identity(p) for p in sorted({s.file for s in slots} | set(self.weight_files))]
                 before = _memory(devices)
+                hooked = 0
                 for cb in self.on_prepare:
-                    cb()
+                    hooked += int((cb() or {}).get("bytes_dropped", 0))
                 for s in [*slots, *self.registry.scratch]:
                     s.tensor.data = torch.empty(0, dtype=s.dtype, device=s.device)
                 for d in devices:
@@ -118,6 +120,9 @@ class Agent:
                 after = _memory(devices)
             except BaseException:
                 self._put_back_after_failed_prepare()
+                for cb in self.on_resume:
+                    with contextlib.suppress(Exception):
+                        cb()
                 self._gate.release()
                 raise
             self.files = files
@@ -126,7 +131,7 @@ class Agent:
             reply = {"ok": True, "state": self.state, "pid": os.getpid(), "uid": os.getuid(),
                      "socket": self.path, "tensors": len(slots), "bytes": self.registry.bytes,
                      "scratch_bytes": self.registry.scratch_bytes,
-                     "bytes_dropped": self.registry.bytes + self.registry.scratch_bytes,
+                     "bytes_dropped": self.registry.bytes + self.registry.scratch_bytes + hooked,
                      "bytes_freed": before[0] - after[0], "bytes_released": before[1] - after[1],
                      "files": files, "seconds": round(time.perf_counter() - t0, 4),
                      "backend": loader.gds_backend()}
@@ -160,8 +165,10 @@ class Agent:
                     raise RuntimeError(f"{len(bad)} tensors read back differ from what was dropped "
                                        f"(first: {', '.join(bad[:5])}): the model changed them after "
                                        f"loading, or the files changed")
-                for cb in self.on_resume:
-                    cb()
+                t_hooks = time.perf_counter()
+                for cb in self.on_resume:          # a server's own reload (enable_hooks) counts as read
+                    stats["bytes"] += int((cb() or {}).get("bytes", 0))
+                stats["seconds"] += time.perf_counter() - t_hooks
             except BaseException:
                 for s in [*slots, *self.registry.scratch]:
                     s.tensor.data = torch.empty(0, dtype=s.dtype, device=s.device)

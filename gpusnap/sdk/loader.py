@@ -13,15 +13,23 @@ pinned    no KvikIO: the ranges are cut into windows of `chunk` bytes (adjacent 
           (double-buffered), and wait on a buffer's event before reusing it.
 cpu       tensors in host memory: parallel pread(2) straight into the tensor.
 
-Pinned buffers are taken from PyTorch's caching host allocator and its cache is emptied
-afterwards: nothing pinned is left for a later checkpoint to copy.
+The pinned buffers are one block taken for the load and given back after it: nothing
+pinned is left for a later checkpoint to copy (_PinnedPool).
+
+Defaults, from benchmarks/results/gds_h200.md (H200, 16 CPUs, 1.7 GB of weights in the
+page cache): pinned 8 threads x 4 MiB windows (11.0 GB/s for one load in a fresh
+process, 14.4 with GPUSNAP_SDK_PIN=register); KvikIO 8 threads x 16 MiB tasks (its
+compatibility mode read 6.6-8.8 GB/s inside the restored server; 24-34 GB/s once its
+bounce buffers exist). From disk (drop_caches) every reader gave the disk's ~1.6-2 GB/s.
 
 Environment: GPUSNAP_SDK_READER=pinned|kvikio forces a reader; GPUSNAP_SDK_THREADS and
-GPUSNAP_SDK_CHUNK_MB set the pinned reader's workers and window size.
+GPUSNAP_SDK_CHUNK_MB set the workers and the window (task) size; GPUSNAP_SDK_PIN how the
+pinned reader pins (torch | register).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import queue
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from .registry import byte_view
 
 DEFAULT_THREADS = 8
-DEFAULT_CHUNK = 16 << 20
+DEFAULT_CHUNK = {"pinned": 4 << 20, "kvikio": 16 << 20}
 GAP = 64 << 10                  # ranges this close are read in one window
 
 
@@ -54,6 +62,8 @@ def gds_backend() -> dict:
     forced = os.environ.get("GPUSNAP_SDK_READER")
     if forced == "pinned":
         return {"reader": "pinned", "reason": "GPUSNAP_SDK_READER=pinned"}
+    if forced == "kvikio":
+        return {"reader": "kvikio", "reason": "GPUSNAP_SDK_READER=kvikio"}
     try:
         found = importlib.util.find_spec("kvikio") is not None
     except (ImportError, ValueError):
@@ -81,7 +91,8 @@ def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
          chunk: int | None = None) -> dict:
     """Fill every job's tensor from its file range. Returns {reader, bytes, seconds}."""
     threads = threads or _env_int("GPUSNAP_SDK_THREADS", DEFAULT_THREADS)
-    chunk = chunk or (_env_int("GPUSNAP_SDK_CHUNK_MB", DEFAULT_CHUNK >> 20) << 20)
+    if not chunk and os.environ.get("GPUSNAP_SDK_CHUNK_MB"):
+        chunk = _env_int("GPUSNAP_SDK_CHUNK_MB", 4) << 20
     for j in jobs:
         if byte_view(j.dst).numel() != j.length:
             raise ValueError(f"{j.path}@{j.offset}: {j.length} bytes into a tensor of "
@@ -91,17 +102,19 @@ def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
     dev = [j for j in jobs if j.dst.device.type != "cpu"]
     used = []
     if host:
-        _load_cpu(host, threads, chunk)
+        _load_cpu(host, threads, chunk or (16 << 20))
         used.append("cpu")
     if dev:
         reader = reader or gds_backend()["reader"]
         if reader.startswith("kvikio"):
+            chunk = chunk or DEFAULT_CHUNK["kvikio"]
             try:
                 _load_kvikio(dev, threads, chunk)
             except Exception as e:  # noqa: BLE001 - the pinned reader does the same job
                 reader = f"pinned (kvikio failed: {type(e).__name__}: {e})"
-                _load_pinned(dev, threads, chunk)
+                _load_pinned(dev, threads, DEFAULT_CHUNK["pinned"])
         else:
+            chunk = chunk or DEFAULT_CHUNK["pinned"]
             _load_pinned(dev, threads, chunk)
         used.append(reader)
     total = sum(j.length for j in jobs)
@@ -176,12 +189,74 @@ def _load_cpu(jobs: list[Job], threads: int, chunk: int) -> None:
             os.close(fd)
 
 
+HUGE = 2 << 20
+
+
+class _PinnedPool:
+    """One block of page-locked host memory for all the workers' buffers, taken for one
+    load and given back after it (nothing pinned stays for a checkpoint to copy).
+
+    Pinning can cost more than the copies (gds_h200.md: 16 workers x 2 x 64 MiB pinned
+    per load took a 1.7 GB load from 9.7 to 1.5 GB/s), so the pool is small (workers x 2
+    x window) and taken once. mode "torch" (the default) is torch.empty(pin_memory=True);
+    "register" maps anonymous memory with transparent huge pages asked for (madvise) and
+    cudaHostRegister()s it: measured faster (14.4 against 11.0 GB/s for one load) but
+    not yet checked end to end through a restore. GPUSNAP_SDK_PIN chooses; register
+    falls back to torch when it fails."""
+
+    def __init__(self, nbytes: int, mode: str | None = None):
+        import torch
+        self.mode = mode or os.environ.get("GPUSNAP_SDK_PIN", "torch")
+        self._map = None
+        self._registered = 0
+        if self.mode == "register":
+            try:
+                self._register(nbytes)
+                return
+            except Exception:  # noqa: BLE001 - the other way works everywhere
+                self.close()
+                self.mode = "torch"
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def _register(self, nbytes: int) -> None:
+        import mmap
+
+        import torch
+        self._map = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        whole = torch.frombuffer(self._map, dtype=torch.uint8)
+        skip = -whole.data_ptr() % HUGE
+        self.tensor = whole[skip:skip + nbytes]
+        del whole
+        err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+        if int(getattr(err, "value", err)) != 0:
+            raise RuntimeError(f"cudaHostRegister: {err}")
+        self._registered = self.tensor.data_ptr()
+
+    def close(self) -> None:
+        import torch
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = 0
+        self.tensor = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self.mode == "torch":
+            empty = getattr(torch._C, "_host_emptyCache", None)
+            if empty is not None:
+                empty()
+
+
 def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
     import torch
     wins = windows(jobs, chunk)
     if not wins:
         return
     size = max(w.length for w in wins)
+    workers = min(threads, len(wins))
     q: queue.SimpleQueue = queue.SimpleQueue()
     for w in wins:
         q.put(w)
@@ -190,15 +265,15 @@ def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
     for w in wins:
         if w.path not in fds:
             fds[w.path] = os.open(w.path, os.O_RDONLY)
+    pool = _PinnedPool(workers * 2 * size)
 
-    def worker():
-        bufs: list = []
+    def worker(i: int):
+        bufs = [pool.tensor[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
+        raw = [_address_buffer(b.data_ptr(), size) for b in bufs]
         events: list = [None, None]
         streams: dict = {}
         k = 0
         try:
-            bufs += [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            raw = [_address_buffer(b.data_ptr(), size) for b in bufs]
             while not errors:
                 try:
                     w = q.get_nowait()
@@ -224,11 +299,10 @@ def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
             for ev in events:
                 if ev is not None:
                     ev.synchronize()
-            bufs.clear()
 
     try:
-        ts = [threading.Thread(target=worker, name=f"gpusnap-sdk-read-{i}", daemon=True)
-              for i in range(min(threads, len(wins)))]
+        ts = [threading.Thread(target=worker, args=(i,), name=f"gpusnap-sdk-read-{i}", daemon=True)
+              for i in range(workers)]
         for t in ts:
             t.start()
         for t in ts:
@@ -236,9 +310,7 @@ def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
     finally:
         for fd in fds.values():
             os.close(fd)
-        empty = getattr(torch._C, "_host_emptyCache", None)
-        if empty is not None:
-            empty()
+        pool.close()
     if errors:
         raise errors[0]
 

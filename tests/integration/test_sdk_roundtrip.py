@@ -7,7 +7,6 @@ before and after, and that the server is never left without its weights."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import signal

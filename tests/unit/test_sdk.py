@@ -388,3 +388,24 @@ def test_agent_socket_status_peer_check_and_watchdog(model_file, tmp_path):
         agent.close()
         assert not os.path.exists(agent.path)
         shutil.rmtree(base)
+
+
+@needs_torch
+def test_enable_hooks_for_servers_that_reload_themselves(tmp_path):
+    import gpusnap.sdk
+    p = str(tmp_path / "w.safetensors")
+    _weights(p)
+    calls = []
+    agent = gpusnap.sdk.enable_hooks(lambda: calls.append("sleep") or {"bytes_dropped": 123},
+                                     lambda: calls.append("wake") or {"bytes": 456}, p, start=False)
+    r = agent.prepare()
+    assert r["bytes_dropped"] == 123 and [f["path"] for f in r["files"]] == [os.path.realpath(p)]
+    assert agent.resume()["bytes"] == 456 and calls == ["sleep", "wake"]
+
+    def fail():
+        calls.append("half-asleep")
+        raise RuntimeError("no")
+    agent.on_prepare[:] = [fail]
+    with pytest.raises(RuntimeError):
+        agent.prepare()
+    assert calls[-2:] == ["half-asleep", "wake"] and agent.state == "resident"
