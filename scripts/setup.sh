@@ -31,4 +31,15 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zs
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/pip install -q -e '.[test,crypto]'
 fi
+# The SDK's tests need PyTorch. Only a CPU build that already lies on this host is taken
+# (a plain `pip install torch` would fetch a CUDA build of several GB); elsewhere those
+# tests skip with the reason.
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    wheel=$(ls /opt/wheels/torch-*+cpu-cp3*-manylinux*_x86_64.whl 2>/dev/null | head -1 || true)
+    if [ -n "$wheel" ] && .venv/bin/pip install -q "$wheel" 2>/dev/null; then
+        echo "setup: CPU PyTorch installed from $wheel (SDK tests)"
+    else
+        echo "setup: no local CPU PyTorch wheel: the SDK tests will skip"
+    fi
+fi
 echo "setup: .venv ready ($(.venv/bin/gpusnap --version))"
