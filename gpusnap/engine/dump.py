@@ -89,7 +89,7 @@ def execute(plan: DumpPlan, repo: Repository,
     ckpt = checkpointer.for_plan(plan, cuda)     # CRIU for a process, the engine for a container
     cuda_facts = None
     stopped = False
-    sdk = agent_steps.DumpAgents(target)         # SDK agents (issue 7): weights out of the image
+    sdk = agent_steps.DumpAgents(target)         # SDK agents: weights out of the image
     try:
         sdk.prepare(stages)                      # SDK: before the CUDA lock; failure -> transparent
         with repo.shared_lock():
@@ -109,7 +109,7 @@ def execute(plan: DumpPlan, repo: Repository,
                     cuda.unlock_all()
             if req.leave_running:
                 sdk.resume(stages)               # SDK: the original reads its weights back
-            # Zero-page elision (issue 5): drop all-zero private anonymous pages from the images.
+            # Drop all-zero private anonymous pages from the images (imagefile/zero_pages.py).
             with stages.stage("zero_elide"):
                 zero_stats = None if os.environ.get("GPUSNAP_NO_ZERO_ELIDE") else zero_pages.elide(ckpt.criu_dir(images))
             with stages.stage("ingest"):
@@ -126,7 +126,7 @@ def execute(plan: DumpPlan, repo: Repository,
                 "bytes_new": counts["bytes_new"] + log_counts["bytes_new"],
                 "cuda": cuda_facts, "leave_running": req.leave_running,
                 "zero_pages_dropped": zero_stats.pages_dropped if zero_stats else None,
-                "sdk": sdk.record(), "notes": sdk.notes,          # SDK (issue 7)
+                "sdk": sdk.record(), "notes": sdk.notes,
             }
             with stages.stage("commit"):
                 manifest["timings"] = stages.to_dict()

@@ -51,7 +51,7 @@ def plan(req: RestoreRequest, repo: Repository):
         raise PidInUse(f"pids {busy} are in use: the original process is probably still running",
                        hint="stop the original first (a zombie's parent must reap it), "
                             "or restore on another host")
-    agent_steps.check_weights(manifest)         # SDK (issue 7): weight files unchanged, or refuse
+    agent_steps.check_weights(manifest)         # SDK: weight files unchanged, or refuse
     p = RestorePlan(request=req, manifest=manifest, criu_path=criu_path)
     if manifest.get("cuda"):
         p.gpu_pairs, p.notes = gpu.plan_remap(manifest["cuda"], req.gpus)
