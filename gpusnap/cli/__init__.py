@@ -32,6 +32,7 @@ class LazyGroup(click.Group):
         "hooks": "Install the CRIU action script for docker/podman/runc checkpoints.",
         "doctor": "Check CRIU, the kernel, CUDA and container engines; say how to fix.",
         "demo": "Dump and restore a built-in workload and check its data.",
+        "bench": "Cold start vs restore of an LLM server on this GPU (small by default).",
     }
 
     def list_commands(self, ctx):

@@ -59,3 +59,12 @@ def test_errors_map_to_exit_codes(tmp_path, capsys):
         main(["--store", path, "ls"])
     except SystemExit as exc:
         assert exc.code == 43
+
+
+def test_bench_without_a_gpu_says_so(tmp_path, monkeypatch):
+    import gpusnap.engine.demo as demo
+    monkeypatch.setattr(demo, "gpu_available", lambda: False)
+    try:
+        main(["--store", str(tmp_path / "s"), "bench"])
+    except SystemExit as exc:
+        assert exc.code == 20

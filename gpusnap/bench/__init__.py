@@ -1,0 +1,1 @@
+"""Benchmarks that ship with gpusnap (`gpusnap bench`); benchmarks/ has the rest."""
