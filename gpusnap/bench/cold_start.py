@@ -263,13 +263,19 @@ def bench_size(size, runs, work, store, args_variants=False, sdk=False):
     note(size=size, step="dump", dump_s=row["dump_s"], stages=snap["timings"],
          bytes_logical=snap["bytes_logical"], bytes_new=snap["bytes_new"])
 
-    variants = {"": ({}, None)}
+    variants = {"": ({}, None), "warm": ({}, None)}     # warm: after `gpusnap warm` (image cache)
     if args_variants:
         variants.update({"pwrite": ({"GPUSNAP_MATERIALISE": "pwrite"}, None),
                          "prealloc": ({"GPUSNAP_PREALLOC": "1"}, None),
                          "thp": ({}, "always")})
     restores, last_pid = {}, None
     for label, (env, thp) in variants.items():
+        if label == "warm":
+            t = time.perf_counter()
+            gpusnap("warm", snap["id"], store=store)
+            row["warm_s"] = time.perf_counter() - t
+        elif "warm" in restores:
+            gpusnap("warm", "--drop", store=store)
         with thp_mode(thp):
             out = []
             for i in range(runs):
@@ -420,6 +426,11 @@ def summarise(rows, floors, card):
         lines.append(f"| {r['size']} | {r['weights_bytes']/1e9:.2f} | {cold:.2f} | {naive:.2f} | {gs:.2f} | "
                      f"{cold/gs:.1f} | {naive/gs:.2f} | {r['dump_s']:.2f} | {r['bytes_logical']/1e9:.2f} | "
                      f"{r['bytes_stored']/1e9:.2f} | {r['second_bytes_new']/1e9:.3f} |")
+    for r in rows:
+        if r.get("gpusnap_restore_warm"):
+            lines.append(f"\n{r['size']}: gpusnap restore from a warm image cache (`gpusnap warm`, "
+                         f"{r.get('warm_s', 0):.2f} s once): "
+                         f"{med([x['total'] for x in r['gpusnap_restore_warm']]):.2f} s to first token")
     lines += ["", "gpusnap restore stages (median s):", ""]
     for r in rows:
         keys = [k for k in r["gpusnap_restore"][0] if k != "total"]

@@ -24,6 +24,7 @@ class LazyGroup(click.Group):
         "ls": "List snapshots.",
         "inspect": "Show everything recorded about a snapshot.",
         "verify": "Re-hash every chunk of one or all snapshots.",
+        "warm": "Keep snapshots' images ready on this host, so restores skip materialising.",
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
         "export": "Write a snapshot and its chunks to one file.",

@@ -30,9 +30,14 @@ def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,
     return argv + list(opts.extra)
 
 
-def restore_argv(criu: str, images_dir: str, pidfile: str, opts: CriuOptions) -> list[str]:
+def restore_argv(criu: str, images_dir: str, pidfile: str, opts: CriuOptions,
+                 work_dir: str | None = None) -> list[str]:
+    """work_dir: where CRIU writes its log (default: the images dir), so that images
+    shared by many restores (a warm cache) are only read."""
     argv = [criu, "restore", "--images-dir", images_dir, "--log-file", "restore.log",
             f"-v{opts.verbosity}", "--restore-detached", "--pidfile", pidfile, *COMMON]
+    if work_dir:
+        argv += ["--work-dir", work_dir]
     if opts.shell_job:
         argv.append("--shell-job")
     return argv + list(opts.extra)

@@ -44,23 +44,27 @@ def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped"
         raise _fail("dump", res, os.path.join(images_dir, "dump.log"))
 
 
-def restore(images_dir: str, opts: CriuOptions, *, timeout: float | None = None) -> int:
+def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
+            timeout: float | None = None) -> int:
+    """CRIU restore, detached; the restored root pid. Log and pidfile go to work_dir
+    (default: images_dir)."""
     criu, _ = find_criu()
-    pidfile = os.path.join(images_dir, "restored.pid")
+    out_dir = work_dir or images_dir
+    pidfile = os.path.join(out_dir, "restored.pid")
     if os.path.exists(pidfile):          # CRIU refuses to overwrite it (a second restore)
         os.unlink(pidfile)
-    res = sysrun.run(restore_argv(criu, images_dir, pidfile, opts), timeout=timeout)
+    res = sysrun.run(restore_argv(criu, images_dir, pidfile, opts, work_dir), timeout=timeout)
     if not res.ok:
-        raise _fail("restore", res, os.path.join(images_dir, "restore.log"))
-    return int(restored_pid(images_dir))
+        raise _fail("restore", res, os.path.join(out_dir, "restore.log"))
+    return int(restored_pid(out_dir))
 
 
-def restored_pid(images_dir: str) -> int | None:
-    """The root pid of a CRIU restore from images_dir that finished, else None. An
-    interrupt during restore() is raised only once CRIU has finished (sysrun): the
-    caller's undo finds the tree it must kill here."""
+def restored_pid(out_dir: str) -> int | None:
+    """The root pid of a CRIU restore whose pidfile went to out_dir, if it finished, else
+    None. An interrupt during restore() is raised only once CRIU has finished (sysrun):
+    the caller's undo finds the tree it must kill here."""
     try:
-        with open(os.path.join(images_dir, "restored.pid")) as f:
+        with open(os.path.join(out_dir, "restored.pid")) as f:
             return int(f.read().strip())
     except (FileNotFoundError, ValueError):
         return None

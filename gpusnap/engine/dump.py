@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import shutil
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
@@ -145,7 +144,7 @@ def execute(plan: DumpPlan, repo: Repository,
             if exc.hint and work in exc.hint:
                 exc.hint = None                 # it names a file in the work dir, removed below
             if not isinstance(exc, Interrupted) and os.path.exists(os.path.join(logs, "dump.log")):
-                kept = _keep_log(repo, logs)
+                kept = workdir.keep_log(repo.path, os.path.join(logs, "dump.log"), "dump")
                 exc.hint = exc.hint or (f"CRIU log kept at {kept}" if kept else None)
             if ckpt.undo_errors or sdk_errors:
                 exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors, *sdk_errors]))
@@ -172,19 +171,3 @@ def _undo(ckpt, cuda, stopped: bool) -> None:
         ckpt.resume(cuda)
     if cuda:
         cuda.rollback()
-
-
-def _keep_log(repo: Repository, logs: str) -> str | None:
-    """Copy CRIU's log into the store's failed-logs/; None if that fails (the store is
-    full, say): the error being reported matters more than its log."""
-    dest_dir = os.path.join(repo.path, "failed-logs")
-    dest = os.path.join(dest_dir, f"dump-{os.getpid()}-{os.path.basename(os.path.dirname(logs))}.log")
-    try:
-        os.makedirs(dest_dir, mode=0o700, exist_ok=True)
-        shutil.copyfile(os.path.join(logs, "dump.log"), dest)
-        os.chmod(dest, 0o600)
-        return dest
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(dest)
-        return None

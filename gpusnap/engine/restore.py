@@ -13,10 +13,10 @@ from typing import Callable
 from ..criu import runner as criu_runner
 from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
-from ..errors import PidInUse, UsageError
+from ..errors import CriuFailed, PidInUse, UsageError
 from ..store import Repository
 from ..targets.process import kill_and_wait, taken
-from . import agent_steps, gpu, workdir
+from . import agent_steps, gpu, imagecache, workdir
 from .timing import Stages
 
 
@@ -70,12 +70,19 @@ def execute(plan: RestorePlan, repo: Repository,
     images = os.path.join(work, "images")
     root_pid = None
     try:
-        with repo.shared_lock():
-            with stages.stage("materialise"):
-                repo.materialise(m, images, progress)
-        agent_steps.prepare_socket_dirs(m)      # SDK: CRIU re-binds the agent's socket there
-        with stages.stage("criu_restore"):
-            root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]))
+        with repo.shared_lock():                # rm and gc (which drop caches) wait for CRIU
+            cached = imagecache.lookup(repo.path, m)
+            if cached:
+                images = cached                 # warm: `gpusnap warm` verified these already
+                repo.last_materialise = None
+                plan.notes.append(f"images from the warm cache {os.path.dirname(cached)}")
+            else:
+                with stages.stage("materialise"):
+                    repo.materialise(m, images, progress)
+            agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
+            with stages.stage("criu_restore"):
+                root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]),
+                                               work_dir=work)
         cuda_pids = [p for p in m["cuda"]["pids"]] if m.get("cuda") else []
         if cuda_pids:
             cuda = gpu.session(cuda_pids)
@@ -86,9 +93,12 @@ def execute(plan: RestorePlan, repo: Repository,
         sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
         return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
                 "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise}
-    except BaseException:
-        if root_pid is not None or criu_runner.restored_pid(images) is not None:
+    except BaseException as exc:
+        if root_pid is not None or criu_runner.restored_pid(work) is not None:
             kill_and_wait(m["pids"])
+        if isinstance(exc, CriuFailed) and os.path.exists(os.path.join(work, "restore.log")):
+            kept = workdir.keep_log(repo.path, os.path.join(work, "restore.log"), "restore")
+            exc.hint = f"CRIU log kept at {kept}" if kept else None
         raise
     finally:
         workdir.remove(work)

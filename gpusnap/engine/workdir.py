@@ -26,3 +26,22 @@ def make(store_path: str, prefix: str) -> str:
 def remove(path: str | None) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def keep_log(store_path: str, log: str, kind: str) -> str | None:
+    """Copy a CRIU log out of a work dir (about to be removed) into the store's
+    failed-logs/; None if that fails (the store is full, say): the error being reported
+    matters more than its log."""
+    dest_dir = os.path.join(store_path, "failed-logs")
+    dest = os.path.join(dest_dir, f"{kind}-{os.getpid()}-{os.path.basename(os.path.dirname(os.path.dirname(log)))}.log")
+    try:
+        os.makedirs(dest_dir, mode=0o700, exist_ok=True)
+        shutil.copyfile(log, dest)
+        os.chmod(dest, 0o600)
+        return dest
+    except OSError:
+        try:
+            os.unlink(dest)
+        except OSError:
+            pass
+        return None

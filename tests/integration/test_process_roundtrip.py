@@ -102,3 +102,27 @@ def test_dump_errors_have_distinct_exit_codes(gpusnap):
     assert rc == 5 and out["error"] == "TargetNotFound"
     rc, out, _ = gpusnap("restore", "nosuch")
     assert rc == 3 and out["error"] == "SnapshotNotFound"
+
+
+def test_restore_from_a_warm_cache_skips_materialise(workload, gpusnap, store):
+    w = workload("--mib", "64", "--children", "1")
+    rc, snap, err = gpusnap("dump", "--pid", str(w.pid), "--name", "warmme")
+    assert rc == 0, err
+    w.reap()
+    wait_pids_free(w.pids)
+    rc, warmed, err = gpusnap("warm", "warmme")
+    assert rc == 0, err
+    cache = os.path.dirname(warmed[0]["path"])
+    assert os.stat(cache).st_mode & 0o077 == 0 or os.stat(os.path.dirname(cache)).st_mode & 0o077 == 0
+    for _ in range(2):                               # one cache serves many restores
+        rc, res, err = gpusnap("restore", "warmme")
+        assert rc == 0, err
+        assert "materialise" not in res["timings"]
+        assert any("warm cache" in n for n in res["notes"])
+        assert w.report()["data_ok"]
+        for pid in w.pids:
+            os.kill(pid, 9)
+        wait_pids_free(w.pids)
+    rc, out, err = gpusnap("rm", "warmme")
+    assert rc == 0, err
+    assert not os.path.exists(cache), "rm drops the snapshot's cache"

@@ -1,0 +1,31 @@
+import click
+
+from .context import human_bytes
+
+
+@click.command("warm")
+@click.argument("snapshots", nargs=-1)
+@click.option("--drop", is_flag=True, help="Remove the warm caches of SNAPSHOTS (all without any).")
+@click.pass_obj
+def command(app, snapshots, drop):
+    """Keep SNAPSHOTS' images materialised on this host, so restores skip that step.
+
+    The images are verified as they are written; they take their size in memory
+    (tmpfs under /dev/shm, or GPUSNAP_WORKDIR). rm and gc drop the caches they orphan.
+    """
+    from ..engine import imagecache
+    repo = app.repo()
+    ids = [repo.resolve(s) for s in snapshots]
+    if drop:
+        dropped = imagecache.drop(repo.path, ids or None)
+        app.emit({"dropped": dropped}, "\n".join(f"dropped {i}" for i in dropped))
+        return
+    if not ids:
+        raise click.UsageError("name at least one snapshot (or --drop)")
+    out = []
+    for sid in ids:
+        m = repo.load(sid)
+        with app.progress(f"warm {sid[:8]}", m.get("bytes_logical")) as progress:
+            path = imagecache.warm(repo, m, progress)
+        out.append({"id": sid, "path": path, "bytes": m.get("bytes_logical", 0)})
+    app.emit(out, "\n".join(f"{o['id']} {human_bytes(o['bytes'])} at {o['path']}" for o in out))
