@@ -130,13 +130,15 @@ def _bundle(path, run, workdir: str, criu_conf: str, args: list[str]) -> None:
         if not any(extra == b or extra.startswith(b + "/") for b, _ in binds):
             binds.append((extra, True))
     binds.append((workdir, False))                 # state/result/log files, same path
+    # /tmp first: mounts apply in order, and a tmpfs on /tmp after the binds would hide
+    # the work dir bound under it (the holder's state file would never reach the test).
+    mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid", "nodev", "mode=1777"]})
     for host, ro in binds:
         target = rootfs / host.lstrip("/")
         target.mkdir(parents=True, exist_ok=True)
         mounts.append({"destination": host, "type": "bind", "source": host,
                        "options": ["rbind", "ro" if ro else "rw", "rprivate"]})
-    mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                   "options": ["nosuid", "nodev", "mode=1777"]})
     devices, rules = _device_entries()
     spec["linux"]["devices"] = devices
     spec["linux"].setdefault("resources", {}).setdefault("devices", []).extend(rules)
