@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 
-from .errors import UsageError
+from .errors import InsecureStore, UsageError
 
 DEFAULT_SCRIPT = "/usr/local/lib/gpusnap/gpusnap-criu-hook"
 DEFAULT_CONFIG = "/etc/criu/runc.conf"
@@ -101,9 +101,16 @@ def install(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,
         raise UsageError("--config and --script must be absolute paths")
     if re.search(r"\s", script):
         raise UsageError("the hook path must not contain spaces")
+    interpreter = python or sys.executable
+    untrusted = _writable_by_others([interpreter, sys.prefix, _REPO, os.path.join(_REPO, "gpusnap")])
+    if untrusted:
+        raise InsecureStore(
+            "the hook runs as root at every container checkpoint with this interpreter and "
+            f"source; {untrusted} can be changed by a user other than root",
+            hint="install gpusnap where only root can write (e.g. under /opt), then run hooks install")
     try:
         with open(source) as f:
-            text = render_script(f.read(), python or sys.executable, _REPO)
+            text = render_script(f.read(), interpreter, _REPO)
     except FileNotFoundError:
         raise UsageError(f"hook source {source} not found (gpusnap runs from its source tree)") from None
     changed, backup = [], None
@@ -119,6 +126,23 @@ def install(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,
         _write_atomic(config, new, 0o644)
         changed.append(config)
     return {"script": script, "config": config, "backup": backup, "changed": changed}
+
+
+def _writable_by_others(paths: list[str]) -> str | None:
+    """The first path (or a directory above it) not owned by root or open to group or
+    other writes, else None."""
+    for path in paths:
+        cur = os.path.realpath(path)
+        while not os.path.exists(cur) and cur != "/":
+            cur = os.path.dirname(cur)          # not there yet: whoever can create it matters
+        while True:
+            st = os.stat(cur)
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not (st.st_mode & 0o1000)):
+                return cur
+            if cur == "/":
+                break
+            cur = os.path.dirname(cur)
+    return None
 
 
 def uninstall(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,

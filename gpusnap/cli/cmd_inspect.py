@@ -12,8 +12,9 @@ def command(app, snapshot, files):
     repo = app.repo()
     m = repo.load(repo.resolve(snapshot))
     if not files:
+        count = len(m.get("files", []))
         m = {k: v for k, v in m.items() if k not in ("files", "logs")}
-        m["files"] = len(repo.load(m["id"]).get("files", []))
+        m["files"] = count
     t = m["target"]
     text = "\n".join([
         f"id:        {m['id']}", f"name:      {m.get('name') or '-'}", f"created:   {m['created']}",

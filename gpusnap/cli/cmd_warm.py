@@ -17,7 +17,8 @@ def command(app, snapshots, drop):
     repo = app.repo()
     ids = [repo.resolve(s) for s in snapshots]
     if drop:
-        dropped = imagecache.drop(repo.path, ids or None)
+        with repo.exclusive_lock():             # no restore is reading a cache meanwhile
+            dropped = imagecache.drop(repo.path, ids or None)
         app.emit({"dropped": dropped}, "\n".join(f"dropped {i}" for i in dropped))
         return
     if not ids:

@@ -34,6 +34,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import AgentFailed, WeightsChanged
+from ..sdk import protocol
 from ..sdk.protocol import AgentError, request
 from ..sdk.safetensors import identity_changes
 
@@ -210,7 +211,9 @@ def prepare_socket_dirs(manifest: dict) -> None:
         if not os.path.isdir(d):
             os.makedirs(d, mode=0o700, exist_ok=True)
             uid = agent.get("uid")
-            if uid not in (None, 0):
+            # A server's own socket dir goes back to it; the shared default dir
+            # (/run/gpusnap) never leaves root.
+            if uid not in (None, 0) and os.path.realpath(d) != os.path.realpath(protocol.DEFAULT_DIR):
                 os.chown(d, uid, -1)
 
 

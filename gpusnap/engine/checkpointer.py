@@ -26,7 +26,7 @@ import psutil
 
 from ..criu import runner as criu_runner
 from ..errors import CriuFailed, GpusnapError, TargetNotFound
-from ..targets.process import kill_and_wait
+from ..targets.process import kill_and_wait, tree_pids
 
 
 @contextlib.contextmanager
@@ -52,6 +52,17 @@ def hold_interrupts():
         raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def unwinding():
+    """An undo or a clean-up runs to its end: a second Ctrl-C or SIGTERM meanwhile is
+    dropped (gpusnap is already unwinding for the first, or about to exit)."""
+    try:
+        with hold_interrupts():
+            yield
+    except KeyboardInterrupt:
+        pass
+
+
 def for_plan(plan, cuda=None):
     if plan.target.kind == "process":
         return ProcessCheckpointer(plan)
@@ -71,10 +82,13 @@ class ProcessCheckpointer:
         leave = "running" if leave_running else "stopped"
         try:
             criu_runner.dump(self.target.root_pid, images, self.options, leave=leave)
+            if not leave_running:
+                self._refresh_pids()        # frozen now: exactly the tree in the images
         except BaseException as exc:
             # CRIU may have stopped the tree before it failed, or before an interrupt that
             # waited for it (sysrun): dump.py resumes only after a dump that returned.
             if not leave_running:
+                self._refresh_pids()
                 self.resume(None)
             root = self.target.root_pid
             if isinstance(exc, CriuFailed) and _status(root) in (None, psutil.STATUS_ZOMBIE):
@@ -83,6 +97,16 @@ class ProcessCheckpointer:
         finally:
             if os.path.exists(os.path.join(images, "dump.log")):
                 shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
+
+    def _refresh_pids(self) -> None:
+        """The tree as CRIU saw it: children forked after plan() (during an SDK prepare
+        or the CUDA lock) are stopped with the rest, so they must be killed, resumed and
+        recorded with it."""
+        try:
+            now = tree_pids(self.target.root_pid)
+        except psutil.NoSuchProcess:
+            return
+        self.target.pids = sorted(set(self.target.pids) | set(now), key=lambda p: (p != self.target.root_pid, p))
 
     def criu_dir(self, images: str) -> str:
         return images

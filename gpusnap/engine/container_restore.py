@@ -145,10 +145,11 @@ def execute(p: ContainerRestorePlan, repo: Repository,
                               "name": restored["name"]}}
     except BaseException:
         if restored is not None:
-            if restored.get("created"):
-                p.engine.remove(restored["id"])
-            else:
-                p.engine.kill(restored["id"])
+            with checkpointer.unwinding():      # a second Ctrl-C must not cut the undo short
+                if restored.get("created"):
+                    p.engine.remove(restored["id"])
+                else:
+                    p.engine.kill(restored["id"])
         raise
     finally:
         workdir.remove(work)

@@ -20,7 +20,6 @@ undo starts the container again from the images just taken.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import socket
@@ -79,17 +78,17 @@ def execute(plan: DumpPlan, repo: Repository,
     """Run the dump; returns the committed manifest."""
     req, target = plan.request, plan.target
     stages = Stages()
-    work = workdir.make(repo.path, "dump-")
-    images = os.path.join(work, "images")
-    logs = os.path.join(work, "logs")
-    os.makedirs(images)
-    os.makedirs(logs)
     cuda = gpu.session(plan.cuda_pids) if plan.cuda_pids else None
     ckpt = checkpointer.for_plan(plan, cuda)     # CRIU for a process, the engine for a container
     cuda_facts = None
     stopped = False
     sdk = agent_steps.DumpAgents(target)         # SDK agents: weights out of the image
+    work = workdir.make(repo.path, "dump-")
+    images = os.path.join(work, "images")
+    logs = os.path.join(work, "logs")
     try:
+        os.makedirs(images)
+        os.makedirs(logs)
         sdk.prepare(stages)                      # SDK: before the CUDA lock; failure -> transparent
         with repo.shared_lock():
             if cuda:
@@ -137,7 +136,7 @@ def execute(plan: DumpPlan, repo: Repository,
         return manifest
     except BaseException as exc:
         sdk_errors: list[str] = []
-        with _unwinding():
+        with checkpointer.unwinding():
             _undo(ckpt, cuda, stopped)
             sdk_errors = sdk.undo()              # SDK: after CUDA runs again; never raises
         if isinstance(exc, GpusnapError):
@@ -150,19 +149,8 @@ def execute(plan: DumpPlan, repo: Repository,
                 exc.hint = "; ".join(filter(None, [exc.hint, *ckpt.undo_errors, *sdk_errors]))
         raise
     finally:
-        with _unwinding():
+        with checkpointer.unwinding():
             workdir.remove(work)
-
-
-@contextlib.contextmanager
-def _unwinding():
-    """The undo and the clean-up run to their end: a second Ctrl-C or SIGTERM meanwhile
-    is dropped (gpusnap is already unwinding for the first, or about to exit)."""
-    try:
-        with checkpointer.hold_interrupts():
-            yield
-    except KeyboardInterrupt:
-        pass
 
 
 def _undo(ckpt, cuda, stopped: bool) -> None:

@@ -28,7 +28,7 @@ from . import workdir
 
 def root(store_path: str) -> str:
     store_key = hashlib.sha256(os.path.abspath(store_path).encode()).hexdigest()[:16]
-    return os.path.join(workdir.base_dir(store_path), "cache", store_key)
+    return os.path.join(workdir.private_base(store_path), "cache", store_key)
 
 
 def digest(manifest: dict) -> str:
@@ -63,9 +63,15 @@ def warm(repo: Repository, manifest: dict, progress=None) -> str:
         with open(os.path.join(tmp, "digest"), "w") as f:
             f.write(digest(manifest))
         final = os.path.join(cache_root, manifest["id"])
-        shutil.rmtree(final, ignore_errors=True)      # a stale one (digest changed)
-        os.rename(tmp, final)
-        tmp = None
+        # Replacing a cache that a restore may be reading waits for the exclusive lock;
+        # a concurrent warm that finished first wins (ours is thrown away).
+        with repo.exclusive_lock():
+            found = lookup(repo.path, manifest)
+            if found:
+                return found
+            shutil.rmtree(final, ignore_errors=True)      # a stale one (digest changed)
+            os.rename(tmp, final)
+            tmp = None
         return os.path.join(final, "images")
     finally:
         workdir.remove(tmp)

@@ -15,8 +15,8 @@ from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
 from ..errors import CriuFailed, PidInUse, UsageError
 from ..store import Repository
-from ..targets.process import kill_and_wait, taken
-from . import agent_steps, gpu, imagecache, workdir
+from ..targets.process import kill_and_wait, restored_tree, taken
+from . import agent_steps, checkpointer, gpu, imagecache, workdir
 from .timing import Stages
 
 
@@ -94,8 +94,10 @@ def execute(plan: RestorePlan, repo: Repository,
         return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
                 "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise}
     except BaseException as exc:
-        if root_pid is not None or criu_runner.restored_pid(work) is not None:
-            kill_and_wait(m["pids"])
+        with checkpointer.unwinding():          # a second Ctrl-C must not cut the undo short
+            restored = root_pid if root_pid is not None else criu_runner.restored_pid(work)
+            if restored is not None:            # the tree CRIU made, not whoever took those pids
+                kill_and_wait(restored_tree(restored, m["pids"]))
         if isinstance(exc, CriuFailed) and os.path.exists(os.path.join(work, "restore.log")):
             kept = workdir.keep_log(repo.path, os.path.join(work, "restore.log"), "restore")
             exc.hint = f"CRIU log kept at {kept}" if kept else None

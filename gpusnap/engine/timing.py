@@ -18,9 +18,5 @@ class Stages:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def add(self, other: dict[str, float]) -> None:
-        for k, v in other.items():
-            self.seconds[k] = self.seconds.get(k, 0.0) + v
-
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.seconds.items()}

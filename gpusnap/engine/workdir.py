@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
+
+from ..errors import InsecureStore
 
 
 def base_dir(store_path: str) -> str:
@@ -16,11 +19,26 @@ def base_dir(store_path: str) -> str:
     return os.path.join(store_path, "tmp")
 
 
-def make(store_path: str, prefix: str) -> str:
+def private_base(store_path: str) -> str:
+    """base_dir(), created 0700 if missing, and refused unless it is a real directory of
+    ours that nobody else can enter: /dev/shm is writable by everyone, and whoever owns
+    this directory could swap the images a dump ingests or a restore hands to CRIU."""
     base = base_dir(store_path)
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    os.chmod(base, 0o700)
-    return tempfile.mkdtemp(prefix=prefix, dir=base)
+    os.makedirs(os.path.dirname(base) or "/", exist_ok=True)
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise InsecureStore(f"work directory {base} is not a private directory of uid {os.geteuid()}",
+                            hint="remove it (gpusnap recreates it), or set GPUSNAP_WORKDIR "
+                                 "to a directory only you can open")
+    return base
+
+
+def make(store_path: str, prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=prefix, dir=private_base(store_path))
 
 
 def remove(path: str | None) -> None:

@@ -74,11 +74,6 @@ def _decompress(blob, expected_id: str, size: int) -> bytes:
     return data
 
 
-def decompress(blob: bytes, expected_id: str, size: int) -> bytes:
-    """A plain store's chunk: decompress and check its SHA-256 id."""
-    return PLAIN.decode(blob, expected_id, size)
-
-
 def scratch(size: int, name: str = "scratch") -> memoryview:
     """A per-thread buffer reused chunk after chunk: fresh 1 MiB allocations cost page
     faults on every chunk, which dominated ingest and materialise (a VM's first-touch
@@ -114,11 +109,6 @@ def _decompress_into_scratch(blob, expected_id: str, size: int,
     if got != size or extra:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
     return out
-
-
-def decompress_view(blob: bytes, expected_id: str, size: int) -> memoryview:
-    """Like decompress(), into this thread's scratch buffer: valid until its next use."""
-    return PLAIN.decode_view(blob, expected_id, size)
 
 
 class PlainCodec:

@@ -38,6 +38,15 @@ def resolve(pid: int) -> Target:
                   shell_job=shell_job)
 
 
+def restored_tree(root_pid: int, recorded: list[int]) -> list[int]:
+    """The pids of a tree that was just restored from root_pid: its live descendants, and
+    no pid outside it even if the snapshot recorded it (someone else may hold it now)."""
+    try:
+        return tree_pids(root_pid)
+    except psutil.NoSuchProcess:
+        return [root_pid] if root_pid in recorded else []
+
+
 def taken(pids: list[int]) -> list[int]:
     """Pids that exist now, zombies included (a zombie's pid can't be reused either)."""
     return [pid for pid in pids if psutil.pid_exists(pid)]
