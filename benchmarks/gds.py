@@ -106,17 +106,8 @@ def host_read(path: str, threads: int, chunk: int, cold: bool) -> float:
 
 
 def pinned_h2d(gib: int = 2) -> float:
-    import torch
-    n = gib << 30
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(3):
-        dev.copy_(host, non_blocking=True)
-    torch.cuda.synchronize()
-    return 3 * n / (time.perf_counter() - t) / 1e9
+    from gpusnap.bench.cold_start import floor_pinned_h2d
+    return floor_pinned_h2d(gib)
 
 
 def check_correct(path: str, jobs) -> bool:
