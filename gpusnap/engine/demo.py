@@ -49,9 +49,9 @@ def gpu_available() -> bool:
 
 
 def _start(argv: list[str], state: str) -> subprocess.Popen:
-    out = open(os.path.join(state, "workload.log"), "ab")
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                            start_new_session=True, close_fds=True)
+    with open(os.path.join(state, "workload.log"), "ab") as out:    # the child keeps its copy
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
 
 
 def _wait_file(path: str, proc: subprocess.Popen | None, timeout: float) -> dict:
