@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import VERSION
-from ..errors import ArchiveError, IntegrityError, SnapshotNotFound, WrongKey
+from ..errors import ArchiveError, IntegrityError, WrongKey
 from . import codec, fsutil
 from .repository import Repository
 
@@ -66,16 +66,6 @@ class ImportResult:
         return dict(self.__dict__)
 
 
-def _chunk_sizes(manifest: dict) -> dict[str, int]:
-    """Distinct non-zero chunk id -> plain size, over files and logs."""
-    out: dict[str, int] = {}
-    for entry in Repository._all_file_entries(manifest):
-        for cid, n in entry["chunks"]:
-            if cid != codec.ZERO_ID:
-                out[cid] = n
-    return out
-
-
 # ---- export ------------------------------------------------------------------------------
 
 def export(repo: Repository, snap_id: str, out: BinaryIO) -> dict:
@@ -83,15 +73,10 @@ def export(repo: Repository, snap_id: str, out: BinaryIO) -> dict:
 
     The caller holds the shared lock, so gc cannot take a chunk away mid-export.
     """
-    path = os.path.join(repo.snapshots_dir, snap_id + ".json")
-    try:
-        with open(path, "rb") as f:
-            manifest_bytes = f.read()
-    except FileNotFoundError:
-        raise SnapshotNotFound(f"no snapshot {snap_id}") from None
+    manifest_bytes = repo.manifest_blob(snap_id)
     manifest = repo.load(snap_id)
     sizes = {}
-    for cid in sorted(_chunk_sizes(manifest)):
+    for cid in sorted(Repository.chunk_sizes(manifest)):
         try:
             sizes[cid] = os.path.getsize(repo.chunk_path(cid))
         except FileNotFoundError:
@@ -148,7 +133,7 @@ def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYT
                     raise ArchiveError(f"{MANIFEST_NAME} must follow the header, not {name}")
                 manifest = _check_manifest(_json_member(
                     tar, member, lambda raw: repo.codec.unseal(header["snapshot"], raw)), header, sizes)
-                plain = _chunk_sizes(manifest)
+                plain = Repository.chunk_sizes(manifest)
                 continue
             if not name.startswith(CHUNK_PREFIX):
                 raise ArchiveError(f"unexpected member {name}")
@@ -257,8 +242,8 @@ def _check_manifest(m, header: dict, sizes: dict[str, int]) -> dict:
     if not isinstance(m, dict) or m.get("id") != header["snapshot"]:
         raise ArchiveError("the manifest does not belong to the snapshot the header names")
     try:
-        plain = _chunk_sizes(m)
-        for entry in Repository._all_file_entries(m):
+        plain = Repository.chunk_sizes(m)
+        for entry in Repository.file_entries(m):
             if not isinstance(entry["path"], str) or entry["path"].startswith("/") \
                     or ".." in entry["path"].split("/"):
                 raise ArchiveError(f"manifest path escapes the image dir: {entry['path']!r}")

@@ -231,7 +231,7 @@ class Repository:
         manifest.setdefault("id", self.new_snapshot_id())
         manifest.setdefault("created", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         manifest["format"] = FORMAT_VERSION
-        missing = [c for f in self._all_file_entries(manifest) for c, _ in f["chunks"]
+        missing = [c for f in self.file_entries(manifest) for c, _ in f["chunks"]
                    if not self.has_chunk(c)]
         if missing:
             raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
@@ -242,20 +242,30 @@ class Repository:
         return manifest["id"]
 
     @staticmethod
-    def _all_file_entries(manifest: dict) -> list[dict]:
+    def file_entries(manifest: dict) -> list[dict]:
+        """Every file a manifest stores: the images, then CRIU's logs."""
         return list(manifest.get("files", [])) + list(manifest.get("logs", []))
+
+    @classmethod
+    def chunk_sizes(cls, manifest: dict) -> dict[str, int]:
+        """Distinct stored (non-zero) chunk id -> plain size, over files and logs."""
+        return {cid: n for entry in cls.file_entries(manifest)
+                for cid, n in entry["chunks"] if cid != codec.ZERO_ID}
 
     # ---- snapshots -----------------------------------------------------------------
     def snapshot_ids(self) -> list[str]:
         return sorted(n[:-5] for n in os.listdir(self.snapshots_dir) if n.endswith(".json"))
 
-    def load(self, snap_id: str) -> dict:
-        path = os.path.join(self.snapshots_dir, snap_id + ".json")
+    def manifest_blob(self, snap_id: str) -> bytes:
+        """A manifest file's bytes as stored (sealed in an encrypted store)."""
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            with open(os.path.join(self.snapshots_dir, snap_id + ".json"), "rb") as f:
+                return f.read()
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot {snap_id}") from None
+
+    def load(self, snap_id: str) -> dict:
+        raw = self.manifest_blob(snap_id)
         try:
             return json.loads(self.codec.unseal(snap_id, raw))
         except ValueError:
@@ -373,10 +383,7 @@ class Repository:
             except IntegrityError as exc:
                 bad.append({"snapshot": sid, "error": exc.message})
                 continue
-            for entry in self._all_file_entries(m):
-                for cid, n in entry["chunks"]:
-                    if cid != codec.ZERO_ID:
-                        wanted[cid] = n
+            wanted.update(self.chunk_sizes(m))
 
         def one(item):
             cid, n = item
@@ -410,7 +417,7 @@ class Repository:
         live: set[str] = set()
         for sid in self.snapshot_ids():
             m = self.load(sid)
-            for entry in self._all_file_entries(m):
+            for entry in self.file_entries(m):
                 live.update(c for c, _ in entry["chunks"])
         dead, dead_bytes = [], 0
         for sub in os.listdir(self.chunks_dir):

@@ -137,6 +137,13 @@ def gpu_nodes(init_pid: int) -> list[dict]:
     return out
 
 
+def mount_facts(info: dict) -> list[dict]:
+    """The mounts of an inspected container (docker and podman name them alike)."""
+    return [{"type": m.get("Type"), "source": m.get("Source") or m.get("Name"),
+             "destination": m.get("Destination"), "rw": m.get("RW", True)}
+            for m in info.get("Mounts") or []]
+
+
 def device_facts(devices: list[dict], spec: dict | None = None) -> list[dict]:
     """Engine device entries ({PathOnHost, PathInContainer, CgroupPermissions}) with the
     host node's type and number, as recorded in the manifest.

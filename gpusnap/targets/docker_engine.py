@@ -120,9 +120,7 @@ class DockerEngine:
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": [{"type": m.get("Type"), "source": m.get("Source") or m.get("Name"),
-                        "destination": m.get("Destination"), "rw": m.get("RW", True)}
-                       for m in info.get("Mounts") or []],
+            "mounts": containers.mount_facts(info),
             "devices": containers.device_facts(host.get("Devices")),
             "device_requests": host.get("DeviceRequests") or [],
             "storage_driver": graph.get("Name"),

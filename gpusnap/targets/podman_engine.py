@@ -105,9 +105,7 @@ class PodmanEngine:
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": [{"type": m.get("Type"), "source": m.get("Source") or m.get("Name"),
-                        "destination": m.get("Destination"), "rw": m.get("RW", True)}
-                       for m in info.get("Mounts") or []],
+            "mounts": containers.mount_facts(info),
             "devices": containers.device_facts(host.get("Devices"), _spec(info)),
             "rootfs_diff": True,          # comes with the export (rootfs-diff.tar)
             "running": state.get("Status") == "running",
