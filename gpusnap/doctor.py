@@ -49,6 +49,18 @@ def _kernel() -> list[Check]:
     return out
 
 
+def _workdir() -> list[Check]:
+    from .engine import workdir
+    where = workdir.describe("<store>")
+    if where["huge_pages"]:
+        return [Check("work dir", "ok", f"{where['path']} (tmpfs with huge pages)")]
+    return [Check("work dir", "warn",
+                  f"{where['path']} ({'tmpfs' if where['tmpfs'] else 'not tmpfs'}, no huge pages): "
+                  "restores spend longer writing images out",
+                  "run as root (gpusnap mounts its own huge-page tmpfs at "
+                  f"{workdir.HUGE_BASE}), or point GPUSNAP_WORKDIR at one")]
+
+
 def _probe_soft_dirty() -> bool:
     """Clear soft-dirty bits of ourselves and look for bit 55 after a write."""
     try:
@@ -129,7 +141,7 @@ def _engines() -> list[Check]:
 
 def run_checks() -> list[Check]:
     checks: list[Check] = []
-    for group in (_privileges, _criu, _kernel, _cuda, _engines):
+    for group in (_privileges, _criu, _kernel, _workdir, _cuda, _engines):
         try:
             checks += group()
         except Exception as exc:  # noqa: BLE001

@@ -221,7 +221,7 @@ def thp_mode(mode):
             f.write(old)
 
 
-def bench_size(size, runs, work, store, args_variants=False, sdk=False):
+def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
     model_dir = os.path.join(work, "models", size)
     state = os.path.join(work, "state")
     row = {"size": size}
@@ -263,11 +263,11 @@ def bench_size(size, runs, work, store, args_variants=False, sdk=False):
     note(size=size, step="dump", dump_s=row["dump_s"], stages=snap["timings"],
          bytes_logical=snap["bytes_logical"], bytes_new=snap["bytes_new"])
 
-    variants = {"": ({}, None), "warm": ({}, None)}     # warm: after `gpusnap warm` (image cache)
-    if args_variants:
-        variants.update({"pwrite": ({"GPUSNAP_MATERIALISE": "pwrite"}, None),
-                         "prealloc": ({"GPUSNAP_PREALLOC": "1"}, None),
-                         "thp": ({}, "always")})
+    # "": the default; warm: after `gpusnap warm` (image cache); shm: images on /dev/shm
+    # (4 KiB pages) instead of gpusnap's huge-page tmpfs; thp: THP=always during restore
+    known = {"warm": ({}, None), "shm": ({"GPUSNAP_WORKDIR": "/dev/shm/gpusnap-bench"}, None),
+             "thp": ({}, "always")}
+    variants = {"": ({}, None), **{v: known[v] for v in args_variants}}
     restores, last_pid = {}, None
     for label, (env, thp) in variants.items():
         if label == "warm":
@@ -289,13 +289,17 @@ def bench_size(size, runs, work, store, args_variants=False, sdk=False):
                 assert tokens == expected, (tokens, expected)
                 last_pid = res["pid"]
                 out.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"],
-                            **{f"mat_{k}": v for k, v in (res.get("materialise") or {}).items()}})
+                            **{f"mat_{k}": v for k, v in (res.get("materialise") or {}).items()
+                               if isinstance(v, (int, float))}})
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
         restores[label] = out
     second = gpusnap("dump", "--pid", str(res["pid"]), "--name", f"llm-{size}-2", store=store)
     wait_gone(pids)
     row["second_bytes_new"] = second["bytes_new"]
     row["second_bytes_logical"] = second["bytes_logical"]
+    # only its new bytes were wanted: give the disk back (an 8B server's snapshot is ~17 GB)
+    gpusnap("rm", second["id"], store=store)
+    gpusnap("gc", store=store)
     row["gpusnap_restore"] = restores.pop("")
     for label, out in restores.items():
         row[f"gpusnap_restore_{label}"] = out
@@ -306,7 +310,7 @@ def bench_size(size, runs, work, store, args_variants=False, sdk=False):
     pids, cuda_pids = naive_dump(proc.pid, images)
     proc.wait()
     wait_gone(pids)
-    for label, thp in ([("", None), ("thp", "always")] if args_variants else [("", None)]):
+    for label, thp in ([("", None), ("thp", "always")] if "thp" in args_variants else [("", None)]):
         naive = []
         with thp_mode(thp):
             for i in range(runs):
@@ -451,8 +455,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1b")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--variants", action="store_true",
-                    help="also restore with pwrite materialise and with THP=always (naive too)")
+    ap.add_argument("--variants", default="warm",
+                    help="comma list of extra restore rows: warm (after `gpusnap warm`), shm "
+                         "(images on /dev/shm, 4 KiB pages), thp (THP=always, naive too)")
     ap.add_argument("--sdk", action="store_true",
                     help="also the same server with gpusnap.sdk (weights out of the snapshot)")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
@@ -467,7 +472,8 @@ def main(argv=None):
     note(step="floors", **floors)
     rows = []
     for size in args.sizes.split(","):
-        rows.append(bench_size(size, args.runs, args.work, store, args.variants, args.sdk))
+        variants = [v for v in args.variants.split(",") if v]
+        rows.append(bench_size(size, args.runs, args.work, store, variants, args.sdk))
         print(summarise(rows, floors, card), flush=True)
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
     os.makedirs(args.out, exist_ok=True)

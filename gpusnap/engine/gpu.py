@@ -6,6 +6,8 @@ asks the driver only about those pids, so on a host without a GPU libcuda is nev
 
 from __future__ import annotations
 
+import threading
+
 
 def cuda_pids(pids: list[int]) -> list[int]:
     from ..cuda import discover
@@ -15,6 +17,23 @@ def cuda_pids(pids: list[int]) -> list[int]:
 def session(pids: list[int]):
     from ..cuda.session import CudaSession
     return CudaSession(pids)
+
+
+def init_in_background() -> threading.Thread:
+    """cuInit in gpusnap's own process, on a thread: it takes from a tenth of a second to
+    seconds (GPUs out of persistence mode), and restore needs it only once CRIU is done,
+    so it overlaps CRIU restore. The caller joins the thread before
+    its first CUDA call (cuInit is thread-safe and idempotent anyway)."""
+    from ..cuda.driver import get_driver
+
+    def init():
+        try:
+            get_driver().init()
+        except Exception:  # noqa: BLE001 - the CUDA restore itself reports a driver problem
+            pass
+    thread = threading.Thread(target=init, name="gpusnap-cuinit", daemon=True)
+    thread.start()
+    return thread
 
 
 def plan_remap(cuda_facts: dict, choice: list[str] | None) -> tuple[list[tuple[str, str]] | None, list[str]]:

@@ -69,6 +69,7 @@ def execute(plan: RestorePlan, repo: Repository,
     work = workdir.make(repo.path, "restore-")
     images = os.path.join(work, "images")
     root_pid = None
+    cuinit = None
     try:
         with repo.shared_lock():                # rm and gc (which drop caches) wait for CRIU
             cached = imagecache.lookup(repo.path, m)
@@ -80,12 +81,16 @@ def execute(plan: RestorePlan, repo: Repository,
                 with stages.stage("materialise"):
                     repo.materialise(m, images, progress)
             agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
+            if m.get("cuda"):                   # after materialise: it forks its workers
+                cuinit = gpu.init_in_background()
             with stages.stage("criu_restore"):
                 root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]),
                                                work_dir=work)
         cuda_pids = [p for p in m["cuda"]["pids"]] if m.get("cuda") else []
         if cuda_pids:
             cuda = gpu.session(cuda_pids)
+            with stages.stage("cuda_init_wait"):    # what of cuInit did not overlap
+                cuinit.join()
             with stages.stage("cuda_restore"):
                 cuda.restore_all(plan.gpu_pairs)
             with stages.stage("cuda_unlock"):

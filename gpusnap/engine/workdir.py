@@ -1,7 +1,15 @@
-"""Scratch directories for CRIU images: on tmpfs where there is one, private to us."""
+"""Scratch directories for CRIU images: on tmpfs where there is one, private to us.
+
+As root, a tmpfs of our own with huge pages (HUGE_BASE): a restore writes the whole image
+into it before CRIU reads it back, and on /dev/shm (4 KiB pages, huge pages off by
+default) allocating those pages is most of materialise's time. Elsewhere /dev/shm, else
+the store's tmp/. GPUSNAP_WORKDIR overrides all of these.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import shutil
 import stat
@@ -9,14 +17,65 @@ import tempfile
 
 from ..errors import InsecureStore
 
+HUGE_BASE = "/run/gpusnap-work"
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+
 
 def base_dir(store_path: str) -> str:
     explicit = os.environ.get("GPUSNAP_WORKDIR")
     if explicit:
         return explicit
+    if os.geteuid() == 0 and huge_tmpfs(HUGE_BASE):
+        return os.path.join(HUGE_BASE, "gpusnap")
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         return "/dev/shm/gpusnap"
     return os.path.join(store_path, "tmp")
+
+
+def tmpfs_options(path: str) -> str | None:
+    """The mount options of the tmpfs mounted at path, None if none is."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rfields = left.split(), right.split()
+                if len(fields) > 4 and fields[4] == path and rfields and rfields[0] == "tmpfs":
+                    return rfields[2] if len(rfields) > 2 else ""
+    except OSError:
+        pass
+    return None
+
+
+def huge_tmpfs(path: str) -> bool:
+    """Mount a tmpfs with huge pages at path (root only; once per boot), True when one is
+    there. Under a lock: two gpusnaps mounting at once would stack mounts, and the second
+    would hide the first one's files. False (and /dev/shm is used) where mounting is not
+    allowed, e.g. in a container without CAP_SYS_ADMIN, or the kernel has no huge tmpfs."""
+    if tmpfs_options(path) is not None:
+        return True
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if tmpfs_options(path) is not None:
+                return True
+            libc = ctypes.CDLL(None, use_errno=True)
+            return libc.mount(b"gpusnap-work", path.encode(), b"tmpfs",
+                              _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                              b"mode=0700,huge=always") == 0
+    except OSError:
+        return False
+
+
+def describe(store_path: str) -> dict:
+    """Where scratch images go, and whether that tmpfs has huge pages (for doctor)."""
+    base = base_dir(store_path)
+    probe = base
+    while probe != "/" and tmpfs_options(probe) is None:
+        probe = os.path.dirname(probe)
+    options = tmpfs_options(probe) or ""
+    return {"path": base, "tmpfs": probe if probe != "/" or options else None,
+            "huge_pages": "huge=always" in options or "huge=within_size" in options}
 
 
 def private_base(store_path: str) -> str:

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import mmap
 import os
 import secrets
 import stat
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
                       StoreError)
-from . import chunker, codec, fsutil, keyfile
+from . import chunker, codec, fsutil, keyfile, materialise, parallel
 from .lock import store_lock
 
 FORMAT_VERSION = 1          # manifests, and a plain store's config
@@ -52,7 +50,34 @@ class SnapshotSummary:
 
 
 def _threads() -> int:
+    """Worker threads for ingest, materialise and verify: GPUSNAP_THREADS, else the CPUs
+    (at most 16)."""
+    explicit = os.environ.get("GPUSNAP_THREADS")
+    if explicit and explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
     return max(2, min(16, os.cpu_count() or 2))
+
+
+BATCH_BYTES = 16 << 20      # chunks handed to an ingest worker at once
+
+
+def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
+    """In a worker: read each span of the batch, store it as a chunk if new."""
+    repo, paths, batches = job
+    out, fds = [], {}
+    try:
+        for index, off, n in batches[batch_index]:
+            fd = fds.get(index)
+            if fd is None:
+                fd = fds[index] = os.open(paths[index], os.O_RDONLY | os.O_CLOEXEC)
+            data = codec.scratch(n)
+            if os.preadv(fd, [data], off) != n:
+                raise StoreError(f"{paths[index]} changed while it was read")
+            out.append(repo._put_chunk(data))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
 
 
 class Repository:
@@ -175,7 +200,8 @@ class Repository:
 
     # ---- ingest (dump side) ----------------------------------------------------------
     def ingest_dir(self, src: str, progress: Progress | None = None) -> tuple[list[dict], dict]:
-        """Chunk every regular file under src into the store.
+        """Chunk every regular file under src into the store, on worker processes
+        (parallel.py says why).
 
         Returns (file entries for the manifest, byte counts). Chunks are not yet durable:
         commit() syncs before it writes the manifest.
@@ -187,40 +213,30 @@ class Repository:
                 st = os.lstat(full)
                 if stat.S_ISREG(st.st_mode):
                     files.append((os.path.relpath(full, src), full, st))
-        entries, logical, stored, new = [], 0, 0, 0
+        files.sort()
+        spans = [(index, off, n) for index, (_rel, full, st) in enumerate(files)
+                 for off, n in chunker.boundaries(full, st.st_size)]
+        batches = parallel.batches(spans, lambda span: span[2], BATCH_BYTES)
+        _mode, results = parallel.run(_ingest_batch, (self, [f[1] for f in files], batches),
+                                      len(batches), _threads(), ordered=True)
+        chunks: list[list] = [[] for _ in files]
+        stored = new = 0
         seen: set[str] = set()
-        with ThreadPoolExecutor(_threads()) as pool:
-            for rel, full, st in sorted(files):
-                spans = chunker.boundaries(full, st.st_size)
-                with open(full, "rb") as f:
-                    fd = f.fileno()
-
-                    def one(span, fd=fd, full=full):
-                        off, n = span
-                        data = codec.scratch(n)
-                        if os.preadv(fd, [data], off) != n:
-                            raise StoreError(f"{full} changed while it was read")
-                        result = self._put_chunk(data)
-                        if progress:
-                            progress(n)
-                        return result
-
-                    chunks = []
-                    try:
-                        for (off, n), (cid, size_stored, size_new) in zip(spans, pool.map(one, spans)):
-                            chunks.append([cid, n])
-                            if cid not in seen:
-                                seen.add(cid)
-                                stored += size_stored
-                            new += size_new
-                    except BaseException:
-                        # A full store or an interrupt: drop the queued chunks now (not after
-                        # the whole file), while fd is still open for the ones running.
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise
-                logical += st.st_size
-                entries.append({"path": rel, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-                                "chunks": chunks})
+        try:
+            for batch, outcome in zip(batches, results):
+                for (index, _off, n), (cid, size_stored, size_new) in zip(batch, outcome):
+                    chunks[index].append([cid, n])
+                    if cid not in seen:
+                        seen.add(cid)
+                        stored += size_stored
+                    new += size_new
+                if progress:
+                    progress(sum(n for _i, _o, n in batch))
+        finally:
+            results.close()
+        entries = [{"path": rel, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+                    "chunks": chunks[index]} for index, (rel, _full, st) in enumerate(files)]
+        logical = sum(st.st_size for _rel, _full, st in files)
         return entries, {"bytes_logical": logical, "bytes_stored": stored, "bytes_new": new}
 
     def new_snapshot_id(self) -> str:
@@ -301,75 +317,11 @@ class Repository:
     # ---- materialise (restore side) ---------------------------------------------------
     def materialise(self, manifest: dict, dest: str, progress: Progress | None = None,
                     *, which: str = "files") -> None:
-        """Write a snapshot's files under dest, verifying each chunk as it is decompressed.
-
-        Zero chunks are left as holes. Any mismatch raises IntegrityError; the caller
-        removes dest.
-        """
-        os.makedirs(dest, mode=0o700, exist_ok=True)
-        use_mmap = os.environ.get("GPUSNAP_MATERIALISE", "mmap") == "mmap"
-        prealloc = os.environ.get("GPUSNAP_PREALLOC", "0") == "1"   # not yet measured on a GPU host
-        jobs = []
-        fds, maps = [], []
-        try:
-            for entry in manifest.get(which, []):
-                path = os.path.join(dest, entry["path"])
-                if not os.path.realpath(path).startswith(os.path.realpath(dest) + os.sep):
-                    raise IntegrityError(f"manifest path escapes the image dir: {entry['path']}")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                             entry.get("mode", 0o600) & 0o700 or 0o600)
-                fds.append(fd)
-                os.ftruncate(fd, entry["size"])
-                # Writing through a shared mapping lets every thread fault its own pages
-                # in parallel and decompress straight into the file; pwrite() to one
-                # tmpfs file serialises on the inode lock.
-                target = fd
-                if use_mmap and entry["size"]:
-                    target = mmap.mmap(fd, entry["size"], mmap.MAP_SHARED)
-                    maps.append(target)
-                off = 0
-                for cid, n in entry["chunks"]:
-                    if cid != codec.ZERO_ID:
-                        jobs.append((target, off, cid, n))
-                    off += n
-                if off != entry["size"]:
-                    raise IntegrityError(f"{entry['path']}: chunks add up to {off}, not {entry['size']}")
-                if prealloc:
-                    _preallocate(fd, entry["chunks"])
-
-            def one(job):
-                target, off, cid, n = job
-                started = time.perf_counter()
-                blob = self.read_blob(cid)
-                read = time.perf_counter()
-                if isinstance(target, mmap.mmap):
-                    with memoryview(target) as whole, whole[off:off + n] as out:
-                        self.codec.decode_view(blob, cid, n, out)
-                else:
-                    view = self.codec.decode_view(blob, cid, n)
-                    while view:
-                        written = os.pwrite(target, view, off)
-                        view, off = view[written:], off + written
-                if progress:
-                    progress(n)
-                return read - started, time.perf_counter() - read
-
-            wall = time.perf_counter()
-            with ThreadPoolExecutor(_threads()) as pool:
-                spent = list(pool.map(one, jobs))
-            # Thread-seconds spent reading chunk files and decoding them into place: where
-            # a slow materialise goes (the benchmark reports them).
-            self.last_materialise = {
-                "chunks": len(jobs), "threads": _threads(),
-                "wall_s": round(time.perf_counter() - wall, 4),
-                "read_thread_s": round(sum(r for r, _ in spent), 4),
-                "decode_write_thread_s": round(sum(d for _, d in spent), 4)}
-        finally:
-            for m in maps:
-                m.close()
-            for fd in fds:
-                os.close(fd)
+        """Write a snapshot's files under dest, verifying each chunk as it is decoded
+        (materialise.py says how). Zero chunks are left as holes. Any mismatch raises
+        IntegrityError; the caller removes dest. Statistics in self.last_materialise."""
+        self.last_materialise = materialise.write_files(self, manifest.get(which, []), dest,
+                                                        _threads(), progress)
 
     # ---- verify, rm, gc -----------------------------------------------------------------
     def verify(self, snap_ids: Iterable[str] | None = None, progress: Progress | None = None) -> dict:
@@ -438,25 +390,3 @@ class Repository:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-
-
-def _preallocate(fd: int, chunks: list) -> None:
-    """Allocate the file's non-zero ranges up front, in one thread.
-
-    Many threads allocating pages of one tmpfs file contend on that file's locks (the
-    inode lock for pwrite, the page cache and block accounting for faults through a
-    mapping); writing into pages that already exist does not. Zero chunks stay holes.
-    """
-    off = run_start = 0
-    run_len = 0
-    for cid, n in chunks:
-        if cid == codec.ZERO_ID:
-            if run_len:
-                os.posix_fallocate(fd, run_start, run_len)
-            run_len = 0
-            run_start = off + n
-        else:
-            run_len += n
-        off += n
-    if run_len:
-        os.posix_fallocate(fd, run_start, run_len)

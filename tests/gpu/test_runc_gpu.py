@@ -64,8 +64,28 @@ class Runc:
                              stderr=stdout if stdout is not None else subprocess.PIPE,
                              text=stdout is None, timeout=timeout)
         if check and res.returncode != 0:
-            raise AssertionError(f"runc {' '.join(args)}: exit {res.returncode}: {res.stderr}")
+            raise AssertionError(f"runc {' '.join(args)}: exit {res.returncode}: {res.stderr}"
+                                 + _logs(args))
         return res
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as exc:
+        return f"({exc})"
+
+
+def _logs(args) -> str:
+    """The CRIU log of a failed runc checkpoint/restore and the hook's log: what a
+    failure on the GPU machine needs (its /var/log is gone with the machine)."""
+    work = args[args.index("--work-path") + 1] if "--work-path" in args else None
+    out = ""
+    for name in ("dump.log", "restore.log"):
+        if work and os.path.exists(os.path.join(work, name)):
+            out += f"\n--- {name} (tail)\n" + _tail(os.path.join(work, name))
+    return out + "\n--- hook log (tail)\n" + _tail(HOOK_LOG)
 
 
 @pytest.fixture
@@ -180,6 +200,11 @@ def runc_holder(tmp_path, runc, gpusnap):
     conf, script = tmp_path / "criu.conf", tmp_path / "hook" / "gpusnap-criu-hook"
     rc, out, err = gpusnap("hooks", "install", "--config", str(conf), "--script", str(script))
     assert rc == 0, err
+    if not (shutil.which("iptables-restore") or shutil.which("nft")):
+        # CRIU locks a container's network with iptables by default; the GPU machines
+        # have neither it nor nftables (the container has no network to lock anyway)
+        with open(conf, "a") as f:
+            f.write("network-lock skip\n")
     work = tmp_path / "w"
     work.mkdir()
     holder = torch_holder.Holder(str(work), gib=1.0, mode="idle")

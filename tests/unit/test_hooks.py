@@ -47,6 +47,12 @@ class FakeDriver:
         assert self.states[pid] == src, (op, pid, self.states[pid])
         self.states[pid] = dst
 
+    def init(self):
+        return 0                        # cuInit succeeded
+
+    def error_name(self, code):
+        return f"CUDA_ERROR_{code}"
+
     def lock(self, pid, timeout_ms=0):
         self._op("lock", pid)
 

@@ -1,0 +1,51 @@
+#!/bin/bash
+# Run GPU-machine steps in one go, each under its own time limit, results in $OUT.
+#
+#   OUT=/some/dir scripts/gpu-session.sh STEP[:SECONDS] ...
+#
+# Steps: gputests (pytest -m gpu tests/gpu), runc (the runc + hook test alone), matbench
+# (benchmarks/materialise.py), cold1b / cold8b (benchmarks/cold_start.py; COLD_ARGS adds
+# options), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py).
+#
+# The GPU machine has no network and no package installs: what gpusnap needs beyond its
+# Python travels in the working tree (gitignored, so name them in the device tool's carry):
+#   .deps/criu   make criu-bundle          (CRIU 4.2.1 and its libraries, private prefix)
+#   .deps/runc   runc + libseccomp.so.2    (tests/gpu/test_runc_gpu.py says how)
+#   .whl/        wheels for the machine's Python: click, tqdm, zstandard, pytest and its
+#                dependencies (kvikio/ optional)
+# A step that runs past its limit is stopped and the next one runs.
+set -u
+OUT=${OUT:-/tmp/gpusnap-out}
+mkdir -p "$OUT"
+SITE=/tmp/gpusnap-site
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+    .whl/click-*.whl .whl/tqdm-*.whl .whl/zstandard-*.whl $(ls .whl/kvikio/*.whl 2>/dev/null) \
+    $(python3 -c "import pytest" 2>/dev/null || ls .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl) \
+    >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 GPUSNAP_RESULTS=$OUT
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+
+step() {
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s) $(date +%T)"
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name rc=$rc in $((SECONDS - t0))s"
+    tail -n 25 "$OUT/$name.log"
+}
+
+for spec in "$@"; do
+    name=${spec%%:*}
+    limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
+    case $name in
+        gputests) step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu ;;
+        runc)     step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_runc_gpu.py ;;
+        matbench) step "$name" "$limit" python3 benchmarks/materialise.py --gib 2 --runs 3 --threads 4,8,16 --out "$OUT" ;;
+        cold1b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 1b --out "$OUT" ${COLD_ARGS:---runs 3 --variants warm,shm,thp --sdk} ;;
+        cold8b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 8b --out "$OUT" ${COLD_ARGS:---runs 2 --sdk} ;;
+        dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
+        gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
+        *) echo "unknown step $name"; exit 2 ;;
+    esac
+done
