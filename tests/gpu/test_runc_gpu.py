@@ -131,6 +131,17 @@ def _device_entries() -> tuple[list[dict], list[dict]]:
     return devices, rules
 
 
+def _submounts(tops: list[str]) -> list[tuple[str, bool]]:
+    """Host mount points strictly below any of tops, parents first, as read-only binds."""
+    below = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if any(point.startswith(t.rstrip("/") + "/") for t in tops) and os.path.exists(point):
+                below.append(point)
+    return [(p, True) for p in sorted(set(below), key=lambda p: (p.count("/"), p))]
+
+
 def _bundle(path, run, workdir: str, criu_conf: str, args: list[str]) -> None:
     """A runc bundle over the host's own filesystem (read-only binds), with the GPUs."""
     rootfs = path / "rootfs"
@@ -154,11 +165,19 @@ def _bundle(path, run, workdir: str, criu_conf: str, args: list[str]) -> None:
     # the work dir bound under it (the holder's state file would never reach the test).
     mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                    "options": ["nosuid", "nodev", "mode=1777"]})
-    for host, ro in binds:
+    # Each host mount under a bound dir gets a spec entry of its own (no rbind): runc
+    # tells CRIU that spec bind mounts are external, and CRIU refuses to dump a mount it
+    # was not told about whose filesystem it does not know (the GPU machines bring the
+    # driver in as a separate mount on /usr/local/nvidia).
+    for host, ro in binds + _submounts([b for b, _ in binds]):
         target = rootfs / host.lstrip("/")
-        target.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(host):
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
         mounts.append({"destination": host, "type": "bind", "source": host,
-                       "options": ["rbind", "ro" if ro else "rw", "rprivate"]})
+                       "options": ["bind", "ro" if ro else "rw", "rprivate"]})
     devices, rules = _device_entries()
     spec["linux"]["devices"] = devices
     spec["linux"].setdefault("resources", {}).setdefault("devices", []).extend(rules)
@@ -208,12 +227,16 @@ def runc_holder(tmp_path, runc, gpusnap):
     work = tmp_path / "w"
     work.mkdir()
     holder = torch_holder.Holder(str(work), gib=1.0, mode="idle")
-    args = [sys.executable, os.path.abspath(torch_holder.__file__), "--gib", "1",
+    # The workload's stdio goes to files inside the container, not to descriptors
+    # passed in from the host: CRIU cannot dump a descriptor of a host mount the
+    # container does not have ("Can't lookup mount").
+    args = ["/bin/sh", "-c", f'exec "$0" "$@" >>{holder.log_path} 2>&1 </dev/null',
+            sys.executable, os.path.abspath(torch_holder.__file__), "--gib", "1",
             "--mode", "idle", "--state", holder.state_path, "--result", holder.result_path]
     bundle = tmp_path / "bundle"
     _bundle(bundle, runc, str(work), str(conf), args)
     cid = f"gs-gpu-{uuid.uuid4().hex[:8]}"
-    log = open(holder.log_path, "ab")        # the container's stdio (runc -d passes ours)
+    log = open(holder.log_path, "ab")        # runc's own output
     res = runc("run", "-d", "--bundle", str(bundle), cid, check=False, stdout=log)
     assert res.returncode == 0, holder.log_tail()
     box = {"cid": cid, "bundle": bundle, "holder": holder, "runc": runc, "images": tmp_path / "img",
