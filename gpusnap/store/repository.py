@@ -50,8 +50,8 @@ class SnapshotSummary:
 
 
 def _threads() -> int:
-    """Worker threads for ingest, materialise and verify: GPUSNAP_THREADS, else the CPUs
-    (at most 16)."""
+    """Workers for ingest, materialise (processes) and verify (threads): GPUSNAP_THREADS,
+    else the CPUs (at most 16)."""
     explicit = os.environ.get("GPUSNAP_THREADS")
     if explicit and explicit.isdigit() and int(explicit) > 0:
         return int(explicit)

@@ -200,6 +200,14 @@ def _log_since(offset: int) -> list[str]:
         return []
 
 
+def _ended(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _wait(fn, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -284,7 +292,9 @@ def test_runc_checkpoint_and_restore_with_the_hook_keep_gpu_data(runc_holder, dr
                 str(box["workpath"]), box["cid"])
     lines = _log_since(offset)
     assert any("action=pre-dump" in ln and "locked and checkpointed" in ln for ln in lines), lines
-    assert not os.path.exists(f"/proc/{holder.pid}"), "runc checkpoint stops the container"
+    # runc checkpoint ends the container: its init is gone, or a zombie until whoever
+    # adopted it (runc run -d detaches it) reaps it
+    _wait(lambda: _ended(holder.pid), 30, "the checkpointed container to stop")
 
     new_pid = _restore(box)
     holder.pid = new_pid
