@@ -4,8 +4,8 @@
 #   OUT=/some/dir scripts/gpu-session.sh STEP[:SECONDS] ...
 #
 # Steps: gputests (pytest -m gpu tests/gpu), runc (the runc + hook test alone), matbench
-# (benchmarks/materialise.py), cold1b / cold8b (benchmarks/cold_start.py; COLD_ARGS adds
-# options), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py).
+# (benchmarks/materialise.py), cold1b / cold8b / cold (benchmarks/cold_start.py; COLD_ARGS
+# replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py).
 #
 # The GPU machine has no network and no package installs: what gpusnap needs beyond its
 # Python travels in the working tree (gitignored, so name them in the device tool's carry):
@@ -43,6 +43,7 @@ for spec in "$@"; do
         runc)     step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_runc_gpu.py ;;
         matbench) step "$name" "$limit" python3 benchmarks/materialise.py --gib 2 --runs 3 --threads 4,8,16 --out "$OUT" ;;
         cold1b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 1b --out "$OUT" ${COLD_ARGS:---runs 3 --variants warm,shm,thp --sdk} ;;
+        cold)     step "$name" "$limit" python3 benchmarks/cold_start.py --sizes "${COLD_SIZES:-0.5b,1.5b}" --out "$OUT" ${COLD_ARGS:---runs 2} ;;
         cold8b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 8b --out "$OUT" ${COLD_ARGS:---runs 2 --sdk} ;;
         dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;

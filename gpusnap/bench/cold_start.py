@@ -419,7 +419,10 @@ def summarise_sdk(rows):
 def summarise(rows, floors, card):
     lines = [f"# Cold start vs restore — {card}", "",
              f"Floors on this machine: pinned H2D {floors['pinned_h2d_gbs']:.1f} GB/s, "
-             f"memcpy 1 thread {floors['memcpy_gbs']['1']:.1f} GB/s, 8 threads {floors['memcpy_gbs']['8']:.1f} GB/s.",
+             f"memcpy 1 thread {floors['memcpy_gbs']['1']:.1f} GB/s, 8 threads {floors['memcpy_gbs']['8']:.1f} GB/s; "
+             "reading the weights file: " + ", ".join(
+                 f"{r['size']} {r['disk_read_gbs']:.2f} GB/s ({'page cache dropped' if r.get('disk_read_cold') else 'cache not dropped'})"
+                 for r in rows) + ".",
              "", "| size | weights GB | cold start s | naive restore s | gpusnap restore s | x cold | x naive | "
              "dump s | images GB | stored GB | 2nd snapshot new GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
