@@ -9,7 +9,7 @@ from .context import human_bytes
 def command(app, dry_run):
     """Delete chunks that no snapshot references (under the exclusive store lock)."""
     from ..engine import imagecache
-    repo = app.repo()
+    repo = app.repo(create=False)
     with repo.exclusive_lock():
         plan = repo.gc_plan()
         if not dry_run:

@@ -9,7 +9,7 @@ from .context import human_bytes, timings_table
 @click.pass_obj
 def command(app, snapshot, files):
     """Show what a snapshot holds: target, pids, sizes, CRIU and kernel, GPUs, timings."""
-    repo = app.repo()
+    repo = app.repo(create=False)
     m = repo.load(repo.resolve(snapshot))
     if not files:
         count = len(m.get("files", []))

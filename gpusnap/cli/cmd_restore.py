@@ -22,7 +22,7 @@ def command(app, snapshot, gpus, name, devices):
 
     from ..engine import restore
     started = time.perf_counter()
-    repo = app.repo()
+    repo = app.repo(create=False)
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
                                  name=name, devices=list(devices) or None)
     plan = restore.plan(req, repo)

@@ -7,7 +7,7 @@ import click
 def command(app, snapshots):
     """Remove SNAPSHOTS. Their chunks are freed by the next `gpusnap gc`."""
     from ..engine import imagecache
-    repo = app.repo()
+    repo = app.repo(create=False)
     with repo.exclusive_lock():
         ids = [repo.resolve(s) for s in snapshots]
         removed = repo.remove(ids)

@@ -8,7 +8,7 @@ from ..errors import IntegrityError
 @click.pass_obj
 def command(app, snapshots):
     """Re-hash every chunk of SNAPSHOTS (default: all); exit 42 on any bad or missing chunk."""
-    repo = app.repo()
+    repo = app.repo(create=False)
     with repo.shared_lock():
         ids = [repo.resolve(s) for s in snapshots] if snapshots else None
         with app.progress("verify") as progress:

@@ -14,7 +14,7 @@ def command(app, snapshots, drop):
     (gpusnap's work dir: a huge-page tmpfs at /run/gpusnap-work as root, else /dev/shm; GPUSNAP_WORKDIR moves it). rm and gc drop the caches they orphan.
     """
     from ..engine import imagecache
-    repo = app.repo()
+    repo = app.repo(create=False)
     ids = [repo.resolve(s) for s in snapshots]
     if drop:
         with repo.exclusive_lock():             # no restore is reading a cache meanwhile

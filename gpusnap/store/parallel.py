@@ -104,10 +104,16 @@ def _raise_errors(results):
 def _worker_signals() -> None:
     """Workers inherit the CLI's SIGTERM handler, which raises a GpusnapError: the pool
     would hand it back as a result and keep the worker alive, and the pool's terminate()
-    would wait on it forever. SIGTERM ends a worker; Ctrl-C is the parent's to handle
-    (it terminates the pool)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    would wait on it forever. In a worker SIGTERM raises SystemExit instead, which the
+    pool does not catch: the chunk being written removes its temp file on the way out
+    (store_blob), then the worker ends. Ctrl-C is the parent's to handle (it terminates
+    the pool)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _fork_is_safe() -> bool:

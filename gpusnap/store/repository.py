@@ -91,6 +91,10 @@ class Repository:
         self.last_materialise: dict | None = None
 
     # ---- opening -------------------------------------------------------------------
+    @staticmethod
+    def exists(path: str) -> bool:
+        return os.path.exists(os.path.join(os.path.abspath(path), "config"))
+
     @classmethod
     def open(cls, path: str, *, create: bool = True, key_file: str | None = None) -> "Repository":
         """Open (or create) the store at path. With key_file, a new store is created
@@ -100,7 +104,9 @@ class Repository:
         config = os.path.join(repo.path, "config")
         if not os.path.exists(config):
             if not create:
-                raise StoreError(f"no gpusnap store at {repo.path}")
+                raise StoreError(f"no gpusnap store at {repo.path}",
+                                 hint="check --store (or GPUSNAP_STORE); `gpusnap dump` and "
+                                      "`gpusnap import` create a store, nothing else does")
             repo._init(codec.EncryptedCodec(key) if key else codec.PLAIN)
         repo._check_private()
         try:
@@ -178,12 +184,14 @@ class Repository:
                       "wb", closefd=True) as f:
                 f.write(blob)
             os.rename(tmp, path)
-        except OSError as exc:
+        except BaseException as exc:    # an ingest worker ended by SIGTERM too: no temp left
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
-            fsutil.raise_os_error(exc, path)
+            if isinstance(exc, OSError):
+                fsutil.raise_os_error(exc, path)
+            raise
 
     def read_blob(self, cid: str) -> bytes:
         """A chunk's stored (compressed, maybe encrypted) bytes, unverified."""

@@ -7,6 +7,8 @@ import os
 import psutil
 import pytest
 
+from gpusnap.store import Repository
+
 from conftest import wait_pids_free
 
 pytestmark = [pytest.mark.root]
@@ -97,9 +99,12 @@ def test_flipped_byte_is_caught_by_verify_and_refused_by_restore(workload, gpusn
 # CRIU killed mid-dump, and the other dump faults: test_faults.py.
 
 
-def test_dump_errors_have_distinct_exit_codes(gpusnap):
+def test_dump_errors_have_distinct_exit_codes(gpusnap, store):
     rc, out, _ = gpusnap("dump", "--pid", "999999")
     assert rc == 5 and out["error"] == "TargetNotFound"
+    rc, out, _ = gpusnap("restore", "nosuch")
+    assert rc == 40 and out["error"] == "StoreError", "no store yet: restore creates none"
+    Repository.open(store)
     rc, out, _ = gpusnap("restore", "nosuch")
     assert rc == 3 and out["error"] == "SnapshotNotFound"
 

@@ -68,3 +68,17 @@ def test_bench_without_a_gpu_says_so(tmp_path, monkeypatch):
         main(["--store", str(tmp_path / "s"), "bench"])
     except SystemExit as exc:
         assert exc.code == 20
+
+
+def test_commands_that_only_read_create_no_store(tmp_path, capsys):
+    """A mistyped --store is an error, not a new empty store (ls says there is none)."""
+    missing = str(tmp_path / "typo")
+    res = CliRunner().invoke(cli, ["--store", missing, "--json", "ls"])
+    assert res.exit_code == 0 and res.output.rstrip().endswith("[]")
+    for args in (["inspect", "x"], ["verify"], ["restore", "x"], ["rm", "x"], ["gc"], ["warm", "x"]):
+        try:
+            main(["--store", missing, *args])
+        except SystemExit as exc:
+            assert exc.code == 40, args
+        assert "no gpusnap store" in capsys.readouterr().err
+    assert not os.path.exists(missing)

@@ -262,6 +262,7 @@ def test_cli_key_generate_and_key_file_option(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.output)["fingerprint"]) == 16
     store = str(tmp_path / "s")
+    Repository.open(store, key_file=key)        # a dump with --key-file creates it so
     res = runner.invoke(cli, ["--store", store, "--key-file", key, "--json", "ls"])
     assert res.exit_code == 0 and json.loads(res.output) == []
     res = runner.invoke(cli, ["--store", store, "--json", "ls"], env={"GPUSNAP_KEY_FILE": key})
