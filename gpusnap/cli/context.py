@@ -40,6 +40,9 @@ class AppContext:
             yield None
             return
         from tqdm import tqdm
+        # No monitor thread: ingest and materialise fork their workers only while this
+        # process has no other thread (store/parallel.py), else they fall back to threads
+        tqdm.monitor_interval = 0
         with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False,
                   file=sys.stderr) as bar:
             yield bar.update

@@ -82,3 +82,18 @@ def test_commands_that_only_read_create_no_store(tmp_path, capsys):
             assert exc.code == 40, args
         assert "no gpusnap store" in capsys.readouterr().err
     assert not os.path.exists(missing)
+
+
+def test_progress_bars_start_no_thread(monkeypatch):
+    """A tty's progress bar must not cost ingest and materialise their worker processes
+    (they fall back to threads when another thread runs)."""
+    import sys
+    import threading
+
+    from gpusnap.cli.context import AppContext
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    app = AppContext.__new__(AppContext)
+    app.quiet, app.as_json = False, False
+    with app.progress("x", 10) as update:
+        update(5)
+        assert threading.active_count() == 1
