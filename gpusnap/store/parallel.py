@@ -5,28 +5,37 @@ Chunks are small (region-anchored cuts, ~200 KB on an LLM server: 15,000 of them
 On threads that per-chunk work contends on the GIL: 16 threads ingested at 0.3 GB/s on
 a 16-core H200 host. Worker processes share nothing but the files they write.
 
-Workers are forked once per call and inherit the job (set here just before the fork),
-so nothing is pickled but batch numbers and small results. Where forking is not safe
-(another thread already runs in this process: a progress bar's monitor, say, or the
-caller's), or there is one batch or one worker, the same function runs on threads.
+Plain fork and one pipe per worker, nothing more (multiprocessing.Pool's task queue,
+its handler threads and its terminate() could hang: a worker that dies holding the
+queue's lock, or mid-message, stops the pool for good). Worker k takes batches k,
+k+W, k+2W... of the job it inherited at the fork, and writes one pickled message per
+batch to its pipe, then a last "done". gpusnap reads the pipes as results come:
 
-A worker's GpusnapError or OSError comes back as a value and is raised again here with
-its class, message and hint (a pickled exception keeps only its arguments).
+- a batch's result, or its GpusnapError/OSError as a value (raised again here with its
+  class, message and hint; a pickled exception keeps only its arguments);
+- end of file without "done": the worker died (the OOM killer, say): StoreError.
+
+When the caller stops reading (an error, Ctrl-C, SIGTERM), the workers get SIGTERM,
+which raises SystemExit in them (the chunk being written removes its temp file on the
+way out), and are reaped before the error goes on. Workers ignore Ctrl-C: it is
+gpusnap's to handle. They leave through os._exit: nothing of gpusnap's (buffered
+output, atexit handlers) runs twice.
+
+Where forking is not safe (another thread already runs in this process, e.g. the
+caller's), or there is one batch or one worker, the same function runs on threads.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import pickle
+import selectors
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 from ..errors import GpusnapError
-
-_job: Any = None        # what the forked workers inherit
-_fn: Callable | None = None
 
 
 def batches(items: list, size, limit: int = 16 << 20) -> list[list]:
@@ -47,37 +56,100 @@ def batches(items: list, size, limit: int = 16 << 20) -> list[list]:
 def run(fn: Callable[[Any, int], Any], job: Any, batches: int, workers: int,
         ordered: bool = False) -> tuple[str, Iterator]:
     """Call fn(job, i) for i in range(batches) on workers. Returns (mode, results):
-    results is a generator, ordered by i when ordered, else as they finish; it must be
-    consumed to the end (or closed), which also ends the workers."""
+    results is a generator, ordered by i when ordered, else as they finish; consume it to
+    the end, or close it (which stops and reaps the workers)."""
     use_processes = workers > 1 and batches > 1 and _fork_is_safe()
-    mode = "processes" if use_processes else "threads"
-    return mode, _results(fn, job, batches, workers, ordered, use_processes)
-
-
-def _results(fn, job, batches, workers, ordered, use_processes):
-    global _job, _fn
     if use_processes:
-        _job, _fn = job, fn
+        return "processes", _raise_errors(_forked(fn, job, batches, min(workers, batches), ordered))
+    return "threads", _raise_errors(_threaded(fn, job, batches, workers))
+
+
+def _threaded(fn, job, batches: int, workers: int):
+    with ThreadPoolExecutor(max(1, min(workers, batches))) as pool:
+        results = pool.map(lambda i: _call(fn, job, i), range(batches))
         try:
-            ctx = multiprocessing.get_context("fork")
-            pool = ctx.Pool(min(workers, batches), initializer=_worker_signals)
-        finally:
-            _job = _fn = None       # the children have their copies
-        with pool:
-            it = (pool.imap if ordered else pool.imap_unordered)(_in_process, range(batches))
-            yield from _raise_errors(it)
-    else:
-        with ThreadPoolExecutor(max(1, min(workers, batches))) as pool:
-            futures = (pool.map(lambda i: _call(fn, job, i), range(batches)))
-            try:
-                yield from _raise_errors(futures)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+            yield from results
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
-def _in_process(i: int):
-    return _call(_fn, _job, i)
+def _forked(fn, job, batches: int, workers: int, ordered: bool):
+    children: dict[int, Any] = {}           # pid -> read end (a file)
+    try:
+        for k in range(workers):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:                    # the worker: never returns
+                os.close(r)
+                _worker(fn, job, range(k, batches, workers), w)
+            os.close(w)
+            children[pid] = os.fdopen(r, "rb")
+        yield from _collect(children, batches, ordered)
+    finally:
+        _stop(children)
+
+
+def _worker(fn, job, mine, fd: int) -> None:
+    code = 0
+    try:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with os.fdopen(fd, "wb") as out:
+            for i in mine:
+                pickle.dump((i, _call(fn, job, i)), out)
+                out.flush()
+            pickle.dump("done", out)
+    except BaseException:                   # SystemExit from SIGTERM, a broken pipe...
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _collect(children: dict, batches: int, ordered: bool):
+    selector = selectors.DefaultSelector()
+    for pid, f in children.items():
+        selector.register(f, selectors.EVENT_READ, pid)
+    waiting, next_i = {}, 0
+    try:
+        while selector.get_map():
+            for key, _ in selector.select():
+                try:
+                    message = pickle.load(key.fileobj)
+                except Exception:       # noqa: BLE001 - EOF, or a message cut short
+                    message = None
+                if message == "done":
+                    selector.unregister(key.fileobj)
+                    continue
+                if message is None:
+                    from ..errors import StoreError
+                    raise StoreError("a worker process died (killed for memory?): the "
+                                     "operation stopped",
+                                     hint="look for the OOM killer in the kernel log (dmesg), "
+                                          "or use fewer workers: GPUSNAP_THREADS")
+                i, result = message
+                if not ordered:
+                    yield result
+                    continue
+                waiting[i] = result
+                while next_i in waiting:
+                    yield waiting.pop(next_i)
+                    next_i += 1
+    finally:
+        selector.close()
+
+
+def _stop(children: dict) -> None:
+    """Reap every worker; those still running (the caller stopped early) get SIGTERM."""
+    for pid, f in children.items():
+        f.close()
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == 0:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def _call(fn, job, i: int):
@@ -91,25 +163,17 @@ def _call(fn, job, i: int):
 
 def _raise_errors(results):
     from .. import errors
-    for result in results:
-        if result[0] == "error":
-            _, name, message, hint = result
-            cls = getattr(errors, name, None)
-            if isinstance(cls, type) and issubclass(cls, GpusnapError):
-                raise cls(message, hint=hint)
-            raise errors.StoreError(message, hint=hint)
-        yield result[1]
-
-
-def _worker_signals() -> None:
-    """Workers inherit the CLI's SIGTERM handler, which raises a GpusnapError: the pool
-    would hand it back as a result and keep the worker alive, and the pool's terminate()
-    would wait on it forever. In a worker SIGTERM raises SystemExit instead, which the
-    pool does not catch: the chunk being written removes its temp file on the way out
-    (store_blob), then the worker ends. Ctrl-C is the parent's to handle (it terminates
-    the pool)."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for result in results:
+            if result[0] == "error":
+                _, name, message, hint = result
+                cls = getattr(errors, name, None)
+                if isinstance(cls, type) and issubclass(cls, GpusnapError):
+                    raise cls(message, hint=hint)
+                raise errors.StoreError(message, hint=hint)
+            yield result[1]
+    finally:
+        results.close()                 # the workers stop now, not when collected
 
 
 def _exit_on_sigterm(signum, frame):

@@ -73,3 +73,21 @@ def test_a_path_escaping_the_destination_is_refused(stored, tmp_path):
     bad = {"files": [dict(pages, path="../escape.img")]}
     with pytest.raises(IntegrityError, match="escapes"):
         repo.materialise(bad, str(tmp_path / "out"))
+
+
+def test_a_worker_killed_midway_fails_it_instead_of_hanging(stored, tmp_path, monkeypatch):
+    """The OOM killer taking a worker: materialise raises, it does not wait forever."""
+    import signal as sig
+
+    from gpusnap.errors import StoreError
+    repo, manifest, _ = stored
+    real = repo.read_blob
+    parent = os.getpid()
+
+    def read_blob(cid):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), sig.SIGKILL)     # in a worker
+        return real(cid)
+    monkeypatch.setattr(repo, "read_blob", read_blob)
+    with pytest.raises(StoreError, match="worker process died"):
+        repo.materialise(manifest, str(tmp_path / "out"))
