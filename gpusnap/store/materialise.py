@@ -19,8 +19,6 @@ from typing import Callable
 from ..errors import IntegrityError
 from . import codec, parallel
 
-BATCH_BYTES = 16 << 20      # work handed to a worker at once (progress moves per batch)
-
 _maps: dict[str, memoryview] = {}
 _map_lock = threading.Lock()
 
@@ -30,7 +28,7 @@ def write_files(repo, entries: list[dict], dest: str, workers: int,
     """Write entries (manifest file entries) under dest. Returns timing statistics."""
     os.makedirs(dest, mode=0o700, exist_ok=True)
     paths, chunks = _create(entries, dest)
-    batches = parallel.batches(chunks, lambda c: c[3], BATCH_BYTES)
+    batches = parallel.batches(chunks, lambda c: c[3])
     wall = time.perf_counter()
     read_s = decode_s = 0.0
     mode, results = parallel.run(_fill, (repo, paths, batches), len(batches), workers)

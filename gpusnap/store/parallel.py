@@ -35,12 +35,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
+from .. import errors
 from ..errors import GpusnapError
 
+BATCH_BYTES = 16 << 20      # what a worker takes at once, and the step progress moves in
 
-def batches(items: list, size, limit: int = 16 << 20) -> list[list]:
-    """items cut into consecutive batches of about limit bytes (size(item) says how many
-    an item holds): what a worker takes at once, and the step progress moves in."""
+
+def batches(items: list, size) -> list[list]:
+    """items cut into consecutive batches of about BATCH_BYTES (size(item) says how many
+    bytes an item stands for)."""
+    limit = BATCH_BYTES
     out, current, total = [], [], 0
     for item in items:
         current.append(item)
@@ -85,7 +89,7 @@ def _forked(fn, job, batches: int, workers: int, ordered: bool):
                 _worker(fn, job, range(k, batches, workers), w)
             os.close(w)
             children[pid] = os.fdopen(r, "rb")
-        yield from _collect(children, batches, ordered)
+        yield from _collect(children, ordered)
     finally:
         _stop(children)
 
@@ -106,7 +110,7 @@ def _worker(fn, job, mine, fd: int) -> None:
         os._exit(code)
 
 
-def _collect(children: dict, batches: int, ordered: bool):
+def _collect(children: dict, ordered: bool):
     selector = selectors.DefaultSelector()
     for pid, f in children.items():
         selector.register(f, selectors.EVENT_READ, pid)
@@ -122,8 +126,7 @@ def _collect(children: dict, batches: int, ordered: bool):
                     selector.unregister(key.fileobj)
                     continue
                 if message is None:
-                    from ..errors import StoreError
-                    raise StoreError("a worker process died (killed for memory?): the "
+                    raise errors.StoreError("a worker process died (killed for memory?): the "
                                      "operation stopped",
                                      hint="look for the OOM killer in the kernel log (dmesg), "
                                           "or use fewer workers: GPUSNAP_THREADS")
@@ -162,7 +165,6 @@ def _call(fn, job, i: int):
 
 
 def _raise_errors(results):
-    from .. import errors
     try:
         for result in results:
             if result[0] == "error":

@@ -17,7 +17,6 @@ import os
 import secrets
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -50,15 +49,13 @@ class SnapshotSummary:
 
 
 def _threads() -> int:
-    """Workers for ingest, materialise (processes) and verify (threads): GPUSNAP_THREADS,
+    """Worker processes for ingest, materialise and verify (parallel.py): GPUSNAP_THREADS,
     else the CPUs (at most 16)."""
     explicit = os.environ.get("GPUSNAP_THREADS")
     if explicit and explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
     return max(2, min(16, os.cpu_count() or 2))
 
-
-BATCH_BYTES = 16 << 20      # chunks handed to an ingest worker at once
 
 
 def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
@@ -78,6 +75,18 @@ def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
         for fd in fds.values():
             os.close(fd)
     return out
+
+
+def _verify_batch(job, batch_index: int) -> list[dict]:
+    """In a worker: decode and re-hash each chunk of the batch; what does not match."""
+    repo, batches = job
+    bad = []
+    for cid, n in batches[batch_index]:
+        try:
+            repo.codec.decode_view(repo.read_blob(cid), cid, n)
+        except IntegrityError as exc:
+            bad.append({"chunk": cid, "error": exc.message})
+    return bad
 
 
 class Repository:
@@ -224,7 +233,7 @@ class Repository:
         files.sort()
         spans = [(index, off, n) for index, (_rel, full, st) in enumerate(files)
                  for off, n in chunker.boundaries(full, st.st_size)]
-        batches = parallel.batches(spans, lambda span: span[2], BATCH_BYTES)
+        batches = parallel.batches(spans, lambda span: span[2])
         _mode, results = parallel.run(_ingest_batch, (self, [f[1] for f in files], batches),
                                       len(batches), _threads(), ordered=True)
         chunks: list[list] = [[] for _ in files]
@@ -345,19 +354,16 @@ class Repository:
                 continue
             wanted.update(self.chunk_sizes(m))
 
-        def one(item):
-            cid, n = item
-            try:
-                self.codec.decode_view(self.read_blob(cid), cid, n)
-                err = None
-            except IntegrityError as exc:
-                err = {"chunk": cid, "error": exc.message}
-            if progress:
-                progress(n)
-            return err
-
-        with ThreadPoolExecutor(_threads()) as pool:
-            bad += [e for e in pool.map(one, sorted(wanted.items())) if e]
+        batches = parallel.batches(sorted(wanted.items()), lambda item: item[1])
+        _mode, results = parallel.run(_verify_batch, (self, batches), len(batches), _threads(),
+                                      ordered=True)
+        try:
+            for batch, found in zip(batches, results):
+                bad += found
+                if progress:
+                    progress(sum(n for _cid, n in batch))
+        finally:
+            results.close()
         return {"snapshots": len(ids), "chunks_checked": len(wanted), "bad": bad}
 
     def remove(self, snap_ids: Iterable[str]) -> list[str]:

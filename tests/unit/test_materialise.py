@@ -11,12 +11,12 @@ import threading
 import pytest
 
 from gpusnap.errors import IntegrityError
-from gpusnap.store import Repository, materialise
+from gpusnap.store import Repository, parallel
 
 
 @pytest.fixture
 def stored(tmp_path, monkeypatch):
-    monkeypatch.setattr(materialise, "BATCH_BYTES", 1 << 20)     # several batches
+    monkeypatch.setattr(parallel, "BATCH_BYTES", 1 << 20)        # several batches
     src = tmp_path / "img"
     src.mkdir()
     data = {"pages-1.img": os.urandom(3 << 20) + bytes(2 << 20) + os.urandom(1 << 20),
