@@ -99,6 +99,15 @@ def wait_json(path: str, *, proc=None, timeout: float = 60) -> dict:
     raise TimeoutError(path)
 
 
+def write_images(path, files: dict[str, bytes]) -> str:
+    """A directory of image files (name -> bytes) to ingest; returns path."""
+    os.makedirs(path, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    return path
+
+
 def wait_pids_free(pids, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):

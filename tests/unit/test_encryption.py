@@ -18,6 +18,8 @@ from gpusnap.errors import (ALL_ERRORS, ArchiveError, InsecureStore, IntegrityEr
 from gpusnap.store import Repository, archive, codec, keyfile
 from gpusnap.store.chunker import CHUNK_SIZE
 
+from conftest import write_images
+
 MARKER = b"gpusnap-secret-marker:" * 4096       # compressible and easy to search for
 
 
@@ -32,14 +34,6 @@ def key(tmp_path):
 def other_key(tmp_path):
     path = str(tmp_path / "other.key")
     keyfile.generate(path)
-    return path
-
-
-def _images(path, files: dict[str, bytes]) -> str:
-    os.makedirs(path, exist_ok=True)
-    for name, data in files.items():
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(data)
     return path
 
 
@@ -59,7 +53,7 @@ def _data() -> bytes:
 @pytest.fixture
 def enc(tmp_path, key):
     repo = Repository.open(str(tmp_path / "store"), key_file=key)
-    m = _snapshot(repo, _images(str(tmp_path / "img"), {"pages-1.img": _data(), "core-1.img": b"c"}))
+    m = _snapshot(repo, write_images(str(tmp_path / "img"), {"pages-1.img": _data(), "core-1.img": b"c"}))
     return repo, m
 
 
@@ -148,7 +142,7 @@ def test_encrypted_round_trip_is_byte_exact_and_nothing_plain_is_stored(enc, tmp
 
 def test_encrypted_store_dedups_and_zero_chunks_stay_holes(enc, tmp_path):
     repo, m = enc
-    again = _snapshot(repo, _images(str(tmp_path / "img2"), {"pages-1.img": _data()}))
+    again = _snapshot(repo, write_images(str(tmp_path / "img2"), {"pages-1.img": _data()}))
     assert again["bytes_new"] == 0
     assert sum(1 for f in m["files"] for c, _ in f["chunks"] if c == codec.ZERO_ID) >= 1
 
@@ -208,7 +202,7 @@ def test_manifest_is_authenticated_and_bound_to_its_id(enc, tmp_path):
 def test_plain_store_is_unchanged(tmp_path):
     """A store made without a key is the format-1 store, readable by older gpusnap."""
     repo = Repository.open(str(tmp_path / "plain"))
-    m = _snapshot(repo, _images(str(tmp_path / "img"), {"pages-1.img": _data()}))
+    m = _snapshot(repo, write_images(str(tmp_path / "img"), {"pages-1.img": _data()}))
     config = json.load(open(os.path.join(repo.path, "config")))
     assert config["version"] == 1 and "encryption" not in config and config["hash"] == "sha256"
     raw = json.load(open(os.path.join(repo.snapshots_dir, m["id"] + ".json")))
@@ -247,7 +241,7 @@ def test_archives_do_not_cross_keys_or_kinds(enc, other_key, tmp_path):
     plain = Repository.open(str(tmp_path / "plain"))
     with pytest.raises(ArchiveError, match="encrypted"):
         archive.import_(plain, io.BytesIO(blob))
-    pm = _snapshot(plain, _images(str(tmp_path / "img2"), {"x.img": b"hello"}))
+    pm = _snapshot(plain, write_images(str(tmp_path / "img2"), {"x.img": b"hello"}))
     with pytest.raises(ArchiveError, match="not encrypted"):
         archive.import_(repo, io.BytesIO(_export(plain, pm["id"])))
     assert [s for s in repo.snapshot_ids()] == [m["id"]]

@@ -13,13 +13,7 @@ from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, Sn
 from gpusnap.store import Repository
 from gpusnap.store.chunker import CHUNK_SIZE
 
-
-def _images(path, files: dict[str, bytes]) -> str:
-    os.makedirs(path, exist_ok=True)
-    for name, data in files.items():
-        with open(os.path.join(path, name), "wb") as f:
-            f.write(data)
-    return path
+from conftest import write_images
 
 
 def _snapshot(repo: Repository, src: str, name: str | None = None) -> dict:
@@ -38,7 +32,7 @@ def repo(tmp_path):
 def test_roundtrip_is_byte_exact_and_zero_chunks_are_not_stored(repo, tmp_path):
     rnd = random.Random(3)
     data = rnd.randbytes(3 * CHUNK_SIZE + 123) + bytes(4 * CHUNK_SIZE) + rnd.randbytes(5000)
-    src = _images(str(tmp_path / "img"), {"pages-1.img": data, "core-1.img": b"core"})
+    src = write_images(str(tmp_path / "img"), {"pages-1.img": data, "core-1.img": b"core"})
     m = _snapshot(repo, src)
     zero_refs = [c for c, _ in m["files"][1]["chunks"] if c == "zero"]
     assert len(zero_refs) >= 3
@@ -51,8 +45,8 @@ def test_roundtrip_is_byte_exact_and_zero_chunks_are_not_stored(repo, tmp_path):
 
 def test_identical_content_is_stored_once(repo, tmp_path):
     data = random.Random(1).randbytes(2 * CHUNK_SIZE)
-    a = _snapshot(repo, _images(str(tmp_path / "a"), {"x.img": data}))
-    b = _snapshot(repo, _images(str(tmp_path / "b"), {"x.img": data}))
+    a = _snapshot(repo, write_images(str(tmp_path / "a"), {"x.img": data}))
+    b = _snapshot(repo, write_images(str(tmp_path / "b"), {"x.img": data}))
     assert a["bytes_new"] > 0 and b["bytes_new"] == 0
     assert b["bytes_stored"] == a["bytes_stored"]
 
@@ -69,7 +63,7 @@ def test_store_is_private(repo):
 
 
 def test_corruption_is_detected_by_verify_and_materialise(repo, tmp_path):
-    m = _snapshot(repo, _images(str(tmp_path / "img"), {"pages-1.img": random.Random(2).randbytes(CHUNK_SIZE)}))
+    m = _snapshot(repo, write_images(str(tmp_path / "img"), {"pages-1.img": random.Random(2).randbytes(CHUNK_SIZE)}))
     cid = m["files"][0]["chunks"][0][0]
     path = repo.chunk_path(cid)
     blob = bytearray(open(path, "rb").read())
@@ -83,7 +77,7 @@ def test_corruption_is_detected_by_verify_and_materialise(repo, tmp_path):
 
 
 def test_truncated_manifest_is_an_integrity_error(repo, tmp_path):
-    m = _snapshot(repo, _images(str(tmp_path / "img"), {"a.img": b"a"}))
+    m = _snapshot(repo, write_images(str(tmp_path / "img"), {"a.img": b"a"}))
     path = os.path.join(repo.snapshots_dir, m["id"] + ".json")
     open(path, "r+b").truncate(10)
     with pytest.raises(IntegrityError):
@@ -92,13 +86,13 @@ def test_truncated_manifest_is_an_integrity_error(repo, tmp_path):
 
 
 def test_resolve_by_id_prefix_and_name(repo, tmp_path):
-    a = _snapshot(repo, _images(str(tmp_path / "a"), {"a.img": b"a"}), name="srv")
+    a = _snapshot(repo, write_images(str(tmp_path / "a"), {"a.img": b"a"}), name="srv")
     assert repo.resolve(a["id"]) == a["id"]
     assert repo.resolve(a["id"][:6]) == a["id"]
     assert repo.resolve("srv") == a["id"]
     with pytest.raises(SnapshotNotFound):
         repo.resolve("nope")
-    ids = [a["id"]] + [_snapshot(repo, _images(str(tmp_path / f"b{i}"), {"a.img": b"b"}))["id"]
+    ids = [a["id"]] + [_snapshot(repo, write_images(str(tmp_path / f"b{i}"), {"a.img": b"b"}))["id"]
                        for i in range(40)]
     common = next((p for p in "0123456789abcdef" if sum(i.startswith(p) for i in ids) > 1))
     with pytest.raises(AmbiguousSnapshot):
@@ -107,8 +101,8 @@ def test_resolve_by_id_prefix_and_name(repo, tmp_path):
 
 def test_rm_then_gc_frees_only_unreferenced_chunks(repo, tmp_path):
     shared = random.Random(5).randbytes(CHUNK_SIZE)
-    a = _snapshot(repo, _images(str(tmp_path / "a"), {"x.img": shared + b"A" * 100}))
-    b = _snapshot(repo, _images(str(tmp_path / "b"), {"x.img": shared + b"B" * 100}))
+    a = _snapshot(repo, write_images(str(tmp_path / "a"), {"x.img": shared + b"A" * 100}))
+    b = _snapshot(repo, write_images(str(tmp_path / "b"), {"x.img": shared + b"B" * 100}))
     repo.remove([a["id"]])
     plan = repo.gc_plan()
     assert len(plan["chunks"]) == 1
