@@ -11,7 +11,8 @@ def command(app, snapshots, drop):
     """Keep SNAPSHOTS' images materialised on this host, so restores skip that step.
 
     The images are verified as they are written; they take their size in memory
-    (gpusnap's work dir: a huge-page tmpfs at /run/gpusnap-work as root, else /dev/shm; GPUSNAP_WORKDIR moves it). rm and gc drop the caches they orphan.
+    (gpusnap's work dir: a huge-page tmpfs at /run/gpusnap-work as root, else /dev/shm;
+    GPUSNAP_WORKDIR moves it). rm and gc drop the caches they orphan.
     """
     from ..engine import imagecache
     repo = app.repo(create=False)

@@ -32,18 +32,24 @@ def base_dir(store_path: str) -> str:
     return os.path.join(store_path, "tmp")
 
 
-def tmpfs_options(path: str) -> str | None:
-    """The mount options of the tmpfs mounted at path, None if none is."""
+def _tmpfs_mounts() -> dict[str, str]:
+    """Mount point -> mount options of every tmpfs this process sees."""
+    mounts = {}
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields, rfields = left.split(), right.split()
-                if len(fields) > 4 and fields[4] == path and rfields and rfields[0] == "tmpfs":
-                    return rfields[2] if len(rfields) > 2 else ""
+                if len(fields) > 4 and rfields and rfields[0] == "tmpfs":
+                    mounts[fields[4]] = rfields[2] if len(rfields) > 2 else ""
     except OSError:
         pass
-    return None
+    return mounts
+
+
+def tmpfs_options(path: str) -> str | None:
+    """The mount options of the tmpfs mounted at path, None if none is."""
+    return _tmpfs_mounts().get(path)
 
 
 def huge_tmpfs(path: str) -> bool:
@@ -70,12 +76,13 @@ def huge_tmpfs(path: str) -> bool:
 def describe(store_path: str) -> dict:
     """Where scratch images go, and whether that tmpfs has huge pages (for doctor)."""
     base = base_dir(store_path)
+    mounts = _tmpfs_mounts()
     probe = base
-    while probe != "/" and tmpfs_options(probe) is None:
+    while probe != "/" and probe not in mounts:
         probe = os.path.dirname(probe)
-    options = tmpfs_options(probe) or ""
-    return {"path": base, "tmpfs": probe if probe != "/" or options else None,
-            "huge_pages": "huge=always" in options or "huge=within_size" in options}
+    options = mounts.get(probe)
+    return {"path": base, "tmpfs": probe if options is not None else None,
+            "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or "")}
 
 
 def private_base(store_path: str) -> str:
