@@ -75,10 +75,17 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float | 
     return Result(list(argv), proc.returncode, stdout, stderr)
 
 
-def spawn_detached(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                   stdout: str = os.devnull) -> int:
-    """Start argv in a new session, stdio away from us; return its pid (for workloads)."""
+def start(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+          stdout: str = os.devnull, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start argv in a new session, stdin from /dev/null, stdout and stderr appended to
+    the file stdout; the caller waits for it (a workload gpusnap dumps and restores)."""
     with open(stdout, "ab") as out:
-        proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc.pid
+        return subprocess.Popen(argv, env=clean_env(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=pass_fds)
+
+
+def spawn_detached(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                   stdout: str = os.devnull, pass_fds: tuple[int, ...] = ()) -> int:
+    """start() for a process nobody waits for here; its pid."""
+    return start(argv, env=env, cwd=cwd, stdout=stdout, pass_fds=pass_fds).pid

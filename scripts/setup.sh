@@ -31,6 +31,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zs
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/pip install -q -e '.[test,crypto]'
 fi
+# The console scripts of an older checkout's install (gpusnap-criu-hook came later).
+if [ ! -x .venv/bin/gpusnap-criu-hook ]; then
+    .venv/bin/pip install -q --no-deps -e .
+fi
+# tests/integration/test_hook_from_wheel.py builds a wheel offline: setuptools with bdist_wheel.
+if ! .venv/bin/python -c 'import setuptools.command.bdist_wheel' 2>/dev/null; then
+    .venv/bin/pip install -q 'setuptools>=70.1'
+fi
 # The SDK's tests need PyTorch. Only a CPU build that already lies on this host is taken
 # (a plain `pip install torch` would fetch a CUDA build of several GB); elsewhere those
 # tests skip with the reason.

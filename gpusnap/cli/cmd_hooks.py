@@ -1,6 +1,6 @@
 import click
 
-from ..hooks_install import DEFAULT_CONFIG, DEFAULT_SCRIPT
+from ..criu.hook_install import DEFAULT_CONFIG, DEFAULT_SCRIPT
 
 _config = click.option("--config", default=DEFAULT_CONFIG, show_default=True,
                        help="CRIU config file the runtime passes to CRIU "
@@ -24,8 +24,8 @@ def command():
 @_script
 @click.pass_obj
 def install(app, config, script):
-    """Copy the hook to --script and add it to --config (idempotent; FILE.bak kept)."""
-    from ..hooks_install import install as do_install
+    """Write the hook to --script and add it to --config (idempotent; FILE.bak kept)."""
+    from ..criu.hook_install import install as do_install
     report = do_install(config=config, script=script)
     lines = [f"hook:   {report['script']}", f"config: {report['config']}"]
     if report["backup"]:
@@ -41,6 +41,6 @@ def install(app, config, script):
 @click.pass_obj
 def uninstall(app, config, script, keep_script):
     """Take the hook out of --config and delete --script."""
-    from ..hooks_install import uninstall as do_uninstall
+    from ..criu.hook_install import uninstall as do_uninstall
     report = do_uninstall(config=config, script=script, remove_script=not keep_script)
     app.emit(report, "changed: " + (", ".join(report["changed"]) or "nothing (not installed)"))

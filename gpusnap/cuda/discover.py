@@ -66,16 +66,31 @@ class HostGpus:
         return used
 
 
+def _nvidia_fd(pid: int) -> bool:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def holds_nvidia_fd(pid: int) -> bool:
+    """True if pid has a /dev/nvidia* descriptor open (a process whose CUDA state is
+    checkpointed has none left); False if not, or if /proc would not say."""
+    try:
+        return _nvidia_fd(pid)
+    except OSError:
+        return False
+
+
 def touches_nvidia(pid: int) -> bool | None:
     """True if pid has a /dev/nvidia* descriptor or maps libcuda, False if not,
     None if /proc would not say (another user's process: ask the driver)."""
     try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia"):
-                    return True
-            except OSError:
-                continue
+        if _nvidia_fd(pid):
+            return True
         with open(f"/proc/{pid}/maps") as maps:
             return any("libcuda.so" in line for line in maps)
     except PermissionError:

@@ -7,16 +7,9 @@ import errno
 import os
 
 from ..errors import StoreError, StoreFull
+from ..paths import fsync_dir, replace_file  # noqa: F401  (fsync_dir: store modules call it here)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def syncfs(path: str) -> None:
@@ -30,28 +23,10 @@ def syncfs(path: str) -> None:
 
 
 def write_atomic(path: str, data: bytes, *, mode: int = 0o600, fsync: bool = True) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{id(data):x}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        if fsync:
-            fsync_dir(os.path.dirname(path))
-    except BaseException as exc:        # an interrupt too: leave no temp file behind
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
-            raise_os_error(exc, path)
-        raise
+        replace_file(path, data, mode=mode, fsync=fsync)
+    except OSError as exc:
+        raise_os_error(exc, path)
 
 
 def raise_os_error(exc: OSError, path: str):

@@ -1,5 +1,5 @@
 """A CUDA process in a runc container, checkpointed and restored by runc itself, with
-gpusnap's CRIU action script doing the CUDA part (hooks/gpusnap-criu-hook).
+gpusnap's CRIU action script doing the CUDA part (gpusnap/criu/hook.py).
 
 Run on the GPU machine as root: python3 -m pytest -m gpu tests/gpu/test_runc_gpu.py
 

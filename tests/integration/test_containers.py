@@ -449,15 +449,10 @@ def test_hook_runs_under_runc_through_the_annotation(container_host, tmp_path, g
 
 
 def test_hook_guard_waits_for_criu_then_looks_at_the_processes(container_host, hook):
-    """The guard pre-dump leaves behind, for real (a detached re-exec of the script, the
+    """The guard pre-dump leaves behind, for real (a detached run of the hook module, the
     CRIU pid by pidfd), with a stand-in for CRIU and a dumped process that is gone: it
     must wait for the stand-in to exit, then find nothing to undo (no CUDA needed)."""
-    import importlib.machinery
-    import importlib.util
-    path = os.path.join(REPO, "hooks", "gpusnap-criu-hook")
-    loader = importlib.machinery.SourceFileLoader("gpusnap_criu_hook_it", path)
-    h = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
-    loader.exec_module(h)
+    from gpusnap.criu import hook as h
     criu = subprocess.Popen(["sleep", "1"])
     try:
         state = h.state_path(criu.pid)

@@ -1,31 +1,30 @@
-"""The CRIU action script (hooks/gpusnap-criu-hook) and `gpusnap hooks install`, without
+"""The CRIU action script (gpusnap.criu.hook) and `gpusnap hooks install`, without
 CRIU or a GPU: the CUDA side is a fake that follows the driver's state transitions."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
+import importlib
 import json
 import os
 import types
 
 import pytest
 
-from gpusnap import hooks_install
+from gpusnap.criu import hook_install
+from gpusnap.errors import InsecureStore
 from gpusnap.cuda.driver import CudaState
 from gpusnap.cuda.session import CudaSession
 from gpusnap.errors import CudaFailed
 
-HOOK = os.path.join(os.path.dirname(__file__), "..", "..", "hooks", "gpusnap-criu-hook")
 R, L, C = CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="installs into root-owned directories")
+
+
 def load_hook():
-    loader = importlib.machinery.SourceFileLoader("gpusnap_criu_hook", HOOK)
-    spec = importlib.util.spec_from_loader("gpusnap_criu_hook", loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return importlib.import_module("gpusnap.criu.hook")
 
 
 class FakeDriver:
@@ -85,7 +84,7 @@ def hook(tmp_path, monkeypatch):
 
 # ---- config -----------------------------------------------------------------------------
 
-def test_config_subset():
+def test_config_is_yaml_checked():
     text = """# gpusnap
 log: /var/log/x.log   # trailing comment
 lock_timeout_ms: 2500
@@ -94,12 +93,14 @@ remap:
   "GPU-ccc": 'GPU-ddd'
 """
     h = load_hook()
-    assert h.parse_config(text) == {"log": "/var/log/x.log", "lock_timeout_ms": "2500",
+    assert h.parse_config(text) == {"log": "/var/log/x.log", "lock_timeout_ms": 2500,
                                     "remap": {"GPU-aaa": "GPU-bbb", "GPU-ccc": "GPU-ddd"}}
     assert h.parse_config("remap: {GPU-a: GPU-b, GPU-c: GPU-d}\n")["remap"] == {
         "GPU-a": "GPU-b", "GPU-c": "GPU-d"}
     assert h.parse_config("remap: {}\n") == {"remap": {}}
-    for bad in ("  indented: first\n", "just words\n", "remap: GPU-a\n"):
+    assert h.parse_config("") == {}
+    for bad in ("  indented: first\nx: [\n", "just words\n", "remap: GPU-a\n",
+                "lock_timeout_ms: soon\n", "log: relative.log\n", "remap: {a: [b]}\n"):
         with pytest.raises(h.HookError):
             h.parse_config(bad)
 
@@ -148,7 +149,7 @@ def _setup(hook, monkeypatch, driver, tree):
     monkeypatch.setattr(hook, "tree_pids", lambda init: list(tree))
     monkeypatch.setattr(hook, "holds_nvidia_fd", lambda pid: pid in driver.states
                         and driver.states[pid] != C)
-    monkeypatch.setattr(hook, "maps_libcuda", lambda pid: pid in driver.states)
+    monkeypatch.setattr(hook, "touches_nvidia", lambda pid: pid in driver.states)
     monkeypatch.setattr(hook, "criu_pid", lambda: 4242)
     monkeypatch.setattr(hook, "starttime", lambda pid: 1000 + pid)
     spawned = []
@@ -247,12 +248,13 @@ def test_main_fails_closed_at_pre_dump_only(hook, monkeypatch):
 
 # ---- install / uninstall -------------------------------------------------------------------
 
+@root_only
 def test_install_is_idempotent_keeps_a_backup_and_uninstall_restores(tmp_path):
     conf = tmp_path / "criu" / "runc.conf"
     conf.parent.mkdir()
     conf.write_text("tcp-established\n")
     script = tmp_path / "lib" / "gpusnap-criu-hook"
-    report = hooks_install.install(str(conf), str(script), python="/opt/py/bin/python3")
+    report = hook_install.install(str(conf), str(script), python="/opt/py/bin/python3")
     assert report["changed"] == [str(script), str(conf)]
     assert report["backup"] == str(conf) + ".bak"
     assert (tmp_path / "criu" / "runc.conf.bak").read_text() == "tcp-established\n"
@@ -260,28 +262,78 @@ def test_install_is_idempotent_keeps_a_backup_and_uninstall_restores(tmp_path):
     assert text.startswith("tcp-established\n") and text.endswith(f"action-script {script}\n")
     body = script.read_text()
     assert body.startswith("#!/opt/py/bin/python3 -I\n")
-    assert f"_SRC = {hooks_install._REPO!r}" in body
+    assert "from gpusnap.criu.hook import main" in body
+    assert REPO not in body, "the installed hook names nothing of the source tree"
     assert os.stat(script).st_mode & 0o777 == 0o755
-    again = hooks_install.install(str(conf), str(script), python="/opt/py/bin/python3")
+    again = hook_install.install(str(conf), str(script), python="/opt/py/bin/python3")
     assert again["changed"] == [] and again["backup"] is None
-    assert hooks_install.installed(str(conf), str(script))
+    assert hook_install.installed(str(conf), str(script))
 
-    out = hooks_install.uninstall(str(conf), str(script))
+    out = hook_install.uninstall(str(conf), str(script))
     assert conf.read_text() == "tcp-established\n" and not script.exists()
     assert out["changed"] == [str(conf), str(script)]
 
 
+@root_only
 def test_install_into_no_file_creates_it_and_uninstall_removes_it(tmp_path):
     conf, script = tmp_path / "new.conf", tmp_path / "hook"
-    hooks_install.install(str(conf), str(script))
-    assert conf.read_text() == f"{hooks_install.MARK}\naction-script {script}\n"
-    hooks_install.uninstall(str(conf), str(script))
+    hook_install.install(str(conf), str(script))
+    assert conf.read_text() == f"{hook_install.MARK}\naction-script {script}\n"
+    hook_install.uninstall(str(conf), str(script))
     assert not conf.exists() and not script.exists()
 
 
 def test_an_existing_line_in_another_spelling_counts():
     text = 'action-script = "/usr/local/lib/gpusnap/gpusnap-criu-hook"\n'
-    assert hooks_install.add_line(text, hooks_install.DEFAULT_SCRIPT) is None
-    assert hooks_install.remove_line(text, hooks_install.DEFAULT_SCRIPT) == ""
-    assert hooks_install.add_line("action-script /other\n", hooks_install.DEFAULT_SCRIPT) \
-        .endswith(f"action-script {hooks_install.DEFAULT_SCRIPT}\n")
+    assert hook_install.add_line(text, hook_install.DEFAULT_SCRIPT) is None
+    assert hook_install.remove_line(text, hook_install.DEFAULT_SCRIPT) == ""
+    assert hook_install.add_line("action-script /other\n", hook_install.DEFAULT_SCRIPT) \
+        .endswith(f"action-script {hook_install.DEFAULT_SCRIPT}\n")
+
+
+@root_only
+def test_install_refuses_directories_others_can_write(tmp_path):
+    for mode in (0o777, 0o1777, 0o775):
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        os.chmod(shared, mode)
+        with pytest.raises(InsecureStore):
+            hook_install.install(str(tmp_path / "ok.conf"), str(shared / "hook"))
+        with pytest.raises(InsecureStore):
+            hook_install.install(str(shared / "runc.conf"), str(tmp_path / "hook"))
+        assert os.listdir(shared) == []
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(InsecureStore):
+        hook_install.install(str(theirs / "sub" / "runc.conf"), str(tmp_path / "hook"))
+    assert not (theirs / "sub").exists()
+
+
+@root_only
+def test_install_replaces_links_never_writes_through_them_and_keeps_modes(tmp_path):
+    conf, script = tmp_path / "runc.conf", tmp_path / "hook"
+    conf.write_text("tcp-established\n")
+    os.chmod(conf, 0o600)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "runc.conf.bak").symlink_to(victim)
+    script.symlink_to(victim)
+    hook_install.install(str(conf), str(script))
+    assert victim.read_text() == "precious\n", "nothing written through a link"
+    bak = tmp_path / "runc.conf.bak"
+    assert not bak.is_symlink() and bak.read_text() == "tcp-established\n"
+    assert not script.is_symlink() and os.stat(script).st_mode & 0o7777 == 0o755
+    assert os.stat(conf).st_mode & 0o7777 == 0o600 == os.stat(bak).st_mode & 0o7777
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n], "no temp file left"
+
+
+def test_hook_without_an_action_does_nothing(tmp_path):
+    """What CRIU's action names do not cover exits 0 at once (no log, no state)."""
+    import subprocess
+    import sys
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for extra in ({}, {"CRTOOLS_SCRIPT_ACTION": "no-such-action"}):
+        res = subprocess.run([sys.executable, "-I", "-m", "gpusnap.criu.hook"],
+                             env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout == res.stderr == "", res.stderr

@@ -1,11 +1,11 @@
-#!/usr/bin/python3 -I
 """gpusnap's CRIU action script: CUDA checkpoint and restore for checkpoints that a
 container runtime drives (docker checkpoint, podman container checkpoint/restore, runc
 checkpoint/restore, crun), so that a container holding GPU state can be checkpointed by
 its own engine.
 
-Install with `gpusnap hooks install` (copies this file to /usr/local/lib/gpusnap/ and
-adds `action-script /usr/local/lib/gpusnap/gpusnap-criu-hook` to /etc/criu/runc.conf).
+The entry runtimes call is the console script `gpusnap-criu-hook` (main() below);
+`gpusnap hooks install` (gpusnap.criu.hook_install) writes a few lines that run it with
+this gpusnap's interpreter, and names them in a CRIU config file.
 
 What it does, by CRTOOLS_SCRIPT_ACTION (CRIU runs it once per action):
 
@@ -36,7 +36,7 @@ is left alone without loading libcuda. Trusted input: the CRTOOLS_* variables (e
 validated) and the root-owned config; nothing else of the environment is read, and no
 shell is ever run.
 
-/etc/gpusnap/config.yaml (optional, root-owned, not group/other writable), a YAML subset:
+/etc/gpusnap/config.yaml (optional, root-owned, not group/other writable), YAML:
 
     log: /var/log/gpusnap-hook.log      # where each action is logged (the default)
     lock_timeout_ms: 10000              # wait for CUDA calls in flight at pre-dump
@@ -46,17 +46,21 @@ shell is ever run.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
 import time
+
+from ..cuda.discover import holds_nvidia_fd, touches_nvidia
+from ..paths import private_dir, replace_file
 
 CONFIG = "/etc/gpusnap/config.yaml"
 DEFAULT_LOG = "/var/log/gpusnap-hook.log"
 STATE_DIR = "/run/gpusnap-hook"          # root-only: checked before every use (secure_state_dir)
 RESTORE_MARKER = "gpusnap-restore"      # written by gpusnap's container restores
 GUARD_TIMEOUT_S = 6 * 3600
-_SRC = None                             # set by `gpusnap hooks install`: gpusnap's source dir
+GUARD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 ACTIONS = {"pre-dump", "post-dump", "network-lock", "network-unlock", "pre-restore",
            "setup-namespaces", "post-setup-namespaces", "post-restore", "pre-resume",
@@ -70,62 +74,31 @@ class HookError(Exception):
 
 # ---- config ---------------------------------------------------------------------------
 
-def _scalar(text: str) -> str:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
-
-def _strip_comment(line: str) -> str:
-    out, quote = [], None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
-            break
-        out.append(ch)
-    return "".join(out).rstrip()
-
-
 def parse_config(text: str) -> dict:
-    """The YAML subset of config.yaml: top-level `key: scalar`, and `remap:` as an
-    indented block of `old: new` or an inline {old: new, ...}."""
-    cfg: dict = {}
-    block = None
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = _strip_comment(raw)
-        if not line.strip():
-            continue
-        indented = line[:1] in (" ", "\t")
-        key, sep, value = line.strip().partition(":")
-        if not sep or not key.strip():
-            raise HookError(f"{CONFIG}:{n}: expected 'key: value'")
-        key, value = _scalar(key), value.strip()
-        if indented:
-            if block is None:
-                raise HookError(f"{CONFIG}:{n}: unexpected indentation")
-            cfg[block][key] = _scalar(value)
-            continue
-        block = None
-        if key == "remap":
-            if value in ("", "{}"):
-                cfg["remap"] = {}
-                block = "remap" if value == "" else None
-            elif value.startswith("{") and value.endswith("}"):
-                cfg["remap"] = {}
-                for item in filter(None, (i.strip() for i in value[1:-1].split(","))):
-                    old, sep2, new = item.partition(":")
-                    if not sep2:
-                        raise HookError(f"{CONFIG}:{n}: remap entries are old: new")
-                    cfg["remap"][_scalar(old)] = _scalar(new)
-            else:
-                raise HookError(f"{CONFIG}:{n}: remap must be a mapping")
-        else:
-            cfg[key] = _scalar(value)
+    """config.yaml's settings, checked: log (an absolute path), lock_timeout_ms (a
+    number), remap (a mapping of GPU UUIDs). Other keys are ignored."""
+    import yaml
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise HookError(f"not valid YAML: {e}") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise HookError("expected a mapping of settings")
+    timeout = cfg.get("lock_timeout_ms")
+    if timeout is not None and not (isinstance(timeout, int) and not isinstance(timeout, bool)
+                                    and timeout >= 0 or str(timeout).isdigit()):
+        raise HookError("lock_timeout_ms must be a number")
+    log = cfg.get("log")
+    if log is not None and not (isinstance(log, str) and os.path.isabs(log)):
+        raise HookError("log must be an absolute path")
+    remap = cfg.get("remap")
+    if remap is None and "remap" in cfg:
+        cfg["remap"] = remap = {}
+    if remap is not None and not (isinstance(remap, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in remap.items())):
+        raise HookError("remap must be a mapping of GPU UUIDs, old: new")
     return cfg
 
 
@@ -147,14 +120,9 @@ def load_config(path: str = CONFIG) -> tuple[dict, str | None]:
     finally:
         os.close(fd)
     try:
-        cfg = parse_config(text)
+        return parse_config(text), None
     except HookError as e:
-        return {}, str(e)
-    if "lock_timeout_ms" in cfg and not str(cfg["lock_timeout_ms"]).isdigit():
-        return {}, f"{path}: lock_timeout_ms must be a number"
-    if cfg.get("log") and not os.path.isabs(cfg["log"]):
-        return {}, f"{path}: log must be an absolute path"
-    return cfg, None
+        return {}, f"{path}: {e}"
 
 
 # ---- logging --------------------------------------------------------------------------
@@ -190,6 +158,8 @@ def parse_pid(value: str | None, what: str) -> int:
 
 
 def starttime(pid: int) -> int | None:
+    """The pid's start time in clock ticks (pid and start time name a process for good),
+    None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -202,47 +172,14 @@ def starttime(pid: int) -> int | None:
 
 
 def tree_pids(root: int) -> list[int]:
-    """root and its descendants, through /proc/PID/task/TID/children."""
-    out, todo, seen = [], [root], set()
-    while todo:
-        pid = todo.pop(0)
-        if pid in seen:
-            continue
-        seen.add(pid)
-        out.append(pid)
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-            except OSError:
-                continue
-    return out
+    """root and its descendants (just root if it is gone)."""
+    import psutil
 
-
-def holds_nvidia_fd(pid: int) -> bool:
+    from ..targets.process import tree_pids as walk
     try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia"):
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def maps_libcuda(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return any("libcuda.so" in line for line in f)
-    except OSError:
-        return False
+        return walk(root)
+    except psutil.Error:
+        return [root]
 
 
 def criu_pid() -> int:
@@ -262,17 +199,8 @@ def criu_pid() -> int:
 # ---- state shared between the actions of one CRIU run ---------------------------------
 
 def secure_state_dir() -> str:
-    """STATE_DIR, created 0700 if missing; refused unless it is a real directory owned by
-    us and closed to others (its files decide which pids the hook locks and restores)."""
-    import stat
-    try:
-        os.mkdir(STATE_DIR, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(STATE_DIR)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise RuntimeError(f"{STATE_DIR} is not a private directory of uid {os.geteuid()}: refusing")
-    return STATE_DIR
+    """STATE_DIR, private to us (its files decide which pids the hook locks and restores)."""
+    return private_dir(STATE_DIR, "hook state directory")
 
 
 def state_path(criu: int) -> str:
@@ -280,17 +208,11 @@ def state_path(criu: int) -> str:
 
 
 def write_state(path: str, data: dict) -> None:
-    import json
     secure_state_dir()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(data).encode(), mode=0o600, fsync=False)
 
 
 def read_state(path: str) -> dict:
-    import json
     try:
         with open(path) as f:
             return json.load(f)
@@ -316,13 +238,8 @@ def clean_stale_states() -> None:
 # ---- CUDA ------------------------------------------------------------------------------
 
 def _cuda():
-    """gpusnap.cuda, imported only once a process may hold CUDA state."""
-    try:
-        import gpusnap.cuda as cuda
-    except ImportError:
-        src = _SRC or os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-        sys.path.insert(0, src)
-        import gpusnap.cuda as cuda
+    """gpusnap.cuda (the driver binding loads libcuda on first use only)."""
+    from .. import cuda
     return cuda
 
 
@@ -369,20 +286,17 @@ def _describe(e: BaseException) -> str:
 
 
 def spawn_guard(path: str, criu: int) -> None:
-    """A detached copy of this script that undoes pre-dump once CRIU has exited, if
-    the processes survived the dump. exec, not fork: this process has initialised CUDA."""
-    import subprocess
+    """A detached run of this module that undoes pre-dump once CRIU has exited, if the
+    processes survived the dump. A new process, not a fork: this one has initialised CUDA."""
+    from .. import sysrun
     try:
         pidfd = os.pidfd_open(criu)
     except (AttributeError, OSError):
         pidfd = -1
     try:
-        subprocess.Popen([sys.executable, "-I", os.path.realpath(__file__), "--guard", path,
-                          str(criu), str(pidfd)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True,
-                         pass_fds=(pidfd,) if pidfd >= 0 else (), start_new_session=True,
-                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        sysrun.spawn_detached([sys.executable, "-I", "-m", __name__, "--guard", path, str(criu),
+                               str(pidfd)], env={"PATH": GUARD_PATH},
+                              pass_fds=(pidfd,) if pidfd >= 0 else ())
     finally:
         if pidfd >= 0:
             os.close(pidfd)
@@ -402,41 +316,51 @@ def wait_exit(criu: int, start: int | None, pidfd: int, timeout: float) -> bool:
     return False
 
 
-def guard(path: str, criu: int, pidfd: int, cfg: dict, log) -> int:
-    if os.path.dirname(os.path.realpath(path)) != STATE_DIR:
-        log(f"guard: refusing state file {path}")
-        return 2
+def _survivors(path: str, criu: int, pidfd: int, log) -> dict[int, str] | None:
+    """The processes pre-dump changed that are still alive once CRIU has exited, with
+    the CUDA state each started in (the state file is consumed); None if CRIU did not
+    exit in time."""
     state = read_state(path)
     if not wait_exit(criu, starttime(criu), pidfd, GUARD_TIMEOUT_S):
         log(f"guard: criu {criu} still running after {GUARD_TIMEOUT_S} s; giving up")
-        return 1
+        return None
     state = read_state(path) or state
     try:
         os.unlink(path)
     except OSError:
         pass
-    alive = [int(p) for p, start in (state.get("pids") or {}).items()
-             if p in (state.get("initial") or {}) and start is not None
-             and starttime(int(p)) == start]
+    initial = state.get("initial") or {}
+    return {int(p): initial[p] for p, start in (state.get("pids") or {}).items()
+            if p in initial and start is not None and starttime(int(p)) == start}
+
+
+def guard(path: str, criu: int, pidfd: int, cfg: dict, log) -> int:
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(STATE_DIR):
+        log(f"guard: refusing state file {path}")
+        return 2
+    alive = _survivors(path, criu, pidfd, log)
+    if alive is None:
+        return 1
     if not alive:
         log(f"guard: criu {criu} done; the dumped processes are gone: nothing to undo")
         return 0
     cuda = _cuda()
+    pids = sorted(alive)
     try:
         init = cuda.get_driver().init()
         if init:
             log(f"guard: cuInit failed here: {cuda.get_driver().error_name(init)} ({init})")
-        session = cuda.CudaSession(alive)
-        for p in alive:
-            session.initial[p] = cuda.CudaState[state["initial"][str(p)]]
+        session = cuda.CudaSession(pids)
+        for p in pids:
+            session.initial[p] = cuda.CudaState[alive[p]]
         errors = session.rollback()
     except BaseException as e:
-        log(f"guard: restoring CUDA for {alive} FAILED: {_describe(e)}")
+        log(f"guard: restoring CUDA for {pids} FAILED: {_describe(e)}")
         return 1
     if errors:
-        log(f"guard: restoring CUDA for {alive} FAILED: {'; '.join(map(_describe, errors))}")
+        log(f"guard: restoring CUDA for {pids} FAILED: {'; '.join(map(_describe, errors))}")
         return 1
-    log(f"guard: criu {criu} done, processes {alive} kept running (leave-running or a "
+    log(f"guard: criu {criu} done, processes {pids} kept running (leave-running or a "
         f"failed dump): CUDA restored and unlocked")
     return 0
 
@@ -462,7 +386,7 @@ def post_resume(init: int, cfg: dict, log) -> int:
             pass
         log(f"init={init} left to gpusnap")
         return 0
-    candidates = [p for p in tree_pids(init) if maps_libcuda(p) or holds_nvidia_fd(p)]
+    candidates = [p for p in tree_pids(init) if touches_nvidia(p)]
     if not candidates:
         log(f"init={init} no CUDA in the tree: nothing to do")
         return 0
@@ -486,51 +410,59 @@ def post_resume(init: int, cfg: dict, log) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+# ---- entry -----------------------------------------------------------------------------
+
+def _run_guard(argv: list[str]) -> int:
+    cfg, _ = load_config()
+    log = Log(cfg.get("log", DEFAULT_LOG), "guard")
+    try:
+        return guard(argv[2], int(argv[3]), int(argv[4]), cfg, log)
+    except Exception as e:  # noqa: BLE001
+        log(f"guard: FAILED: {e!r}")
+        return 1
+
+
+def _act(action: str, cfg: dict, cfg_error: str | None, log) -> int:
     env = os.environ
+    init = None
+    if action != "pre-restore" or "CRTOOLS_INIT_PID" in env:
+        init = parse_pid(env.get("CRTOOLS_INIT_PID"), "CRTOOLS_INIT_PID")
+    if action in ("pre-dump", "post-resume") and cfg_error:
+        raise HookError(cfg_error)
+    if action == "pre-dump":
+        return pre_dump(init, cfg, log)
+    if action == "pre-resume":
+        return pre_resume(init, log)
+    if action == "post-resume":
+        return post_resume(init, cfg, log)
+    if action == "network-unlock":
+        state = read_state(state_path(criu_pid()))
+        if state.get("initial"):
+            log(f"init={init} the dumped tasks resume (leave-running, or the dump "
+                f"failed): the guard restores CUDA for {sorted(state['initial'])} "
+                f"once CRIU exits")
+            return 0
+    log(f"init={init}" if init else "")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """What CRIU runs for each action (the `gpusnap-criu-hook` console script). Fails
+    closed (exit 1) at pre-dump and post-resume only; any other action exits 0."""
+    argv = sys.argv if argv is None else argv
     if len(argv) == 5 and argv[1] == "--guard":
-        cfg, _ = load_config()
-        log = Log(cfg.get("log", DEFAULT_LOG), "guard")
-        try:
-            return guard(argv[2], int(argv[3]), int(argv[4]), cfg, log)
-        except Exception as e:  # noqa: BLE001
-            log(f"guard: FAILED: {e!r}")
-            return 1
-    action = env.get("CRTOOLS_SCRIPT_ACTION", "")
+        return _run_guard(argv)
+    action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
     if action not in ACTIONS:
         return 0
     cfg, cfg_error = load_config()
     log = Log(cfg.get("log", DEFAULT_LOG), action)
     try:
-        init = None
-        if action != "pre-restore" or "CRTOOLS_INIT_PID" in env:
-            init = parse_pid(env.get("CRTOOLS_INIT_PID"), "CRTOOLS_INIT_PID")
-        if action == "pre-dump":
-            if cfg_error:
-                raise HookError(cfg_error)
-            return pre_dump(init, cfg, log)
-        if action == "pre-resume":
-            return pre_resume(init, log)
-        if action == "post-resume":
-            if cfg_error:
-                raise HookError(cfg_error)
-            return post_resume(init, cfg, log)
-        if action == "network-unlock":
-            state = read_state(state_path(criu_pid()))
-            if state.get("initial"):
-                log(f"init={init} the dumped tasks resume (leave-running, or the dump "
-                    f"failed): the guard restores CUDA for {sorted(state['initial'])} "
-                    f"once CRIU exits")
-                return 0
-        log(f"init={init}" if init else "")
-        return 0
-    except HookError as e:
-        log(f"FAILED: {e}")
-        return 1 if action in ("pre-dump", "post-resume") else 0
+        return _act(action, cfg, cfg_error, log)
     except Exception as e:  # noqa: BLE001 - fail closed, and say why
-        log(f"FAILED: {e!r}")
+        log(f"FAILED: {e}" if isinstance(e, HookError) else f"FAILED: {e!r}")
         return 1 if action in ("pre-dump", "post-resume") else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main())

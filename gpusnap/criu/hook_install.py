@@ -1,0 +1,162 @@
+"""Install gpusnap's CRIU action script for container runtimes, and take it out again.
+
+    install:   /usr/local/lib/gpusnap/gpusnap-criu-hook (0755): a few lines that run
+               gpusnap.criu.hook with this Python, isolated (`-I`), so nothing of the
+               source tree or the caller's environment is in it; and `action-script <that
+               path>` in a CRIU config file: /etc/criu/runc.conf by default (runc reads it
+               for docker, podman and runc itself; crun reads /etc/criu/crun.conf first,
+               then runc.conf). An existing config file is copied to FILE.bak before it is
+               changed; a second install changes nothing.
+    uninstall: the line goes (a file left empty goes too); the script goes.
+
+Both destinations must be directories only root can change. Every file is written to a
+new temp name (O_EXCL, O_NOFOLLOW) and renamed into place with its mode, so a link left
+at a destination (FILE.bak included) is replaced, never written through. Pure of click.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+
+from ..errors import InsecureStore, UsageError
+from ..paths import replace_file, writable_by_others
+
+DEFAULT_SCRIPT = "/usr/local/lib/gpusnap/gpusnap-criu-hook"
+DEFAULT_CONFIG = "/etc/criu/runc.conf"
+MARK = "# added by `gpusnap hooks install`"
+ENTRY = "gpusnap.criu.hook"
+
+
+def _line_re(script: str) -> re.Pattern:
+    return re.compile(r"^\s*action-script(\s+|\s*=\s*)([\"']?)" + re.escape(script) + r"\2\s*$")
+
+
+def render_script(python: str) -> str:
+    """The installed hook: this interpreter, isolated, running gpusnap.criu.hook."""
+    return (f"#!{python} -I\n"
+            f'"""gpusnap\'s CRIU action script, written by `gpusnap hooks install`: '
+            f'see {ENTRY}."""\n'
+            f"import sys\n\n"
+            f"from {ENTRY} import main\n\n"
+            f"sys.exit(main())\n")
+
+
+def add_line(text: str | None, script: str) -> str | None:
+    """The config text with our action-script line, or None if it is already there."""
+    text = text or ""
+    if any(_line_re(script).match(line) for line in text.splitlines()):
+        return None
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return f"{text}{MARK}\naction-script {script}\n"
+
+
+def remove_line(text: str, script: str) -> str | None:
+    """The config text without our line (and our mark), or None if it had neither."""
+    pattern = _line_re(script)
+    lines = text.splitlines(keepends=True)
+    kept = [ln for ln in lines if not pattern.match(ln) and ln.strip() != MARK]
+    return None if len(kept) == len(lines) else "".join(kept)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _mode(path: str, default: int) -> int:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return default
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else default
+
+
+def check_destinations(paths: list[str]) -> None:
+    """Refuse a destination whose directory is open to group or other writes (sticky or
+    not) or not owned by root, or has such a directory above it: whoever can change it
+    can change what root runs at every checkpoint."""
+    for path in paths:
+        directory = os.path.dirname(path)
+        cur = directory
+        while not os.path.exists(cur) and cur != "/":
+            cur = os.path.dirname(cur)
+        st = os.stat(cur)
+        bad = writable_by_others([cur]) or (cur if st.st_mode & 0o022 else None)
+        if bad:
+            raise InsecureStore(f"{directory} for {path}: {bad} can be changed by a user other "
+                                f"than root", hint="pick a directory only root can write")
+
+
+def _check_interpreter(python: str) -> None:
+    import gpusnap
+    package = os.path.dirname(os.path.abspath(gpusnap.__file__))
+    untrusted = writable_by_others([python, sys.prefix, package])
+    if untrusted:
+        raise InsecureStore(
+            "the hook runs as root at every container checkpoint with this interpreter and "
+            f"package; {untrusted} can be changed by a user other than root",
+            hint="install gpusnap where only root can write (e.g. under /opt), then run hooks install")
+
+
+def install(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,
+            python: str | None = None) -> dict:
+    """Returns {script, config, backup, changed: [paths written]}."""
+    if not os.path.isabs(config) or not os.path.isabs(script):
+        raise UsageError("--config and --script must be absolute paths")
+    if re.search(r"\s", script):
+        raise UsageError("the hook path must not contain spaces")
+    interpreter = python or sys.executable
+    _check_interpreter(interpreter)
+    check_destinations([script, config])
+    text = render_script(interpreter)
+    changed, backup = [], None
+    if _read(script) != text or _mode(script, 0) != 0o755:
+        _write(script, text, 0o755)
+        changed.append(script)
+    old = _read(config)
+    new = add_line(old, script)
+    if new is not None:
+        mode = _mode(config, 0o644)
+        if old is not None:
+            backup = config + ".bak"
+            _write(backup, old, mode)
+        _write(config, new, mode)
+        changed.append(config)
+    return {"script": script, "config": config, "backup": backup, "changed": changed}
+
+
+def _write(path: str, text: str, mode: int) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    replace_file(path, text.encode(), mode=mode)
+
+
+def uninstall(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,
+              remove_script: bool = True) -> dict:
+    """Returns {script, config, changed: [paths changed or removed]}."""
+    changed = []
+    old = _read(config)
+    if old is not None:
+        new = remove_line(old, script)
+        if new is not None:
+            if new.strip():
+                check_destinations([config])
+                _write(config, new, _mode(config, 0o644))
+            else:
+                os.unlink(config)
+            changed.append(config)
+    if remove_script and os.path.lexists(script):
+        os.unlink(script)
+        changed.append(script)
+    return {"script": script, "config": config, "changed": changed}
+
+
+def installed(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT) -> bool:
+    text = _read(config)
+    return bool(text) and add_line(text, script) is None and os.access(script, os.X_OK)
