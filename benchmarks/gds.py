@@ -46,7 +46,7 @@ def warm(path: str) -> None:
 
 
 def make_file(path: str, gib: int = 4) -> None:
-    from gpusnap.workloads.sdk_server import write_safetensors
+    from tests.workloads.sdk_server import write_safetensors
     import torch
     g = torch.Generator().manual_seed(0)
     n = (gib << 30) // (64 << 20)
@@ -106,7 +106,7 @@ def host_read(path: str, threads: int, chunk: int, cold: bool) -> float:
 
 
 def pinned_h2d(gib: int = 2) -> float:
-    from gpusnap.bench.cold_start import floor_pinned_h2d
+    from benchmarks.cold_start import floor_pinned_h2d
     return floor_pinned_h2d(gib)
 
 

@@ -22,6 +22,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
     .whl/click-*.whl .whl/tqdm-*.whl .whl/zstandard-*.whl $(ls .whl/kvikio/*.whl 2>/dev/null) \
     $(python3 -c "import pytest" 2>/dev/null || ls .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl) \
     >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
+# A venv over the machine's Python that finds gpusnap (this tree) and the wheels above
+# through a .pth file: the CRIU hook runs isolated (python -I), so PYTHONPATH would not
+# reach it. `python3` below is that venv's.
+VENV=/tmp/gpusnap-venv
+python3 -m venv --system-site-packages --without-pip "$VENV" || { echo "venv failed"; exit 1; }
+printf '%s\n%s\n' "$SITE" "$PWD" >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/gpusnap-dev.pth"
+export PATH=$VENV/bin:$PATH
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 GPUSNAP_RESULTS=$OUT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 

@@ -95,7 +95,11 @@ def check_destinations(paths: list[str]) -> None:
 
 
 def _check_interpreter(python: str) -> None:
+    """The hook's interpreter must be root's alone, and must find gpusnap on its own
+    (isolated: no PYTHONPATH, no current directory), as it will under CRIU."""
     import gpusnap
+
+    from .. import sysrun
     package = os.path.dirname(os.path.abspath(gpusnap.__file__))
     untrusted = writable_by_others([python, sys.prefix, package])
     if untrusted:
@@ -103,6 +107,14 @@ def _check_interpreter(python: str) -> None:
             "the hook runs as root at every container checkpoint with this interpreter and "
             f"package; {untrusted} can be changed by a user other than root",
             hint="install gpusnap where only root can write (e.g. under /opt), then run hooks install")
+    try:
+        probe = sysrun.run([python, "-I", "-c", f"import {ENTRY}"], cwd="/", timeout=120)
+    except OSError as e:
+        raise UsageError(f"cannot run {python}: {e.strerror}") from None
+    if not probe.ok:
+        raise UsageError(f"{python} -I cannot import {ENTRY}: {probe.stderr.strip()[-300:]}",
+                         hint="install gpusnap into that Python (pip install gpusnap, or "
+                              "pip install -e . in a checkout); PYTHONPATH does not reach the hook")
 
 
 def install(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,

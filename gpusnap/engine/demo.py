@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from .. import sysrun
 from ..errors import GpusnapError
 from ..store import Repository
 from . import dump, restore
@@ -48,12 +49,6 @@ def gpu_available() -> bool:
     return True
 
 
-def _start(argv: list[str], state: str) -> subprocess.Popen:
-    with open(os.path.join(state, "workload.log"), "ab") as out:    # the child keeps its copy
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, close_fds=True)
-
-
 def _wait_file(path: str, proc: subprocess.Popen | None, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,10 +66,12 @@ class _CpuWorkload:
     name = "cpu"
 
     def __init__(self, state: str, mib: int):
+        from ..workloads import memholder
         self.state = state
-        self.proc = _start([sys.executable, "-m", "gpusnap.workloads.memholder", "--state", state,
-                            "--mib", str(mib), "--children", "2", "--threads", "2",
-                            "--mmap-file", os.path.join(state, "mapped")], state)
+        self.proc = sysrun.start([sys.executable, memholder.__file__, "--state", state,
+                                  "--mib", str(mib), "--children", "2", "--threads", "2",
+                                  "--mmap-file", os.path.join(state, "mapped")],
+                                 stdout=os.path.join(state, "workload.log"))
         self.pid = _wait_file(os.path.join(state, "ready"), self.proc, 120)["pid"]
 
     def reap(self) -> None:
@@ -137,16 +134,8 @@ def run(repo: Repository, *, mib: int = 256, cuda: bool | None = None) -> DemoRe
         return DemoResult(work.name, manifest["id"], restored_pid, manifest["bytes_logical"],
                           manifest["bytes_new"], {**manifest["timings"], **result["timings"]}, report)
     finally:
-        from ..targets.process import kill_and_wait
+        from ..targets.process import kill_and_wait, restored_tree
         work.stop()
         if restored_pid:
-            kill_and_wait(_tree(restored_pid))
+            kill_and_wait(restored_tree(restored_pid, [restored_pid]))
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _tree(root: int) -> list[int]:
-    import psutil
-    try:
-        return [root] + [p.pid for p in psutil.Process(root).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return [root]

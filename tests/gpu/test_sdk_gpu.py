@@ -1,4 +1,4 @@
-"""gpusnap.sdk on a real GPU: the transformers server (gpusnap/workloads/llm_server.py)
+"""gpusnap.sdk on a real GPU: the transformers server (tests/workloads/llm_server.py)
 with --sdk dumps with its weights out of the image, restores, reads them back into GPU
 memory and generates the same tokens as before; the image is smaller by about the weights.
 
@@ -45,7 +45,7 @@ def model_dir(_needs_gpu, tmp_path_factory):
     if "dir" in _MODEL:
         return _MODEL["dir"]
     d = str(tmp_path_factory.mktemp("model"))
-    res = subprocess.run([sys.executable, "-m", "gpusnap.workloads.llm_server", "make", "--size", SIZE,
+    res = subprocess.run([sys.executable, "-m", "tests.workloads.llm_server", "make", "--size", SIZE,
                           "--out", d], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     _MODEL["dir"] = d
@@ -71,7 +71,7 @@ class Server:
         self.state = state
         log = open(os.path.join(state, "log"), "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpusnap.workloads.llm_server", "serve", "--model", model_dir,
+            [sys.executable, "-m", "tests.workloads.llm_server", "serve", "--model", model_dir,
              "--port", str(PORT), "--state", state, *(["--sdk"] if sdk else [])],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         ready = os.path.join(state, "ready")

@@ -1,5 +1,5 @@
 """gpusnap.sdk with real CRIU, on CPU PyTorch: a server whose weights leave the snapshot
-and come back from their safetensors file (gpusnap/workloads/sdk_server.py).
+and come back from their safetensors file (tests/workloads/sdk_server.py).
 
 Each test checks what the server computes (the SHA-256 of its output on a fixed input)
 before and after, and that the server is never left without its weights."""
@@ -33,7 +33,7 @@ class Server:
                 os.unlink(os.path.join(state, name))
         log = open(os.path.join(state, "log"), "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpusnap.workloads.sdk_server", "--state", state,
+            [sys.executable, "-m", "tests.workloads.sdk_server", "--state", state,
              "--mib", str(MIB), *args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=REPO)
         ready = wait_json(os.path.join(state, "ready"), proc=self.proc, timeout=120)

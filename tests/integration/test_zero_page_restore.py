@@ -27,7 +27,7 @@ def zeroholder(tmp_path):
         state = tmp_path / f"z{len(procs)}"
         state.mkdir()
         log = open(state / "log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "gpusnap.workloads.zeroholder", "--state", str(state),
+        proc = subprocess.Popen([sys.executable, "-m", "tests.workloads.zeroholder", "--state", str(state),
                                  "--file", str(state / "backing")], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, cwd=REPO)
         ready = wait_json(str(state / "ready"), proc=proc)
@@ -64,7 +64,7 @@ def test_every_kind_of_mapping_reads_the_same_after_elided_dump_and_restore(zero
     wait_pids_free([pid, *children])
     rc, info, err = gpusnap("inspect", "z")
     # anon: 260 zero pages; the child's copy-on-write area: 260 more (shared and file pages stay)
-    assert info["zero_pages_dropped"] >= 2 * len(set(__import__("gpusnap.workloads.zeroholder",
+    assert info["zero_pages_dropped"] >= 2 * len(set(__import__("tests.workloads.zeroholder",
                                                                   fromlist=["ZERO_PAGES"]).ZERO_PAGES))
     rc, out, err = gpusnap("restore", "z")
     assert rc == 0, err

@@ -70,6 +70,12 @@ def test_bench_without_a_gpu_says_so(tmp_path, monkeypatch):
         assert exc.code == 20
 
 
+def test_bench_loads_the_harness_of_the_checkout():
+    from gpusnap.cli import cmd_bench
+    harness = cmd_bench._harness()
+    assert callable(harness.main) and harness.PROMPT
+
+
 def test_commands_that_only_read_create_no_store(tmp_path, capsys):
     """A mistyped --store is an error, not a new empty store (ls says there is none)."""
     missing = str(tmp_path / "typo")

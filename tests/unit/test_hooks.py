@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 import types
 
 import pytest
@@ -254,18 +255,18 @@ def test_install_is_idempotent_keeps_a_backup_and_uninstall_restores(tmp_path):
     conf.parent.mkdir()
     conf.write_text("tcp-established\n")
     script = tmp_path / "lib" / "gpusnap-criu-hook"
-    report = hook_install.install(str(conf), str(script), python="/opt/py/bin/python3")
+    report = hook_install.install(str(conf), str(script))
     assert report["changed"] == [str(script), str(conf)]
     assert report["backup"] == str(conf) + ".bak"
     assert (tmp_path / "criu" / "runc.conf.bak").read_text() == "tcp-established\n"
     text = conf.read_text()
     assert text.startswith("tcp-established\n") and text.endswith(f"action-script {script}\n")
     body = script.read_text()
-    assert body.startswith("#!/opt/py/bin/python3 -I\n")
+    assert body.startswith(f"#!{sys.executable} -I\n")
     assert "from gpusnap.criu.hook import main" in body
-    assert REPO not in body, "the installed hook names nothing of the source tree"
+    assert REPO not in body.split("\n", 1)[1], "nothing of the source tree but the interpreter"
     assert os.stat(script).st_mode & 0o777 == 0o755
-    again = hook_install.install(str(conf), str(script), python="/opt/py/bin/python3")
+    again = hook_install.install(str(conf), str(script))
     assert again["changed"] == [] and again["backup"] is None
     assert hook_install.installed(str(conf), str(script))
 
@@ -331,9 +332,16 @@ def test_install_replaces_links_never_writes_through_them_and_keeps_modes(tmp_pa
 def test_hook_without_an_action_does_nothing(tmp_path):
     """What CRIU's action names do not cover exits 0 at once (no log, no state)."""
     import subprocess
-    import sys
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     for extra in ({}, {"CRTOOLS_SCRIPT_ACTION": "no-such-action"}):
         res = subprocess.run([sys.executable, "-I", "-m", "gpusnap.criu.hook"],
                              env={**env, **extra}, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0 and res.stdout == res.stderr == "", res.stderr
+
+
+@root_only
+def test_install_refuses_a_python_that_cannot_import_gpusnap_isolated(tmp_path):
+    from gpusnap.errors import UsageError
+    with pytest.raises(UsageError, match="cannot"):
+        hook_install.install(str(tmp_path / "c.conf"), str(tmp_path / "h"), python="/bin/false")
+    assert os.listdir(tmp_path) == []

@@ -229,7 +229,7 @@ def model_file(tmp_path):
         pytest.skip("PyTorch is not installed")
     import torch
 
-    from gpusnap.workloads.sdk_server import write_safetensors
+    from tests.workloads.sdk_server import write_safetensors
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).to(torch.bfloat16)
     m.register_buffer("not_in_file", torch.ones(3))

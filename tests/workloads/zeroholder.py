@@ -1,7 +1,7 @@
 """A process whose memory mixes zero and nonzero pages in every kind of mapping, and that
 can prove after a restore that each still reads as it did (zero-page elision's semantics).
 
-    python -m gpusnap.workloads.zeroholder --state DIR --file PATH
+    python -m tests.workloads.zeroholder --state DIR --file PATH
 
 Mappings, each with zero runs of 1 page, 3 pages and 1 MiB among random pages:
   anon     MAP_PRIVATE|MAP_ANONYMOUS              (zero pages may be dropped)

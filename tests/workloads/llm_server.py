@@ -1,7 +1,7 @@
 """A small transformers inference server, the workload gpusnap exists for.
 
-    python -m gpusnap.workloads.llm_server make --size 1b --out DIR     # random weights -> safetensors
-    python -m gpusnap.workloads.llm_server serve --model DIR --port P --state DIR [--sdk]
+    python -m tests.workloads.llm_server make --size 1b --out DIR     # random weights -> safetensors
+    python -m tests.workloads.llm_server serve --model DIR --port P --state DIR [--sdk]
 
 `make` builds a Llama-style causal LM from a config with random weights (no model hub
 needed) and saves config.json + model.safetensors. `serve` loads it with

@@ -1,6 +1,6 @@
 """A small model server that uses gpusnap.sdk, on CPU or GPU, for the SDK's tests.
 
-    python -m gpusnap.workloads.sdk_server --state DIR [--mib 64] [--device cpu|cuda]
+    python -m tests.workloads.sdk_server --state DIR [--mib 64] [--device cpu|cuda]
         [--no-sdk] [--socket-dir D] [--fail-prepare] [--kv-mib 8]
 
 Builds a stack of 1024x1024 float32 linear layers (--mib of weights, seeded), writes them

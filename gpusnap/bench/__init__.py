@@ -1,1 +1,0 @@
-"""Benchmarks that ship with gpusnap (`gpusnap bench`); benchmarks/ has the rest."""
