@@ -54,25 +54,49 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float | 
     killed with its parasite inside the target can leave the target broken). A timeout
     still kills the child (subprocess.TimeoutExpired).
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    interrupt: BaseException | None = None
-    with subprocess.Popen(argv, env=clean_env(env), cwd=cwd, text=True, errors="replace",
-                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          preexec_fn=_ignore_sigint, pass_fds=pass_fds) as proc:
-        while True:
-            try:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                stdout, stderr = proc.communicate(input if interrupt is None else None, left)
-                break
-            except (KeyboardInterrupt, Interrupted) as exc:
-                interrupt = interrupt or exc        # communicate() resumes where it was
-            except BaseException:
-                proc.kill()
-                raise
-    if interrupt is not None:
-        raise interrupt
-    return Result(list(argv), proc.returncode, stdout, stderr)
+    return begin(argv, env=env, cwd=cwd, input=input, pass_fds=pass_fds).wait(timeout)
+
+
+class Running:
+    """A child started by begin(), whose output is collected by wait()."""
+
+    def __init__(self, proc: subprocess.Popen, argv: list[str], input: str | None):
+        self.proc, self.argv, self.input = proc, list(argv), input
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """run()'s second half: wait for the child (interrupts held until it exits)."""
+        proc = self.proc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interrupt: BaseException | None = None
+        with proc:
+            while True:
+                try:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    stdout, stderr = proc.communicate(self.input if interrupt is None else None, left)
+                    break
+                except (KeyboardInterrupt, Interrupted) as exc:
+                    interrupt = interrupt or exc        # communicate() resumes where it was
+                except BaseException:
+                    proc.kill()
+                    raise
+        if interrupt is not None:
+            raise interrupt
+        return Result(self.argv, proc.returncode, stdout, stderr)
+
+
+def begin(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+          input: str | None = None, pass_fds: tuple[int, ...] = ()) -> Running:
+    """Start argv (clean environment, no shell, ignoring SIGINT) for a caller that works
+    while it runs; Running.wait() collects it as run() does. Starts no thread."""
+    proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, text=True, errors="replace",
+                            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_ignore_sigint, pass_fds=pass_fds)
+    return Running(proc, argv, input)
 
 
 def start(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
@@ -89,3 +113,29 @@ def spawn_detached(argv: list[str], *, env: dict[str, str] | None = None, cwd: s
                    stdout: str = os.devnull, pass_fds: tuple[int, ...] = ()) -> int:
     """start() for a process nobody waits for here; its pid."""
     return start(argv, env=env, cwd=cwd, stdout=stdout, pass_fds=pass_fds).pid
+
+
+def fork_helper(fn, *args) -> int:
+    """Fork a helper process that runs fn(*args) in its own session and exits; its pid.
+
+    For a helper that must outlive gpusnap (criu/lazy.py's guard): a new session keeps
+    it out of a Ctrl-C or a kill of gpusnap's process group, and it ignores SIGINT and
+    SIGHUP. It leaves through os._exit: nothing of gpusnap's runs twice. Fork only where
+    no other thread runs (the child would inherit their locks held)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        fn(*args)
+    except BaseException:       # noqa: BLE001 - the helper's exit code says it failed
+        code = 1
+        if os.environ.get("GPUSNAP_TRACEBACK"):
+            import traceback
+            traceback.print_exc()
+    finally:
+        os._exit(code)

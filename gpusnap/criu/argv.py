@@ -14,6 +14,8 @@ class CriuOptions:
     shell_job: bool = False
     extra: list[str] = field(default_factory=list)
     verbosity: int = 4
+    lazy_pages: bool = False        # restore: pages marked PE_LAZY come through userfaultfd
+    leave_stopped: bool = False     # restore: the tree stays stopped (SIGSTOP) after CRIU
 
 
 def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,
@@ -40,4 +42,8 @@ def restore_argv(criu: str, images_dir: str, pidfile: str, opts: CriuOptions,
         argv += ["--work-dir", work_dir]
     if opts.shell_job:
         argv.append("--shell-job")
+    if opts.lazy_pages:
+        argv.append("--lazy-pages")
+    if opts.leave_stopped:
+        argv.append("--leave-stopped")
     return argv + list(opts.extra)

@@ -48,15 +48,27 @@ def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
             timeout: float | None = None) -> int:
     """CRIU restore, detached; the restored root pid. Log and pidfile go to work_dir
     (default: images_dir)."""
+    return finish_restore(start_restore(images_dir, opts, work_dir=work_dir), timeout=timeout)
+
+
+def start_restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None) -> sysrun.Running:
+    """CRIU restore started, for a caller that works while it runs (the uffd page path
+    serves its tasks' memory meanwhile); finish_restore() collects it."""
     criu, _ = find_criu()
     out_dir = work_dir or images_dir
     pidfile = os.path.join(out_dir, "restored.pid")
     if os.path.exists(pidfile):          # CRIU refuses to overwrite it (a second restore)
         os.unlink(pidfile)
-    res = sysrun.run(restore_argv(criu, images_dir, pidfile, opts, work_dir), timeout=timeout)
+    running = sysrun.begin(restore_argv(criu, images_dir, pidfile, opts, work_dir))
+    running.out_dir = out_dir
+    return running
+
+
+def finish_restore(running: sysrun.Running, timeout: float | None = None) -> int:
+    res = running.wait(timeout)
     if not res.ok:
-        raise _fail("restore", res, os.path.join(out_dir, "restore.log"))
-    return int(restored_pid(out_dir))
+        raise _fail("restore", res, os.path.join(running.out_dir, "restore.log"))
+    return int(restored_pid(running.out_dir))
 
 
 def restored_pid(out_dir: str) -> int | None:

@@ -10,6 +10,7 @@ the destination.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import threading
@@ -24,10 +25,15 @@ _map_lock = threading.Lock()
 
 
 def write_files(repo, entries: list[dict], dest: str, workers: int,
-                progress: Callable[[int], None] | None = None) -> dict:
-    """Write entries (manifest file entries) under dest. Returns timing statistics."""
+                progress: Callable[[int], None] | None = None,
+                only: dict[str, list[tuple[int, int]]] | None = None) -> dict:
+    """Write entries (manifest file entries) under dest. Returns timing statistics.
+
+    only: for the paths it names, just the chunks that overlap these (offset, length)
+    ranges are written; the rest of such a file stays a hole (the uffd page path fills
+    those pages into the restored process instead)."""
     os.makedirs(dest, mode=0o700, exist_ok=True)
-    paths, chunks = _create(entries, dest)
+    paths, chunks = _create(entries, dest, only or {})
     batches = parallel.batches(chunks, lambda c: c[3])
     wall = time.perf_counter()
     read_s = decode_s = 0.0
@@ -45,7 +51,7 @@ def write_files(repo, entries: list[dict], dest: str, workers: int,
             "read_worker_s": round(read_s, 4), "decode_write_worker_s": round(decode_s, 4)}
 
 
-def _create(entries: list[dict], dest: str) -> tuple[list[str], list[tuple]]:
+def _create(entries: list[dict], dest: str, only: dict) -> tuple[list[str], list[tuple]]:
     """Create every file at its size (sparse); the chunks to write: (file, off, id, n)."""
     real_dest = os.path.realpath(dest) + os.sep
     paths, chunks = [], []
@@ -63,13 +69,20 @@ def _create(entries: list[dict], dest: str) -> tuple[list[str], list[tuple]]:
         index = len(paths)
         paths.append(path)
         off = 0
+        wanted = only.get(entry["path"])
         for cid, n in entry["chunks"]:
-            if cid != codec.ZERO_ID:
+            if cid != codec.ZERO_ID and (wanted is None or _overlaps(wanted, off, n)):
                 chunks.append((index, off, cid, n))
             off += n
         if off != entry["size"]:
             raise IntegrityError(f"{entry['path']}: chunks add up to {off}, not {entry['size']}")
     return paths, chunks
+
+
+def _overlaps(ranges: list[tuple[int, int]], off: int, n: int) -> bool:
+    """Whether [off, off+n) meets one of ranges (sorted, not overlapping)."""
+    i = bisect.bisect_left(ranges, (off + n,)) - 1
+    return i >= 0 and ranges[i][0] + ranges[i][1] > off
 
 
 def _view(path: str) -> memoryview:

@@ -333,12 +333,14 @@ class Repository:
 
     # ---- materialise (restore side) ---------------------------------------------------
     def materialise(self, manifest: dict, dest: str, progress: Progress | None = None,
-                    *, which: str = "files") -> None:
+                    *, which: str = "files", only: dict | None = None,
+                    skip: Iterable[str] = ()) -> None:
         """Write a snapshot's files under dest, verifying each chunk as it is decoded
         (materialise.py says how). Zero chunks are left as holes. Any mismatch raises
         IntegrityError; the caller removes dest. Statistics in self.last_materialise."""
-        self.last_materialise = materialise.write_files(self, manifest.get(which, []), dest,
-                                                        _threads(), progress)
+        entries = [e for e in manifest.get(which, []) if e["path"] not in set(skip)]
+        self.last_materialise = materialise.write_files(self, entries, dest, _threads(), progress,
+                                                        only)
 
     # ---- verify, rm, gc -----------------------------------------------------------------
     def verify(self, snap_ids: Iterable[str] | None = None, progress: Progress | None = None) -> dict:

@@ -1,0 +1,355 @@
+"""The uffd page path: gpusnap, not CRIU, fills a restored tree's private memory.
+
+    prepare(images)          mark the private anonymous pages of every pagemap PE_LAZY
+                             (imagefile/lazy.py); returns what CRIU still reads itself
+    Guard.start(work)        listen on work/lazy-pages.socket, before CRIU restore
+    criu restore --lazy-pages --leave-stopped
+                             CRIU builds the tree without those pages and hands over each
+                             task's userfaultfd; the tasks stay stopped
+    guard.receive()          the descriptors, in gpusnap
+    fill(...)                worker processes decode the pages' chunks from the store and
+                             place them with UFFDIO_COPY (many at once on one descriptor)
+    guard.release()          every copy of the descriptors closed, then SIGCONT
+
+Why gpusnap can do this faster than CRIU: CRIU writes every page from one thread; here
+the store's chunks go straight from their files into the target's memory, decoded and
+verified on as many workers as there are cores, and the pages images are never written
+to the work dir.
+
+Safety. A page never placed reads as zeros once the last copy of its userfaultfd is
+closed; no task may ever run with such a page. So: the tasks are left stopped by CRIU
+and continued only after every page is in; and the descriptors are also held by a
+guard, a small process in its own session forked before CRIU starts. The guard takes
+CRIU's connection, passes each descriptor on to gpusnap and keeps its own copy until
+gpusnap says the pages are in. If gpusnap dies first (kill -9, OOM) the guard's copy
+keeps the descriptors open (a task continued by someone else waits on the missing page,
+it does not read zeros) and the guard SIGKILLs the restored tasks before it lets go. If
+the guard dies, gpusnap sees its socket close and fails the restore, killing the tree.
+Until gpusnap says the whole restore is done, the guard kills the tree when gpusnap goes
+away, so a killed restore leaves no restored tree behind.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+
+from .. import sysrun
+from ..errors import CriuFailed
+from ..imagefile import lazy as lazy_plan
+from ..imagefile import mm, pagemap
+from . import uffd
+
+SOCKET_NAME = "lazy-pages.socket"
+_PID = struct.Struct("=i")
+_END = -(1 << 31)                   # after the last descriptor gpusnap is given
+FILLED, FILLED_ACK, DONE = b"F", b"f", b"D"
+
+
+# ---- images ------------------------------------------------------------------------------
+
+@dataclass
+class Pages:
+    """What the fill needs of one dump: per pages image, the lazy segments of each pid."""
+    segments: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)
+    eager: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    pids: set[int] = field(default_factory=set)
+
+    @property
+    def lazy_bytes(self) -> int:
+        return sum(s[3] for segs in self.segments.values() for s in segs)
+
+    @property
+    def tasks(self) -> int:
+        """Live tasks of the dump (one pagemap each): how many descriptors CRIU sends."""
+        return len({s[0] for segs in self.segments.values() for s in segs} | set(self.pids))
+
+
+def prepare(images: str) -> Pages:
+    """Rewrite each pagemap-<pid>.img in images with PE_LAZY pieces. Returns, for each
+    pages image (its file name), its lazy segments (pid, vaddr, offset, length) and the
+    ranges CRIU still reads (which the caller must materialise)."""
+    out = Pages()
+    for name in sorted(os.listdir(images)):
+        if not (name.startswith("pagemap-") and name.endswith(".img")) or name.startswith("pagemap-shmem-"):
+            continue
+        pid = int(name[len("pagemap-"):-len(".img")])
+        out.pids.add(pid)
+        with open(os.path.join(images, f"mm-{pid}.img"), "rb") as f:
+            vmas = mm.parse(f)
+        path = os.path.join(images, name)
+        with open(path, "rb") as f:
+            raw = pagemap.read_raw(f)
+        plan = lazy_plan.plan(raw, vmas)
+        pages = f"pages-{raw.pages_id}.img"
+        out.segments.setdefault(pages, []).extend((pid, v, off, n) for v, off, n in plan.segments)
+        out.eager.setdefault(pages, []).extend(plan.eager)
+        tmp = path + ".lazy"
+        with open(tmp, "wb") as f:
+            pagemap.write(f, raw, plan.payloads)
+        os.replace(tmp, path)
+    return out
+
+
+def fill_items(pages: Pages, files: dict[str, list], zero_id: str) -> list[tuple]:
+    """The fill's work, one item per stored chunk that holds lazy pages:
+    (chunk id or None for a zero chunk, plain size, [(pid, vaddr, offset in the chunk,
+    length)]).
+    files: pages image name -> its manifest chunk list [[id, size], ...]. Zero chunks are
+    placed too (as the zero page): a task that faults on one while CRIU restores it
+    must be woken, and every lazy page placed is what makes continuing the tree safe."""
+    items = []
+    for name, segs in pages.segments.items():
+        chunks = files[name]
+        starts, off = [], 0
+        for _cid, n in chunks:
+            starts.append(off)
+            off += n
+        per_chunk: dict[int, list] = {}
+        for pid, vaddr, seg_off, length in segs:
+            i = bisect.bisect_right(starts, seg_off) - 1
+            pos, end = seg_off, seg_off + length
+            while pos < end:
+                c_start = starts[i]
+                c_end = c_start + chunks[i][1]
+                n = min(end, c_end) - pos
+                per_chunk.setdefault(i, []).append((pid, vaddr + pos - seg_off, pos - c_start, n))
+                pos += n
+                i += 1
+        for i, pieces in sorted(per_chunk.items()):
+            cid, n = chunks[i]
+            items.append((None if cid == zero_id else cid, n, pieces))
+    return items
+
+
+def fill_batch(job, batch_index: int) -> int:
+    """Worker: decode each chunk of one batch and place its pieces. Returns bytes placed."""
+    repo, fds, batches = job
+    return sum(place(repo, fds, *item) for item in batches[batch_index])
+
+
+def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list) -> int:
+    """Decode one chunk (verified) and place its pieces; a zero chunk as the zero page.
+    Pages already present were placed by the guard for a fault: left as they are."""
+    if cid is None:
+        for pid, vaddr, _off, length in pieces:
+            uffd.zeropage(fds[pid], vaddr, length)
+        return 0
+    view = repo.codec.decode_view(repo.read_blob(cid), cid, n)
+    base = uffd.address_of(view.obj)
+    for pid, vaddr, off, length in pieces:
+        uffd.copy(fds[pid], vaddr, base + off, length)
+    return sum(p[3] for p in pieces)
+
+
+# ---- the guard -----------------------------------------------------------------------------
+
+class Guard:
+    """The process that takes CRIU's lazy-pages connection, serves the faults of the tasks
+    while CRIU restores them, and guards the restored tree (module docstring)."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+        self.fds: dict[int, int] = {}
+        self.pids: list[int] = []
+
+    @classmethod
+    def start(cls, work: str, repo, items: list[tuple]) -> "Guard":
+        """Fork the guard (before CRIU restore starts, and before any thread does).
+        repo and items (fill_items) let it place a page a task faults on at once."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = socket.socketpair()
+        try:
+            listener.bind(os.path.join(work, SOCKET_NAME))
+            listener.listen(1)
+            pid = sysrun.fork_helper(_guard_main, listener, theirs, ours, repo, items)
+        finally:
+            listener.close()
+            theirs.close()
+        return cls(pid, ours)
+
+    def receive(self, expected: int, timeout: float = 60.0) -> dict[int, int]:
+        """The descriptors of the expected number of live tasks (pid -> fd), as CRIU
+        hands them over; CRIU restore is still running (it waits on its tasks' faults)."""
+        self.sock.settimeout(timeout)
+        while len(self.fds) < expected:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, _PID.size, 1)
+            except socket.timeout:
+                raise CriuFailed(f"CRIU handed over {len(self.fds)} of {expected} "
+                                 f"userfaultfds in {timeout:.0f} s") from None
+            if len(msg) != _PID.size:
+                raise CriuFailed("the lazy-pages guard went away during CRIU restore")
+            (pid,) = _PID.unpack(msg)
+            if pid == _END:
+                raise CriuFailed(f"CRIU handed over {len(self.fds)} of {expected} userfaultfds")
+            self.pids.append(abs(pid))
+            if pid > 0:
+                if not fds:
+                    raise CriuFailed(f"no userfaultfd came for restored pid {pid}")
+                self.fds[pid] = fds[0]
+        return self.fds
+
+    def release(self) -> None:
+        """Every page is in and CRIU restore has returned: close our descriptors, have
+        the guard close its own."""
+        self._close_fds()
+        self.sock.settimeout(10.0)
+        while True:                     # what the guard relayed after the last descriptor
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, _PID.size, 1)
+            for fd in fds:
+                os.close(fd)
+            if len(msg) != _PID.size:
+                raise CriuFailed("the lazy-pages guard went away before it released the pages")
+            if _PID.unpack(msg)[0] == _END:
+                break
+        self.sock.sendall(FILLED)
+        if self.sock.recv(1) != FILLED_ACK:
+            raise CriuFailed("the lazy-pages guard went away before it released the pages")
+
+    def close(self, done: bool) -> None:
+        """done: the restore succeeded and was reported; else the guard kills the tree."""
+        self._close_fds()
+        try:
+            if done:
+                self.sock.sendall(DONE)
+        except OSError:
+            pass
+        self.sock.close()
+        _reap(self.pid)
+
+    def _close_fds(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if got or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
+
+
+class _GuardState:
+    """The guard's loop (in the guard process): CRIU's connection, the tasks'
+    descriptors and gpusnap's socket, on one selector."""
+
+    def __init__(self, gpusnap: socket.socket, repo, items: list[tuple]):
+        self.gpusnap = gpusnap
+        self.repo = repo
+        self.index = _FaultIndex(items)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(gpusnap, selectors.EVENT_READ, self._word)
+        self.uffds: dict[int, int] = {}          # fd -> pid
+        self.pids: list[int] = []
+        self.done = False
+
+    def run(self, listener: socket.socket) -> None:
+        self.sel.register(listener, selectors.EVENT_READ, self._accept)
+        while not self.done:
+            for key, _ in self.sel.select():
+                key.data(key.fileobj)
+
+    def _accept(self, listener) -> None:
+        conn, _ = listener.accept()
+        self.sel.unregister(listener)
+        listener.close()
+        self.sel.register(conn, selectors.EVENT_READ, self._handoff)
+
+    def _handoff(self, conn) -> None:
+        got = uffd.next_handoff(conn)
+        if got is None:                          # CRIU finished, or went away
+            self.sel.unregister(conn)
+            conn.close()
+            socket.send_fds(self.gpusnap, [_PID.pack(_END)], [])
+            return
+        pid, fd = got
+        self.pids.append(pid)
+        socket.send_fds(self.gpusnap, [_PID.pack(pid if fd is not None else -pid)],
+                        [fd] if fd is not None else [])
+        if fd is not None:
+            self.uffds[fd] = pid
+            self.sel.register(fd, selectors.EVENT_READ, self._faults)
+
+    def _faults(self, fd) -> None:
+        """A task faulted while CRIU restores it (its restorer touches its stack, TLS,
+        rseq area): the chunk piece that holds the page is placed now (the fill then
+        finds it present), a page that held nothing at the dump is mapped as zeros."""
+        pid = self.uffds[fd]
+        for address in uffd.read_faults(fd):
+            piece = self.index.find(pid, address)
+            if piece is None:
+                uffd.zeropage(fd, address & ~(PAGE - 1), PAGE)
+            else:
+                place(self.repo, {pid: fd}, *piece)
+
+    def _word(self, sock) -> None:
+        word = sock.recv(1)
+        if word == FILLED:
+            for fd in list(self.uffds):
+                self.sel.unregister(fd)
+                os.close(fd)
+            self.uffds.clear()
+            sock.sendall(FILLED_ACK)
+            return
+        if word != DONE:                         # gpusnap went away
+            _kill(self.pids)
+        self.done = True
+
+
+PAGE = 4096
+
+
+class _FaultIndex:
+    """pid -> its lazy pieces sorted by address, to find the one a fault falls in."""
+
+    def __init__(self, items: list[tuple]):
+        by_pid: dict[int, list] = {}
+        for cid, n, pieces in items:
+            for piece in pieces:
+                by_pid.setdefault(piece[0], []).append((piece[1], piece[1] + piece[3], cid, n, piece))
+        self.by_pid = {pid: sorted(v) for pid, v in by_pid.items()}
+        self.starts = {pid: [v[0] for v in vs] for pid, vs in self.by_pid.items()}
+
+    def find(self, pid: int, address: int):
+        """(cid, n, [piece]) for the piece holding address, or None."""
+        starts = self.starts.get(pid, [])
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0:
+            return None
+        start, end, cid, n, piece = self.by_pid[pid][i]
+        return (cid, n, [piece]) if address < end else None
+
+
+def _guard_main(listener: socket.socket, gpusnap: socket.socket, gpusnap_end: socket.socket,
+                repo, items) -> None:
+    gpusnap_end.close()         # gpusnap's end: its close (or death) must reach us as EOF
+    state = _GuardState(gpusnap, repo, items)
+    try:
+        state.run(listener)
+    except BaseException:   # noqa: BLE001 - whatever went wrong, the tree must not live on
+        _kill(state.pids)
+        raise
+
+
+def _kill(pids: list[int]) -> None:
+    """The restored tasks, stopped and never continued: SIGKILL, before any copy of
+    their descriptors closes (the guard's close when it exits)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
