@@ -265,9 +265,13 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
     note(size=size, step="dump", dump_s=row["dump_s"], stages=snap["timings"],
          bytes_logical=snap["bytes_logical"], bytes_new=snap["bytes_new"])
 
-    # "": the default; warm: after `gpusnap warm` (image cache); shm: images on /dev/shm
-    # (4 KiB pages) instead of gpusnap's huge-page tmpfs; thp: THP=always during restore
-    known = {"warm": ({}, None), "shm": ({"GPUSNAP_WORKDIR": "/dev/shm/gpusnap-bench"}, None),
+    # "": the default (the uffd page path where the host has userfaultfd); criu: CRIU
+    # writes the pages (--pages criu); warm: criu pages from `gpusnap warm`'s image cache;
+    # shm: criu pages, images on /dev/shm (4 KiB pages) instead of gpusnap's huge-page
+    # tmpfs; thp: the default with THP=always during restore
+    criu = {"GPUSNAP_PAGES": "criu"}
+    known = {"criu": (criu, None), "warm": (criu, None),
+             "shm": ({**criu, "GPUSNAP_WORKDIR": "/dev/shm/gpusnap-bench"}, None),
              "thp": ({}, "always")}
     variants = {"": ({}, None), **{v: known[v] for v in args_variants}}
     restores, last_pid = {}, None
@@ -291,6 +295,9 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
                 assert tokens == expected, (tokens, expected)
                 last_pid = res["pid"]
                 out.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"],
+                            "page_path": res.get("page_path"),
+                            **{f"fill_{k}": v for k, v in (res.get("fill") or {}).items()
+                               if isinstance(v, (int, float))},
                             **{f"mat_{k}": v for k, v in (res.get("materialise") or {}).items()
                                if isinstance(v, (int, float))}})
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
@@ -362,24 +369,26 @@ def _bench_sdk(size, runs, model_dir, state, store, expected, out, alive):
     out["notes"] = snap.get("notes")
     note(size=size, step="sdk_dump", dump_s=out["dump_s"], stages=snap["timings"],
          bytes_logical=snap["bytes_logical"], bytes_out_of_image=out["bytes_out_of_image"])
-    restores, last = [], None
-    for i in range(runs):
-        if last:
-            kill_tree(tree(last))
-        t0 = time.perf_counter()
-        res = gpusnap("restore", snap["id"], store=store)
-        t1 = time.perf_counter()
-        alive.append(res["pid"])
-        tokens = first_token()
-        t2 = time.perf_counter()
-        assert tokens == expected, (tokens, expected)
-        last = res["pid"]
-        restores.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1,
-                         **res["timings"], "sdk_gbps": (res.get("sdk") or {}).get("gbps")})
-        out["readers"] = (res.get("sdk") or {}).get("readers")
-        note(size=size, step="sdk_restore", **restores[-1])
+    last = None
+    for key, env in (("restore", {}), ("restore_criu", {"GPUSNAP_PAGES": "criu"})):
+        restores = []
+        for i in range(runs):
+            if last:
+                kill_tree(tree(last))
+            t0 = time.perf_counter()
+            res = gpusnap("restore", snap["id"], store=store, env=env)
+            t1 = time.perf_counter()
+            alive.append(res["pid"])
+            tokens = first_token()
+            t2 = time.perf_counter()
+            assert tokens == expected, (tokens, expected)
+            last = res["pid"]
+            restores.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1,
+                             **res["timings"], "sdk_gbps": (res.get("sdk") or {}).get("gbps")})
+            out["readers"] = (res.get("sdk") or {}).get("readers")
+            note(size=size, step=f"sdk_{key}", page_path=res.get("page_path"), **restores[-1])
+        out[key] = restores
     kill_tree(tree(last))
-    out["restore"] = restores
     return out
 
 
@@ -400,6 +409,10 @@ def summarise_sdk(rows):
         naive = med([y["total"] for y in r["naive_restore"]])
         gs = med([y["total"] for y in r["gpusnap_restore"]])
         sd = med([y["total"] for y in x["restore"]])
+        if x.get("restore_criu"):
+            sc = med([y["total"] for y in x["restore_criu"]])
+            lines.append(f"| {r['size']} (--pages criu) | {sc:.2f} | {cold/sc:.1f} | {naive/sc:.2f} | "
+                         f"{gs/sc:.2f} | | | | | |")
         lines.append(f"| {r['size']} | {sd:.2f} | {cold/sd:.1f} | {naive/sd:.2f} | {gs/sd:.2f} | "
                      f"{x['dump_s']:.2f} | {x['bytes_logical']/1e9:.2f} | "
                      f"{(x['bytes_out_of_image'] or 0)/1e9:.2f} | {', '.join(x.get('readers') or [])} | "

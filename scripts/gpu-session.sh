@@ -18,9 +18,10 @@ set -u
 OUT=${OUT:-/tmp/gpusnap-out}
 mkdir -p "$OUT"
 SITE=/tmp/gpusnap-site
+# Every wheel carried in .whl (the image has click, tqdm, pyyaml, psutil, pytest: zstandard
+# is what it lacks), and kvikio's where carried.
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
-    .whl/click-*.whl .whl/tqdm-*.whl .whl/zstandard-*.whl $(ls .whl/kvikio/*.whl 2>/dev/null) \
-    $(python3 -c "import pytest" 2>/dev/null || ls .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl) \
+    $(ls .whl/*.whl .whl/kvikio/*.whl 2>/dev/null) \
     >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
 # A venv over the machine's Python that finds gpusnap (this tree) and the wheels above
 # through a .pth file: the CRIU hook runs isolated (python -I), so PYTHONPATH would not
@@ -30,6 +31,8 @@ python3 -m venv --system-site-packages --without-pip "$VENV" || { echo "venv fai
 printf '%s\n%s\n' "$SITE" "$PWD" >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/gpusnap-dev.pth"
 export PATH=$VENV/bin:$PATH
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 GPUSNAP_RESULTS=$OUT
+# NVLink multicast stays off in every process (it can take the host's GPUs out of service)
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
 
 step() {

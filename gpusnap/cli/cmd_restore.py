@@ -12,8 +12,13 @@ from .context import timings_table
 @click.option("--device", "devices", multiple=True, metavar="OLD:NEW",
               help="Containers: give the new container host device NEW where it had OLD "
                    "(same path inside). --gpu does this for the GPU nodes. Repeatable.")
+@click.option("--pages", type=click.Choice(["auto", "uffd", "criu"]), default="auto", show_default=True,
+              envvar="GPUSNAP_PAGES",
+              help="How memory gets into the restored processes: uffd (gpusnap places it from "
+                   "the store, in parallel, through userfaultfd), criu (CRIU writes it from "
+                   "materialised images), auto (uffd where the host allows it).")
 @click.pass_obj
-def command(app, snapshot, gpus, name, devices):
+def command(app, snapshot, gpus, name, devices, pages):
     """Restore SNAPSHOT (an id, a unique id prefix, or a name).
 
     Prints the restored root pid; for a container, its name, id and init pid.
@@ -24,7 +29,7 @@ def command(app, snapshot, gpus, name, devices):
     started = time.perf_counter()
     repo = app.repo(create=False)
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
-                                 name=name, devices=list(devices) or None)
+                                 name=name, devices=list(devices) or None, pages=pages)
     plan = restore.plan(req, repo)
     planned = time.perf_counter() - started
     for note in plan.notes:

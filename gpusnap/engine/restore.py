@@ -16,7 +16,7 @@ from ..criu.locate import find_criu
 from ..errors import CriuFailed, PidInUse, UsageError
 from ..store import Repository
 from ..targets.process import kill_and_wait, restored_tree, taken
-from . import agent_steps, checkpointer, gpu, imagecache, workdir
+from . import agent_steps, checkpointer, gpu, imagecache, pagepath, workdir
 from .timing import Stages
 
 
@@ -26,6 +26,7 @@ class RestoreRequest:
     gpus: list[str] | None = None
     name: str | None = None             # containers: restore as a new container NAME
     devices: list[str] | None = None    # containers: OLD:NEW host device swaps
+    pages: str = "auto"                 # page path: auto, uffd, criu (engine/pagepath.py)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RestorePlan:
     criu_path: str
     gpu_pairs: list[tuple[str, str]] | None = None
     notes: list[str] = field(default_factory=list)
+    page_path: str = "criu"
 
 
 def plan(req: RestoreRequest, repo: Repository):
@@ -53,6 +55,8 @@ def plan(req: RestoreRequest, repo: Repository):
                             "or restore on another host")
     agent_steps.check_weights(manifest)         # SDK: weight files unchanged, or refuse
     p = RestorePlan(request=req, manifest=manifest, criu_path=criu_path)
+    p.page_path, notes = pagepath.choose(req.pages, "process")
+    p.notes += notes
     if manifest.get("cuda"):
         p.gpu_pairs, p.notes = gpu.plan_remap(manifest["cuda"], req.gpus)
     return p
@@ -70,22 +74,34 @@ def execute(plan: RestorePlan, repo: Repository,
     images = os.path.join(work, "images")
     root_pid = None
     cuinit = None
+    guard = fill = None
     try:
         with repo.shared_lock():                # rm and gc (which drop caches) wait for CRIU
-            cached = imagecache.lookup(repo.path, m)
-            if cached:
+            cached = imagecache.lookup(repo.path, m) if plan.page_path == "criu" else None
+            if plan.page_path == "uffd":
+                agent_steps.prepare_socket_dirs(m)
+                started = []
+
+                def overlap_cuinit():           # once the fill's workers are forked
+                    if m.get("cuda"):
+                        started.append(gpu.init_in_background())
+                root_pid, guard, fill = pagepath.restore_uffd(repo, m, work, stages, progress,
+                                                              overlap_cuinit)
+                cuinit = started[0] if started else None
+            elif cached:
                 images = cached                 # warm: `gpusnap warm` verified these already
                 repo.last_materialise = None
                 plan.notes.append(f"images from the warm cache {os.path.dirname(cached)}")
             else:
                 with stages.stage("materialise"):
                     repo.materialise(m, images, progress)
-            agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
-            if m.get("cuda"):                   # after materialise: it forks its workers
-                cuinit = gpu.init_in_background()
-            with stages.stage("criu_restore"):
-                root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]),
-                                               work_dir=work)
+            if plan.page_path == "criu":
+                agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
+                if m.get("cuda"):                   # after materialise: it forks its workers
+                    cuinit = gpu.init_in_background()
+                with stages.stage("criu_restore"):
+                    root_pid = criu_runner.restore(images, CriuOptions(shell_job=m["criu"]["shell_job"]),
+                                                   work_dir=work)
         cuda_pids = [p for p in m["cuda"]["pids"]] if m.get("cuda") else []
         if cuda_pids:
             cuda = gpu.session(cuda_pids)
@@ -96,13 +112,19 @@ def execute(plan: RestorePlan, repo: Repository,
             with stages.stage("cuda_unlock"):
                 cuda.unlock_all()
         sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
+        if guard:
+            guard.close(done=True)
+            guard = None
         return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
-                "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise}
+                "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise,
+                "page_path": plan.page_path, "fill": fill.to_dict() if fill else None}
     except BaseException as exc:
         with checkpointer.unwinding():          # a second Ctrl-C must not cut the undo short
             restored = root_pid if root_pid is not None else criu_runner.restored_pid(work)
             if restored is not None:            # the tree CRIU made, not whoever took those pids
                 kill_and_wait(restored_tree(restored, m["pids"]))
+            if guard:
+                guard.close(done=False)
         if isinstance(exc, CriuFailed) and os.path.exists(os.path.join(work, "restore.log")):
             kept = workdir.keep_log(repo.path, os.path.join(work, "restore.log"), "restore")
             exc.hint = f"CRIU log kept at {kept}" if kept else None

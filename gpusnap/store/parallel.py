@@ -97,6 +97,7 @@ def _forked(fn, job, batches: int, workers: int, ordered: bool):
 def _worker(fn, job, mine, fd: int) -> None:
     code = 0
     try:
+        _die_with_parent()
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         with os.fdopen(fd, "wb") as out:
@@ -176,6 +177,16 @@ def _raise_errors(results):
             yield result[1]
     finally:
         results.close()                 # the workers stop now, not when collected
+
+
+def _die_with_parent() -> None:
+    """A worker outlives no gpusnap killed with SIGKILL (PR_SET_PDEATHSIG): it would go on
+    writing chunks, or hold a restored tree's userfaultfd open."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _exit_on_sigterm(signum, frame):

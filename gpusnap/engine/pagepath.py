@@ -1,0 +1,163 @@
+"""How a process snapshot's memory gets into the restored tree: the two page paths.
+
+    criu  materialise every image (pages included) into the work dir; CRIU restore writes
+          each page into the new tasks, from one thread
+    uffd  materialise all but what CRIU's lazy restore skips (criu/lazy.py); CRIU restore
+          --lazy-pages; gpusnap's workers place the pages straight from the store's chunks
+          through userfaultfd while CRIU waits on the tasks it restores; then continue
+
+restore.py runs one of them between "plan" and "CUDA restore"; both return the restored
+root pid with the stage timings in `stages`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from ..criu import lazy
+from ..criu import runner as criu_runner
+from ..criu.argv import CriuOptions
+from ..errors import UsageError
+from ..imagefile import core
+from ..store import codec, parallel
+
+PATHS = ("auto", "uffd", "criu")
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+
+
+def uffd_available() -> tuple[bool, str]:
+    """Whether this host lets gpusnap serve CRIU's lazy restore (and why not)."""
+    number = _SYS_USERFAULTFD.get(os.uname().machine)
+    if number is None:
+        return False, f"userfaultfd: unknown syscall number on {os.uname().machine}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        return False, f"userfaultfd: {os.strerror(ctypes.get_errno())}"
+    os.close(fd)
+    return True, "userfaultfd works"
+
+
+def choose(asked: str, kind: str) -> tuple[str, list[str]]:
+    """The page path a restore takes, and notes. auto: uffd where it works."""
+    if asked not in PATHS:
+        raise UsageError(f"--pages must be one of {', '.join(PATHS)}")
+    if kind != "process":
+        if asked == "uffd":
+            raise UsageError("--pages uffd is for process snapshots (containers restore "
+                             "through their engine's CRIU)")
+        return "criu", []
+    if asked == "criu":
+        return "criu", []
+    ok, why = uffd_available()
+    if ok:
+        return "uffd", []
+    if asked == "uffd":
+        raise UsageError(f"--pages uffd: {why}")
+    return "criu", [f"pages through CRIU ({why})"]
+
+
+@dataclass
+class Fill:
+    """What the uffd path measured."""
+    bytes: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+    mode: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        gbps = self.bytes / self.seconds / 1e9 if self.seconds else None
+        return {"bytes": self.bytes, "seconds": round(self.seconds, 4), "workers": self.workers,
+                "mode": self.mode, "gb_per_s": round(gbps, 2) if gbps else None}
+
+
+def restore_uffd(repo, m: dict, work: str, stages, progress, on_forked) -> tuple[int, lazy.Guard, Fill]:
+    """The uffd path up to a restored, filled, continued tree. Returns (root pid, the
+    guard (the caller closes it: done=True once the restore is reported), fill stats).
+    on_forked() runs once the fill's workers exist (cuInit may start a thread then)."""
+    images = os.path.join(work, "images")
+    pages_files = {f["path"] for f in m["files"] if _is_pages(f["path"])}
+    with stages.stage("materialise"):
+        repo.materialise(m, images, progress, skip=pages_files)
+        pages = lazy.prepare(images)
+        repo.materialise(m, images, progress, only=pages.eager,
+                         skip={f["path"] for f in m["files"]} - pages_files)
+        items = lazy.fill_items(pages, {f["path"]: f["chunks"] for f in m["files"]}, codec.ZERO_ID)
+        stopped = _stopped_at_dump(images)
+    guard = lazy.Guard.start(work, repo, items)
+    try:
+        opts = CriuOptions(shell_job=m["criu"]["shell_job"], lazy_pages=True, leave_stopped=True)
+        with stages.stage("criu_restore"):
+            running = criu_runner.start_restore(images, opts, work_dir=work)
+            fds = _receive(guard, running, pages.tasks)
+        with stages.stage("uffd_fill"):
+            fill = _fill(repo, fds, items, progress, on_forked)
+        with stages.stage("criu_finish"):
+            root = criu_runner.finish_restore(running)
+            guard.release()
+            for pid in guard.pids:
+                if pid not in stopped:
+                    _continue(pid)
+    except BaseException:
+        guard.close(done=False)         # kills whatever CRIU restored, before it can run
+        raise
+    return root, guard, fill
+
+
+def _receive(guard: lazy.Guard, running, tasks: int) -> dict[int, int]:
+    try:
+        return guard.receive(tasks)
+    except BaseException:
+        running.proc.kill()             # CRIU waits on tasks nobody will serve now
+        criu_runner.finish_restore(running)
+        raise
+
+
+def _fill(repo, fds: dict[int, int], items: list, progress, on_forked) -> Fill:
+    from ..store.repository import _threads
+    batches = parallel.batches(items, lambda it: it[1])
+    workers = _threads()
+    started = time.perf_counter()
+    mode, results = parallel.run(lazy.fill_batch, (repo, fds, batches), len(batches), workers)
+    placed, first = 0, True
+    try:
+        for n in results:
+            placed += n
+            if first:
+                on_forked()
+                first = False
+            if progress:
+                progress(n)
+    finally:
+        results.close()
+    if first:
+        on_forked()
+    return Fill(bytes=placed, seconds=time.perf_counter() - started, workers=workers, mode=mode)
+
+
+def _stopped_at_dump(images: str) -> set[int]:
+    """Pids whose core image says they were stopped at the dump: they stay stopped."""
+    out = set()
+    for name in os.listdir(images):
+        if name.startswith("core-") and name.endswith(".img"):
+            with open(os.path.join(images, name), "rb") as f:
+                if core.task_state(f) == core.TASK_STOPPED:
+                    out.add(int(name[len("core-"):-len(".img")]))
+    return out
+
+
+def _continue(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def _is_pages(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.startswith("pages-") and name.endswith(".img")

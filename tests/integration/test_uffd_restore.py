@@ -1,0 +1,139 @@
+"""The uffd page path for real: CRIU's lazy restore served by gpusnap, and kill -9 of gpusnap
+at several points of it. A page never placed would read as zeros: after a kill, no task of
+the restored tree may be left (the guard kills it), and the snapshot restores fine again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import REPO, wait_pids_free
+
+pytestmark = [pytest.mark.root]
+
+
+def _restore_cli(store: str, snap: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gpusnap", "--json", "restore", snap, "--pages", "uffd"],
+                            cwd=REPO, env={**os.environ, "GPUSNAP_STORE": store, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _dump(workload, gpusnap, *args):
+    w = workload("--mib", "64", "--zero-mib", "16", "--children", "2", "--threads", "2", *args)
+    rc, snap, err = gpusnap("dump", "--pid", str(w.pid))
+    assert rc == 0, err
+    w.reap()
+    wait_pids_free(w.pids)
+    return w, snap
+
+
+def _wait(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _alive(pids) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_uffd_restore_brings_back_every_workload_part(workload, gpusnap, tmp_path):
+    mapped = tmp_path / "mapped"
+    w, snap = _dump(workload, gpusnap, "--mmap-file", str(mapped))
+    rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd")
+    assert rc == 0, err
+    assert res["page_path"] == "uffd"
+    assert res["fill"]["bytes"] >= 64 << 20
+    assert "uffd_fill" in res["timings"]
+    report = w.report()
+    assert report["data_ok"] and report["zeros_ok"] and report["children_ok"], report
+    assert report["threads_moving"] and report["mmap_ok"] is not False
+    w.kill_all()
+
+
+def test_criu_pages_stay_selectable(workload, gpusnap):
+    w, snap = _dump(workload, gpusnap)
+    rc, res, err = gpusnap("restore", snap["id"], "--pages", "criu")
+    assert rc == 0, err
+    assert res["page_path"] == "criu" and res["fill"] is None
+    assert w.report()["data_ok"]
+    w.kill_all()
+
+
+def test_kill_9_during_the_fill_leaves_no_restored_tree(workload, gpusnap, store):
+    """A chunk of the pages becomes a FIFO: the worker that opens it waits there, the
+    fill is under way, and gpusnap is killed. The guard must kill the tree."""
+    w, snap = _dump(workload, gpusnap)
+    from gpusnap.store import Repository
+    repo = Repository.open(store, create=False)
+    m = repo.load(snap["id"])
+    pages = [f for f in m["files"] if f["path"].startswith("pages-")]
+    cid = next(c for f in pages for c, n in f["chunks"] if c != "zero")
+    path = repo.chunk_path(cid)
+    os.rename(path, path + ".real")
+    os.mkfifo(path, 0o600)
+    proc = _restore_cli(store, snap["id"])
+    try:
+        assert _wait(lambda: _alive([w.pid])), "CRIU never restored the tree"
+        time.sleep(0.5)                       # the fill runs into the FIFO meanwhile
+        proc.kill()
+        proc.wait()
+        assert _wait(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
+    finally:
+        _unblock(path)
+        os.unlink(path)
+        os.rename(path + ".real", path)
+    wait_pids_free(w.pids)
+    rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd")
+    assert rc == 0, err
+    assert w.report()["data_ok"]
+    w.kill_all()
+
+
+def test_kill_9_after_the_fill_before_the_tree_runs(workload, gpusnap, store, tmp_path):
+    """CRIU (a wrapper) returns 3 s late: the tree is restored and filled, still stopped,
+    when gpusnap is killed. The restore was never reported: the tree must go."""
+    from gpusnap.criu.locate import find_criu
+    fake = tmp_path / "criu-slow"
+    fake.write_text(f'#!/bin/sh\n"{find_criu()[0]}" "$@"\nrc=$?\n[ "$1" = restore ] && sleep 3\nexit $rc\n')
+    fake.chmod(0o755)
+    w, snap = _dump(workload, gpusnap)
+    proc = _restore_cli(store, snap["id"], env={"GPUSNAP_CRIU": str(fake)})
+    assert _wait(lambda: len(_alive(w.pids)) == 3), "CRIU never restored the tree"
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait()
+    assert _wait(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
+    wait_pids_free(w.pids)
+    rc, res, err = gpusnap("restore", snap["id"])
+    assert rc == 0, err
+    assert res["page_path"] == "uffd"
+    assert w.report()["data_ok"]
+    w.kill_all()
+
+
+def _unblock(fifo: str) -> None:
+    """Let a worker orphaned in open() of the FIFO go (it then fails on an empty chunk)."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+    except OSError:
+        pass
