@@ -23,13 +23,10 @@ SITE=/tmp/gpusnap-site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
     $(ls .whl/*.whl .whl/kvikio/*.whl 2>/dev/null) \
     >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
-# A venv over the machine's Python that finds gpusnap (this tree) and the wheels above
-# through a .pth file: the CRIU hook runs isolated (python -I), so PYTHONPATH would not
-# reach it. `python3` below is that venv's.
-VENV=/tmp/gpusnap-venv
-python3 -m venv --system-site-packages --without-pip "$VENV" || { echo "venv failed"; exit 1; }
-printf '%s\n%s\n' "$SITE" "$PWD" >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/gpusnap-dev.pth"
-export PATH=$VENV/bin:$PATH
+# The machine's Python (itself a venv holding torch) finds gpusnap (this tree) and the
+# wheels above through a .pth file in its own site-packages: the CRIU hook runs isolated
+# (python -I), so PYTHONPATH would not reach it. The machine is thrown away afterwards.
+printf '%s\n%s\n' "$SITE" "$PWD" >"$(python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/gpusnap-dev.pth"
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 GPUSNAP_RESULTS=$OUT
 # NVLink multicast stays off in every process (it can take the host's GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

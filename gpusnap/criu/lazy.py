@@ -32,6 +32,7 @@ away, so a killed restore leaves no restored tree behind.
 from __future__ import annotations
 
 import bisect
+import io
 import os
 import selectors
 import signal
@@ -71,30 +72,29 @@ class Pages:
         return len({s[0] for segs in self.segments.values() for s in segs} | set(self.pids))
 
 
-def prepare(images: str) -> Pages:
-    """Rewrite each pagemap-<pid>.img in images with PE_LAZY pieces. Returns, for each
-    pages image (its file name), its lazy segments (pid, vaddr, offset, length) and the
-    ranges CRIU still reads (which the caller must materialise)."""
-    out = Pages()
-    for name in sorted(os.listdir(images)):
-        if not (name.startswith("pagemap-") and name.endswith(".img")) or name.startswith("pagemap-shmem-"):
+def prepare(names: list[str], read) -> tuple[Pages, dict[str, bytes]]:
+    """Plan the lazy pages of a dump whose image files are names, read(name) giving a
+    file's bytes (from the store, before anything is written). Returns, per pages image,
+    its lazy segments (pid, vaddr, offset, length) and the ranges CRIU still reads (the
+    caller materialises those), and the rewritten pagemap images (name -> bytes) with
+    their PE_LAZY pieces, to write over the materialised ones."""
+    out, rewritten = Pages(), {}
+    for name in sorted(names):
+        base = os.path.basename(name)
+        if not (base.startswith("pagemap-") and base.endswith(".img")) or base.startswith("pagemap-shmem-"):
             continue
-        pid = int(name[len("pagemap-"):-len(".img")])
+        pid = int(base[len("pagemap-"):-len(".img")])
         out.pids.add(pid)
-        with open(os.path.join(images, f"mm-{pid}.img"), "rb") as f:
-            vmas = mm.parse(f)
-        path = os.path.join(images, name)
-        with open(path, "rb") as f:
-            raw = pagemap.read_raw(f)
+        vmas = mm.parse(io.BytesIO(read(os.path.join(os.path.dirname(name), f"mm-{pid}.img"))))
+        raw = pagemap.read_raw(io.BytesIO(read(name)))
         plan = lazy_plan.plan(raw, vmas)
-        pages = f"pages-{raw.pages_id}.img"
+        pages = os.path.join(os.path.dirname(name), f"pages-{raw.pages_id}.img")
         out.segments.setdefault(pages, []).extend((pid, v, off, n) for v, off, n in plan.segments)
         out.eager.setdefault(pages, []).extend(plan.eager)
-        tmp = path + ".lazy"
-        with open(tmp, "wb") as f:
-            pagemap.write(f, raw, plan.payloads)
-        os.replace(tmp, path)
-    return out
+        buf = io.BytesIO()
+        pagemap.write(buf, raw, plan.payloads)
+        rewritten[name] = buf.getvalue()
+    return out, rewritten
 
 
 def fill_items(pages: Pages, files: dict[str, list], zero_id: str) -> list[tuple]:
@@ -141,7 +141,7 @@ def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list) -> i
         for pid, vaddr, _off, length in pieces:
             uffd.zeropage(fds[pid], vaddr, length)
         return 0
-    view = repo.codec.decode_view(repo.read_blob(cid), cid, n)
+    view = repo.codec.decode_view(repo.read_blob(cid), cid, n, check="frame")
     base = uffd.address_of(view.obj)
     for pid, vaddr, off, length in pieces:
         uffd.copy(fds[pid], vaddr, base + off, length)

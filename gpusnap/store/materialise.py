@@ -106,7 +106,7 @@ def _fill(job, batch_index: int) -> tuple[int, float, float]:
         blob = repo.read_blob(cid)
         read = time.perf_counter()
         with _view(paths[index])[off:off + n] as out:
-            repo.codec.decode_view(blob, cid, n, out)
+            repo.codec.decode_view(blob, cid, n, out, check="frame")
         read_s += read - started
         decode_s += time.perf_counter() - read
         done += n
