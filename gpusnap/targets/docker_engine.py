@@ -29,14 +29,15 @@ import time
 
 from .. import sysrun
 from ..errors import ContainerEngineError, GpusnapError
-from . import containers
+from . import devices
+from .container_engine import ContainerEngine
 
 RESTORE_MARKER = "gpusnap-restore"     # also read by hooks/gpusnap-criu-hook
 CHECKPOINT_NAME = "gpusnap"
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
 
-class DockerEngine:
+class DockerEngine(ContainerEngine):
     kind = "docker"
 
     def __init__(self, client=None):
@@ -71,7 +72,7 @@ class DockerEngine:
             except Exception as e:  # noqa: BLE001
                 raise ContainerEngineError(f"dockerd did not answer: {str(e)[:200]}",
                                            hint="is dockerd running? "
-                                                "(scripts/setup-containers.sh starts it)") from None
+                                                "(scripts/setup-devices.sh starts it)") from None
         return self._info
 
     def unavailable(self) -> str | None:
@@ -88,7 +89,7 @@ class DockerEngine:
             raise ContainerEngineError(
                 "dockerd is not in experimental mode: its checkpoint API is off",
                 hint='set "experimental": true in /etc/docker/daemon.json and restart '
-                     'dockerd (scripts/setup-containers.sh does both)')
+                     'dockerd (scripts/setup-devices.sh does both)')
 
     def _call(self, what: str, response, ok=(200, 201, 204)):
         if response.status_code in ok:
@@ -120,8 +121,8 @@ class DockerEngine:
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": containers.mount_facts(info),
-            "devices": containers.device_facts(host.get("Devices")),
+            "mounts": devices.mount_facts(info),
+            "devices": devices.device_facts(host.get("Devices")),
             "device_requests": host.get("DeviceRequests") or [],
             "storage_driver": graph.get("Name"),
             # what POST /containers/create takes to make this container again
@@ -210,7 +211,7 @@ class DockerEngine:
         cfg = dict(facts["create"]["Config"])
         host = dict(facts["create"]["HostConfig"])
         if devices is not None:
-            host["Devices"] = containers.engine_devices(devices)
+            host["Devices"] = devices.engine_devices(devices)
         body = dict(cfg, HostConfig=host)
         res = self._call("create", self.api._post_json(
             self.api._url("/containers/create"), data=body, params={"name": name}))
@@ -297,7 +298,7 @@ class DockerEngine:
             def fill(dest):
                 materialise(dest, "checkpoint/")
                 if node_changes:
-                    containers.apply_node_changes(dest, node_changes)
+                    devices.apply_node_changes(dest, node_changes)
 
             pid = self.start_with(cid, fill, marker)
         except BaseException:

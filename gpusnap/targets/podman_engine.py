@@ -22,13 +22,14 @@ import tarfile
 
 from .. import sysrun
 from ..errors import ContainerEngineError
-from . import containers
+from . import devices
+from .container_engine import ContainerEngine
 
 RESTORE_MARKER = "gpusnap-restore"     # also read by hooks/gpusnap-criu-hook
 CRIU_FLAGS = ["--tcp-established", "--file-locks"]
 
 
-class PodmanEngine:
+class PodmanEngine(ContainerEngine):
     kind = "podman"
 
     def __init__(self):
@@ -41,7 +42,7 @@ class PodmanEngine:
             path = shutil.which("podman", path=sysrun.clean_env()["PATH"] + ":" + sysrun.SAFE_PATH)
             if not path:
                 raise ContainerEngineError("podman is not installed",
-                                           hint="scripts/setup-containers.sh installs it")
+                                           hint="scripts/setup-devices.sh installs it")
             self._binary = path
         return self._binary
 
@@ -105,8 +106,8 @@ class PodmanEngine:
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": containers.mount_facts(info),
-            "devices": containers.device_facts(host.get("Devices"), _spec(info)),
+            "mounts": devices.mount_facts(info),
+            "devices": devices.device_facts(host.get("Devices"), _spec(info)),
             "rootfs_diff": True,          # comes with the export (rootfs-diff.tar)
             "running": state.get("Status") == "running",
             "status": state.get("Status"), "pid": int(state.get("Pid") or 0),
@@ -166,7 +167,7 @@ class PodmanEngine:
         with open(os.path.join(images, RESTORE_MARKER), "w") as f:
             f.write(f"{marker}\n")
         if node_changes:
-            containers.apply_node_changes(images, node_changes)
+            devices.apply_node_changes(images, node_changes)
         if devices is not None:
             rewrite_device_config(tree, facts.get("devices") or [], devices)
         with tarfile.open(tar, "w") as t:
