@@ -4,20 +4,20 @@ A plan is what runs: plan() makes every check that can fail and records every ch
 (the CRIU, its options, the GPU pairs, where a container goes, whether zero pages are
 dropped); execute() reads the plan, not the environment. dump.py and restore.py are
 the entry points; the strategy of the target's kind (engine/strategies) does the steps
-that differ between a process tree and a container.
+that differ between a process tree and a container, behind Strategy and Dumper below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..criu.argv import CriuOptions
 from ..imagefile.devnodes import NodeChange
 from ..model import Target
 
 if TYPE_CHECKING:
-    from .strategies import Strategy
+    from ..store import Repository
 
 
 @dataclass
@@ -70,3 +70,36 @@ class RestorePlan:
     gpu_pairs: list[tuple[str, str]] | None = None
     notes: list[str] = field(default_factory=list)
     container: ContainerPlacement | None = None
+
+
+class Dumper(Protocol):
+    """Takes the images of one dump; dump.py orders the steps around it."""
+    stage: str                      # the name of the stage that takes the images
+    undo_errors: list[str]          # what resume() could not undo
+
+    def dump(self, images: str, logs: str, leave_running: bool) -> None:
+        """Write the images under `images`; on failure, leave the original as it was."""
+
+    def criu_dir(self, images: str) -> str:
+        """Where the CRIU image files are inside `images`."""
+
+    def finish(self) -> None:
+        """The snapshot is committed: the original goes."""
+
+    def resume(self) -> None:
+        """Undo a dump that stopped the original. Never raises."""
+
+
+class Strategy(Protocol):
+    """How one kind of target ('process', 'docker', 'podman') is dumped and restored."""
+    kind: str
+
+    def dumper(self, plan: DumpPlan, cuda) -> Dumper:
+        """The Dumper of one dump (cuda: its CudaSession, or None)."""
+
+    def plan_restore(self, req: RestoreRequest, manifest: dict, criu_path: str) -> RestorePlan:
+        """Every check that can fail before anything is restored; a plan or a refusal."""
+
+    def restore(self, plan: RestorePlan, repo: Repository,
+                progress: Callable[[int], None] | None = None) -> dict:
+        """Run the plan, undoing what it did on any failure; restore.execute's dict."""

@@ -29,8 +29,8 @@ import time
 
 from .. import sysrun
 from ..errors import ContainerEngineError, GpusnapError
-from . import devices
 from .container_engine import ContainerEngine
+from .devices import apply_node_changes, device_facts, engine_devices, mount_facts
 
 RESTORE_MARKER = "gpusnap-restore"     # also read by hooks/gpusnap-criu-hook
 CHECKPOINT_NAME = "gpusnap"
@@ -72,7 +72,7 @@ class DockerEngine(ContainerEngine):
             except Exception as e:  # noqa: BLE001
                 raise ContainerEngineError(f"dockerd did not answer: {str(e)[:200]}",
                                            hint="is dockerd running? "
-                                                "(scripts/setup-devices.sh starts it)") from None
+                                                "(scripts/setup-containers.sh starts it)") from None
         return self._info
 
     def unavailable(self) -> str | None:
@@ -89,7 +89,7 @@ class DockerEngine(ContainerEngine):
             raise ContainerEngineError(
                 "dockerd is not in experimental mode: its checkpoint API is off",
                 hint='set "experimental": true in /etc/docker/daemon.json and restart '
-                     'dockerd (scripts/setup-devices.sh does both)')
+                     'dockerd (scripts/setup-containers.sh does both)')
 
     def _call(self, what: str, response, ok=(200, 201, 204)):
         if response.status_code in ok:
@@ -121,8 +121,8 @@ class DockerEngine(ContainerEngine):
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": devices.mount_facts(info),
-            "devices": devices.device_facts(host.get("Devices")),
+            "mounts": mount_facts(info),
+            "devices": device_facts(host.get("Devices")),
             "device_requests": host.get("DeviceRequests") or [],
             "storage_driver": graph.get("Name"),
             # what POST /containers/create takes to make this container again
@@ -211,7 +211,7 @@ class DockerEngine(ContainerEngine):
         cfg = dict(facts["create"]["Config"])
         host = dict(facts["create"]["HostConfig"])
         if devices is not None:
-            host["Devices"] = devices.engine_devices(devices)
+            host["Devices"] = engine_devices(devices)
         body = dict(cfg, HostConfig=host)
         res = self._call("create", self.api._post_json(
             self.api._url("/containers/create"), data=body, params={"name": name}))
@@ -298,7 +298,7 @@ class DockerEngine(ContainerEngine):
             def fill(dest):
                 materialise(dest, "checkpoint/")
                 if node_changes:
-                    devices.apply_node_changes(dest, node_changes)
+                    apply_node_changes(dest, node_changes)
 
             pid = self.start_with(cid, fill, marker)
         except BaseException:

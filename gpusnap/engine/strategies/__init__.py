@@ -1,55 +1,21 @@
 """One strategy per kind of target: what differs between dumping and restoring a process
 tree (process.py: gpusnap's own CRIU) and a container (container.py: its engine's
 checkpoint and restore, docker or podman, one strategy parameterised by the engine).
+The interface, Strategy and Dumper, is in engine/plans.py with the plans that carry it.
 
 engine/dump.py orders the steps of every dump and asks the strategy's Dumper for the one
 that takes the images; engine/restore.py loads the snapshot and hands it to the strategy
 of its kind, which plans (every check before anything is touched) and runs the restore
-with its undo.
-
-    Strategy.dumper(plan, cuda)                 a Dumper for one dump
-    Strategy.plan_restore(req, manifest, criu)  a RestorePlan, or a refusal
-    Strategy.restore(plan, repo, progress)      {'pid', 'snapshot', 'timings', 'notes', ...}
-
-    Dumper.dump(images, logs, leave_running)    write the images under `images`
-    Dumper.criu_dir(images)                     where the CRIU image files are inside it
-    Dumper.finish()                             the snapshot is committed: the original goes
-    Dumper.resume()                             undo a dump that stopped the original;
-                                                never raises (what failed: undo_errors)
+with its undo. for_kind() and resolve() are the only places that look at the kind.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
 from ...errors import UsageError
 from ...model import Target
-from ...store import Repository
-from ..plans import DumpPlan, DumpRequest, RestorePlan, RestoreRequest
+from ..plans import DumpRequest, Dumper, Strategy
 
-
-class Dumper(Protocol):
-    stage: str                      # the name of the stage that takes the images
-    undo_errors: list[str]
-
-    def dump(self, images: str, logs: str, leave_running: bool) -> None: ...
-
-    def criu_dir(self, images: str) -> str: ...
-
-    def finish(self) -> None: ...
-
-    def resume(self) -> None: ...
-
-
-class Strategy(Protocol):
-    kind: str
-
-    def dumper(self, plan: DumpPlan, cuda) -> Dumper: ...
-
-    def plan_restore(self, req: RestoreRequest, manifest: dict, criu_path: str) -> RestorePlan: ...
-
-    def restore(self, plan: RestorePlan, repo: Repository,
-                progress: Callable[[int], None] | None = None) -> dict: ...
+__all__ = ["Dumper", "Strategy", "for_kind", "resolve"]
 
 
 def for_kind(kind: str) -> Strategy:
