@@ -77,7 +77,8 @@ class _Dump:
         self.plan, self.repo, self.stages = plan, repo, Stages()
         self.cuda = gpu.session(plan.cuda_pids) if plan.cuda_pids else None
         self.dumper = plan.strategy.dumper(plan, self.cuda)
-        self.sdk = agent_steps.DumpAgents(plan.target)  # SDK agents: weights out of the image
+        # SDK agents: weights out of the image
+        self.sdk = agent_steps.DumpAgents(plan.target, ask=plan.strategy.sdk_agents)
         self.stopped = False
         self.work = workdir.make(repo.path, "dump-")
         self.images = os.path.join(self.work, "images")

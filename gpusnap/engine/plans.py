@@ -93,6 +93,7 @@ class Dumper(Protocol):
 class Strategy(Protocol):
     """How one kind of target ('process', 'docker', 'podman') is dumped and restored."""
     kind: str
+    sdk_agents: bool                # SDK agents of the target are asked to drop weights
 
     def dumper(self, plan: DumpPlan, cuda) -> Dumper:
         """The Dumper of one dump (cuda: its CudaSession, or None)."""

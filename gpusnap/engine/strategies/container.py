@@ -42,6 +42,8 @@ from ..timing import Stages
 
 
 class ContainerStrategy:
+    sdk_agents = False              # an agent's socket is in the container's mount namespace
+
     def __init__(self, kind: str):
         self.kind = kind
         self.engine = containers.get_engine(kind)

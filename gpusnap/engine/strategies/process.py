@@ -32,6 +32,7 @@ from ..timing import Stages
 
 class ProcessStrategy:
     kind = "process"
+    sdk_agents = True
 
     def dumper(self, plan: DumpPlan, cuda=None) -> ProcessDump:
         return ProcessDump(plan)
