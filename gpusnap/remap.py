@@ -92,9 +92,8 @@ def plan_remap(snapshot_gpus: list[dict], host_gpus: list[dict],
     memory_total}); host_gpus: this host's ({uuid, name, memory_total, memory_free,
     optional index}); choice: --gpu tokens or None; need: device memory the snapshot
     holds per snapshot GPU UUID (absent: none; need=None: unknown, not checked)."""
-    plan = RemapPlan()
     if not snapshot_gpus:
-        return plan
+        return RemapPlan()
     tokens = _tokens(choice)
     if len(tokens) > len(snapshot_gpus):
         raise GpuMismatch(f"--gpu names {len(tokens)} GPUs; the snapshot had "
@@ -102,73 +101,97 @@ def plan_remap(snapshot_gpus: list[dict], host_gpus: list[dict],
     if len(host_gpus) < len(snapshot_gpus):
         raise GpuMismatch(f"the snapshot had {len(snapshot_gpus)} GPUs; this host has "
                           f"{len(host_gpus)}", hint="restore on a host with as many GPUs")
+    planner = _Planner(snapshot_gpus, host_gpus, need)
+    planner.named(tokens)
+    planner.same_uuid()
+    planner.same_chip()
+    return planner.plan()
 
-    def needs(snap: dict) -> int:
-        return (need or {}).get(snap["uuid"], 0)
 
-    def fits(snap: dict, pos: int) -> str | None:
+class _Planner:
+    """The rules in the order the module header gives them; target maps a snapshot
+    GPU's position to a host GPU's position."""
+
+    def __init__(self, snapshot: list[dict], host: list[dict], need: dict[str, int] | None):
+        self.snapshot, self.host, self.need = snapshot, host, need
+        self.target: dict[int, int] = {}
+        self.notes: list[str] = []
+        self.by_uuid = {g["uuid"]: pos for pos, g in enumerate(host)}
+
+    def needs(self, snap: dict) -> int:
+        return (self.need or {}).get(snap["uuid"], 0)
+
+    def fits(self, snap: dict, pos: int) -> str | None:
         """Why host GPU pos cannot take snap, or None."""
-        gpu = host_gpus[pos]
+        gpu = self.host[pos]
         if gpu["name"] != snap["name"]:
             return f"{_label(gpu, pos)} is not a {snap['name']}"
-        want = needs(snap)
-        if need is not None and want > gpu.get("memory_free", 0):
+        want = self.needs(snap)
+        if self.need is not None and want > gpu.get("memory_free", 0):
             return (f"{_label(gpu, pos)} has {_gib(gpu.get('memory_free', 0))} free; "
                     f"the snapshot needs {_gib(want)} there")
         return None
 
-    order = list(range(len(snapshot_gpus)))
-    if tokens and len(tokens) < len(snapshot_gpus) and need is not None:
-        order.sort(key=lambda i: 0 if needs(snapshot_gpus[i]) else 1)
-    target: dict[int, int] = {}                     # snapshot position -> host position
-    for i, token in zip(order, tokens):
-        pos = _resolve(token, host_gpus)
-        if pos in target.values():
-            raise UsageError(f"--gpu names {_label(host_gpus[pos], pos)} twice")
-        why = fits(snapshot_gpus[i], pos)
-        if why:
-            raise GpuMismatch(f"snapshot GPU {i} cannot go to {why}")
-        target[i] = pos
-        plan.notes.append(f"snapshot GPU {i} ({_short(snapshot_gpus[i]['uuid'])}) onto "
-                          f"{_label(host_gpus[pos], pos)} (--gpu)")
+    def rest(self) -> list[int]:
+        return [i for i in range(len(self.snapshot)) if i not in self.target]
 
-    rest = [i for i in range(len(snapshot_gpus)) if i not in target]
-    if tokens:
-        named = [i for i in rest if need is None or needs(snapshot_gpus[i])]
-        if named:
-            i = named[0]
-            holds = "may hold" if need is None else "holds"
+    def named(self, tokens: list[str]) -> None:
+        """--gpu: all snapshot GPUs in order, or fewer: those holding memory first."""
+        order = list(range(len(self.snapshot)))
+        if tokens and len(tokens) < len(self.snapshot) and self.need is not None:
+            order.sort(key=lambda i: 0 if self.needs(self.snapshot[i]) else 1)
+        for i, token in zip(order, tokens):
+            pos = _resolve(token, self.host)
+            if pos in self.target.values():
+                raise UsageError(f"--gpu names {_label(self.host[pos], pos)} twice")
+            why = self.fits(self.snapshot[i], pos)
+            if why:
+                raise GpuMismatch(f"snapshot GPU {i} cannot go to {why}")
+            self.target[i] = pos
+            self.notes.append(f"snapshot GPU {i} ({_short(self.snapshot[i]['uuid'])}) onto "
+                              f"{_label(self.host[pos], pos)} (--gpu)")
+        if tokens:
+            self._refuse_unnamed_memory(len(tokens))
+
+    def _refuse_unnamed_memory(self, named: int) -> None:
+        holding = [i for i in self.rest() if self.need is None or self.needs(self.snapshot[i])]
+        if holding:
+            i = holding[0]
+            holds = "may hold" if self.need is None else "holds"
             raise GpuMismatch(
-                f"--gpu names {len(tokens)} of the snapshot's {len(snapshot_gpus)} GPUs; "
-                f"snapshot GPU {i} ({_short(snapshot_gpus[i]['uuid'])}) {holds} device "
+                f"--gpu names {named} of the snapshot's {len(self.snapshot)} GPUs; "
+                f"snapshot GPU {i} ({_short(self.snapshot[i]['uuid'])}) {holds} device "
                 f"memory", hint="name a GPU for each snapshot GPU")
 
-    by_uuid = {g["uuid"]: pos for pos, g in enumerate(host_gpus)}
-    for i in rest:                                  # same UUID first, so no fallback takes it
-        pos = by_uuid.get(snapshot_gpus[i]["uuid"])
-        if pos is not None and pos not in target.values():
-            why = fits(snapshot_gpus[i], pos)
-            if why:
-                raise GpuMismatch(f"snapshot GPU {i}: {why}",
-                                  hint="free memory on it, or pick another with --gpu")
-            target[i] = pos
-    for i in rest:
-        if i in target:
-            continue
-        snap = snapshot_gpus[i]
-        free = [pos for pos in range(len(host_gpus)) if pos not in target.values()]
-        reasons = [fits(snap, pos) for pos in free]
-        ok = [pos for pos, why in zip(free, reasons) if why is None]
-        if not ok:
-            raise GpuMismatch(
-                f"snapshot GPU {i} ({_short(snap['uuid'])}, {snap['name']}) has no place "
-                f"on this host: " + "; ".join(r for r in reasons if r),
-                hint="the driver restores only onto the same chip with room for the data")
-        target[i] = ok[0]
-        gone = "absent" if snap["uuid"] not in by_uuid else "taken"
-        plan.notes.append(f"snapshot GPU {i} ({_short(snap['uuid'])}) {gone}; using "
-                          f"{_label(host_gpus[ok[0]], ok[0])} (same chip)")
+    def same_uuid(self) -> None:
+        """Same UUID first, so that no fallback takes it."""
+        for i in self.rest():
+            pos = self.by_uuid.get(self.snapshot[i]["uuid"])
+            if pos is not None and pos not in self.target.values():
+                why = self.fits(self.snapshot[i], pos)
+                if why:
+                    raise GpuMismatch(f"snapshot GPU {i}: {why}",
+                                      hint="free memory on it, or pick another with --gpu")
+                self.target[i] = pos
 
-    plan.mapping = [(snapshot_gpus[i]["uuid"], host_gpus[target[i]]["uuid"])
-                    for i in range(len(snapshot_gpus))]
-    return plan
+    def same_chip(self) -> None:
+        """The rest: the first free host GPU of the same chip with room."""
+        for i in self.rest():
+            snap = self.snapshot[i]
+            free = [pos for pos in range(len(self.host)) if pos not in self.target.values()]
+            reasons = [self.fits(snap, pos) for pos in free]
+            ok = [pos for pos, why in zip(free, reasons) if why is None]
+            if not ok:
+                raise GpuMismatch(
+                    f"snapshot GPU {i} ({_short(snap['uuid'])}, {snap['name']}) has no place "
+                    f"on this host: " + "; ".join(r for r in reasons if r),
+                    hint="the driver restores only onto the same chip with room for the data")
+            self.target[i] = ok[0]
+            gone = "absent" if snap["uuid"] not in self.by_uuid else "taken"
+            self.notes.append(f"snapshot GPU {i} ({_short(snap['uuid'])}) {gone}; using "
+                              f"{_label(self.host[ok[0]], ok[0])} (same chip)")
+
+    def plan(self) -> RemapPlan:
+        mapping = [(self.snapshot[i]["uuid"], self.host[self.target[i]]["uuid"])
+                   for i in range(len(self.snapshot))]
+        return RemapPlan(mapping=mapping, notes=self.notes)

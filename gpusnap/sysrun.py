@@ -4,7 +4,8 @@ Children get a clean environment (PATH, LANG=C, plus what the caller names), no 
 and ignore SIGINT so that a Ctrl-C reaches gpusnap alone and gpusnap decides how to
 unwind (a CRIU killed mid-restore is worse than one allowed to finish). run() therefore
 lets a child finish when gpusnap is interrupted (Ctrl-C, or SIGTERM, which the CLI turns
-into Interrupted), and raises the interrupt once it has: subprocess.run would kill it.
+into Interrupted), and raises the interrupt once it has (gpusnap.interrupts): subprocess.run
+would kill it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 
-from .errors import Interrupted
+from . import interrupts
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -49,8 +49,8 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float | 
         cwd: str | None = None, input: str | None = None, pass_fds: tuple[int, ...] = ()) -> Result:
     """Run argv to completion, capturing its output. Never raises on a non-zero exit.
 
-    An interrupt (KeyboardInterrupt, Interrupted) that arrives meanwhile is held until the
-    child has finished, then raised: the child is never cut short by one (a CRIU dump
+    A Ctrl-C or SIGTERM that arrives meanwhile is held until the child has finished, then
+    raised (gpusnap.interrupts.held): the child is never cut short by one (a CRIU dump
     killed with its parasite inside the target can leave the target broken). A timeout
     still kills the child (subprocess.TimeoutExpired).
     """
@@ -69,22 +69,13 @@ class Running:
 
     def wait(self, timeout: float | None = None) -> Result:
         """run()'s second half: wait for the child (interrupts held until it exits)."""
-        proc = self.proc
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interrupt: BaseException | None = None
-        with proc:
-            while True:
+        with interrupts.held():
+            with self.proc as proc:
                 try:
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    stdout, stderr = proc.communicate(self.input if interrupt is None else None, left)
-                    break
-                except (KeyboardInterrupt, Interrupted) as exc:
-                    interrupt = interrupt or exc        # communicate() resumes where it was
+                    stdout, stderr = proc.communicate(self.input, timeout)
                 except BaseException:
                     proc.kill()
                     raise
-        if interrupt is not None:
-            raise interrupt
         return Result(self.argv, proc.returncode, stdout, stderr)
 
 

@@ -37,24 +37,26 @@ def _fail(what: str, res: sysrun.Result, log_path: str) -> CriuFailed:
 
 
 def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped",
-         timeout: float | None = None) -> None:
-    criu, _ = find_criu()
+         timeout: float | None = None, criu: str | None = None) -> None:
+    """criu: the CRIU to run (default: find_criu's)."""
+    criu = criu or find_criu()[0]
     res = sysrun.run(dump_argv(criu, pid, images_dir, opts, leave=leave), timeout=timeout)
     if not res.ok:
         raise _fail("dump", res, os.path.join(images_dir, "dump.log"))
 
 
 def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
-            timeout: float | None = None) -> int:
+            timeout: float | None = None, criu: str | None = None) -> int:
     """CRIU restore, detached; the restored root pid. Log and pidfile go to work_dir
-    (default: images_dir)."""
-    return finish_restore(start_restore(images_dir, opts, work_dir=work_dir), timeout=timeout)
+    (default: images_dir). criu: the CRIU to run (default: find_criu's)."""
+    return finish_restore(start_restore(images_dir, opts, work_dir=work_dir, criu=criu), timeout=timeout)
 
 
-def start_restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None) -> sysrun.Running:
+def start_restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
+                  criu: str | None = None) -> sysrun.Running:
     """CRIU restore started, for a caller that works while it runs (the uffd page path
     serves its tasks' memory meanwhile); finish_restore() collects it."""
-    criu, _ = find_criu()
+    criu = criu or find_criu()[0]
     out_dir = work_dir or images_dir
     pidfile = os.path.join(out_dir, "restored.pid")
     if os.path.exists(pidfile):          # CRIU refuses to overwrite it (a second restore)

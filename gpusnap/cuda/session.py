@@ -18,11 +18,9 @@ was done.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 
+from gpusnap import interrupts
 from gpusnap.cuda.driver import CudaDriver, CudaState, get_driver
 from gpusnap.errors import CudaFailed, GpusnapError
 
@@ -113,9 +111,9 @@ class CudaSession:
 
     def rollback(self) -> list[GpusnapError]:
         """Bring every pid back to its starting state. Never raises: what could not be
-        undone is collected in self.errors (and returned). Ctrl-C is held off meanwhile
-        (self.rollback_interrupted says whether one came)."""
-        with self._sigint_deferred():
+        undone is collected in self.errors (and returned). Ctrl-C and SIGTERM are held off
+        meanwhile (self.rollback_interrupted says whether one came)."""
+        with interrupts.shielded() as shield:
             start = time.monotonic()
             plans = {}
             for pid in self.pids:
@@ -141,6 +139,7 @@ class CudaSession:
                             plan.clear()
             self.timings["rollback"] = self.timings.get("rollback", 0.0) + (
                 time.monotonic() - start)
+        self.rollback_interrupted = self.rollback_interrupted or shield.interrupted
         return self.errors
 
     # internals
@@ -188,18 +187,3 @@ class CudaSession:
         except Exception:
             pass    # keep what we last knew; rollback reports the call that then fails
         return self.state[pid]
-
-    @contextlib.contextmanager
-    def _sigint_deferred(self):
-        installed, previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, self._note_sigint)
-            installed = True
-        try:
-            yield
-        finally:
-            if installed:
-                signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-
-    def _note_sigint(self, signum, frame) -> None:
-        self.rollback_interrupted = True

@@ -120,8 +120,12 @@ def _all(calls: dict[int, tuple], timeout: float) -> tuple[dict[int, dict], dict
 
 
 class DumpAgents:
-    def __init__(self, target):
+    """ask: whether this kind of target has its agents asked (containers: not yet, their
+    sockets are in the container's mount namespace)."""
+
+    def __init__(self, target, ask: bool = True):
         self.target = target
+        self.ask = ask
         self.asked: dict[int, str] = {}         # pid -> socket: sent prepare (answered or not)
         self.prepared: dict[int, dict] = {}     # pid -> prepare's reply
         self.resumed = False
@@ -131,7 +135,7 @@ class DumpAgents:
         agents = find_agents(self.target.pids)
         if not agents:
             return
-        if self.target.kind != "process":
+        if not self.ask:
             self.notes.append(f"SDK agents in pids {sorted(agents)} left alone: containers are "
                               f"dumped in transparent mode (weights in the image)")
             return

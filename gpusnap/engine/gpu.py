@@ -7,6 +7,7 @@ asks the driver only about those pids, so on a host without a GPU libcuda is nev
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 
 def cuda_pids(pids: list[int]) -> list[int]:
@@ -36,10 +37,28 @@ def init_in_background() -> threading.Thread:
     return thread
 
 
-def plan_remap(cuda_facts: dict, choice: list[str] | None) -> tuple[list[tuple[str, str]] | None, list[str]]:
-    """UUID pairs for the driver (None: same GPUs) and notes for the user; refuses early."""
-    from ..cuda import host_gpus
+@dataclass
+class GpuMove:
+    """Where the CUDA state goes: UUID pairs for the driver (None: the same GPUs), notes
+    for the user, and the GPU lists they were planned from (a container's device nodes
+    move with them: targets.devices.gpu_device_map)."""
+    pairs: list[tuple[str, str]] | None
+    notes: list[str]
+    snapshot: list[dict]
+    host: list[dict]
+
+
+def plan_remap(cuda_facts: dict, choice: list[str] | None,
+               visible_minors: set[int] | None = None) -> GpuMove:
+    """gpusnap.remap over the snapshot's GPUs and this host's; refuses early.
+    visible_minors: only the snapshot GPUs with these minor numbers (a container sees
+    only the GPUs whose nodes it has); none of them known: all."""
+    from ..cuda import discover
     from ..remap import plan_remap as plan
-    p = plan(cuda_facts.get("gpus", []), [g.to_dict() for g in host_gpus().gpus], choice,
-             cuda_facts.get("used_memory"))
-    return p.pairs, p.notes
+    snapshot = cuda_facts.get("gpus") or []
+    if visible_minors:
+        snapshot = [g for g in snapshot
+                    if g.get("minor") is None or g["minor"] in visible_minors] or snapshot
+    host = [g.to_dict() for g in discover.host_gpus().gpus]
+    p = plan(snapshot, host, choice, cuda_facts.get("used_memory"))
+    return GpuMove(p.pairs, list(p.notes), snapshot, host)

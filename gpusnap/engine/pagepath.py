@@ -6,13 +6,13 @@
           --lazy-pages; gpusnap's workers place the pages straight from the store's chunks
           through userfaultfd while CRIU waits on the tasks it restores; then continue
 
-restore.py runs one of them between "plan" and "CUDA restore"; both return the restored
-root pid with the stage timings in `stages`.
+strategies/process.py runs one of them between "plan" and "CUDA restore".
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import time
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 from ..criu import lazy
 from ..criu import runner as criu_runner
-from ..criu.argv import CriuOptions
 from ..errors import UsageError
 from ..imagefile import core
 from ..store import codec, parallel
+from . import gpu
 
 PATHS = ("auto", "uffd", "criu")
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
@@ -76,47 +76,60 @@ class Fill:
                 "mode": self.mode, "gb_per_s": round(gbps, 2) if gbps else None}
 
 
-def restore_uffd(repo, m: dict, work: str, stages, progress, on_forked) -> tuple[int, lazy.Guard, Fill]:
-    """The uffd path up to a restored, filled, continued tree. Returns (root pid, the
-    guard (the caller closes it: done=True once the restore is reported), fill stats).
-    on_forked() runs once the fill's workers exist (cuInit may start a thread then)."""
-    images = os.path.join(work, "images")
-    entries = {f["path"]: f for f in m["files"]}
-    with stages.stage("materialise"):
-        pages, pagemaps = lazy.prepare(list(entries), lambda name: _read(repo, entries[name]))
-        repo.materialise(m, images, progress, only=pages.eager)
-        for name, data in pagemaps.items():
-            with open(os.path.join(images, name), "wb") as f:
-                f.write(data)
-        items = lazy.fill_items(pages, {name: e["chunks"] for name, e in entries.items()}, codec.ZERO_ID)
-        stopped = _stopped_at_dump(images)
-    guard = lazy.Guard.start(work, repo, items)
-    try:
-        opts = CriuOptions(shell_job=m["criu"]["shell_job"], lazy_pages=True, leave_stopped=True)
-        with stages.stage("criu_restore"):
-            running = criu_runner.start_restore(images, opts, work_dir=work)
-            fds = _receive(guard, running, pages.tasks)
-        with stages.stage("uffd_fill"):
-            fill = _fill(repo, fds, items, progress, on_forked)
+class UffdPages:
+    """One restore's uffd page path (strategies/process.py runs it in place of CRIU's)."""
+
+    def __init__(self):
+        self.guard: lazy.Guard | None = None
+        self.fill = Fill()
+
+    def restore(self, plan, repo, work: str, stages, progress):
+        """Up to a restored, filled, continued tree: (root pid, the cuInit thread or None).
+        cuInit starts once the fill's workers are forked (no thread may run before)."""
+        m = plan.manifest
+        images = os.path.join(work, "images")
+        entries = {f["path"]: f for f in m["files"]}
+        with stages.stage("materialise"):
+            pages, pagemaps = lazy.prepare(list(entries), lambda name: _read(repo, entries[name]))
+            repo.materialise(m, images, progress, only=pages.eager)
+            for name, data in pagemaps.items():
+                with open(os.path.join(images, name), "wb") as f:
+                    f.write(data)
+            items = lazy.fill_items(pages, {n: e["chunks"] for n, e in entries.items()}, codec.ZERO_ID)
+            stopped = _stopped_at_dump(images)
+        self.guard = lazy.Guard.start(work, repo, items)
+        opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
+        cuinit: list = []
+        running = criu_runner.start_restore(images, opts, work_dir=work, criu=plan.criu_path)
+        try:
+            with stages.stage("criu_restore"):      # until every task's userfaultfd is here
+                fds = self.guard.receive(pages.tasks)
+            with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
+                self.fill = _fill(repo, fds, items, progress,
+                                  lambda: m.get("cuda") and cuinit.append(gpu.init_in_background()))
+        except BaseException:
+            running.proc.kill()                 # CRIU waits on tasks nobody serves now
+            running.wait()
+            raise
         with stages.stage("criu_finish"):
             root = criu_runner.finish_restore(running)
-            guard.release()
-            for pid in guard.pids:
-                if pid not in stopped:
-                    _continue(pid)
-    except BaseException:
-        guard.close(done=False)         # kills whatever CRIU restored, before it can run
-        raise
-    return root, guard, fill
+            self.guard.release()
+        for pid in self.guard.pids:
+            if pid not in stopped:
+                _continue(pid)
+        return root, (cuinit[0] if cuinit else None)
 
+    def done(self) -> None:
+        """The restore succeeded and is reported: the guard lets the tree be."""
+        if self.guard:
+            self.guard.close(done=True)
+            self.guard = None
 
-def _receive(guard: lazy.Guard, running, tasks: int) -> dict[int, int]:
-    try:
-        return guard.receive(tasks)
-    except BaseException:
-        running.proc.kill()             # CRIU waits on tasks nobody will serve now
-        criu_runner.finish_restore(running)
-        raise
+    def abort(self) -> None:
+        """The restore failed: the guard kills whatever CRIU restored, then goes."""
+        if self.guard:
+            self.guard.close(done=False)
+            self.guard = None
 
 
 def _fill(repo, fds: dict[int, int], items: list, progress, on_forked) -> Fill:

@@ -29,14 +29,15 @@ import time
 
 from .. import sysrun
 from ..errors import ContainerEngineError, GpusnapError
-from . import containers
+from .container_engine import ContainerEngine
+from .devices import apply_node_changes, device_facts, engine_devices, mount_facts
 
 RESTORE_MARKER = "gpusnap-restore"     # also read by hooks/gpusnap-criu-hook
 CHECKPOINT_NAME = "gpusnap"
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
 
-class DockerEngine:
+class DockerEngine(ContainerEngine):
     kind = "docker"
 
     def __init__(self, client=None):
@@ -120,8 +121,8 @@ class DockerEngine:
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": containers.mount_facts(info),
-            "devices": containers.device_facts(host.get("Devices")),
+            "mounts": mount_facts(info),
+            "devices": device_facts(host.get("Devices")),
             "device_requests": host.get("DeviceRequests") or [],
             "storage_driver": graph.get("Name"),
             # what POST /containers/create takes to make this container again
@@ -210,7 +211,7 @@ class DockerEngine:
         cfg = dict(facts["create"]["Config"])
         host = dict(facts["create"]["HostConfig"])
         if devices is not None:
-            host["Devices"] = containers.engine_devices(devices)
+            host["Devices"] = engine_devices(devices)
         body = dict(cfg, HostConfig=host)
         res = self._call("create", self.api._post_json(
             self.api._url("/containers/create"), data=body, params={"name": name}))
@@ -297,7 +298,7 @@ class DockerEngine:
             def fill(dest):
                 materialise(dest, "checkpoint/")
                 if node_changes:
-                    containers.apply_node_changes(dest, node_changes)
+                    apply_node_changes(dest, node_changes)
 
             pid = self.start_with(cid, fill, marker)
         except BaseException:

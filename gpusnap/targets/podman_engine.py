@@ -22,13 +22,14 @@ import tarfile
 
 from .. import sysrun
 from ..errors import ContainerEngineError
-from . import containers
+from .container_engine import ContainerEngine
+from .devices import apply_node_changes, device_facts, mount_facts
 
 RESTORE_MARKER = "gpusnap-restore"     # also read by hooks/gpusnap-criu-hook
 CRIU_FLAGS = ["--tcp-established", "--file-locks"]
 
 
-class PodmanEngine:
+class PodmanEngine(ContainerEngine):
     kind = "podman"
 
     def __init__(self):
@@ -105,8 +106,8 @@ class PodmanEngine:
             "env": cfg.get("Env") or [], "working_dir": cfg.get("WorkingDir") or "",
             "user": cfg.get("User") or "", "tty": bool(cfg.get("Tty")),
             "hostname": cfg.get("Hostname") or "",
-            "mounts": containers.mount_facts(info),
-            "devices": containers.device_facts(host.get("Devices"), _spec(info)),
+            "mounts": mount_facts(info),
+            "devices": device_facts(host.get("Devices"), _spec(info)),
             "rootfs_diff": True,          # comes with the export (rootfs-diff.tar)
             "running": state.get("Status") == "running",
             "status": state.get("Status"), "pid": int(state.get("Pid") or 0),
@@ -166,7 +167,7 @@ class PodmanEngine:
         with open(os.path.join(images, RESTORE_MARKER), "w") as f:
             f.write(f"{marker}\n")
         if node_changes:
-            containers.apply_node_changes(images, node_changes)
+            apply_node_changes(images, node_changes)
         if devices is not None:
             rewrite_device_config(tree, facts.get("devices") or [], devices)
         with tarfile.open(tar, "w") as t:

@@ -12,6 +12,7 @@ import pytest
 from gpusnap.errors import UsageError
 from gpusnap.imagefile.devnodes import NodeChange, remap_gz, remap_tar
 from gpusnap.targets import containers
+from gpusnap.targets import devices as devmap
 from gpusnap.targets.podman_engine import remap_host_sources, remap_spec_devices
 
 
@@ -84,12 +85,12 @@ def test_gpu_device_map_follows_the_uuid_pairs():
     snap = [{"uuid": "GPU-a", "minor": 0}, {"uuid": "GPU-b", "minor": 1}]
     host = [{"uuid": "GPU-a", "minor": 0}, {"uuid": "GPU-b", "minor": 1},
             {"uuid": "GPU-c", "minor": 2}]
-    assert containers.gpu_device_map(snap, host, None) == {}
-    assert containers.gpu_device_map(snap, host, [("GPU-a", "GPU-b"), ("GPU-b", "GPU-a")]) == {
+    assert devmap.gpu_device_map(snap, host, None) == {}
+    assert devmap.gpu_device_map(snap, host, [("GPU-a", "GPU-b"), ("GPU-b", "GPU-a")]) == {
         "/dev/nvidia0": "/dev/nvidia1", "/dev/nvidia1": "/dev/nvidia0"}
-    assert containers.gpu_device_map(snap[:1], host, [("GPU-a", "GPU-c")]) == {
+    assert devmap.gpu_device_map(snap[:1], host, [("GPU-a", "GPU-c")]) == {
         "/dev/nvidia0": "/dev/nvidia2"}
-    assert containers.gpu_device_map(snap, host, [("GPU-a", "GPU-a"), ("GPU-b", "GPU-b")]) == {}
+    assert devmap.gpu_device_map(snap, host, [("GPU-a", "GPU-a"), ("GPU-b", "GPU-b")]) == {}
 
 
 def test_remap_devices_keeps_the_container_path():
@@ -98,28 +99,28 @@ def test_remap_devices_keeps_the_container_path():
                {"host": "/dev/nvidiactl", "container": "/dev/nvidiactl", "permissions": "rwm",
                 "type": "c", "major": 195, "minor": 255}]
     nodes = {"/dev/nvidia1": ("c", 195, 1), "/dev/sda": ("b", 8, 0)}
-    new, changes, missing = containers.remap_devices(
+    new, changes, missing = devmap.remap_devices(
         devices, {"/dev/nvidia0": "/dev/nvidia1", "/dev/nvidia7": "/dev/nvidia1"}, nodes.get)
     assert new[0] == dict(devices[0], host="/dev/nvidia1", minor=1)
     assert new[1] == devices[1]
     assert changes == [NodeChange("nvidia0", (195, 0), (195, 1))]
     assert missing == ["/dev/nvidia7"]
     with pytest.raises(UsageError):
-        containers.remap_devices(devices, {"/dev/nvidia0": "/dev/sda"}, nodes.get)
+        devmap.remap_devices(devices, {"/dev/nvidia0": "/dev/sda"}, nodes.get)
 
 
 def test_parse_device_maps():
-    assert containers.parse_device_maps(["/dev/a:/dev/b"]) == {"/dev/a": "/dev/b"}
+    assert devmap.parse_device_maps(["/dev/a:/dev/b"]) == {"/dev/a": "/dev/b"}
     for bad in (["/dev/a"], ["a:/dev/b"], ["/dev/a:/dev/b", "/dev/a:/dev/c"]):
         with pytest.raises(UsageError):
-            containers.parse_device_maps(bad)
+            devmap.parse_device_maps(bad)
 
 
 def test_device_facts_prefer_the_spec_numbers(tmp_path):
     """podman 4.3 inspect may name /dev/vcs (char 7:0) for --device /dev/loop0 (block
     7:0); the OCI spec's numbers win and the host path is looked up by them."""
     spec = {"linux": {"devices": [{"path": "/dev/gsdev", "type": "c", "major": 1, "minor": 3}]}}
-    facts = containers.device_facts(
+    facts = devmap.device_facts(
         [{"PathOnHost": "/dev/zero", "PathInContainer": "/dev/gsdev", "CgroupPermissions": ""}],
         spec)
     assert facts == [{"host": "/dev/null", "container": "/dev/gsdev", "permissions": "rwm",
@@ -206,7 +207,7 @@ def test_restore_plan_moves_the_gpu_node_with_the_cuda_state(monkeypatch):
     from types import SimpleNamespace
 
     from gpusnap.cuda import discover
-    from gpusnap.engine import container_restore
+    from gpusnap.engine import strategies
     from gpusnap.engine.restore import RestoreRequest
     from gpusnap.errors import PidInUse
 
@@ -214,7 +215,7 @@ def test_restore_plan_moves_the_gpu_node_with_the_cuda_state(monkeypatch):
             for i in range(2)]
     monkeypatch.setattr(discover, "host_gpus",
                         lambda: SimpleNamespace(gpus=gpus, processes=[]))
-    monkeypatch.setattr(containers, "host_node", lambda p: ("c", 195, int(p[-1])))
+    monkeypatch.setattr(devmap, "host_node", lambda p: ("c", 195, int(p[-1])))
 
     class Engine(FakeEngine):
         running = False
@@ -235,17 +236,21 @@ def test_restore_plan_moves_the_gpu_node_with_the_cuda_state(monkeypatch):
     manifest = {"id": "s1", "target": {"kind": "docker", "container": facts},
                 "cuda": {"gpus": [g.to_dict() for g in gpus], "used_memory": {"GPU-0": 1 << 30}}}
 
-    p = container_restore.plan(RestoreRequest("s1", gpus=["1"], name="llm2"), None, manifest)
-    assert p.gpu_pairs == [("GPU-0", "GPU-1")], "only the GPU the container had"
-    assert p.devices[0]["host"] == "/dev/nvidia1" and p.devices[0]["container"] == "/dev/nvidia0"
-    assert p.node_changes == [NodeChange("nvidia0", (195, 0), (195, 1))]
-    assert p.into is None and p.name == "llm2"
+    def plan(req):
+        return strategies.for_kind("docker").plan_restore(req, manifest, "criu")
 
-    same = container_restore.plan(RestoreRequest("s1"), None, manifest)
-    assert same.gpu_pairs is None and same.devices is None and same.into == "cid0"
+    p = plan(RestoreRequest("s1", gpus=["1"], name="llm2"))
+    assert p.gpu_pairs == [("GPU-0", "GPU-1")], "only the GPU the container had"
+    where = p.container
+    assert where.devices[0]["host"] == "/dev/nvidia1" and where.devices[0]["container"] == "/dev/nvidia0"
+    assert where.node_changes == [NodeChange("nvidia0", (195, 0), (195, 1))]
+    assert where.into is None and where.name == "llm2"
+
+    same = plan(RestoreRequest("s1"))
+    assert same.gpu_pairs is None and same.container.devices is None and same.container.into == "cid0"
 
     with pytest.raises(UsageError, match="new container"):
-        container_restore.plan(RestoreRequest("s1", gpus=["1"]), None, manifest)
+        plan(RestoreRequest("s1", gpus=["1"]))
     engine.running = True
     with pytest.raises(PidInUse):
-        container_restore.plan(RestoreRequest("s1"), None, manifest)
+        plan(RestoreRequest("s1"))

@@ -1,0 +1,199 @@
+"""A process tree, named by its root pid: gpusnap's own CRIU dumps and restores it.
+
+Dump: CRIU leaves the tree stopped (not killed) until the snapshot is committed; the
+undo is SIGCONT, to the processes that were not stopped already before the dump (a tree
+someone SIGSTOP'd stays stopped, as it was found).
+
+Restore: materialise images -> CRIU restore -> CUDA restore + unlock -> SDK resume. The
+snapshot is only read: a failed restore leaves it as it was. A tree that CRIU restored
+but whose CUDA restore failed is killed, not left half alive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+from typing import Callable
+
+import psutil
+
+from ... import interrupts
+from ...criu import runner as criu_runner
+from ...criu.argv import CriuOptions
+from ...errors import CriuFailed, PidInUse, TargetNotFound, UsageError
+from ...store import Repository
+from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids
+from .. import agent_steps, gpu, imagecache, pagepath, workdir
+from ..plans import DumpPlan, RestorePlan, RestoreRequest
+from ..timing import Stages
+
+
+class ProcessStrategy:
+    kind = "process"
+    sdk_agents = True
+
+    def dumper(self, plan: DumpPlan, cuda=None) -> ProcessDump:
+        return ProcessDump(plan)
+
+    def plan_restore(self, req: RestoreRequest, manifest: dict, criu_path: str) -> RestorePlan:
+        if req.name or req.devices:
+            raise UsageError("--name and --device are for container snapshots")
+        busy = taken(manifest["pids"])
+        if busy:
+            raise PidInUse(f"pids {busy} are in use: the original process is probably still running",
+                           hint="stop the original first (a zombie's parent must reap it), "
+                                "or restore on another host")
+        agent_steps.check_weights(manifest)         # SDK: weight files unchanged, or refuse
+        plan = RestorePlan(request=req, manifest=manifest, strategy=self, criu_path=criu_path,
+                           criu_options=CriuOptions(shell_job=manifest["criu"]["shell_job"]))
+        if manifest.get("cuda"):
+            move = gpu.plan_remap(manifest["cuda"], req.gpus)
+            plan.gpu_pairs, plan.notes = move.pairs, move.notes
+        plan.page_path, notes = pagepath.choose(req.pages, self.kind)
+        plan.notes += notes
+        return plan
+
+    def restore(self, plan: RestorePlan, repo: Repository,
+                progress: Callable[[int], None] | None = None) -> dict:
+        """pages in (CRIU's or gpusnap's page path) -> CUDA restore + unlock -> SDK resume."""
+        m, stages = plan.manifest, Stages()
+        work = workdir.make(repo.path, "restore-")
+        pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
+        root_pid = None
+        try:
+            with repo.shared_lock():                # rm and gc (which drop caches) wait for CRIU
+                agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
+                if pages:
+                    root_pid, cuinit = pages.restore(plan, repo, work, stages, progress)
+                else:
+                    root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
+            _restore_cuda(plan, cuinit, stages)
+            sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
+            if pages:
+                pages.done()
+            return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
+                    "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise,
+                    "page_path": plan.page_path, "fill": pages.fill.to_dict() if pages else None}
+        except BaseException as exc:
+            _undo_restore(repo, work, root_pid, m["pids"], exc)
+            if pages:
+                pages.abort()
+            raise
+        finally:
+            workdir.remove(work)
+
+
+def _criu_pages(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress):
+    """CRIU's page path: every image materialised, CRIU writes the pages. (root, cuInit)."""
+    images = _images(plan, repo, work, stages, progress)
+    # after materialise: it forks its workers
+    cuinit = gpu.init_in_background() if plan.manifest.get("cuda") else None
+    with stages.stage("criu_restore"):
+        root = criu_runner.restore(images, plan.criu_options, work_dir=work, criu=plan.criu_path)
+    return root, cuinit
+
+
+def _images(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress) -> str:
+    """The snapshot's CRIU images, verified: the warm cache's, else materialised in work."""
+    cached = imagecache.lookup(repo.path, plan.manifest)
+    if cached:                                  # warm: `gpusnap warm` verified these already
+        repo.last_materialise = None
+        plan.notes.append(f"images from the warm cache {os.path.dirname(cached)}")
+        return cached
+    images = os.path.join(work, "images")
+    with stages.stage("materialise"):
+        repo.materialise(plan.manifest, images, progress)
+    return images
+
+
+def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: Stages) -> None:
+    cuda_pids = list((plan.manifest.get("cuda") or {}).get("pids") or [])
+    if not cuda_pids:
+        return
+    cuda = gpu.session(cuda_pids)
+    with stages.stage("cuda_init_wait"):        # what of cuInit did not overlap CRIU
+        cuinit.join()
+    with stages.stage("cuda_restore"):
+        cuda.restore_all(plan.gpu_pairs)
+    with stages.stage("cuda_unlock"):
+        cuda.unlock_all()
+
+
+def _undo_restore(repo: Repository, work: str, root_pid: int | None, recorded: list[int],
+                  exc: BaseException) -> None:
+    """Kill the tree CRIU made (not whoever took those pids since); keep CRIU's log."""
+    with interrupts.shielded():                 # a second Ctrl-C must not cut the undo short
+        restored = root_pid if root_pid is not None else criu_runner.restored_pid(work)
+        if restored is not None:
+            kill_and_wait(restored_tree(restored, recorded))
+    if isinstance(exc, CriuFailed) and os.path.exists(os.path.join(work, "restore.log")):
+        kept = workdir.keep_log(repo.path, os.path.join(work, "restore.log"), "restore")
+        exc.hint = f"CRIU log kept at {kept}" if kept else None
+
+
+class ProcessDump:
+    """gpusnap's CRIU dumps the tree and leaves it stopped until the snapshot is committed."""
+    stage = "criu_dump"
+
+    def __init__(self, plan: DumpPlan):
+        self.target = plan.target
+        self.options = plan.criu_options
+        self.criu = plan.criu_path
+        self.undo_errors: list[str] = []
+        self.stopped_before = {pid for pid in self.target.pids if _status(pid) == psutil.STATUS_STOPPED}
+
+    def dump(self, images: str, logs: str, leave_running: bool) -> None:
+        leave = "running" if leave_running else "stopped"
+        try:
+            criu_runner.dump(self.target.root_pid, images, self.options, leave=leave,
+                             criu=self.criu)
+            if not leave_running:
+                self._refresh_pids()        # frozen now: exactly the tree in the images
+        except BaseException as exc:
+            # CRIU may have stopped the tree before it failed, or before an interrupt that
+            # waited for it (sysrun): dump.py resumes only after a dump that returned.
+            if not leave_running:
+                self._refresh_pids()
+                self.resume()
+            root = self.target.root_pid
+            if isinstance(exc, CriuFailed) and _status(root) in (None, psutil.STATUS_ZOMBIE):
+                raise TargetNotFound(f"process {root} exited during the dump") from None
+            raise
+        finally:
+            if os.path.exists(os.path.join(images, "dump.log")):
+                shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
+
+    def _refresh_pids(self) -> None:
+        """The tree as CRIU saw it: children forked after plan() (during an SDK prepare
+        or the CUDA lock) are stopped with the rest, so they must be killed, resumed and
+        recorded with it."""
+        try:
+            now = tree_pids(self.target.root_pid)
+        except psutil.NoSuchProcess:
+            return
+        self.target.pids = sorted(set(self.target.pids) | set(now), key=lambda p: (p != self.target.root_pid, p))
+
+    def criu_dir(self, images: str) -> str:
+        return images
+
+    def finish(self) -> None:
+        kill_and_wait(self.target.pids)
+
+    def resume(self) -> None:
+        for pid in self.target.pids:
+            if pid in self.stopped_before:
+                continue
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def _status(pid: int) -> str | None:
+    """psutil's status of pid, or None when it is gone."""
+    try:
+        return psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return None
