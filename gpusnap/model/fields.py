@@ -3,8 +3,8 @@
     Fields(data, "manifest").int("bytes_logical", 0)    -> an int >= 0, 0 when absent
     Fields(data, "manifest").str("id")                  -> a str, ManifestInvalid when absent
 
-bool is not taken for an int (JSON true is not 1 here), nor an int for a float's place
-of a bool. Pure: nothing here touches the system.
+A JSON true is not taken for the integer 1, nor 1 for true. Pure: nothing here touches
+the system.
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ def _kind(value) -> str:
             list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
+HINT = ("the manifest was damaged, or written by something other than gpusnap; "
+        "`gpusnap verify` lists every such snapshot")
+
+
 def invalid(where: str, what: str, value=REQUIRED) -> ManifestInvalid:
     got = "" if value is REQUIRED else f", not {_kind(value)}"
-    return ManifestInvalid(f"{where} must be {what}{got}",
-                           hint="the snapshot's manifest was damaged or written by something "
-                                "else than gpusnap; `gpusnap verify` lists such snapshots")
-
-
-def is_int(value) -> bool:
-    return type(value) is int
+    return ManifestInvalid(f"{where} must be {what}{got}", hint=HINT)
 
 
 def int_in(value, where: str, minimum: int = 0, maximum: int | None = None) -> int:
@@ -67,9 +65,7 @@ class Fields:
         if key in self.data:
             return self.data[key]
         if default is REQUIRED:
-            raise ManifestInvalid(f"{self.at(key)} is missing",
-                                  hint="the snapshot's manifest was damaged or written by "
-                                       "something else than gpusnap")
+            raise ManifestInvalid(f"{self.at(key)} is missing", hint=HINT)
         return default() if callable(default) else default
 
     def str(self, key: str, default=REQUIRED) -> str | None:

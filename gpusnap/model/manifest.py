@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields as dc_fields
 
 from ..errors import ManifestInvalid
-from .fields import REQUIRED, Fields, hex_str, int_in, invalid, number, pid, string
+from .fields import HINT, REQUIRED, Fields, hex_str, int_in, invalid, number, pid, string
 from .target import Target
 
 MANIFEST_VERSION = 1
@@ -48,7 +48,7 @@ class FileEntry:
         total = sum(n for _cid, n in chunks)
         if total != size:
             raise ManifestInvalid(f"{where} ({path}): its chunks add up to {total} "
-                                  f"bytes, its size is {size}")
+                                  f"bytes, its size is {size}", hint=HINT)
         return cls(path, size, f.int("mode", 0o600, maximum=0o7777), chunks)
 
 
@@ -67,7 +67,8 @@ def relative_path(value, where: str) -> str:
     if not path or path.startswith("/") or "\0" in path or \
             any(part in ("", ".", "..") for part in path.split("/")):
         raise ManifestInvalid(f"{where} is {path!r}: a path must be relative, without "
-                              f"'.', '..' or empty parts (it may not leave the image directory)")
+                              f"'.', '..' or empty parts (it may not leave the image directory)",
+                              hint=HINT)
     return path
 
 
@@ -79,14 +80,14 @@ def file_list(value, where: str) -> list[FileEntry]:
     paths: set[str] = set()
     for e in entries:
         if e.path in paths:
-            raise ManifestInvalid(f"{where} names {e.path!r} twice")
+            raise ManifestInvalid(f"{where} names {e.path!r} twice", hint=HINT)
         paths.add(e.path)
     for e in entries:
         parts = e.path.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in paths:
                 raise ManifestInvalid(f"{where}: {e.path!r} is under {'/'.join(parts[:i])!r}, "
-                                      f"which is a file")
+                                      f"which is a file", hint=HINT)
     return entries
 
 
