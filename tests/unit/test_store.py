@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
-                            StoreLocked)
+from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, ManifestInvalid,
+                            SnapshotNotFound, StoreLocked)
 from gpusnap.store import Repository
 from gpusnap.store.chunker import CHUNK_SIZE
 
@@ -122,3 +122,22 @@ def test_manifest_paths_cannot_escape(repo, tmp_path):
     m = {"files": [{"path": "../evil", "size": 1, "mode": 0o600, "chunks": [["zero", 1]]}]}
     with pytest.raises(IntegrityError):
         repo.materialise(m, str(tmp_path / "out"))
+
+
+def test_a_manifest_under_another_snapshots_name_is_refused(repo, tmp_path):
+    m = _snapshot(repo, write_images(str(tmp_path / "a"), {"a.img": b"a"}))
+    other = "0123456789abcdef"
+    os.rename(os.path.join(repo.snapshots_dir, m.id + ".json"),
+              os.path.join(repo.snapshots_dir, other + ".json"))
+    with pytest.raises(ManifestInvalid, match=f"names itself {m.id}"):
+        repo.load(other)
+    assert repo.verify()["bad"][0]["snapshot"] == other
+
+
+def test_commit_of_a_plain_dict_fills_it_in(repo, tmp_path):
+    """transition: engine/dump.py commits a dict and reads id and created back from it."""
+    files, counts = repo.ingest_dir(write_images(str(tmp_path / "a"), {"a.img": b"a"}))
+    m = {"target": {"kind": "process", "root_pid": 1}, "pids": [1], "files": files, **counts}
+    sid = repo.commit(m)
+    assert m["id"] == sid and m["created"] and m["format"] == 1
+    assert repo.load(sid).files[0].path == "a.img"
