@@ -19,7 +19,8 @@ else WrongKey), a plain archive only into a plain store (else ArchiveError).
 
 Import trusts nothing in the file: only the three kinds of names above, regular files
 only (no links, devices, directories), each name once, every chunk member exactly the
-size the header declared and the header's total under a limit, every chunk decompressed
+size the header declared and the header's total under a limit, the manifest validated
+as every load validates it (model.Manifest.from_json), every chunk decompressed
 (bounded by its plain size in the manifest) and re-hashed before it enters the store.
 The manifest is committed last, after syncfs, exactly as a dump commits: an import cut
 short leaves at most unreferenced chunks for gc. Importing a snapshot the store already
