@@ -100,6 +100,11 @@ class IntegrityError(StoreError):
     exit_code = 42
 
 
+class ManifestInvalid(IntegrityError):
+    """A snapshot's manifest is malformed (it parses, but does not describe a snapshot)."""
+    exit_code = 42
+
+
 class InsecureStore(StoreError):
     """The store can be read or written by other users."""
     exit_code = 43

@@ -29,6 +29,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zs
     rm -rf .venv
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+fi
+# Also when an existing .venv predates a dependency (hypothesis joined the test extra).
+if ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis' 2>/dev/null; then
     .venv/bin/pip install -q -e '.[test,crypto]'
 fi
 # The console scripts of an older checkout's install (gpusnap-criu-hook came later).

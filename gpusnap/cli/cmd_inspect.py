@@ -11,17 +11,18 @@ def command(app, snapshot, files):
     """Show what a snapshot holds: target, pids, sizes, CRIU and kernel, GPUs, timings."""
     repo = app.repo(create=False)
     m = repo.load(repo.resolve(snapshot))
+    data = m.to_json()
     if not files:
-        count = len(m.get("files", []))
-        m = {k: v for k, v in m.items() if k not in ("files", "logs")}
-        m["files"] = count
-    t = m["target"]
+        del data["logs"]
+        data["files"] = len(m.files)
+    t = m.target
+    gpus = [g.get("name") or g["uuid"] for g in m.cuda.gpus] if m.cuda else []
     text = "\n".join([
-        f"id:        {m['id']}", f"name:      {m.get('name') or '-'}", f"created:   {m['created']}",
-        f"target:    {t['kind']} {t.get('name') or ''} (root pid {t['root_pid']}, {len(m['pids'])} processes)",
-        f"criu:      {m['criu_version']} on kernel {m['kernel']}",
-        f"size:      {human_bytes(m['bytes_logical'])} logical, {human_bytes(m['bytes_stored'])} stored, "
-        f"{human_bytes(m['bytes_new'])} new",
-        f"gpus:      {', '.join(g['name'] for g in (m.get('cuda') or {}).get('gpus', [])) or 'none'}",
-        "timings:", timings_table(m.get("timings", {}))])
-    app.emit(m, text)
+        f"id:        {m.id}", f"name:      {m.name or '-'}", f"created:   {m.created}",
+        f"target:    {t.kind} {t.name or ''} (root pid {t.root_pid}, {len(m.pids)} processes)",
+        f"criu:      {m.criu_version or '?'} on kernel {m.kernel or '?'}",
+        f"size:      {human_bytes(m.bytes_logical)} logical, {human_bytes(m.bytes_stored)} stored, "
+        f"{human_bytes(m.bytes_new)} new",
+        f"gpus:      {', '.join(map(str, gpus)) or 'none'}",
+        "timings:", timings_table(m.timings)])
+    app.emit(data, text)

@@ -34,7 +34,7 @@ def command(app, snapshot, gpus, name, devices, pages):
     planned = time.perf_counter() - started
     for note in plan.notes:
         app.note(note)
-    total = plan.manifest.get("bytes_logical")
+    total = plan.manifest.bytes_logical
     with app.progress("restore", total) as progress:
         result = restore.execute(plan, repo, progress)
     result["timings"] = {"plan": round(planned, 4), **result["timings"]}

@@ -27,7 +27,7 @@ def command(app, snapshots, drop):
     out = []
     for sid in ids:
         m = repo.load(sid)
-        with app.progress(f"warm {sid[:8]}", m.get("bytes_logical")) as progress:
+        with app.progress(f"warm {sid[:8]}", m.bytes_logical) as progress:
             path = imagecache.warm(repo, m, progress)
-        out.append({"id": sid, "path": path, "bytes": m.get("bytes_logical", 0)})
+        out.append({"id": sid, "path": path, "bytes": m.bytes_logical})
     app.emit(out, "\n".join(f"{o['id']} {human_bytes(o['bytes'])} at {o['path']}" for o in out))

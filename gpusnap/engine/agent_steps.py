@@ -34,6 +34,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import AgentFailed, WeightsChanged
+from ..model import Manifest
 from ..sdk import protocol
 from ..sdk.protocol import AgentError, request
 from ..sdk.safetensors import identity_changes
@@ -153,6 +154,7 @@ class DumpAgents:
         self.prepared = replies
 
     def record(self) -> dict | None:
+        """The manifest's `sdk` as JSON (model.SdkRecord's layout)."""
         if not self.prepared:
             return None
         agents = [{"pid": pid, "socket": self.asked[pid], "uid": r.get("uid"),
@@ -189,16 +191,15 @@ class DumpAgents:
 
 # ---- restore -----------------------------------------------------------------------
 
-def check_weights(manifest: dict) -> None:
+def check_weights(manifest: Manifest) -> None:
     """Refuse, before anything is restored, when a weight file the agents will reload
     from is not the file they dropped."""
-    sdk = manifest.get("sdk")
-    if not sdk:
+    if not manifest.sdk:
         return
     changes = []
-    for agent in sdk["agents"]:
-        for f in agent["weight_files"]:
-            changes += identity_changes(f)
+    for agent in manifest.sdk.agents:
+        for f in agent.weight_files:
+            changes += identity_changes(f.to_json())
     if changes:
         raise WeightsChanged("the snapshot's weights are read back from their files, and "
                              + "; ".join(changes[:5]),
@@ -206,28 +207,26 @@ def check_weights(manifest: dict) -> None:
                                   "that loaded the new ones")
 
 
-def prepare_socket_dirs(manifest: dict) -> None:
-    sdk = manifest.get("sdk")
-    if not sdk:
+def prepare_socket_dirs(manifest: Manifest) -> None:
+    if not manifest.sdk:
         return
-    for agent in sdk["agents"]:
-        d = os.path.dirname(agent["socket"])
+    for agent in manifest.sdk.agents:
+        d = os.path.dirname(agent.socket)
         if not os.path.isdir(d):
             os.makedirs(d, mode=0o700, exist_ok=True)
-            uid = agent.get("uid")
+            uid = agent.uid
             # A server's own socket dir goes back to it; the shared default dir
             # (/run/gpusnap) never leaves root.
             if uid not in (None, 0) and os.path.realpath(d) != os.path.realpath(protocol.DEFAULT_DIR):
                 os.chown(d, uid, -1)
 
 
-def resume(manifest: dict, stages) -> dict | None:
+def resume(manifest: Manifest, stages) -> dict | None:
     """Read the weights back into the restored server; raises AgentFailed."""
-    sdk = manifest.get("sdk")
-    if not sdk:
+    if not manifest.sdk:
         return None
     with stages.stage("sdk_resume"):
-        replies, errors = _all({a["pid"]: (a["socket"], "resume") for a in sdk["agents"]},
+        replies, errors = _all({a.pid: (a.socket, "resume") for a in manifest.sdk.agents},
                                resume_timeout())
     if errors:
         raise AgentFailed("the restored server did not read its weights back: "

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 
+from ..model import Manifest
 from ..store import Repository
 from . import workdir
 
@@ -31,13 +32,14 @@ def root(store_path: str) -> str:
     return os.path.join(workdir.private_base(store_path), "cache", store_key)
 
 
-def digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest.get("files", []), sort_keys=True).encode()).hexdigest()
+def digest(manifest: Manifest) -> str:
+    files = [entry.to_json() for entry in manifest.files]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def lookup(store_path: str, manifest: dict) -> str | None:
+def lookup(store_path: str, manifest: Manifest) -> str | None:
     """The images dir of a complete cache of this snapshot, else None."""
-    base = os.path.join(root(store_path), manifest["id"])
+    base = os.path.join(root(store_path), manifest.id)
     try:
         with open(os.path.join(base, "digest")) as f:
             if f.read().strip() != digest(manifest):
@@ -47,7 +49,7 @@ def lookup(store_path: str, manifest: dict) -> str | None:
     return os.path.join(base, "images")
 
 
-def warm(repo: Repository, manifest: dict, progress=None) -> str:
+def warm(repo: Repository, manifest: Manifest, progress=None) -> str:
     """Materialise the snapshot's images (verified) into its cache; the images dir."""
     found = lookup(repo.path, manifest)
     if found:
@@ -62,7 +64,7 @@ def warm(repo: Repository, manifest: dict, progress=None) -> str:
             repo.materialise(manifest, os.path.join(tmp, "images"), progress)
         with open(os.path.join(tmp, "digest"), "w") as f:
             f.write(digest(manifest))
-        final = os.path.join(cache_root, manifest["id"])
+        final = os.path.join(cache_root, manifest.id)
         # Replacing a cache that a restore may be reading waits for the exclusive lock;
         # a concurrent warm that finished first wins (ours is thrown away).
         with repo.exclusive_lock():

@@ -19,7 +19,8 @@ else WrongKey), a plain archive only into a plain store (else ArchiveError).
 
 Import trusts nothing in the file: only the three kinds of names above, regular files
 only (no links, devices, directories), each name once, every chunk member exactly the
-size the header declared and the header's total under a limit, every chunk decompressed
+size the header declared and the header's total under a limit, the manifest validated
+as every load validates it (model.Manifest.from_json), every chunk decompressed
 (bounded by its plain size in the manifest) and re-hashed before it enters the store.
 The manifest is committed last, after syncfs, exactly as a dump commits: an import cut
 short leaves at most unreferenced chunks for gc. Importing a snapshot the store already
@@ -37,7 +38,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import VERSION
-from ..errors import ArchiveError, IntegrityError, WrongKey
+from ..errors import ArchiveError, IntegrityError, ManifestInvalid, WrongKey
+from ..model import Manifest
+from ..model.manifest import MAX_CHUNK_BYTES
 from . import codec, fsutil
 from .repository import Repository
 
@@ -47,7 +50,7 @@ HEADER_NAME = "gpusnap-archive.json"
 MANIFEST_NAME = "manifest.json"
 CHUNK_PREFIX = "chunks/"
 MAX_META_BYTES = 16 << 20           # header and manifest
-MAX_CHUNK_PLAIN = 64 << 20          # a chunk's plain size as the manifest claims it
+MAX_CHUNK_PLAIN = MAX_CHUNK_BYTES    # a chunk's plain size as the manifest claims it
 DEFAULT_MAX_BYTES = 1 << 40         # all chunk members together
 
 _CHUNK_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -133,7 +136,7 @@ def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYT
                     raise ArchiveError(f"{MANIFEST_NAME} must follow the header, not {name}")
                 manifest = _check_manifest(_json_member(
                     tar, member, lambda raw: repo.codec.unseal(header["snapshot"], raw)), header, sizes)
-                plain = Repository.chunk_sizes(manifest)
+                plain = manifest.chunk_sizes()
                 continue
             if not name.startswith(CHUNK_PREFIX):
                 raise ArchiveError(f"unexpected member {name}")
@@ -163,7 +166,7 @@ def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYT
     arrived = {n[len(CHUNK_PREFIX):] for n in seen if n.startswith(CHUNK_PREFIX)}
     if arrived != set(plain):
         raise ArchiveError(f"{len(set(plain) - arrived)} chunks the manifest needs are missing from the archive")
-    snap_id = manifest["id"]
+    snap_id = manifest.id
     if snap_id in repo.snapshot_ids():
         try:
             same = repo.load(snap_id) == manifest
@@ -238,23 +241,16 @@ def _check_header(h, max_bytes: int, repo: Repository) -> dict:
     return h
 
 
-def _check_manifest(m, header: dict, sizes: dict[str, int]) -> dict:
-    if not isinstance(m, dict) or m.get("id") != header["snapshot"]:
-        raise ArchiveError("the manifest does not belong to the snapshot the header names")
+def _check_manifest(data, header: dict, sizes: dict[str, int]) -> Manifest:
+    """The archive's manifest, validated as the store validates every manifest it loads
+    (model.manifest: paths, sizes, chunk ids and lengths), and matching the header."""
     try:
-        plain = Repository.chunk_sizes(m)
-        for entry in Repository.file_entries(m):
-            if not isinstance(entry["path"], str) or entry["path"].startswith("/") \
-                    or ".." in entry["path"].split("/"):
-                raise ArchiveError(f"manifest path escapes the image dir: {entry['path']!r}")
-            if sum(n for _, n in entry["chunks"]) != entry["size"]:
-                raise ArchiveError(f"{entry['path']}: chunks do not add up to its size")
-    except (KeyError, TypeError, ValueError):
-        raise ArchiveError("the manifest is malformed") from None
-    for cid, n in plain.items():
-        if not _CHUNK_ID.match(cid) or not isinstance(n, int) or not 0 < n <= MAX_CHUNK_PLAIN:
-            raise ArchiveError(f"the manifest names a malformed chunk {str(cid)[:16]}")
-    if set(sizes) != set(plain):
+        m = Manifest.from_json(data)
+    except ManifestInvalid as exc:
+        raise ArchiveError(f"the archive's manifest is invalid: {exc.message}") from None
+    if m.id != header["snapshot"]:
+        raise ArchiveError("the manifest does not belong to the snapshot the header names")
+    if set(sizes) != set(m.chunk_sizes()):
         raise ArchiveError("the header's chunk list and the manifest's chunks differ")
     return m
 

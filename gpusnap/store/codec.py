@@ -31,8 +31,9 @@ import threading
 import zstandard
 
 from ..errors import IntegrityError, StoreError, WrongKey
+from ..model.manifest import ZERO_ID
 
-ZERO_ID = "zero"          # an all-zero chunk: never stored, restored as a hole
+# ZERO_ID (imported above): an all-zero chunk, never stored, restored as a hole
 NONCE_SIZE = 12
 _TAG_SIZE = 16
 KEY_SIZE = 32

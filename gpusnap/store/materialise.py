@@ -18,13 +18,14 @@ import time
 from typing import Callable
 
 from ..errors import IntegrityError
+from ..model import FileEntry
 from . import codec, parallel
 
 _maps: dict[str, memoryview] = {}
 _map_lock = threading.Lock()
 
 
-def write_files(repo, entries: list[dict], dest: str, workers: int,
+def write_files(repo, entries: list[FileEntry], dest: str, workers: int,
                 progress: Callable[[int], None] | None = None,
                 only: dict[str, list[tuple[int, int]]] | None = None) -> dict:
     """Write entries (manifest file entries) under dest. Returns timing statistics.
@@ -51,31 +52,31 @@ def write_files(repo, entries: list[dict], dest: str, workers: int,
             "read_worker_s": round(read_s, 4), "decode_write_worker_s": round(decode_s, 4)}
 
 
-def _create(entries: list[dict], dest: str, only: dict) -> tuple[list[str], list[tuple]]:
-    """Create every file at its size (sparse); the chunks to write: (file, off, id, n)."""
+def _create(entries: list[FileEntry], dest: str, only: dict) -> tuple[list[str], list[tuple]]:
+    """Create every file at its size (sparse); the chunks to write: (file, off, id, n).
+    The entries are validated (model.manifest: relative paths, none under another, chunks
+    adding up to the size); a symlink in dest still cannot lead a file out of it."""
     real_dest = os.path.realpath(dest) + os.sep
     paths, chunks = [], []
     for entry in entries:
-        path = os.path.join(dest, entry["path"])
+        path = os.path.join(dest, entry.path)
         if not os.path.realpath(path).startswith(real_dest):
-            raise IntegrityError(f"manifest path escapes the image dir: {entry['path']}")
+            raise IntegrityError(f"manifest path escapes the image dir: {entry.path}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                     entry.get("mode", 0o600) & 0o700 or 0o600)
+                     entry.mode & 0o700 or 0o600)
         try:
-            os.ftruncate(fd, entry["size"])
+            os.ftruncate(fd, entry.size)
         finally:
             os.close(fd)
         index = len(paths)
         paths.append(path)
         off = 0
-        wanted = only.get(entry["path"])
-        for cid, n in entry["chunks"]:
+        wanted = only.get(entry.path)
+        for cid, n in entry.chunks:
             if cid != codec.ZERO_ID and (wanted is None or _overlaps(wanted, off, n)):
                 chunks.append((index, off, cid, n))
             off += n
-        if off != entry["size"]:
-            raise IntegrityError(f"{entry['path']}: chunks add up to {off}, not {entry['size']}")
     return paths, chunks
 
 

@@ -20,12 +20,14 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
-                      StoreError)
+from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, ManifestInvalid,
+                      SnapshotNotFound, StoreError)
+from ..model import MANIFEST_VERSION, FileEntry, Manifest
+from ..model.manifest import file_list
 from . import chunker, codec, fsutil, keyfile, materialise, parallel
 from .lock import store_lock
 
-FORMAT_VERSION = 1          # manifests, and a plain store's config
+FORMAT_VERSION = 1          # a plain store's config (manifests: model.MANIFEST_VERSION)
 ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses it rather
                             # than write plain chunks into it
 Progress = Callable[[int], None]
@@ -41,11 +43,12 @@ class SnapshotSummary:
     bytes_stored: int
 
     @classmethod
-    def from_manifest(cls, m: dict) -> "SnapshotSummary":
-        target = m.get("target", {})
-        return cls(m["id"], m.get("name"), m["created"],
-                   f"{target.get('kind', '?')}:{target.get('name') or target.get('root_pid')}",
-                   m.get("bytes_logical", 0), m.get("bytes_stored", 0))
+    def from_manifest(cls, m: Manifest) -> "SnapshotSummary":
+        return cls(m.id, m.name, m.created, m.target_label(), m.bytes_logical, m.bytes_stored)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _threads() -> int:
@@ -259,31 +262,39 @@ class Repository:
     def new_snapshot_id(self) -> str:
         return secrets.token_hex(8)
 
-    def commit(self, manifest: dict) -> str:
-        """Make a snapshot visible: sync the chunks, then write its manifest atomically."""
-        manifest.setdefault("id", self.new_snapshot_id())
-        manifest.setdefault("created", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        manifest["format"] = FORMAT_VERSION
-        missing = [c for f in self.file_entries(manifest) for c, _ in f["chunks"]
-                   if not self.has_chunk(c)]
+    def commit(self, manifest: Manifest | dict) -> str:
+        """Make a snapshot visible: sync the chunks, then write its manifest atomically.
+
+        Assigns the id and creation time where they are empty. Refuses (ManifestInvalid)
+        a manifest that load() would refuse."""
+        if isinstance(manifest, dict):          # transition: engine/dump.py still builds a dict
+            manifest.setdefault("id", self.new_snapshot_id())
+            manifest.setdefault("created", _now())
+            manifest["format"] = MANIFEST_VERSION
+            manifest = Manifest.from_json(manifest)
+        manifest.id = manifest.id or self.new_snapshot_id()
+        manifest.created = manifest.created or _now()
+        manifest.format = MANIFEST_VERSION
+        data = manifest.to_json()
+        Manifest.from_json(data)                # what is written must load
+        missing = [c for c in manifest.chunk_sizes() if not self.has_chunk(c)]
         if missing:
             raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
         fsutil.syncfs(self.path)
-        fsutil.write_atomic(os.path.join(self.snapshots_dir, manifest["id"] + ".json"),
-                            self.codec.seal(manifest["id"], json.dumps(manifest, indent=1,
-                                                                       sort_keys=True).encode()))
-        return manifest["id"]
+        fsutil.write_atomic(os.path.join(self.snapshots_dir, manifest.id + ".json"),
+                            self.codec.seal(manifest.id, json.dumps(data, indent=1,
+                                                                    sort_keys=True).encode()))
+        return manifest.id
 
     @staticmethod
-    def file_entries(manifest: dict) -> list[dict]:
+    def file_entries(manifest: Manifest) -> list[FileEntry]:
         """Every file a manifest stores: the images, then CRIU's logs."""
-        return list(manifest.get("files", [])) + list(manifest.get("logs", []))
+        return manifest.file_entries()
 
     @classmethod
-    def chunk_sizes(cls, manifest: dict) -> dict[str, int]:
+    def chunk_sizes(cls, manifest: Manifest) -> dict[str, int]:
         """Distinct stored (non-zero) chunk id -> plain size, over files and logs."""
-        return {cid: n for entry in cls.file_entries(manifest)
-                for cid, n in entry["chunks"] if cid != codec.ZERO_ID}
+        return manifest.chunk_sizes()
 
     # ---- snapshots -----------------------------------------------------------------
     def snapshot_ids(self) -> list[str]:
@@ -297,30 +308,45 @@ class Repository:
         except FileNotFoundError:
             raise SnapshotNotFound(f"no snapshot {snap_id}") from None
 
-    def load(self, snap_id: str) -> dict:
+    def load(self, snap_id: str) -> Manifest:
+        """The snapshot's manifest, validated: IntegrityError when it does not parse,
+        ManifestInvalid (an IntegrityError) when it parses but is malformed."""
         raw = self.manifest_blob(snap_id)
         try:
-            return json.loads(self.codec.unseal(snap_id, raw))
+            data = json.loads(self.codec.unseal(snap_id, raw))
         except ValueError:
             raise IntegrityError(f"manifest of snapshot {snap_id} is unreadable (truncated?)") from None
+        try:
+            manifest = Manifest.from_json(data)
+        except ManifestInvalid as exc:
+            raise ManifestInvalid(f"manifest of snapshot {snap_id} is invalid: {exc.message}",
+                                  hint=exc.hint) from None
+        if manifest.id != snap_id:
+            raise ManifestInvalid(f"manifest of snapshot {snap_id} names itself {manifest.id}")
+        return manifest
 
-    def manifests(self) -> list[dict]:
-        out = []
+    def scan(self) -> tuple[list[Manifest], dict[str, IntegrityError]]:
+        """Every manifest that loads (oldest first), and why each other one does not."""
+        good, bad = [], {}
         for sid in self.snapshot_ids():
             try:
-                out.append(self.load(sid))
-            except IntegrityError:
-                continue
-        return sorted(out, key=lambda m: m.get("created", ""))
+                good.append(self.load(sid))
+            except IntegrityError as exc:
+                bad[sid] = exc
+        return sorted(good, key=lambda m: m.created), bad
+
+    def manifests(self) -> list[Manifest]:
+        """The manifests that load, oldest first (scan() also says which do not)."""
+        return self.scan()[0]
 
     def resolve(self, ref: str) -> str:
         """Snapshot id from an id, a unique id prefix, or a name (newest of that name)."""
         ids = self.snapshot_ids()
         if ref in ids:
             return ref
-        named = [m for m in self.manifests() if m.get("name") == ref]
+        named = [m for m in self.manifests() if m.name == ref]
         if named:
-            return named[-1]["id"]
+            return named[-1].id
         matches = [i for i in ids if i.startswith(ref)]
         if len(matches) == 1:
             return matches[0]
@@ -332,13 +358,17 @@ class Repository:
         return [SnapshotSummary.from_manifest(m) for m in self.manifests()]
 
     # ---- materialise (restore side) ---------------------------------------------------
-    def materialise(self, manifest: dict, dest: str, progress: Progress | None = None,
-                    *, which: str = "files", only: dict | None = None,
-                    skip: Iterable[str] = ()) -> None:
-        """Write a snapshot's files under dest, verifying each chunk as it is decoded
-        (materialise.py says how). Zero chunks are left as holes. Any mismatch raises
-        IntegrityError; the caller removes dest. Statistics in self.last_materialise."""
-        entries = [e for e in manifest.get(which, []) if e["path"] not in set(skip)]
+    def materialise(self, manifest: Manifest, dest: str, progress: Progress | None = None,
+                    *, which: str = "files", only: dict | None = None) -> None:
+        """Write a snapshot's files (which: "files" or "logs") under dest, verifying each
+        chunk as it is decoded (materialise.py says how). Zero chunks are left as holes.
+        only: per path, the byte ranges to write (the rest stays a hole: the uffd page
+        path places those pages itself). Any mismatch raises IntegrityError; the caller
+        removes dest. Statistics in self.last_materialise."""
+        if isinstance(manifest, dict):  # transition: container_restore._subset passes a dict
+            entries = file_list(manifest.get(which, []), f"manifest.{which}")
+        else:
+            entries = getattr(manifest, which)
         self.last_materialise = materialise.write_files(self, entries, dest, _threads(), progress,
                                                         only)
 
@@ -381,12 +411,17 @@ class Repository:
         return removed
 
     def gc_plan(self) -> dict:
-        """Chunks no manifest references, and stale temp files. Pure reading."""
+        """Chunks no manifest references, and stale temp files. Pure reading. Refuses
+        (IntegrityError) while a manifest does not load: which chunks it needs is unknown."""
         live: set[str] = set()
-        for sid in self.snapshot_ids():
-            m = self.load(sid)
-            for entry in self.file_entries(m):
-                live.update(c for c, _ in entry["chunks"])
+        good, bad = self.scan()
+        if bad:
+            sid, exc = next(iter(bad.items()))
+            exc.hint = (f"gc deletes nothing while a manifest cannot be read ({len(bad)} now): "
+                        f"put back a good copy of snapshots/{sid}.json, or `gpusnap rm {sid}`")
+            raise exc
+        for m in good:
+            live.update(m.chunk_sizes())
         dead, dead_bytes = [], 0
         for sub in os.listdir(self.chunks_dir):
             for cid in os.listdir(os.path.join(self.chunks_dir, sub)):

@@ -15,6 +15,8 @@ from gpusnap.errors import ArchiveError, IntegrityError
 from gpusnap.store import Repository, archive
 from gpusnap.store.chunker import CHUNK_SIZE
 
+from conftest import commit_snapshot
+
 
 @pytest.fixture
 def src(tmp_path):
@@ -24,10 +26,7 @@ def src(tmp_path):
     rnd = random.Random(7)
     (img / "pages-1.img").write_bytes(rnd.randbytes(2 * CHUNK_SIZE) + bytes(CHUNK_SIZE) + rnd.randbytes(99))
     (img / "core-1.img").write_bytes(b"core")
-    files, counts = repo.ingest_dir(str(img))
-    sid = repo.commit({"name": "n", "target": {"kind": "process", "root_pid": 1}, "pids": [1],
-                       "files": files, "logs": [], **counts})
-    return repo, sid
+    return repo, commit_snapshot(repo, str(img), "n").id
 
 
 def _export(repo, sid) -> bytes:

@@ -8,7 +8,10 @@ import os
 from click.testing import CliRunner
 
 from gpusnap.cli import cli, main
+from gpusnap.model import Target
 from gpusnap.store import Repository
+
+from conftest import commit_snapshot
 
 
 def _store_with_snapshot(tmp_path) -> tuple[str, str]:
@@ -17,11 +20,9 @@ def _store_with_snapshot(tmp_path) -> tuple[str, str]:
     src = tmp_path / "img"
     src.mkdir()
     (src / "core-1.img").write_bytes(b"x" * 100)
-    files, counts = repo.ingest_dir(str(src))
-    sid = repo.commit({"name": "web", "target": {"kind": "process", "root_pid": 9, "name": "py"},
-                       "pids": [9], "criu_version": "4.2.1", "kernel": "6", "files": files,
-                       "logs": [], "timings": {"criu_dump": 0.1}, **counts})
-    return path, sid
+    m = commit_snapshot(repo, str(src), "web", target=Target("process", 9, [9], name="py"),
+                        criu_version="4.2.1", kernel="6", timings={"criu_dump": 0.1})
+    return path, m.id
 
 
 def test_help_lists_commands_and_exit_codes():

@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from gpusnap.cli import cli, main
 from gpusnap.errors import (ALL_ERRORS, ArchiveError, InsecureStore, IntegrityError, StoreError,
                             WrongKey)
+from gpusnap.model import Manifest, Target
 from gpusnap.store import Repository, archive, codec, keyfile
 from gpusnap.store.chunker import CHUNK_SIZE
 
-from conftest import write_images
+from conftest import commit_snapshot, write_images
 
 MARKER = b"gpusnap-secret-marker:" * 4096       # compressible and easy to search for
 
@@ -37,12 +38,9 @@ def other_key(tmp_path):
     return path
 
 
-def _snapshot(repo: Repository, src: str, name: str | None = "secret-name") -> dict:
-    files, counts = repo.ingest_dir(src)
-    m = {"name": name, "target": {"kind": "process", "root_pid": 1, "cmdline": ["llm-server"]},
-         "pids": [1], "files": files, "logs": [], **counts}
-    repo.commit(m)
-    return m
+def _snapshot(repo: Repository, src: str, name: str | None = "secret-name") -> Manifest:
+    return commit_snapshot(repo, src, name,
+                           target=Target(kind="process", root_pid=1, pids=[1], cmdline=["llm-server"]))
 
 
 def _data() -> bytes:
@@ -129,13 +127,13 @@ def test_encrypted_round_trip_is_byte_exact_and_nothing_plain_is_stored(enc, tmp
     assert config["encryption"] == "aes-256-gcm" and config["hash"] == "hmac-sha256"
     assert config["version"] == 2 and len(config["key_check"]) == 64
     out = str(tmp_path / "out")
-    repo.materialise(repo.load(m["id"]), out)
+    repo.materialise(repo.load(m.id), out)
     assert open(os.path.join(out, "pages-1.img"), "rb").read() == _data()
     stored = _all_store_bytes(repo.path)
     for secret in (b"gpusnap-secret-marker", b"secret-name", b"llm-server", b"pages-1.img"):
         assert secret not in stored, secret
     plain_ids = {codec.chunk_id(_data()[:CHUNK_SIZE])}
-    assert not plain_ids & {c for f in m["files"] for c, _ in f["chunks"]}, "ids are keyed"
+    assert not plain_ids & {c for f in m.files for c, _ in f.chunks}, "ids are keyed"
     assert repo.verify()["bad"] == []
     assert [s.name for s in repo.list()] == ["secret-name"]
 
@@ -143,8 +141,8 @@ def test_encrypted_round_trip_is_byte_exact_and_nothing_plain_is_stored(enc, tmp
 def test_encrypted_store_dedups_and_zero_chunks_stay_holes(enc, tmp_path):
     repo, m = enc
     again = _snapshot(repo, write_images(str(tmp_path / "img2"), {"pages-1.img": _data()}))
-    assert again["bytes_new"] == 0
-    assert sum(1 for f in m["files"] for c, _ in f["chunks"] if c == codec.ZERO_ID) >= 1
+    assert again.bytes_new == 0
+    assert sum(1 for f in m.files for c, _ in f.chunks if c == codec.ZERO_ID) >= 1
 
 
 def test_opening_needs_the_right_key(enc, other_key, tmp_path):
@@ -166,18 +164,18 @@ def _flip(path: str) -> None:
 
 def test_a_flipped_byte_in_a_chunk_fails_the_tag(enc, tmp_path):
     repo, m = enc
-    cid = m["files"][1]["chunks"][0][0]
+    cid = m.files[1].chunks[0][0]
     _flip(repo.chunk_path(cid))
     bad = repo.verify()["bad"]
     assert len(bad) == 1 and "authentication" in bad[0]["error"]
     with pytest.raises(IntegrityError):
-        repo.materialise(repo.load(m["id"]), str(tmp_path / "out"))
+        repo.materialise(repo.load(m.id), str(tmp_path / "out"))
 
 
 def test_a_chunk_moved_under_another_id_fails(enc, tmp_path):
     """The id is the AAD: a chunk file copied over another (both authentic) is caught."""
     repo, m = enc
-    a, b = [c for c, _ in m["files"][1]["chunks"] if c != codec.ZERO_ID][:2]
+    a, b = [c for c, _ in m.files[1].chunks if c != codec.ZERO_ID][:2]
     os.replace(repo.chunk_path(a), repo.chunk_path(b))
     with pytest.raises(IntegrityError):
         repo.read_chunk(b, CHUNK_SIZE)
@@ -185,18 +183,18 @@ def test_a_chunk_moved_under_another_id_fails(enc, tmp_path):
 
 def test_manifest_is_authenticated_and_bound_to_its_id(enc, tmp_path):
     repo, m = enc
-    path = os.path.join(repo.snapshots_dir, m["id"] + ".json")
+    path = os.path.join(repo.snapshots_dir, m.id + ".json")
     os.rename(path, os.path.join(repo.snapshots_dir, "0123456789abcdef.json"))
     with pytest.raises(IntegrityError):
         repo.load("0123456789abcdef")
     os.rename(os.path.join(repo.snapshots_dir, "0123456789abcdef.json"), path)
-    assert repo.load(m["id"])["id"] == m["id"]
+    assert repo.load(m.id).id == m.id
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(IntegrityError):
-        repo.load(m["id"])
+        repo.load(m.id)
     assert repo.list() == [], "ls skips it"
-    assert repo.verify()["bad"][0]["snapshot"] == m["id"]
+    assert repo.verify()["bad"][0]["snapshot"] == m.id
 
 
 def test_plain_store_is_unchanged(tmp_path):
@@ -205,9 +203,9 @@ def test_plain_store_is_unchanged(tmp_path):
     m = _snapshot(repo, write_images(str(tmp_path / "img"), {"pages-1.img": _data()}))
     config = json.load(open(os.path.join(repo.path, "config")))
     assert config["version"] == 1 and "encryption" not in config and config["hash"] == "sha256"
-    raw = json.load(open(os.path.join(repo.snapshots_dir, m["id"] + ".json")))
+    raw = json.load(open(os.path.join(repo.snapshots_dir, m.id + ".json")))
     assert raw["name"] == "secret-name"
-    cid = m["files"][0]["chunks"][0][0]
+    cid = m.files[0].chunks[0][0]
     assert cid == codec.chunk_id(_data()[:CHUNK_SIZE])
 
 
@@ -221,21 +219,21 @@ def _export(repo: Repository, sid: str) -> bytes:
 
 def test_encrypted_archive_stays_encrypted_and_imports_with_the_same_key(enc, key, tmp_path):
     repo, m = enc
-    blob = _export(repo, m["id"])
+    blob = _export(repo, m.id)
     assert b"gpusnap-secret-marker" not in blob and b"secret-name" not in blob
     dst = Repository.open(str(tmp_path / "b"), key_file=key)
     res = archive.import_(dst, io.BytesIO(blob))
-    assert res.id == m["id"] and not res.already_present
-    assert dst.load(m["id"]) == repo.load(m["id"])
+    assert res.id == m.id and not res.already_present
+    assert dst.load(m.id) == repo.load(m.id)
     assert dst.verify()["bad"] == []
-    dst.materialise(dst.load(m["id"]), str(tmp_path / "out"))
+    dst.materialise(dst.load(m.id), str(tmp_path / "out"))
     assert open(tmp_path / "out" / "pages-1.img", "rb").read() == _data()
     assert archive.import_(dst, io.BytesIO(blob)).already_present
 
 
 def test_archives_do_not_cross_keys_or_kinds(enc, other_key, tmp_path):
     repo, m = enc
-    blob = _export(repo, m["id"])
+    blob = _export(repo, m.id)
     with pytest.raises(WrongKey):
         archive.import_(Repository.open(str(tmp_path / "k2"), key_file=other_key), io.BytesIO(blob))
     plain = Repository.open(str(tmp_path / "plain"))
@@ -243,8 +241,8 @@ def test_archives_do_not_cross_keys_or_kinds(enc, other_key, tmp_path):
         archive.import_(plain, io.BytesIO(blob))
     pm = _snapshot(plain, write_images(str(tmp_path / "img2"), {"x.img": b"hello"}))
     with pytest.raises(ArchiveError, match="not encrypted"):
-        archive.import_(repo, io.BytesIO(_export(plain, pm["id"])))
-    assert [s for s in repo.snapshot_ids()] == [m["id"]]
+        archive.import_(repo, io.BytesIO(_export(plain, pm.id)))
+    assert [s for s in repo.snapshot_ids()] == [m.id]
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

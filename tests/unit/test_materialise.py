@@ -4,6 +4,7 @@ CLI installed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -11,6 +12,7 @@ import threading
 import pytest
 
 from gpusnap.errors import IntegrityError
+from gpusnap.model import FileEntry, Manifest, Target
 from gpusnap.store import Repository, parallel
 
 
@@ -26,7 +28,8 @@ def stored(tmp_path, monkeypatch):
         (src / name).write_bytes(blob)
     repo = Repository.open(str(tmp_path / "store"))
     files, _ = repo.ingest_dir(str(src))
-    return repo, {"files": files}, data
+    return repo, Manifest(target=Target("process", 1, [1]), pids=[1],
+                          files=[FileEntry.from_json(f) for f in files]), data
 
 
 def _read_all(dest, data):
@@ -50,8 +53,8 @@ def test_files_come_out_as_they_went_in(stored, tmp_path, threaded):
 
 def test_a_corrupt_chunk_fails_it_even_with_a_raising_sigterm_handler(stored, tmp_path):
     repo, manifest, _ = stored
-    pages = next(f for f in manifest["files"] if f["path"] == "pages-1.img")
-    cid = pages["chunks"][-1][0]
+    pages = next(f for f in manifest.files if f.path == "pages-1.img")
+    cid = pages.chunks[-1][0]
     path = repo.chunk_path(cid)
     blob = bytearray(open(path, "rb").read())
     blob[len(blob) // 2] ^= 0x40
@@ -69,8 +72,9 @@ def test_a_corrupt_chunk_fails_it_even_with_a_raising_sigterm_handler(stored, tm
 
 def test_a_path_escaping_the_destination_is_refused(stored, tmp_path):
     repo, manifest, _ = stored
-    pages = next(f for f in manifest["files"] if f["path"] == "pages-1.img")
-    bad = {"files": [dict(pages, path="../escape.img")]}
+    pages = next(f for f in manifest.files if f.path == "pages-1.img")
+    # A loaded manifest cannot hold such a path (test_model); materialise checks again.
+    bad = dataclasses.replace(manifest, files=[dataclasses.replace(pages, path="../escape.img")])
     with pytest.raises(IntegrityError, match="escapes"):
         repo.materialise(bad, str(tmp_path / "out"))
 

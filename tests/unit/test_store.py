@@ -8,20 +8,18 @@ import stat
 
 import pytest
 
-from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
-                            StoreLocked)
+from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, ManifestInvalid,
+                            SnapshotNotFound, StoreLocked)
 from gpusnap.store import Repository
 from gpusnap.store.chunker import CHUNK_SIZE
 
-from conftest import write_images
+from gpusnap.model import Manifest
+
+from conftest import commit_snapshot, write_images
 
 
-def _snapshot(repo: Repository, src: str, name: str | None = None) -> dict:
-    files, counts = repo.ingest_dir(src)
-    m = {"name": name, "target": {"kind": "process", "root_pid": 1}, "pids": [1],
-         "files": files, "logs": [], **counts}
-    repo.commit(m)
-    return m
+def _snapshot(repo: Repository, src: str, name: str | None = None) -> Manifest:
+    return commit_snapshot(repo, src, name)
 
 
 @pytest.fixture
@@ -34,11 +32,11 @@ def test_roundtrip_is_byte_exact_and_zero_chunks_are_not_stored(repo, tmp_path):
     data = rnd.randbytes(3 * CHUNK_SIZE + 123) + bytes(4 * CHUNK_SIZE) + rnd.randbytes(5000)
     src = write_images(str(tmp_path / "img"), {"pages-1.img": data, "core-1.img": b"core"})
     m = _snapshot(repo, src)
-    zero_refs = [c for c, _ in m["files"][1]["chunks"] if c == "zero"]
+    zero_refs = [c for c, _ in m.files[1].chunks if c == "zero"]
     assert len(zero_refs) >= 3
-    assert m["bytes_new"] < len(data) - 3 * CHUNK_SIZE
+    assert m.bytes_new < len(data) - 3 * CHUNK_SIZE
     out = str(tmp_path / "out")
-    repo.materialise(repo.load(m["id"]), out)
+    repo.materialise(repo.load(m.id), out)
     assert open(os.path.join(out, "pages-1.img"), "rb").read() == data
     assert open(os.path.join(out, "core-1.img"), "rb").read() == b"core"
 
@@ -47,8 +45,8 @@ def test_identical_content_is_stored_once(repo, tmp_path):
     data = random.Random(1).randbytes(2 * CHUNK_SIZE)
     a = _snapshot(repo, write_images(str(tmp_path / "a"), {"x.img": data}))
     b = _snapshot(repo, write_images(str(tmp_path / "b"), {"x.img": data}))
-    assert a["bytes_new"] > 0 and b["bytes_new"] == 0
-    assert b["bytes_stored"] == a["bytes_stored"]
+    assert a.bytes_new > 0 and b.bytes_new == 0
+    assert b.bytes_stored == a.bytes_stored
 
 
 def test_store_is_private(repo):
@@ -64,35 +62,35 @@ def test_store_is_private(repo):
 
 def test_corruption_is_detected_by_verify_and_materialise(repo, tmp_path):
     m = _snapshot(repo, write_images(str(tmp_path / "img"), {"pages-1.img": random.Random(2).randbytes(CHUNK_SIZE)}))
-    cid = m["files"][0]["chunks"][0][0]
+    cid = m.files[0].chunks[0][0]
     path = repo.chunk_path(cid)
     blob = bytearray(open(path, "rb").read())
     blob[len(blob) // 2] ^= 1
     open(path, "wb").write(bytes(blob))
     assert repo.verify()["bad"]
     with pytest.raises(IntegrityError):
-        repo.materialise(repo.load(m["id"]), str(tmp_path / "out"))
+        repo.materialise(repo.load(m.id), str(tmp_path / "out"))
     os.unlink(path)
     assert "missing" in repo.verify()["bad"][0]["error"]
 
 
 def test_truncated_manifest_is_an_integrity_error(repo, tmp_path):
     m = _snapshot(repo, write_images(str(tmp_path / "img"), {"a.img": b"a"}))
-    path = os.path.join(repo.snapshots_dir, m["id"] + ".json")
+    path = os.path.join(repo.snapshots_dir, m.id + ".json")
     open(path, "r+b").truncate(10)
     with pytest.raises(IntegrityError):
-        repo.load(m["id"])
+        repo.load(m.id)
     assert repo.verify()["bad"]
 
 
 def test_resolve_by_id_prefix_and_name(repo, tmp_path):
     a = _snapshot(repo, write_images(str(tmp_path / "a"), {"a.img": b"a"}), name="srv")
-    assert repo.resolve(a["id"]) == a["id"]
-    assert repo.resolve(a["id"][:6]) == a["id"]
-    assert repo.resolve("srv") == a["id"]
+    assert repo.resolve(a.id) == a.id
+    assert repo.resolve(a.id[:6]) == a.id
+    assert repo.resolve("srv") == a.id
     with pytest.raises(SnapshotNotFound):
         repo.resolve("nope")
-    ids = [a["id"]] + [_snapshot(repo, write_images(str(tmp_path / f"b{i}"), {"a.img": b"b"}))["id"]
+    ids = [a.id] + [_snapshot(repo, write_images(str(tmp_path / f"b{i}"), {"a.img": b"b"})).id
                        for i in range(40)]
     common = next((p for p in "0123456789abcdef" if sum(i.startswith(p) for i in ids) > 1))
     with pytest.raises(AmbiguousSnapshot):
@@ -103,12 +101,12 @@ def test_rm_then_gc_frees_only_unreferenced_chunks(repo, tmp_path):
     shared = random.Random(5).randbytes(CHUNK_SIZE)
     a = _snapshot(repo, write_images(str(tmp_path / "a"), {"x.img": shared + b"A" * 100}))
     b = _snapshot(repo, write_images(str(tmp_path / "b"), {"x.img": shared + b"B" * 100}))
-    repo.remove([a["id"]])
+    repo.remove([a.id])
     plan = repo.gc_plan()
     assert len(plan["chunks"]) == 1
     repo.gc_execute(plan)
     assert repo.verify()["bad"] == []
-    repo.materialise(repo.load(b["id"]), str(tmp_path / "out"))
+    repo.materialise(repo.load(b.id), str(tmp_path / "out"))
 
 
 def test_exclusive_lock_excludes_shared(repo):
@@ -124,3 +122,22 @@ def test_manifest_paths_cannot_escape(repo, tmp_path):
     m = {"files": [{"path": "../evil", "size": 1, "mode": 0o600, "chunks": [["zero", 1]]}]}
     with pytest.raises(IntegrityError):
         repo.materialise(m, str(tmp_path / "out"))
+
+
+def test_a_manifest_under_another_snapshots_name_is_refused(repo, tmp_path):
+    m = _snapshot(repo, write_images(str(tmp_path / "a"), {"a.img": b"a"}))
+    other = "0123456789abcdef"
+    os.rename(os.path.join(repo.snapshots_dir, m.id + ".json"),
+              os.path.join(repo.snapshots_dir, other + ".json"))
+    with pytest.raises(ManifestInvalid, match=f"names itself {m.id}"):
+        repo.load(other)
+    assert repo.verify()["bad"][0]["snapshot"] == other
+
+
+def test_commit_of_a_plain_dict_fills_it_in(repo, tmp_path):
+    """transition: engine/dump.py commits a dict and reads id and created back from it."""
+    files, counts = repo.ingest_dir(write_images(str(tmp_path / "a"), {"a.img": b"a"}))
+    m = {"target": {"kind": "process", "root_pid": 1}, "pids": [1], "files": files, **counts}
+    sid = repo.commit(m)
+    assert m["id"] == sid and m["created"] and m["format"] == 1
+    assert repo.load(sid).files[0].path == "a.img"
