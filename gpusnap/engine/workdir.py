@@ -12,10 +12,10 @@ import ctypes
 import fcntl
 import os
 import shutil
-import stat
 import tempfile
 
-from ..errors import InsecureStore
+from ..errors import StoreError
+from ..store import fsutil
 
 HUGE_BASE = "/run/gpusnap-work"
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
@@ -90,16 +90,12 @@ def private_base(store_path: str) -> str:
     ours that nobody else can enter: /dev/shm is writable by everyone, and whoever owns
     this directory could swap the images a dump ingests or a restore hands to CRIU."""
     base = base_dir(store_path)
-    os.makedirs(os.path.dirname(base) or "/", exist_ok=True)
     try:
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise InsecureStore(f"work directory {base} is not a private directory of uid {os.geteuid()}",
-                            hint="remove it (gpusnap recreates it), or set GPUSNAP_WORKDIR "
-                                 "to a directory only you can open")
+        fsutil.make_private_dir(base, "work directory")
+    except StoreError as exc:
+        exc.hint = ("remove it (gpusnap recreates it), or set GPUSNAP_WORKDIR to a directory "
+                    "only you can open")
+        raise
     return base
 
 
