@@ -72,6 +72,7 @@ class Agent:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._turned_away: list[tuple[float, socket.socket]] = []   # accept thread only
         self._ticks = 0
 
     # ---- in-process API ----------------------------------------------------------
@@ -228,6 +229,7 @@ class Agent:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+        self._close_turned_away(float("inf"))
         if self._sock:
             self._sock.close()
             with contextlib.suppress(OSError):
@@ -243,6 +245,7 @@ class Agent:
                 conn, _ = self._sock.accept()
             except (socket.timeout, TimeoutError):
                 self._tick()
+                self._close_turned_away(time.monotonic() - 1.0)
                 continue
             except OSError:
                 if self._stop.is_set():
@@ -251,7 +254,7 @@ class Agent:
                 continue
             _pid, uid = peer_credentials(conn)
             if uid not in (0, os.getuid()):
-                self._reply_and_close(conn, {"ok": False, "error": f"uid {uid} may not talk to this agent"})
+                self._turn_away(conn, uid)
             elif not self._connections.acquire(blocking=False):
                 self._reply_and_close(conn, {"ok": False, "error": "too many connections"})
             else:
@@ -281,6 +284,23 @@ class Agent:
         finally:
             self._connections.release()
         self._reply_and_close(conn, reply)
+
+    def _turn_away(self, conn: socket.socket, uid: int) -> None:
+        """Answer a peer of another uid without reading what it sent. Its connection is
+        closed a second later (at once, its own send could fail before it reads the
+        answer), the oldest first when many wait."""
+        with contextlib.suppress(OSError):
+            conn.settimeout(0)
+            conn.send(json.dumps({"ok": False, "state": self.state,
+                                  "error": f"uid {uid} may not talk to this agent"}).encode() + b"\n")
+            conn.shutdown(socket.SHUT_WR)
+        self._turned_away.append((time.monotonic(), conn))
+        if len(self._turned_away) > MAX_CONNECTIONS * 8:
+            self._close_turned_away(self._turned_away[0][0])
+
+    def _close_turned_away(self, before: float) -> None:
+        while self._turned_away and self._turned_away[0][0] <= before:
+            self._turned_away.pop(0)[1].close()
 
     def _reply_and_close(self, conn: socket.socket, reply: dict) -> None:
         reply.setdefault("state", self.state)
