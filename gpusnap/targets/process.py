@@ -50,20 +50,27 @@ def restored_tree(root_pid: int, recorded: list[int]) -> list[int]:
 def taken(pids: list[int], grace: float = 3.0) -> list[int]:
     """Pids that exist now, zombies included (a zombie's pid can't be reused either).
 
-    When every busy pid is a zombie (the original was just killed and init has not
-    reaped it yet), they get up to grace seconds to be reaped, as kill_and_wait gives them.
+    When every busy pid is exiting or a zombie (the original was just killed and init
+    has not reaped it yet), they get up to grace seconds to be reaped, as kill_and_wait
+    gives them.
     """
     busy = [pid for pid in pids if psutil.pid_exists(pid)]
-    if busy and all(_is_zombie(pid) for pid in busy):
+    if busy and all(_going(pid) for pid in busy):
         wait_free(busy, grace, zombie_grace=grace)
         busy = [pid for pid in busy if psutil.pid_exists(pid)]
     return busy
 
 
-def _is_zombie(pid: int) -> bool:
+_PF_EXITING = 0x4
+
+
+def _going(pid: int) -> bool:
+    """pid is a zombie, or is exiting (a killed process frees its memory first)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
         return True                     # gone meanwhile: as good as reaped
 
 

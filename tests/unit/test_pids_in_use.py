@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from gpusnap import sysrun
 from gpusnap.criu import runner
 from gpusnap.errors import CriuFailed, PidInUse
@@ -24,15 +26,18 @@ _LATE_REAPER = ("import os,sys,time\n"
 def _zombie(reap_after: float) -> tuple[subprocess.Popen, int]:
     parent = subprocess.Popen([sys.executable, "-c", _LATE_REAPER, str(reap_after)],
                               stdout=subprocess.PIPE, text=True)
-    return parent, int(parent.stdout.readline())
+    pid = int(parent.stdout.readline())
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.001)
+    return parent, pid
 
 
 def test_a_zombie_reaped_within_the_grace_is_not_in_use():
     parent, pid = _zombie(1.0)
     try:
         t0 = time.monotonic()
-        assert taken([pid]) == []
-        assert 0.3 < time.monotonic() - t0 < 3.0
+        assert taken([pid], grace=20) == []             # generous: the host may be loaded
+        assert time.monotonic() - t0 > 0.5, "it waited for the reap"
     finally:
         parent.kill()
         parent.wait()
