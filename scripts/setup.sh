@@ -22,7 +22,7 @@ else
     echo "setup: criu linked at /usr/local/sbin/criu"
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zstandard' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis' 2>/dev/null; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
         apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
     fi

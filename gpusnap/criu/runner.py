@@ -6,11 +6,12 @@ import os
 import re
 
 from .. import sysrun
-from ..errors import CriuFailed
+from ..errors import CriuFailed, GpusnapError, PidInUse
 from .argv import CriuOptions, dump_argv, restore_argv
 from .locate import find_criu
 
 _ERROR_LINE = re.compile(r"^\([\d.]+\)\s+(?:\d+:\s+)?Error\s+\(([^)]*)\):\s*(.*)$")
+_PID_TAKEN = re.compile(r"Can't fork for (\d+): File exists")
 
 
 def log_errors(log_path: str, limit: int = 5) -> list[str]:
@@ -29,8 +30,15 @@ def log_errors(log_path: str, limit: int = 5) -> list[str]:
     return out
 
 
-def _fail(what: str, res: sysrun.Result, log_path: str) -> CriuFailed:
+def _fail(what: str, res: sysrun.Result, log_path: str) -> GpusnapError:
+    """The error a failed CRIU run is: PidInUse when a pid it had to restore was taken
+    meanwhile (another restore of the same snapshot), else CriuFailed with its log's errors."""
     errors = log_errors(log_path)
+    taken = [m.group(1) for m in map(_PID_TAKEN.search, errors) if m]
+    if taken:
+        return PidInUse(f"pid {taken[0]} was taken while CRIU restored it (another restore of "
+                        f"this snapshot at the same time?)",
+                        hint="stop the other restored copy first, or restore on another host")
     detail = "; ".join(errors) if errors else (res.stderr.strip().splitlines() or ["no output"])[-1]
     return CriuFailed(f"criu {what} failed (exit {res.returncode}): {detail}",
                       hint=f"full log: {log_path}")

@@ -105,13 +105,29 @@ def find_agents(pids: list[int]) -> dict[int, str]:
     return found
 
 
-def _all(calls: dict[int, tuple], timeout: float) -> tuple[dict[int, dict], dict[int, str]]:
-    """Send (path, cmd) to every pid's agent at once; (replies, errors) by pid."""
+def process_uid(pid: int) -> int | None:
+    """The effective uid of pid (what SO_PEERCRED reports of its sockets), None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _all(calls: dict[int, tuple], timeout: float, tree: list[int],
+         uids: dict[int, int | None]) -> tuple[dict[int, dict], dict[int, str]]:
+    """Send (path, cmd) to every pid's agent at once; (replies, errors) by pid. Each
+    agent must be listened to by a pid of tree, as its pid's uid (protocol.request),
+    else nothing is sent to it."""
     if not calls:
         return {}, {}
     replies, errors = {}, {}
     with ThreadPoolExecutor(len(calls)) as ex:
-        futs = {pid: ex.submit(request, path, cmd, timeout) for pid, (path, cmd) in calls.items()}
+        futs = {pid: ex.submit(request, path, cmd, timeout, pids=tree, uid=uids.get(pid))
+                for pid, (path, cmd) in calls.items()}
         for pid, fut in futs.items():
             try:
                 replies[pid] = fut.result()
@@ -128,6 +144,7 @@ class DumpAgents:
         self.target = target
         self.ask = ask
         self.asked: dict[int, str] = {}         # pid -> socket: sent prepare (answered or not)
+        self.uids: dict[int, int | None] = {}   # pid -> its uid, when its agent was found
         self.prepared: dict[int, dict] = {}     # pid -> prepare's reply
         self.resumed = False
         self.notes: list[str] = []
@@ -141,8 +158,9 @@ class DumpAgents:
                               f"dumped in transparent mode (weights in the image)")
             return
         self.asked = dict(agents)
+        self.uids = {pid: process_uid(pid) for pid in agents}
         with stages.stage("sdk_prepare"):
-            replies, errors = _all({p: (s, "prepare") for p, s in agents.items()}, PREPARE_TIMEOUT_S)
+            replies, errors = self._all("prepare", PREPARE_TIMEOUT_S)
         if errors:
             for pid, err in sorted(errors.items()):
                 self.notes.append(f"the SDK agent of pid {pid} did not prepare ({err}): dumped in "
@@ -152,6 +170,9 @@ class DumpAgents:
             self.asked = {}
             return
         self.prepared = replies
+
+    def _all(self, cmd: str, timeout: float):
+        return _all({p: (s, cmd) for p, s in self.asked.items()}, timeout, self.target.pids, self.uids)
 
     def record(self) -> dict | None:
         """The manifest's `sdk` as JSON (model.SdkRecord's layout)."""
@@ -170,7 +191,7 @@ class DumpAgents:
         if not self.asked or self.resumed:
             return
         with stages.stage("sdk_resume"):
-            _, errors = _all({p: (s, "resume") for p, s in self.asked.items()}, resume_timeout())
+            _, errors = self._all("resume", resume_timeout())
         if errors:
             raise AgentFailed("; ".join(errors.values()),
                               hint="the server's weights are not back in GPU memory")
@@ -181,7 +202,7 @@ class DumpAgents:
         if not self.asked or self.resumed:
             return []
         try:
-            _, errors = _all({p: (s, "resume") for p, s in self.asked.items()}, resume_timeout())
+            _, errors = self._all("resume", resume_timeout())
         except BaseException as e:  # noqa: BLE001 - an undo reports, it does not raise
             errors = {0: str(e)}
         if not errors:
@@ -227,7 +248,8 @@ def resume(manifest: Manifest, stages) -> dict | None:
         return None
     with stages.stage("sdk_resume"):
         replies, errors = _all({a.pid: (a.socket, "resume") for a in manifest.sdk.agents},
-                               resume_timeout())
+                               resume_timeout(), manifest.pids,
+                               {a.pid: a.uid for a in manifest.sdk.agents})
     if errors:
         raise AgentFailed("the restored server did not read its weights back: "
                           + "; ".join(errors.values()))

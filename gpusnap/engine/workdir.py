@@ -4,6 +4,12 @@ As root, a tmpfs of our own with huge pages (HUGE_BASE): a restore writes the wh
 into it before CRIU reads it back, and on /dev/shm (4 KiB pages, huge pages off by
 default) allocating those pages is most of materialise's time. Elsewhere /dev/shm, else
 the store's tmp/. GPUSNAP_WORKDIR overrides all of these.
+
+A work dir is named after the gpusnap that owns it (KIND-PID-RANDOM). What a gpusnap
+killed outright leaves behind is swept (sweep_plan, then sweep): work dirs whose owner
+pid is gone, failed CRIU logs beyond the newest KEEP_FAILED_LOGS, and agent sockets
+(agent-PID.sock in the agent dir) whose pid is gone. `gpusnap gc` sweeps, and so does
+every dump, restore and warm as it makes its work dir (a few directory listings).
 """
 
 from __future__ import annotations
@@ -11,12 +17,19 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 import shutil
+import stat
 import tempfile
+
+import psutil
 
 from ..paths import private_dir
 
 HUGE_BASE = "/run/gpusnap-work"
+KEEP_FAILED_LOGS = 20
+_OWNED = re.compile(r"^(?:dump|restore|warm)-(\d+)-")
+_AGENT_SOCKET = re.compile(r"^agent-(\d+)\.sock$")
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 
 
@@ -94,7 +107,59 @@ def private_base(store_path: str) -> str:
 
 
 def make(store_path: str, prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=prefix, dir=private_base(store_path))
+    """A new work dir PREFIX-PID-RANDOM (prefix ends with "-"), after a sweep."""
+    base = private_base(store_path)
+    sweep(sweep_plan(store_path))
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
+
+
+def _gone(pid: int) -> bool:
+    return pid != os.getpid() and not psutil.pid_exists(pid)
+
+
+def sweep_plan(store_path: str) -> dict[str, list[str]]:
+    """What a sweep would remove. Pure reading; symlinks are never followed."""
+    base = base_dir(store_path)
+    work = [e.path for e in _entries(base)
+            if e.is_dir(follow_symlinks=False) and (m := _OWNED.match(e.name)) and _gone(int(m.group(1)))]
+    logs = sorted((e for e in _entries(os.path.join(store_path, "failed-logs"))
+                   if e.is_file(follow_symlinks=False)),
+                  key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns, reverse=True)
+    return {"work_dirs": work, "failed_logs": [e.path for e in logs[KEEP_FAILED_LOGS:]],
+            "agent_sockets": _stale_agent_sockets()}
+
+
+def _stale_agent_sockets() -> list[str]:
+    """agent-PID.sock files of gone pids, in the agent dir when it is ours alone."""
+    from ..sdk.protocol import agent_dir
+    directory = agent_dir()
+    try:
+        st = os.lstat(directory)
+    except OSError:
+        return []
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return []
+    return [e.path for e in _entries(directory)
+            if (m := _AGENT_SOCKET.match(e.name)) and _gone(int(m.group(1)))
+            and stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)]
+
+
+def _entries(directory: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
+def sweep(plan: dict[str, list[str]]) -> None:
+    for path in plan["work_dirs"]:
+        remove(path)
+    for path in plan["failed_logs"] + plan["agent_sockets"]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def remove(path: str | None) -> None:

@@ -35,16 +35,17 @@ import json
 import os
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
 
 from . import loader, registry
-from .protocol import VERSION, recv_message, socket_path
+from .protocol import VERSION, peer_credentials, recv_message, socket_path
 from .safetensors import file_identity, identity_changes
 
 RESIDENT, PREPARED = "resident", "prepared"
+MAX_CONNECTIONS = 8         # served at once; more are answered "too many connections"
+IDLE_TIMEOUT_S = 5.0        # to send a request after connecting
 
 
 class Agent:
@@ -70,6 +71,8 @@ class Agent:
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._turned_away: list[tuple[float, socket.socket]] = []   # accept thread only
         self._ticks = 0
 
     # ---- in-process API ----------------------------------------------------------
@@ -226,6 +229,7 @@ class Agent:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+        self._close_turned_away(float("inf"))
         if self._sock:
             self._sock.close()
             with contextlib.suppress(OSError):
@@ -233,19 +237,29 @@ class Agent:
             self._sock = None
 
     def _serve(self) -> None:
+        """Accept connections; each is served on a thread of its own (at most
+        MAX_CONNECTIONS at once), so an idle client cannot stall another. A peer of
+        another uid is answered at once, before anything it sent is read."""
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
             except (socket.timeout, TimeoutError):
                 self._tick()
+                self._close_turned_away(time.monotonic() - 1.0)
                 continue
             except OSError:
                 if self._stop.is_set():
                     return
                 time.sleep(0.1)
                 continue
-            with conn:
-                self._handle(conn)
+            _pid, uid = peer_credentials(conn)
+            if uid not in (0, os.getuid()):
+                self._turn_away(conn, uid)
+            elif not self._connections.acquire(blocking=False):
+                self._reply_and_close(conn, {"ok": False, "error": "too many connections"})
+            else:
+                threading.Thread(target=self._handle, args=(conn,), name="gpusnap-agent-conn",
+                                 daemon=True).start()
 
     def _tick(self) -> None:
         if self.state != PREPARED or self.watchdog_s is None:
@@ -261,18 +275,36 @@ class Agent:
                 self._ticks = 0
 
     def _handle(self, conn: socket.socket) -> None:
+        """Serve one connection of a trusted peer: one request, read within IDLE_TIMEOUT_S."""
         try:
-            pid, uid, _ = struct.unpack("3i", conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-            raw = recv_message(conn, time.monotonic() + 10)     # read first: the peer then sees the answer
-            if uid not in (0, os.getuid()):
-                reply = {"ok": False, "error": f"uid {uid} may not talk to this agent"}
-            else:
-                reply = self._dispatch(json.loads(raw.decode() or "{}"))
+            raw = recv_message(conn, time.monotonic() + IDLE_TIMEOUT_S)
+            reply = self._dispatch(json.loads(raw.decode() or "{}"))
         except Exception as e:  # noqa: BLE001 - every failure is an answer
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        reply.setdefault("state", self.state)
+        finally:
+            self._connections.release()
+        self._reply_and_close(conn, reply)
+
+    def _turn_away(self, conn: socket.socket, uid: int) -> None:
+        """Answer a peer of another uid without reading what it sent. Its connection is
+        closed a second later (at once, its own send could fail before it reads the
+        answer), the oldest first when many wait."""
         with contextlib.suppress(OSError):
+            conn.settimeout(0)
+            conn.send(json.dumps({"ok": False, "state": self.state,
+                                  "error": f"uid {uid} may not talk to this agent"}).encode() + b"\n")
+            conn.shutdown(socket.SHUT_WR)
+        self._turned_away.append((time.monotonic(), conn))
+        if len(self._turned_away) > MAX_CONNECTIONS * 8:
+            self._close_turned_away(self._turned_away[0][0])
+
+    def _close_turned_away(self, before: float) -> None:
+        while self._turned_away and self._turned_away[0][0] <= before:
+            self._turned_away.pop(0)[1].close()
+
+    def _reply_and_close(self, conn: socket.socket, reply: dict) -> None:
+        reply.setdefault("state", self.state)
+        with conn, contextlib.suppress(OSError):
             conn.settimeout(10)
             conn.sendall(json.dumps(reply).encode() + b"\n")
 

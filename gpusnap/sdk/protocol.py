@@ -17,6 +17,14 @@ resume   -> the tensors are allocated again and read from their files (idempoten
 
 The client waits for EOF before returning, so when request() returns the agent has
 closed its end: nothing of the connection is left for CRIU to dump.
+
+The agent checks its peer (SO_PEERCRED) before it reads anything, and answers a
+stranger without reading. A client that expects a given agent (gpusnap, as root) checks
+its peer too, before it sends anything: the socket file must be a socket, not a
+symlink (it is opened O_PATH|O_NOFOLLOW and connected to through /proc/self/fd, so
+the inode checked is the one connected to), and the listening process must be one of
+the pids it expects, running as the uid it expects. A target that swaps its socket for
+a link to another server's agent gets nothing sent anywhere.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
+import struct
 import time
+from typing import Collection
 
 VERSION = 1
 DEFAULT_DIR = "/run/gpusnap"
@@ -67,13 +78,47 @@ def recv_message(conn: socket.socket, deadline: float | None = None) -> bytes:
     return bytes(buf)
 
 
-def request(path: str, cmd: str, timeout: float = 30.0, **args) -> dict:
-    """Send one command, return the reply (ok: true), or raise AgentError."""
+def peer_credentials(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
+
+
+def _connect_nofollow(s: socket.socket, path: str) -> None:
+    """connect() to the socket inode at path itself: a symlink there is refused."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise AgentError(f"agent at {path}: not a socket"
+                             + (" (a symbolic link: not followed)" if stat.S_ISLNK(mode) else ""))
+        s.connect(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def _check_peer(s: socket.socket, path: str, pids: Collection[int] | None, uid: int | None) -> None:
+    pid, peer_uid = peer_credentials(s)
+    if pids is not None and pid not in pids:
+        raise AgentError(f"agent at {path}: listened to by pid {pid}, not by the process it "
+                         f"belongs to: nothing sent")
+    if uid is not None and peer_uid != uid:
+        raise AgentError(f"agent at {path}: runs as uid {peer_uid}, not {uid}: nothing sent")
+
+
+def request(path: str, cmd: str, timeout: float = 30.0, *, pids: Collection[int] | None = None,
+            uid: int | None = None, **args) -> dict:
+    """Send one command, return the reply (ok: true), or raise AgentError.
+
+    A symlink at path is never followed. pids/uid: the agent must be listened to by one
+    of pids, as uid, else nothing is sent."""
     deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(path)
+            _connect_nofollow(s, path)
+            _check_peer(s, path, pids, uid)
             s.sendall(json.dumps({"cmd": cmd, "version": VERSION, **args}).encode() + b"\n")
             s.shutdown(socket.SHUT_WR)
             raw = recv_message(s, deadline)

@@ -37,6 +37,7 @@ from ..model.manifest import ZERO_ID
 NONCE_SIZE = 12
 _TAG_SIZE = 16
 KEY_SIZE = 32
+MAX_MANIFEST = 256 << 20  # a manifest's plain JSON (one of 1 TB of images is ~60 MB)
 _CHECK_LABEL = b"gpusnap key check"
 _local = threading.local()
 
@@ -68,14 +69,26 @@ def compress(data, level: int = 1) -> bytes:
     return cctx.compress(data)
 
 
-def _decompress(blob, expected_id: str, size: int) -> bytes:
+def decompress_bounded(blob, limit: int, what: str) -> bytes:
+    """Decompress one zstd frame of at most limit bytes, or raise IntegrityError.
+
+    decompress() allocates whatever size a frame header declares, whatever its
+    max_output_size says (a 65 KB frame can declare 2 GB, or 2^40 bytes): the declared
+    size is checked against limit first; a frame declaring none is bounded by limit."""
     dctx = getattr(_local, "dctx", None)
     if dctx is None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
     try:
-        data = dctx.decompress(blob, max_output_size=size)
+        declared = zstandard.frame_content_size(blob)
+        if declared > limit:
+            raise IntegrityError(f"{what} declares {declared} bytes, more than the {limit} expected")
+        return dctx.decompress(blob, max_output_size=limit)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"chunk {expected_id[:16]} does not decompress: {exc}") from None
+        raise IntegrityError(f"{what} does not decompress: {exc}") from None
+
+
+def _decompress(blob, expected_id: str, size: int) -> bytes:
+    data = decompress_bounded(blob, size, f"chunk {expected_id[:16]}")
     if len(data) != size:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
     return data
@@ -251,10 +264,7 @@ class EncryptedCodec(PlainCodec):
 
     def unseal(self, snap_id: str, blob: bytes) -> bytes:
         sealed = self._decrypt(blob, b"snapshot:" + snap_id.encode(), f"manifest of snapshot {snap_id}")
-        try:
-            return zstandard.ZstdDecompressor().decompress(sealed)
-        except zstandard.ZstdError:
-            raise IntegrityError(f"manifest of snapshot {snap_id} does not decompress") from None
+        return decompress_bounded(sealed, MAX_MANIFEST, f"manifest of snapshot {snap_id}")
 
 
 def for_config(config: dict, key: bytes | None, where: str) -> PlainCodec:

@@ -1,12 +1,14 @@
-"""Durable file writes: temp name in the same directory, fsync, rename, fsync the directory."""
+"""Durable file writes (temp name in the same directory, fsync, rename, fsync the
+directory), and private directories checked before anything is written into them."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import stat
 
-from ..errors import StoreError, StoreFull
+from ..errors import InsecureStore, StoreError, StoreFull
 from ..paths import fsync_dir, replace_file  # noqa: F401  (fsync_dir: store modules call it here)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -33,3 +35,66 @@ def raise_os_error(exc: OSError, path: str):
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise StoreFull(f"no space left while writing {path}") from None
     raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def check_private_dir(path: str, what: str, st: os.stat_result | None = None) -> None:
+    """Refuse path unless it is a real directory (a symlink is not followed) of this
+    euid that nobody else can open. Changes nothing."""
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise StoreError(f"{what} {path} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise InsecureStore(f"{what} {path} is a symbolic link: gpusnap does not follow one there",
+                            hint="name the directory itself (another user may have planted the link)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise InsecureStore(f"{what} {path} belongs to uid {st.st_uid}, not to you")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecureStore(f"{what} {path} is open to other users (mode {st.st_mode & 0o777:o})",
+                            hint=f"chmod 700 {path}, or choose another directory")
+
+
+def make_private_dir(path: str, what: str) -> bool:
+    """A directory at path for gpusnap alone: created 0700 when missing (True), else
+    checked as check_private_dir() does (False). An existing directory is never
+    chmodded or chowned: one gpusnap did not create is used only as it is."""
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    old = os.umask(0o077)
+    try:
+        os.mkdir(path, 0o700)
+        return True
+    except FileExistsError:
+        check_private_dir(path, what)
+        return False
+    finally:
+        os.umask(old)
+
+
+def open_dir_nofollow(path: str) -> int:
+    """An O_PATH-like fd of the directory at path, refusing a symlink there (ELOOP)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise InsecureStore(f"{path} is not a directory (a symbolic link?): "
+                                f"gpusnap does not follow one there") from None
+        raise
+
+
+def symlinks_under(path: str, depth: int) -> list[str]:
+    """Symbolic links under path, down to depth levels, never following one. Pure
+    reading, by the directory entries' types (no stat per file)."""
+    bad = []
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return bad
+    for entry in entries:
+        if entry.is_symlink():
+            bad.append(entry.path)
+        elif depth > 1 and entry.is_dir(follow_symlinks=False):
+            bad += symlinks_under(entry.path, depth - 1)
+    return bad

@@ -6,22 +6,28 @@ would serialise on the file's lock), on worker processes (parallel.py says why).
 
 Zero chunks are left as holes. Any mismatch raises IntegrityError; the caller removes
 the destination.
+
+Each chunk's range is reserved (fallocate) before it is written through the mapping: a
+write through a mapping that finds the filesystem full gets SIGBUS, which would kill
+gpusnap (or a worker) without a word. Reserved first, a full work dir is StoreFull,
+naming where.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import os
 import threading
 import time
 from typing import Callable
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, StoreFull
 from ..model import FileEntry
 from . import codec, parallel
 
-_maps: dict[str, memoryview] = {}
+_maps: dict[str, tuple[int, memoryview]] = {}
 _map_lock = threading.Lock()
 
 
@@ -33,8 +39,13 @@ def write_files(repo, entries: list[FileEntry], dest: str, workers: int,
     only: for the paths it names, just the chunks that overlap these (offset, length)
     ranges are written; the rest of such a file stays a hole (the uffd page path fills
     those pages into the restored process instead)."""
-    os.makedirs(dest, mode=0o700, exist_ok=True)
-    paths, chunks = _create(entries, dest, only or {})
+    try:
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        paths, chunks = _create(entries, dest, only or {})
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _full(dest) from None
+        raise
     batches = parallel.batches(chunks, lambda c: c[3])
     wall = time.perf_counter()
     read_s = decode_s = 0.0
@@ -86,17 +97,35 @@ def _overlaps(ranges: list[tuple[int, int]], off: int, n: int) -> bool:
     return i >= 0 and ranges[i][0] + ranges[i][1] > off
 
 
-def _view(path: str) -> memoryview:
-    """This process's shared mapping of path (opened once; threads share it)."""
+def _full(where: str) -> StoreFull:
+    return StoreFull(f"no space left in the work dir while writing the images to {where}",
+                     hint="free space there, or point GPUSNAP_WORKDIR at a larger filesystem")
+
+
+def _view(path: str) -> tuple[int, memoryview]:
+    """This process's fd and shared mapping of path (opened once; threads share them)."""
     with _map_lock:
-        view = _maps.get(path)
-        if view is None:
+        opened = _maps.get(path)
+        if opened is None:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                view = _maps[path] = memoryview(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED))
-            finally:
+                view = memoryview(mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED))
+            except BaseException:
                 os.close(fd)
-        return view
+                raise
+            opened = _maps[path] = (fd, view)
+        return opened
+
+
+def _reserve(fd: int, off: int, n: int, path: str) -> None:
+    """Allocate [off, off+n) of the file before it is written through the mapping."""
+    try:
+        os.posix_fallocate(fd, off, n)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _full(path) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def _fill(job, batch_index: int) -> tuple[int, float, float]:
@@ -106,7 +135,9 @@ def _fill(job, batch_index: int) -> tuple[int, float, float]:
         started = time.perf_counter()
         blob = repo.read_blob(cid)
         read = time.perf_counter()
-        with _view(paths[index])[off:off + n] as out:
+        fd, view = _view(paths[index])
+        _reserve(fd, off, n, paths[index])
+        with view[off:off + n] as out:
             repo.codec.decode_view(blob, cid, n, out, check="frame")
         read_s += read - started
         decode_s += time.perf_counter() - read
@@ -116,8 +147,9 @@ def _fill(job, batch_index: int) -> tuple[int, float, float]:
 
 def _close_maps() -> None:
     with _map_lock:
-        for view in _maps.values():
+        for fd, view in _maps.values():
             obj = view.obj
             view.release()
             obj.close()
+            os.close(fd)
         _maps.clear()

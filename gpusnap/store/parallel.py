@@ -127,10 +127,7 @@ def _collect(children: dict, ordered: bool):
                     selector.unregister(key.fileobj)
                     continue
                 if message is None:
-                    raise errors.StoreError("a worker process died (killed for memory?): the "
-                                     "operation stopped",
-                                     hint="look for the OOM killer in the kernel log (dmesg), "
-                                          "or use fewer workers: GPUSNAP_THREADS")
+                    raise _died(key.data)
                 i, result = message
                 if not ordered:
                     yield result
@@ -141,6 +138,24 @@ def _collect(children: dict, ordered: bool):
                     next_i += 1
     finally:
         selector.close()
+
+
+def _died(pid: int) -> errors.StoreError:
+    """What to say of a worker that ended without finishing: its signal decides."""
+    try:
+        _, status = os.waitpid(pid, 0)
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    except ChildProcessError:
+        sig = None
+    if sig == signal.SIGBUS:
+        return errors.StoreFull("a worker process got SIGBUS writing through a mapping (the "
+                                "filesystem it wrote to is full?): the operation stopped",
+                                hint="free space in the work dir, or set GPUSNAP_WORKDIR")
+    name = f" ({signal.Signals(sig).name})" if sig else ""
+    return errors.StoreError(f"a worker process died{name} (killed for memory?): the "
+                             f"operation stopped",
+                             hint="look for the OOM killer in the kernel log (dmesg), "
+                                  "or use fewer workers: GPUSNAP_THREADS")
 
 
 def _stop(children: dict) -> None:

@@ -110,11 +110,15 @@ class Repository:
     @classmethod
     def open(cls, path: str, *, create: bool = True, key_file: str | None = None) -> "Repository":
         """Open (or create) the store at path. With key_file, a new store is created
-        encrypted and an existing one must be encrypted with that key (WrongKey)."""
+        encrypted and an existing one must be encrypted with that key (WrongKey).
+
+        Everything is checked before anything is written: the path must be missing, or
+        a directory of ours, private, holding a store or nothing; a symlink at the path
+        or inside the store is refused, never followed."""
         repo = cls(path)
         key = keyfile.load(key_file) if key_file else None
         config = os.path.join(repo.path, "config")
-        if not os.path.exists(config):
+        if not os.path.lexists(config):
             if not create:
                 raise StoreError(f"no gpusnap store at {repo.path}",
                                  hint="check --store (or GPUSNAP_STORE); `gpusnap dump` and "
@@ -122,7 +126,7 @@ class Repository:
             repo._init(codec.EncryptedCodec(key) if key else codec.PLAIN)
         repo._check_private()
         try:
-            with open(config) as f:
+            with open(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
                 conf = json.load(f)
         except ValueError:
             raise StoreError(f"the config of store {repo.path} is unreadable") from None
@@ -135,25 +139,37 @@ class Repository:
         return repo
 
     def _init(self, store_codec: codec.PlainCodec) -> None:
-        old = os.umask(0o077)
+        """A new store in a missing or empty private directory (created 0700 if missing;
+        an existing one is checked, never chmodded)."""
+        subdirs = ("chunks", "snapshots", "tmp")
+        if not fsutil.make_private_dir(self.path, "store") and not all(
+                n in subdirs or n.startswith("config.tmp-") for n in os.listdir(self.path)):
+            raise StoreError(f"{self.path} is not empty and holds no gpusnap store",
+                             hint="give a new or empty directory for a new store")
+        fd = fsutil.open_dir_nofollow(self.path)
         try:
-            for d in (self.path, self.chunks_dir, self.snapshots_dir, self.tmp_dir):
-                os.makedirs(d, mode=0o700, exist_ok=True)
-            os.chmod(self.path, 0o700)
-            version = ENCRYPTED_VERSION if store_codec.encryption else FORMAT_VERSION
-            fsutil.write_atomic(os.path.join(self.path, "config"), json.dumps(
-                {"version": version, "id": secrets.token_hex(16),
-                 "chunk_size": chunker.CHUNK_SIZE, **store_codec.describe()}).encode())
+            for name in subdirs:            # another gpusnap creating this store may be first
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    fsutil.check_private_dir(os.path.join(self.path, name), "store directory",
+                                             os.stat(name, dir_fd=fd, follow_symlinks=False))
         finally:
-            os.umask(old)
+            os.close(fd)
+        version = ENCRYPTED_VERSION if store_codec.encryption else FORMAT_VERSION
+        fsutil.write_atomic(os.path.join(self.path, "config"), json.dumps(
+            {"version": version, "id": secrets.token_hex(16),
+             "chunk_size": chunker.CHUNK_SIZE, **store_codec.describe()}).encode())
 
     def _check_private(self) -> None:
-        st = os.stat(self.path)
-        if st.st_uid != os.geteuid():
-            raise InsecureStore(f"store {self.path} belongs to uid {st.st_uid}, not to you")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise InsecureStore(f"store {self.path} is open to other users (mode {st.st_mode & 0o777:o})",
-                                hint=f"chmod 700 {self.path}")
+        """The store is ours alone and holds no symlink where gpusnap walks (gc deletes
+        what it finds under chunks/ and tmp/)."""
+        fsutil.check_private_dir(self.path, "store")
+        links = fsutil.symlinks_under(self.path, depth=2)
+        if links:
+            raise InsecureStore(f"store {self.path} holds symbolic links ({', '.join(links[:3])}): "
+                                f"gpusnap follows none inside a store",
+                                hint="remove them; a store holds only its own files and directories")
 
     def shared_lock(self, timeout: float = 30.0):
         return store_lock(self.lock_path, exclusive=False, timeout=timeout)
@@ -422,17 +438,20 @@ class Repository:
             raise exc
         for m in good:
             live.update(m.chunk_sizes())
+        self._check_private()               # no symlink to follow out of the store
         dead, dead_bytes = [], 0
-        for sub in os.listdir(self.chunks_dir):
-            for cid in os.listdir(os.path.join(self.chunks_dir, sub)):
-                if cid not in live:
-                    path = os.path.join(self.chunks_dir, sub, cid)
-                    dead.append(path)
-                    dead_bytes += os.path.getsize(path)
+        with os.scandir(self.chunks_dir) as subs:
+            chunk_dirs = [e.path for e in subs if e.is_dir(follow_symlinks=False)]
+        for sub in chunk_dirs:
+            with os.scandir(sub) as entries:
+                for e in entries:
+                    if e.name not in live and e.is_file(follow_symlinks=False):
+                        dead.append(e.path)
+                        dead_bytes += e.stat(follow_symlinks=False).st_size
         # Only files: a directory here is a dump or restore work dir (when /dev/shm is
         # unusable) that a restore may still be reading after it dropped its lock.
-        temps = [p for p in (os.path.join(self.tmp_dir, n) for n in os.listdir(self.tmp_dir))
-                 if os.path.isfile(p) and not os.path.islink(p)]
+        with os.scandir(self.tmp_dir) as entries:
+            temps = [e.path for e in entries if e.is_file(follow_symlinks=False)]
         return {"chunks": dead, "bytes": dead_bytes, "temps": temps}
 
     def gc_execute(self, plan: dict) -> None:

@@ -47,24 +47,49 @@ def restored_tree(root_pid: int, recorded: list[int]) -> list[int]:
         return [root_pid] if root_pid in recorded else []
 
 
-def taken(pids: list[int]) -> list[int]:
-    """Pids that exist now, zombies included (a zombie's pid can't be reused either)."""
-    return [pid for pid in pids if psutil.pid_exists(pid)]
+def taken(pids: list[int], grace: float = 3.0) -> list[int]:
+    """Pids that exist now, zombies included (a zombie's pid can't be reused either).
+
+    When every busy pid is exiting or a zombie (the original was just killed and init
+    has not reaped it yet), they get up to grace seconds to be reaped, as kill_and_wait
+    gives them.
+    """
+    busy = [pid for pid in pids if psutil.pid_exists(pid)]
+    if busy and all(_going(pid) for pid in busy):
+        wait_free(busy, grace, zombie_grace=grace)
+        busy = [pid for pid in busy if psutil.pid_exists(pid)]
+    return busy
+
+
+_PF_EXITING = 0x4
+
+
+def _going(pid: int) -> bool:
+    """pid is a zombie, or is exiting (a killed process frees its memory first)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return True                     # gone meanwhile: as good as reaped
 
 
 def kill_and_wait(pids: list[int], timeout: float = 30.0) -> None:
-    """SIGKILL the pids and wait until their pids are free again.
-
-    Our own children are reaped here; orphans are reaped by init, which may take a
-    moment. A zombie whose parent is someone else is left to it after a short grace.
-    """
+    """SIGKILL the pids and wait until their pids are free again."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    wait_free(pids, timeout)
+
+
+def wait_free(pids: list[int], timeout: float, zombie_grace: float = 2.0) -> None:
+    """Wait until the pids are free. Our own children are reaped here; orphans are
+    reaped by init, which may take a moment. A zombie whose parent is someone else is
+    left to it after zombie_grace seconds."""
     deadline = time.monotonic() + timeout
-    zombie_deadline = time.monotonic() + 2.0
+    zombie_deadline = time.monotonic() + zombie_grace
     pending = list(pids)
     while pending and time.monotonic() < deadline:
         still = []
