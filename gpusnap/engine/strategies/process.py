@@ -179,7 +179,8 @@ class ProcessDump:
         return images
 
     def finish(self) -> None:
-        kill_and_wait(self.target.pids)
+        """Dead, not reaped: a restore waits for the reaping itself (targets.process.taken)."""
+        kill_and_wait(self.target.pids, reaped=False)
 
     def resume(self) -> None:
         for pid in self.target.pids:
