@@ -22,14 +22,14 @@ else
     echo "setup: criu linked at /usr/local/sbin/criu"
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zstandard' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zstandard, aiohttp, prometheus_client, kubernetes_validate' 2>/dev/null; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
         apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
     fi
     rm -rf .venv
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/pip install -q -e '.[test,crypto]'
+    .venv/bin/pip install -q -e '.[test,crypto,daemon]'
 fi
 # The SDK's tests need PyTorch. Only a CPU build that already lies on this host is taken
 # (a plain `pip install torch` would fetch a CUDA build of several GB); elsewhere those
