@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from gpusnap.daemon.client import Client
+from gpusnap.daemon.client import Client, Unreachable
 
 from conftest import REPO, wait_pids_free
 
@@ -31,9 +31,15 @@ class Daemon:
             cwd=REPO, stdout=self.log, stderr=self.log, start_new_session=True)
         self.client = Client(self.socket, timeout=30)
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
+        while not self._answers():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.logs()
             time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            return self.client.request("GET", "/v1/status")[0] == 200
+        except (Unreachable, OSError):
+            return False
 
     @property
     def env(self) -> dict:
