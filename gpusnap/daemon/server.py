@@ -166,12 +166,14 @@ class Daemon:
         command, store = api.command_of(argv)
         if command not in api.FORWARDED:
             return _error(400, "UsageError", f"the daemon does not run `{command}`")
-        if request["role"] != "admin" and (command not in api.READ_ONLY or
-                                           os.path.abspath(store or body.get("env", {}).get("GPUSNAP_STORE", "")) != os.path.abspath(self.cfg.store.path)):
-            return _error(403, "Forbidden", f"only root may run `{command}` through the daemon",
-                          hint="group members may run ls and inspect on the daemon's store")
         env = {k: str(v) for k, v in (body.get("env") or {}).items()
                if k.startswith("GPUSNAP_") and k not in ("GPUSNAP_SOCKET", "GPUSNAP_WORKDIR")}
+        if request["role"] != "admin":
+            argv = self._read_only_argv(command, argv, store or env.get("GPUSNAP_STORE"))
+            if argv is None:
+                return _error(403, "Forbidden", f"only root may run `{command}` through the daemon",
+                              hint="group members may run ls and inspect on the daemon's store")
+            env = {}
         child = self._spawn(command, api.run_cli, argv, str(body.get("cwd") or "/"), env=env)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
@@ -184,6 +186,15 @@ class Daemon:
             raise
         await streaming
         return resp
+
+    def _read_only_argv(self, command: str, argv: list[str], store: str | None) -> list[str] | None:
+        """A group member's ls/inspect, on the daemon's store with the daemon's key only."""
+        if command not in api.READ_ONLY or "--key-file" in argv or any(a.startswith("--key-file=") for a in argv):
+            return None
+        if store and os.path.abspath(store) != os.path.abspath(self.cfg.store.path):
+            return None
+        key = ["--key-file", self.cfg.store.key_file] if self.cfg.store.key_file else []
+        return ["--store", self.cfg.store.path, *key, *argv]
 
     async def _stream(self, child: ops.Child, resp) -> None:
         while True:

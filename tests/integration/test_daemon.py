@@ -128,9 +128,14 @@ def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon):
     assert rc == 0 and out["via"] == "cli"
     rc, out, _ = gpusnap("inspect", "nosuch", env=d.env)        # same exit codes through it
     assert rc == 3 and out["error"] == "SnapshotNotFound"
-    assert d.status()["workdir_entries"] == []
-    metrics = d.status()
-    assert metrics["operations"] == []
+    code, warmed = d.client.request("POST", "/v1/warm", {"snapshots": ["viad"]})     # prefetch
+    assert code == 200 and warmed["warmed"][0]["bytes"] >= 64 << 20, warmed
+    code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True, "name": "api"})
+    assert code == 200 and out["via"] == "daemon" and out["bytes_logical"] >= 64 << 20, out
+    code, out = d.client.request("POST", "/v1/restore", {"snapshot": "nosuch"})
+    assert code == 404 and out["error"] == "SnapshotNotFound", out
+    assert w.report()["data_ok"]
+    assert d.status()["operations"] == [] and d.status()["workdir_entries"] == []
 
 
 def test_two_concurrent_restores_of_two_snapshots_are_both_healthy(workload, gpusnap, daemon):
@@ -183,7 +188,6 @@ def _curl(socket: str, *args: str, uid: int, gid: int) -> tuple[int, str]:
 def test_non_root_peers_are_refused_or_read_only(workload, gpusnap, daemon):
     d = daemon("--group", "nogroup")
     assert oct(os.stat(d.socket).st_mode & 0o777) == "0o660"
-    nobody = psutil.Process().uids  # noqa: F841 - documents: the daemon runs as root
     code, body = _curl(d.socket, "http://d/v1/status", uid=65534, gid=65534)
     assert code == 200, body                                            # the group reads
     code, body = _curl(d.socket, "-X", "POST", "-d", '{"pid": 1}', "http://d/v1/dump", uid=65534, gid=65534)
@@ -191,6 +195,9 @@ def test_non_root_peers_are_refused_or_read_only(workload, gpusnap, daemon):
     code, body = _curl(d.socket, "-X", "POST", "-d", '{"argv": ["rm", "x"], "cwd": "/"}',
                        "http://d/v1/run", uid=65534, gid=65534)
     assert code == 403, body
+    code, body = _curl(d.socket, "-X", "POST", "-d", '{"argv": ["--json", "ls"], "cwd": "/"}',
+                       "http://d/v1/run", uid=65534, gid=65534)
+    assert code == 200 and '"exit_code": 0' in body, body                # ls on the daemon's store
     code, body = _curl(d.socket, "http://d/v1/status", uid=12345, gid=12345)
     assert code == 0, body                                              # no access to the socket at all
 
