@@ -15,10 +15,10 @@ from ..errors import GpusnapError
 
 def forward(argv: list[str]) -> None:
     """Run argv on the daemon and exit with its exit code; return if there is none."""
-    from ..daemon.client import Client, Unreachable, socket_from_env
-    path = socket_from_env()
+    path = os.environ.get("GPUSNAP_SOCKET")
     if not path:
-        return
+        return                                  # standalone: nothing more is imported
+    from ..daemon.client import Client, Unreachable
     from ..daemon.api import FORWARDED, command_of
     if command_of(argv)[0] not in FORWARDED or {"-h", "--help"} & set(argv):
         return

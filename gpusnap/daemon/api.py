@@ -126,6 +126,11 @@ def warm_imports() -> None:
         except Exception:  # noqa: BLE001 - a host without docker's SDK or NVML
             pass
     _preload_libcuda()
+    from ..criu.locate import find_criu
+    try:
+        find_criu()                             # cached: children skip `criu --version`
+    except Exception:  # noqa: BLE001 - each operation reports a missing CRIU itself
+        pass
 
 
 def _preload_libcuda() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 from typing import Iterator
 
@@ -76,7 +75,3 @@ class Client:
             self.request("POST", f"/v1/ops/{op}/cancel")
         except (Unreachable, OSError, http.client.HTTPException):
             pass
-
-
-def socket_from_env() -> str | None:
-    return os.environ.get("GPUSNAP_SOCKET") or None
