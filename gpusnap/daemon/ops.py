@@ -13,7 +13,8 @@ A child
     mid-dump leaves the target resumed, mid-restore no restored tree;
   - writes its stdout and stderr to two pipes, which the daemon streams to the client,
     and its result as one JSON document to a third: {"ok": value} or {"error": {...}};
-  - holds no other fd of the daemon (listening socket, other clients' connections).
+  - holds no other fd of the daemon (listening socket, other clients' connections): they
+    point at /dev/null in it.
 """
 
 from __future__ import annotations
@@ -130,11 +131,14 @@ def _child_main(fn, args, env, writers: list[int], parent: int) -> None:  # prag
 
 
 def _close_fds_except(keep: set[int]) -> None:
+    """Every other inherited fd becomes /dev/null (rather than closed: a daemon object
+    collected in the child must not close an fd number that the operation reuses)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd not in keep:
+        if fd not in keep and fd != null:
             try:
-                os.close(fd)
+                os.dup2(null, fd, inheritable=False)
             except OSError:
                 pass
 
