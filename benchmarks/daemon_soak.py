@@ -7,9 +7,7 @@ cost standalone vs through the daemon.
 Each cycle: `gpusnap --json dump --pid P` then `gpusnap --json restore ID` (the real CLI,
 GPUSNAP_SOCKET set), the restored tree checked by its own report (data intact, ticks
 moving). Samples of the daemon (GET /v1/status) after cycles 1, 10, 25, 50, ... N.
-The fixed cost: `gpusnap --json ls` 20 times each way on an empty store (interpreter
-start + imports + work, standalone; interpreter start + one request + a forked child,
-through the daemon), and the daemon's own per-operation time (fork to exit).
+First, for comparison, --standalone cycles of the same kind without the daemon.
 """
 
 from __future__ import annotations
@@ -56,41 +54,42 @@ def start_daemon(store: str, sock: str, log: str) -> subprocess.Popen:
     raise RuntimeError("gpusnapd did not start")
 
 
-def fixed_cost(env_cli: dict, env_daemon: dict, runs: int = 20) -> dict:
-    out = {}
-    for name, env in (("standalone", env_cli), ("daemon", env_daemon)):
-        times = [cli(env, "ls")[2] for _ in range(runs)]
-        out[name] = {"median_s": statistics.median(times), "min_s": min(times)}
-    return out
-
-
-def soak(args, env: dict, sock: str, tmp: str) -> tuple[list[dict], list[float]]:
-    w = Workload(os.path.join(tmp, "w"), ["--mib", str(args.mib), "--children", "1", "--threads", "1"])
-    client = Client(sock)
-    marks = {1, 10, 25, 50, 75, args.cycles} | set(range(100, args.cycles + 1, 100))
-    samples, cycle_s = [], []
-    for i in range(1, args.cycles + 1):
+def soak(cycles: int, mib: int, env: dict, sock: str | None, state: str) -> tuple[list[dict], dict]:
+    """cycles dump/restore cycles of one tree with the CLI (through the daemon when sock);
+    daemon samples, and the CLI wall times of each dump and restore."""
+    w = Workload(state, ["--mib", str(mib), "--children", "1", "--threads", "1"])
+    client = Client(sock) if sock else None
+    marks = {1, 10, 25, 50, 75, cycles} | set(range(100, cycles + 1, 100))
+    samples, times = [], {"dump": [], "restore": [], "cycle": []}
+    for i in range(1, cycles + 1):
         started = time.perf_counter()
-        _, dump, _ = cli(env, "dump", "--pid", str(w.pid))
+        _, dump, dump_s = cli(env, "dump", "--pid", str(w.pid))
         if i == 1:
             w.reap()
         wait_pids_free(w.pids)
-        _, restored, _ = cli(env, "restore", dump["id"])
-        assert dump["via"] == restored["via"] == "daemon"
+        _, restored, restore_s = cli(env, "restore", dump["id"])
+        assert dump["via"] == restored["via"] == ("daemon" if sock else "cli")
         report = w.report()
         assert report["data_ok"] and report["children_ok"], report
-        cycle_s.append(time.perf_counter() - started)
-        if i in marks:
+        times["cycle"].append(time.perf_counter() - started)
+        times["dump"].append(dump_s)
+        times["restore"].append(restore_s)
+        if client and i in marks:
             st = client.request("GET", "/v1/status")[1]
             samples.append({"cycle": i, "fds": st["fds"], "rss_mib": round(st["rss_bytes"] / 2**20, 1),
                             "workdir_entries": len(st["workdir_entries"]), "ops_in_flight": len(st["operations"])})
             print(json.dumps(samples[-1]), flush=True)
         cli(env, "rm", dump["id"])                      # the store stays small
     w.kill_all()
-    return samples, cycle_s
+    return samples, times
 
 
-def render(args, idle_rss: float, samples: list[dict], cycle_s: list[float], fixed: dict) -> str:
+def _row(name: str, times: dict) -> str:
+    return (f"| {name} | {statistics.median(times['dump']) * 1000:.0f} ms | "
+            f"{statistics.median(times['restore']) * 1000:.0f} ms | {statistics.median(times['cycle']):.3f} s |")
+
+
+def render(args, idle_rss: float, samples: list[dict], times: dict, standalone: dict) -> str:
     rows = "\n".join(f"| {s['cycle']} | {s['fds']} | {s['rss_mib']} | {s['workdir_entries']} | {s['ops_in_flight']} |"
                      for s in samples)
     return f"""# gpusnapd soak on a CPU host
@@ -107,41 +106,41 @@ Idle RSS of the daemon after start (every operation module imported): **{idle_rs
 | --- | --- | --- | --- | --- |
 {rows}
 
-Cycle (dump + restore + check, two CLI runs) median {statistics.median(cycle_s):.3f} s,
-max {max(cycle_s):.3f} s.
+CLI wall time per command (medians; the standalone row: {args.standalone} cycles of the same tree
+without the daemon, run first):
 
-Fixed cost of one CLI command (`gpusnap --json ls`, empty store, 20 runs):
+| | dump | restore | cycle (dump + restore + check) |
+| --- | --- | --- | --- |
+{_row("standalone", standalone)}
+{_row("through the daemon", times)}
 
-| | median | min |
-| --- | --- | --- |
-| standalone | {fixed['standalone']['median_s'] * 1000:.0f} ms | {fixed['standalone']['min_s'] * 1000:.0f} ms |
-| through the daemon | {fixed['daemon']['median_s'] * 1000:.0f} ms | {fixed['daemon']['min_s'] * 1000:.0f} ms |
-
-Through the daemon the client still starts an interpreter (the CLI) but imports only the
-standard library's http.client; the work runs in a child forked from the warm daemon.
+Through the daemon the CLI still starts an interpreter and imports click and http.client;
+the operation runs in a child forked from the daemon, with gpusnap's modules imported and
+CRIU located already.
 """
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--standalone", type=int, default=10, help="cycles without the daemon, for comparison")
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--out")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="gpusnapd-soak-")
     store, sock = os.path.join(tmp, "store"), os.path.join(tmp, "gpusnapd.sock")
+    env_cli = {**os.environ, "GPUSNAP_STORE": store}
+    env_cli.pop("GPUSNAP_SOCKET", None)
+    _, standalone = soak(args.standalone, args.mib, env_cli, None, os.path.join(tmp, "w0"))
     daemon = start_daemon(store, sock, os.path.join(tmp, "daemon.log"))
     try:
         idle_rss = Client(sock).request("GET", "/v1/status")[1]["rss_bytes"] / 2**20
-        env_cli = {**os.environ, "GPUSNAP_STORE": store}
-        env_cli.pop("GPUSNAP_SOCKET", None)
-        env = {**env_cli, "GPUSNAP_SOCKET": sock}
-        fixed = fixed_cost(env_cli, env)
-        samples, cycle_s = soak(args, env, sock, tmp)
+        samples, times = soak(args.cycles, args.mib, {**env_cli, "GPUSNAP_SOCKET": sock}, sock,
+                              os.path.join(tmp, "w1"))
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
-    text = render(args, idle_rss, samples, cycle_s, fixed)
+    text = render(args, idle_rss, samples, times, standalone)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
