@@ -180,9 +180,10 @@ def test_a_dump_while_a_restore_runs(workload, gpusnap, daemon):
 
 def _curl(socket: str, *args: str, uid: int, gid: int) -> tuple[int, str]:
     proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-                           "curl", "-s", "-o", "/dev/stderr", "-w", "%{http_code}",
-                           "--unix-socket", socket, *args], capture_output=True, text=True, timeout=30)
-    return int(proc.stdout or 0), proc.stderr
+                           "curl", "-s", "-w", "\n%{http_code}", "--unix-socket", socket, *args],
+                          capture_output=True, text=True, timeout=30)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
 
 
 def test_non_root_peers_are_refused_or_read_only(workload, gpusnap, daemon):
