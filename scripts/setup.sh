@@ -22,7 +22,7 @@ else
     echo "setup: criu linked at /usr/local/sbin/criu"
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis' 2>/dev/null; then
+if [ ! -x .venv/bin/python ]; then
     if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
         apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
     fi
@@ -30,9 +30,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zs
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 fi
-# Also when an existing .venv predates a dependency (hypothesis joined the test extra).
-if ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis' 2>/dev/null; then
-    .venv/bin/pip install -q -e '.[test,crypto]'
+# Also when an existing .venv predates a dependency (hypothesis, the daemon's, joined later).
+if ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis, aiohttp, prometheus_client, kubernetes_validate' 2>/dev/null; then
+    .venv/bin/pip install -q -e '.[test,crypto,daemon]'
 fi
 # The console scripts of an older checkout's install (gpusnap-criu-hook came later).
 if [ ! -x .venv/bin/gpusnap-criu-hook ]; then

@@ -10,6 +10,7 @@ import click
 
 from .. import VERSION
 from ..errors import GpusnapError, Interrupted, exit_code_table
+from . import via_daemon
 from .context import AppContext
 
 DEFAULT_STORE = "/var/lib/gpusnap"
@@ -34,6 +35,7 @@ class LazyGroup(click.Group):
         "doctor": "Check CRIU, the kernel, CUDA and container engines; say how to fix.",
         "demo": "Dump and restore a built-in workload and check its data.",
         "bench": "Cold start vs restore of an LLM server on this GPU (small by default).",
+        "daemon": "Run gpusnapd: the JSON API on a unix socket (GPUSNAP_SOCKET makes the CLI use it).",
     }
 
     def list_commands(self, ctx):
@@ -80,6 +82,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     as_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
+        via_daemon.forward(argv if argv is not None else sys.argv[1:])    # exits if gpusnapd ran it
         cli.main(args=argv, prog_name="gpusnap", standalone_mode=False)
     except GpusnapError as exc:
         _report(exc, as_json)

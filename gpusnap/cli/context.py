@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import click
 
+VIA = "cli"             # "daemon" in gpusnapd's operations: --json objects say which ran them
+EMIT_SINK = None        # gpusnapd's operations: called with each emitted object (metrics)
+
 
 @dataclass
 class AppContext:
@@ -24,6 +27,10 @@ class AppContext:
 
     def emit(self, data, text: str | None = None) -> None:
         """JSON on stdout with --json, else the text form."""
+        if isinstance(data, dict):
+            data = {**data, "via": VIA}
+        if EMIT_SINK is not None:
+            EMIT_SINK(data)
         if self.as_json:
             click.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
         elif text is not None:

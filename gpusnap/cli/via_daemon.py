@@ -1,0 +1,64 @@
+"""The CLI through gpusnapd: where GPUSNAP_SOCKET names a daemon that answers, a command
+the daemon runs (daemon/api.FORWARDED) is sent there whole, and its stdout, stderr and
+exit code come back as this process would have printed them; Ctrl-C or SIGTERM here
+interrupts the operation there (its undo runs, and its message comes back). Without the
+variable, or with no daemon answering, the CLI runs standalone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from ..errors import GpusnapError
+
+
+def forward(argv: list[str]) -> None:
+    """Run argv on the daemon and exit with its exit code; return if there is none."""
+    path = os.environ.get("GPUSNAP_SOCKET")
+    if not path:
+        return                                  # standalone: nothing more is imported
+    from ..daemon.client import Client, Unreachable
+    from ..daemon.api import FORWARDED, command_of
+    if command_of(argv)[0] not in FORWARDED or {"-h", "--help"} & set(argv):
+        return
+    client = Client(path)
+    env = {k: v for k, v in os.environ.items() if k.startswith("GPUSNAP_")}
+    events = client.stream("POST", "/v1/run", {"argv": list(argv), "cwd": os.getcwd(), "env": env})
+    try:
+        first = next(events)
+    except Unreachable:
+        return
+    if "op" not in first:
+        raise _refusal(first)
+    sys.exit(_follow(client, first["op"], events))
+
+
+def _follow(client, op: str, events) -> int:
+    def cancel(signum, frame):
+        client.cancel(op)                       # the answer goes on: the undo's message, 130
+    old = {sig: signal.signal(sig, cancel) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for event in events:
+            if "stdout" in event:
+                sys.stdout.write(event["stdout"])
+                sys.stdout.flush()
+            elif "stderr" in event:
+                sys.stderr.write(event["stderr"])
+                sys.stderr.flush()
+            elif "exit_code" in event:
+                return int(event["exit_code"])
+    except OSError as exc:
+        raise GpusnapError(f"gpusnapd went away mid-operation: {exc}",
+                           hint="its operation was interrupted and undone") from None
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    raise GpusnapError("gpusnapd went away mid-operation", hint="its operation was interrupted and undone")
+
+
+def _refusal(answer: dict) -> GpusnapError:
+    exc = GpusnapError(f"gpusnapd: {answer.get('message') or answer.get('http_status')}",
+                       hint=answer.get("hint"))
+    exc.exit_code = int(answer.get("exit_code") or 1)
+    return exc

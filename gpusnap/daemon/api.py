@@ -1,0 +1,143 @@
+"""What each request does. run_* functions run in an operation's forked child
+(daemon/ops.py) and call the same engine façade as the CLI; the read-only queries
+(snapshots, inspect) run in the daemon itself: they only read manifests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from ..errors import UsageError
+
+# CLI commands the daemon runs for a client (the rest run in the client: daemon, demo,
+# bench, hooks, doctor, key, export, import, which touch the caller's own files or tty).
+FORWARDED = {"dump", "restore", "ls", "inspect", "verify", "warm", "rm", "gc"}
+READ_ONLY = {"ls", "inspect"}
+
+
+@dataclasses.dataclass
+class Store:
+    path: str
+    key_file: str | None = None
+
+    def repo(self, create: bool = False):
+        from ..store import Repository
+        return Repository.open(self.path, create=create, key_file=self.key_file)
+
+
+def _request(cls, body: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(body) - names
+    if unknown:
+        raise UsageError(f"unknown fields {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**body)
+
+
+def run_cli(argv: list[str], cwd: str) -> dict:
+    """A gpusnap command line, as the CLI runs it; its exit code and what it emitted."""
+    from ..cli import context, main
+    context.VIA = "daemon"
+    emitted: list = []
+    context.EMIT_SINK = emitted.append
+    os.chdir(cwd)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return {"exit_code": code, "emitted": emitted}
+
+
+def run_dump(body: dict, store: Store) -> dict:
+    from ..engine import dump
+    started = time.perf_counter()
+    plan = dump.plan(_request(dump.DumpRequest, body))
+    planned = time.perf_counter() - started
+    m = dump.execute(plan, store.repo(create=True), None)
+    keys = ("id", "name", "bytes_logical", "bytes_stored", "bytes_new", "sdk", "notes")
+    return {**{k: m.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **m["timings"]},
+            "via": "daemon"}
+
+
+def run_restore(body: dict, store: Store) -> dict:
+    from ..engine import restore
+    started = time.perf_counter()
+    repo = store.repo()
+    plan = restore.plan(_request(restore.RestoreRequest, body), repo)
+    planned = time.perf_counter() - started
+    result = restore.execute(plan, repo, None)
+    result["timings"] = {"plan": round(planned, 4), **result["timings"]}
+    return {**result, "via": "daemon"}
+
+
+def run_warm(body: dict, store: Store) -> dict:
+    """Prefetch: keep the snapshots' images materialised (verified) for fast restores."""
+    from ..engine import imagecache
+    repo = store.repo()
+    out = []
+    for ref in body.get("snapshots") or []:
+        m = repo.load(repo.resolve(ref))
+        out.append({"id": m["id"], "path": imagecache.warm(repo, m), "bytes": m.get("bytes_logical", 0)})
+    if not out:
+        raise UsageError("name at least one snapshot")
+    return {"warmed": out, "via": "daemon"}
+
+
+def snapshots(store: Store) -> list[dict]:
+    from ..store import Repository
+    if not Repository.exists(store.path):
+        return []
+    return [s.__dict__ for s in store.repo().list()]
+
+
+def inspect(store: Store, ref: str) -> dict:
+    repo = store.repo()
+    m = repo.load(repo.resolve(ref))
+    return {**{k: v for k, v in m.items() if k not in ("files", "logs")}, "files": len(m.get("files", []))}
+
+
+def command_of(argv: list[str]) -> tuple[str | None, str | None]:
+    """The subcommand of a gpusnap command line and its --store, if given."""
+    store, args = None, iter(argv)
+    for arg in args:
+        if arg in ("--store", "--key-file"):
+            value = next(args, None)
+            store = value if arg == "--store" else store
+        elif arg.startswith("--store="):
+            store = arg.split("=", 1)[1]
+        elif not arg.startswith("-"):
+            return arg, store
+    return None, store
+
+
+def warm_imports() -> None:
+    """Import what operations need, once, in the daemon: every child starts with them."""
+    import importlib
+    for name in ("gpusnap.engine.dump", "gpusnap.engine.restore", "gpusnap.engine.container_restore",
+                 "gpusnap.engine.imagecache", "gpusnap.store", "gpusnap.targets.process",
+                 "gpusnap.cuda.discover", "gpusnap.cuda.session", "gpusnap.criu.runner", "tqdm",
+                 *(f"gpusnap.cli.cmd_{c}" for c in sorted(FORWARDED))):
+        importlib.import_module(name)
+    for optional in ("gpusnap.targets.containers", "pynvml"):
+        try:
+            importlib.import_module(optional)
+        except Exception:  # noqa: BLE001 - a host without docker's SDK or NVML
+            pass
+    _preload_libcuda()
+    from ..criu.locate import find_criu
+    try:
+        find_criu()                             # cached: children skip `criu --version`
+    except Exception:  # noqa: BLE001 - each operation reports a missing CRIU itself
+        pass
+
+
+def _preload_libcuda() -> None:
+    """dlopen libcuda (no cuInit: CUDA cannot be used in a child forked after cuInit, so
+    each operation's child initialises it, overlapped with CRIU restore as the CLI does)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        pass

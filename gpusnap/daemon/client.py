@@ -1,0 +1,77 @@
+"""A client of gpusnapd: HTTP over its unix socket with the standard library (http.client
+does the HTTP; this module only connects it to a unix socket), so the CLI imports
+nothing heavy to use the daemon."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Iterator
+
+
+class Unreachable(Exception):
+    """No daemon answers on that socket."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, socket_path: str, timeout: float | None = None):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def _send(self, method: str, path: str, body: dict | None):
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            raise Unreachable(f"{self.socket_path}: {exc.strerror or exc}") from None
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
+        return conn, conn.getresponse()
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        """(HTTP status, parsed JSON body)."""
+        conn, resp = self._send(method, path, body)
+        try:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+        finally:
+            conn.close()
+
+    def stream(self, method: str, path: str, body: dict | None = None) -> Iterator[dict]:
+        """The NDJSON events of a streamed answer (an error answer: its one JSON body)."""
+        conn, resp = self._send(method, path, body)
+        try:
+            if resp.status != 200:
+                raw = resp.read()
+                yield {"http_status": resp.status, **(json.loads(raw) if raw else {})}
+                return
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                yield json.loads(line)
+        finally:
+            conn.close()
+
+    def cancel(self, op: str) -> None:
+        try:
+            self.request("POST", f"/v1/ops/{op}/cancel")
+        except (Unreachable, OSError, http.client.HTTPException):
+            pass

@@ -1,0 +1,273 @@
+"""gpusnapd for real: a daemon process on a real unix socket, the real CLI talking to it,
+real CRIU on real process trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from gpusnap.daemon.client import Client, Unreachable
+
+from conftest import REPO, wait_pids_free
+
+pytestmark = [pytest.mark.root]
+
+
+class Daemon:
+    def __init__(self, store: str, socket_dir: str, *args: str):
+        self.socket = os.path.join(socket_dir, "gpusnapd.sock")
+        self.store = store
+        self.log = open(os.path.join(socket_dir, "daemon.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gpusnap", "--store", store, "daemon", "--socket", self.socket, *args],
+            cwd=REPO, stdout=self.log, stderr=self.log, start_new_session=True)
+        self.client = Client(self.socket, timeout=30)
+        deadline = time.monotonic() + 30
+        while not self._answers():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.logs()
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        try:
+            return self.client.request("GET", "/v1/status")[0] == 200
+        except (Unreachable, OSError):
+            return False
+
+    @property
+    def env(self) -> dict:
+        return {"GPUSNAP_SOCKET": self.socket}
+
+    def status(self) -> dict:
+        code, body = self.client.request("GET", "/v1/status")
+        assert code == 200, body
+        return body
+
+    def logs(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()
+
+    def cli(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "gpusnap", "--json", *args], cwd=REPO,
+                                env={**os.environ, "GPUSNAP_STORE": self.store, **self.env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=120)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def socket_dir():
+    path = tempfile.mkdtemp(prefix="gpusnapd-test-")
+    os.chmod(path, 0o755)                       # reachable by the unprivileged peers below
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.fixture
+def daemon(store, socket_dir):
+    started = []
+
+    def start(*args: str) -> Daemon:
+        d = Daemon(store, socket_dir, *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def _done(proc: subprocess.Popen) -> tuple[int, dict, str]:
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, json.loads(out) if out.strip() else None, err
+
+
+def _wait_stopped(pid: int, timeout: float = 60) -> None:
+    """Until CRIU has dumped the tree and left it stopped (ingest runs then)."""
+    deadline = time.monotonic() + timeout
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline, "the dump never stopped the target"
+        time.sleep(0.01)
+
+
+def _assert_running(w) -> None:
+    deadline = time.monotonic() + 60
+    while any(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in w.pids):
+        assert time.monotonic() < deadline, "target left stopped"
+        time.sleep(0.05)
+    report = w.report()
+    assert report["data_ok"] and report["children_ok"], report
+
+
+def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon):
+    d = daemon()
+    w = workload("--mib", "64", "--children", "1", "--threads", "1")
+    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--name", "viad", env=d.env)
+    assert rc == 0, err
+    assert out["via"] == "daemon" and out["timings"]["criu_dump"] > 0, out
+    w.reap()
+    wait_pids_free(w.pids)
+
+    rc, out, err = gpusnap("restore", "viad", env=d.env)
+    assert rc == 0, err
+    assert out["via"] == "daemon" and out["pid"] == w.pid, out
+    assert w.report()["data_ok"]
+    rc, out, _ = gpusnap("inspect", "viad")                     # standalone says so
+    assert rc == 0 and out["via"] == "cli"
+    rc, out, _ = gpusnap("inspect", "nosuch", env=d.env)        # same exit codes through it
+    assert rc == 3 and out["error"] == "SnapshotNotFound"
+    code, warmed = d.client.request("POST", "/v1/warm", {"snapshots": ["viad"]})     # prefetch
+    assert code == 200 and warmed["warmed"][0]["bytes"] >= 64 << 20, warmed
+    code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True, "name": "api"})
+    assert code == 200 and out["via"] == "daemon" and out["bytes_logical"] >= 64 << 20, out
+    code, out = d.client.request("POST", "/v1/restore", {"snapshot": "nosuch"})
+    assert code == 404 and out["error"] == "SnapshotNotFound", out
+    assert w.report()["data_ok"]
+    assert d.status()["operations"] == [] and d.status()["workdir_entries"] == []
+
+
+def test_two_concurrent_restores_of_two_snapshots_are_both_healthy(workload, gpusnap, daemon):
+    d = daemon()
+    ws = [workload("--mib", "96", "--children", "1", "--seed", str(i), name=f"w{i}") for i in range(2)]
+    for i, w in enumerate(ws):
+        rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--name", f"s{i}", env=d.env)
+        assert rc == 0, err
+        w.reap()
+        wait_pids_free(w.pids)
+    restores = [d.cli("restore", f"s{i}") for i in range(2)]
+    for w, proc in zip(ws, restores):
+        rc, out, err = _done(proc)
+        assert rc == 0, err
+        assert out["pid"] == w.pid and out["via"] == "daemon"
+    for w in ws:
+        report = w.report()
+        assert report["data_ok"] and report["children_ok"], report
+
+
+def test_a_dump_while_a_restore_runs(workload, gpusnap, daemon):
+    d = daemon()
+    a = workload("--mib", "256", name="a")
+    b = workload("--mib", "32", "--children", "1", "--seed", "5", name="b")
+    rc, _, err = gpusnap("dump", "--pid", str(a.pid), "--name", "a", env=d.env)
+    assert rc == 0, err
+    a.reap()
+    wait_pids_free(a.pids)
+    restore = d.cli("restore", "a")
+    dump = d.cli("dump", "--pid", str(b.pid), "--leave-running", "--name", "b")
+    seen = 0
+    while restore.poll() is None or dump.poll() is None:
+        seen = max(seen, len(d.status()["operations"]))
+        time.sleep(0.02)
+    for proc in (restore, dump):
+        rc, out, err = _done(proc)
+        assert rc == 0, err
+    assert seen == 2, "the two operations never ran at once"
+    assert a.report()["data_ok"]
+    _assert_running(b)
+
+
+def _curl(socket: str, *args: str, uid: int, gid: int) -> tuple[int, str]:
+    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                           "curl", "-s", "-w", "\n%{http_code}", "--unix-socket", socket, *args],
+                          capture_output=True, text=True, timeout=30)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def test_non_root_peers_are_refused_or_read_only(workload, gpusnap, daemon):
+    d = daemon("--group", "nogroup")
+    assert oct(os.stat(d.socket).st_mode & 0o777) == "0o660"
+    code, body = _curl(d.socket, "http://d/v1/status", uid=65534, gid=65534)
+    assert code == 200, body                                            # the group reads
+    code, body = _curl(d.socket, "-X", "POST", "-d", '{"pid": 1}', "http://d/v1/dump", uid=65534, gid=65534)
+    assert code == 403 and "may not" in body, body                      # but dumps nothing
+    code, body = _curl(d.socket, "-X", "POST", "-d", '{"argv": ["rm", "x"], "cwd": "/"}',
+                       "http://d/v1/run", uid=65534, gid=65534)
+    assert code == 403, body
+    code, body = _curl(d.socket, "-X", "POST", "-d", '{"argv": ["--json", "ls"], "cwd": "/"}',
+                       "http://d/v1/run", uid=65534, gid=65534)
+    assert code == 200 and '"exit_code": 0' in body, body                # ls on the daemon's store
+    code, body = _curl(d.socket, "http://d/v1/status", uid=12345, gid=12345)
+    assert code == 0, body                                              # no access to the socket at all
+
+
+def test_daemon_killed_mid_dump_leaves_the_target_running(workload, daemon, store):
+    d = daemon()
+    w = workload("--mib", "768", "--children", "1")
+    dump = d.cli("dump", "--pid", str(w.pid))
+    _wait_stopped(w.pid)
+    os.kill(d.proc.pid, signal.SIGKILL)                 # mid-ingest: CRIU left the tree stopped
+    rc, out, err = _done(dump)
+    assert rc != 0 and "went away" in err, err
+    _assert_running(w)
+    d.proc.wait()
+    d2 = daemon()
+    deadline = time.monotonic() + 30                    # the orphaned child finishes its undo
+    while d2.status()["workdir_entries"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d2.status()["workdir_entries"] == []
+    assert Client(d2.socket).request("GET", "/v1/snapshots")[1] == []
+
+
+@pytest.mark.parametrize("how", ["disconnect", "ctrl-c"])
+def test_cancelled_dump_is_undone(workload, daemon, how):
+    d = daemon()
+    w = workload("--mib", "768", "--children", "1")
+    dump = d.cli("dump", "--pid", str(w.pid))
+    _wait_stopped(w.pid)
+    dump.send_signal(signal.SIGKILL if how == "disconnect" else signal.SIGINT)
+    rc, out, err = _done(dump)
+    if how == "ctrl-c":
+        assert rc == 130 and out["error"] == "Interrupted", err      # the CLI's own answer
+    _assert_running(w)
+    deadline = time.monotonic() + 30
+    while d.status()["operations"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.status()["operations"] == [] and d.status()["workdir_entries"] == []
+    assert Client(d.socket).request("GET", "/v1/snapshots")[1] == []
+
+
+def test_sigterm_interrupts_operations_in_flight_and_stops(workload, daemon):
+    d = daemon()
+    w = workload("--mib", "768")
+    dump = d.cli("dump", "--pid", str(w.pid))
+    _wait_stopped(w.pid)
+    d.proc.send_signal(signal.SIGTERM)
+    rc, out, err = _done(dump)
+    assert rc == 130 and out["error"] == "Interrupted", err
+    _assert_running(w)
+    assert d.proc.wait(timeout=60) == 0
+    assert not os.path.exists(d.socket)
+
+
+@pytest.mark.slow
+def test_ten_cycles_leave_no_fd_rss_or_workdir_growth(workload, gpusnap, daemon):
+    d = daemon()
+    w = workload("--mib", "16", "--children", "1")
+    samples = []
+    for i in range(10):
+        rc, out, err = gpusnap("dump", "--pid", str(w.pid), env=d.env)
+        assert rc == 0, err
+        if i == 0:
+            w.reap()
+        wait_pids_free(w.pids)
+        rc, out, err = gpusnap("restore", out["id"], env=d.env)
+        assert rc == 0, err
+        st = d.status()
+        samples.append((st["fds"], st["rss_bytes"], st["workdir_entries"]))
+    assert w.report()["data_ok"]
+    assert samples[-1][0] == samples[1][0], samples
+    assert samples[-1][1] - samples[1][1] < 16 << 20, samples
+    assert all(entries == [] for _, _, entries in samples), samples
