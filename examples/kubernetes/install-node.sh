@@ -53,10 +53,10 @@ install_source() {
 install_hook() {
     # gpusnap's own pure functions render the hook and edit the config: the same text
     # `gpusnap hooks install` writes, with the node's paths (not this pod's).
-    "$PYTHON" - "$ROOT" "$HOOK" "$HOST_PYTHON" "$SRC" "$HERE/hooks/gpusnap-criu-hook" <<'PY'
+    "$PYTHON" - "$ROOT" "$HOOK" "$HOST_PYTHON" "$SRC" <<'PY'
 import os, shutil, sys
-from gpusnap.hooks_install import add_line, render_script
-root, hook, python, src, source = sys.argv[1:]
+from gpusnap.criu.hook_install import add_line, render_script
+root, hook, python, src = sys.argv[1:]
 
 def write(path, text, mode):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -66,8 +66,7 @@ def write(path, text, mode):
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 
-with open(source) as f:
-    write(root + hook, render_script(f.read(), python, src), 0o755)
+write(root + hook, render_script(python, src), 0o755)
 configs = [root + "/etc/criu/runc.conf"]
 if os.path.exists(root + "/etc/criu/crun.conf"):
     configs.append(root + "/etc/criu/crun.conf")

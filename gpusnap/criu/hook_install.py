@@ -34,13 +34,16 @@ def _line_re(script: str) -> re.Pattern:
     return re.compile(r"^\s*action-script(\s+|\s*=\s*)([\"']?)" + re.escape(script) + r"\2\s*$")
 
 
-def render_script(python: str) -> str:
-    """The installed hook: this interpreter, isolated, running gpusnap.criu.hook."""
+def render_script(python: str, source: str | None = None) -> str:
+    """The installed hook: this interpreter, isolated, running gpusnap.criu.hook; source:
+    a directory holding the gpusnap package where python's own site does not (a node
+    prepared by examples/kubernetes/install-node.sh)."""
+    path = f"sys.path.insert(0, {source!r})\n" if source else ""
     return (f"#!{python} -I\n"
             f'"""gpusnap\'s CRIU action script, written by `gpusnap hooks install`: '
             f'see {ENTRY}."""\n'
-            f"import sys\n\n"
-            f"from {ENTRY} import main\n\n"
+            f"import sys\n\n{path}"
+            f"from {ENTRY} import main  # noqa: E402\n\n"
             f"sys.exit(main())\n")
 
 
