@@ -67,7 +67,7 @@ def test_install_node_script_prepares_a_scratch_root_idempotently(tmp_path):
     assert "hook added to /etc/criu/runc.conf" in first and "hook added to /etc/criu/crun.conf" in first
     hook = root / "usr/local/lib/gpusnap/gpusnap-criu-hook"
     text = hook.read_text()
-    assert text.startswith("#!/usr/bin/python3 -I\n") and "_SRC = '/opt/gpusnap/src'" in text
+    assert text.startswith("#!/usr/bin/python3 -I\n") and "sys.path.insert(0, '/opt/gpusnap/src')" in text
     assert os.access(hook, os.X_OK)
     runc = (root / "etc/criu/runc.conf").read_text()
     assert runc.startswith("tcp-established\n") and "action-script /usr/local/lib/gpusnap/gpusnap-criu-hook" in runc
