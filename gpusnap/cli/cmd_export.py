@@ -1,10 +1,12 @@
 import click
 
+from .complete import snapshot_argument
+
 from .context import human_bytes
 
 
 @click.command("export")
-@click.argument("snapshot")
+@snapshot_argument()
 @click.argument("file", type=click.Path(dir_okay=False, writable=True))
 @click.pass_obj
 def command(app, snapshot, file):

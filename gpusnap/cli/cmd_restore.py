@@ -1,10 +1,12 @@
 import click
 
+from .complete import snapshot_argument
+
 from .context import timings_table
 
 
 @click.command("restore")
-@click.argument("snapshot")
+@snapshot_argument()
 @click.option("--gpu", "gpus", help="GPUs to restore onto, by index or UUID, comma-separated "
               "(as CUDA_VISIBLE_DEVICES). Default: the snapshot's own, else a free one of the same chip.")
 @click.option("--name", help="Containers: restore as a new container NAME (default: into the "
