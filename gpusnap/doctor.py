@@ -52,6 +52,9 @@ def _kernel() -> list[Check]:
 def _workdir() -> list[Check]:
     from .engine import workdir
     where = workdir.describe("<store>")
+    if where["mount_pending"]:
+        return [Check("work dir", "ok", f"{workdir.HUGE_BASE} (tmpfs with huge pages, mounted by "
+                      f"the first dump or restore; until then {where['path']})")]
     if where["huge_pages"]:
         return [Check("work dir", "ok", f"{where['path']} (tmpfs with huge pages)")]
     return [Check("work dir", "warn",

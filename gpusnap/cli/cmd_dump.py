@@ -22,11 +22,11 @@ def command(app, container, pid, engine, name, leave_running, lock_timeout):
 
     from ..engine import dump
     started = time.perf_counter()
+    repo = app.repo()                   # a read-only store is refused before the target is touched
     req = dump.DumpRequest(pid=pid, container=container, engine=engine, name=name,
                            leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
     plan = dump.plan(req)
     planned = time.perf_counter() - started
-    repo = app.repo()
     with app.progress("dump") as progress:
         manifest = dump.execute(plan, repo, progress)
     manifest["timings"] = {"plan": round(planned, 4), **manifest["timings"]}

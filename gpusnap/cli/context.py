@@ -20,7 +20,10 @@ class AppContext:
 
     def repo(self, create: bool = True):
         from ..store import Repository
-        return Repository.open(self.store, create=create, key_file=self.key_file)
+        repo = Repository.open(self.store, create=create, key_file=self.key_file)
+        if create:
+            repo.require_writable()
+        return repo
 
     def emit(self, data, text: str | None = None) -> None:
         """JSON on stdout with --json, else the text form."""

@@ -141,6 +141,8 @@ class Repository:
             fsutil.write_atomic(os.path.join(self.path, "config"), json.dumps(
                 {"version": version, "id": secrets.token_hex(16),
                  "chunk_size": chunker.CHUNK_SIZE, **store_codec.describe()}).encode())
+        except OSError as exc:
+            fsutil.raise_os_error(exc, self.path)
         finally:
             os.umask(old)
 
@@ -151,6 +153,16 @@ class Repository:
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise InsecureStore(f"store {self.path} is open to other users (mode {st.st_mode & 0o777:o})",
                                 hint=f"chmod 700 {self.path}")
+
+    def require_writable(self) -> None:
+        """Refuse, before anything starts, a store that can only be read (a read-only mount,
+        a directory without write permission): a dump would fail only at ingest."""
+        read_only = bool(os.statvfs(self.path).f_flag & os.ST_RDONLY)
+        if read_only or not os.access(self.path, os.W_OK):
+            raise StoreError(f"the store at {self.path} is read-only"
+                             f"{' (a read-only mount)' if read_only else ''}; this command writes to it",
+                             hint="ls, inspect, verify and export only read a store; "
+                                  "--store names another")
 
     def shared_lock(self, timeout: float = 30.0):
         return store_lock(self.lock_path, exclusive=False, timeout=timeout)
