@@ -95,3 +95,38 @@ def test_unexpected_errors_have_no_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(repository.Repository, "list", boom)
     got, out, err = _run_main(["--store", path, "ls", "--json"], capsys)
     assert got == 1 and "Traceback" not in err and "simulated bug" in json.loads(out)["message"]
+
+
+def test_kernel_thread_is_refused_clearly(capsys):
+    got, _out, err = _run_main(["dump", "--pid", "2"], capsys)
+    assert got == 2 and "kernel thread" in err and "Traceback" not in err
+
+
+def test_key_generate_onto_an_existing_file(tmp_path, capsys):
+    key = tmp_path / "k"
+    key.write_text("keep me")
+    got, out, err = _run_main(["key", "generate", str(key), "--json"], capsys)
+    assert got == 2 and json.loads(out)["exit_code"] == 2 and "never overwritten" in err
+    assert key.read_text() == "keep me"
+
+
+def test_export_into_a_missing_directory(tmp_path, capsys):
+    path, _ = _store_with_snapshot(tmp_path)
+    got, _out, err = _run_main(["--store", path, "export", "web", str(tmp_path / "no" / "x.tar")], capsys)
+    assert got == 2 and "no directory" in err
+
+
+def test_export_to_stdout_and_import_from_stdin(tmp_path):
+    import subprocess
+    import sys
+    path, sid = _store_with_snapshot(tmp_path)
+    other = str(tmp_path / "other")
+    gpusnap = [sys.executable, "-m", "gpusnap"]
+    exp = subprocess.Popen([*gpusnap, "--store", path, "export", "web", "-", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    imp = subprocess.run([*gpusnap, "--store", other, "import", "-", "--json"], stdin=exp.stdout,
+                         capture_output=True, text=True, timeout=60)
+    exp.stdout.close()
+    assert exp.wait(timeout=60) == 0 and imp.returncode == 0, imp.stderr
+    assert json.loads(exp.stderr.read())["id"] == sid       # the report went to stderr
+    assert json.loads(imp.stdout)["id"] == sid
