@@ -27,6 +27,7 @@ class LazyGroup(click.Group):
         "warm": "Keep snapshots' images ready on this host, so restores skip materialising.",
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
+        "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",
         "export": "Write a snapshot and its chunks to one file.",
         "import": "Add a snapshot from a file made by export.",
         "key": "Make a key file for an encrypted store (--key-file).",

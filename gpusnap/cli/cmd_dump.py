@@ -3,11 +3,18 @@ import click
 from .context import human_bytes, timings_table
 
 
+def _valid_name(name):
+    from ..store.repository import validate_name
+    return None if name is None else validate_name(name)
+
+
 @click.command("dump")
 @click.argument("container", required=False)
 @click.option("--pid", type=int, help="Dump the process tree rooted at PID.")
 @click.option("--engine", type=click.Choice(["docker", "podman"]), help="Container engine (default: detect).")
-@click.option("--name", help="A name for the snapshot (restore accepts it).")
+@click.option("--name", callback=lambda ctx, param, value: _valid_name(value),
+              help="A name for the snapshot: restore and the other commands take it for the "
+                   "newest snapshot of that name; dumps may reuse it (a series).")
 @click.option("--leave-running", is_flag=True, help="Keep the original running after the dump.")
 @click.option("--lock-timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for CUDA work in flight before locking.")

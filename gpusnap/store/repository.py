@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import fcntl
 import os
+import re
 import secrets
 import stat
 import threading
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, SnapshotNotFound,
-                      StoreError)
+                      StoreError, UsageError)
 from . import chunker, codec, fsutil, keyfile, materialise, parallel
 from .lock import store_lock
 
@@ -29,6 +31,30 @@ FORMAT_VERSION = 1          # manifests, and a plain store's config
 ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses it rather
                             # than write plain chunks into it
 Progress = Callable[[int], None]
+
+# A snapshot name labels a series: dumps may reuse it, and it means the newest of them.
+# It cannot be empty, and cannot be all hex digits, so it never reads as an id prefix.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+def validate_name(name: str) -> str:
+    """name, or UsageError saying why it cannot name a snapshot."""
+    if not name:
+        raise UsageError("a snapshot name cannot be empty")
+    if not NAME_RE.match(name):
+        raise UsageError(f"snapshot name {name!r}: letters, digits and . _ : @ + - only, "
+                         "starting with a letter or digit, at most 128")
+    if _HEX_RE.match(name):
+        raise UsageError(f"snapshot name {name!r} could be read as a snapshot id prefix",
+                         hint="add a letter other than a-f, e.g. a dash")
+    return name
+
+
+def sequence_key(m: dict) -> tuple:
+    """Order of snapshots, oldest first: the store's commit sequence (manifests from
+    before it had one come first, by creation time)."""
+    return (m.get("seq") or 0, m.get("created", ""), m.get("id", ""))
 
 
 @dataclass
@@ -39,13 +65,16 @@ class SnapshotSummary:
     target: str
     bytes_logical: int
     bytes_stored: int
+    kind: str = "?"
+    seq: int = 0
 
     @classmethod
     def from_manifest(cls, m: dict) -> "SnapshotSummary":
         target = m.get("target", {})
         return cls(m["id"], m.get("name"), m["created"],
                    f"{target.get('kind', '?')}:{target.get('name') or target.get('root_pid')}",
-                   m.get("bytes_logical", 0), m.get("bytes_stored", 0))
+                   m.get("bytes_logical", 0), m.get("bytes_stored", 0),
+                   target.get("kind", "?"), m.get("seq") or 0)
 
 
 def _threads() -> int:
@@ -276,6 +305,7 @@ class Repository:
         manifest.setdefault("id", self.new_snapshot_id())
         manifest.setdefault("created", dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         manifest["format"] = FORMAT_VERSION
+        manifest["seq"] = self._next_seq()
         missing = [c for f in self.file_entries(manifest) for c, _ in f["chunks"]
                    if not self.has_chunk(c)]
         if missing:
@@ -285,6 +315,23 @@ class Repository:
                             self.codec.seal(manifest["id"], json.dumps(manifest, indent=1,
                                                                        sort_keys=True).encode()))
         return manifest["id"]
+
+    def _next_seq(self) -> int:
+        """The next number of the store's commit sequence (file seq, under its own flock):
+        strictly increasing, so "newest" never depends on clock resolution or skew."""
+        fd = os.open(os.path.join(self.path, "seq"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            text = os.pread(fd, 32, 0).decode().strip()
+            last = int(text) if text.isdigit() else max(
+                [m.get("seq") or 0 for m in self.manifests()], default=0)
+            data = f"{last + 1}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+            return last + 1
+        finally:
+            os.close(fd)
 
     @staticmethod
     def file_entries(manifest: dict) -> list[dict]:
@@ -323,10 +370,13 @@ class Repository:
                 out.append(self.load(sid))
             except IntegrityError:
                 continue
-        return sorted(out, key=lambda m: m.get("created", ""))
+        return sorted(out, key=sequence_key)
 
     def resolve(self, ref: str) -> str:
-        """Snapshot id from an id, a unique id prefix, or a name (newest of that name)."""
+        """Snapshot id from, in this order: an id, a name (the newest snapshot of that
+        name, by commit sequence), a unique id prefix."""
+        if not ref:
+            raise UsageError("an empty snapshot reference names nothing")
         ids = self.snapshot_ids()
         if ref in ids:
             return ref
@@ -342,6 +392,21 @@ class Repository:
 
     def list(self) -> list[SnapshotSummary]:
         return [SnapshotSummary.from_manifest(m) for m in self.manifests()]
+
+    def forget_plan(self, keep_last: int, name: str | None = None) -> dict:
+        """Which snapshots `forget --keep-last` removes: in each series (snapshots of one
+        name; the unnamed ones are one series), all but the keep_last newest. With name,
+        that series only. Pure reading: {"keep": [ids], "forget": [ids]}, oldest first."""
+        series: dict = {}
+        for m in self.manifests():
+            if name is None or m.get("name") == name:
+                series.setdefault(m.get("name"), []).append(m["id"])
+        keep, forget = [], []
+        for ids in series.values():
+            cut = max(0, len(ids) - keep_last)
+            forget += ids[:cut]
+            keep += ids[cut:]
+        return {"keep": keep, "forget": forget}
 
     # ---- materialise (restore side) ---------------------------------------------------
     def materialise(self, manifest: dict, dest: str, progress: Progress | None = None,
@@ -390,10 +455,12 @@ class Repository:
         fsutil.fsync_dir(self.snapshots_dir)
         return removed
 
-    def gc_plan(self) -> dict:
-        """Chunks no manifest references, and stale temp files. Pure reading."""
+    def gc_plan(self, without: Iterable[str] = ()) -> dict:
+        """Chunks no manifest references, and stale temp files. Pure reading. without:
+        snapshots to count as removed already (forget --dry-run)."""
         live: set[str] = set()
-        for sid in self.snapshot_ids():
+        gone = set(without)
+        for sid in (i for i in self.snapshot_ids() if i not in gone):
             m = self.load(sid)
             for entry in self.file_entries(m):
                 live.update(c for c, _ in entry["chunks"])
