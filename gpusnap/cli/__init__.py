@@ -37,6 +37,18 @@ class LazyGroup(click.Group):
         "bench": "Cold start vs restore of an LLM server on this GPU (small by default).",
     }
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The config file's settings become click's defaults (flag > env > config > default)."""
+        conf = {}
+        if parent is None and "default_map" not in extra:
+            from .. import config
+            conf = config.load()
+            extra["default_map"] = config.default_map(conf)
+            config.export_env(conf)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta[CONFIG_META] = conf
+        return ctx
+
     def list_commands(self, ctx):
         return list(self.COMMANDS)
 
@@ -64,6 +76,7 @@ def _json_flag(ctx, param, value):
 
 
 JSON_META = "gpusnap.json"
+CONFIG_META = "gpusnap.config"
 JSON_HELP = "Machine-readable output on stdout, errors included (before or after the command)."
 
 

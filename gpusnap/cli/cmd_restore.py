@@ -14,15 +14,18 @@ from .context import timings_table
 @click.option("--device", "devices", multiple=True, metavar="OLD:NEW",
               help="Containers: give the new container host device NEW where it had OLD "
                    "(same path inside). --gpu does this for the GPU nodes. Repeatable.")
+@click.option("--keep", is_flag=True, help="Keep the work dir (materialised images, CRIU's "
+              "restore log) and print where; it stays until you remove it.")
 @click.pass_obj
-def command(app, snapshot, gpus, name, devices):
+def command(app, snapshot, gpus, name, devices, keep):
     """Restore SNAPSHOT (an id, a unique id prefix, or a name).
 
     Prints the restored root pid; for a container, its name, id and init pid.
     """
+    import contextlib
     import time
 
-    from ..engine import restore
+    from ..engine import restore, workdir
     started = time.perf_counter()
     repo = app.repo(create=False)
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
@@ -32,8 +35,13 @@ def command(app, snapshot, gpus, name, devices):
     for note in plan.notes:
         app.note(note)
     total = plan.manifest.get("bytes_logical")
-    with app.progress("restore", total) as progress:
-        result = restore.execute(plan, repo, progress)
+    with workdir.keeping() if keep else contextlib.nullcontext([]) as kept, \
+            app.progress("restore", total) as progress:
+        try:
+            result = restore.execute(plan, repo, progress)
+        finally:
+            for path in kept:
+                app.note(f"work dir kept at {path}")
     result["timings"] = {"plan": round(planned, 4), **result["timings"]}
     container = result.get("container")
     text = (f"{container['name']} {container['id'][:12]} {result['pid']}" if container

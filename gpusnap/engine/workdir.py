@@ -8,6 +8,8 @@ the store's tmp/. GPUSNAP_WORKDIR overrides all of these.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import fcntl
 import os
@@ -113,9 +115,30 @@ def make(store_path: str, prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=private_base(store_path))
 
 
+_kept: contextvars.ContextVar[list | None] = contextvars.ContextVar("gpusnap_kept_workdirs",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def keeping():
+    """Within it, remove() keeps work dirs (CRIU images and logs, for a look afterwards)
+    and lists them in the list it yields."""
+    kept: list[str] = []
+    token = _kept.set(kept)
+    try:
+        yield kept
+    finally:
+        _kept.reset(token)
+
+
 def remove(path: str | None) -> None:
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
+    if not path:
+        return
+    kept = _kept.get()
+    if kept is not None:
+        kept.append(path)
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def keep_log(store_path: str, log: str, kind: str) -> str | None:

@@ -127,6 +127,7 @@ class Repository:
         self.tmp_dir = os.path.join(self.path, "tmp")
         self.lock_path = os.path.join(self.path, "lock")
         self.last_materialise: dict | None = None
+        self.compress_level = codec.DEFAULT_LEVEL     # of chunks this process writes
 
     # ---- opening -------------------------------------------------------------------
     @staticmethod
@@ -216,7 +217,7 @@ class Repository:
             return cid, os.stat(path).st_size, 0
         except FileNotFoundError:
             pass
-        blob = self.codec.encode(cid, data)
+        blob = self.codec.encode(cid, data, self.compress_level)
         self.store_blob(cid, blob)
         return cid, len(blob), len(blob)
 
