@@ -27,7 +27,7 @@ def _criu() -> list[Check]:
     try:
         path, version = find_criu()
     except CriuMissing as exc:
-        return [Check("criu", "missing", exc.message, "make setup")]
+        return [Check("criu", "missing", exc.message, exc.hint or "")]
     out = [Check("criu", "ok", f"{version} at {path}")]
     res = sysrun.run([path, "check"], timeout=60)
     text = (res.stdout + res.stderr).strip().splitlines()
