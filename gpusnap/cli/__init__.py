@@ -109,7 +109,15 @@ EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
 @click.version_option(VERSION, prog_name="gpusnap")
 @click.pass_context
 def cli(ctx, store, key_file, verbose, quiet):
-    """gpusnap: checkpoint and restore GPU processes and containers, fast."""
+    """Checkpoint and restore GPU processes and containers.
+
+    CUDA is locked and its device memory moved to the host by the driver's checkpoint
+    API, CRIU (>= 4.1) dumps the process tree, and the images go to a content-addressed,
+    zstd-compressed store shared by all snapshots. Restore rebuilds the images (every
+    chunk verified), runs CRIU, then restores CUDA onto the same GPU or another of the
+    same chip, and unlocks. Settings: flag > environment > /etc/gpusnap/config.yaml >
+    default (`gpusnap doctor` shows them).
+    """
     ctx.obj = AppContext(store=store, key_file=key_file, as_json=ctx.meta.get(JSON_META, False),
                          verbose=verbose, quiet=quiet)
 
