@@ -22,12 +22,9 @@ PF_KTHREAD = 0x00200000       # /proc/PID/stat flags: a kernel thread
 
 def is_kernel_thread(pid: int) -> bool:
     """True for a kernel thread (kthreadd, workers): nothing there for CRIU to dump."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return bool(int(fields[6]) & PF_KTHREAD)     # field 9 of stat; fields[0] is field 3
+    from .fds import stat_fields
+    fields = stat_fields(pid)
+    return fields is not None and bool(int(fields[6]) & PF_KTHREAD)     # field 9: flags
 
 
 def resolve(pid: int) -> Target:
