@@ -59,14 +59,14 @@ def command(app, containers, pid, engine, name, leave_running, lock_timeout, com
     seconds of each stage.
     """
     from ..engine import dump, workdir
-    repo = app.repo()                   # a read-only store is refused before the target is touched
-    repo.compress_level = compress
     targets = [(None, name)] if not containers else [
         (c, f"{name}.{c}" if name and len(containers) > 1 else name) for c in containers]
     requests = [dump.DumpRequest(pid=pid, container=c, engine=engine, name=n,
                                  leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
                 for c, n in targets]
     plans = [_plan(req, tcp_established, file_locks) for req in requests]   # every check first
+    repo = app.repo()                   # a read-only store is refused before the target is touched
+    repo.compress_level = compress
     with workdir.keeping() if keep else contextlib.nullcontext([]) as kept:
         try:
             results = [_execute(app, repo, plan, planned) for plan, planned in plans]

@@ -30,11 +30,12 @@ def _store(tmp_path) -> str:
 
 
 def _in_read_only_mount(path: str, *gpusnap_args: str) -> list[subprocess.CompletedProcess]:
-    """Run each `gpusnap --store path ARGS` (';'-separated) with path bind-mounted read-only
-    in a private mount namespace: the host's mounts are untouched."""
+    """Run each `gpusnap --store path ARGS` with path bind-mounted read-only in a private
+    mount namespace (the host's mounts are untouched); $S is the pid of a sleep to dump."""
     runs = " ; ".join(f"{sys.executable} -m gpusnap --store {path} {args} ; echo \"rc=$?\""
                       for args in gpusnap_args)
-    script = f"mount --bind {path} {path} && mount -o remount,bind,ro {path} && {runs}"
+    script = (f"mount --bind {path} {path} && mount -o remount,bind,ro {path} && "
+              f"{{ sleep 60 </dev/null >/dev/null 2>&1 & S=$!; }} && {runs} ; kill $S")
     return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
 
@@ -49,7 +50,7 @@ def test_read_commands_on_a_read_only_mount(tmp_path, lock_file):
     elif os.path.exists(lock):
         os.unlink(lock)
     res = _in_read_only_mount(path, "--json ls", "inspect ro --json", "verify --json",
-                              "dump --pid 1 --json", "gc")
+                              "dump --pid $S --json", "gc")
     assert "Traceback" not in res.stderr, res.stderr
     outs = res.stdout.split("rc=")
     codes = [int(chunk.split()[0]) for chunk in outs[1:]]

@@ -97,9 +97,11 @@ def test_unexpected_errors_have_no_traceback(tmp_path, capsys, monkeypatch):
     assert got == 1 and "Traceback" not in err and "simulated bug" in json.loads(out)["message"]
 
 
-def test_kernel_thread_is_refused_clearly(capsys):
-    got, _out, err = _run_main(["dump", "--pid", "2"], capsys)
+def test_kernel_thread_is_refused_clearly(tmp_path, capsys):
+    store = tmp_path / "store"
+    got, _out, err = _run_main(["--store", str(store), "dump", "--pid", "2"], capsys)
     assert got == 2 and "kernel thread" in err and "Traceback" not in err
+    assert not store.exists(), "a refused dump creates no store"
 
 
 def test_key_generate_onto_an_existing_file(tmp_path, capsys):
