@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import InsecureStore, UsageError
 
 DEFAULT_PATH = "/etc/gpusnap/config.yaml"
 HOOK_KEYS = ("log", "lock_timeout_ms", "remap")     # the CRIU action script's own
@@ -56,6 +56,7 @@ def load(where: str | None = None) -> dict:
     where = where or path()
     try:
         with open(where) as f:
+            _check_owner(where, os.fstat(f.fileno()))
             text = f.read()
     except FileNotFoundError:
         if os.environ.get("GPUSNAP_CONFIG"):
@@ -75,6 +76,14 @@ def load(where: str | None = None) -> dict:
         raise UsageError(f"unknown settings in {where}: {', '.join(map(str, unknown))}",
                          hint="known: " + ", ".join(BY_KEY))
     return {k: v for k, v in conf.items() if k in BY_KEY and v is not None}
+
+
+def _check_owner(where: str, st: os.stat_result) -> None:
+    """The file names the store and the key: only root or this user may be able to change it."""
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        raise InsecureStore(f"the config file {where} can be changed by other users "
+                            f"(owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})",
+                            hint=f"chmod go-w {where}")
 
 
 def default_map(conf: dict) -> dict:

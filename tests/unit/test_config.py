@@ -83,3 +83,11 @@ def test_every_environment_variable_is_documented():
     table = readme[readme.index("### Environment variables"):]
     table = table[:table.index("\n#", 4)]
     assert not sorted(v for v in used if f"`{v}`" not in table)
+
+
+def test_config_writable_by_others_is_refused(conf_file, capsys):
+    from gpusnap.cli import main
+    os.chmod(conf_file, 0o666)
+    with pytest.raises(SystemExit) as exc:
+        main(["ls"])
+    assert exc.value.code == 43 and "other users" in capsys.readouterr().err
