@@ -27,7 +27,7 @@ def _criu() -> list[Check]:
     try:
         path, version = find_criu()
     except CriuMissing as exc:
-        return [Check("criu", "missing", exc.message, "make setup")]
+        return [Check("criu", "missing", exc.message, exc.hint or "")]
     out = [Check("criu", "ok", f"{version} at {path}")]
     res = sysrun.run([path, "check"], timeout=60)
     text = (res.stdout + res.stderr).strip().splitlines()
@@ -52,6 +52,9 @@ def _kernel() -> list[Check]:
 def _workdir() -> list[Check]:
     from .engine import workdir
     where = workdir.describe("<store>")
+    if where["mount_pending"]:
+        return [Check("work dir", "ok", f"{workdir.HUGE_BASE} (tmpfs with huge pages, mounted by "
+                      f"the first dump or restore; until then {where['path']})")]
     if where["huge_pages"]:
         return [Check("work dir", "ok", f"{where['path']} (tmpfs with huge pages)")]
     return [Check("work dir", "warn",

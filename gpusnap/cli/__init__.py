@@ -9,7 +9,7 @@ import sys
 import click
 
 from .. import VERSION
-from ..errors import GpusnapError, Interrupted, exit_code_table
+from ..errors import GpusnapError, Interrupted, UsageError, exit_code_table
 from . import via_daemon
 from .context import AppContext
 
@@ -28,6 +28,7 @@ class LazyGroup(click.Group):
         "warm": "Keep snapshots' images ready on this host, so restores skip materialising.",
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
+        "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",
         "export": "Write a snapshot and its chunks to one file.",
         "import": "Add a snapshot from a file made by export.",
         "key": "Make a key file for an encrypted store (--key-file).",
@@ -38,6 +39,18 @@ class LazyGroup(click.Group):
         "daemon": "Run gpusnapd: the JSON API on a unix socket (GPUSNAP_SOCKET makes the CLI use it).",
     }
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        """The config file's settings become click's defaults (flag > env > config > default)."""
+        conf = {}
+        if parent is None and "default_map" not in extra:
+            from .. import config
+            conf = config.load()
+            extra["default_map"] = config.default_map(conf)
+            config.export_env(conf)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta[CONFIG_META] = conf
+        return ctx
+
     def list_commands(self, ctx):
         return list(self.COMMANDS)
 
@@ -46,12 +59,42 @@ class LazyGroup(click.Group):
             return None
         import importlib
         module = importlib.import_module(f"gpusnap.cli.cmd_{name}")
-        return module.command
+        return with_json_option(module.command)
 
     def format_commands(self, ctx, formatter):
         rows = [(name, help_) for name, help_ in self.COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def _json_flag(ctx, param, value):
+    """--json, wherever it is given, switches the whole run to JSON output and errors."""
+    if value:
+        ctx.meta[JSON_META] = True
+        app = ctx.find_object(AppContext)
+        if app is not None:
+            app.as_json = True
+    return value
+
+
+JSON_META = "gpusnap.json"
+CONFIG_META = "gpusnap.config"
+JSON_HELP = "Machine-readable output on stdout, errors included (before or after the command)."
+
+
+def json_option() -> click.Option:
+    """The one definition of --json; every command and the group get a copy of it."""
+    return click.Option(["--json"], is_flag=True, expose_value=False, is_eager=True,
+                        callback=_json_flag, help=JSON_HELP)
+
+
+def with_json_option(command: click.Command) -> click.Command:
+    """Give command (and a group's subcommands) --json, once."""
+    if not any(p.name == "json" for p in command.params):
+        command.params.append(json_option())
+    for sub in getattr(command, "commands", {}).values():
+        with_json_option(sub)
+    return command
 
 
 EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
@@ -63,15 +106,25 @@ EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
 @click.option("--key-file", envvar="GPUSNAP_KEY_FILE", type=click.Path(dir_okay=False),
               help="Key of an encrypted store; a new store is created encrypted with it "
                    "(env GPUSNAP_KEY_FILE; make one with `gpusnap key generate`).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.version_option(VERSION, prog_name="gpusnap")
 @click.pass_context
-def cli(ctx, store, key_file, as_json, verbose, quiet):
-    """gpusnap: checkpoint and restore GPU processes and containers, fast."""
-    ctx.obj = AppContext(store=store, key_file=key_file, as_json=as_json, verbose=verbose,
-                         quiet=quiet)
+def cli(ctx, store, key_file, verbose, quiet):
+    """Checkpoint and restore GPU processes and containers.
+
+    CUDA is locked and its device memory moved to the host by the driver's checkpoint
+    API, CRIU (>= 4.1) dumps the process tree, and the images go to a content-addressed,
+    zstd-compressed store shared by all snapshots. Restore rebuilds the images (every
+    chunk verified), runs CRIU, then restores CUDA onto the same GPU or another of the
+    same chip, and unlocks. Settings: flag > environment > /etc/gpusnap/config.yaml >
+    default (`gpusnap doctor` shows them).
+    """
+    ctx.obj = AppContext(store=store, key_file=key_file, as_json=ctx.meta.get(JSON_META, False),
+                         verbose=verbose, quiet=quiet)
+
+
+cli.params.insert(2, json_option())
 
 
 def _sigterm(signum, frame):
@@ -80,29 +133,46 @@ def _sigterm(signum, frame):
 
 def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
-    as_json = "--json" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    as_json = "--json" in args[:args.index("--")] if "--" in args else "--json" in args
     try:
-        via_daemon.forward(argv if argv is not None else sys.argv[1:])    # exits if gpusnapd ran it
-        cli.main(args=argv, prog_name="gpusnap", standalone_mode=False)
+        via_daemon.forward(args)    # exits if gpusnapd ran it
+        cli.main(args=args, prog_name="gpusnap", standalone_mode=False)
     except GpusnapError as exc:
-        _report(exc, as_json)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        exc = Interrupted()
-        _report(exc, as_json)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:      # click's form of a KeyboardInterrupt
-        exc = Interrupted()
-        _report(exc, as_json)
-        sys.exit(exc.exit_code)
+        _fail(exc, as_json)
+    except (KeyboardInterrupt, click.exceptions.Abort):    # Abort: click's Ctrl-C
+        _fail(Interrupted(), as_json)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2 if isinstance(exc, click.UsageError) else 1)
+        _fail(_from_click(exc), as_json)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a raw traceback
+        _fail(_unexpected(exc), as_json)
 
 
-def _report(exc: GpusnapError, as_json: bool) -> None:
+def _from_click(exc: click.ClickException) -> GpusnapError:
+    """click's own errors (unknown option, missing argument, bad value) as gpusnap's."""
+    err = UsageError(exc.format_message(), hint=_usage_hint(exc))
+    if not isinstance(exc, click.UsageError):
+        err.exit_code = exc.exit_code
+    return err
+
+
+def _usage_hint(exc: click.ClickException) -> str | None:
+    ctx = getattr(exc, "ctx", None)
+    return f"`{ctx.command_path} --help` lists what it takes" if ctx is not None else None
+
+
+def _unexpected(exc: Exception) -> GpusnapError:
+    """A failure no error class describes (a bug): its type and text, without a traceback."""
+    err = GpusnapError(f"unexpected {type(exc).__name__}: {exc}",
+                       hint="GPUSNAP_TRACEBACK=1 shows where; please report it")
+    err.__cause__ = exc
+    return err
+
+
+def _fail(exc: GpusnapError, as_json: bool) -> None:
+    """Report exc (JSON on stdout with --json, text on stderr always) and exit with its code."""
     if as_json:
         import json
         click.echo(json.dumps(exc.to_dict()))
@@ -111,4 +181,5 @@ def _report(exc: GpusnapError, as_json: bool) -> None:
         click.echo(f"  hint: {exc.hint}", err=True)
     if os.environ.get("GPUSNAP_TRACEBACK"):
         import traceback
-        traceback.print_exc()
+        traceback.print_exception(exc.__cause__ or exc)
+    sys.exit(exc.exit_code)

@@ -1,42 +1,103 @@
+import contextlib
+import time
+
 import click
 
+from .complete import complete_containers
 from .context import human_bytes, timings_table
 
 
+def _valid_name(ctx, param, name):
+    from ..store.repository import validate_name
+    return None if name is None else validate_name(name)
+
+
+class CompressLevel(click.ParamType):
+    """A zstd level 1-19, or none (zstd's fastest level: near raw, for incompressible data)."""
+    name = "LEVEL|none"
+
+    def convert(self, value, param, ctx):
+        from ..store.codec import NO_COMPRESSION
+        if isinstance(value, int):
+            return value
+        if str(value).lower() == "none":
+            return NO_COMPRESSION
+        if str(value).isdigit() and 1 <= int(value) <= 19:
+            return int(value)
+        self.fail(f"{value!r} is not a zstd level 1-19 or none", param, ctx)
+
+
 @click.command("dump")
-@click.argument("container", required=False)
+@click.argument("containers", nargs=-1, shell_complete=complete_containers)
 @click.option("--pid", type=int, help="Dump the process tree rooted at PID.")
-@click.option("--engine", type=click.Choice(["docker", "podman"]), help="Container engine (default: detect).")
-@click.option("--name", help="A name for the snapshot (restore accepts it).")
+@click.option("--engine", envvar="GPUSNAP_ENGINE", type=click.Choice(["docker", "podman"]),
+              help="Container engine (default: whichever knows the name; env GPUSNAP_ENGINE).")
+@click.option("--name", callback=_valid_name,
+              help="A name for the snapshot: commands that take SNAP read it as the newest "
+                   "snapshot of that name; dumps may reuse it. Several containers: NAME.CONTAINER.")
 @click.option("--leave-running", is_flag=True, help="Keep the original running after the dump.")
-@click.option("--lock-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for CUDA work in flight before locking.")
+@click.option("--lock-timeout", envvar="GPUSNAP_LOCK_TIMEOUT", type=float, default=10.0,
+              show_default=True, help="Seconds to wait for CUDA work in flight before locking.")
+@click.option("--compress", envvar="GPUSNAP_COMPRESS", type=CompressLevel(), default="1",
+              show_default=True, help="zstd level of the chunks this dump adds (1-19), or none.")
+@click.option("--keep", is_flag=True, help="Keep the work dir (CRIU images and logs) and print "
+              "where; it stays until you remove it (on a tmpfs it holds memory).")
+@click.option("--tcp-established/--no-tcp-established", default=True, show_default=True,
+              help="Process trees: dump open TCP connections (CRIU --tcp-established). Off: a tree "
+                   "holding one is refused by CRIU.")
+@click.option("--file-locks/--no-file-locks", default=True, show_default=True,
+              help="Process trees: dump file locks (CRIU --file-locks). Off: a tree holding one "
+                   "is refused by CRIU.")
 @click.pass_obj
-def command(app, container, pid, engine, name, leave_running, lock_timeout):
-    """Checkpoint CONTAINER, or the process tree of --pid, into the store.
+def command(app, containers, pid, engine, name, leave_running, lock_timeout, compress, keep,
+            tcp_established, file_locks):
+    """Checkpoint CONTAINERS (one snapshot each), or the process tree of --pid, into the store.
 
     Without --leave-running the original stops for good once its snapshot is committed;
-    if anything fails it keeps running, unlocked.
+    if anything fails it keeps running, unlocked. Prints one snapshot id a line; --json
+    prints an object (a list of them for several containers) with `timings`, the
+    seconds of each stage.
     """
-    import time
+    from ..engine import dump, workdir
+    targets = [(None, name)] if not containers else [
+        (c, f"{name}.{c}" if name and len(containers) > 1 else name) for c in containers]
+    requests = [dump.DumpRequest(pid=pid, container=c, engine=engine, name=n,
+                                 leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
+                for c, n in targets]
+    plans = [_plan(req, tcp_established, file_locks) for req in requests]   # every check first
+    repo = app.repo()                   # a read-only store is refused before the target is touched
+    repo.compress_level = compress
+    with workdir.keeping() if keep else contextlib.nullcontext([]) as kept:
+        try:
+            results = [_execute(app, repo, plan, planned) for plan, planned in plans]
+        finally:
+            for path in kept:
+                app.note(f"work dir kept at {path}")
+    app.emit(results[0] if len(results) == 1 else results, "\n".join(r["id"] for r in results))
 
+
+def _plan(req, tcp_established: bool, file_locks: bool):
+    """The engine's plan of one dump, with the CRIU options of the flags; and its seconds."""
     from ..engine import dump
     started = time.perf_counter()
-    req = dump.DumpRequest(pid=pid, container=container, engine=engine, name=name,
-                           leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
     plan = dump.plan(req)
-    planned = time.perf_counter() - started
-    repo = app.repo()
+    plan.criu_options.tcp_established = tcp_established
+    plan.criu_options.file_locks = file_locks
+    return plan, time.perf_counter() - started
+
+
+def _execute(app, repo, plan, planned: float) -> dict:
+    from ..engine import dump
     with app.progress("dump") as progress:
         manifest = dump.execute(plan, repo, progress)
     manifest["timings"] = {"plan": round(planned, 4), **manifest["timings"]}
-    app.emit({"id": manifest["id"], "name": manifest["name"], "bytes_logical": manifest["bytes_logical"],
-              "bytes_stored": manifest["bytes_stored"], "bytes_new": manifest["bytes_new"],
-              "timings": manifest["timings"], "sdk": manifest.get("sdk"),
-              "notes": manifest.get("notes", [])}, manifest["id"])
     for text in manifest.get("notes", []):
         app.note(text)
     if not app.as_json and app.verbose:
         app.note(f"{human_bytes(manifest['bytes_logical'])} of images, "
                  f"{human_bytes(manifest['bytes_new'])} new in the store\n"
                  + timings_table(manifest["timings"]))
+    return {"id": manifest["id"], "name": manifest["name"], "bytes_logical": manifest["bytes_logical"],
+            "bytes_stored": manifest["bytes_stored"], "bytes_new": manifest["bytes_new"],
+            "timings": manifest["timings"], "sdk": manifest.get("sdk"),
+            "notes": manifest.get("notes", [])}

@@ -3,24 +3,39 @@ import click
 from .context import human_bytes
 
 
+def prune(repo, dry_run: bool, forget: list[str] = ()) -> dict:
+    """Remove the forget snapshots, then delete every chunk no snapshot uses (the caller
+    holds the exclusive lock); with dry_run, only say what that would free."""
+    from ..engine import imagecache
+    plan = repo.gc_plan(without=forget)
+    if not dry_run:
+        if forget:
+            imagecache.drop(repo.path, repo.remove(forget))
+        repo.gc_execute(plan)
+        imagecache.drop(repo.path, keep=set(repo.snapshot_ids()))    # caches of removed snapshots
+    return {"chunks": len(plan["chunks"]), "bytes": plan["bytes"], "temps": len(plan["temps"]),
+            "dry_run": dry_run}
+
+
+def freed_text(report: dict) -> str:
+    verb = "would free" if report["dry_run"] else "freed"
+    return f"{verb} {report['chunks']} chunks, {human_bytes(report['bytes'])}"
+
+
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted, delete nothing.")
 @click.pass_obj
 def command(app, dry_run):
     """Delete chunks that no snapshot references (under the exclusive store lock), and what
     killed gpusnaps left: their work dirs, agent sockets, failed logs beyond the newest 20."""
-    from ..engine import imagecache, workdir
+    from ..engine import workdir
     repo = app.repo(create=False)
     with repo.exclusive_lock():
-        plan = repo.gc_plan()
+        report = prune(repo, dry_run)
         leftovers = workdir.sweep_plan(repo.path)
         if not dry_run:
-            repo.gc_execute(plan)
-            imagecache.drop(repo.path, keep=set(repo.snapshot_ids()))    # caches of removed snapshots
             workdir.sweep(leftovers)
-    verb = "would free" if dry_run else "freed"
     counts = {kind: len(paths) for kind, paths in leftovers.items()}
-    app.emit({"chunks": len(plan["chunks"]), "bytes": plan["bytes"], "temps": len(plan["temps"]),
-              "leftovers": counts, "dry_run": dry_run},
-             f"{verb} {len(plan['chunks'])} chunks, {human_bytes(plan['bytes'])}"
+    report["leftovers"] = counts
+    app.emit(report, freed_text(report)
              + (f"; {', '.join(f'{n} {k}' for k, n in counts.items() if n)}" if any(counts.values()) else ""))

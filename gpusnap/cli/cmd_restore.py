@@ -1,10 +1,12 @@
 import click
 
+from .complete import snapshot_argument
+
 from .context import timings_table
 
 
 @click.command("restore")
-@click.argument("snapshot")
+@snapshot_argument()
 @click.option("--gpu", "gpus", help="GPUs to restore onto, by index or UUID, comma-separated "
               "(as CUDA_VISIBLE_DEVICES). Default: the snapshot's own, else a free one of the same chip.")
 @click.option("--name", help="Containers: restore as a new container NAME (default: into the "
@@ -17,15 +19,18 @@ from .context import timings_table
               help="How memory gets into the restored processes: uffd (gpusnap places it from "
                    "the store, in parallel, through userfaultfd), criu (CRIU writes it from "
                    "materialised images), auto (uffd where the host allows it).")
+@click.option("--keep", is_flag=True, help="Keep the work dir (materialised images, CRIU's "
+              "restore log) and print where; it stays until you remove it.")
 @click.pass_obj
-def command(app, snapshot, gpus, name, devices, pages):
+def command(app, snapshot, gpus, name, devices, pages, keep):
     """Restore SNAPSHOT (an id, a unique id prefix, or a name).
 
     Prints the restored root pid; for a container, its name, id and init pid.
     """
+    import contextlib
     import time
 
-    from ..engine import restore
+    from ..engine import restore, workdir
     started = time.perf_counter()
     repo = app.repo(create=False)
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
@@ -35,8 +40,13 @@ def command(app, snapshot, gpus, name, devices, pages):
     for note in plan.notes:
         app.note(note)
     total = plan.manifest.bytes_logical
-    with app.progress("restore", total) as progress:
-        result = restore.execute(plan, repo, progress)
+    with workdir.keeping() if keep else contextlib.nullcontext([]) as kept, \
+            app.progress("restore", total) as progress:
+        try:
+            result = restore.execute(plan, repo, progress)
+        finally:
+            for path in kept:
+                app.note(f"work dir kept at {path}")
     result["timings"] = {"plan": round(planned, 4), **result["timings"]}
     container = result.get("container")
     text = (f"{container['name']} {container['id'][:12]} {result['pid']}" if container

@@ -1,8 +1,10 @@
 import click
 
+from .complete import snapshot_argument
+
 
 @click.command("rm")
-@click.argument("snapshots", nargs=-1, required=True)
+@snapshot_argument("snapshots", nargs=-1, required=True)
 @click.pass_obj
 def command(app, snapshots):
     """Remove SNAPSHOTS. Their chunks are freed by the next `gpusnap gc`."""

@@ -1,10 +1,12 @@
 import click
 
+from .complete import snapshot_argument
+
 from ..errors import IntegrityError
 
 
 @click.command("verify")
-@click.argument("snapshots", nargs=-1)
+@snapshot_argument("snapshots", nargs=-1)
 @click.pass_obj
 def command(app, snapshots):
     """Re-hash every chunk of SNAPSHOTS (default: all); exit 42 on any bad or missing chunk."""

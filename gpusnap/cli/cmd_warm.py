@@ -1,10 +1,12 @@
 import click
 
+from .complete import snapshot_argument
+
 from .context import human_bytes
 
 
 @click.command("warm")
-@click.argument("snapshots", nargs=-1)
+@snapshot_argument("snapshots", nargs=-1)
 @click.option("--drop", is_flag=True, help="Remove the warm caches of SNAPSHOTS (all without any).")
 @click.pass_obj
 def command(app, snapshots, drop):

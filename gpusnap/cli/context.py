@@ -23,18 +23,22 @@ class AppContext:
 
     def repo(self, create: bool = True):
         from ..store import Repository
-        return Repository.open(self.store, create=create, key_file=self.key_file)
+        repo = Repository.open(self.store, create=create, key_file=self.key_file)
+        if create:
+            repo.require_writable()
+        return repo
 
-    def emit(self, data, text: str | None = None) -> None:
-        """JSON on stdout with --json, else the text form."""
+    def emit(self, data, text: str | None = None, *, err: bool = False) -> None:
+        """JSON with --json, else the text form; on stdout, or stderr for a command whose
+        stdout carries data (export -)."""
         if isinstance(data, dict):
             data = {**data, "via": VIA}
         if EMIT_SINK is not None:
             EMIT_SINK(data)
         if self.as_json:
-            click.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
+            click.echo(json.dumps(data, indent=1, sort_keys=True, default=str), err=err)
         elif text is not None:
-            click.echo(text)
+            click.echo(text, err=err)
 
     def note(self, text: str) -> None:
         if not self.quiet:

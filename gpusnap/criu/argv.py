@@ -16,13 +16,20 @@ class CriuOptions:
     verbosity: int = 4
     lazy_pages: bool = False        # restore: pages marked PE_LAZY come through userfaultfd
     leave_stopped: bool = False     # restore: the tree stays stopped (SIGSTOP) after CRIU
+    tcp_established: bool = True    # dump open TCP connections (off: CRIU refuses a tree holding one)
+    file_locks: bool = True         # dump flock/posix locks (off: CRIU refuses a tree holding one)
+
+    def common(self) -> list[str]:
+        """COMMON, less what these options turn off."""
+        off = {"--tcp-established": not self.tcp_established, "--file-locks": not self.file_locks}
+        return [flag for flag in COMMON if not off.get(flag)]
 
 
 def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,
               leave: str = "stopped") -> list[str]:
     """leave: 'stopped' (gpusnap decides later: kill or resume), 'running', or 'killed'."""
     argv = [criu, "dump", "--tree", str(pid), "--images-dir", images_dir,
-            "--log-file", "dump.log", f"-v{opts.verbosity}", *COMMON]
+            "--log-file", "dump.log", f"-v{opts.verbosity}", *opts.common()]
     if leave == "stopped":
         argv.append("--leave-stopped")
     elif leave == "running":
@@ -37,7 +44,7 @@ def restore_argv(criu: str, images_dir: str, pidfile: str, opts: CriuOptions,
     """work_dir: where CRIU writes its log (default: the images dir), so that images
     shared by many restores (a warm cache) are only read."""
     argv = [criu, "restore", "--images-dir", images_dir, "--log-file", "restore.log",
-            f"-v{opts.verbosity}", "--restore-detached", "--pidfile", pidfile, *COMMON]
+            f"-v{opts.verbosity}", "--restore-detached", "--pidfile", pidfile, *opts.common()]
     if work_dir:
         argv += ["--work-dir", work_dir]
     if opts.shell_job:

@@ -17,6 +17,15 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__f
 PRIVATE_PREFIXES = ["/opt/gpusnap/criu/bin/criu", os.path.join(_REPO_ROOT, ".deps/criu/bin/criu")]
 
 
+INSTALL_HINT = (
+    "install CRIU >= 4.1 as root. Debian 13 or later: `apt install criu`; Debian 12 "
+    "(ships 3.17, which fails on 6.x kernels): `make setup` or scripts/install-criu.sh in a "
+    "gpusnap checkout puts Debian unstable's CRIU into /opt/gpusnap/criu; Ubuntu: the CRIU "
+    "project's PPA, `add-apt-repository ppa:criu/ppa && apt install criu`; Fedora: "
+    "`dnf install criu` (check `criu --version`); elsewhere: build it (criu.org/Installation). "
+    "gpusnap finds criu on PATH, in /opt/gpusnap/criu, or where GPUSNAP_CRIU points")
+
+
 def parse_version(text: str) -> tuple[int, ...] | None:
     m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
     return tuple(int(x) for x in m.groups() if x is not None) if m else None
@@ -49,6 +58,5 @@ def find_criu() -> tuple[str, str]:
             return path, ".".join(map(str, version))
     found = "; found " + ", ".join(seen) if seen else ""
     hint = ("GPUSNAP_CRIU names the CRIU to use: point it at CRIU >= 4.1, or unset it"
-            if os.environ.get("GPUSNAP_CRIU") else
-            "run `make setup` (or scripts/install-criu.sh /opt/gpusnap/criu)")
+            if os.environ.get("GPUSNAP_CRIU") else INSTALL_HINT)
     raise CriuMissing(f"CRIU >= {MIN_VERSION[0]}.{MIN_VERSION[1]} is not installed{found}", hint=hint)

@@ -14,6 +14,8 @@ every dump, restore and warm as it makes its work dir (a few directory listings)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import fcntl
 import os
@@ -33,11 +35,14 @@ _AGENT_SOCKET = re.compile(r"^agent-(\d+)\.sock$")
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 
 
-def base_dir(store_path: str) -> str:
+def base_dir(store_path: str, *, mount: bool = True) -> str:
+    """Where scratch images go. mount=False only looks: it never mounts the huge-page tmpfs
+    (a question such as doctor's must change nothing), so as root before the first dump
+    it answers /dev/shm, and describe() says the tmpfs is still to come."""
     explicit = os.environ.get("GPUSNAP_WORKDIR")
     if explicit:
         return explicit
-    if os.geteuid() == 0 and huge_tmpfs(HUGE_BASE):
+    if os.geteuid() == 0 and (huge_tmpfs(HUGE_BASE) if mount else tmpfs_options(HUGE_BASE) is not None):
         return os.path.join(HUGE_BASE, "gpusnap")
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         return "/dev/shm/gpusnap"
@@ -86,14 +91,17 @@ def huge_tmpfs(path: str) -> bool:
 
 
 def describe(store_path: str) -> dict:
-    """Where scratch images go, and whether that tmpfs has huge pages (for doctor)."""
-    base = base_dir(store_path)
+    """Where scratch images go, and whether that tmpfs has huge pages (for doctor).
+    Changes nothing: mount_pending says the huge-page tmpfs will be mounted at first use."""
+    base = base_dir(store_path, mount=False)
     mounts = _tmpfs_mounts()
     probe = base
     while probe != "/" and probe not in mounts:
         probe = os.path.dirname(probe)
     options = mounts.get(probe)
-    return {"path": base, "tmpfs": probe if options is not None else None,
+    pending = (os.geteuid() == 0 and not os.environ.get("GPUSNAP_WORKDIR")
+               and tmpfs_options(HUGE_BASE) is None)
+    return {"path": base, "tmpfs": probe if options is not None else None, "mount_pending": pending,
             "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or "")}
 
 
@@ -162,9 +170,30 @@ def sweep(plan: dict[str, list[str]]) -> None:
             pass
 
 
+_kept: contextvars.ContextVar[list | None] = contextvars.ContextVar("gpusnap_kept_workdirs",
+                                                                   default=None)
+
+
+@contextlib.contextmanager
+def keeping():
+    """Within it, remove() keeps work dirs (CRIU images and logs, for a look afterwards)
+    and lists them in the list it yields."""
+    kept: list[str] = []
+    token = _kept.set(kept)
+    try:
+        yield kept
+    finally:
+        _kept.reset(token)
+
+
 def remove(path: str | None) -> None:
-    if path:
-        shutil.rmtree(path, ignore_errors=True)
+    if not path:
+        return
+    kept = _kept.get()
+    if kept is not None:
+        kept.append(path)
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def keep_log(store_path: str, log: str, kind: str) -> str | None:

@@ -239,12 +239,13 @@ class Manifest:
     timings: dict[str, float] = field(default_factory=dict)
     sdk: SdkRecord | None = None
     notes: list[str] = field(default_factory=list)
+    seq: int | None = None              # the store's commit sequence (None: from before it)
     extra: dict = field(default_factory=dict)   # keys this gpusnap does not know, kept
 
     def to_json(self) -> dict:
         out = dict(self.extra)
         out.update((f.name, _json(getattr(self, f.name))) for f in dc_fields(self)
-                   if f.name != "extra")
+                   if f.name != "extra" and not (f.name == "seq" and self.seq is None))
         return out
 
     @classmethod
@@ -271,7 +272,7 @@ class Manifest:
                 leave_running=f.bool("leave_running", False),
                 timings=f.mapping("timings", number, dict),
                 sdk=f.nested("sdk", SdkRecord.from_json, None),
-                notes=f.list("notes", string, list),
+                notes=f.list("notes", string, list), seq=f.int("seq", None),
                 extra={k: v for k, v in data.items() if k not in known})
         return m
 

@@ -55,12 +55,16 @@ def is_zero(data: memoryview) -> bool:
     return zeros.startswith(data)
 
 
+DEFAULT_LEVEL = 1
+NO_COMPRESSION = -(1 << 17)     # zstd's fastest level, near raw: chunk files stay zstd frames
+
+
 def has_frame_checksum(blob) -> bool:
     """Whether a zstd frame declares a content checksum (Frame_Header_Descriptor bit 2)."""
     return len(blob) > 4 and bytes(blob[:4]) == b"\x28\xb5\x2f\xfd" and bool(blob[4] & 0x04)
 
 
-def compress(data, level: int = 1) -> bytes:
+def compress(data, level: int = DEFAULT_LEVEL) -> bytes:
     cctx = getattr(_local, "cctx", None)
     if cctx is None or getattr(_local, "level", None) != level:
         cctx = _local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True,
@@ -143,8 +147,8 @@ class PlainCodec:
     def chunk_id(self, data) -> str:
         return chunk_id(data)
 
-    def encode(self, cid: str, data) -> bytes:
-        return compress(data)
+    def encode(self, cid: str, data, level: int = DEFAULT_LEVEL) -> bytes:
+        return compress(data, level)
 
     def decode(self, blob, cid: str, size: int) -> bytes:
         data = _decompress(blob, cid, size)
@@ -237,9 +241,9 @@ class EncryptedCodec(PlainCodec):
             raise IntegrityError(f"{what} fails authentication (corrupt, truncated or "
                                  f"tampered with)") from None
 
-    def encode(self, cid: str, data) -> memoryview:
+    def encode(self, cid: str, data, level: int = DEFAULT_LEVEL) -> memoryview:
         """Valid until this thread's next encode (a scratch buffer, no 1 MiB allocation)."""
-        packed = compress(data)
+        packed = compress(data, level)
         out = scratch(NONCE_SIZE + len(packed) + _TAG_SIZE, "sealed")
         nonce = os.urandom(NONCE_SIZE)
         out[:NONCE_SIZE] = nonce

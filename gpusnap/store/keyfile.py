@@ -13,7 +13,7 @@ import os
 import secrets
 import stat
 
-from ..errors import InsecureStore, StoreError, WrongKey
+from ..errors import InsecureStore, StoreError, UsageError, WrongKey
 from . import fsutil
 from .codec import KEY_SIZE, key_check
 
@@ -26,7 +26,9 @@ def generate(path: str) -> str:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise StoreError(f"{path} exists; a key file is never overwritten") from None
+        raise UsageError(f"{path} exists; a key file is never overwritten",
+                         hint="name a new file; to replace a key, remove the old file yourself "
+                              "(a store made with it no longer opens)") from None
     except OSError as exc:
         fsutil.raise_os_error(exc, path)
     try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import fcntl
 import os
+import re
 import secrets
 import stat
 import threading
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, ManifestInvalid,
-                      SnapshotNotFound, StoreError)
+                      SnapshotNotFound, StoreError, UsageError)
 from ..model import MANIFEST_VERSION, FileEntry, Manifest
 from ..model.manifest import file_list
 from . import chunker, codec, fsutil, keyfile, materialise, parallel
@@ -32,6 +34,30 @@ ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses i
                             # than write plain chunks into it
 Progress = Callable[[int], None]
 
+# A snapshot name labels a series: dumps may reuse it, and it means the newest of them.
+# It cannot be empty, and cannot be all hex digits, so it never reads as an id prefix.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+def validate_name(name: str) -> str:
+    """name, or UsageError saying why it cannot name a snapshot."""
+    if not name:
+        raise UsageError("a snapshot name cannot be empty")
+    if not NAME_RE.match(name):
+        raise UsageError(f"snapshot name {name!r}: letters, digits and . _ : @ + - only, "
+                         "starting with a letter or digit, at most 128")
+    if _HEX_RE.match(name):
+        raise UsageError(f"snapshot name {name!r} could be read as a snapshot id prefix",
+                         hint="add a letter other than a-f, e.g. a dash")
+    return name
+
+
+def sequence_key(m: Manifest) -> tuple:
+    """Order of snapshots, oldest first: the store's commit sequence (manifests from
+    before it had one come first, by creation time)."""
+    return (m.seq or 0, m.created, m.id)
+
 
 @dataclass
 class SnapshotSummary:
@@ -41,10 +67,13 @@ class SnapshotSummary:
     target: str
     bytes_logical: int
     bytes_stored: int
+    kind: str = "?"
+    seq: int = 0
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> "SnapshotSummary":
-        return cls(m.id, m.name, m.created, m.target_label(), m.bytes_logical, m.bytes_stored)
+        return cls(m.id, m.name, m.created, m.target_label(), m.bytes_logical, m.bytes_stored,
+                   m.target.kind, m.seq or 0)
 
 
 def _now() -> str:
@@ -101,6 +130,7 @@ class Repository:
         self.tmp_dir = os.path.join(self.path, "tmp")
         self.lock_path = os.path.join(self.path, "lock")
         self.last_materialise: dict | None = None
+        self.compress_level = codec.DEFAULT_LEVEL     # of chunks this process writes
 
     # ---- opening -------------------------------------------------------------------
     @staticmethod
@@ -141,6 +171,12 @@ class Repository:
     def _init(self, store_codec: codec.PlainCodec) -> None:
         """A new store in a missing or empty private directory (created 0700 if missing;
         an existing one is checked, never chmodded)."""
+        try:
+            self._make(store_codec)
+        except OSError as exc:
+            fsutil.raise_os_error(exc, self.path)
+
+    def _make(self, store_codec: codec.PlainCodec) -> None:
         subdirs = ("chunks", "snapshots", "tmp")
         if not fsutil.make_private_dir(self.path, "store") and not all(
                 n in subdirs or n.startswith("config.tmp-") for n in os.listdir(self.path)):
@@ -171,6 +207,16 @@ class Repository:
                                 f"gpusnap follows none inside a store",
                                 hint="remove them; a store holds only its own files and directories")
 
+    def require_writable(self) -> None:
+        """Refuse, before anything starts, a store that can only be read (a read-only mount,
+        a directory without write permission): a dump would fail only at ingest."""
+        read_only = bool(os.statvfs(self.path).f_flag & os.ST_RDONLY)
+        if read_only or not os.access(self.path, os.W_OK):
+            raise StoreError(f"the store at {self.path} is read-only"
+                             f"{' (a read-only mount)' if read_only else ''}; this command writes to it",
+                             hint="ls, inspect, verify and export only read a store; "
+                                  "--store names another")
+
     def shared_lock(self, timeout: float = 30.0):
         return store_lock(self.lock_path, exclusive=False, timeout=timeout)
 
@@ -194,7 +240,7 @@ class Repository:
             return cid, os.stat(path).st_size, 0
         except FileNotFoundError:
             pass
-        blob = self.codec.encode(cid, data)
+        blob = self.codec.encode(cid, data, self.compress_level)
         self.store_blob(cid, blob)
         return cid, len(blob), len(blob)
 
@@ -291,6 +337,7 @@ class Repository:
         manifest.id = manifest.id or self.new_snapshot_id()
         manifest.created = manifest.created or _now()
         manifest.format = MANIFEST_VERSION
+        manifest.seq = self._next_seq()
         data = manifest.to_json()
         Manifest.from_json(data)                # what is written must load
         missing = [c for c in manifest.chunk_sizes() if not self.has_chunk(c)]
@@ -301,6 +348,23 @@ class Repository:
                             self.codec.seal(manifest.id, json.dumps(data, indent=1,
                                                                     sort_keys=True).encode()))
         return manifest.id
+
+    def _next_seq(self) -> int:
+        """The next number of the store's commit sequence (file seq, under its own flock):
+        strictly increasing, so "newest" never depends on clock resolution or skew."""
+        fd = os.open(os.path.join(self.path, "seq"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            text = os.pread(fd, 32, 0).decode().strip()
+            last = int(text) if text.isdigit() else max(
+                [m.seq or 0 for m in self.manifests()], default=0)
+            data = f"{last + 1}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+            return last + 1
+        finally:
+            os.close(fd)
 
     @staticmethod
     def file_entries(manifest: Manifest) -> list[FileEntry]:
@@ -349,14 +413,18 @@ class Repository:
                 good.append(self.load(sid))
             except IntegrityError as exc:
                 bad[sid] = exc
-        return sorted(good, key=lambda m: m.created), bad
+        return sorted(good, key=sequence_key), bad
 
     def manifests(self) -> list[Manifest]:
-        """The manifests that load, oldest first (scan() also says which do not)."""
+        """The manifests that load, oldest first by the commit sequence (scan() also says
+        which do not)."""
         return self.scan()[0]
 
     def resolve(self, ref: str) -> str:
-        """Snapshot id from an id, a unique id prefix, or a name (newest of that name)."""
+        """Snapshot id from, in this order: an id, a name (the newest snapshot of that
+        name, by commit sequence), a unique id prefix."""
+        if not ref:
+            raise UsageError("an empty snapshot reference names nothing")
         ids = self.snapshot_ids()
         if ref in ids:
             return ref
@@ -372,6 +440,21 @@ class Repository:
 
     def list(self) -> list[SnapshotSummary]:
         return [SnapshotSummary.from_manifest(m) for m in self.manifests()]
+
+    def forget_plan(self, keep_last: int, name: str | None = None) -> dict:
+        """Which snapshots `forget --keep-last` removes: in each series (snapshots of one
+        name; the unnamed ones are one series), all but the keep_last newest. With name,
+        that series only. Pure reading: {"keep": [ids], "forget": [ids]}, oldest first."""
+        series: dict = {}
+        for m in self.manifests():
+            if name is None or m.get("name") == name:
+                series.setdefault(m.name, []).append(m.id)
+        keep, forget = [], []
+        for ids in series.values():
+            cut = max(0, len(ids) - keep_last)
+            forget += ids[:cut]
+            keep += ids[cut:]
+        return {"keep": keep, "forget": forget}
 
     # ---- materialise (restore side) ---------------------------------------------------
     def materialise(self, manifest: Manifest, dest: str, progress: Progress | None = None,
@@ -426,9 +509,10 @@ class Repository:
         fsutil.fsync_dir(self.snapshots_dir)
         return removed
 
-    def gc_plan(self) -> dict:
+    def gc_plan(self, without: Iterable[str] = ()) -> dict:
         """Chunks no manifest references, and stale temp files. Pure reading. Refuses
-        (IntegrityError) while a manifest does not load: which chunks it needs is unknown."""
+        (IntegrityError) while a manifest does not load: which chunks it needs is unknown.
+        without: snapshots to count as removed already (forget --dry-run)."""
         live: set[str] = set()
         good, bad = self.scan()
         if bad:
@@ -436,8 +520,10 @@ class Repository:
             exc.hint = (f"gc deletes nothing while a manifest cannot be read ({len(bad)} now): "
                         f"put back a good copy of snapshots/{sid}.json, or `gpusnap rm {sid}`")
             raise exc
+        gone = set(without)
         for m in good:
-            live.update(m.chunk_sizes())
+            if m.id not in gone:
+                live.update(m.chunk_sizes())
         self._check_private()               # no symlink to follow out of the store
         dead, dead_bytes = [], 0
         with os.scandir(self.chunks_dir) as subs:

@@ -17,9 +17,22 @@ def tree_pids(root_pid: int) -> list[int]:
     return [root_pid] + sorted(p.pid for p in proc.children(recursive=True))
 
 
+PF_KTHREAD = 0x00200000       # /proc/PID/stat flags: a kernel thread
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """True for a kernel thread (kthreadd, workers): nothing there for CRIU to dump."""
+    from .fds import stat_fields
+    fields = stat_fields(pid)
+    return fields is not None and bool(int(fields[6]) & PF_KTHREAD)     # field 9: flags
+
+
 def resolve(pid: int) -> Target:
     if pid <= 1:
-        raise UsageError(f"refusing to dump pid {pid}")
+        raise UsageError(f"refusing to dump pid {pid}: it is the init process of this "
+                         "pid namespace" if pid == 1 else f"{pid} is not a pid")
+    if is_kernel_thread(pid):
+        raise UsageError(f"pid {pid} is a kernel thread; only user processes can be dumped")
     if pid == os.getpid():
         raise UsageError("gpusnap cannot dump itself")
     try:

@@ -34,7 +34,7 @@ def test_two_concurrent_dumps_and_gc_leave_a_store_that_verifies_and_restores(wo
     assert gpusnap("rm", old["id"])[0] == 0
 
     dumps = [_cli(store, "dump", "--pid", str(w.pid), "--leave-running", "--name", n)
-             for w, n in ((a, "a"), (b, "b"))]
+             for w, n in ((a, "snap-a"), (b, "snap-b"))]
     gcs = [_cli(store, "gc") for _ in range(3)]
     results = [_done(p) for p in dumps + gcs]
     for rc, out, err in results:
@@ -45,7 +45,7 @@ def test_two_concurrent_dumps_and_gc_leave_a_store_that_verifies_and_restores(wo
     assert gpusnap("gc")[0] == 0
     assert gpusnap("verify")[0] == 0
 
-    for w, name in ((a, "a"), (b, "b")):
+    for w, name in ((a, "snap-a"), (b, "snap-b")):
         w.kill_all()
         wait_pids_free(w.pids)
         rc, out, err = gpusnap("restore", name)

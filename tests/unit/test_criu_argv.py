@@ -26,3 +26,13 @@ def test_log_errors_are_extracted(tmp_path):
     log = tmp_path / "restore.log"
     log.write_text("(00.001) noise\n(00.017)      1: Error (criu/cr-restore.c:1237): Can't fork for 5: File exists\n")
     assert log_errors(str(log)) == ["Can't fork for 5: File exists [criu/cr-restore.c:1237]"]
+
+
+def test_tcp_established_and_file_locks_can_be_turned_off():
+    from gpusnap.criu.argv import CriuOptions, dump_argv, restore_argv
+    on = dump_argv("criu", 5, "/i", CriuOptions())
+    assert "--tcp-established" in on and "--file-locks" in on
+    off = CriuOptions(tcp_established=False, file_locks=False)
+    for argv in (dump_argv("criu", 5, "/i", off), restore_argv("criu", "/i", "/p", off)):
+        assert "--tcp-established" not in argv and "--file-locks" not in argv
+        assert "--ext-unix-sk" in argv

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from gpusnap.cli import cli, main
 from gpusnap.errors import (ALL_ERRORS, ArchiveError, InsecureStore, IntegrityError, StoreError,
-                            WrongKey)
+                            UsageError, WrongKey)
 from gpusnap.model import Manifest, Target
 from gpusnap.store import Repository, archive, codec, keyfile
 from gpusnap.store.chunker import CHUNK_SIZE
@@ -74,7 +74,7 @@ def test_generated_key_is_private_random_and_never_overwritten(tmp_path, key):
     other = str(tmp_path / "k2")
     keyfile.generate(other)
     assert keyfile.load(other) != keyfile.load(key)
-    with pytest.raises(StoreError, match="never overwritten"):
+    with pytest.raises(UsageError, match="never overwritten"):
         keyfile.generate(key)
     assert open(key).read() == text
 
