@@ -422,7 +422,7 @@ def summarise_sdk(rows):
         x = r["sdk"]
         if "error" in x:
             continue
-        keys = [k for k in x["restore"][0] if k not in ("total", "sdk_gbps")]
+        keys = [k for k in _numbers(x["restore"][0]) if k != "sdk_gbps"]
         lines.append(f"- {r['size']} restore: " + ", ".join(
             f"{k} {med([y[k] for y in x['restore']]):.3f}" for k in keys))
         lines.append(f"- {r['size']} dump: " + ", ".join(f"{k} {v:.3f}" for k, v in x["dump_stages"].items()))
@@ -455,18 +455,24 @@ def summarise(rows, floors, card):
                          f"{med([x['total'] for x in r['gpusnap_restore_warm']]):.2f} s to first token")
     lines += ["", "gpusnap restore stages (median s):", ""]
     for r in rows:
-        keys = [k for k in r["gpusnap_restore"][0] if k != "total"]
+        keys = _numbers(r["gpusnap_restore"][0])
         lines.append(f"- {r['size']}: " + ", ".join(f"{k} {med([x[k] for x in r['gpusnap_restore']]):.3f}"
                                                     for k in keys))
-        keys = [k for k in r["naive_restore"][0] if k != "total"]
+        keys = _numbers(r["naive_restore"][0])
         lines.append(f"- {r['size']} naive: " + ", ".join(f"{k} {med([x[k] for x in r['naive_restore']]):.3f}"
                                                           for k in keys))
         lines.append(f"- {r['size']} dump: " + ", ".join(f"{k} {v:.3f}" for k, v in r["dump_stages"].items()))
         for key in sorted(k for k in r if k.startswith(("gpusnap_restore_", "naive_restore_"))):
             lines.append(f"- {r['size']} {key}: total {med([x['total'] for x in r[key]]):.3f} s, " + ", ".join(
-                f"{k} {med([x[k] for x in r[key]]):.3f}" for k in r[key][0] if k != "total"))
+                f"{k} {med([x[k] for x in r[key]]):.3f}" for k in _numbers(r[key][0])))
     lines += summarise_sdk(rows)
     return "\n".join(lines) + "\n"
+
+
+def _numbers(row: dict) -> list[str]:
+    """The keys of a row's numeric stage figures (not its total, not labels)."""
+    return [k for k, v in row.items() if k != "total" and isinstance(v, (int, float))
+            and not isinstance(v, bool)]
 
 
 def main(argv=None):
