@@ -55,7 +55,11 @@ def is_zero(data: memoryview) -> bool:
     return zeros.startswith(data)
 
 
-DEFAULT_LEVEL = 1
+# zstd's fast mode (negative levels: matches only, no entropy coding) decodes bf16 model
+# weights at 8-10 GB/s a core against 1.2 GB/s for level 1, which stores them ~22% smaller
+# (benchmarks/results/compress_levels_cpu.md): restore speed is what gpusnap is for.
+FAST = -1
+DEFAULT_LEVEL = FAST
 NO_COMPRESSION = -(1 << 17)     # zstd's fastest level, near raw: chunk files stay zstd frames
 
 
