@@ -29,14 +29,13 @@ def command(app, container, pid, engine, name, leave_running, lock_timeout):
     repo = app.repo()
     with app.progress("dump") as progress:
         manifest = dump.execute(plan, repo, progress)
-    manifest["timings"] = {"plan": round(planned, 4), **manifest["timings"]}
-    app.emit({"id": manifest["id"], "name": manifest["name"], "bytes_logical": manifest["bytes_logical"],
-              "bytes_stored": manifest["bytes_stored"], "bytes_new": manifest["bytes_new"],
-              "timings": manifest["timings"], "sdk": manifest.get("sdk"),
-              "notes": manifest.get("notes", [])}, manifest["id"])
-    for text in manifest.get("notes", []):
+    manifest.timings = {"plan": round(planned, 4), **manifest.timings}
+    out = manifest.to_json()
+    app.emit({key: out[key] for key in ("id", "name", "bytes_logical", "bytes_stored",
+                                        "bytes_new", "timings", "sdk", "notes")}, manifest.id)
+    for text in manifest.notes:
         app.note(text)
     if not app.as_json and app.verbose:
-        app.note(f"{human_bytes(manifest['bytes_logical'])} of images, "
-                 f"{human_bytes(manifest['bytes_new'])} new in the store\n"
-                 + timings_table(manifest["timings"]))
+        app.note(f"{human_bytes(manifest.bytes_logical)} of images, "
+                 f"{human_bytes(manifest.bytes_new)} new in the store\n"
+                 + timings_table(manifest.timings))
