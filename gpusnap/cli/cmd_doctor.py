@@ -7,7 +7,7 @@ MARK = {"ok": "ok     ", "warn": "warn   ", "missing": "missing"}
 @click.pass_obj
 def command(app):
     """Check CRIU, kernel features, privileges, the NVIDIA driver and container engines."""
-    from ..doctor import run_checks
+    from ..engine.doctor import run_checks
     checks = run_checks()
     lines = []
     for c in checks:

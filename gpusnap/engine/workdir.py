@@ -73,15 +73,22 @@ def huge_tmpfs(path: str) -> bool:
 
 
 def describe(store_path: str) -> dict:
-    """Where scratch images go, and whether that tmpfs has huge pages (for doctor)."""
-    base = base_dir(store_path)
+    """Where scratch images go, and whether that tmpfs has huge pages (for doctor).
+    Only looks: where base_dir() would mount the huge-page tmpfs, says so
+    (mounted_on_use) instead of mounting it."""
+    if (not os.environ.get("GPUSNAP_WORKDIR") and os.geteuid() == 0
+            and tmpfs_options(HUGE_BASE) is None):
+        return {"path": os.path.join(HUGE_BASE, "gpusnap"), "tmpfs": None, "huge_pages": False,
+                "mounted_on_use": True}
+    base = base_dir(store_path)                 # mounts nothing: HUGE_BASE is mounted or unused
     mounts = _tmpfs_mounts()
     probe = base
     while probe != "/" and probe not in mounts:
         probe = os.path.dirname(probe)
     options = mounts.get(probe)
     return {"path": base, "tmpfs": probe if options is not None else None,
-            "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or "")}
+            "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or ""),
+            "mounted_on_use": False}
 
 
 def private_base(store_path: str) -> str:
