@@ -10,7 +10,7 @@ Dump (DumpAgents):
     resume()       after a --leave-running dump, once CUDA runs again.
     undo()         any failure after prepare, Ctrl-C included: resume (the server never
                    stays without its weights). Never raises.
-    record()       the manifest's `sdk`: {agents: [{pid, socket, uid, weight_files,
+    record()       the manifest's `sdk` (model.SdkRecord): {agents: [{pid, socket, uid, weight_files,
                    bytes_out_of_image, ...}], bytes_out_of_image}.
 Restore:
     check_weights()       in plan(), before anything is restored: every recorded weight
