@@ -37,9 +37,9 @@ def page_hashes(repo, snap_id, work):
     dest = os.path.join(work, snap_id)
     r.materialise(m, dest)
     out = {}
-    for entry in m["files"]:
-        if entry["path"].startswith("pages-"):
-            with open(os.path.join(dest, entry["path"]), "rb") as f:
+    for entry in m.files:
+        if entry.path.startswith("pages-"):
+            with open(os.path.join(dest, entry.path), "rb") as f:
                 while True:
                     page = f.read(4096)
                     if not page:

@@ -26,6 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from gpusnap.model import Manifest, Target  # noqa: E402
 from gpusnap.store import Repository, codec, keyfile  # noqa: E402
 from gpusnap.store.repository import _threads  # noqa: E402
 
@@ -49,7 +50,7 @@ def one_run(base: str, src: str, data_hash: str, key_file: str | None) -> tuple[
         ingest = time.perf_counter() - start
         dest = os.path.join(work, "out")
         start = time.perf_counter()
-        repo.materialise({"files": files}, dest)
+        repo.materialise(Manifest(target=Target("process", 1, [1]), pids=[1], files=files), dest)
         materialise = time.perf_counter() - start
         with open(os.path.join(dest, "pages-1.img"), "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == data_hash, "materialised bytes differ"

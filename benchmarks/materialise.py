@@ -31,6 +31,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks.gds import drop_caches  # noqa: E402  (importing gds loads no GPU library)
 from gpusnap.engine import workdir  # noqa: E402
+from gpusnap.model import Manifest, Target  # noqa: E402
 from gpusnap.store import Repository  # noqa: E402
 
 HUGE = "/run/gpusnap-matbench"
@@ -89,7 +90,7 @@ def main() -> None:
         t = time.perf_counter()
         files, counts = repo.ingest_dir(os.path.join(top, "images"))
         ingest_s = time.perf_counter() - t
-        manifest = {"files": files}
+        manifest = Manifest(target=Target("process", 1, [1]), pids=[1], files=files)
         logical = counts["bytes_logical"]
         bases = {"shm": "/dev/shm"}
         huge = mount_huge()

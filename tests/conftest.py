@@ -149,10 +149,10 @@ def gpusnap(store):
 
 def commit_snapshot(repo, src: str, name: str | None = None, **fields):
     """Ingest the image directory src and commit it as a process snapshot (a Manifest)."""
-    from gpusnap.model import FileEntry, Manifest, Target
+    from gpusnap.model import Manifest, Target
     files, counts = repo.ingest_dir(src)
     fields.setdefault("target", Target(kind="process", root_pid=1, pids=[1]))
-    m = Manifest(name=name, pids=[1], files=[FileEntry.from_json(f) for f in files],
+    m = Manifest(name=name, pids=[1], files=files,
                  **counts, **fields)
     repo.commit(m)
     return m

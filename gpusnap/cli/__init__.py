@@ -25,7 +25,7 @@ class LazyGroup(click.Group):
         "ls": "List snapshots.",
         "inspect": "Show everything recorded about a snapshot.",
         "verify": "Re-hash every chunk of one or all snapshots.",
-        "warm": "Keep snapshots' images ready on this host, so restores skip materialising.",
+        "warm": "Keep snapshots' images ready on this host (restore --pages criu then skips materialising).",
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
         "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",

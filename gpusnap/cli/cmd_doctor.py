@@ -23,7 +23,7 @@ def command(ctx):
 
     Changes nothing on the host.
     """
-    from ..doctor import Check, run_checks
+    from ..engine.doctor import Check, run_checks
     checks = run_checks()
     checks += [Check(f"setting {row['setting']}", "ok", f"{row['value']} ({row['source']})")
                for row in _settings(ctx)]

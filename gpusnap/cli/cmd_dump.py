@@ -95,14 +95,13 @@ def _execute(app, repo, plan, planned: float) -> dict:
     from ..engine import dump
     with app.progress("dump") as progress:
         manifest = dump.execute(plan, repo, progress)
-    manifest["timings"] = {"plan": round(planned, 4), **manifest["timings"]}
-    for text in manifest.get("notes", []):
+    manifest.timings = {"plan": round(planned, 4), **manifest.timings}
+    for text in manifest.notes:
         app.note(text)
     if not app.as_json and app.verbose:
-        app.note(f"{human_bytes(manifest['bytes_logical'])} of images, "
-                 f"{human_bytes(manifest['bytes_new'])} new in the store\n"
-                 + timings_table(manifest["timings"]))
-    return {"id": manifest["id"], "name": manifest["name"], "bytes_logical": manifest["bytes_logical"],
-            "bytes_stored": manifest["bytes_stored"], "bytes_new": manifest["bytes_new"],
-            "timings": manifest["timings"], "sdk": manifest.get("sdk"),
-            "notes": manifest.get("notes", [])}
+        app.note(f"{human_bytes(manifest.bytes_logical)} of images, "
+                 f"{human_bytes(manifest.bytes_new)} new in the store\n"
+                 + timings_table(manifest.timings))
+    out = manifest.to_json()
+    return {key: out[key] for key in ("id", "name", "bytes_logical", "bytes_stored",
+                                      "bytes_new", "timings", "sdk", "notes")}

@@ -1,5 +1,5 @@
 """The CLI through gpusnapd: where GPUSNAP_SOCKET names a daemon that answers, a command
-the daemon runs (daemon/api.FORWARDED) is sent there whole, and its stdout, stderr and
+the daemon runs (daemon/client.FORWARDED) is sent there whole, and its stdout, stderr and
 exit code come back as this process would have printed them; Ctrl-C or SIGTERM here
 interrupts the operation there (its undo runs, and its message comes back). Without the
 variable, or with no daemon answering, the CLI runs standalone."""
@@ -18,8 +18,7 @@ def forward(argv: list[str]) -> None:
     path = os.environ.get("GPUSNAP_SOCKET")
     if not path:
         return                                  # standalone: nothing more is imported
-    from ..daemon.client import Client, Unreachable
-    from ..daemon.api import FORWARDED, command_of
+    from ..daemon.client import FORWARDED, Client, Unreachable, command_of
     if command_of(argv)[0] not in FORWARDED or {"-h", "--help"} & set(argv):
         return
     client = Client(path)

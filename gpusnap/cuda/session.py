@@ -23,6 +23,7 @@ import time
 from gpusnap import interrupts
 from gpusnap.cuda.driver import CudaDriver, CudaState, get_driver
 from gpusnap.errors import CudaFailed, GpusnapError
+from gpusnap.model import CudaFacts
 
 _LINE = (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED)
 _UP = ("lock", "checkpoint")
@@ -88,19 +89,19 @@ class CudaSession:
         self._require("unlock", CudaState.CHECKPOINTED, "restore it first")
         self._stage("unlock", CudaState.LOCKED, CudaState.RUNNING, self.driver.unlock)
 
-    def describe(self) -> dict:
+    def describe(self) -> CudaFacts:
         """What a snapshot's manifest keeps of the CUDA side, taken before anything is
         touched: the pids and their starting states, the driver, the GPUs the processes
         could see (a restore onto other GPUs must map every one: see gpusnap.remap), and
         the device memory they hold on each (what the restore will need free there)."""
         from gpusnap.cuda.discover import host_gpus, visible_gpus
         host = host_gpus()
-        return {"pids": list(self.pids),
-                "states": {str(pid): state.name for pid, state in self.initial.items()},
-                "driver_version": host.driver_version,
-                "cuda_driver_version": host.cuda_driver_version,
-                "gpus": [g.to_dict() for g in visible_gpus(host.gpus, self.pids)],
-                "used_memory": host.used_memory(self.pids)}
+        return CudaFacts(pids=list(self.pids),
+                         states={str(pid): state.name for pid, state in self.initial.items()},
+                         driver_version=host.driver_version,
+                         cuda_driver_version=host.cuda_driver_version,
+                         gpus=[g.to_dict() for g in visible_gpus(host.gpus, self.pids)],
+                         used_memory=host.used_memory(self.pids))
 
     def release(self, pids=None) -> None:
         """Stop answering for these pids (all by default): rollback leaves them alone,

@@ -10,10 +10,10 @@ import os
 import time
 
 from ..errors import UsageError
+from .client import FORWARDED, command_of  # noqa: F401  (the server reads them here)
 
 # CLI commands the daemon runs for a client (the rest run in the client: daemon, demo,
 # bench, hooks, doctor, key, export, import, which touch the caller's own files or tty).
-FORWARDED = {"dump", "restore", "ls", "inspect", "verify", "warm", "rm", "gc"}
 READ_ONLY = {"ls", "inspect"}
 
 
@@ -96,20 +96,6 @@ def inspect(store: Store, ref: str) -> dict:
     repo = store.repo()
     m = repo.load(repo.resolve(ref))
     return {**{k: v for k, v in m.items() if k not in ("files", "logs")}, "files": len(m.get("files", []))}
-
-
-def command_of(argv: list[str]) -> tuple[str | None, str | None]:
-    """The subcommand of a gpusnap command line and its --store, if given."""
-    store, args = None, iter(argv)
-    for arg in args:
-        if arg in ("--store", "--key-file"):
-            value = next(args, None)
-            store = value if arg == "--store" else store
-        elif arg.startswith("--store="):
-            store = arg.split("=", 1)[1]
-        elif not arg.startswith("-"):
-            return arg, store
-    return None, store
 
 
 def warm_imports() -> None:

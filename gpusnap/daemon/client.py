@@ -9,6 +9,23 @@ import json
 import socket
 from typing import Iterator
 
+# The commands the CLI sends to a daemon that answers (the rest run standalone).
+FORWARDED = {"dump", "restore", "ls", "inspect", "verify", "warm", "rm", "gc"}
+
+
+def command_of(argv: list[str]) -> tuple[str | None, str | None]:
+    """The subcommand of a gpusnap command line and its --store, if given."""
+    store, args = None, iter(argv)
+    for arg in args:
+        if arg in ("--store", "--key-file"):
+            value = next(args, None)
+            store = value if arg == "--store" else store
+        elif arg.startswith("--store="):
+            store = arg.split("=", 1)[1]
+        elif not arg.startswith("-"):
+            return arg, store
+    return None, store
+
 
 class Unreachable(Exception):
     """No daemon answers on that socket."""

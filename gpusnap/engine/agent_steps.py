@@ -10,7 +10,7 @@ Dump (DumpAgents):
     resume()       after a --leave-running dump, once CUDA runs again.
     undo()         any failure after prepare, Ctrl-C included: resume (the server never
                    stays without its weights). Never raises.
-    record()       the manifest's `sdk`: {agents: [{pid, socket, uid, weight_files,
+    record()       the manifest's `sdk` (model.SdkRecord): {agents: [{pid, socket, uid, weight_files,
                    bytes_out_of_image, ...}], bytes_out_of_image}.
 Restore:
     check_weights()       in plan(), before anything is restored: every recorded weight
@@ -34,7 +34,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import AgentFailed, WeightsChanged
-from ..model import Manifest
+from ..model import Manifest, SdkAgent, SdkRecord, WeightFile
 from ..sdk import protocol
 from ..sdk.protocol import AgentError, request
 from ..sdk.safetensors import identity_changes
@@ -174,17 +174,19 @@ class DumpAgents:
     def _all(self, cmd: str, timeout: float):
         return _all({p: (s, cmd) for p, s in self.asked.items()}, timeout, self.target.pids, self.uids)
 
-    def record(self) -> dict | None:
-        """The manifest's `sdk` as JSON (model.SdkRecord's layout)."""
+    def record(self) -> SdkRecord | None:
+        """The manifest's `sdk`: what each agent that prepared reported."""
         if not self.prepared:
             return None
-        agents = [{"pid": pid, "socket": self.asked[pid], "uid": r.get("uid"),
-                   "tensors": r.get("tensors"), "weight_files": r.get("files", []),
-                   "bytes_out_of_image": r.get("bytes_dropped", r.get("bytes", 0)),
-                   "gpu_bytes_released": r.get("bytes_released"),
-                   "backend": r.get("backend")}
+        agents = [SdkAgent(pid=pid, socket=self.asked[pid], uid=r.get("uid"),
+                           tensors=r.get("tensors"),
+                           weight_files=[WeightFile.from_json(w, f"agent {pid}: weight file")
+                                         for w in r.get("files", [])],
+                           bytes_out_of_image=r.get("bytes_dropped", r.get("bytes", 0)),
+                           gpu_bytes_released=r.get("bytes_released"),
+                           backend=r.get("backend"))
                   for pid, r in sorted(self.prepared.items())]
-        return {"agents": agents, "bytes_out_of_image": sum(a["bytes_out_of_image"] for a in agents)}
+        return SdkRecord(agents, sum(a.bytes_out_of_image for a in agents))
 
     def resume(self, stages) -> None:
         """After a --leave-running dump. Raises AgentFailed (the caller's undo retries)."""

@@ -124,15 +124,15 @@ def run(repo: Repository, *, mib: int = 256, cuda: bool | None = None) -> DemoRe
     try:
         manifest = dump.execute(dump.plan(dump.DumpRequest(pid=work.pid, name="gpusnap-demo")), repo)
         work.reap()
-        r_plan = restore.plan(restore.RestoreRequest(snapshot=manifest["id"]), repo)
+        r_plan = restore.plan(restore.RestoreRequest(snapshot=manifest.id), repo)
         result = restore.execute(r_plan, repo)
         restored_pid = result["pid"]
         ok, report = work.check(restored_pid)
         if not ok:
             raise DemoFailed(f"restored workload reports damage: {report}")
         report["data_ok"] = ok
-        return DemoResult(work.name, manifest["id"], restored_pid, manifest["bytes_logical"],
-                          manifest["bytes_new"], {**manifest["timings"], **result["timings"]}, report)
+        return DemoResult(work.name, manifest.id, restored_pid, manifest.bytes_logical,
+                          manifest.bytes_new, {**manifest.timings, **result["timings"]}, report)
     finally:
         from ..targets.process import kill_and_wait, restored_tree
         work.stop()

@@ -20,6 +20,7 @@ whose undo starts the container again from the images just taken.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import socket
@@ -30,6 +31,7 @@ from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
 from ..errors import GpusnapError, Interrupted, UsageError
 from ..imagefile import zero_pages
+from ..model import CriuFacts, Manifest
 from ..store import Repository
 from . import agent_steps, gpu, strategies, workdir
 from .plans import DumpPlan, DumpRequest
@@ -51,7 +53,7 @@ def plan(req: DumpRequest) -> DumpPlan:
 
 
 def execute(plan: DumpPlan, repo: Repository,
-            progress: Callable[[int], None] | None = None) -> dict:
+            progress: Callable[[int], None] | None = None) -> Manifest:
     """Run the dump; returns the committed manifest."""
     run = _Dump(plan, repo)
     try:
@@ -59,7 +61,7 @@ def execute(plan: DumpPlan, repo: Repository,
         with repo.shared_lock():
             manifest = run.take_and_commit(progress)
         run.finish()
-        manifest["timings"] = run.stages.to_dict()     # now with the commit's
+        manifest.timings = run.stages.to_dict()     # now with the commit's
         return manifest
     except BaseException as exc:
         run.undo(exc)
@@ -89,7 +91,7 @@ class _Dump:
         os.makedirs(self.logs)
         self.sdk.prepare(self.stages)       # SDK: before the CUDA lock; failure -> transparent
 
-    def take_and_commit(self, progress) -> dict:
+    def take_and_commit(self, progress) -> Manifest:
         req, stages, cuda = self.plan.request, self.stages, self.cuda
         cuda_facts = None
         if cuda:
@@ -112,7 +114,7 @@ class _Dump:
             log_files, log_counts = self.repo.ingest_dir(self.logs)
         manifest = self._manifest(files, counts, log_files, log_counts, cuda_facts, zero_stats)
         with stages.stage("commit"):
-            manifest["timings"] = stages.to_dict()
+            manifest.timings = stages.to_dict()
             self.repo.commit(manifest)
         return manifest
 
@@ -125,21 +127,20 @@ class _Dump:
                 self.cuda.unlock_all()
         self.sdk.resume(self.stages)        # SDK: the original reads its weights back
 
-    def _manifest(self, files, counts, log_files, log_counts, cuda_facts, zero_stats) -> dict:
-        plan, req, target, repo = self.plan, self.plan.request, self.plan.target, self.repo
-        return {
-            "id": repo.new_snapshot_id(), "name": req.name, "target": target.to_dict(),
-            "pids": target.pids, "criu_version": plan.criu_version,
-            "criu": {"shell_job": plan.criu_options.shell_job},
-            "kernel": platform.release(), "host": socket.gethostname(),
-            "gpusnap_version": VERSION, "files": files, "logs": log_files,
-            "bytes_logical": counts["bytes_logical"],
-            "bytes_stored": counts["bytes_stored"] + log_counts["bytes_stored"],
-            "bytes_new": counts["bytes_new"] + log_counts["bytes_new"],
-            "cuda": cuda_facts, "leave_running": req.leave_running,
-            "zero_pages_dropped": zero_stats.pages_dropped if zero_stats else None,
-            "sdk": self.sdk.record(), "notes": self.sdk.notes,
-        }
+    def _manifest(self, files, counts, log_files, log_counts, cuda_facts, zero_stats) -> Manifest:
+        plan, req, target = self.plan, self.plan.request, self.plan.target
+        return Manifest(
+            id=self.repo.new_snapshot_id(), name=req.name, target=copy.deepcopy(target),
+            pids=target.pids, criu_version=plan.criu_version,
+            criu=CriuFacts(shell_job=plan.criu_options.shell_job),
+            kernel=platform.release(), host=socket.gethostname(),
+            gpusnap_version=VERSION, files=files, logs=log_files,
+            bytes_logical=counts["bytes_logical"],
+            bytes_stored=counts["bytes_stored"] + log_counts["bytes_stored"],
+            bytes_new=counts["bytes_new"] + log_counts["bytes_new"],
+            cuda=cuda_facts, leave_running=req.leave_running,
+            zero_pages_dropped=zero_stats.pages_dropped if zero_stats else None,
+            sdk=self.sdk.record(), notes=self.sdk.notes)
 
     def finish(self) -> None:
         """The snapshot is committed: the original goes (unless --leave-running)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from ..model import CudaFacts
+
 
 def cuda_pids(pids: list[int]) -> list[int]:
     from ..cuda import discover
@@ -48,17 +50,17 @@ class GpuMove:
     host: list[dict]
 
 
-def plan_remap(cuda_facts: dict, choice: list[str] | None,
+def plan_remap(cuda_facts: CudaFacts, choice: list[str] | None,
                visible_minors: set[int] | None = None) -> GpuMove:
     """gpusnap.remap over the snapshot's GPUs and this host's; refuses early.
     visible_minors: only the snapshot GPUs with these minor numbers (a container sees
     only the GPUs whose nodes it has); none of them known: all."""
     from ..cuda import discover
     from ..remap import plan_remap as plan
-    snapshot = cuda_facts.get("gpus") or []
+    snapshot = cuda_facts.gpus
     if visible_minors:
         snapshot = [g for g in snapshot
                     if g.get("minor") is None or g["minor"] in visible_minors] or snapshot
     host = [g.to_dict() for g in discover.host_gpus().gpus]
-    p = plan(snapshot, host, choice, cuda_facts.get("used_memory"))
+    p = plan(snapshot, host, choice, cuda_facts.used_memory)
     return GpuMove(p.pairs, list(p.notes), snapshot, host)

@@ -22,6 +22,7 @@ from ..criu import lazy
 from ..criu import runner as criu_runner
 from ..errors import UsageError
 from ..imagefile import core
+from ..model import FileEntry
 from ..store import codec, parallel
 from . import gpu
 
@@ -88,14 +89,14 @@ class UffdPages:
         cuInit starts once the fill's workers are forked (no thread may run before)."""
         m = plan.manifest
         images = os.path.join(work, "images")
-        entries = {f["path"]: f for f in m["files"]}
+        entries = {f.path: f for f in m.files}
         with stages.stage("materialise"):
             pages, pagemaps = lazy.prepare(list(entries), lambda name: _read(repo, entries[name]))
             repo.materialise(m, images, progress, only=pages.eager)
             for name, data in pagemaps.items():
                 with open(os.path.join(images, name), "wb") as f:
                     f.write(data)
-            items = lazy.fill_items(pages, {n: e["chunks"] for n, e in entries.items()}, codec.ZERO_ID)
+            items = lazy.fill_items(pages, {n: e.chunks for n, e in entries.items()}, codec.ZERO_ID)
             stopped = _stopped_at_dump(images)
         self.guard = lazy.Guard.start(work, repo, items)
         opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
@@ -106,7 +107,7 @@ class UffdPages:
                 fds = self.guard.receive(pages.tasks)
             with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
                 self.fill = _fill(repo, fds, items, progress,
-                                  lambda: m.get("cuda") and cuinit.append(gpu.init_in_background()))
+                                  lambda: m.cuda and cuinit.append(gpu.init_in_background()))
         except BaseException:
             running.proc.kill()                 # CRIU waits on tasks nobody serves now
             running.wait()
@@ -172,6 +173,6 @@ def _continue(pid: int) -> None:
         pass
 
 
-def _read(repo, entry: dict) -> bytes:
+def _read(repo, entry: FileEntry) -> bytes:
     """A small image file's bytes, straight from the store (verified)."""
-    return b"".join(repo.read_chunk(cid, n) for cid, n in entry["chunks"])
+    return b"".join(repo.read_chunk(cid, n) for cid, n in entry.chunks)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..criu.argv import CriuOptions
 from ..imagefile.devnodes import NodeChange
-from ..model import Target
+from ..model import Manifest, Target
 
 if TYPE_CHECKING:
     from ..store import Repository
@@ -64,7 +64,7 @@ class ContainerPlacement:
 @dataclass
 class RestorePlan:
     request: RestoreRequest
-    manifest: dict
+    manifest: Manifest
     strategy: Strategy              # how this kind of target is restored
     criu_path: str                  # the CRIU that restores a process tree (podman finds it too)
     criu_options: CriuOptions = field(default_factory=CriuOptions)
@@ -100,7 +100,7 @@ class Strategy(Protocol):
     def dumper(self, plan: DumpPlan, cuda) -> Dumper:
         """The Dumper of one dump (cuda: its CudaSession, or None)."""
 
-    def plan_restore(self, req: RestoreRequest, manifest: dict, criu_path: str) -> RestorePlan:
+    def plan_restore(self, req: RestoreRequest, manifest: Manifest, criu_path: str) -> RestorePlan:
         """Every check that can fail before anything is restored; a plan or a refusal."""
 
     def restore(self, plan: RestorePlan, repo: Repository,

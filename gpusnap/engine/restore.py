@@ -22,7 +22,7 @@ def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
     """Every check that can fail, before anything is restored."""
     manifest = repo.load(repo.resolve(req.snapshot))
     criu_path, _ = find_criu()
-    strategy = strategies.for_kind(manifest["target"]["kind"])
+    strategy = strategies.for_kind(manifest.target.kind)
     return strategy.plan_restore(req, manifest, criu_path)
 
 

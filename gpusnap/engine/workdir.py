@@ -92,17 +92,21 @@ def huge_tmpfs(path: str) -> bool:
 
 def describe(store_path: str) -> dict:
     """Where scratch images go, and whether that tmpfs has huge pages (for doctor).
-    Changes nothing: mount_pending says the huge-page tmpfs will be mounted at first use."""
-    base = base_dir(store_path, mount=False)
+    Only looks: where base_dir() would mount the huge-page tmpfs, says so
+    (mounted_on_use) instead of mounting it."""
+    if (not os.environ.get("GPUSNAP_WORKDIR") and os.geteuid() == 0
+            and tmpfs_options(HUGE_BASE) is None):
+        return {"path": os.path.join(HUGE_BASE, "gpusnap"), "tmpfs": None, "huge_pages": False,
+                "mounted_on_use": True}
+    base = base_dir(store_path)                 # mounts nothing: HUGE_BASE is mounted or unused
     mounts = _tmpfs_mounts()
     probe = base
     while probe != "/" and probe not in mounts:
         probe = os.path.dirname(probe)
     options = mounts.get(probe)
-    pending = (os.geteuid() == 0 and not os.environ.get("GPUSNAP_WORKDIR")
-               and tmpfs_options(HUGE_BASE) is None)
-    return {"path": base, "tmpfs": probe if options is not None else None, "mount_pending": pending,
-            "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or "")}
+    return {"path": base, "tmpfs": probe if options is not None else None,
+            "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or ""),
+            "mounted_on_use": False}
 
 
 def private_base(store_path: str) -> str:

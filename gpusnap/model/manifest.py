@@ -289,25 +289,6 @@ class Manifest:
     def target_label(self) -> str:
         return f"{self.target.kind}:{self.target.name or self.target.root_pid}"
 
-    # transition: dict-style reads (m["cuda"], m.get("files", [])) for the engine modules
-    # not yet converted (engine/restore.py, engine/container_restore.py); each returns the
-    # field's JSON form, as the plain dict did. Remove once they read attributes.
-    def __getitem__(self, key: str):
-        if key in self.extra:
-            return self.extra[key]
-        if key == "extra" or not hasattr(self, key) or callable(getattr(self, key)):
-            raise KeyError(key)
-        return _json(getattr(self, key))
-
-    def get(self, key: str, default=None):  # transition: see __getitem__
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def keys(self):                         # transition: dict(m, files=...) works
-        return self.to_json().keys()
-
 
 __all__ = ["Manifest", "FileEntry", "CriuFacts", "CudaFacts", "SdkRecord", "SdkAgent",
            "WeightFile", "MANIFEST_VERSION", "ZERO_ID", "relative_path", "file_list"]

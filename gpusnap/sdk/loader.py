@@ -251,7 +251,6 @@ class _PinnedPool:
 
 
 def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
-    import torch
     wins = windows(jobs, chunk)
     if not wins:
         return
@@ -261,47 +260,14 @@ def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
     for w in wins:
         q.put(w)
     fds = {}
-    errors = []
+    errors: list[BaseException] = []
     for w in wins:
         if w.path not in fds:
             fds[w.path] = os.open(w.path, os.O_RDONLY)
     pool = _PinnedPool(workers * 2 * size)
-
-    def worker(i: int):
-        bufs = [pool.tensor[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
-        raw = [_address_buffer(b.data_ptr(), size) for b in bufs]
-        events: list = [None, None]
-        streams: dict = {}
-        k = 0
-        try:
-            while not errors:
-                try:
-                    w = q.get_nowait()
-                except queue.Empty:
-                    break
-                if events[k] is not None:
-                    events[k].synchronize()
-                _pread_into(fds[w.path], memoryview(raw[k])[:w.length], w.offset)
-                device = w.pieces[0][0].device
-                stream = streams.get(device)
-                if stream is None:
-                    stream = streams[device] = torch.cuda.Stream(device=device)
-                with torch.cuda.stream(stream):
-                    for dst, doff, boff, n in w.pieces:
-                        dst[doff:doff + n].copy_(bufs[k][boff:boff + n], non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(stream)
-                events[k] = ev
-                k ^= 1
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
-            errors.append(e)
-        finally:
-            for ev in events:
-                if ev is not None:
-                    ev.synchronize()
-
     try:
-        ts = [threading.Thread(target=worker, args=(i,), name=f"gpusnap-sdk-read-{i}", daemon=True)
+        ts = [threading.Thread(target=_pinned_worker, args=(pool, i, size, q, fds, errors),
+                               name=f"gpusnap-sdk-read-{i}", daemon=True)
               for i in range(workers)]
         for t in ts:
             t.start()
@@ -313,6 +279,45 @@ def _load_pinned(jobs: list[Job], threads: int, chunk: int) -> None:
         pool.close()
     if errors:
         raise errors[0]
+
+
+def _pinned_worker(pool: _PinnedPool, i: int, size: int, q: queue.SimpleQueue,
+                   fds: dict[str, int], errors: list[BaseException]) -> None:
+    """Reader thread i: windows from q into its two pinned buffers in turn, each copied to
+    its GPU on the thread's stream while the other one fills. Stops at the first error
+    of any thread (kept in errors)."""
+    import torch
+    bufs = [pool.tensor[(2 * i + j) * size:(2 * i + j + 1) * size] for j in range(2)]
+    raw = [_address_buffer(b.data_ptr(), size) for b in bufs]
+    events: list = [None, None]
+    streams: dict = {}
+    k = 0
+    try:
+        while not errors:
+            try:
+                w = q.get_nowait()
+            except queue.Empty:
+                break
+            if events[k] is not None:
+                events[k].synchronize()
+            _pread_into(fds[w.path], memoryview(raw[k])[:w.length], w.offset)
+            device = w.pieces[0][0].device
+            stream = streams.get(device)
+            if stream is None:
+                stream = streams[device] = torch.cuda.Stream(device=device)
+            with torch.cuda.stream(stream):
+                for dst, doff, boff, n in w.pieces:
+                    dst[doff:doff + n].copy_(bufs[k][boff:boff + n], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            events[k] = ev
+            k ^= 1
+    except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+        errors.append(e)
+    finally:
+        for ev in events:
+            if ev is not None:
+                ev.synchronize()
 
 
 def _load_kvikio(jobs: list[Job], threads: int, chunk: int) -> None:

@@ -116,67 +116,89 @@ def import_(repo: Repository, src: BinaryIO, *, max_bytes: int = DEFAULT_MAX_BYT
         tar = tarfile.open(fileobj=src, mode="r|")
     except tarfile.TarError as exc:
         raise ArchiveError(f"not a gpusnap archive: {exc}") from None
-    header = manifest = None
-    sizes: dict[str, int] = {}
-    plain: dict[str, int] = {}
-    seen: set[str] = set()
-    imported = present = imported_bytes = 0
-    total = 0
+    run = _Import(repo, tar, max_bytes)
     try:
         for member in tar:
-            name = _check_member(member, seen)
-            if header is None:
-                if name != HEADER_NAME:
-                    raise ArchiveError(f"the archive must start with {HEADER_NAME}, not {name}")
-                header = _check_header(_json_member(tar, member), max_bytes, repo)
-                sizes = header["chunks"]
-                continue
-            if manifest is None:
-                if name != MANIFEST_NAME:
-                    raise ArchiveError(f"{MANIFEST_NAME} must follow the header, not {name}")
-                manifest = _check_manifest(_json_member(
-                    tar, member, lambda raw: repo.codec.unseal(header["snapshot"], raw)), header, sizes)
-                plain = manifest.chunk_sizes()
-                continue
-            if not name.startswith(CHUNK_PREFIX):
-                raise ArchiveError(f"unexpected member {name}")
-            cid = name[len(CHUNK_PREFIX):]
-            if cid not in sizes:
-                raise ArchiveError(f"chunk {cid[:16]} is not declared in the header")
-            if member.size != sizes[cid]:
-                raise ArchiveError(f"chunk {cid[:16]} is {member.size} bytes, the header declared {sizes[cid]}")
-            total += member.size
-            if total > max_bytes:
-                raise ArchiveError(f"the archive holds more than {max_bytes} bytes of chunks")
-            blob = _read_member(tar, member)
-            if repo.has_chunk(cid):
-                present += 1
-                repo.codec.decode(blob, cid, plain[cid])      # still verify what we were given
-                continue
-            repo.codec.decode(blob, cid, plain[cid])          # raises IntegrityError on mismatch
-            repo.store_blob(cid, blob)
-            imported += 1
-            imported_bytes += len(blob)
+            run.take(member)
     except tarfile.TarError as exc:
         raise ArchiveError(f"the archive is damaged: {exc}") from None
     finally:
         tar.close()
-    if header is None or manifest is None:
-        raise ArchiveError("the archive has no header or no manifest")
-    arrived = {n[len(CHUNK_PREFIX):] for n in seen if n.startswith(CHUNK_PREFIX)}
-    if arrived != set(plain):
-        raise ArchiveError(f"{len(set(plain) - arrived)} chunks the manifest needs are missing from the archive")
-    snap_id = manifest.id
-    if snap_id in repo.snapshot_ids():
-        try:
-            same = _local_fields_dropped(repo.load(snap_id)) == _local_fields_dropped(manifest)
-        except IntegrityError:
-            same = False
-        if not same:
-            raise ArchiveError(f"the store already holds a different snapshot with id {snap_id}")
-        return ImportResult(snap_id, imported, present, imported_bytes, already_present=True)
-    repo.commit(manifest)
-    return ImportResult(snap_id, imported, present, imported_bytes, already_present=False)
+    return run.commit()
+
+
+class _Import:
+    """One archive being read, member by member: the header, the manifest, the chunks."""
+
+    def __init__(self, repo: Repository, tar: tarfile.TarFile, max_bytes: int):
+        self.repo, self.tar, self.max_bytes = repo, tar, max_bytes
+        self.header: dict | None = None
+        self.manifest: Manifest | None = None
+        self.sizes: dict[str, int] = {}         # chunk id -> stored size (the header's)
+        self.plain: dict[str, int] = {}         # chunk id -> plain size (the manifest's)
+        self.seen: set[str] = set()
+        self.imported = self.present = self.imported_bytes = self.total = 0
+
+    def take(self, member: tarfile.TarInfo) -> None:
+        name = _check_member(member, self.seen)
+        if self.header is None:
+            if name != HEADER_NAME:
+                raise ArchiveError(f"the archive must start with {HEADER_NAME}, not {name}")
+            self.header = _check_header(_json_member(self.tar, member), self.max_bytes, self.repo)
+            self.sizes = self.header["chunks"]
+        elif self.manifest is None:
+            if name != MANIFEST_NAME:
+                raise ArchiveError(f"{MANIFEST_NAME} must follow the header, not {name}")
+            snap_id = self.header["snapshot"]
+            self.manifest = _check_manifest(_json_member(
+                self.tar, member, lambda raw: self.repo.codec.unseal(snap_id, raw)),
+                self.header, self.sizes)
+            self.plain = self.manifest.chunk_sizes()
+        elif name.startswith(CHUNK_PREFIX):
+            self._chunk(member, name[len(CHUNK_PREFIX):])
+        else:
+            raise ArchiveError(f"unexpected member {name}")
+
+    def _chunk(self, member: tarfile.TarInfo, cid: str) -> None:
+        sizes, repo = self.sizes, self.repo
+        if cid not in sizes:
+            raise ArchiveError(f"chunk {cid[:16]} is not declared in the header")
+        if member.size != sizes[cid]:
+            raise ArchiveError(f"chunk {cid[:16]} is {member.size} bytes, the header declared {sizes[cid]}")
+        self.total += member.size
+        if self.total > self.max_bytes:
+            raise ArchiveError(f"the archive holds more than {self.max_bytes} bytes of chunks")
+        blob = _read_member(self.tar, member)
+        if repo.has_chunk(cid):
+            self.present += 1
+            repo.codec.decode(blob, cid, self.plain[cid])      # still verify what we were given
+            return
+        repo.codec.decode(blob, cid, self.plain[cid])          # raises IntegrityError on mismatch
+        repo.store_blob(cid, blob)
+        self.imported += 1
+        self.imported_bytes += len(blob)
+
+    def commit(self) -> ImportResult:
+        """Every chunk is in: the manifest goes in last (or is found there already)."""
+        repo, manifest = self.repo, self.manifest
+        if self.header is None or manifest is None:
+            raise ArchiveError("the archive has no header or no manifest")
+        arrived = {n[len(CHUNK_PREFIX):] for n in self.seen if n.startswith(CHUNK_PREFIX)}
+        if arrived != set(self.plain):
+            raise ArchiveError(f"{len(set(self.plain) - arrived)} chunks the manifest needs are "
+                               f"missing from the archive")
+        snap_id = manifest.id
+        counts = (self.imported, self.present, self.imported_bytes)
+        if snap_id in repo.snapshot_ids():
+            try:
+                same = _local_fields_dropped(repo.load(snap_id)) == _local_fields_dropped(manifest)
+            except IntegrityError:
+                same = False
+            if not same:
+                raise ArchiveError(f"the store already holds a different snapshot with id {snap_id}")
+            return ImportResult(snap_id, *counts, already_present=True)
+        repo.commit(manifest)
+        return ImportResult(snap_id, *counts, already_present=False)
 
 
 def _check_member(member: tarfile.TarInfo, seen: set[str]) -> str:

@@ -25,7 +25,6 @@ from typing import Callable, Iterable
 from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, ManifestInvalid,
                       SnapshotNotFound, StoreError, UsageError)
 from ..model import MANIFEST_VERSION, FileEntry, Manifest
-from ..model.manifest import file_list
 from . import chunker, codec, fsutil, keyfile, materialise, parallel
 from .lock import store_lock
 
@@ -281,7 +280,7 @@ class Repository:
         return self.codec.decode(self.read_blob(cid), cid, size)
 
     # ---- ingest (dump side) ----------------------------------------------------------
-    def ingest_dir(self, src: str, progress: Progress | None = None) -> tuple[list[dict], dict]:
+    def ingest_dir(self, src: str, progress: Progress | None = None) -> tuple[list[FileEntry], dict]:
         """Chunk every regular file under src into the store, on worker processes
         (parallel.py says why).
 
@@ -301,13 +300,13 @@ class Repository:
         batches = parallel.batches(spans, lambda span: span[2])
         _mode, results = parallel.run(_ingest_batch, (self, [f[1] for f in files], batches),
                                       len(batches), _threads(), ordered=True)
-        chunks: list[list] = [[] for _ in files]
+        chunks: list[list[tuple[str, int]]] = [[] for _ in files]
         stored = new = 0
         seen: set[str] = set()
         try:
             for batch, outcome in zip(batches, results):
                 for (index, _off, n), (cid, size_stored, size_new) in zip(batch, outcome):
-                    chunks[index].append([cid, n])
+                    chunks[index].append((cid, n))
                     if cid not in seen:
                         seen.add(cid)
                         stored += size_stored
@@ -316,24 +315,19 @@ class Repository:
                     progress(sum(n for _i, _o, n in batch))
         finally:
             results.close()
-        entries = [{"path": rel, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-                    "chunks": chunks[index]} for index, (rel, _full, st) in enumerate(files)]
+        entries = [FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode), chunks[index])
+                   for index, (rel, _full, st) in enumerate(files)]
         logical = sum(st.st_size for _rel, _full, st in files)
         return entries, {"bytes_logical": logical, "bytes_stored": stored, "bytes_new": new}
 
     def new_snapshot_id(self) -> str:
         return secrets.token_hex(8)
 
-    def commit(self, manifest: Manifest | dict) -> str:
+    def commit(self, manifest: Manifest) -> str:
         """Make a snapshot visible: sync the chunks, then write its manifest atomically.
 
         Assigns the id and creation time where they are empty. Refuses (ManifestInvalid)
         a manifest that load() would refuse."""
-        if isinstance(manifest, dict):          # transition: engine/dump.py still builds a dict
-            manifest.setdefault("id", self.new_snapshot_id())
-            manifest.setdefault("created", _now())
-            manifest["format"] = MANIFEST_VERSION
-            manifest = Manifest.from_json(manifest)
         manifest.id = manifest.id or self.new_snapshot_id()
         manifest.created = manifest.created or _now()
         manifest.format = MANIFEST_VERSION
@@ -447,7 +441,7 @@ class Repository:
         that series only. Pure reading: {"keep": [ids], "forget": [ids]}, oldest first."""
         series: dict = {}
         for m in self.manifests():
-            if name is None or m.get("name") == name:
+            if name is None or m.name == name:
                 series.setdefault(m.name, []).append(m.id)
         keep, forget = [], []
         for ids in series.values():
@@ -464,12 +458,8 @@ class Repository:
         only: per path, the byte ranges to write (the rest stays a hole: the uffd page
         path places those pages itself). Any mismatch raises IntegrityError; the caller
         removes dest. Statistics in self.last_materialise."""
-        if isinstance(manifest, dict):  # transition: container_restore._subset passes a dict
-            entries = file_list(manifest.get(which, []), f"manifest.{which}")
-        else:
-            entries = getattr(manifest, which)
-        self.last_materialise = materialise.write_files(self, entries, dest, _threads(), progress,
-                                                        only)
+        self.last_materialise = materialise.write_files(self, getattr(manifest, which), dest,
+                                                        _threads(), progress, only)
 
     # ---- verify, rm, gc -----------------------------------------------------------------
     def verify(self, snap_ids: Iterable[str] | None = None, progress: Progress | None = None) -> dict:

@@ -53,7 +53,7 @@ def child_main(rpipe: int, wpipe: int, sock: socket.socket, mib: int, seed: int)
         sock.sendall(b"pong" if ok else b"bad!")
 
 
-def main() -> None:
+def _parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--state", required=True)
     ap.add_argument("--mib", type=int, default=64)
@@ -63,8 +63,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--mmap-file")
     ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
 
+
+def _fork_children(args: argparse.Namespace) -> list[tuple]:
+    """(pid, pipe to it, pipe from it, socket to it) of each child, each holding its data."""
     children = []
     for k in range(args.children):
         to_child_r, to_child_w = os.pipe()
@@ -80,69 +83,91 @@ def main() -> None:
         os.close(from_child_w)
         child_sock.close()
         children.append((pid, to_child_w, from_child_r, parent_sock))
+    return children
 
-    data = make_data(args.mib, args.seed)
-    zeros = bytearray(args.zero_mib * MIB)           # touched, all zero
-    for off in range(0, len(zeros), 4096):
-        zeros[off] = 0
-    expected = hashlib.sha256(data).hexdigest()
 
-    mapped = None
-    if args.mmap_file:
-        with open(args.mmap_file, "wb") as f:
-            f.write(make_data(4, args.seed + 100))
-        fd = os.open(args.mmap_file, os.O_RDWR)
-        mapped = mmap.mmap(fd, 4 * MIB, mmap.MAP_SHARED)
-        os.close(fd)
-    mapped_expected = hashlib.sha256(mapped[:]).hexdigest() if mapped else None
+def _map_file(path: str | None, seed: int) -> mmap.mmap | None:
+    """A MAP_SHARED mapping of a 4 MiB file of known data (None: no --mmap-file)."""
+    if not path:
+        return None
+    with open(path, "wb") as f:
+        f.write(make_data(4, seed + 100))
+    fd = os.open(path, os.O_RDWR)
+    mapped = mmap.mmap(fd, 4 * MIB, mmap.MAP_SHARED)
+    os.close(fd)
+    return mapped
 
-    counters = [0] * args.threads
-    stop = threading.Event()
 
-    def spin(i: int) -> None:
-        while not stop.is_set():
-            counters[i] += 1
+class _Holder:
+    """The parent: its data, its children (forked first, before any thread), threads
+    that keep counting, a mapped file; checks them all on SIGUSR1."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.state = args.state
+        self.children = _fork_children(args)
+        self.data = make_data(args.mib, args.seed)
+        self.zeros = bytearray(args.zero_mib * MIB)         # touched, all zero
+        for off in range(0, len(self.zeros), 4096):
+            self.zeros[off] = 0
+        self.expected = hashlib.sha256(self.data).hexdigest()
+        self.mapped = _map_file(args.mmap_file, args.seed)
+        self.mapped_expected = hashlib.sha256(self.mapped[:]).hexdigest() if self.mapped else None
+        self.counters = [0] * args.threads
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._spin, args=(i,), daemon=True)
+                        for i in range(args.threads)]
+        for t in self.threads:
+            t.start()
+        self.ticks = 0
+        # A flag, not an Event: Event.set() in a handler deadlocks when the signal lands
+        # while this thread holds the Event's lock inside Event.wait() (a handler runs in
+        # the main thread, between two bytecodes) -- seen as a rare hang after SIGSTOP/SIGCONT.
+        self.check_requested = False
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "check_requested", True))
+
+    def _spin(self, i: int) -> None:
+        while not self.stop.is_set():
+            self.counters[i] += 1
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=spin, args=(i,), daemon=True) for i in range(args.threads)]
-    for t in threads:
-        t.start()
-
-    ticks = [0]
-    # A flag, not an Event: Event.set() in a handler deadlocks when the signal lands
-    # while this thread holds the Event's lock inside Event.wait() (a handler runs in the
-    # main thread, between two bytecodes) -- seen as a rare hang after SIGSTOP/SIGCONT.
-    check_requested = [False]
-    signal.signal(signal.SIGUSR1, lambda *_: check_requested.__setitem__(0, True))
-
-    def report() -> None:
+    def report(self) -> None:
         kids = []
-        for pid, w, r, s in children:
+        for pid, w, r, s in self.children:
             os.write(w, b"check\n")
             kids.append({"pid": pid, "pipe": os.read(r, 16).decode().strip(),
                          "socket": s.recv(4).decode()})
-        before = list(counters)
+        before = list(self.counters)
         time.sleep(0.05)
-        write_json(os.path.join(args.state, "report.json"), {
-            "pid": os.getpid(), "time": time.time(), "ticks": ticks[0],
-            "data_ok": hashlib.sha256(data).hexdigest() == expected,
-            "zeros_ok": not any(zeros),
+        mapped = self.mapped
+        write_json(os.path.join(self.state, "report.json"), {
+            "pid": os.getpid(), "time": time.time(), "ticks": self.ticks,
+            "data_ok": hashlib.sha256(self.data).hexdigest() == self.expected,
+            "zeros_ok": not any(self.zeros),
             "children": kids,
             "children_ok": all(k["pipe"] == "ok" and k["socket"] == "pong" for k in kids),
-            "threads_alive": sum(1 for t in threads if t.is_alive()),
-            "threads_moving": all(a > b for a, b in zip(counters, before)) if threads else True,
-            "mmap_ok": (hashlib.sha256(mapped[:]).hexdigest() == mapped_expected) if mapped else None,
+            "threads_alive": sum(1 for t in self.threads if t.is_alive()),
+            "threads_moving": all(a > b for a, b in zip(self.counters, before))
+            if self.threads else True,
+            "mmap_ok": (hashlib.sha256(mapped[:]).hexdigest() == self.mapped_expected)
+            if mapped else None,
         })
 
-    write_json(os.path.join(args.state, "ready"), {"pid": os.getpid(), "checksum": expected,
-                                                   "children": [c[0] for c in children]})
-    while True:
-        ticks[0] += 1
-        data[ticks[0] % len(data) // 4096 * 4096 + 7] ^= 0       # touch a page, keep contents
-        time.sleep(0.05)
-        if check_requested[0]:
-            check_requested[0] = False
-            report()
+    def run(self) -> None:
+        write_json(os.path.join(self.state, "ready"), {
+            "pid": os.getpid(), "checksum": self.expected,
+            "children": [c[0] for c in self.children]})
+        data = self.data
+        while True:
+            self.ticks += 1
+            data[self.ticks % len(data) // 4096 * 4096 + 7] ^= 0    # touch a page, keep contents
+            time.sleep(0.05)
+            if self.check_requested:
+                self.check_requested = False
+                self.report()
+
+
+def main() -> None:
+    _Holder(_parse_args()).run()
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_restore_from_a_warm_cache_skips_materialise(workload, gpusnap, store):
     cache = os.path.dirname(warmed[0]["path"])
     assert os.stat(cache).st_mode & 0o077 == 0 or os.stat(os.path.dirname(cache)).st_mode & 0o077 == 0
     for _ in range(2):                               # one cache serves many restores
-        rc, res, err = gpusnap("restore", "warmme")
+        rc, res, err = gpusnap("restore", "warmme", "--pages", "criu")    # the warm cache is the criu path's
         assert rc == 0, err
         assert "materialise" not in res["timings"]
         assert any("warm cache" in n for n in res["notes"])

@@ -85,8 +85,12 @@ def test_kill_9_during_the_fill_leaves_no_restored_tree(workload, gpusnap, store
     from gpusnap.store import Repository
     repo = Repository.open(store, create=False)
     m = repo.load(snap["id"])
-    pages = [f for f in m["files"] if f["path"].startswith("pages-")]
-    cid = next(c for f in pages for c, n in f["chunks"] if c != "zero")
+    pages = [f for f in m.files if f.path.startswith("pages-")]
+    # A chunk from the middle of the root's data (the biggest pages image): lazy, so the
+    # fill reads it; and no restorer faults on it while CRIU runs.
+    biggest = max(pages, key=lambda f: f.size)
+    stored = [c for c, n in biggest.chunks if c != "zero"]
+    cid = stored[len(stored) // 2]
     path = repo.chunk_path(cid)
     os.rename(path, path + ".real")
     os.mkfifo(path, 0o600)

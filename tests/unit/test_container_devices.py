@@ -210,6 +210,7 @@ def test_restore_plan_moves_the_gpu_node_with_the_cuda_state(monkeypatch):
     from gpusnap.engine import strategies
     from gpusnap.engine.restore import RestoreRequest
     from gpusnap.errors import PidInUse
+    from gpusnap.model import CudaFacts, Manifest, Target
 
     gpus = [discover.GpuInfo(i, f"GPU-{i}", "H100", 80 << 30, 70 << 30, f"0000:0{i}:00.0", i)
             for i in range(2)]
@@ -233,8 +234,9 @@ def test_restore_plan_moves_the_gpu_node_with_the_cuda_state(monkeypatch):
                           "major": 195, "minor": 0, "permissions": "rwm"}],
              "gpu_devices": [{"path": "/dev/nvidia0", "major": 195, "minor": 0},
                              {"path": "/dev/nvidiactl", "major": 195, "minor": 255}]}
-    manifest = {"id": "s1", "target": {"kind": "docker", "container": facts},
-                "cuda": {"gpus": [g.to_dict() for g in gpus], "used_memory": {"GPU-0": 1 << 30}}}
+    manifest = Manifest(id="s1", target=Target("docker", 1, [1], container=facts), pids=[1],
+                        files=[], cuda=CudaFacts(pids=[1], gpus=[g.to_dict() for g in gpus],
+                                                 used_memory={"GPU-0": 1 << 30}))
 
     def plan(req):
         return strategies.for_kind("docker").plan_restore(req, manifest, "criu")

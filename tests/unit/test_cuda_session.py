@@ -266,7 +266,7 @@ def test_describe_records_what_a_restore_needs(monkeypatch):
     monkeypatch.setattr(discover, "host_gpus", lambda: host)
     monkeypatch.setattr(discover, "_environ_value", lambda pid, key: None)
     facts = CudaSession([1, 2], FakeDriver({1: R, 2: L})).describe()
-    assert facts["pids"] == [1, 2] and facts["states"] == {"1": "RUNNING", "2": "LOCKED"}
-    assert [g["uuid"] for g in facts["gpus"]] == ["GPU-0", "GPU-1"]
-    assert facts["used_memory"] == {"GPU-0": 5}
-    assert facts["driver_version"] == "580.159.04"
+    assert facts.pids == [1, 2] and facts.states == {"1": "RUNNING", "2": "LOCKED"}
+    assert [g["uuid"] for g in facts.gpus] == ["GPU-0", "GPU-1"]
+    assert facts.used_memory == {"GPU-0": 5}
+    assert facts.driver_version == "580.159.04"

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from gpusnap.errors import IntegrityError
-from gpusnap.model import FileEntry, Manifest, Target
+from gpusnap.model import Manifest, Target
 from gpusnap.store import Repository, parallel
 
 
@@ -29,7 +29,7 @@ def stored(tmp_path, monkeypatch):
     repo = Repository.open(str(tmp_path / "store"))
     files, _ = repo.ingest_dir(str(src))
     return repo, Manifest(target=Target("process", 1, [1]), pids=[1],
-                          files=[FileEntry.from_json(f) for f in files]), data
+                          files=files), data
 
 
 def _read_all(dest, data):

@@ -82,13 +82,6 @@ def test_optional_fields_default_as_the_first_manifests_left_them_out():
     assert m.criu.shell_job is False and m.logs == [] and m.sdk is None and m.timings == {}
 
 
-def test_transition_dict_reads_give_the_json_form():
-    m = Manifest.from_json(gpu_manifest())
-    assert m["target"]["kind"] == "process" and m["criu"]["shell_job"] is False
-    assert m.get("cuda")["pids"] == [27567] and m.get("nothing", 5) == 5
-    assert dict(m, files=[])["id"] == m.id
-
-
 # ---- malformed ------------------------------------------------------------------------------
 
 def _with(path: str, value):

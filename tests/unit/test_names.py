@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from gpusnap.cli import cli
 from gpusnap.errors import UsageError
+from gpusnap.model import Manifest, Target
 from gpusnap.store import Repository
 from gpusnap.store.repository import validate_name
 
@@ -18,9 +19,8 @@ def _snap(repo, tmp_path, name, kind="process", data=b"x", created="2026-01-01T0
     src.mkdir(exist_ok=True)
     (src / "core-1.img").write_bytes(data * 1000)
     files, counts = repo.ingest_dir(str(src))
-    return repo.commit({"name": name, "created": created, "target": {"kind": kind, "root_pid": 9},
-                        "pids": [9], "criu_version": "4.2.1", "kernel": "6", "files": files,
-                        "logs": [], "timings": {}, **counts})
+    return repo.commit(Manifest(name=name, created=created, target=Target(kind, 9, [9]), pids=[9],
+                                criu_version="4.2.1", kernel="6", files=files, **counts))
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_newest_is_by_sequence_not_clock(repo, tmp_path):
     """Same second (or a clock that went back): the later commit is still the newest."""
     first = _snap(repo, tmp_path, "web", data=b"a", created="2026-01-01T00:00:05+00:00")
     second = _snap(repo, tmp_path, "web", data=b"b", created="2026-01-01T00:00:01+00:00")
-    assert repo.load(second)["seq"] == repo.load(first)["seq"] + 1
+    assert repo.load(second).seq == repo.load(first).seq + 1
     assert repo.resolve("web") == second
     assert [s.id for s in repo.list()] == [first, second]
 
@@ -99,8 +99,8 @@ def test_compress_level_of_new_chunks(tmp_path):
         src.mkdir()
         (src / "pages-1.img").write_bytes(b"gpusnap compresses this " * 40000)
         files, counts = repo.ingest_dir(str(src))
-        sizes[level], ids[level] = counts["bytes_stored"], [c for c, _ in files[0]["chunks"]]
-        cid, n = files[0]["chunks"][0]
+        sizes[level], ids[level] = counts["bytes_stored"], [c for c, _ in files[0].chunks]
+        cid, n = files[0].chunks[0]
         assert repo.read_chunk(cid, n) == (b"gpusnap compresses this " * 40000)[:n]
     assert ids[codec.NO_COMPRESSION] == ids[1] == ids[19]
     assert sizes[codec.NO_COMPRESSION] > sizes[1] >= sizes[19]

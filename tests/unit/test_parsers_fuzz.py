@@ -22,6 +22,8 @@ from gpusnap.sdk import protocol, registry
 from gpusnap.sdk.agent import Agent
 from gpusnap.store import Repository, archive
 
+from conftest import commit_snapshot
+
 BUDGET = 200
 fuzz = settings(max_examples=BUDGET, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -111,9 +113,7 @@ def _archive() -> bytes:
         os.mkdir(os.path.join(d, "img"))
         with open(os.path.join(d, "img", "pages-1.img"), "wb") as f:
             f.write(os.urandom(3000) + bytes(5000))
-        files, counts = repo.ingest_dir(os.path.join(d, "img"))
-        sid = repo.commit({"target": {"kind": "process", "root_pid": 1}, "pids": [1],
-                           "files": files, "logs": [], **counts})
+        sid = commit_snapshot(repo, os.path.join(d, "img")).id
         out = io.BytesIO()
         archive.export(repo, sid, out)
         return out.getvalue()

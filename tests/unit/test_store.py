@@ -13,7 +13,7 @@ from gpusnap.errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, Ma
 from gpusnap.store import Repository
 from gpusnap.store.chunker import CHUNK_SIZE
 
-from gpusnap.model import Manifest
+from gpusnap.model import FileEntry, Manifest, Target
 
 from conftest import commit_snapshot, write_images
 
@@ -119,8 +119,9 @@ def test_exclusive_lock_excludes_shared(repo):
 
 
 def test_manifest_paths_cannot_escape(repo, tmp_path):
-    m = {"files": [{"path": "../evil", "size": 1, "mode": 0o600, "chunks": [["zero", 1]]}]}
-    with pytest.raises(IntegrityError):
+    m = Manifest(target=Target("process", 1, [1]), pids=[1],
+                 files=[FileEntry("../evil", 1, 0o600, [("zero", 1)])])    # not validated
+    with pytest.raises(IntegrityError, match="escapes"):
         repo.materialise(m, str(tmp_path / "out"))
 
 
@@ -134,10 +135,9 @@ def test_a_manifest_under_another_snapshots_name_is_refused(repo, tmp_path):
     assert repo.verify()["bad"][0]["snapshot"] == other
 
 
-def test_commit_of_a_plain_dict_fills_it_in(repo, tmp_path):
-    """transition: engine/dump.py commits a dict and reads id and created back from it."""
+def test_commit_fills_in_id_and_created(repo, tmp_path):
     files, counts = repo.ingest_dir(write_images(str(tmp_path / "a"), {"a.img": b"a"}))
-    m = {"target": {"kind": "process", "root_pid": 1}, "pids": [1], "files": files, **counts}
+    m = Manifest(target=Target("process", 1, [1]), pids=[1], files=files, **counts)
     sid = repo.commit(m)
-    assert m["id"] == sid and m["created"] and m["format"] == 1
+    assert m.id == sid and m.created and m.format == 1
     assert repo.load(sid).files[0].path == "a.img"

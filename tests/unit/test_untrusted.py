@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 from gpusnap.errors import ArchiveError, InsecureStore, IntegrityError, StoreError
+from conftest import commit_snapshot
 from gpusnap.store import Repository, archive, codec
 
 
@@ -59,9 +60,7 @@ def test_an_archive_chunk_that_declares_a_terabyte_is_an_integrity_error(tmp_pat
     img = tmp_path / "img"
     img.mkdir()
     (img / "pages-1.img").write_bytes(b"x" * 5000)
-    files, counts = src.ingest_dir(str(img))
-    sid = src.commit({"target": {"kind": "process", "root_pid": 1}, "pids": [1],
-                      "files": files, "logs": [], **counts})
+    sid = commit_snapshot(src, str(img)).id
     out = io.BytesIO()
     archive.export(src, sid, out)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:

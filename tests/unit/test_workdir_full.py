@@ -21,8 +21,9 @@ _MATERIALISE = textwrap.dedent("""
     parallel.BATCH_BYTES = 1 << 20                 # several batches: worker processes
     repo = Repository.open(sys.argv[1])
     files, _ = repo.ingest_dir(sys.argv[2])
+    from gpusnap.model import Manifest, Target
     try:
-        repo.materialise({"files": files}, sys.argv[3])
+        repo.materialise(Manifest(target=Target("process", 1, [1]), pids=[1], files=files), sys.argv[3])
     except GpusnapError as exc:
         print(type(exc).__name__, exc.message, file=sys.stderr)
         sys.exit(exc.exit_code)

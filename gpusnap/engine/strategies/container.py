@@ -28,12 +28,14 @@ Restore steps, with their undo:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from typing import Callable
 
 from ... import interrupts
 from ...errors import ContainerEngineError, GpusnapError, PidInUse, UsageError
+from ...model import Manifest
 from ...store import Repository
 from ...targets import containers, devices
 from .. import gpu, workdir
@@ -52,17 +54,17 @@ class ContainerStrategy:
         return ContainerDump(self.engine, plan, cuda)
 
     # ---- restore: plan ----------------------------------------------------------------
-    def plan_restore(self, req: RestoreRequest, manifest: dict, criu_path: str) -> RestorePlan:
+    def plan_restore(self, req: RestoreRequest, manifest: Manifest, criu_path: str) -> RestorePlan:
         engine = self.engine
         why = engine.unavailable()
         if why:
             raise ContainerEngineError(f"{engine.kind} is not usable: {why}")
         engine.check_checkpoint_support()
-        facts = manifest["target"]["container"]
+        facts = manifest.target.container
         device_map = devices.parse_device_maps(req.devices)
         plan = RestorePlan(request=req, manifest=manifest, strategy=self, criu_path=criu_path)
-        if manifest.get("cuda"):
-            move = gpu.plan_remap(manifest["cuda"], req.gpus, _visible_minors(facts))
+        if manifest.cuda:
+            move = gpu.plan_remap(manifest.cuda, req.gpus, _visible_minors(facts))
             plan.gpu_pairs, plan.notes = move.pairs, move.notes
             for old, new in devices.gpu_device_map(move.snapshot, move.host, move.pairs).items():
                 if device_map.setdefault(old, new) != new:
@@ -106,7 +108,7 @@ class ContainerStrategy:
         """engine restore (materialise inside) -> CUDA restore + unlock."""
         m, where, stages = plan.manifest, plan.container, Stages()
         work = workdir.make(repo.path, "restore-")
-        marker = f"{m['id']} {secrets.token_hex(6)}"
+        marker = f"{m.id} {secrets.token_hex(6)}"
         restored = None
 
         def materialise(dest: str, prefix: str) -> None:
@@ -122,10 +124,10 @@ class ContainerStrategy:
                         marker=marker)
             # engine_restore includes materialise; report it on its own
             stages.seconds["engine_restore"] -= stages.seconds.get("materialise", 0.0)
-            if m.get("cuda"):
+            if m.cuda:
                 with stages.stage("cuda_restore"):
                     restore_cuda(restored["pid"], plan.gpu_pairs)
-            return {"pid": restored["pid"], "snapshot": m["id"], "timings": stages.to_dict(),
+            return {"pid": restored["pid"], "snapshot": m.id, "timings": stages.to_dict(),
                     "notes": plan.notes,
                     "container": {"engine": self.engine.kind, "id": restored["id"],
                                   "name": restored["name"]}}
@@ -164,17 +166,17 @@ def _moved_devices(facts: dict, device_map: dict[str, str], notes: list[str]):
     return new, changes
 
 
-def _subset(m: dict, prefix: str) -> dict:
+def _subset(m: Manifest, prefix: str) -> Manifest:
     """The manifest's files under prefix ('checkpoint/': that dir, paths made relative
     to it; 'rootfs-diff.tar': that file; '': all)."""
     if not prefix:
         return m
     if prefix.endswith("/"):
-        files = [dict(e, path=e["path"][len(prefix):]) for e in m.get("files", [])
-                 if e["path"].startswith(prefix)]
+        files = [dataclasses.replace(e, path=e.path[len(prefix):]) for e in m.files
+                 if e.path.startswith(prefix)]
     else:
-        files = [e for e in m.get("files", []) if e["path"] == prefix]
-    return dict(m, files=files)
+        files = [e for e in m.files if e.path == prefix]
+    return dataclasses.replace(m, files=files)
 
 
 def restore_cuda(init_pid: int, pairs, required: bool = True) -> list[int]:

@@ -23,6 +23,7 @@ from ... import interrupts
 from ...criu import runner as criu_runner
 from ...criu.argv import CriuOptions
 from ...errors import CriuFailed, PidInUse, TargetNotFound, UsageError
+from ...model import Manifest
 from ...store import Repository
 from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids
 from .. import agent_steps, gpu, imagecache, pagepath, workdir
@@ -37,19 +38,19 @@ class ProcessStrategy:
     def dumper(self, plan: DumpPlan, cuda=None) -> ProcessDump:
         return ProcessDump(plan)
 
-    def plan_restore(self, req: RestoreRequest, manifest: dict, criu_path: str) -> RestorePlan:
+    def plan_restore(self, req: RestoreRequest, manifest: Manifest, criu_path: str) -> RestorePlan:
         if req.name or req.devices:
             raise UsageError("--name and --device are for container snapshots")
-        busy = taken(manifest["pids"])
+        busy = taken(manifest.pids)
         if busy:
             raise PidInUse(f"pids {busy} are in use: the original process is probably still running",
                            hint="stop the original first (a zombie's parent must reap it), "
                                 "or restore on another host")
         agent_steps.check_weights(manifest)         # SDK: weight files unchanged, or refuse
         plan = RestorePlan(request=req, manifest=manifest, strategy=self, criu_path=criu_path,
-                           criu_options=CriuOptions(shell_job=manifest["criu"]["shell_job"]))
-        if manifest.get("cuda"):
-            move = gpu.plan_remap(manifest["cuda"], req.gpus)
+                           criu_options=CriuOptions(shell_job=manifest.criu.shell_job))
+        if manifest.cuda:
+            move = gpu.plan_remap(manifest.cuda, req.gpus)
             plan.gpu_pairs, plan.notes = move.pairs, move.notes
         plan.page_path, notes = pagepath.choose(req.pages, self.kind)
         plan.notes += notes
@@ -73,11 +74,11 @@ class ProcessStrategy:
             sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
             if pages:
                 pages.done()
-            return {"pid": root_pid, "snapshot": m["id"], "timings": stages.to_dict(),
+            return {"pid": root_pid, "snapshot": m.id, "timings": stages.to_dict(),
                     "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise,
                     "page_path": plan.page_path, "fill": pages.fill.to_dict() if pages else None}
         except BaseException as exc:
-            _undo_restore(repo, work, root_pid, m["pids"], exc)
+            _undo_restore(repo, work, root_pid, m.pids, exc)
             if pages:
                 pages.abort()
             raise
@@ -89,7 +90,7 @@ def _criu_pages(plan: RestorePlan, repo: Repository, work: str, stages: Stages, 
     """CRIU's page path: every image materialised, CRIU writes the pages. (root, cuInit)."""
     images = _images(plan, repo, work, stages, progress)
     # after materialise: it forks its workers
-    cuinit = gpu.init_in_background() if plan.manifest.get("cuda") else None
+    cuinit = gpu.init_in_background() if plan.manifest.cuda else None
     with stages.stage("criu_restore"):
         root = criu_runner.restore(images, plan.criu_options, work_dir=work, criu=plan.criu_path)
     return root, cuinit
@@ -109,7 +110,7 @@ def _images(plan: RestorePlan, repo: Repository, work: str, stages: Stages, prog
 
 
 def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: Stages) -> None:
-    cuda_pids = list((plan.manifest.get("cuda") or {}).get("pids") or [])
+    cuda_pids = list(plan.manifest.cuda.pids) if plan.manifest.cuda else []
     if not cuda_pids:
         return
     cuda = gpu.session(cuda_pids)

@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 
-from . import sysrun
+from .. import sysrun
 
 
 @dataclass
@@ -22,8 +22,8 @@ class Check:
 
 
 def _criu() -> list[Check]:
-    from .criu.locate import find_criu
-    from .errors import CriuMissing
+    from ..criu.locate import find_criu
+    from ..errors import CriuMissing
     try:
         path, version = find_criu()
     except CriuMissing as exc:
@@ -50,11 +50,11 @@ def _kernel() -> list[Check]:
 
 
 def _workdir() -> list[Check]:
-    from .engine import workdir
+    from . import workdir
     where = workdir.describe("<store>")
-    if where["mount_pending"]:
-        return [Check("work dir", "ok", f"{workdir.HUGE_BASE} (tmpfs with huge pages, mounted by "
-                      f"the first dump or restore; until then {where['path']})")]
+    if where["mounted_on_use"]:
+        return [Check("work dir", "ok", f"{where['path']} (a tmpfs with huge pages, mounted by "
+                      f"the first dump or restore; /dev/shm where mounting is refused)")]
     if where["huge_pages"]:
         return [Check("work dir", "ok", f"{where['path']} (tmpfs with huge pages)")]
     return [Check("work dir", "warn",
@@ -93,9 +93,9 @@ def _cuda() -> list[Check]:
         return [Check("nvidia driver", "missing", "libcuda not found (no GPU here?)",
                       "install the NVIDIA driver >= 580 for GPU snapshots; CPU processes work without it")]
     try:
-        from .cuda import get_driver
-        from .cuda.driver import REMAP_MIN_DRIVER
-        from .errors import CudaUnavailable
+        from ..cuda import get_driver
+        from ..cuda.driver import REMAP_MIN_DRIVER
+        from ..errors import CudaUnavailable
         d = get_driver()
         try:
             d.version()              # loads libcuda and checks every checkpoint symbol
@@ -110,7 +110,7 @@ def _cuda() -> list[Check]:
         out.append(Check("gpu remap (--gpu)", "ok" if remap else "warn",
                          "supported" if remap else f"driver {shown} < {REMAP_MIN_DRIVER}",
                          "" if remap else f"upgrade the driver to >= {REMAP_MIN_DRIVER}"))
-        from .cuda import host_gpus
+        from ..cuda import host_gpus
         for g in host_gpus().gpus:
             out.append(Check(f"gpu {g.index}", "ok", f"{g.name} {g.uuid} {g.memory_free >> 20} MiB free"))
         return out
