@@ -11,8 +11,10 @@ from .context import human_bytes, timings_table
 @click.option("--leave-running", is_flag=True, help="Keep the original running after the dump.")
 @click.option("--lock-timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for CUDA work in flight before locking.")
+@click.option("--force", is_flag=True, help="Dump a NCCL job that may use CUDA IPC peer "
+              "memory anyway (the driver may not restore it).")
 @click.pass_obj
-def command(app, container, pid, engine, name, leave_running, lock_timeout):
+def command(app, container, pid, engine, name, leave_running, lock_timeout, force):
     """Checkpoint CONTAINER, or the process tree of --pid, into the store.
 
     Without --leave-running the original stops for good once its snapshot is committed;
@@ -23,7 +25,8 @@ def command(app, container, pid, engine, name, leave_running, lock_timeout):
     from ..engine import dump
     started = time.perf_counter()
     req = dump.DumpRequest(pid=pid, container=container, engine=engine, name=name,
-                           leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
+                           leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000),
+                           force=force)
     plan = dump.plan(req)
     planned = time.perf_counter() - started
     repo = app.repo()

@@ -17,8 +17,10 @@ from .context import timings_table
               help="How memory gets into the restored processes: uffd (gpusnap places it from "
                    "the store, in parallel, through userfaultfd), criu (CRIU writes it from "
                    "materialised images), auto (uffd where the host allows it).")
+@click.option("--standby", is_flag=True, help="Processes: restore with the CUDA state left "
+              "checkpointed (no GPU memory used); `gpusnap resume PID` finishes it.")
 @click.pass_obj
-def command(app, snapshot, gpus, name, devices, pages):
+def command(app, snapshot, gpus, name, devices, pages, standby):
     """Restore SNAPSHOT (an id, a unique id prefix, or a name).
 
     Prints the restored root pid; for a container, its name, id and init pid.
@@ -29,7 +31,8 @@ def command(app, snapshot, gpus, name, devices, pages):
     started = time.perf_counter()
     repo = app.repo(create=False)
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
-                                 name=name, devices=list(devices) or None, pages=pages)
+                                 name=name, devices=list(devices) or None, pages=pages,
+                                 standby=standby)
     plan = restore.plan(req, repo)
     planned = time.perf_counter() - started
     for note in plan.notes:
