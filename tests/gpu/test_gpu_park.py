@@ -143,8 +143,8 @@ def _dump_restore(tp: TensorParallel, gpusnap, *restore_args) -> dict:
     rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
     assert rc == 0, f"{err}\n{tp.logs()}"
     assert sorted(gpusnap("inspect", snap["id"])[1]["cuda"]["pids"]) == sorted(tp.ranks)
-    pids = [tp.pid, *tp.ranks]
-    _wait_free(pids)
+    tp.reap()
+    _wait_free([tp.pid, *tp.ranks])
     rc, res, err = gpusnap("restore", snap["id"], *restore_args)
     assert rc == 0, err
     assert res["pid"] == tp.pid

@@ -1,7 +1,7 @@
 """Two NCCL ranks (torch.distributed, one process per GPU, TP=2) all-reducing a known
 tensor in a loop, whose correctness survives checkpoint/restore or says it did not.
 
-    python tp_allreduce.py --dir D [--mib 256] [--unsafe]           (the launcher)
+    python tp_allreduce.py --dir D [--mib 256] [--unsafe] [--cpu]   (the launcher)
 
 The launcher starts rank 0 and rank 1 as its children (so the launcher's pid names the
 whole tree for gpusnap), rank r on GPU r (torch.cuda.set_device, as torchrun's
@@ -9,7 +9,8 @@ LOCAL_RANK: each sees both GPUs, so a restore maps both, e.g. swapped), with an
 environment that keeps NVLink multicast off (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1) and NCCL off CUDA IPC
 (NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0: what the driver's checkpoint can restore).
---unsafe leaves the last two out (NCCL's defaults: gpusnap must refuse it).
+--unsafe leaves the last two out (NCCL's defaults: gpusnap must refuse it). --cpu runs
+the same protocol over gloo on the CPU (a check of the workload without a GPU).
 
 Each rank holds --mib of a pattern and, every loop, all-reduces (rank + 1) * base: the
 sum must be 3 * base exactly (small integers in float32). Protocol, per rank r, as in
@@ -61,7 +62,7 @@ def launch(args) -> int:
         log = open(os.path.join(args.dir, f"rank{rank}.log"), "ab")
         ranks.append(subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--dir", args.dir, "--mib",
-             str(args.mib), "--rank", str(rank)],
+             str(args.mib), "--rank", str(rank)] + (["--cpu"] if args.cpu else []),
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log))
     while not all(os.path.exists(os.path.join(args.dir, f"state-{r}.json")) for r in range(2)):
         if any(p.poll() is not None for p in ranks):
@@ -83,13 +84,15 @@ def rank_main(args) -> int:
 
     flags = {"check": 0}
     signal.signal(signal.SIGUSR1, lambda *_: flags.__setitem__("check", flags["check"] + 1))
-    rank = args.rank
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=2)
+    rank, dev = args.rank, "cpu" if args.cpu else "cuda"
+    if not args.cpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("gloo" if args.cpu else "nccl", init_method="env://",
+                            rank=rank, world_size=2)
     n = args.mib * (1 << 20) // 4
-    held = torch.arange(n, dtype=torch.int32, device="cuda").bitwise_xor_(0x5A5A5A5A + rank)
+    held = torch.arange(n, dtype=torch.int32, device=dev).bitwise_xor_(0x5A5A5A5A ^ (rank << 20))
     checksum = int(torch.sum(held, dtype=torch.int64).item())
-    base = (torch.arange(1 << 20, device="cuda", dtype=torch.float32) % 1000)
+    base = (torch.arange(1 << 20, device=dev, dtype=torch.float32) % 1000)
     buf = torch.empty_like(base)
     iterations = failures = answered = 0
 
@@ -99,18 +102,17 @@ def rank_main(args) -> int:
         return bool(torch.equal(buf, base * 3))
 
     assert step()
-    torch.cuda.synchronize()
     _write_json(os.path.join(args.dir, f"state-{rank}.json"),
                 {"pid": os.getpid(), "rank": rank, "checksum": checksum,
-                 "device": torch.cuda.get_device_name()})
+                 "device": "cpu" if args.cpu else torch.cuda.get_device_name()})
     while True:
         ok = step()
         iterations += 1
         failures += not ok
         if flags["check"] > answered:
             answered = flags["check"]
-            again = held.clone().bitwise_xor_(0x5A5A5A5A + rank)
-            intact = bool(torch.equal(again, torch.arange(n, dtype=torch.int32, device="cuda")))
+            again = held.clone().bitwise_xor_(0x5A5A5A5A ^ (rank << 20))
+            intact = bool(torch.equal(again, torch.arange(n, dtype=torch.int32, device=dev)))
             _write_json(os.path.join(args.dir, f"result-{rank}.json"),
                         {"seq": answered, "intact": intact, "allreduce_ok": ok,
                          "iterations": iterations, "failures": failures,
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rank", type=int)
     ap.add_argument("--unsafe", action="store_true", help="NCCL's defaults (CUDA IPC on)")
+    ap.add_argument("--cpu", action="store_true", help="gloo on the CPU: the protocol without a GPU")
     args = ap.parse_args(argv)
     return launch(args) if args.rank is None else rank_main(args)
 
@@ -134,8 +137,8 @@ class TensorParallel:
     """Starts the launcher detached with stdio in files, waits for both ranks, asks them
     to check, and kills the tree."""
 
-    def __init__(self, workdir: str, mib: int = 256, unsafe: bool = False):
-        self.dir, self.mib, self.unsafe = workdir, mib, unsafe
+    def __init__(self, workdir: str, mib: int = 256, unsafe: bool = False, cpu: bool = False):
+        self.dir, self.mib, self.unsafe, self.cpu = workdir, mib, unsafe, cpu
         self.pid: int | None = None
         self.ranks: list[int] = []
 
@@ -146,7 +149,8 @@ class TensorParallel:
             if key in os.environ:
                 env[key] = os.environ[key]
         argv = [sys.executable, os.path.abspath(__file__), "--dir", self.dir,
-                "--mib", str(self.mib)] + (["--unsafe"] if self.unsafe else [])
+                "--mib", str(self.mib)] + (["--unsafe"] if self.unsafe else []) \
+            + (["--cpu"] if self.cpu else [])
         self.pid = sysrun.spawn_detached(argv, env=env, cwd=self.dir,
                                          stdout=os.path.join(self.dir, "launcher.log"))
         state = self._wait(os.path.join(self.dir, "state.json"), timeout)
@@ -185,6 +189,14 @@ class TensorParallel:
             except OSError:
                 pass
         return "\n".join(out)
+
+    def reap(self) -> None:
+        """Collect the launcher (our child until a restore makes it CRIU's) once gpusnap
+        killed it, so that its pid is free for the restore."""
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
 
     def stop(self) -> None:
         for pid in [*self.ranks, self.pid]:
