@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -35,6 +36,7 @@ def fake_rank(tmp_path):
                                 start_new_session=True)
     while not ready.exists():
         assert proc.poll() is None, (tmp_path / "rank.log").read_text()
+        time.sleep(0.05)
     yield proc
     proc.kill()
     proc.wait()

@@ -17,6 +17,10 @@ sum must be 3 * base exactly (small integers in float32). Protocol, per rank r, 
 gpusnap/workloads/torch_holder.py:
   - D/state-r.json once ready (pid, rank, device, checksum), written atomically;
   - on SIGUSR1: D/result-r.json (seq, intact, allreduce_ok, iterations, failures).
+Between collectives each rank synchronizes and sleeps 50 ms: a rank locked while its
+peer is inside a collective waiting for it never drains (the driver's lock waits for
+work in flight), so the lock times out and gpusnap rolls back; a server that runs
+collectives back to back needs the SDK to tear its communicators down first.
 The launcher writes D/state.json (pid, ranks: [pid0, pid1]) once both are ready, and ends
 when a rank does.
 """
@@ -107,6 +111,8 @@ def rank_main(args) -> int:
                  "device": "cpu" if args.cpu else torch.cuda.get_device_name()})
     while True:
         ok = step()
+        if not args.cpu:
+            torch.cuda.synchronize()
         iterations += 1
         failures += not ok
         if flags["check"] > answered:
@@ -117,7 +123,7 @@ def rank_main(args) -> int:
                         {"seq": answered, "intact": intact, "allreduce_ok": ok,
                          "iterations": iterations, "failures": failures,
                          "checksum": int(torch.sum(held, dtype=torch.int64).item())})
-        time.sleep(0.01)
+        time.sleep(0.05)    # idle between collectives: see the module's docstring
 
 
 def main(argv: list[str] | None = None) -> int:
