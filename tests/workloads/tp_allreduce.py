@@ -39,6 +39,8 @@ import time
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 NO_CUDA_IPC = {"NCCL_P2P_DISABLE": "1", "NCCL_CUMEM_ENABLE": "0"}
+# CRIU 4.2 cannot dump an io_uring: torch's TCPStore (libuv) keeps one open unless told not to
+NO_IO_URING = {"USE_LIBUV": "0", "UV_USE_IO_URING": "0"}
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -58,7 +60,7 @@ def launch(args) -> int:
     port = _free_port()
     ranks = []
     for rank in range(2):
-        env = {**os.environ, **NO_MULTICAST,
+        env = {**os.environ, **NO_MULTICAST, **NO_IO_URING,
                "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         if not args.unsafe:
