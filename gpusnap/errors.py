@@ -80,6 +80,21 @@ class GpuMismatch(GpusnapError):
     exit_code = 22
 
 
+class NcclPeerMemory(GpusnapError):
+    """NCCL with CUDA IPC peer memory: the driver cannot restore it; refused before anything is touched."""
+    exit_code = 23
+
+
+class NoCudaProcess(GpusnapError):
+    """No CUDA process in the target: nothing to suspend."""
+    exit_code = 24
+
+
+class NotParked(GpusnapError):
+    """gpusnap holds nothing parked for this target (see gpusnap ps)."""
+    exit_code = 25
+
+
 class ContainerEngineError(GpusnapError):
     """The container engine failed or is not usable."""
     exit_code = 30
@@ -142,6 +157,7 @@ class Interrupted(GpusnapError):
 
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
               CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
+              NcclPeerMemory, NoCudaProcess, NotParked,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
               StoreFull, ArchiveError, WrongKey, AgentFailed, WeightsChanged, Interrupted]
 

@@ -133,7 +133,9 @@ def gpusnap(store):
     """Run the real CLI in a subprocess; returns (exit code, parsed JSON or stdout, stderr)."""
 
     def run(*args: str, env: dict | None = None, check: bool = False):
-        full_env = {**os.environ, "GPUSNAP_STORE": store, **(env or {})}
+        full_env = {**os.environ, "GPUSNAP_STORE": store,
+                    "GPUSNAP_STATE_DIR": os.path.join(os.path.dirname(store), "state"),
+                    **(env or {})}
         proc = subprocess.run([sys.executable, "-m", "gpusnap", "--json", *args], cwd=REPO,
                               capture_output=True, text=True, env=full_env, timeout=600)
         try:
@@ -156,3 +158,31 @@ def commit_snapshot(repo, src: str, name: str | None = None, **fields):
                  **counts, **fields)
     repo.commit(m)
     return m
+
+
+@pytest.fixture
+def sleeper():
+    """sleeper(setup='', env=None) -> a Popen of a python that runs setup, says 'up' on its
+    stdout, and sleeps; killed after the test."""
+    procs = []
+
+    def start(setup: str = "", env: dict | None = None) -> subprocess.Popen:
+        code = f"import sys, time\n{setup}\nprint('up', flush=True)\ntime.sleep(600)"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, env=env)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == b"up"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def libz_path() -> str:
+    """A small real shared library to copy under another name."""
+    for d in ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        if os.path.exists(os.path.join(d, "libz.so.1")):
+            return os.path.join(d, "libz.so.1")
+    pytest.skip("no libz.so.1 to copy")

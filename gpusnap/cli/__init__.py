@@ -22,6 +22,9 @@ class LazyGroup(click.Group):
     COMMANDS = {
         "dump": "Checkpoint a process tree or a container into the store.",
         "restore": "Restore a snapshot; prints the restored root pid (container: name id pid).",
+        "suspend": "Park a process tree or container in place: its GPU memory to host memory.",
+        "resume": "Bring a suspended target or a standby back onto a GPU (--gpu: another one).",
+        "ps": "List what gpusnap holds: suspended targets, standbys, restored trees.",
         "ls": "List snapshots.",
         "inspect": "Show everything recorded about a snapshot.",
         "verify": "Re-hash every chunk of one or all snapshots.",

@@ -53,9 +53,11 @@ class CompressLevel(click.ParamType):
 @click.option("--file-locks/--no-file-locks", default=True, show_default=True,
               help="Process trees: dump file locks (CRIU --file-locks). Off: a tree holding one "
                    "is refused by CRIU.")
+@click.option("--force", is_flag=True, help="Dump a NCCL job that may use CUDA IPC peer "
+              "memory anyway (the driver may not restore it).")
 @click.pass_obj
 def command(app, containers, pid, engine, name, leave_running, lock_timeout, compress, keep,
-            tcp_established, file_locks):
+            tcp_established, file_locks, force):
     """Checkpoint CONTAINERS (one snapshot each), or the process tree of --pid, into the store.
 
     Without --leave-running the original stops for good once its snapshot is committed;
@@ -67,7 +69,8 @@ def command(app, containers, pid, engine, name, leave_running, lock_timeout, com
     targets = [(None, name)] if not containers else [
         (c, f"{name}.{c}" if name and len(containers) > 1 else name) for c in containers]
     requests = [dump.DumpRequest(pid=pid, container=c, engine=engine, name=n,
-                                 leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000))
+                                 leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000),
+                                 force=force)
                 for c, n in targets]
     plans = [_plan(req, tcp_established, file_locks) for req in requests]   # every check first
     repo = app.repo()                   # a read-only store is refused before the target is touched

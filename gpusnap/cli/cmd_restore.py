@@ -21,8 +21,10 @@ from .context import timings_table
                    "materialised images), auto (uffd where the host allows it).")
 @click.option("--keep", is_flag=True, help="Keep the work dir (materialised images, CRIU's "
               "restore log) and print where; it stays until you remove it.")
+@click.option("--standby", is_flag=True, help="Processes: restore with the CUDA state left "
+              "checkpointed (no GPU memory used); `gpusnap resume PID` finishes it.")
 @click.pass_obj
-def command(app, snapshot, gpus, name, devices, pages, keep):
+def command(app, snapshot, gpus, name, devices, pages, keep, standby):
     """Restore SNAPSHOT (an id, a unique id prefix, or a name).
 
     Prints the restored root pid; for a container, its name, id and init pid.
@@ -34,7 +36,8 @@ def command(app, snapshot, gpus, name, devices, pages, keep):
     started = time.perf_counter()
     repo = app.repo(create=False)
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
-                                 name=name, devices=list(devices) or None, pages=pages)
+                                 name=name, devices=list(devices) or None, pages=pages,
+                                 standby=standby)
     plan = restore.plan(req, repo)
     planned = time.perf_counter() - started
     for note in plan.notes:

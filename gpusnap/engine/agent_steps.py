@@ -246,12 +246,16 @@ def prepare_socket_dirs(manifest: Manifest) -> None:
 
 def resume(manifest: Manifest, stages) -> dict | None:
     """Read the weights back into the restored server; raises AgentFailed."""
-    if not manifest.sdk:
+    return resume_agents(manifest.sdk, manifest.pids, stages)
+
+
+def resume_agents(sdk: SdkRecord | None, pids: list[int], stages) -> dict | None:
+    """Have the agents of sdk (in the tree of pids) read their weights back."""
+    if not sdk:
         return None
     with stages.stage("sdk_resume"):
-        replies, errors = _all({a.pid: (a.socket, "resume") for a in manifest.sdk.agents},
-                               resume_timeout(), manifest.pids,
-                               {a.pid: a.uid for a in manifest.sdk.agents})
+        replies, errors = _all({a.pid: (a.socket, "resume") for a in sdk.agents},
+                               resume_timeout(), pids, {a.pid: a.uid for a in sdk.agents})
     if errors:
         raise AgentFailed("the restored server did not read its weights back: "
                           + "; ".join(errors.values()))

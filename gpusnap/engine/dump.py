@@ -46,6 +46,8 @@ def plan(req: DumpRequest) -> DumpPlan:
         raise UsageError("name a container or give --pid, not both")
     criu_path, criu_version = find_criu()
     strategy, target = strategies.resolve(req)
+    if not req.force:
+        gpu.refuse_nccl_ipc(target.pids, "dump")
     return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=CriuOptions(shell_job=target.shell_job),

@@ -17,6 +17,12 @@ def cuda_pids(pids: list[int]) -> list[int]:
     return discover.cuda_pids(pids)
 
 
+def refuse_nccl_ipc(pids: list[int], what: str) -> None:
+    """NcclPeerMemory if a pid is a NCCL rank that may use CUDA IPC (cuda/nccl.py)."""
+    from ..cuda.nccl import refuse_ipc_ranks
+    refuse_ipc_ranks(pids, what)
+
+
 def session(pids: list[int]):
     from ..cuda.session import CudaSession
     return CudaSession(pids)

@@ -28,6 +28,7 @@ class DumpRequest:
     name: str | None = None
     leave_running: bool = False
     lock_timeout_ms: int = 10_000
+    force: bool = False             # dump a NCCL job that may use CUDA IPC anyway (cuda/nccl.py)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RestoreRequest:
     name: str | None = None             # containers: restore as a new container NAME
     devices: list[str] | None = None    # containers: OLD:NEW host device swaps
     pages: str = "auto"                 # processes: page path auto, uffd, criu (engine/pagepath.py)
+    standby: bool = False               # processes: CUDA left checkpointed (engine/park.py resumes)
 
 
 @dataclass

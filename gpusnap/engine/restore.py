@@ -8,6 +8,7 @@ only read: a failed restore leaves it as it was, and nothing it restored half al
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from ..criu.locate import find_criu
@@ -29,5 +30,15 @@ def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
 def execute(plan: RestorePlan, repo: Repository,
             progress: Callable[[int], None] | None = None) -> dict:
     """Returns {'pid', 'snapshot', 'timings', 'notes'}, and for a process 'sdk' and
-    'materialise', for a container 'container': {engine, id, name}."""
-    return plan.strategy.restore(plan, repo, progress)
+    'materialise' and 'standby' ({host_memory} of a --standby), for a container
+    'container': {engine, id, name}. The tree is recorded for `gpusnap ps`."""
+    result = plan.strategy.restore(plan, repo, progress)
+    if not plan.request.standby:            # a standby recorded itself (engine/park.py)
+        from . import parked
+        m = plan.manifest
+        parked.record_quietly({
+            "pid": result["pid"], "pids": None, "state": "restored", "kind": m.target.kind,
+            "name": m.name or m.target.name, "container": result.get("container"),
+            "cuda_pids": None, "cuda": None, "sdk": None, "snapshot": m.id,
+            "since": time.time()}, result["notes"])
+    return result

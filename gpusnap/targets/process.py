@@ -60,6 +60,17 @@ def restored_tree(root_pid: int, recorded: list[int]) -> list[int]:
         return [root_pid] if root_pid in recorded else []
 
 
+def tree_rss(pids: list[int]) -> int:
+    """Resident host memory of the pids, in bytes (those gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def taken(pids: list[int], grace: float = 3.0) -> list[int]:
     """Pids that exist now, zombies included (a zombie's pid can't be reused either).
 

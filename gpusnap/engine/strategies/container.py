@@ -60,6 +60,9 @@ class ContainerStrategy:
         if why:
             raise ContainerEngineError(f"{engine.kind} is not usable: {why}")
         engine.check_checkpoint_support()
+        if req.standby:
+            raise UsageError("--standby is for process snapshots (a container's CUDA "
+                             "processes are restored by its engine's restore)")
         facts = manifest.target.container
         device_map = devices.parse_device_maps(req.devices)
         plan = RestorePlan(request=req, manifest=manifest, strategy=self, criu_path=criu_path)

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from typing import Callable
 
 import psutil
@@ -25,8 +26,8 @@ from ...criu.argv import CriuOptions
 from ...errors import CriuFailed, PidInUse, TargetNotFound, UsageError
 from ...model import Manifest
 from ...store import Repository
-from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids
-from .. import agent_steps, gpu, imagecache, pagepath, workdir
+from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids, tree_rss
+from .. import agent_steps, gpu, imagecache, pagepath, parked, workdir
 from ..plans import DumpPlan, RestorePlan, RestoreRequest
 from ..timing import Stages
 
@@ -49,7 +50,10 @@ class ProcessStrategy:
         agent_steps.check_weights(manifest)         # SDK: weight files unchanged, or refuse
         plan = RestorePlan(request=req, manifest=manifest, strategy=self, criu_path=criu_path,
                            criu_options=CriuOptions(shell_job=manifest.criu.shell_job))
-        if manifest.cuda:
+        if req.standby:
+            _check_standby(req, manifest)
+            parked.state_dir()                      # usable, or refused now
+        elif manifest.cuda:
             move = gpu.plan_remap(manifest.cuda, req.gpus)
             plan.gpu_pairs, plan.notes = move.pairs, move.notes
         plan.page_path, notes = pagepath.choose(req.pages, self.kind)
@@ -70,13 +74,18 @@ class ProcessStrategy:
                     root_pid, cuinit = pages.restore(plan, repo, work, stages, progress)
                 else:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
-            _restore_cuda(plan, cuinit, stages)
-            sdk = agent_steps.resume(m, stages)     # SDK: the server reads its weights back
+            sdk = standby = None
+            if plan.request.standby:                # CUDA and the SDK wait for `gpusnap resume`
+                standby = _record_standby(plan, root_pid, stages)
+            else:
+                _restore_cuda(plan, cuinit, stages)
+                sdk = agent_steps.resume(m, stages) # SDK: the server reads its weights back
             if pages:
                 pages.done()
             return {"pid": root_pid, "snapshot": m.id, "timings": stages.to_dict(),
                     "notes": plan.notes, "sdk": sdk, "materialise": repo.last_materialise,
-                    "page_path": plan.page_path, "fill": pages.fill.to_dict() if pages else None}
+                    "page_path": plan.page_path, "fill": pages.fill.to_dict() if pages else None,
+                    "standby": standby}
         except BaseException as exc:
             _undo_restore(repo, work, root_pid, m.pids, exc)
             if pages:
@@ -107,6 +116,30 @@ def _images(plan: RestorePlan, repo: Repository, work: str, stages: Stages, prog
     with stages.stage("materialise"):
         repo.materialise(plan.manifest, images, progress)
     return images
+
+
+def _check_standby(req: RestoreRequest, manifest: Manifest) -> None:
+    """A standby is a restore whose CUDA state stays checkpointed: refused where there is
+    none (it would be an ordinary restore), and --gpu belongs to the resume."""
+    if not (manifest.cuda and manifest.cuda.pids):
+        raise UsageError(f"snapshot {manifest.id[:12]} has no CUDA state: a standby of it "
+                         f"would just run", hint="restore it without --standby")
+    if req.gpus:
+        raise UsageError("a standby holds no GPU: give --gpu to `gpusnap resume`")
+
+
+def _record_standby(plan: RestorePlan, root_pid: int, stages: Stages) -> dict:
+    """The restored tree, parked: `gpusnap resume PID` restores its CUDA state and unlocks
+    it. Returns {host_memory}: what the standby holds in host memory (RSS of the tree)."""
+    m = plan.manifest
+    pids = restored_tree(root_pid, m.pids)
+    with stages.stage("record"):
+        parked.record({"pid": root_pid, "pids": pids, "state": "standby", "kind": "process",
+                       "name": m.name or m.target.name, "container": None,
+                       "cuda_pids": list(m.cuda.pids), "cuda": m.cuda.to_json(),
+                       "sdk": m.sdk.to_json() if m.sdk else None,
+                       "snapshot": m.id, "since": time.time()})
+    return {"host_memory": tree_rss(pids), "cuda_pids": list(m.cuda.pids)}
 
 
 def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: Stages) -> None:

@@ -1,0 +1,183 @@
+"""Park and resume in place, standbys, and a TP=2 NCCL job, on real GPUs.
+
+Run on the GPU machine (pytest -m gpu tests/gpu). The TP=2 tests need two GPUs and skip
+otherwise; every process they start keeps NVLink multicast off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from tests.workloads.tp_allreduce import TensorParallel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.root]
+
+
+def _state(pid: int) -> str:
+    from gpusnap.cuda import get_driver
+    return get_driver().get_state(pid).name
+
+
+def _gpu_use(pid: int) -> dict[str, int]:
+    """Device memory pid holds, per GPU UUID (NVML)."""
+    from gpusnap.cuda import host_gpus
+    return host_gpus().used_memory([pid])
+
+
+def _wait_free(pids, timeout: float = 30) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.02)
+
+
+def _two_gpus() -> list:
+    from gpusnap.cuda import host_gpus
+    gpus = host_gpus().gpus
+    if len(gpus) < 2:
+        pytest.skip("needs two GPUs")
+    return gpus
+
+
+def test_suspend_frees_the_gpu_and_resume_brings_the_data_back(start_holder, gpusnap):
+    holder = start_holder(gib=2.0, mode="graphs")
+    before = holder.check()
+    rc, out, err = gpusnap("suspend", str(holder.pid))
+    assert rc == 0, err
+    assert out["state"] == "suspended" and out["cuda_pids"] == [holder.pid]
+    assert _state(holder.pid) == "CHECKPOINTED"
+    assert psutil.pid_exists(holder.pid), "the process stays alive on the host"
+    assert not _gpu_use(holder.pid), "its device memory is off the GPU"
+    assert out["host_memory"] >= 2 << 30
+    assert [(r["pid"], r["state"]) for r in gpusnap("ps")[1]] == [(holder.pid, "suspended")]
+    rc, out, err = gpusnap("suspend", str(holder.pid))
+    assert rc == 2, "already parked"
+
+    rc, out, err = gpusnap("resume", str(holder.pid))
+    assert rc == 0, err
+    assert _state(holder.pid) == "RUNNING"
+    after = holder.check()
+    assert after["intact"] and after["graphs_ok"] and after["checksum"] == before["checksum"]
+    assert gpusnap("ps")[1] == []
+
+
+def test_a_resume_refused_leaves_it_parked_and_another_gpu_works(start_holder, gpusnap):
+    holder = start_holder(gib=1.0, mode="idle")
+    rc, _, err = gpusnap("suspend", str(holder.pid))
+    assert rc == 0, err
+    rc, out, err = gpusnap("resume", str(holder.pid), "--gpu", "99")
+    assert rc == 22, err
+    assert _state(holder.pid) == "CHECKPOINTED"
+    from gpusnap.cuda import host_gpus
+    gpus = host_gpus().gpus
+    where = ["--gpu", "1"] if len(gpus) > 1 else []
+    rc, out, err = gpusnap("resume", str(holder.pid), *where)
+    assert rc == 0, err
+    assert holder.check()["intact"]
+    if where:
+        assert list(_gpu_use(holder.pid)) == [gpus[1].uuid]
+
+
+def test_standby_holds_no_gpu_and_resume_finishes_it(start_holder, gpusnap):
+    holder = start_holder(gib=1.0, mode="graphs")
+    before = holder.check()
+    rc, snap, err = gpusnap("dump", "--pid", str(holder.pid))
+    assert rc == 0, err
+    pid = holder.pid
+    holder.stop()
+    _wait_free([pid])
+    rc, out, err = gpusnap("restore", snap["id"], "--standby")
+    assert rc == 0, err
+    assert out["pid"] == pid and _state(pid) == "CHECKPOINTED"
+    assert not _gpu_use(pid)
+    assert out["standby"]["host_memory"] >= 1 << 30
+    assert [(r["pid"], r["state"]) for r in gpusnap("ps")[1]] == [(pid, "standby")]
+    rc, res, err = gpusnap("resume", str(pid))
+    assert rc == 0, err
+    assert res["was"] == "standby" and "cuda_restore" in res["timings"]
+    holder.pid = pid
+    after = holder.check()
+    assert after["intact"] and after["graphs_ok"] and after["checksum"] == before["checksum"]
+    assert [(r["pid"], r["state"]) for r in gpusnap("ps")[1]] == [(pid, "restored")]
+    holder.stop()
+
+
+@pytest.fixture
+def tensor_parallel(tmp_path):
+    started = []
+
+    def start(**kw) -> TensorParallel:
+        _two_gpus()
+        d = tmp_path / f"tp{len(started)}"
+        d.mkdir()
+        tp = TensorParallel(str(d), **kw)
+        started.append(tp)
+        return tp.start()
+
+    yield start
+    for tp in started:
+        tp.stop()
+
+
+def _all_good(results: list[dict]) -> None:
+    for r in results:
+        assert r["intact"] and r["allreduce_ok"] and r["failures"] == 0, r
+
+
+def test_tp2_with_nccl_defaults_is_refused_before_anything_is_touched(tensor_parallel, gpusnap):
+    tp = tensor_parallel(mib=64, unsafe=True)
+    _all_good(tp.check())
+    for args in (("dump", "--pid", str(tp.pid)), ("suspend", str(tp.pid))):
+        rc, out, err = gpusnap(*args)
+        assert rc == 23, err
+        assert "NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0" in out["hint"]
+        assert [_state(p) for p in tp.ranks] == ["RUNNING", "RUNNING"]
+    _all_good(tp.check())
+
+
+def _dump_restore(tp: TensorParallel, gpusnap, *restore_args) -> dict:
+    before = [r["checksum"] for r in tp.check()]
+    rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
+    assert rc == 0, f"{err}\n{tp.logs()}"
+    assert sorted(gpusnap("inspect", snap["id"])[1]["cuda"]["pids"]) == sorted(tp.ranks)
+    tp.reap()
+    _wait_free([tp.pid, *tp.ranks])
+    rc, res, err = gpusnap("restore", snap["id"], *restore_args)
+    assert rc == 0, err
+    assert res["pid"] == tp.pid
+    after = tp.check()
+    _all_good(after)
+    assert [r["checksum"] for r in after] == before
+    return res
+
+
+def test_tp2_dump_and_restore_then_onto_the_gpus_swapped(tensor_parallel, gpusnap):
+    gpus = _two_gpus()
+    tp = tensor_parallel(mib=256)
+    _all_good(tp.check())
+    _dump_restore(tp, gpusnap)
+    _dump_restore(tp, gpusnap, "--gpu", "1,0")
+    for rank, gpu in ((0, gpus[1]), (1, gpus[0])):
+        use = _gpu_use(tp.ranks[rank])
+        assert max(use, key=use.get) == gpu.uuid, f"rank {rank} runs on GPU {gpu.index} now"
+
+
+def test_tp2_suspend_and_resume_in_place(tensor_parallel, gpusnap):
+    tp = tensor_parallel(mib=256)
+    before = [r["checksum"] for r in tp.check()]
+    rc, out, err = gpusnap("suspend", str(tp.pid))
+    assert rc == 0, err
+    assert sorted(out["cuda_pids"]) == sorted(tp.ranks)
+    assert [_state(p) for p in tp.ranks] == ["CHECKPOINTED", "CHECKPOINTED"]
+    rc, out, err = gpusnap("resume", str(tp.pid))
+    assert rc == 0, err
+    after = tp.check()
+    _all_good(after)
+    assert [r["checksum"] for r in after] == before
+    if os.environ.get("GPUSNAP_RESULTS"):
+        import json
+        with open(os.path.join(os.environ["GPUSNAP_RESULTS"], "tp2_park.json"), "w") as f:
+            json.dump({"resume_timings": out["timings"]}, f, indent=1)
