@@ -55,9 +55,9 @@ def run_dump(body: dict, store: Store) -> dict:
     started = time.perf_counter()
     plan = dump.plan(_request(dump.DumpRequest, body))
     planned = time.perf_counter() - started
-    m = dump.execute(plan, store.repo(create=True), None)
+    out = dump.execute(plan, store.repo(create=True), None).to_json()
     keys = ("id", "name", "bytes_logical", "bytes_stored", "bytes_new", "sdk", "notes")
-    return {**{k: m.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **m["timings"]},
+    return {**{k: out.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **out["timings"]},
             "via": "daemon"}
 
 
@@ -79,7 +79,7 @@ def run_warm(body: dict, store: Store) -> dict:
     out = []
     for ref in body.get("snapshots") or []:
         m = repo.load(repo.resolve(ref))
-        out.append({"id": m["id"], "path": imagecache.warm(repo, m), "bytes": m.get("bytes_logical", 0)})
+        out.append({"id": m.id, "path": imagecache.warm(repo, m), "bytes": m.bytes_logical})
     if not out:
         raise UsageError("name at least one snapshot")
     return {"warmed": out, "via": "daemon"}
@@ -94,15 +94,15 @@ def snapshots(store: Store) -> list[dict]:
 
 def inspect(store: Store, ref: str) -> dict:
     repo = store.repo()
-    m = repo.load(repo.resolve(ref))
-    return {**{k: v for k, v in m.items() if k not in ("files", "logs")}, "files": len(m.get("files", []))}
+    data = repo.load(repo.resolve(ref)).to_json()
+    return {**{k: v for k, v in data.items() if k not in ("files", "logs")}, "files": len(data["files"])}
 
 
 def warm_imports() -> None:
     """Import what operations need, once, in the daemon: every child starts with them."""
     import importlib
-    for name in ("gpusnap.engine.dump", "gpusnap.engine.restore", "gpusnap.engine.container_restore",
-                 "gpusnap.engine.imagecache", "gpusnap.store", "gpusnap.targets.process",
+    for name in ("gpusnap.engine.dump", "gpusnap.engine.restore", "gpusnap.engine.strategies",
+                 "gpusnap.engine.pagepath", "gpusnap.engine.imagecache", "gpusnap.store", "gpusnap.targets.process",
                  "gpusnap.cuda.discover", "gpusnap.cuda.session", "gpusnap.criu.runner", "tqdm",
                  *(f"gpusnap.cli.cmd_{c}" for c in sorted(FORWARDED))):
         importlib.import_module(name)

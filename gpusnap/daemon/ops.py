@@ -1,7 +1,7 @@
 """Each operation in a forked child of the daemon, which streams its output back.
 
 Why a child per operation, not a thread: the engine defers SIGINT/SIGTERM around the
-steps that must not be cut (engine/checkpointer.hold_interrupts), which Python allows
+steps that must not be cut (gpusnap/interrupts.py), which Python allows
 only on a main thread, and the store forks its chunk workers only from a process with
 no other thread (store/parallel.py). In a child of the daemon the operation runs exactly
 as in the CLI: on the main thread, SIGINT is a Ctrl-C (the engine undoes what it
