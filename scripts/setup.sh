@@ -29,7 +29,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import gpusnap, click, zs
     rm -rf .venv
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/pip install -q -e '.[test,crypto]'
+    .venv/bin/pip install -q -e '.[test,crypto,s3]'
+fi
+# s3:// stores (boto3) and the S3 server the tests start (moto's server mode)
+if ! .venv/bin/python -c 'import boto3, moto.server' 2>/dev/null; then
+    .venv/bin/pip install -q -e '.[test,crypto,s3]'
 fi
 # The SDK's tests need PyTorch. Only a CPU build that already lies on this host is taken
 # (a plain `pip install torch` would fetch a CUDA build of several GB); elsewhere those

@@ -17,10 +17,13 @@ class AppContext:
     as_json: bool = False
     verbose: int = 0
     quiet: bool = False
+    cache: str | None = None
+    cache_size: str | None = None
 
-    def repo(self, create: bool = True):
+    def repo(self, create: bool = True, store: str | None = None):
         from ..store import Repository
-        return Repository.open(self.store, create=create, key_file=self.key_file)
+        return Repository.open(store or self.store, create=create, key_file=self.key_file,
+                               cache=self.cache, cache_size=self.cache_size)
 
     def emit(self, data, text: str | None = None) -> None:
         """JSON on stdout with --json, else the text form."""

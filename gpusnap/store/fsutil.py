@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 
 from ..errors import StoreError, StoreFull
 
@@ -51,6 +52,25 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, fsync: bool = Tru
             pass
         if isinstance(exc, OSError):
             raise_os_error(exc, path)
+        raise
+
+
+def write_renamed(path: str, tmp_dir: str, data) -> None:
+    """Write data to a name in tmp_dir unique to this thread, then rename it to path: path
+    is complete whenever it exists (not durable: no fsync). No temp file is left behind,
+    also when SIGTERM ends the writer."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = os.path.join(tmp_dir, f"{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+                  "wb", closefd=True) as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 
