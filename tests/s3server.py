@@ -85,7 +85,7 @@ class S3Server:
 class FaultProxy:
     """HTTP/1.1 proxy on 127.0.0.1 in front of the server, one request per upstream
     connection. fail_next(n): answer the next n requests 503 SlowDown. cut_after(nbytes):
-    once that many request bytes went through, drop every connection and refuse new
+    once that many bytes went through (requests and answers), drop every connection and refuse new
     ones (the server is gone) until restore()."""
 
     def __init__(self, upstream_port: int):
@@ -145,7 +145,15 @@ class FaultProxy:
                             self.down = True
                 if self.down:
                     return
-                conn.sendall(_forward(self.upstream, request))
+                response = _forward(self.upstream, request)
+                with self._lock:
+                    if self.budget is not None:
+                        self.budget -= len(response)
+                        if self.budget < 0:             # gone halfway through the answer
+                            self.down = True
+                            conn.sendall(response[:len(response) // 2])
+                            return
+                conn.sendall(response)
         except OSError:
             pass
         finally:
@@ -198,3 +206,22 @@ def _forward(port: int, request: bytes) -> bytes:
     lines = [line for line in head.split(b"\r\n")
              if line.split(b":", 1)[0].strip().lower() != b"connection"]
     return b"\r\n".join(lines + [b"Connection: keep-alive"]) + sep + body
+
+
+# ---- fixtures (import them into a test module to use them) -------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's endpoint and credentials in this process's environment; a new bucket."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server.bucket()

@@ -112,7 +112,9 @@ class Repository:
     @staticmethod
     def exists(path: str) -> bool:
         if backends.is_remote(path):
-            return backends.for_location(path).exists("config")
+            backend = backends.for_location(path)
+            backend.check_bucket()              # a missing bucket is an error, not "no store"
+            return backend.exists("config")
         return os.path.exists(os.path.join(os.path.abspath(path), "config"))
 
     @classmethod
