@@ -189,3 +189,18 @@ def test_wrong_credentials_and_missing_bucket_are_clear(s3_env, s3_server, tmp_p
     assert rc == 40 and "bucket" in out["message"] and "does not exist" in out["message"], err
     rc, out, err = _cli(env, "ls")
     assert rc == 0 and out == []
+
+
+def test_cli_copy_then_ls_and_verify_on_the_bucket(s3_env, tmp_path):
+    local = str(tmp_path / "local")
+    snap = _dump(Repository.open(local), _images(tmp_path))
+    env = {"GPUSNAP_CACHE": str(tmp_path / "c"), "GPUSNAP_STORE": local}
+    url = f"s3://{s3_env}/copied"
+    rc, out, err = _cli(env, "copy", snap["id"], "--to", url)
+    assert rc == 0 and out[0]["chunks_copied"] > 0, err
+    rc, out, err = _cli(env, "copy", snap["id"], "--to", url)
+    assert rc == 0 and out[0]["already_present"], err
+    rc, out, err = _cli({**env, "GPUSNAP_STORE": url}, "ls")
+    assert rc == 0 and [s["id"] for s in out] == [snap["id"]], err
+    rc, out, err = _cli({**env, "GPUSNAP_STORE": url}, "verify")
+    assert rc == 0 and out["bad"] == [], err
