@@ -39,6 +39,9 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/") if prefix else ""
 
 
+_client_lock = threading.Lock()
+
+
 def _concurrency() -> int:
     value = os.environ.get("GPUSNAP_S3_CONCURRENCY", "16")
     return max(1, int(value)) if value.isdigit() else 16
@@ -59,18 +62,22 @@ class S3Backend(Backend):
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
         """This process's client (one per process: a forked worker makes its own)."""
-        if self._pid != os.getpid():
-            import boto3
-            from botocore.config import Config
-            retries = os.environ.get("GPUSNAP_S3_RETRIES", "8")
-            config = Config(retries={"mode": "standard",
-                                     "max_attempts": int(retries) if retries.isdigit() else 8},
-                            max_pool_connections=_concurrency() + 4,
-                            connect_timeout=5, read_timeout=60)
-            self._client = boto3.session.Session().client("s3", config=config)
-            self._pool = ThreadPoolExecutor(_concurrency(), thread_name_prefix="gpusnap-s3")
-            self._pid = os.getpid()
+        with _client_lock:
+            if self._pid != os.getpid():
+                self._connect()
         return self._client
+
+    def _connect(self) -> None:
+        import boto3
+        from botocore.config import Config
+        retries = os.environ.get("GPUSNAP_S3_RETRIES", "8")
+        config = Config(retries={"mode": "standard",
+                                 "max_attempts": int(retries) if retries.isdigit() else 8},
+                        max_pool_connections=_concurrency() + 4,
+                        connect_timeout=5, read_timeout=60)
+        self._client = boto3.session.Session().client("s3", config=config)
+        self._pool = ThreadPoolExecutor(_concurrency(), thread_name_prefix="gpusnap-s3")
+        self._pid = os.getpid()
 
     def pool(self) -> ThreadPoolExecutor:
         self.client()
