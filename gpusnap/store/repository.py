@@ -199,15 +199,16 @@ class Repository:
             return codec.ZERO_ID, 0, 0
         cid = self.codec.chunk_id(data)
         size = self.stored_size(cid)
-        if size is None and pending and self.chunk_name(cid) in pending:
-            size = len(pending[self.chunk_name(cid)])
         if size is not None:
             return cid, size, 0
         blob = self.codec.encode(cid, data)
         if pending is None:
             self.store_blob(cid, blob)
-        else:
-            pending[self.chunk_name(cid)] = bytes(blob)      # blob may be scratch space
+            return cid, len(blob), len(blob)
+        size = self.backend.claim(self.chunk_name(cid), len(blob))
+        if size is not None:                # another batch of this ingest sends it
+            return cid, size, 0
+        pending[self.chunk_name(cid)] = bytes(blob)      # blob may be scratch space
         return cid, len(blob), len(blob)
 
     def store_blob(self, cid: str, blob: bytes) -> None:

@@ -45,8 +45,7 @@ def test_round_trip_into_an_empty_cache_and_dedup(s3_env, tmp_path):
     again = _dump(node_a, src)
     assert again["bytes_new"] == 0 and again["bytes_stored"] == first["bytes_stored"]
     node_b = Repository.open(url, cache=str(tmp_path / "cache-b"), create=False)
-    assert [s.id for s in node_b.list()] == sorted([first["id"], again["id"]],
-                                                  key=lambda i: node_b.load(i)["created"])
+    assert {s.id for s in node_b.list()} == {first["id"], again["id"]}
     with node_b.shared_lock():
         node_b.materialise(node_b.load(first["id"]), str(tmp_path / "out"))
     _same_tree(src, str(tmp_path / "out"))

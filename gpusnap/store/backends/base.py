@@ -47,6 +47,11 @@ class Backend:
         for name, data in items:
             self.put(name, data, durable=False)
 
+    def claim(self, name: str, size: int) -> int | None:
+        """For batched puts: None when this process is the first to send name, else the
+        size the first claimant gave (so one ingest uploads and counts a chunk once)."""
+        return None
+
     def size(self, name: str) -> int | None:
         """Stored size of the object, None when it does not exist."""
         raise NotImplementedError

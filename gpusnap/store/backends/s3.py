@@ -58,6 +58,7 @@ class S3Backend(Backend):
         self._pool = None
         self._index: dict[str, int] | None = None
         self._index_lock = threading.Lock()
+        self._claimed: dict[str, int] = {}
 
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
@@ -144,6 +145,13 @@ class S3Backend(Backend):
         for f in futures:
             f.result()
 
+    def claim(self, name: str, size: int) -> int | None:
+        with self._index_lock:
+            first = self._claimed.get(name)
+            if first is None:
+                self._claimed[name] = size
+            return first
+
     def size(self, name: str) -> int | None:
         with self._index_lock:
             if self._index is not None and name in self._index:
@@ -192,6 +200,7 @@ class S3Backend(Backend):
     def refresh(self, prefix: str) -> None:
         listing = {name: size for name, size in self.list(prefix)}
         with self._index_lock:
+            self._claimed = {}              # what is stored now is in the listing
             if self._index is None:
                 self._index = {}
             for name in [n for n in self._index if n.startswith(prefix)]:
