@@ -144,7 +144,7 @@ class Repository:
                 (version == ENCRYPTED_VERSION) != bool(conf.get("encryption")):
             raise StoreError(f"store format {version} is not supported (this gpusnap: "
                              f"{FORMAT_VERSION}, {ENCRYPTED_VERSION} encrypted)")
-        repo.codec = codec.for_config(conf, key, f"store {repo.path}")
+        repo.codec = codec.for_config(conf, key, f"store {repo.url}")
         return repo
 
     @classmethod
