@@ -103,7 +103,9 @@ class FaultProxy:
         self.requests = 0
         self._lock = threading.Lock()
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._conns: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
 
     def fail_next(self, n: int) -> None:
         self.failing = n
@@ -115,8 +117,18 @@ class FaultProxy:
         self.down, self.budget = False, None
 
     def close(self) -> None:
+        """Stop, leaving no thread behind (tests after this one count threads)."""
         self._closed = True
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for t in self._threads:
+            t.join(10)
 
     def _accept(self) -> None:
         while not self._closed:
@@ -124,7 +136,11 @@ class FaultProxy:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            with self._lock:
+                self._conns.append(conn)
+                t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+                self._threads.append(t)
+            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         try:

@@ -55,7 +55,6 @@ class S3Backend(Backend):
         self.cache = cache                  # a ChunkCache, or None
         self._pid = None
         self._client = None
-        self._pool = None
         self._index: dict[str, int] | None = None
         self._index_lock = threading.Lock()
         self._claimed: dict[str, int] = {}
@@ -77,12 +76,13 @@ class S3Backend(Backend):
                         max_pool_connections=_concurrency() + 4,
                         connect_timeout=5, read_timeout=60)
         self._client = boto3.session.Session().client("s3", config=config)
-        self._pool = ThreadPoolExecutor(_concurrency(), thread_name_prefix="gpusnap-s3")
         self._pid = os.getpid()
 
-    def pool(self) -> ThreadPoolExecutor:
-        self.client()
-        return self._pool
+    @staticmethod
+    def _pool(n: int) -> ThreadPoolExecutor:
+        """Threads for one batch of transfers, gone when it is done (a thread left running
+        would stop the store's worker processes from forking: parallel.py)."""
+        return ThreadPoolExecutor(min(n, _concurrency()), thread_name_prefix="gpusnap-s3")
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -118,13 +118,14 @@ class S3Backend(Backend):
         if len(names) < 2:
             yield from (self.get(n) for n in names)
             return
-        futures = [self.pool().submit(self.get, n) for n in names]
-        try:
-            for f in futures:
-                yield f.result()
-        finally:
-            for f in futures:
-                f.cancel()
+        with self._pool(len(names)) as pool:
+            futures = [pool.submit(self.get, n) for n in names]
+            try:
+                for f in futures:
+                    yield f.result()
+            finally:
+                for f in futures:
+                    f.cancel()
 
     def put(self, name: str, data, *, durable: bool = True, if_absent: bool = False) -> bool:
         kw = {"IfNoneMatch": "*"} if if_absent else {}
@@ -141,9 +142,11 @@ class S3Backend(Backend):
         return True
 
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        futures = [self.pool().submit(self.put, n, d, durable=False) for n, d in items]
-        for f in futures:
-            f.result()
+        if not items:
+            return
+        with self._pool(len(items)) as pool:
+            for f in [pool.submit(self.put, n, d, durable=False) for n, d in items]:
+                f.result()
 
     def claim(self, name: str, size: int) -> int | None:
         with self._index_lock:
