@@ -57,7 +57,8 @@ def run_dump(body: dict, store: Store) -> dict:
     planned = time.perf_counter() - started
     m = dump.execute(plan, store.repo(create=True), None)
     keys = ("id", "name", "bytes_logical", "bytes_stored", "bytes_new", "sdk", "notes")
-    return {**{k: m.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **m["timings"]},
+    data = m.to_json()
+    return {**{k: data.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **m.timings},
             "via": "daemon"}
 
 
@@ -79,7 +80,7 @@ def run_warm(body: dict, store: Store) -> dict:
     out = []
     for ref in body.get("snapshots") or []:
         m = repo.load(repo.resolve(ref))
-        out.append({"id": m["id"], "path": imagecache.warm(repo, m), "bytes": m.get("bytes_logical", 0)})
+        out.append({"id": m.id, "path": imagecache.warm(repo, m), "bytes": m.bytes_logical})
     if not out:
         raise UsageError("name at least one snapshot")
     return {"warmed": out, "via": "daemon"}
@@ -95,13 +96,14 @@ def snapshots(store: Store) -> list[dict]:
 def inspect(store: Store, ref: str) -> dict:
     repo = store.repo()
     m = repo.load(repo.resolve(ref))
-    return {**{k: v for k, v in m.items() if k not in ("files", "logs")}, "files": len(m.get("files", []))}
+    data = m.to_json()
+    return {**{k: v for k, v in data.items() if k not in ("files", "logs")}, "files": len(m.files)}
 
 
 def warm_imports() -> None:
     """Import what operations need, once, in the daemon: every child starts with them."""
     import importlib
-    for name in ("gpusnap.engine.dump", "gpusnap.engine.restore", "gpusnap.engine.container_restore",
+    for name in ("gpusnap.engine.dump", "gpusnap.engine.restore", "gpusnap.engine.strategies.container",
                  "gpusnap.engine.imagecache", "gpusnap.store", "gpusnap.targets.process",
                  "gpusnap.cuda.discover", "gpusnap.cuda.session", "gpusnap.criu.runner", "tqdm",
                  *(f"gpusnap.cli.cmd_{c}" for c in sorted(FORWARDED))):

@@ -98,7 +98,7 @@ def describe(store_path: str) -> dict:
             and tmpfs_options(HUGE_BASE) is None):
         return {"path": os.path.join(HUGE_BASE, "gpusnap"), "tmpfs": None, "huge_pages": False,
                 "mounted_on_use": True}
-    base = base_dir(store_path)                 # mounts nothing: HUGE_BASE is mounted or unused
+    base = base_dir(store_path, mount=False)    # HUGE_BASE is mounted already, or unused
     mounts = _tmpfs_mounts()
     probe = base
     while probe != "/" and probe not in mounts:

@@ -160,12 +160,12 @@ def test_a_dump_while_a_restore_runs(workload, gpusnap, daemon):
     d = daemon()
     a = workload("--mib", "256", name="a")
     b = workload("--mib", "32", "--children", "1", "--seed", "5", name="b")
-    rc, _, err = gpusnap("dump", "--pid", str(a.pid), "--name", "a", env=d.env)
+    rc, _, err = gpusnap("dump", "--pid", str(a.pid), "--name", "big-a", env=d.env)
     assert rc == 0, err
     a.reap()
     wait_pids_free(a.pids)
-    restore = d.cli("restore", "a")
-    dump = d.cli("dump", "--pid", str(b.pid), "--leave-running", "--name", "b")
+    restore = d.cli("restore", "big-a")
+    dump = d.cli("dump", "--pid", str(b.pid), "--leave-running", "--name", "small-b")
     seen = 0
     while restore.poll() is None or dump.poll() is None:
         seen = max(seen, len(d.status()["operations"]))

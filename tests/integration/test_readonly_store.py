@@ -16,6 +16,7 @@ pytestmark = pytest.mark.root
 
 
 def _store(tmp_path) -> str:
+    from gpusnap.model import Manifest, Target
     from gpusnap.store import Repository
     path = str(tmp_path / "store")
     repo = Repository.open(path)
@@ -23,9 +24,8 @@ def _store(tmp_path) -> str:
     src.mkdir()
     (src / "pages-1.img").write_bytes(os.urandom(300_000))
     files, counts = repo.ingest_dir(str(src))
-    repo.commit({"name": "ro", "target": {"kind": "process", "root_pid": 9}, "pids": [9],
-                 "criu_version": "4.2.1", "kernel": "6", "files": files, "logs": [],
-                 "timings": {}, **counts})
+    repo.commit(Manifest(name="ro", target=Target("process", 9, [9]), pids=[9],
+                         criu_version="4.2.1", kernel="6", files=files, **counts))
     return path
 
 
@@ -63,7 +63,7 @@ def test_read_commands_on_a_read_only_mount(tmp_path, lock_file):
 
 def test_doctor_mounts_nothing(monkeypatch):
     """doctor asks where the work dir is; only a dump or a restore mounts the tmpfs."""
-    from gpusnap import doctor
+    from gpusnap.engine import doctor
     from gpusnap.engine import workdir
 
     def refuse(path):
