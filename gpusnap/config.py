@@ -28,8 +28,12 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("store", "GPUSNAP_STORE", "/var/lib/gpusnap", "--store", "the snapshot store directory"),
+    Setting("store", "GPUSNAP_STORE", "/var/lib/gpusnap", "--store", "the snapshot store: a directory, or s3://BUCKET/PREFIX"),
     Setting("key_file", "GPUSNAP_KEY_FILE", None, "--key-file", "key of an encrypted store"),
+    Setting("cache", "GPUSNAP_CACHE", "/var/cache/gpusnap", "--cache",
+            "local chunk cache of an s3:// store"),
+    Setting("cache_size", "GPUSNAP_CACHE_SIZE", "20G", "--cache-size",
+            "bound of that cache (least recently used chunks go first)"),
     Setting("workdir", "GPUSNAP_WORKDIR", None, None,
             "scratch for CRIU images (unset: gpusnap's huge-page tmpfs as root, else /dev/shm)"),
     Setting("threads", "GPUSNAP_THREADS", None, None,

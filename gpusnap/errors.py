@@ -140,6 +140,16 @@ class WrongKey(StoreError):
     exit_code = 46
 
 
+class StoreDenied(StoreError):
+    """The object store refused the credentials (wrong key, or no access to the bucket)."""
+    exit_code = 47
+
+
+class StoreUnavailable(StoreError):
+    """The object store did not answer, or kept refusing (throttled) after every retry."""
+    exit_code = 48
+
+
 class AgentFailed(GpusnapError):
     """A cooperating server's gpusnap agent (gpusnap.sdk) failed or did not answer."""
     exit_code = 50
@@ -159,7 +169,8 @@ ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, P
               CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
               NcclPeerMemory, NoCudaProcess, NotParked,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
-              StoreFull, ArchiveError, WrongKey, AgentFailed, WeightsChanged, Interrupted]
+              StoreFull, ArchiveError, WrongKey, StoreDenied, StoreUnavailable, AgentFailed,
+              WeightsChanged, Interrupted]
 
 
 def exit_code_table() -> str:

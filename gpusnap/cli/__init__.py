@@ -34,6 +34,7 @@ class LazyGroup(click.Group):
         "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",
         "export": "Write a snapshot and its chunks to one file.",
         "import": "Add a snapshot from a file made by export.",
+        "copy": "Copy snapshots to another store (local or s3://), sending only missing chunks.",
         "key": "Make a key file for an encrypted store (--key-file).",
         "hooks": "Install the CRIU action script for docker/podman/runc checkpoints.",
         "doctor": "Check CRIU, the kernel, CUDA and container engines; say how to fix.",
@@ -105,7 +106,11 @@ EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
 
 @click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", envvar="GPUSNAP_STORE", default=DEFAULT_STORE, show_default=True,
-              type=click.Path(file_okay=False), help="Snapshot store directory (env GPUSNAP_STORE).")
+              help="Snapshot store: a directory, or s3://BUCKET/PREFIX (env GPUSNAP_STORE).")
+@click.option("--cache", envvar="GPUSNAP_CACHE", default=None, type=click.Path(file_okay=False),
+              help="Local chunk cache of an s3:// store (env GPUSNAP_CACHE; default /var/cache/gpusnap).")
+@click.option("--cache-size", envvar="GPUSNAP_CACHE_SIZE", default=None,
+              help="Bound of that cache, e.g. 20G (the default); least recently used chunks go first.")
 @click.option("--key-file", envvar="GPUSNAP_KEY_FILE", type=click.Path(dir_okay=False),
               help="Key of an encrypted store; a new store is created encrypted with it "
                    "(env GPUSNAP_KEY_FILE; make one with `gpusnap key generate`).")
@@ -113,7 +118,7 @@ EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.version_option(VERSION, prog_name="gpusnap")
 @click.pass_context
-def cli(ctx, store, key_file, verbose, quiet):
+def cli(ctx, store, cache, cache_size, key_file, verbose, quiet):
     """Checkpoint and restore GPU processes and containers.
 
     CUDA is locked and its device memory moved to the host by the driver's checkpoint
@@ -124,10 +129,10 @@ def cli(ctx, store, key_file, verbose, quiet):
     default (`gpusnap doctor` shows them).
     """
     ctx.obj = AppContext(store=store, key_file=key_file, as_json=ctx.meta.get(JSON_META, False),
-                         verbose=verbose, quiet=quiet)
+                         verbose=verbose, quiet=quiet, cache=cache, cache_size=cache_size)
 
 
-cli.params.insert(2, json_option())
+cli.params.insert(4, json_option())
 
 
 def _sigterm(signum, frame):

@@ -20,10 +20,13 @@ class AppContext:
     as_json: bool = False
     verbose: int = 0
     quiet: bool = False
+    cache: str | None = None
+    cache_size: str | None = None
 
-    def repo(self, create: bool = True):
+    def repo(self, create: bool = True, store: str | None = None):
         from ..store import Repository
-        repo = Repository.open(self.store, create=create, key_file=self.key_file)
+        repo = Repository.open(store or self.store, create=create, key_file=self.key_file,
+                               cache=self.cache, cache_size=self.cache_size)
         if create:
             repo.require_writable()
         return repo

@@ -80,10 +80,9 @@ def export(repo: Repository, snap_id: str, out: BinaryIO) -> dict:
     manifest = repo.load(snap_id)
     sizes = {}
     for cid in sorted(Repository.chunk_sizes(manifest)):
-        try:
-            sizes[cid] = os.path.getsize(repo.chunk_path(cid))
-        except FileNotFoundError:
-            raise IntegrityError(f"chunk {cid[:16]} of snapshot {snap_id} is missing from the store") from None
+        sizes[cid] = repo.stored_size(cid)
+        if sizes[cid] is None:
+            raise IntegrityError(f"chunk {cid[:16]} of snapshot {snap_id} is missing from the store")
     header = {"format": FORMAT, "version": VERSION_1, "snapshot": snap_id,
               **repo.codec.describe(), "chunks": sizes, "bytes": sum(sizes.values()),
               "gpusnap_version": VERSION}

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 
 from ..errors import InsecureStore, StoreError, StoreFull
 from ..paths import fsync_dir, replace_file  # noqa: F401  (fsync_dir: store modules call it here)
@@ -29,6 +30,25 @@ def write_atomic(path: str, data: bytes, *, mode: int = 0o600, fsync: bool = Tru
         replace_file(path, data, mode=mode, fsync=fsync)
     except OSError as exc:
         raise_os_error(exc, path)
+
+
+def write_renamed(path: str, tmp_dir: str, data) -> None:
+    """Write data to a name in tmp_dir unique to this thread, then rename it to path: path
+    is complete whenever it exists (not durable: no fsync). No temp file is left behind,
+    also when SIGTERM ends the writer."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = os.path.join(tmp_dir, f"{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+                  "wb", closefd=True) as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def raise_os_error(exc: OSError, path: str):

@@ -131,14 +131,17 @@ def _reserve(fd: int, off: int, n: int, path: str) -> None:
 def _fill(job, batch_index: int) -> tuple[int, float, float]:
     repo, paths, batches = job
     done = read_s = decode_s = 0
-    for index, off, cid, n in batches[batch_index]:
+    batch = batches[batch_index]
+    blobs = repo.read_blobs([cid for _i, _o, cid, _n in batch])     # a remote store reads ahead
+    for index, off, cid, n in batch:
         started = time.perf_counter()
-        blob = repo.read_blob(cid)
+        blob = next(blobs)
         read = time.perf_counter()
         fd, view = _view(paths[index])
         _reserve(fd, off, n, paths[index])
         with view[off:off + n] as out:
             repo.codec.decode_view(blob, cid, n, out, check="frame")
+        repo.verified(cid, blob)
         read_s += read - started
         decode_s += time.perf_counter() - read
         done += n

@@ -1,4 +1,5 @@
-"""The repository: chunks, snapshots (manifests) and the lock, on a local directory.
+"""The repository: chunks, snapshots (manifests) and the lock, over a backend (a local
+directory, or an S3 bucket with a local pull-through cache: backends/, cache.py).
 
 Write ordering (docs/design.md): chunks are written (temp, rename), the filesystem is
 synced, then the manifest is written atomically. A snapshot is visible only once its
@@ -13,20 +14,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import fcntl
 import os
 import re
 import secrets
 import stat
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ..errors import (AmbiguousSnapshot, InsecureStore, IntegrityError, ManifestInvalid,
-                      SnapshotNotFound, StoreError, UsageError)
+from ..errors import (AmbiguousSnapshot, IntegrityError, ManifestInvalid, SnapshotNotFound,
+                      StoreError, UsageError)
 from ..model import MANIFEST_VERSION, FileEntry, Manifest
-from . import chunker, codec, fsutil, keyfile, materialise, parallel
-from .lock import store_lock
+from . import backends, chunker, codec, keyfile, materialise, parallel
+from .backends.base import Backend, Missing
 
 FORMAT_VERSION = 1          # a plain store's config (manifests: model.MANIFEST_VERSION)
 ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses it rather
@@ -93,6 +92,7 @@ def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
     """In a worker: read each span of the batch, store it as a chunk if new."""
     repo, paths, batches = job
     out, fds = [], {}
+    pending = {} if repo.backend.batches_puts else None
     try:
         for index, off, n in batches[batch_index]:
             fd = fds.get(index)
@@ -101,7 +101,9 @@ def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
             data = codec.scratch(n)
             if os.preadv(fd, [data], off) != n:
                 raise StoreError(f"{paths[index]} changed while it was read")
-            out.append(repo._put_chunk(data))
+            out.append(repo._put_chunk(data, pending))
+        if pending:
+            repo.backend.put_many(list(pending.items()))
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -114,16 +116,23 @@ def _verify_batch(job, batch_index: int) -> list[dict]:
     bad = []
     for cid, n in batches[batch_index]:
         try:
-            repo.codec.decode_view(repo.read_blob(cid), cid, n)
+            blob = repo.read_blob(cid)
+            repo.codec.decode_view(blob, cid, n)
+            repo.verified(cid, blob)
         except IntegrityError as exc:
             bad.append({"chunk": cid, "error": exc.message})
     return bad
 
 
 class Repository:
-    def __init__(self, path: str, store_codec: codec.PlainCodec | None = None):
+    def __init__(self, path: str, store_codec: codec.PlainCodec | None = None,
+                 backend: Backend | None = None):
+        """path: the store's directory; for a remote store, its local cache directory
+        (work dirs and failed logs go there as they would into a local store)."""
         self.path = os.path.abspath(path)
         self.codec = store_codec or codec.PLAIN
+        self.backend = backend or backends.for_location(self.path)
+        self.url = self.backend.url
         self.chunks_dir = os.path.join(self.path, "chunks")
         self.snapshots_dir = os.path.join(self.path, "snapshots")
         self.tmp_dir = os.path.join(self.path, "tmp")
@@ -134,145 +143,145 @@ class Repository:
     # ---- opening -------------------------------------------------------------------
     @staticmethod
     def exists(path: str) -> bool:
+        if backends.is_remote(path):
+            backend = backends.for_location(path)
+            backend.check_bucket()              # a missing bucket is an error, not "no store"
+            return backend.exists("config")
         return os.path.exists(os.path.join(os.path.abspath(path), "config"))
 
     @classmethod
-    def open(cls, path: str, *, create: bool = True, key_file: str | None = None) -> "Repository":
-        """Open (or create) the store at path. With key_file, a new store is created
-        encrypted and an existing one must be encrypted with that key (WrongKey).
+    def open(cls, path: str, *, create: bool = True, key_file: str | None = None,
+             cache: str | None = None, cache_size: int | str | None = None) -> "Repository":
+        """Open (or create) the store at path (a directory, or s3://BUCKET/PREFIX with its
+        chunk cache under cache, at most cache_size bytes). With key_file, a new store is
+        created encrypted and an existing one must be encrypted with that key (WrongKey).
 
-        Everything is checked before anything is written: the path must be missing, or
+        Everything is checked before anything is written: a local path must be missing, or
         a directory of ours, private, holding a store or nothing; a symlink at the path
         or inside the store is refused, never followed."""
-        repo = cls(path)
+        repo = cls._at(path, cache, cache_size)
         key = keyfile.load(key_file) if key_file else None
-        config = os.path.join(repo.path, "config")
-        if not os.path.lexists(config):
+        if not repo.backend.exists("config"):
             if not create:
-                raise StoreError(f"no gpusnap store at {repo.path}",
+                raise StoreError(f"no gpusnap store at {repo.url}",
                                  hint="check --store (or GPUSNAP_STORE); `gpusnap dump` and "
                                       "`gpusnap import` create a store, nothing else does")
             repo._init(codec.EncryptedCodec(key) if key else codec.PLAIN)
-        repo._check_private()
+        repo.backend.check_private()
         try:
-            with open(os.open(config, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
-                conf = json.load(f)
+            conf = json.loads(repo.backend.get("config"))
+        except Missing:
+            raise StoreError(f"the config of store {repo.url} is missing") from None
         except ValueError:
-            raise StoreError(f"the config of store {repo.path} is unreadable") from None
+            raise StoreError(f"the config of store {repo.url} is unreadable") from None
         version = conf.get("version")
         if version not in (FORMAT_VERSION, ENCRYPTED_VERSION) or \
                 (version == ENCRYPTED_VERSION) != bool(conf.get("encryption")):
             raise StoreError(f"store format {version} is not supported (this gpusnap: "
                              f"{FORMAT_VERSION}, {ENCRYPTED_VERSION} encrypted)")
-        repo.codec = codec.for_config(conf, key, f"store {repo.path}")
+        repo.codec = codec.for_config(conf, key, f"store {repo.url}")
         return repo
 
+    @classmethod
+    def _at(cls, location: str, cache: str | None, cache_size) -> "Repository":
+        if not backends.is_remote(location):
+            return cls(location)
+        from . import cache as chunk_cache
+        from .backends.s3 import S3Backend
+        url = location.rstrip("/")
+        root = chunk_cache.store_dir(cache or os.environ.get("GPUSNAP_CACHE") or
+                                     chunk_cache.DEFAULT_DIR, url)
+        size = chunk_cache.parse_size(cache_size or os.environ.get("GPUSNAP_CACHE_SIZE"))
+        backend = S3Backend(url, chunk_cache.ChunkCache(root, size).open())
+        backend.check_bucket()
+        return cls(root, backend=backend)
+
     def _init(self, store_codec: codec.PlainCodec) -> None:
-        """A new store in a missing or empty private directory (created 0700 if missing;
-        an existing one is checked, never chmodded)."""
-        try:
-            self._make(store_codec)
-        except OSError as exc:
-            fsutil.raise_os_error(exc, self.path)
-
-    def _make(self, store_codec: codec.PlainCodec) -> None:
-        subdirs = ("chunks", "snapshots", "tmp")
-        if not fsutil.make_private_dir(self.path, "store") and not all(
-                n in subdirs or n.startswith("config.tmp-") for n in os.listdir(self.path)):
-            raise StoreError(f"{self.path} is not empty and holds no gpusnap store",
-                             hint="give a new or empty directory for a new store")
-        fd = fsutil.open_dir_nofollow(self.path)
-        try:
-            for name in subdirs:            # another gpusnap creating this store may be first
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    fsutil.check_private_dir(os.path.join(self.path, name), "store directory",
-                                             os.stat(name, dir_fd=fd, follow_symlinks=False))
-        finally:
-            os.close(fd)
+        """A new store: a local one in a missing or empty private directory (created 0700
+        if missing; an existing one is checked, never chmodded)."""
+        self.backend.init()
         version = ENCRYPTED_VERSION if store_codec.encryption else FORMAT_VERSION
-        fsutil.write_atomic(os.path.join(self.path, "config"), json.dumps(
+        # if_absent: two nodes creating one remote store at once agree on the first config
+        self.backend.put("config", json.dumps(
             {"version": version, "id": secrets.token_hex(16),
-             "chunk_size": chunker.CHUNK_SIZE, **store_codec.describe()}).encode())
-
-    def _check_private(self) -> None:
-        """The store is ours alone and holds no symlink where gpusnap walks (gc deletes
-        what it finds under chunks/ and tmp/)."""
-        fsutil.check_private_dir(self.path, "store")
-        links = fsutil.symlinks_under(self.path, depth=2)
-        if links:
-            raise InsecureStore(f"store {self.path} holds symbolic links ({', '.join(links[:3])}): "
-                                f"gpusnap follows none inside a store",
-                                hint="remove them; a store holds only its own files and directories")
+             "chunk_size": chunker.CHUNK_SIZE, **store_codec.describe()}).encode(), if_absent=True)
 
     def require_writable(self) -> None:
         """Refuse, before anything starts, a store that can only be read (a read-only mount,
         a directory without write permission): a dump would fail only at ingest."""
-        read_only = bool(os.statvfs(self.path).f_flag & os.ST_RDONLY)
-        if read_only or not os.access(self.path, os.W_OK):
-            raise StoreError(f"the store at {self.path} is read-only"
-                             f"{' (a read-only mount)' if read_only else ''}; this command writes to it",
-                             hint="ls, inspect, verify and export only read a store; "
-                                  "--store names another")
+        self.backend.require_writable()
 
     def shared_lock(self, timeout: float = 30.0):
-        return store_lock(self.lock_path, exclusive=False, timeout=timeout)
+        return self.backend.lock(exclusive=False, timeout=timeout)
 
     def exclusive_lock(self, timeout: float = 30.0):
-        return store_lock(self.lock_path, exclusive=True, timeout=timeout)
+        return self.backend.lock(exclusive=True, timeout=timeout)
 
     # ---- chunks --------------------------------------------------------------------
+    @staticmethod
+    def chunk_name(cid: str) -> str:
+        return f"chunks/{cid[:2]}/{cid}"
+
     def chunk_path(self, cid: str) -> str:
+        """A local store's chunk file (for a remote store: where its cache keeps it)."""
         return os.path.join(self.chunks_dir, cid[:2], cid)
 
     def has_chunk(self, cid: str) -> bool:
-        return cid == codec.ZERO_ID or os.path.exists(self.chunk_path(cid))
+        return cid == codec.ZERO_ID or self.backend.exists(self.chunk_name(cid))
 
-    def _put_chunk(self, data: memoryview) -> tuple[str, int, int]:
-        """Store one chunk if new; (id, stored bytes, new bytes)."""
+    def stored_size(self, cid: str) -> int | None:
+        """A stored chunk's size in the store (compressed), None when absent."""
+        return self.backend.size(self.chunk_name(cid))
+
+    def _put_chunk(self, data: memoryview, pending: dict | None = None) -> tuple[str, int, int]:
+        """Store one chunk if new; (id, stored bytes, new bytes). With pending, a new
+        chunk goes there (name -> blob) for the caller to put_many at once."""
         if codec.is_zero(data):
             return codec.ZERO_ID, 0, 0
         cid = self.codec.chunk_id(data)
-        path = self.chunk_path(cid)
-        try:
-            return cid, os.stat(path).st_size, 0
-        except FileNotFoundError:
-            pass
+        size = self.stored_size(cid)
+        if size is not None:
+            return cid, size, 0
         blob = self.codec.encode(cid, data, self.compress_level)
-        self.store_blob(cid, blob)
+        if pending is None:
+            self.store_blob(cid, blob)
+            return cid, len(blob), len(blob)
+        size = self.backend.claim(self.chunk_name(cid), len(blob))
+        if size is not None:                # another batch of this ingest sends it
+            return cid, size, 0
+        pending[self.chunk_name(cid)] = bytes(blob)      # blob may be scratch space
         return cid, len(blob), len(blob)
 
     def store_blob(self, cid: str, blob: bytes) -> None:
-        """Write a chunk's stored bytes under its id (temp name in tmp/, then rename).
+        """Write a chunk's stored bytes under its id (write-once; atomic visibility).
 
-        Not durable until the next commit() syncs the filesystem. The caller vouches that
+        Not durable until the next commit() syncs the store. The caller vouches that
         blob decodes to bytes with this id (ingest made it; import verified it).
         """
-        path = self.chunk_path(cid)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = os.path.join(self.tmp_dir, f"{cid}.{os.getpid()}.{threading.get_ident()}")
-        try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
-                      "wb", closefd=True) as f:
-                f.write(blob)
-            os.rename(tmp, path)
-        except BaseException as exc:    # an ingest worker ended by SIGTERM too: no temp left
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            if isinstance(exc, OSError):
-                fsutil.raise_os_error(exc, path)
-            raise
+        self.backend.put(self.chunk_name(cid), blob, durable=False)
 
     def read_blob(self, cid: str) -> bytes:
         """A chunk's stored (compressed, maybe encrypted) bytes, unverified."""
         try:
-            with open(self.chunk_path(cid), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+            return self.backend.get(self.chunk_name(cid))
+        except Missing:
             raise IntegrityError(f"chunk {cid[:16]} is missing from the store") from None
+
+    def read_blobs(self, cids: list[str]):
+        """read_blob of each, in order; a remote store fetches them concurrently."""
+        if not hasattr(self.backend, "verified"):
+            yield from (self.read_blob(cid) for cid in cids)
+            return
+        try:
+            yield from self.backend.get_many([self.chunk_name(c) for c in cids])
+        except Missing as exc:
+            raise IntegrityError(f"chunk {str(exc)[-64:][:16]} is missing from the store") from None
+
+    def verified(self, cid: str, blob) -> None:
+        """blob decoded to chunk cid: a remote store's cache may keep it."""
+        keep = getattr(self.backend, "verified", None)
+        if keep:
+            keep(self.chunk_name(cid), blob)
 
     def read_chunk(self, cid: str, size: int) -> bytes:
         if cid == codec.ZERO_ID:
@@ -295,6 +304,7 @@ class Repository:
                 if stat.S_ISREG(st.st_mode):
                     files.append((os.path.relpath(full, src), full, st))
         files.sort()
+        self.backend.refresh("chunks/")         # one listing instead of a lookup a chunk
         spans = [(index, off, n) for index, (_rel, full, st) in enumerate(files)
                  for off, n in chunker.boundaries(full, st.st_size)]
         batches = parallel.batches(spans, lambda span: span[2])
@@ -334,31 +344,20 @@ class Repository:
         manifest.seq = self._next_seq()
         data = manifest.to_json()
         Manifest.from_json(data)                # what is written must load
+        self.backend.refresh("chunks/")
         missing = [c for c in manifest.chunk_sizes() if not self.has_chunk(c)]
         if missing:
             raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
-        fsutil.syncfs(self.path)
-        fsutil.write_atomic(os.path.join(self.snapshots_dir, manifest.id + ".json"),
-                            self.codec.seal(manifest.id, json.dumps(data, indent=1,
-                                                                    sort_keys=True).encode()))
+        self.backend.sync()
+        self.backend.put(f"snapshots/{manifest.id}.json",
+                         self.codec.seal(manifest.id, json.dumps(data, indent=1,
+                                                                 sort_keys=True).encode()))
         return manifest.id
 
     def _next_seq(self) -> int:
-        """The next number of the store's commit sequence (file seq, under its own flock):
-        strictly increasing, so "newest" never depends on clock resolution or skew."""
-        fd = os.open(os.path.join(self.path, "seq"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            text = os.pread(fd, 32, 0).decode().strip()
-            last = int(text) if text.isdigit() else max(
-                [m.seq or 0 for m in self.manifests()], default=0)
-            data = f"{last + 1}\n".encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
-            return last + 1
-        finally:
-            os.close(fd)
+        """The next number of the store's commit sequence: strictly increasing, so
+        "newest" never depends on clock resolution or skew."""
+        return self.backend.next_seq(lambda: max([m.seq or 0 for m in self.manifests()], default=0))
 
     @staticmethod
     def file_entries(manifest: Manifest) -> list[FileEntry]:
@@ -372,14 +371,14 @@ class Repository:
 
     # ---- snapshots -----------------------------------------------------------------
     def snapshot_ids(self) -> list[str]:
-        return sorted(n[:-5] for n in os.listdir(self.snapshots_dir) if n.endswith(".json"))
+        return sorted(n[len("snapshots/"):-5] for n, _size in self.backend.list("snapshots/")
+                      if n.endswith(".json") and "/" not in n[len("snapshots/"):])
 
     def manifest_blob(self, snap_id: str) -> bytes:
         """A manifest file's bytes as stored (sealed in an encrypted store)."""
         try:
-            with open(os.path.join(self.snapshots_dir, snap_id + ".json"), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+            return self.backend.get(f"snapshots/{snap_id}.json")
+        except Missing:
             raise SnapshotNotFound(f"no snapshot {snap_id}") from None
 
     def load(self, snap_id: str) -> Manifest:
@@ -490,13 +489,11 @@ class Repository:
     def remove(self, snap_ids: Iterable[str]) -> list[str]:
         removed = []
         for sid in snap_ids:
-            path = os.path.join(self.snapshots_dir, sid + ".json")
             try:
-                os.unlink(path)
+                self.backend.delete(f"snapshots/{sid}.json")
                 removed.append(sid)
-            except FileNotFoundError:
+            except Missing:
                 raise SnapshotNotFound(f"no snapshot {sid}") from None
-        fsutil.fsync_dir(self.snapshots_dir)
         return removed
 
     def gc_plan(self, without: Iterable[str] = ()) -> dict:
@@ -514,25 +511,13 @@ class Repository:
         for m in good:
             if m.id not in gone:
                 live.update(m.chunk_sizes())
-        self._check_private()               # no symlink to follow out of the store
+        self.backend.check_private()        # no symlink to follow out of the store
         dead, dead_bytes = [], 0
-        with os.scandir(self.chunks_dir) as subs:
-            chunk_dirs = [e.path for e in subs if e.is_dir(follow_symlinks=False)]
-        for sub in chunk_dirs:
-            with os.scandir(sub) as entries:
-                for e in entries:
-                    if e.name not in live and e.is_file(follow_symlinks=False):
-                        dead.append(e.path)
-                        dead_bytes += e.stat(follow_symlinks=False).st_size
-        # Only files: a directory here is a dump or restore work dir (when /dev/shm is
-        # unusable) that a restore may still be reading after it dropped its lock.
-        with os.scandir(self.tmp_dir) as entries:
-            temps = [e.path for e in entries if e.is_file(follow_symlinks=False)]
-        return {"chunks": dead, "bytes": dead_bytes, "temps": temps}
+        for name, size in self.backend.list("chunks/"):
+            if name.rsplit("/", 1)[-1] not in live:
+                dead.append(name)
+                dead_bytes += size
+        return {"chunks": dead, "bytes": dead_bytes, "temps": self.backend.stale_temps()}
 
     def gc_execute(self, plan: dict) -> None:
-        for path in plan["chunks"] + plan["temps"]:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.backend.delete_many(plan["chunks"] + plan["temps"])

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.root
 
 
 def _store(tmp_path) -> str:
+    from gpusnap.model import Manifest, Target
     from gpusnap.store import Repository
     path = str(tmp_path / "store")
     repo = Repository.open(path)

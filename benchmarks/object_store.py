@@ -1,0 +1,198 @@
+"""Object storage: client libraries, object per chunk vs pack files, and gpusnap's push,
+pull and restore of an image tree through an s3:// store vs a local store, same run.
+
+    .venv/bin/python benchmarks/object_store.py [--mib 256] [--out FILE]
+
+Everything runs against one S3 server process on 127.0.0.1 (moto's server mode, as the
+tests use: tests/s3server.py), so the server's own speed caps every number; on the same
+machine, the ratios are what carries over. Sections:
+
+1. boto3 vs obstore: PUT then GET of 128 objects of 1 MiB, 16 requests in flight.
+2. one object per 1 MiB chunk vs 16 MiB pack files (restic's design), same bytes, boto3.
+3. gpusnap: ingest (push) and materialise (pull) of a MIB tree (half random, half text, as
+   benchmarks/encryption.py) into and from a local store and an s3:// store; the s3
+   restore from an empty cache and again from a warm one. Every output is compared.
+Prints markdown (and writes it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import platform
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from s3server import S3Server  # noqa: E402
+
+from gpusnap.model import Manifest, Target  # noqa: E402
+from gpusnap.store import Repository  # noqa: E402
+
+MIB = 1 << 20
+
+
+def make_data(mib: int) -> bytes:
+    rnd = random.Random(11)
+    text = (b"the quick brown fox jumps over the lazy dog; " * 12000)[: MIB // 2]
+    return b"".join(rnd.randbytes(MIB // 2) + text for _ in range(mib))
+
+
+def rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.3f} GB/s ({seconds:.2f} s)"
+
+
+def boto3_put_get(server, bucket: str, objects: list[bytes], prefix: str) -> tuple[float, float]:
+    c = server.client()
+    with ThreadPoolExecutor(16) as pool:
+        t = time.perf_counter()
+        list(pool.map(lambda i: c.put_object(Bucket=bucket, Key=f"{prefix}{i}", Body=objects[i]),
+                      range(len(objects))))
+        put = time.perf_counter() - t
+        t = time.perf_counter()
+        got = list(pool.map(lambda i: c.get_object(Bucket=bucket, Key=f"{prefix}{i}")["Body"].read(),
+                            range(len(objects))))
+        get = time.perf_counter() - t
+    assert got == objects
+    return put, get
+
+
+def obstore_put_get(server, bucket: str, objects: list[bytes], prefix: str) -> tuple[float, float]:
+    import obstore
+    from obstore.store import S3Store
+    store = S3Store(bucket, endpoint=server.endpoint, access_key_id=server.key_id,
+                    secret_access_key=server.secret, region="us-east-1",
+                    client_options={"allow_http": True})
+
+    async def run():
+        sem = asyncio.Semaphore(16)
+
+        async def put(i):
+            async with sem:
+                await obstore.put_async(store, f"{prefix}{i}", objects[i])
+
+        async def get(i):
+            async with sem:
+                return bytes(await (await obstore.get_async(store, f"{prefix}{i}")).bytes_async())
+        t = time.perf_counter()
+        await asyncio.gather(*(put(i) for i in range(len(objects))))
+        p = time.perf_counter() - t
+        t = time.perf_counter()
+        got = await asyncio.gather(*(get(i) for i in range(len(objects))))
+        g = time.perf_counter() - t
+        assert got == objects
+        return p, g
+    return asyncio.run(run())
+
+
+def clients(server, bucket: str) -> list[str]:
+    objects = [os.urandom(MIB) for _ in range(128)]
+    n = len(objects) * MIB
+    rows = ["| client | PUT 128 x 1 MiB | GET 128 x 1 MiB |", "|---|---|---|"]
+    for name, fn in (("boto3", boto3_put_get), ("obstore", obstore_put_get)):
+        best = min((fn(server, bucket, objects, f"{name}-{k}/") for k in range(3)), key=sum)
+        rows.append(f"| {name} | {rate(n, best[0])} | {rate(n, best[1])} |")
+    return rows
+
+
+def packs(server, bucket: str) -> list[str]:
+    rows = ["| layout | objects | PUT | GET |", "|---|---|---|---|"]
+    total = 128 * MIB
+    for label, size in (("one object per 1 MiB chunk", MIB), ("16 MiB pack files", 16 * MIB)):
+        objects = [os.urandom(size) for _ in range(total // size)]
+        best = min((boto3_put_get(server, bucket, objects, f"pack{size}-{k}/") for k in range(3)),
+                   key=sum)
+        rows.append(f"| {label} | {len(objects)} | {rate(total, best[0])} | {rate(total, best[1])} |")
+    return rows
+
+
+def same(a: str, b: str) -> bool:
+    def digest(d):
+        return {n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
+                for n in sorted(os.listdir(d))}
+    return digest(a) == digest(b)
+
+
+def store_round(location: str, src: str, work: str, cache: str) -> dict:
+    repo = Repository.open(location, cache=cache)
+    with repo.shared_lock():
+        t = time.perf_counter()
+        files, counts = repo.ingest_dir(src)
+        sid = repo.commit(Manifest(target=Target("process", 1, [1]), pids=[1], files=files, **counts))
+        push = time.perf_counter() - t
+    out = {"push": push, "stored": counts["bytes_stored"]}
+    for label, cache_dir in (("pull", cache + "-empty"), ("pull_warm", cache + "-empty")):
+        node = Repository.open(location, cache=cache_dir, create=False)
+        dest = os.path.join(work, f"out-{label}-{secrets.token_hex(3)}")
+        with node.shared_lock():
+            t = time.perf_counter()
+            node.materialise(node.load(sid), dest)
+            out[label] = time.perf_counter() - t
+        assert same(src, dest), f"{label}: restored bytes differ"
+        shutil.rmtree(dest)
+        if not location.startswith("s3://"):
+            break
+    return out
+
+
+def gpusnap_rows(server, bucket: str, mib: int, base: str) -> list[str]:
+    work = tempfile.mkdtemp(dir=base)
+    try:
+        src = os.path.join(work, "src")
+        os.makedirs(src)
+        with open(os.path.join(src, "pages-1.img"), "wb") as f:
+            f.write(make_data(mib))
+        logical = mib * MIB
+        local = store_round(os.path.join(work, "local"), src, work, os.path.join(work, "c0"))
+        remote = store_round(f"s3://{bucket}/bench", src, work, os.path.join(work, "cache"))
+        rows = ["| store | push (dump ingest) | pull (restore materialise), empty cache | pull, warm cache |",
+                "|---|---|---|---|",
+                f"| local directory | {rate(logical, local['push'])} | {rate(logical, local['pull'])} | - |",
+                f"| s3:// (moto, 127.0.0.1) | {rate(logical, remote['push'])} | "
+                f"{rate(logical, remote['pull'])} | {rate(logical, remote['pull_warm'])} |"]
+        rows.append(f"\nlogical {logical / MIB:.0f} MiB, stored {remote['stored'] / MIB:.0f} MiB "
+                    f"(zstd level 1); rates are logical bytes per second.")
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    server = S3Server()
+    try:
+        bucket = server.bucket()
+        os.environ.update(server.env())
+        lines = [f"# Object storage benchmark ({platform.node()}: CPU host, {os.cpu_count()} cores)",
+                 "", f"`benchmarks/object_store.py --mib {args.mib}`; S3 server: moto "
+                 "(server mode, one process, 127.0.0.1); scratch on " + args.dir + ".", "",
+                 "## Client libraries (16 in flight, best of 3)", "", *clients(server, bucket), "",
+                 "## One object per chunk vs pack files (boto3, 16 in flight, best of 3)", "",
+                 *packs(server, bucket), "",
+                 "## gpusnap push and pull, local store vs s3:// store, same run", "",
+                 *gpusnap_rows(server, bucket, args.mib, args.dir)]
+    finally:
+        server.stop()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""A store in a local directory: the layout of docs/design.md, flock(2) for locks.
+
+Chunks are written to tmp/ under a name unique to the writer and renamed into place
+(durable at the next sync(): one syncfs instead of an fsync per chunk); other objects
+are written atomically with fsync (fsutil.write_atomic).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from typing import Callable, Iterator
+
+from ...errors import InsecureStore, StoreError
+from .. import fsutil
+from ..lock import store_lock
+from .base import Backend, Missing
+
+
+class LocalBackend(Backend):
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.url = self.path
+        self.tmp_dir = os.path.join(self.path, "tmp")
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.path, *name.split("/"))
+
+    def init(self) -> None:
+        """The store's directories in a missing or empty private directory (created 0700
+        if missing; an existing one is checked, never chmodded)."""
+        try:
+            self._make()
+        except OSError as exc:
+            fsutil.raise_os_error(exc, self.path)
+
+    def _make(self) -> None:
+        subdirs = ("chunks", "snapshots", "tmp")
+        if not fsutil.make_private_dir(self.path, "store") and not all(
+                n in subdirs or n.startswith("config.tmp-") for n in os.listdir(self.path)):
+            raise StoreError(f"{self.path} is not empty and holds no gpusnap store",
+                             hint="give a new or empty directory for a new store")
+        fd = fsutil.open_dir_nofollow(self.path)
+        try:
+            for name in subdirs:            # another gpusnap creating this store may be first
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    fsutil.check_private_dir(os.path.join(self.path, name), "store directory",
+                                             os.stat(name, dir_fd=fd, follow_symlinks=False))
+        finally:
+            os.close(fd)
+
+    def get(self, name: str) -> bytes:
+        try:
+            with open(os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC),
+                      "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise Missing(name) from None
+
+    def put(self, name: str, data, *, durable: bool = True, if_absent: bool = False) -> bool:
+        path = self._path(name)
+        if if_absent and os.path.lexists(path):
+            return False
+        if durable:
+            fsutil.write_atomic(path, data)
+            return True
+        try:
+            fsutil.write_renamed(path, self.tmp_dir, data)
+        except OSError as exc:
+            fsutil.raise_os_error(exc, path)
+        return True
+
+    def size(self, name: str) -> int | None:
+        try:
+            return os.lstat(self._path(name)).st_size
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        top = prefix.rstrip("/").split("/")[0] if "/" in prefix else ""
+        root = os.path.join(self.path, top) if top else self.path
+        for dirpath, dirs, names in os.walk(root):
+            rel = os.path.relpath(dirpath, self.path)
+            if rel == "tmp" or rel.startswith("tmp/"):
+                dirs[:] = []
+                continue
+            for n in names:
+                name = n if rel == "." else f"{rel}/{n}"
+                if name.startswith(prefix):
+                    try:
+                        st = os.lstat(os.path.join(dirpath, n))
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):        # a symlink is never followed
+                        yield name, st.st_size
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            raise Missing(name) from None
+        if name.startswith("snapshots/"):
+            fsutil.fsync_dir(os.path.dirname(self._path(name)))
+
+    def sync(self) -> None:
+        fsutil.syncfs(self.path)
+
+    def stale_temps(self) -> list[str]:
+        # Only files: a directory here is a dump or restore work dir (when /dev/shm is
+        # unusable) that a restore may still be reading after it dropped its lock.
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return []
+        return [f"tmp/{n}" for n in names
+                if os.path.isfile(os.path.join(self.tmp_dir, n))
+                and not os.path.islink(os.path.join(self.tmp_dir, n))]
+
+    def lock(self, *, exclusive: bool, timeout: float):
+        return store_lock(os.path.join(self.path, "lock"), exclusive=exclusive, timeout=timeout)
+
+    def check_private(self) -> None:
+        """The store is ours alone and holds no symlink where gpusnap walks (gc deletes
+        what it finds under chunks/ and tmp/)."""
+        fsutil.check_private_dir(self.path, "store")
+        links = fsutil.symlinks_under(self.path, depth=2)
+        if links:
+            raise InsecureStore(f"store {self.path} holds symbolic links ({', '.join(links[:3])}): "
+                                f"gpusnap follows none inside a store",
+                                hint="remove them; a store holds only its own files and directories")
+
+    def require_writable(self) -> None:
+        read_only = bool(os.statvfs(self.path).f_flag & os.ST_RDONLY)
+        if read_only or not os.access(self.path, os.W_OK):
+            raise StoreError(f"the store at {self.path} is read-only"
+                             f"{' (a read-only mount)' if read_only else ''}; this command writes to it",
+                             hint="ls, inspect, verify and export only read a store; "
+                                  "--store names another")
+
+    def next_seq(self, last_known: Callable[[], int]) -> int:
+        """The next number of the store's commit sequence (file seq, under its own flock):
+        strictly increasing, so "newest" never depends on clock resolution or skew."""
+        fd = os.open(os.path.join(self.path, "seq"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            text = os.pread(fd, 32, 0).decode().strip()
+            last = int(text) if text.isdigit() else last_known()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{last + 1}\n".encode(), 0)
+            os.fsync(fd)
+            return last + 1
+        finally:
+            os.close(fd)

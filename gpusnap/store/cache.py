@@ -1,0 +1,152 @@
+"""The local pull-through cache of a remote store's chunks.
+
+    <cache dir>/<store key>/chunks/<xx>/<id>   a chunk as stored (compressed; encrypted in
+                                               an encrypted store), only once verified
+    <cache dir>/<store key>/tmp/               chunks being written; dump/restore scratch
+                                               when no tmpfs is usable; failed-logs/
+
+(<store key>: 16 hex digits of the sha256 of the store's URL.) A chunk enters the cache
+only after a decode checked it against its id (a restore or verify that read it from the
+store), or when this node made it (a dump): a cache never holds bytes a restore has not
+vouched for, and every read from it is checked again like any read. The bytes are the
+stored encoding, so an encrypted store's cache is as opaque as the bucket.
+
+Bounded by max_bytes (--cache-size): least recently used first out (a hit bumps the
+file's mtime). Each process keeps a running total from one scan when it opens the cache
+and evicts to 90 % of the bound when a write takes it over; a write that meets a full
+disk evicts and tries once more, then gives up quietly (the cache is an optimisation:
+restores still work, straight from the store).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from typing import Iterator
+
+from ..errors import InsecureStore, UsageError
+from . import fsutil
+
+DEFAULT_DIR = "/var/cache/gpusnap"
+DEFAULT_SIZE = 20 << 30
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int | None) -> int:
+    """'20G', '512M', '1048576' -> bytes (binary units)."""
+    if text is None or text == "":
+        return DEFAULT_SIZE
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS and not t[-1:].isdigit() else ""
+    try:
+        return int(float(t[:len(t) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise UsageError(f"not a size: {text!r}", hint="e.g. 20G, 512M") from None
+
+
+def store_dir(cache_dir: str, url: str) -> str:
+    return os.path.join(os.path.abspath(cache_dir), hashlib.sha256(url.encode()).hexdigest()[:16])
+
+
+class ChunkCache:
+    def __init__(self, root: str, max_bytes: int = DEFAULT_SIZE):
+        self.root = root
+        self.chunks = os.path.join(root, "chunks")
+        self.tmp = os.path.join(root, "tmp")
+        self.max_bytes = max_bytes
+        self._total: int | None = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def open(self) -> "ChunkCache":
+        """Create the cache directories (owner-only) and refuse one others can open."""
+        old = os.umask(0o077)
+        try:
+            for d in (self.root, self.chunks, self.tmp):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+        finally:
+            os.umask(old)
+        st = os.stat(self.root)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise InsecureStore(f"cache {self.root} is not a private directory of uid {os.geteuid()}",
+                                hint=f"chmod 700 {self.root}, or point --cache elsewhere")
+        return self
+
+    def path(self, cid: str) -> str:
+        return os.path.join(self.chunks, cid[:2], cid)
+
+    def get(self, cid: str) -> bytes | None:
+        path = self.path(cid)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            os.utime(path)                  # most recently used
+            return data
+        except OSError:
+            return None
+
+    def has(self, cid: str) -> bool:
+        return os.path.exists(self.path(cid))
+
+    def put(self, cid: str, blob) -> bool:
+        """Keep a verified chunk; False when it could not be kept (disk full)."""
+        path = self.path(cid)
+        if os.path.exists(path):
+            return True
+        for attempt in (0, 1):
+            try:
+                fsutil.write_renamed(path, self.tmp, blob)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or attempt:
+                    return False
+                self.evict(self._usage() // 2)
+        with self._lock:
+            self._total = self._usage() + len(blob)
+            over = self._total > self.max_bytes
+        if over:
+            self.evict(int(self.max_bytes * 0.9))
+        return True
+
+    def _usage(self) -> int:
+        if self._total is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._total = sum(size for _p, size, _t in self._entries())
+        return self._total
+
+    def _entries(self) -> Iterator[tuple[str, int, float]]:
+        for dirpath, _dirs, names in os.walk(self.chunks):
+            for n in names:
+                p = os.path.join(dirpath, n)
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:
+                    continue
+                yield p, st.st_size, st.st_mtime
+
+    def evict(self, target: int) -> int:
+        """Remove least recently used chunks until the cache holds at most target bytes.
+        Returns the bytes freed."""
+        entries = sorted(self._entries(), key=lambda e: e[2])
+        total = sum(size for _p, size, _t in entries)
+        freed = 0
+        for p, size, _t in entries:
+            if total - freed <= target:
+                break
+            try:
+                os.unlink(p)
+                freed += size
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            self._total = total - freed
+        return freed
+
+    def usage(self) -> int:
+        """Bytes held now (a fresh scan)."""
+        self._total = None
+        return self._usage()

@@ -1,0 +1,154 @@
+"""One conformance suite for every store backend: the local directory and S3 (a real
+S3 server process on 127.0.0.1, tests/s3server.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from s3server import FaultProxy, s3_env, s3_server  # noqa: F401
+
+from gpusnap.errors import StoreError, StoreLocked, StoreUnavailable
+from gpusnap.store.backends import Missing, for_location
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    if request.param == "local":
+        backend = for_location(str(tmp_path / "store"))
+        backend.init()
+        return str(tmp_path / "store")
+    bucket = request.getfixturevalue("s3_env")
+    return f"s3://{bucket}/some/prefix"
+
+
+@pytest.fixture
+def backend(location):
+    return for_location(location)
+
+
+def test_put_get_size_and_missing(backend):
+    assert backend.put("snapshots/a.json", b"{}")
+    assert backend.get("snapshots/a.json") == b"{}"
+    assert backend.size("snapshots/a.json") == 2 and backend.exists("snapshots/a.json")
+    assert backend.size("snapshots/b.json") is None
+    with pytest.raises(Missing):
+        backend.get("snapshots/b.json")
+
+
+def test_chunks_are_write_once_and_if_absent_keeps_the_first(backend):
+    name = "chunks/ab/" + "ab" * 32
+    assert backend.put(name, b"one", durable=False)
+    assert backend.put(name, b"two", if_absent=True) is False
+    assert backend.get(name) == b"one"
+    backend.put_many([(name, b"one"), ("chunks/cd/" + "cd" * 32, b"x" * 5000)])
+    backend.sync()
+    assert backend.get("chunks/cd/" + "cd" * 32) == b"x" * 5000
+
+
+def test_a_manifest_replaces_atomically(backend):
+    backend.put("snapshots/s.json", b"first")
+    backend.put("snapshots/s.json", b"second version")
+    assert backend.get("snapshots/s.json") == b"second version"
+
+
+def test_listing_sees_every_object_once_under_its_prefix(backend):
+    names = [f"chunks/{i:02x}/{i:02x}" + "0" * 62 for i in range(30)]
+    backend.put_many([(n, b"z" * i) for i, n in enumerate(names)])
+    backend.put("snapshots/x.json", b"{}")
+    listed = dict(backend.list("chunks/"))
+    assert listed == {n: i for i, n in enumerate(names)}
+    assert [n for n, _ in backend.list("snapshots/")] == ["snapshots/x.json"]
+    assert list(backend.get_many(names[:5])) == [b"z" * i for i in range(5)]
+
+
+def test_refresh_then_sizes_follow_puts_and_deletes(backend):
+    backend.put("chunks/00/" + "0" * 64, b"abc", durable=False)
+    backend.refresh("chunks/")
+    assert backend.size("chunks/00/" + "0" * 64) == 3
+    backend.put("chunks/11/" + "1" * 64, b"abcd", durable=False)
+    assert backend.size("chunks/11/" + "1" * 64) == 4
+    backend.delete("chunks/00/" + "0" * 64)
+    assert backend.size("chunks/00/" + "0" * 64) is None
+
+
+def test_delete_and_delete_many(backend):
+    backend.put("snapshots/a.json", b"1")
+    backend.put("snapshots/b.json", b"2")
+    backend.delete("snapshots/a.json")
+    with pytest.raises(Missing):
+        backend.delete("snapshots/a.json")
+    backend.delete_many(["snapshots/a.json", "snapshots/b.json"])     # a missing one is fine
+    assert list(backend.list("snapshots/")) == []
+
+
+def _holds(location, exclusive, started, release):
+    with for_location(location).lock(exclusive=exclusive, timeout=10):
+        started.set()
+        release.wait(10)
+
+
+@pytest.mark.parametrize("first,second", [(True, False), (False, True), (True, True)])
+def test_locks_exclude_across_holders(location, first, second):
+    """Another holder (another backend object: another node) is kept out while the
+    first holds a conflicting lock, and gets in once it is released."""
+    started, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_holds, args=(location, first, started, release))
+    holder.start()
+    try:
+        assert started.wait(10)
+        with pytest.raises(StoreLocked):
+            with for_location(location).lock(exclusive=second, timeout=0.5):
+                pass
+    finally:
+        release.set()
+        holder.join()
+    with for_location(location).lock(exclusive=second, timeout=5):
+        pass
+
+
+def test_shared_locks_share(location):
+    with for_location(location).lock(exclusive=False, timeout=5):
+        with for_location(location).lock(exclusive=False, timeout=5):
+            pass
+
+
+def test_a_failed_put_leaves_no_object(location, tmp_path, request):
+    """Partial failure: a write cut short never shows under its name."""
+    backend = for_location(location)
+    name = "chunks/ee/" + "e" * 64
+    if location.startswith("s3://"):
+        server = request.getfixturevalue("s3_server")
+        proxy = FaultProxy(server.port)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        proxy.cut_after(1 << 20)                    # the server vanishes mid-body
+        backend = for_location(location)
+        with pytest.raises(StoreUnavailable):
+            backend.put(name, os.urandom(4 << 20), durable=False)
+        proxy.restore()
+        assert backend.size(name) is None
+        backend.put(name, b"retried", durable=False)     # a retry completes
+        assert backend.get(name) == b"retried"
+        proxy.close()
+        return
+    os.rmdir(os.path.join(location, "tmp"))
+    open(os.path.join(location, "tmp"), "w").close()    # temp files cannot be made
+    with pytest.raises(StoreError):
+        backend.put(name, b"data", durable=False)
+    assert backend.size(name) is None
+
+
+def test_a_dead_holders_lock_expires(s3_env, monkeypatch):
+    """A lock object left by a node that died stops counting after the TTL (server time)."""
+    monkeypatch.setenv("GPUSNAP_S3_LOCK_TTL", "2")
+    backend = for_location(f"s3://{s3_env}/p")
+    backend.put("locks/deadbeef", json.dumps({"exclusive": True, "host": "gone", "pid": 1}).encode())
+    with pytest.raises(StoreLocked):
+        with backend.lock(exclusive=False, timeout=0.3):
+            pass
+    time.sleep(3)
+    with backend.lock(exclusive=True, timeout=5):
+        assert backend.stale_temps() == ["locks/deadbeef"]

@@ -1,0 +1,205 @@
+"""A store in a real S3 server (moto's server mode on 127.0.0.1): the repository, its
+cache, copy between stores, the CLI's errors and faults (throttling, a server that
+vanishes mid-transfer, a cache whose disk fills)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import pytest
+from conftest import commit_snapshot, write_images
+from s3server import FaultProxy, s3_env, s3_server  # noqa: F401
+
+from gpusnap.errors import StoreUnavailable
+from gpusnap.store import Repository, cache, transfer
+
+
+def _images(tmp_path, mib=6, seed=b"a"):
+    data = os.urandom(mib << 20)                    # incompressible: stored ~ logical
+    return write_images(str(tmp_path / f"img-{seed.decode()}"),
+                        {"pages-1.img": data + bytes(1 << 20), "core-1.img": seed * 3000,
+                         "files.img": hashlib.sha256(b"same").digest() * (1 << 15)})
+
+
+def _dump(repo, src):
+    with repo.shared_lock():
+        m = commit_snapshot(repo, src)
+    return {"id": m.id, "bytes_logical": m.bytes_logical, "bytes_stored": m.bytes_stored,
+            "bytes_new": m.bytes_new}
+
+
+def _same_tree(a, b):
+    for name in os.listdir(a):
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            assert fa.read() == fb.read(), name
+
+
+def test_round_trip_into_an_empty_cache_and_dedup(s3_env, tmp_path):
+    url = f"s3://{s3_env}/fleet"
+    src = _images(tmp_path)
+    node_a = Repository.open(url, cache=str(tmp_path / "cache-a"))
+    first = _dump(node_a, src)
+    assert first["bytes_new"] == first["bytes_stored"] > 0
+    again = _dump(node_a, src)
+    assert again["bytes_new"] == 0 and again["bytes_stored"] == first["bytes_stored"]
+    node_b = Repository.open(url, cache=str(tmp_path / "cache-b"), create=False)
+    assert {s.id for s in node_b.list()} == {first["id"], again["id"]}
+    with node_b.shared_lock():
+        node_b.materialise(node_b.load(first["id"]), str(tmp_path / "out"))
+    _same_tree(src, str(tmp_path / "out"))
+    cached = cache.ChunkCache(node_b.path).usage()
+    assert cached == first["bytes_stored"]            # what it read, verified, is cached
+    assert node_b.verify()["bad"] == []
+
+
+def test_an_encrypted_store_shows_no_plain_hash_and_no_key(s3_env, s3_server, tmp_path):
+    key = tmp_path / "key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    url = f"s3://{s3_env}/secret"
+    src = _images(tmp_path)
+    repo = Repository.open(url, cache=str(tmp_path / "c"), key_file=str(key))
+    counts = _dump(repo, src)
+    objects = {o["Key"]: o for o in s3_server.client().list_objects_v2(Bucket=s3_env)["Contents"]}
+    with open(os.path.join(src, "core-1.img"), "rb") as f:
+        plain_id = hashlib.sha256(f.read()).hexdigest()
+    assert not any(plain_id in k for k in objects)
+    body = b"".join(s3_server.client().get_object(Bucket=s3_env, Key=k)["Body"].read()
+                    for k in objects)
+    assert key.read_text().strip().encode() not in body and b"pages-1.img" not in body
+    other = Repository.open(url, cache=str(tmp_path / "c2"), key_file=str(key), create=False)
+    with other.shared_lock():
+        other.materialise(other.load(counts["id"]), str(tmp_path / "out"))
+    _same_tree(src, str(tmp_path / "out"))
+
+
+def test_copy_sends_only_missing_chunks_both_ways(s3_env, tmp_path):
+    local = Repository.open(str(tmp_path / "local"))
+    remote = Repository.open(f"s3://{s3_env}/copy", cache=str(tmp_path / "c"))
+    a = _dump(local, _images(tmp_path, seed=b"a"))
+    b = _dump(local, _images(tmp_path, seed=b"b"))
+    with local.shared_lock(), remote.shared_lock():
+        one = transfer.copy_snapshot(local, remote, a["id"])
+        two = transfer.copy_snapshot(local, remote, b["id"])
+        again = transfer.copy_snapshot(local, remote, a["id"])
+    assert one["chunks_copied"] > 0 and one["bytes_copied"] == a["bytes_stored"]
+    assert two["chunks_present"] > 0                 # files.img: a's copy is reused
+    assert again["already_present"]
+    back = Repository.open(str(tmp_path / "back"))
+    with remote.shared_lock(), back.shared_lock():
+        transfer.copy_snapshot(remote, back, b["id"])
+    assert back.verify()["bad"] == []
+    with back.shared_lock():
+        back.materialise(back.load(b["id"]), str(tmp_path / "out"))
+    _same_tree(str(tmp_path / "img-b"), str(tmp_path / "out"))
+
+
+def test_throttling_is_retried_with_backoff(s3_env, s3_server, tmp_path, monkeypatch):
+    proxy = FaultProxy(s3_server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        repo = Repository.open(f"s3://{s3_env}/slow", cache=str(tmp_path / "c"))
+        proxy.fail_next(3)                          # 503 SlowDown three times in a row
+        counts = _dump(repo, _images(tmp_path))
+        assert proxy.failed == 3 and counts["bytes_new"] > 0
+        assert [s.id for s in repo.list()] == [counts["id"]]
+    finally:
+        proxy.close()
+
+
+def test_server_gone_mid_upload_then_mid_download_then_retries(s3_env, s3_server, tmp_path,
+                                                               monkeypatch):
+    """No partial snapshot is visible after a cut dump; the retry sends only what is
+    missing; a cut restore fails cleanly and its retry completes."""
+    proxy = FaultProxy(s3_server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("GPUSNAP_S3_RETRIES", "2")
+    try:
+        url = f"s3://{s3_env}/cut"
+        repo = Repository.open(url, cache=str(tmp_path / "c"))
+        src = _images(tmp_path, mib=12)
+        proxy.cut_after(4 << 20)
+        with pytest.raises(StoreUnavailable):
+            _dump(repo, src)
+        proxy.restore()
+        assert repo.list() == []
+        counts = _dump(Repository.open(url, cache=str(tmp_path / "c")), src)
+        assert 0 < counts["bytes_new"] < counts["bytes_stored"]     # the first part stayed
+        fresh = Repository.open(url, cache=str(tmp_path / "empty"), create=False)
+        proxy.cut_after(2 << 20)
+        with pytest.raises(StoreUnavailable):
+            with fresh.shared_lock():
+                fresh.materialise(fresh.load(counts["id"]), str(tmp_path / "out1"))
+        proxy.restore()
+        fresh = Repository.open(url, cache=str(tmp_path / "empty"), create=False)
+        with fresh.shared_lock():
+            fresh.materialise(fresh.load(counts["id"]), str(tmp_path / "out2"))
+        _same_tree(src, str(tmp_path / "out2"))
+    finally:
+        proxy.close()
+
+
+def test_cache_evicts_least_recently_used_to_its_bound(tmp_path):
+    c = cache.ChunkCache(str(tmp_path / "c"), max_bytes=10_000).open()
+    ids = [f"{i:02x}" * 32 for i in range(5)]
+    for i in range(3):
+        assert c.put(ids[i], b"x" * 3000)
+        os.utime(c.path(ids[i]), (i, i))            # put order = use order
+    assert c.get(ids[0]) == b"x" * 3000             # used again: newest now
+    c.put(ids[3], b"x" * 3000)                      # over the bound: 1 goes, then 2
+    c.put(ids[4], b"x" * 3000)
+    assert c.usage() <= 10_000
+    assert [c.has(i) for i in ids] == [True, False, False, True, True]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs (root)")
+def test_a_cache_that_fills_its_disk_does_not_fail_the_restore(s3_env, tmp_path):
+    src = _images(tmp_path, mib=8)
+    counts = _dump(Repository.open(f"s3://{s3_env}/full", cache=str(tmp_path / "c")), src)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(small)], check=True)
+    try:
+        repo = Repository.open(f"s3://{s3_env}/full", cache=str(small), cache_size="1G",
+                               create=False)
+        with repo.shared_lock():
+            repo.materialise(repo.load(counts["id"]), str(tmp_path / "out"))
+        _same_tree(src, str(tmp_path / "out"))
+        assert cache.ChunkCache(repo.path).usage() < 1 << 20
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def _cli(env, *args):
+    import json
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "gpusnap", "--json", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=120)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else None, proc.stderr
+
+
+def test_wrong_credentials_and_missing_bucket_are_clear(s3_env, s3_server, tmp_path):
+    env = {"GPUSNAP_CACHE": str(tmp_path / "c"), "GPUSNAP_STORE": f"s3://{s3_env}/x"}
+    rc, out, err = _cli({**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, "ls")
+    assert rc == 47 and out["error"] == "StoreDenied", err
+    rc, out, err = _cli({**env, "GPUSNAP_STORE": "s3://no-such-bucket-here/x"}, "ls")
+    assert rc == 40 and "bucket" in out["message"] and "does not exist" in out["message"], err
+    rc, out, err = _cli(env, "ls")
+    assert rc == 0 and out == []
+
+
+def test_cli_copy_then_ls_and_verify_on_the_bucket(s3_env, tmp_path):
+    local = str(tmp_path / "local")
+    snap = _dump(Repository.open(local), _images(tmp_path))
+    env = {"GPUSNAP_CACHE": str(tmp_path / "c"), "GPUSNAP_STORE": local}
+    url = f"s3://{s3_env}/copied"
+    rc, out, err = _cli(env, "copy", snap["id"], "--to", url)
+    assert rc == 0 and out[0]["chunks_copied"] > 0, err
+    rc, out, err = _cli(env, "copy", snap["id"], "--to", url)
+    assert rc == 0 and out[0]["already_present"], err
+    rc, out, err = _cli({**env, "GPUSNAP_STORE": url}, "ls")
+    assert rc == 0 and [s["id"] for s in out] == [snap["id"]], err
+    rc, out, err = _cli({**env, "GPUSNAP_STORE": url}, "verify")
+    assert rc == 0 and out["bad"] == [], err
