@@ -21,7 +21,6 @@ older than CRIU 3.x) are copied as they are and stay eager. Pure: no I/O.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 from . import mm, pagemap
@@ -60,7 +59,7 @@ def plan(raw: pagemap.RawPagemap, vmas: list[mm.Vma]) -> LazyPlan:
             _add_range(out.eager, off, length)
             off += length
             continue
-        for start, end, lazy in _pieces(e.vaddr, e.vaddr + length, areas, starts):
+        for start, end, lazy in pagemap.cut(e.vaddr, e.vaddr + length, areas, starts):
             template = dict(fields)
             if lazy:
                 template[4] = fields[4] | PE_LAZY
@@ -71,23 +70,6 @@ def plan(raw: pagemap.RawPagemap, vmas: list[mm.Vma]) -> LazyPlan:
             out.payloads.append(pagemap.encode_entry(template, start, (end - start) // PAGE_SIZE))
             off += end - start
     return out
-
-
-def _pieces(start: int, end: int, areas: list[tuple[int, int, bool]], starts: list[int]):
-    """[start, end) cut at VMA edges: (piece_start, piece_end, lazy). Addresses outside
-    every VMA (CRIU would refuse them anyway) come out eager."""
-    pos = start
-    i = max(0, bisect.bisect_right(starts, start) - 1)
-    while pos < end:
-        while i < len(areas) and areas[i][1] <= pos:
-            i += 1
-        if i < len(areas) and areas[i][0] <= pos:
-            piece_end = min(end, areas[i][1])
-            yield pos, piece_end, areas[i][2]
-        else:
-            piece_end = min(end, areas[i][0]) if i < len(areas) else end
-            yield pos, piece_end, False
-        pos = piece_end
 
 
 def _add_range(ranges: list[tuple[int, int]], off: int, length: int) -> None:

@@ -20,6 +20,7 @@ CRIU >= 4 writes nr_pages=0 next to pages_nr). Entries with other fields are not
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 from dataclasses import dataclass
@@ -154,3 +155,21 @@ def region_offsets_for_pages(pages_path: str) -> list[int]:
                 next_vaddr = e.vaddr + e.nr_pages * PAGE_SIZE
             return starts
     return []
+
+
+def cut(start: int, end: int, areas: list[tuple[int, int, bool]], starts: list[int]):
+    """[start, end) cut at the edges of areas (sorted (lo, hi, flag), not overlapping;
+    starts: their lo): (piece_start, piece_end, the area's flag, or False outside every
+    area). zero_pages.py cuts entries at private anonymous ranges, lazy.py at VMAs."""
+    pos = start
+    i = max(0, bisect.bisect_right(starts, start) - 1)
+    while pos < end:
+        while i < len(areas) and areas[i][1] <= pos:
+            i += 1
+        if i < len(areas) and areas[i][0] <= pos:
+            piece_end = min(end, areas[i][1])
+            yield pos, piece_end, areas[i][2]
+        else:
+            piece_end = min(end, areas[i][0]) if i < len(areas) else end
+            yield pos, piece_end, False
+        pos = piece_end

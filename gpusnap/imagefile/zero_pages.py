@@ -26,7 +26,6 @@ to a new file object. An image pair this module does not fully understand is lef
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from dataclasses import dataclass, field
@@ -164,6 +163,7 @@ def elide_pair(raw: pagemap.RawPagemap, ranges: list[tuple[int, int]], pages: Bi
     check_pair(raw, pages_size)
     stats = Stats(files=1, entries_before=len(entries))
     c = _Compactor(pages, min_run)
+    areas = [(lo, hi, True) for lo, hi in ranges]
     starts = [r[0] for r in ranges]
     buf = bytearray(SCAN_BYTES)
     view = memoryview(buf)
@@ -174,8 +174,8 @@ def elide_pair(raw: pagemap.RawPagemap, ranges: list[tuple[int, int]], pages: Bi
             c.payloads.append(payload)
             continue
         c.template = fields
-        for seg_start, seg_end, eligible in _segments(e.vaddr, e.vaddr + e.nr_pages * PAGE_SIZE,
-                                                      ranges, starts):
+        for seg_start, seg_end, eligible in pagemap.cut(e.vaddr, e.vaddr + e.nr_pages * PAGE_SIZE,
+                                                        areas, starts):
             vaddr = seg_start
             while vaddr < seg_end:
                 n = min(SCAN_BYTES, seg_end - vaddr)
@@ -236,22 +236,6 @@ def _runs(indexes: list[int]):
         start = prev = i
     if start is not None:
         yield start, prev - start + 1
-
-
-def _segments(start: int, end: int, ranges: list[tuple[int, int]], starts: list[int]):
-    """[start, end) cut at range edges: (seg_start, seg_end, inside a range)."""
-    pos = start
-    i = max(0, bisect.bisect_right(starts, start) - 1)
-    while pos < end:
-        while i < len(ranges) and ranges[i][1] <= pos:
-            i += 1
-        if i < len(ranges) and ranges[i][0] <= pos:
-            seg_end = min(end, ranges[i][1])
-            yield pos, seg_end, True
-        else:
-            seg_end = min(end, ranges[i][0]) if i < len(ranges) else end
-            yield pos, seg_end, False
-        pos = seg_end
 
 
 # ---- the images directory ------------------------------------------------------------------
