@@ -63,10 +63,6 @@ class Pages:
     pids: set[int] = field(default_factory=set)
 
     @property
-    def lazy_bytes(self) -> int:
-        return sum(s[3] for segs in self.segments.values() for s in segs)
-
-    @property
     def tasks(self) -> int:
         """Live tasks of the dump (one pagemap each): how many descriptors CRIU sends."""
         return len({s[0] for segs in self.segments.values() for s in segs} | set(self.pids))

@@ -26,7 +26,6 @@ import os
 import socket
 import struct
 import time
-from typing import Iterator
 
 FINISHED = 0x52535446
 # _IOWR(0xAA, 0x03, struct uffdio_copy { u64 dst, src, len, mode; s64 copy; })
@@ -110,11 +109,6 @@ def next_handoff(conn: socket.socket) -> tuple[int, int | None] | None:
     if not fds:
         raise ConnectionError(f"CRIU sent pid {value} without its userfaultfd")
     return value, fds[0]
-
-
-def handoffs(conn: socket.socket) -> Iterator[tuple[int, int | None]]:
-    while (got := next_handoff(conn)) is not None:
-        yield got
 
 
 def read_faults(fd: int) -> list[int]:

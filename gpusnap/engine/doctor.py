@@ -44,8 +44,11 @@ def _kernel() -> list[Check]:
                      "present" if soft_dirty else "absent: CRIU pre-dump/--track-mem unusable; "
                      "gpusnap's incremental comes from its store dedup, so nothing is lost",
                      "" if soft_dirty else "kernel built without CONFIG_MEM_SOFT_DIRTY"))
-    uffd = os.path.exists("/proc/sys/vm/unprivileged_userfaultfd") or os.path.exists("/dev/userfaultfd")
-    out.append(Check("userfaultfd", "ok" if uffd else "warn", "available" if uffd else "not found"))
+    from .pagepath import uffd_available        # the check restore's --pages auto makes
+    uffd, why = uffd_available()
+    out.append(Check("userfaultfd", "ok" if uffd else "warn",
+                     f"{why}: restore fills memory itself (--pages uffd)" if uffd else
+                     f"{why}: restore lets CRIU write every page (--pages criu)"))
     return out
 
 

@@ -35,10 +35,6 @@ class LazyPlan:
     segments: list[tuple[int, int, int]] = field(default_factory=list)
     eager: list[tuple[int, int]] = field(default_factory=list)
 
-    @property
-    def lazy_bytes(self) -> int:
-        return sum(s[2] for s in self.segments)
-
 
 def lazy_vma(v: mm.Vma) -> bool:
     return v.anon_private and not v.flags & MAP_LOCKED
