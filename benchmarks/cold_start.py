@@ -160,7 +160,33 @@ def floor_disk(path):
     return n / (time.perf_counter() - t) / 1e9, cold
 
 
+# ---- dumps ---------------------------------------------------------------------------
+def more_dumps(row, size, snap_id, pid, store, work, runs):
+    """First dumps of the (restored) server into fresh stores until there are `runs` of
+    them, then one with --pages staged; each time the server comes back from snap_id.
+    Leaves the last restored server's pid in row["_pid"]."""
+    row["dump_runs"] = [{"s": row["dump_s"], "stages": row["dump_stages"]}]
+    fresh = os.path.join(work, "fresh-store")
+    for pages in ["stream"] * (runs - 1) + ["staged"]:
+        shutil.rmtree(fresh, ignore_errors=True)
+        pids = tree(pid)
+        t = time.perf_counter()
+        out = gpusnap("dump", "--pid", str(pid), "--pages", pages, store=fresh)
+        took = time.perf_counter() - t
+        wait_gone(pids)
+        run = {"s": took, "stages": out["timings"], "pages": pages, "downtime": out.get("downtime")}
+        (row["dump_runs"] if pages == "stream" else row.setdefault("dump_staged", [])).append(run)
+        note(size=size, step=f"dump_{pages}", **run)
+        shutil.rmtree(fresh, ignore_errors=True)
+        pid = gpusnap("restore", snap_id, store=store)["pid"]
+        first_token()
+    row["_pid"] = pid
+
+
 # ---- naive baseline ------------------------------------------------------------------
+NAIVE_IMAGES = "/dev/shm/gpusnap-bench-naive"
+
+
 def naive_dump(pid, images):
     from gpusnap.criu import runner
     from gpusnap.criu.argv import CriuOptions
@@ -302,7 +328,13 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
                                if isinstance(v, (int, float))}})
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
         restores[label] = out
-    second = gpusnap("dump", "--pid", str(res["pid"]), "--name", f"llm-{size}-2", store=store)
+    more_dumps(row, size, snap["id"], res["pid"], store, work, runs)
+    t = time.perf_counter()
+    second = gpusnap("dump", "--pid", str(row.pop("_pid")), "--name", f"llm-{size}-2", store=store)
+    row["second_dump_s"] = time.perf_counter() - t
+    row["second_dump_stages"] = second["timings"]
+    note(size=size, step="second_dump", dump_s=row["second_dump_s"], bytes_new=second["bytes_new"],
+         stages=second["timings"])
     wait_gone(pids)
     row["second_bytes_new"] = second["bytes_new"]
     row["second_bytes_logical"] = second["bytes_logical"]
@@ -315,8 +347,10 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
 
     # naive baseline: restart a server, plain CRIU + CUDA API
     proc, _, _, _ = start_server(model_dir, state)
-    images = os.path.join(work, "naive-images")
+    images = NAIVE_IMAGES                   # the naive dump's images live in /dev/shm
+    t = time.perf_counter()
     pids, cuda_pids = naive_dump(proc.pid, images)
+    row["naive_dump_s"] = [time.perf_counter() - t]
     proc.wait()
     wait_gone(pids)
     for label, thp in ([("", None), ("thp", "always")] if "thp" in args_variants else [("", None)]):
@@ -327,7 +361,14 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
                 assert tokens == expected
                 naive.append(stages)
                 note(size=size, step=f"naive_restore{'_' + label if label else ''}", **stages)
-                kill_tree(tree(pid))
+                if not label and i < runs - 1:     # again: the naive dump, timed, same server
+                    t = time.perf_counter()
+                    pids, cuda_pids = naive_dump(pid, images)
+                    row["naive_dump_s"].append(time.perf_counter() - t)
+                    note(size=size, step="naive_dump", dump_s=row["naive_dump_s"][-1])
+                    wait_gone(pids)
+                else:
+                    kill_tree(tree(pid))
         row["naive_restore" + ("_" + label if label else "")] = naive
     shutil.rmtree(images, ignore_errors=True)
     if sdk:
@@ -465,8 +506,36 @@ def summarise(rows, floors, card):
         for key in sorted(k for k in r if k.startswith(("gpusnap_restore_", "naive_restore_"))):
             lines.append(f"- {r['size']} {key}: total {med([x['total'] for x in r[key]]):.3f} s, " + ", ".join(
                 f"{k} {med([x[k] for x in r[key]]):.3f}" for k in _numbers(r[key][0])))
+    lines += summarise_dumps(rows)
     lines += summarise_sdk(rows)
     return "\n".join(lines) + "\n"
+
+
+def summarise_dumps(rows) -> list[str]:
+    """Dump beside the naive dump (driver lock + checkpoint, criu dump into /dev/shm)."""
+    lines = ["", "Dump, same run (wall s, medians; first dumps into an empty store; images GB/s = "
+             "image bytes / gpusnap dump wall):", "",
+             "| size | naive dump s | gpusnap dump s (streamed) | --pages staged s | gpusnap / naive | "
+             "images GB/s | downtime s | second dump s (same store) | second / first |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "dump_runs" not in r:
+            continue
+        first = med([x["s"] for x in r["dump_runs"]])
+        naive = med(r.get("naive_dump_s") or [])
+        staged = med([x["s"] for x in r.get("dump_staged", [])])
+        down = med([x["downtime"] for x in r["dump_runs"] if x.get("downtime") is not None])
+        second = r.get("second_dump_s")
+        f = lambda v, fmt="{:.2f}": fmt.format(v) if v is not None else "-"      # noqa: E731
+        lines.append(f"| {r['size']} | {f(naive)} | {f(first)} | {f(staged)} | "
+                     f"{f(first / naive if naive else None)} | {f(r['bytes_logical'] / 1e9 / first)} | "
+                     f"{f(down)} | {f(second)} | {f(second / first if second else None)} |")
+    for r in rows:
+        for run in r.get("dump_runs", []) + r.get("dump_staged", []):
+            lines.append(f"- {r['size']} dump ({run.get('pages', 'stream')}, {run['s']:.2f} s): " +
+                         ", ".join(f"{k} {v:.3f}" for k, v in run["stages"].items()
+                                   if isinstance(v, (int, float))))
+    return lines
 
 
 def _numbers(row: dict) -> list[str]:

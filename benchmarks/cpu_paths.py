@@ -4,7 +4,9 @@
 
 Rows, same run, same tree (a memholder: random data, two children, two threads):
 - dump: `criu dump` into a tmpfs directory (the naive floor: nothing stored, nothing
-  hashed) beside `gpusnap dump` into a fresh store (durable, deduplicated, compressed)
+  hashed) beside `gpusnap dump` into a fresh store (durable, deduplicated, compressed),
+  with pages streamed from CRIU (the default) and staged (`--pages staged --leave-running`,
+  into another fresh store); and a second dump of the restored tree into the same store
 - restore: `gpusnap restore --pages criu` (materialise, then CRIU writes the pages)
   beside `--pages uffd` (gpusnap places the pages from the store through userfaultfd)
   and plain `criu restore` from the tmpfs images
@@ -115,6 +117,9 @@ def one_run(work: str, mib: int, criu: str) -> dict:
     row["criu_restore"], _ = timed([criu, "restore", "-D", images, "-d", "--shell-job",
                                     "--tcp-established", "--file-locks", "--ext-unix-sk", "-o", "r.log"])
     check(state, pid)                   # the restored tree is the one gpusnap dumps
+    t, out = timed(gpusnap(store + "-staged", "dump", "--pid", str(pid), "--pages", "staged",
+                           "--leave-running"))
+    row["gpusnap_dump_staged"], row["gpusnap_dump_staged_stages"] = t, json.loads(out)["timings"]
     t, out = timed(gpusnap(store, "dump", "--pid", str(pid), "--name", "bench"))
     row["gpusnap_dump"], row["gpusnap_dump_stages"] = t, json.loads(out)["timings"]
     for pages in ("criu", "uffd"):
@@ -125,6 +130,8 @@ def one_run(work: str, mib: int, criu: str) -> dict:
         if res.get("fill"):
             row["fill_gbps"] = res["fill"]["gb_per_s"]
         check(state, res["pid"])
+    t, out = timed(gpusnap(store, "dump", "--pid", str(pid), "--name", "bench"))
+    row["gpusnap_dump_second"], row["gpusnap_dump_second_new"] = t, json.loads(out)["bytes_new"]
     kill_tree(pids)
     return row
 
@@ -144,13 +151,18 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], float)}
+    med["second_over_first"] = med["gpusnap_dump_second"] / med["gpusnap_dump"]
     host = f"{platform.node()} ({os.cpu_count()} cores)"
     lines = [f"# Dump and restore on the CPU host: gpusnap beside plain CRIU — {host}", "",
              f"An idle {args.mib} MiB process tree (memholder, 2 children, 2 threads), medians of "
              f"{args.runs}, whole command wall clock (s). `python benchmarks/cpu_paths.py`.", "",
              "| step | plain CRIU (tmpfs images) | gpusnap | gpusnap / CRIU |", "|---|---|---|---|",
-             f"| dump | {med['criu_dump']:.2f} | {med['gpusnap_dump']:.2f} | "
+             f"| dump (pages streamed) | {med['criu_dump']:.2f} | {med['gpusnap_dump']:.2f} | "
              f"{med['gpusnap_dump'] / med['criu_dump']:.2f}x |",
+             f"| dump, --pages staged --leave-running | {med['criu_dump']:.2f} | "
+             f"{med['gpusnap_dump_staged']:.2f} | {med['gpusnap_dump_staged'] / med['criu_dump']:.2f}x |",
+             f"| second dump (restored tree, same store) | {med['criu_dump']:.2f} | "
+             f"{med['gpusnap_dump_second']:.2f} | {med['gpusnap_dump_second'] / med['criu_dump']:.2f}x |",
              f"| restore, --pages criu | {med['criu_restore']:.2f} | {med['restore_criu']:.2f} | "
              f"{med['restore_criu'] / med['criu_restore']:.2f}x |",
              f"| restore, --pages uffd | {med['criu_restore']:.2f} | {med['restore_uffd']:.2f} | "
@@ -158,6 +170,8 @@ def main() -> None:
              f"uffd fill: {statistics.median(r.get('fill_gbps') or 0 for r in rows):.2f} GB/s. "
              "Stages of the last run:", "",
              f"- dump: {rows[-1]['gpusnap_dump_stages']}",
+             f"- dump --pages staged: {rows[-1]['gpusnap_dump_staged_stages']}",
+             f"- second dump: {rows[-1]['gpusnap_dump_second_new']} bytes new",
              f"- restore --pages criu: {rows[-1]['restore_criu_stages']}",
              f"- restore --pages uffd: {rows[-1]['restore_uffd_stages']}"]
     text = "\n".join(lines) + "\n"

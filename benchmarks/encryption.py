@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 
 from gpusnap.model import Manifest, Target  # noqa: E402
 from gpusnap.store import Repository, codec, keyfile  # noqa: E402
-from gpusnap.store.repository import _threads  # noqa: E402
+from gpusnap.store.parallel import workers as _threads  # noqa: E402
 
 MIB = 1 << 20
 

@@ -53,11 +53,16 @@ class CompressLevel(click.ParamType):
 @click.option("--file-locks/--no-file-locks", default=True, show_default=True,
               help="Process trees: dump file locks (CRIU --file-locks). Off: a tree holding one "
                    "is refused by CRIU.")
+@click.option("--pages", envvar="GPUSNAP_DUMP_PAGES", type=click.Choice(["auto", "stream", "staged"]),
+              default="auto", show_default=True,
+              help="Process trees: stream (CRIU sends the pages to gpusnap, stored as they come: "
+                   "no pages images in the work dir) or staged (CRIU writes pages images, "
+                   "ingested after). auto: stream for process trees, staged for containers.")
 @click.option("--force", is_flag=True, help="Dump a NCCL job that may use CUDA IPC peer "
               "memory anyway (the driver may not restore it).")
 @click.pass_obj
 def command(app, containers, pid, engine, name, leave_running, lock_timeout, compress, keep,
-            tcp_established, file_locks, force):
+            tcp_established, file_locks, pages, force):
     """Checkpoint CONTAINERS (one snapshot each), or the process tree of --pid, into the store.
 
     Without --leave-running the original stops for good once its snapshot is committed;
@@ -70,7 +75,7 @@ def command(app, containers, pid, engine, name, leave_running, lock_timeout, com
         (c, f"{name}.{c}" if name and len(containers) > 1 else name) for c in containers]
     requests = [dump.DumpRequest(pid=pid, container=c, engine=engine, name=n,
                                  leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000),
-                                 force=force)
+                                 force=force, pages=pages)
                 for c, n in targets]
     plans = [_plan(req, tcp_established, file_locks) for req in requests]   # every check first
     repo = app.repo()                   # a read-only store is refused before the target is touched

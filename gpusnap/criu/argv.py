@@ -26,10 +26,14 @@ class CriuOptions:
 
 
 def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,
-              leave: str = "stopped") -> list[str]:
-    """leave: 'stopped' (gpusnap decides later: kill or resume), 'running', or 'killed'."""
+              leave: str = "stopped", ps_socket: int | None = None) -> list[str]:
+    """leave: 'stopped' (gpusnap decides later: kill or resume), 'running', or 'killed'.
+    ps_socket: a connected socket (fd) the pages go to (criu/pageserver.py serves it)
+    instead of pages images."""
     argv = [criu, "dump", "--tree", str(pid), "--images-dir", images_dir,
             "--log-file", "dump.log", f"-v{opts.verbosity}", *opts.common()]
+    if ps_socket is not None:
+        argv += ["--page-server", "--ps-socket", str(ps_socket)]
     if leave == "stopped":
         argv.append("--leave-stopped")
     elif leave == "running":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+from typing import Callable
 
 from .. import sysrun
 from ..errors import CriuFailed, GpusnapError, PidInUse
@@ -45,12 +47,42 @@ def _fail(what: str, res: sysrun.Result, log_path: str) -> GpusnapError:
 
 
 def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped",
-         timeout: float | None = None, criu: str | None = None) -> None:
-    """criu: the CRIU to run (default: find_criu's)."""
+         timeout: float | None = None, criu: str | None = None,
+         page_server: Callable[[socket.socket], None] | None = None) -> None:
+    """criu: the CRIU to run (default: find_criu's). page_server: serves CRIU's page
+    stream on a connected socket while CRIU runs (criu/pageserver.py); without it CRIU
+    writes pages images into images_dir."""
     criu = criu or find_criu()[0]
-    res = sysrun.run(dump_argv(criu, pid, images_dir, opts, leave=leave), timeout=timeout)
+    log = os.path.join(images_dir, "dump.log")
+    if page_server is None:
+        res = sysrun.run(dump_argv(criu, pid, images_dir, opts, leave=leave), timeout=timeout)
+    else:
+        res = _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, log)
     if not res.ok:
-        raise _fail("dump", res, os.path.join(images_dir, "dump.log"))
+        raise _fail("dump", res, log)
+
+
+def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, log) -> sysrun.Result:
+    """CRIU dump with its pages sent to page_server over a socket pair. When serving
+    fails (the store, an interrupt), the socket is shut: CRIU's next send fails, so it
+    stops and lets the tree run again; the serving error is raised once CRIU has exited,
+    unless the stream broke because CRIU failed (then CRIU's own error says why)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours:
+        try:
+            running = sysrun.begin(dump_argv(criu, pid, images_dir, opts, leave=leave,
+                                             ps_socket=theirs.fileno()), pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        try:
+            page_server(ours)
+        except BaseException as exc:
+            ours.shutdown(socket.SHUT_RDWR)
+            res = running.wait(timeout)
+            if isinstance(exc, CriuFailed) and not res.ok:
+                raise _fail("dump", res, log) from None
+            raise
+        return running.wait(timeout)
 
 
 def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,

@@ -27,12 +27,14 @@ import socket
 from typing import Callable
 
 from .. import VERSION, interrupts
+from ..criu import pageserver
 from ..criu.argv import CriuOptions
 from ..criu.locate import find_criu
 from ..errors import GpusnapError, Interrupted, UsageError
 from ..imagefile import zero_pages
 from ..model import CriuFacts, Manifest
 from ..store import Repository
+from ..store.pagestream import PageStream
 from . import agent_steps, gpu, strategies, workdir
 from .plans import DumpPlan, DumpRequest
 from .timing import Stages
@@ -51,7 +53,25 @@ def plan(req: DumpRequest) -> DumpPlan:
     return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=CriuOptions(shell_job=target.shell_job),
-                    zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"))
+                    zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"),
+                    pages=_page_path(req.pages, strategy.kind))
+
+
+PAGE_PATHS = ("auto", "stream", "staged")
+
+
+def _page_path(asked: str, kind: str) -> str:
+    """stream: CRIU sends the pages to gpusnap, which stores them as they come (process
+    trees); staged: CRIU writes pages images into the work dir, ingested afterwards
+    (containers: their engine runs CRIU)."""
+    if asked not in PAGE_PATHS:
+        raise UsageError(f"--pages must be one of {', '.join(PAGE_PATHS)}")
+    if asked == "stream" and kind != "process":
+        raise UsageError("--pages stream is for process trees (a container's engine writes "
+                         "its pages images itself)")
+    if asked == "auto":
+        return "stream" if kind == "process" else "staged"
+    return asked
 
 
 def execute(plan: DumpPlan, repo: Repository,
@@ -84,6 +104,7 @@ class _Dump:
         # SDK agents: weights out of the image
         self.sdk = agent_steps.DumpAgents(plan.target, ask=plan.strategy.sdk_agents)
         self.stopped = False
+        self.stream: PageStream | None = None
         self.work = workdir.make(repo.path, "dump-")
         self.images = os.path.join(self.work, "images")
         self.logs = os.path.join(self.work, "logs")
@@ -96,6 +117,8 @@ class _Dump:
     def take_and_commit(self, progress) -> Manifest:
         req, stages, cuda = self.plan.request, self.stages, self.cuda
         cuda_facts = None
+        if self.plan.pages == "stream":
+            self.stream = PageStream(self.repo)     # its workers fork before anything is locked
         if cuda:
             cuda_facts = cuda.describe()
             with stages.stage("cuda_lock"):
@@ -103,22 +126,49 @@ class _Dump:
             with stages.stage("cuda_checkpoint"):
                 cuda.checkpoint_all()
         with stages.stage(self.dumper.stage):
-            self.dumper.dump(self.images, self.logs, req.leave_running)
+            self.dumper.dump(self.images, self.logs, req.leave_running,
+                             pages=self._serve(progress) if self.stream else None)
         self.stopped = not req.leave_running
         if req.leave_running:
             self._resume_original()
-        # Drop all-zero private anonymous pages from the images (imagefile/zero_pages.py).
-        with stages.stage("zero_elide"):
-            zero_stats = zero_pages.elide(self.dumper.criu_dir(self.images)) \
-                if self.plan.zero_elide else None
-        with stages.stage("ingest"):
-            files, counts = self.repo.ingest_dir(self.images, progress)
+        if self.stream:
+            files, counts, zero_stats = self._ingest_streamed(progress)
+        else:
+            files, counts, zero_stats = self._ingest_staged(progress)
+        with stages.stage("ingest_logs"):
             log_files, log_counts = self.repo.ingest_dir(self.logs)
         manifest = self._manifest(files, counts, log_files, log_counts, cuda_facts, zero_stats)
         with stages.stage("commit"):
             manifest.timings = stages.to_dict()
             self.repo.commit(manifest)
         return manifest
+
+    def _serve(self, progress):
+        """CRIU's page stream into self.stream (criu/pageserver.py)."""
+        return lambda sock: pageserver.serve(sock, self.stream, progress)
+
+    def _ingest_streamed(self, progress):
+        """The streamed pages are stored: the pagemaps are written (zero runs of private
+        anonymous memory dropped), then the other images are ingested."""
+        with self.stages.stage("pages_finish"):
+            pages, counts, zero_stats = self.stream.finish(self.dumper.criu_dir(self.images),
+                                                          elide=self.plan.zero_elide)
+            self.stream = None
+        with self.stages.stage("ingest"):
+            files, more = self.repo.ingest_dir(self.images, progress)
+        for key in counts:
+            counts[key] += more[key]
+        return sorted(files + pages, key=lambda f: f.path), counts, zero_stats
+
+    def _ingest_staged(self, progress):
+        """CRIU wrote pages images into the work dir: all-zero private anonymous pages are
+        dropped from them (imagefile/zero_pages.py), then everything is ingested."""
+        with self.stages.stage("zero_elide"):
+            zero_stats = zero_pages.elide(self.dumper.criu_dir(self.images)) \
+                if self.plan.zero_elide else None
+        with self.stages.stage("ingest"):
+            files, counts = self.repo.ingest_dir(self.images, progress)
+        return files, counts, zero_stats
 
     def _resume_original(self) -> None:
         """--leave-running: CUDA and the SDK agents run again once the images are taken."""
@@ -155,6 +205,8 @@ class _Dump:
         unlocked, SDK weights read back) and say in exc's hint what could not be."""
         sdk_errors: list[str] = []
         with interrupts.shielded():
+            if self.stream:
+                self.stream.abort()
             if self.stopped:
                 self.dumper.resume()
             if self.cuda:

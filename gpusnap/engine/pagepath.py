@@ -134,9 +134,8 @@ class UffdPages:
 
 
 def _fill(repo, fds: dict[int, int], items: list, progress, on_forked) -> Fill:
-    from ..store.repository import _threads
     batches = parallel.batches(items, lambda it: it[1])
-    workers = _threads()
+    workers = parallel.workers()
     started = time.perf_counter()
     mode, results = parallel.run(lazy.fill_batch, (repo, fds, batches), len(batches), workers)
     placed, first = 0, True

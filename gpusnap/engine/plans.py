@@ -29,6 +29,7 @@ class DumpRequest:
     leave_running: bool = False
     lock_timeout_ms: int = 10_000
     force: bool = False             # dump a NCCL job that may use CUDA IPC anyway (cuda/nccl.py)
+    pages: str = "auto"             # processes: auto, stream (CRIU's page stream into the store), staged
 
 
 @dataclass
@@ -41,6 +42,7 @@ class DumpPlan:
     cuda_pids: list[int] = field(default_factory=list)
     criu_options: CriuOptions = field(default_factory=CriuOptions)
     zero_elide: bool = True         # drop all-zero pages (GPUSNAP_NO_ZERO_ELIDE=1: keep them)
+    pages: str = "staged"           # stream: pages go from CRIU to the store (store/pagestream.py)
 
 
 @dataclass
@@ -81,8 +83,9 @@ class Dumper(Protocol):
     stage: str                      # the name of the stage that takes the images
     undo_errors: list[str]          # what resume() could not undo
 
-    def dump(self, images: str, logs: str, leave_running: bool) -> None:
-        """Write the images under `images`; on failure, leave the original as it was."""
+    def dump(self, images: str, logs: str, leave_running: bool, pages=None) -> None:
+        """Write the images under `images`; on failure, leave the original as it was.
+        pages (process trees): serves CRIU's page stream instead of pages images."""
 
     def criu_dir(self, images: str) -> str:
         """Where the CRIU image files are inside `images`."""

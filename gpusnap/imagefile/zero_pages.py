@@ -70,7 +70,7 @@ class Stats:
                 "skipped": list(self.skipped)}
 
 
-def zero_pages_in(buf: bytes | bytearray, length: int) -> list[int]:
+def zero_pages_in(buf, length: int) -> list[int]:
     """Indexes of the all-zero pages in buf[:length] (length a multiple of PAGE_SIZE,
     at most SCAN_BYTES).
 
@@ -85,7 +85,7 @@ def zero_pages_in(buf: bytes | bytearray, length: int) -> list[int]:
     tails = qwords[_QWORDS_PER_PAGE - 1::_QWORDS_PER_PAGE].tolist()
     out = []
     for i, (h, t) in enumerate(zip(heads, tails)):
-        if h == 0 and t == 0 and buf.startswith(_ZERO_PAGE, i * PAGE_SIZE, (i + 1) * PAGE_SIZE):
+        if h == 0 and t == 0 and _ZERO_PAGE.startswith(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]):
             out.append(i)
     return out
 
@@ -215,7 +215,7 @@ def _classify(c: _Compactor, buf: bytearray, n: int, vaddr: int, src: int) -> No
     """Feed one scanned buffer to the compactor: nonzero stretches kept, zero runs counted."""
     view = memoryview(buf)
     i = 0                                 # first page not yet fed
-    for start, count in _runs(zero_pages_in(buf, n)):
+    for start, count in runs(zero_pages_in(buf, n)):
         if start > i:
             c.keep(vaddr + i * PAGE_SIZE, view[i * PAGE_SIZE:start * PAGE_SIZE], src + i * PAGE_SIZE)
         c.zero(vaddr + start * PAGE_SIZE, src + start * PAGE_SIZE, count)
@@ -224,7 +224,7 @@ def _classify(c: _Compactor, buf: bytearray, n: int, vaddr: int, src: int) -> No
         c.keep(vaddr + i * PAGE_SIZE, view[i * PAGE_SIZE:n], src + i * PAGE_SIZE)
 
 
-def _runs(indexes: list[int]):
+def runs(indexes: list[int]):
     """Sorted page indexes as (first, count) runs of consecutive pages."""
     start = prev = None
     for i in indexes:

@@ -31,7 +31,9 @@ import os
 import pickle
 import selectors
 import signal
+import struct
 import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -39,6 +41,15 @@ from .. import errors
 from ..errors import GpusnapError
 
 BATCH_BYTES = 16 << 20      # what a worker takes at once, and the step progress moves in
+
+
+def workers() -> int:
+    """Worker processes for ingest, materialise, verify and the page stream:
+    GPUSNAP_THREADS, else the CPUs (at most 16)."""
+    explicit = os.environ.get("GPUSNAP_THREADS")
+    if explicit and explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    return max(2, min(16, os.cpu_count() or 2))
 
 
 def batches(items: list, size) -> list[list]:
@@ -95,16 +106,24 @@ def _forked(fn, job, batches: int, workers: int, ordered: bool):
 
 
 def _worker(fn, job, mine, fd: int) -> None:
-    code = 0
-    try:
-        _die_with_parent()
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def body():
         with os.fdopen(fd, "wb") as out:
             for i in mine:
                 pickle.dump((i, _call(fn, job, i)), out)
                 out.flush()
             pickle.dump("done", out)
+    _as_worker(body)
+
+
+def _as_worker(body: Callable[[], None]) -> None:
+    """Run body in a forked worker, which dies with gpusnap, leaves on SIGTERM, ignores
+    Ctrl-C (gpusnap's to handle), and never returns."""
+    code = 0
+    try:
+        _die_with_parent()
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        body()
     except BaseException:                   # SystemExit from SIGTERM, a broken pipe...
         code = 1
     finally:
@@ -180,16 +199,158 @@ def _call(fn, job, i: int):
         return ("error", "OSError", f"{exc.filename or ''}: {exc.strerror or exc}", None)
 
 
+class Stream:
+    """fn(job, task) on W forked workers for tasks that arrive one at a time while the
+    caller works (a page stream): submit() hands a task to the least busy worker
+    (blocking while every worker holds `depth`), take() returns what has finished.
+    Each result comes back as (tag, result); errors are raised as run()'s are.
+    Where forking is not safe, threads do the same."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any], job: Any, workers: int, depth: int = 2):
+        self.fn, self.job, self.depth = fn, job, depth
+        self.done: list = []
+        self.children: dict[int, Any] = {}      # pid -> result pipe (a file)
+        self.tasks: dict[int, Any] = {}         # pid -> task pipe (a file)
+        self.busy: dict[int, int] = {}
+        self.pool = None
+        self.futures: list = []
+        self.selector = selectors.DefaultSelector()
+        if workers > 1 and _fork_is_safe():
+            for _ in range(workers):
+                self._fork()
+        else:
+            self.pool = ThreadPoolExecutor(max(1, workers))
+
+    def _fork(self) -> None:
+        r_task, w_task = os.pipe()
+        r_res, w_res = os.pipe()
+        pid = os.fork()
+        if pid == 0:                            # the worker: never returns
+            os.close(w_task)
+            os.close(r_res)
+            for f in [*self.tasks.values(), *self.children.values()]:
+                os.close(f.fileno())
+            _stream_worker(self.fn, self.job, r_task, w_res)
+        os.close(r_task)
+        os.close(w_res)
+        self.children[pid] = os.fdopen(r_res, "rb", buffering=0)  # read by _read_message
+        self.tasks[pid] = os.fdopen(w_task, "wb")
+        self.busy[pid] = 0
+        self.selector.register(self.children[pid], selectors.EVENT_READ, pid)
+
+    def submit(self, tag, task) -> None:
+        if self.pool is not None:
+            self.futures.append((tag, self.pool.submit(_call, self.fn, self.job, task)))
+            return
+        while min(self.busy.values()) >= self.depth:
+            self._collect(block=True)
+        pid = min(self.busy, key=self.busy.get)
+        pickle.dump((tag, task), self.tasks[pid])
+        self.tasks[pid].flush()
+        self.busy[pid] += 1
+
+    def take(self, block: bool = False) -> list:
+        """(tag, result) of the tasks finished since the last take(); block: wait for one."""
+        if self.pool is not None:
+            if block and self.futures:
+                futures.wait([f for _t, f in self.futures], return_when=futures.FIRST_COMPLETED)
+            finished = {id(f) for _t, f in self.futures if f.done()}
+            self.done += [(t, f.result()) for t, f in self.futures if id(f) in finished]
+            self.futures = [(t, f) for t, f in self.futures if id(f) not in finished]
+        elif any(self.busy.values()):
+            self._collect(block)
+        out, self.done = self.done, []
+        return [(tag, _unwrap(result)) for tag, result in out]
+
+    def pending(self) -> int:
+        return len(self.futures) if self.pool is not None else sum(self.busy.values())
+
+    def _collect(self, block: bool) -> None:
+        for key, _ in self.selector.select(None if block else 0):
+            message = _read_message(key.fileobj.fileno())
+            if message is None:
+                raise _died(key.data)
+            self.busy[key.data] -= 1
+            self.done.append(message)
+
+    def finish(self) -> list:
+        """Every result still due; then the workers stop."""
+        out = []
+        while self.pending():
+            out += self.take(block=True)
+        self.close()
+        return out
+
+    def close(self) -> None:
+        """Stop and reap the workers (those still working get SIGTERM)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        for f in self.tasks.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.selector.close()
+        _stop(self.children)
+        self.children, self.tasks, self.busy = {}, {}, {}
+
+
+def _stream_worker(fn, job, r_task: int, w_res: int) -> None:
+    def body():
+        with os.fdopen(r_task, "rb") as tasks:
+            while True:
+                try:
+                    tag, task = pickle.load(tasks)
+                except EOFError:
+                    return
+                data = pickle.dumps((tag, _call(fn, job, task)))
+                view = memoryview(_LENGTH.pack(len(data)) + data)
+                while view:
+                    view = view[os.write(w_res, view):]
+    _as_worker(body)
+
+
+_LENGTH = struct.Struct("=Q")
+
+
+def _read_message(fd: int):
+    """One length-prefixed pickle from a worker's result pipe; None at end of file or
+    for a message cut short. Unbuffered, so that select() on the pipe never misses a
+    message already read into a buffer."""
+    head = _read_n(fd, _LENGTH.size)
+    if head is None:
+        return None
+    body = _read_n(fd, _LENGTH.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _read_n(fd: int, n: int) -> bytes | None:
+    parts, got = [], 0
+    while got < n:
+        part = os.read(fd, n - got)
+        if not part:
+            return None
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _unwrap(result):
+    """_call's ("ok", value) -> value; ("error", ...) raised again with its class."""
+    if result[0] == "error":
+        _, name, message, hint = result
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, GpusnapError):
+            raise cls(message, hint=hint)
+        raise errors.StoreError(message, hint=hint)
+    return result[1]
+
+
 def _raise_errors(results):
     try:
         for result in results:
-            if result[0] == "error":
-                _, name, message, hint = result
-                cls = getattr(errors, name, None)
-                if isinstance(cls, type) and issubclass(cls, GpusnapError):
-                    raise cls(message, hint=hint)
-                raise errors.StoreError(message, hint=hint)
-            yield result[1]
+            yield _unwrap(result)
     finally:
         results.close()                 # the workers stop now, not when collected
 

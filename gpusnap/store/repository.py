@@ -78,16 +78,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _threads() -> int:
-    """Worker processes for ingest, materialise and verify (parallel.py): GPUSNAP_THREADS,
-    else the CPUs (at most 16)."""
-    explicit = os.environ.get("GPUSNAP_THREADS")
-    if explicit and explicit.isdigit() and int(explicit) > 0:
-        return int(explicit)
-    return max(2, min(16, os.cpu_count() or 2))
-
-
-
 def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
     """In a worker: read each span of the batch, store it as a chunk if new."""
     repo, paths, batches = job
@@ -309,7 +299,7 @@ class Repository:
                  for off, n in chunker.boundaries(full, st.st_size)]
         batches = parallel.batches(spans, lambda span: span[2])
         _mode, results = parallel.run(_ingest_batch, (self, [f[1] for f in files], batches),
-                                      len(batches), _threads(), ordered=True)
+                                      len(batches), parallel.workers(), ordered=True)
         chunks: list[list[tuple[str, int]]] = [[] for _ in files]
         stored = new = 0
         seen: set[str] = set()
@@ -458,7 +448,7 @@ class Repository:
         path places those pages itself). Any mismatch raises IntegrityError; the caller
         removes dest. Statistics in self.last_materialise."""
         self.last_materialise = materialise.write_files(self, getattr(manifest, which), dest,
-                                                        _threads(), progress, only)
+                                                        parallel.workers(), progress, only)
 
     # ---- verify, rm, gc -----------------------------------------------------------------
     def verify(self, snap_ids: Iterable[str] | None = None, progress: Progress | None = None) -> dict:
@@ -475,7 +465,7 @@ class Repository:
             wanted.update(self.chunk_sizes(m))
 
         batches = parallel.batches(sorted(wanted.items()), lambda item: item[1])
-        _mode, results = parallel.run(_verify_batch, (self, batches), len(batches), _threads(),
+        _mode, results = parallel.run(_verify_batch, (self, batches), len(batches), parallel.workers(),
                                       ordered=True)
         try:
             for batch, found in zip(batches, results):

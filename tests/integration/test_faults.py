@@ -300,18 +300,19 @@ def test_signal_during_criu_dump(workload, gpusnap, store, tmp_path, sig, stage)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_ingest(workload, gpusnap, store, tmp_path, sig):
     """A big tree, so that ingest takes a while: the signal is sent a third into it
-    (timed from a first dump into another store)."""
+    (timed from a first dump into another store). Staged pages: CRIU writes pages
+    images, ingested after it exits."""
     fake = _fake_criu(tmp_path, CRIU_DONE)
     mark = str(tmp_path / "mark")
     w = workload("--mib", "768", "--children", "1")
     rc, first, err = gpusnap("--store", str(tmp_path / "calibrate"), "dump", "--pid", str(w.pid),
-                             "--leave-running")
+                             "--leave-running", "--pages", "staged")
     assert rc == 0, err
     t = first["timings"]
     delay = t.get("zero_elide", 0) + t["ingest"] / 3
     assert t["ingest"] > 0.3, f"ingest too quick to aim a signal at: {t}"
     shm = _shm_entries()
-    proc = _start_cli(store, "dump", "--pid", str(w.pid), env={"GPUSNAP_CRIU": fake})
+    proc = _start_cli(store, "dump", "--pid", str(w.pid), "--pages", "staged", env={"GPUSNAP_CRIU": fake})
     _wait_file(mark, proc)
     time.sleep(delay)
     proc.send_signal(sig)
@@ -319,6 +320,29 @@ def test_signal_during_ingest(workload, gpusnap, store, tmp_path, sig):
     rc, out, err = _finish(proc)
     assert rc == 130, err
     assert time.monotonic() - started < t["ingest"] / 2, "queued chunks are dropped, not written"
+    _assert_running_and_healthy(w, children=1)
+    _assert_no_trace(gpusnap, store, shm)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_while_pages_stream(workload, gpusnap, store, tmp_path, sig):
+    """The signal lands while CRIU streams the pages to gpusnap (the default path): the
+    stream is cut, CRIU fails on its own and lets the tree go on; gpusnap undoes the rest
+    and leaves no trace. Timed a third into the CRIU stage of a first dump."""
+    mark = str(tmp_path / "mark")
+    w = workload("--mib", "768", "--children", "1")
+    rc, first, err = gpusnap("--store", str(tmp_path / "calibrate"), "dump", "--pid", str(w.pid),
+                             "--leave-running")
+    assert rc == 0, err
+    assert "pages_finish" in first["timings"], "the default dump streams its pages"
+    shm = _shm_entries()
+    fake = _fake_criu(tmp_path, BEFORE_CRIU.replace("sleep 1; ", ""))
+    proc = _start_cli(store, "dump", "--pid", str(w.pid), env={"GPUSNAP_CRIU": fake})
+    _wait_file(mark, proc)
+    time.sleep(first["timings"]["criu_dump"] / 3)
+    proc.send_signal(sig)
+    rc, out, err = _finish(proc)
+    assert rc == 130 and out["error"] == "Interrupted", err
     _assert_running_and_healthy(w, children=1)
     _assert_no_trace(gpusnap, store, shm)
 

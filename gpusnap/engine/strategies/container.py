@@ -214,7 +214,7 @@ class ContainerDump:
         self.images: str | None = None
         self.undo_errors: list[str] = []
 
-    def dump(self, images: str, logs: str, leave_running: bool) -> None:
+    def dump(self, images: str, logs: str, leave_running: bool, pages=None) -> None:
         self.images = images
         work = os.path.dirname(images)
         try:

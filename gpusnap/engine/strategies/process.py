@@ -178,11 +178,12 @@ class ProcessDump:
         self.undo_errors: list[str] = []
         self.stopped_before = {pid for pid in self.target.pids if _status(pid) == psutil.STATUS_STOPPED}
 
-    def dump(self, images: str, logs: str, leave_running: bool) -> None:
+    def dump(self, images: str, logs: str, leave_running: bool, pages=None) -> None:
+        """pages: serves CRIU's page stream (criu/runner.py), else pages images are written."""
         leave = "running" if leave_running else "stopped"
         try:
             criu_runner.dump(self.target.root_pid, images, self.options, leave=leave,
-                             criu=self.criu)
+                             criu=self.criu, page_server=pages)
             if not leave_running:
                 self._refresh_pids()        # frozen now: exactly the tree in the images
         except BaseException as exc:

@@ -1,0 +1,276 @@
+"""A dump's pages from CRIU's page stream straight into the store: no pages image on disk.
+
+criu/pageserver.py reads each entry's pages into the slots of a shared buffer this
+module hands out (a PageSink). A slot holds consecutive pages of one pagemap; when it is
+full (or the pagemap ends) a worker process (parallel.Stream) takes it, finds its zero
+pages, cuts the rest where the chunker cuts a pages image (region starts, content-defined
+page boundaries: chunker.py) and stores each chunk; the slot is free again when its
+result is back. So CRIU, chunking, hashing, compression and writing run at the same
+time, and no zero-page pass reads the images afterwards.
+
+finish() (CRIU has exited, so its mm images are there) writes the pagemap images into
+the images dir, zero runs inside private anonymous memory dropped (imagefile/streamed.py),
+and returns the pages images as file entries for the manifest.
+
+A full slot is cut where the chunker may cut (a content-defined page boundary) and the
+rest carried into the next slot, so the chunks of memory that moved between two dumps
+(the CUDA driver lays its host copy out anew each time) are the same chunks.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+
+from ..errors import CriuFailed, ImageError
+from ..imagefile import mm, streamed, zero_pages
+from ..imagefile.pagemap import PAGE_SIZE
+from ..model import FileEntry
+from ..model.manifest import ZERO_ID
+from . import chunker, parallel
+
+SLOT_BYTES = 16 << 20
+_SCAN = zero_pages.SCAN_BYTES
+
+
+@dataclass
+class _Pagemap:
+    pages_id: int
+    entries: list[tuple[int, int, int]] = field(default_factory=list)
+    pieces: dict[int, list] = field(default_factory=dict)       # slot sequence -> its pieces
+    slots: int = 0
+
+
+class PageStream:
+    """The PageSink of one dump (criu/pageserver.py): open(), add(), close(); then
+    finish() or, on any failure, abort()."""
+
+    def __init__(self, repo, workers: int | None = None):
+        self.repo = repo
+        n = workers or parallel.workers()
+        slots = n * 3 // 2 + 2
+        self.shm = mmap.mmap(-1, slots * SLOT_BYTES)        # shared with the workers
+        self.view = memoryview(self.shm)
+        self.free = list(range(slots))
+        self.maps: dict[tuple[str, int], _Pagemap] = {}
+        self.key: tuple[str, int] | None = None
+        self.slot: list | None = None                        # [slot, bytes used, parts]
+        self.stored: dict[str, int] = {}
+        self.new = 0
+        repo.backend.refresh("chunks/")                      # one listing, before the fork
+        self.pool = parallel.Stream(_slot_work, (repo, self.shm), n)
+
+    # ---- PageSink ----
+    def open(self, kind: str, ident: int) -> None:
+        self._submit()
+        key = (kind, ident)
+        if key in self.maps:
+            raise CriuFailed(f"CRIU's page stream opened the {kind} pagemap {ident} twice")
+        self.maps[key] = _Pagemap(pages_id=len(self.maps) + 1)
+        self.key = key
+
+    def add(self, kind: str, ident: int, vaddr: int, nr_pages: int, flags: int, fill) -> None:
+        if (kind, ident) != self.key:
+            raise CriuFailed(f"CRIU's page stream sent pages of the {kind} pagemap {ident} "
+                             f"without opening it")
+        self.maps[self.key].entries.append((vaddr, nr_pages, flags))
+        left = nr_pages * PAGE_SIZE if fill else 0
+        while left:
+            if self.slot is None:
+                self.slot = [self._free_slot(), 0, []]
+            slot, used, parts = self.slot
+            n = min(left, SLOT_BYTES - used)
+            base = slot * SLOT_BYTES + used
+            fill(self.view[base:base + n])
+            parts.append((vaddr, n // PAGE_SIZE))
+            self.slot[1] = used + n
+            vaddr += n
+            left -= n
+            if self.slot[1] == SLOT_BYTES:
+                self._submit(carry=True)
+
+    def close(self) -> None:
+        self._submit()
+
+    # ---- the end ----
+    def finish(self, images_dir: str, elide: bool = True) -> tuple[list[FileEntry], dict, zero_pages.Stats]:
+        """Wait for the workers; write the pagemap images into images_dir. Returns the
+        pages images' file entries, the byte counts, and what zero elision dropped
+        (elide=False: zero pages stay, as zero chunks that take no space)."""
+        self._submit()
+        self._absorb(self.pool.finish())
+        files, total = [], zero_pages.Stats()
+        for (kind, ident), pm in sorted(self.maps.items()):
+            entry, stats = self._write_pagemap(images_dir, kind, ident, pm, elide)
+            files.append(entry)
+            total.add(stats)
+        self._release()
+        logical = sum(f.size for f in files)
+        return files, {"bytes_logical": logical, "bytes_stored": sum(self.stored.values()),
+                       "bytes_new": self.new}, total
+
+    def abort(self) -> None:
+        """Stop the workers (chunks they stored stay, unreferenced, for gc)."""
+        self.pool.close()
+        self._release()
+
+    def _write_pagemap(self, images_dir: str, kind: str, ident: int, pm: _Pagemap, elide: bool):
+        pieces = [streamed.Piece(v, n, cid) for seq in range(pm.slots) for v, n, cid in pm.pieces[seq]]
+        ranges = _anon_private(images_dir, ident) if kind == "pid" and elide else []
+        try:
+            payloads, chunks, stats = streamed.assemble(pm.entries, pieces, ranges, ZERO_ID)
+        except ValueError as exc:
+            raise ImageError(f"CRIU's page stream for the {kind} pagemap {ident}: {exc}") from None
+        name = f"pagemap-{ident}.img" if kind == "pid" else f"pagemap-shmem-{ident}.img"
+        path = os.path.join(images_dir, name)
+        with open(path, "xb") as f:
+            f.write(streamed.pagemap_image(pm.pages_id, payloads))
+        size = sum(n for _cid, n in chunks)
+        return FileEntry(f"pages-{pm.pages_id}.img", size, 0o644, chunks), stats
+
+    # ---- slots ----
+    def _free_slot(self) -> int:
+        self._absorb(self.pool.take())
+        while not self.free:
+            self._absorb(self.pool.take(block=True))
+        return self.free.pop()
+
+    def _submit(self, carry: bool = False) -> None:
+        """The slot being filled goes to a worker. carry (a full slot, the pagemap goes
+        on): it is cut where the chunker would cut (_carry_from) and what follows the cut
+        starts the next slot, so that chunks do not depend on where slots begin."""
+        if self.slot is None:
+            return
+        slot, used, parts = self.slot
+        tail: list = []
+        cut = _carry_from(self.view[slot * SLOT_BYTES:slot * SLOT_BYTES + used]) if carry else used
+        if cut < used:
+            parts, tail = _split_parts(parts, cut // PAGE_SIZE)
+        self.slot = None
+        pm = self.maps[self.key]
+        self.pool.submit((self.key, pm.slots, slot), (slot, cut, parts))
+        pm.slots += 1
+        if tail:
+            new = self._free_slot()
+            src, dst = slot * SLOT_BYTES, new * SLOT_BYTES
+            self.view[dst:dst + used - cut] = self.view[src + cut:src + used]
+            self.slot = [new, used - cut, tail]
+
+    def _absorb(self, results) -> None:
+        for (key, seq, slot), pieces in results:
+            self.free.append(slot)
+            self.maps[key].pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
+            for _v, _n, cid, size, new in pieces:
+                if cid != ZERO_ID:
+                    self.stored.setdefault(cid, size)
+                    self.new += new
+
+    def _release(self) -> None:
+        if self.view is None:
+            return
+        self.view.release()
+        self.view = None
+        try:
+            self.shm.close()
+        except BufferError:         # a slice still held by an unwinding frame: unmapped with it
+            pass
+
+
+def _anon_private(images_dir: str, ident: int) -> list[tuple[int, int]]:
+    """Where task ident's zero pages may be dropped; [] (keep them) without its mm image."""
+    try:
+        with open(os.path.join(images_dir, f"mm-{ident}.img"), "rb") as f:
+            return mm.anon_private_ranges(mm.parse(f))
+    except (OSError, ValueError):
+        return []
+
+
+def _carry_from(view: memoryview) -> int:
+    """Where a full slot is cut: before the last page in its last MAX_PAGES pages that the
+    chunker may start a chunk with (chunker.page_cut_candidates), at least MIN_PAGES in;
+    the slot's end where there is none."""
+    pages = len(view) // PAGE_SIZE
+    first = max(chunker.MIN_PAGES, pages - chunker.MAX_PAGES)
+    with view[first * PAGE_SIZE:].cast("Q") as words:
+        heads = words[::PAGE_SIZE // 8].tolist()
+    candidates = chunker.page_cut_candidates(heads)
+    return (first + candidates[-1]) * PAGE_SIZE if candidates and first + candidates[-1] > 0 else len(view)
+
+
+def _split_parts(parts: list[tuple[int, int]], at: int):
+    """parts ((vaddr, pages), in slot order) cut at page `at` of the slot: (before, after)."""
+    before, after, pos = [], [], 0
+    for vaddr, pages in parts:
+        if pos + pages <= at:
+            before.append((vaddr, pages))
+        elif pos >= at:
+            after.append((vaddr, pages))
+        else:
+            k = at - pos
+            before.append((vaddr, k))
+            after.append((vaddr + k * PAGE_SIZE, pages - k))
+        pos += pages
+    return before, after
+
+
+# ---- in a worker ----
+
+def _slot_work(job, task) -> list[tuple[int, int, str, int, int]]:
+    """One slot: (vaddr, pages, chunk id or ZERO_ID, stored bytes, new bytes) per piece."""
+    repo, shm = job
+    slot, used, parts = task
+    pending = {} if repo.backend.batches_puts else None
+    view = memoryview(shm)[slot * SLOT_BYTES:slot * SLOT_BYTES + used]
+    pieces, off = [], 0
+    for vaddr, pages in _regions(parts):
+        region = view[off:off + pages * PAGE_SIZE]
+        for start, count, zero in _zero_runs(region):
+            at = vaddr + start * PAGE_SIZE
+            if zero:
+                pieces.append((at, count, ZERO_ID, 0, 0))
+                continue
+            run = region[start * PAGE_SIZE:(start + count) * PAGE_SIZE]
+            for c_off, c_len in _spans(run):
+                cid, stored, new = repo._put_chunk(run[c_off:c_off + c_len], pending)
+                pieces.append((at + c_off, c_len // PAGE_SIZE, cid, stored, new))
+        off += pages * PAGE_SIZE
+    if pending:
+        repo.backend.put_many(list(pending.items()))
+    return pieces
+
+
+def _regions(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts that continue each other in memory, merged: (vaddr, pages)."""
+    out: list[list[int]] = []
+    for vaddr, pages in parts:
+        if out and out[-1][0] + out[-1][1] * PAGE_SIZE == vaddr:
+            out[-1][1] += pages
+        else:
+            out.append([vaddr, pages])
+    return [(v, n) for v, n in out]
+
+
+def _zero_runs(region: memoryview):
+    """(first page, pages, all zero?) runs covering region, in order."""
+    pages = len(region) // PAGE_SIZE
+    zero = []
+    for off in range(0, len(region), _SCAN):
+        first = off // PAGE_SIZE
+        zero += [first + i for i in zero_pages.zero_pages_in(region[off:off + _SCAN],
+                                                             min(_SCAN, len(region) - off))]
+    pos = 0
+    for start, count in zero_pages.runs(zero):
+        if start > pos:
+            yield pos, start - pos, False
+        yield start, count, True
+        pos = start + count
+    if pos < pages:
+        yield pos, pages - pos, False
+
+
+def _spans(run: memoryview) -> list[tuple[int, int]]:
+    """Where the chunker cuts a run of nonzero pages: (offset, length) in bytes."""
+    with run.cast("Q") as words:
+        first = words[::PAGE_SIZE // 8].tolist()
+    return chunker.spans_from_candidates(chunker.page_cut_candidates(first), [0], len(first))

@@ -1,0 +1,182 @@
+"""The streamed dump path against the staged one: CRIU's page-server protocol spoken by a
+client like CRIU's (criu/page-xfer.c) into PageStream and a real store, and the result
+compared page for page with what zero_pages.elide makes of the same pages images."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import socket
+import struct
+import threading
+
+import pytest
+
+from gpusnap.criu import pageserver
+from gpusnap.errors import CriuFailed
+from gpusnap.imagefile import mm, pagemap, streamed, zero_pages
+from gpusnap.model.manifest import ZERO_ID
+from gpusnap.store import Repository
+from gpusnap.store.pagestream import PageStream
+
+from test_imagefile import make_pagemap
+from test_zero_pages import ANON, ANON_FLAGS, FILE_PRIV, make_mm, page
+
+P = pagemap.PAGE_SIZE
+
+
+def send_like_criu(sock, maps: dict[int, list[tuple[int, bytes]]], split: int = 256) -> None:
+    """What criu dump --page-server sends: per task OPEN2, ADD_F pieces of at most `split`
+    pages, FORCE_CLOSE; reads CRIU's replies."""
+    psi = pageserver.PSI
+    for pid, areas in maps.items():
+        dst = pid << 8 | 1
+        sock.sendall(psi.pack(pageserver.OPEN2, 0, 0, dst))
+        assert sock.recv(1) == b"\0"
+        for vaddr, data in areas:
+            for off in range(0, len(data), split * P):
+                part = data[off:off + split * P]
+                cmd = pagemap.PE_PRESENT << 16 | pageserver.ADD_F
+                sock.sendall(psi.pack(cmd, len(part) // P, vaddr + off, dst) + part)
+    sock.sendall(psi.pack(pageserver.FORCE_CLOSE, 0, 0, 0))
+    assert struct.unpack("=i", sock.recv(4))[0] == 0
+
+
+def stream(tmp_path, maps, vmas_of, split=256, workers=2, images="images"):
+    repo = Repository.open(str(tmp_path / "store"))
+    images = tmp_path / images
+    images.mkdir()
+    for pid, vmas in vmas_of.items():
+        (images / f"mm-{pid}.img").write_bytes(make_mm(vmas))
+    sink = PageStream(repo, workers=workers)
+    ours, theirs = socket.socketpair()
+    client = threading.Thread(target=send_like_criu, args=(theirs, maps, split))
+    client.start()
+    try:
+        pageserver.serve(ours, sink)
+    finally:
+        client.join()
+        ours.close()
+        theirs.close()
+    files, counts, stats = sink.finish(str(images))
+    return repo, images, files, counts, stats
+
+
+def pages_of(repo, entry) -> bytes:
+    return b"".join(repo.read_chunk(cid, n) for cid, n in entry.chunks)
+
+
+def staged(pattern_pages: bytes, vaddr: int, vmas) -> tuple[list, bytes]:
+    """zero_pages.elide_pair on the pages images CRIU would have written."""
+    raw = pagemap.read_raw(io.BytesIO(make_pagemap(1, [(vaddr, len(pattern_pages) // P, pagemap.PE_PRESENT)])))
+    ranges = mm.anon_private_ranges(mm.parse(io.BytesIO(make_mm(vmas))))
+    f = io.BytesIO(pattern_pages)
+    payloads, size, _ = zero_pages.elide_pair(raw, ranges, f, len(pattern_pages))
+    out = io.BytesIO()
+    pagemap.write(out, raw, payloads)
+    out.seek(0)
+    return pagemap.parse(out)[1], f.getvalue()[:size]
+
+
+@pytest.mark.parametrize("pattern,status", [("dzzdzd", ANON), ("zzzz", ANON), ("ezdze", ANON),
+                                            ("dzzd", FILE_PRIV), ("d" + "z" * 300 + "d" * 600, ANON)])
+def test_streamed_dump_equals_the_staged_one(tmp_path, pattern, status):
+    vaddr = 0x7f0000000000
+    data = b"".join(page(k, i) for i, k in enumerate(pattern))
+    flags = ANON_FLAGS if status == ANON else mm.MAP_PRIVATE
+    vmas = [(vaddr, vaddr + len(pattern) * P, flags, status)]
+    repo, images, files, counts, stats = stream(tmp_path, {42: [(vaddr, data)]}, {42: vmas}, split=100)
+    want_entries, want_pages = staged(data, vaddr, vmas)
+    with open(images / "pagemap-42.img", "rb") as f:
+        pages_id, entries = pagemap.parse(f)
+    assert [f.path for f in files] == [f"pages-{pages_id}.img"]
+    got = pages_of(repo, files[0])
+    # same memory once restored; CRIU's 100-page cuts stay, so compare page by page
+    assert _memory(entries, got) == _memory(want_entries, want_pages)
+    assert len(got) == len(want_pages) == files[0].size == counts["bytes_logical"]
+    assert stats.pages_dropped == (pattern.count("z") if status == ANON else 0)
+
+
+def _memory(entries, data: bytes) -> dict[int, bytes]:
+    return {e.vaddr + i * P: data[off + i * P:off + (i + 1) * P]
+            for e, off in pagemap.present_offsets(entries) for i in range(e.nr_pages)}
+
+
+def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch):
+    monkeypatch.setattr("gpusnap.store.pagestream.SLOT_BYTES", 64 * P)
+    rnd = random.Random(5)
+    a = b"".join(rnd.randbytes(P) if rnd.random() < 0.7 else bytes(P) for _ in range(700))
+    b = rnd.randbytes(300 * P)
+    maps = {10: [(0x10000000, a), (0x20000000, b)], 11: [(0x30000000, b)]}
+    vmas = {10: [(0x10000000, 0x10000000 + len(a), ANON_FLAGS, ANON)], 11: []}
+    repo, images, files, counts, stats = stream(tmp_path, maps, vmas)
+    assert sorted(os.listdir(images)) == ["mm-10.img", "mm-11.img", "pagemap-10.img", "pagemap-11.img"]
+    with open(images / "pagemap-10.img", "rb") as f:
+        pid, entries = pagemap.parse(f)
+    mem = _memory(entries, pages_of(repo, next(x for x in files if x.path == f"pages-{pid}.img")))
+    for i in range(700):
+        want = a[i * P:(i + 1) * P]
+        assert mem.get(0x10000000 + i * P, bytes(P)) == want
+    assert all(mem[0x20000000 + i * P] == b[i * P:(i + 1) * P] for i in range(300))
+    assert counts["bytes_new"] > 0
+    # the same pages again, into the same store: nothing new (chunks dedup across dumps)
+    counts2 = stream(tmp_path, maps, vmas, images="again")[3]
+    assert counts2["bytes_new"] == 0 and counts2["bytes_logical"] == counts["bytes_logical"]
+
+
+def test_a_stream_cut_short_is_an_error_and_abort_stops_the_workers(tmp_path):
+    repo = Repository.open(str(tmp_path / "store"))
+    sink = PageStream(repo, workers=2)
+    ours, theirs = socket.socketpair()
+    psi = pageserver.PSI
+    theirs.sendall(psi.pack(pageserver.OPEN2, 0, 0, 7 << 8 | 1))
+    theirs.sendall(psi.pack(pagemap.PE_PRESENT << 16 | pageserver.ADD_F, 4, 0x1000, 7 << 8 | 1) + bytes(P))
+    theirs.close()
+    with pytest.raises(CriuFailed, match="ended in the middle|broke"):
+        pageserver.serve(ours, sink)
+    sink.abort()
+    assert not sink.pool.children
+
+
+@pytest.mark.parametrize("head", [
+    pageserver.PSI.pack(99, 0, 0, 1 << 8 | 1),                                          # unknown command
+    pageserver.PSI.pack(pageserver.OPEN2, 0, 0, 1 << 8 | 9),                            # unknown type
+    pageserver.PSI.pack(pagemap.PE_PRESENT << 16 | pageserver.ADD_F, 1 << 40, 0, 1 << 8 | 1),   # absurd size
+    pageserver.PSI.pack(pagemap.PE_PRESENT << 16 | pageserver.ADD_F, 1, 0x1001, 1 << 8 | 1),    # unaligned
+])
+def test_malformed_streams_are_refused(head):
+    class Sink:
+        def open(self, *a): pass
+        def add(self, *a): raise AssertionError("no entry may reach the sink")
+        def close(self): pass
+    ours, theirs = socket.socketpair()
+    theirs.sendall(head)
+    theirs.close()
+    with pytest.raises(CriuFailed):
+        pageserver.serve(ours, Sink())
+
+
+def test_assemble_keeps_zero_runs_outside_private_anonymous_memory():
+    pieces = [streamed.Piece(0x1000, 2, "a"), streamed.Piece(0x3000, 3, ZERO_ID), streamed.Piece(0x6000, 1, "b")]
+    entries = [(0x1000, 6, pagemap.PE_PRESENT)]
+    payloads, chunks, stats = streamed.assemble(entries, pieces, [(0x4000, 0x5000)], ZERO_ID)
+    assert chunks == [("a", 2 * P), (ZERO_ID, 2 * P), ("b", P)]
+    assert stats.pages_dropped == 1
+    got = [(e.vaddr, e.nr_pages) for e in pagemap.parse(io.BytesIO(streamed.pagemap_image(1, payloads)))[1]]
+    assert got == [(0x1000, 3), (0x5000, 2)]
+    with pytest.raises(ValueError):
+        streamed.assemble(entries, pieces[:2], [], ZERO_ID)
+
+
+def test_memory_that_moved_by_whole_pages_keeps_its_chunks(tmp_path, monkeypatch):
+    """Slots are cut where the chunker cuts: the same pages three pages further on (the
+    CUDA driver lays its host copy out anew at each checkpoint) store almost nothing new."""
+    monkeypatch.setattr("gpusnap.store.pagestream.SLOT_BYTES", 2048 * P)
+    data = random.Random(9).randbytes(6000 * P)
+    vaddr = 0x7f0000000000
+    first = stream(tmp_path, {5: [(vaddr, data)]}, {5: []})[3]
+    moved = random.Random(1).randbytes(3 * P) + data
+    second = stream(tmp_path, {5: [(vaddr, moved)]}, {5: []}, images="again")[3]
+    assert first["bytes_new"] > len(data) * 0.9
+    assert second["bytes_new"] < len(data) * 0.1, second
