@@ -33,7 +33,7 @@ from .. import VERSION, interrupts
 from ..criu.argv import CriuOptions
 from ..criu.runner import log_errors
 from ..criu.locate import find_criu
-from ..errors import CriuFailed, GpusnapError, Interrupted, UsageError
+from ..errors import ContainerEngineError, CriuFailed, GpusnapError, Interrupted, UsageError
 from ..imagefile import zero_pages
 from ..model import CriuFacts, Manifest
 from ..store import Repository
@@ -159,7 +159,7 @@ class _Dump:
         try:
             with stages.stage(self.dumper.stage):
                 self.dumper.dump(self.images, self.logs, req.leave_running)
-        except CriuFailed as exc:
+        except (CriuFailed, ContainerEngineError) as exc:
             started = cudarace.after_criu(log_errors(os.path.join(self.logs, "dump.log")),
                                           self.dumper.pids_now(), known, gpu.cuda_pids)
             if started:
