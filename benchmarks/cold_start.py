@@ -286,9 +286,11 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
     proc.wait()
     wait_gone(pids)
     row["dump_stages"] = snap["timings"]
+    row["dump_downtime_s"] = snap.get("downtime")   # locked or frozen, until committed
     row["bytes_logical"], row["bytes_stored"], row["bytes_new"] = (
         snap["bytes_logical"], snap["bytes_stored"], snap["bytes_new"])
     note(size=size, step="dump", dump_s=row["dump_s"], stages=snap["timings"],
+         downtime_s=row["dump_downtime_s"],
          bytes_logical=snap["bytes_logical"], bytes_new=snap["bytes_new"])
 
     # "": the default (the uffd page path where the host has userfaultfd); criu: CRIU
@@ -502,7 +504,8 @@ def summarise(rows, floors, card):
         keys = _numbers(r["naive_restore"][0])
         lines.append(f"- {r['size']} naive: " + ", ".join(f"{k} {med([x[k] for x in r['naive_restore']]):.3f}"
                                                           for k in keys))
-        lines.append(f"- {r['size']} dump: " + ", ".join(f"{k} {v:.3f}" for k, v in r["dump_stages"].items()))
+        lines.append(f"- {r['size']} dump: downtime {r.get('dump_downtime_s') or 0:.3f}, "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in r["dump_stages"].items()))
         for key in sorted(k for k in r if k.startswith(("gpusnap_restore_", "naive_restore_"))):
             lines.append(f"- {r['size']} {key}: total {med([x['total'] for x in r[key]]):.3f} s, " + ", ".join(
                 f"{k} {med([x[k] for x in r[key]]):.3f}" for k in _numbers(r[key][0])))

@@ -95,6 +95,11 @@ class NotParked(GpusnapError):
     exit_code = 25
 
 
+class GpuRace(GpusnapError):
+    """A process of the target started using the GPU during the dump, also on the retry; all undone."""
+    exit_code = 26
+
+
 class ContainerEngineError(GpusnapError):
     """The container engine failed or is not usable."""
     exit_code = 30
@@ -167,7 +172,7 @@ class Interrupted(GpusnapError):
 
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
               CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
-              NcclPeerMemory, NoCudaProcess, NotParked,
+              NcclPeerMemory, NoCudaProcess, NotParked, GpuRace,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
               StoreFull, ArchiveError, WrongKey, StoreDenied, StoreUnavailable, AgentFailed,
               WeightsChanged, Interrupted]

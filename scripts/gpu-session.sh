@@ -5,7 +5,9 @@
 #
 # Steps: gputests (pytest -m gpu tests/gpu), runc (the runc + hook test alone), matbench
 # (benchmarks/materialise.py), cold1b / cold8b / cold (benchmarks/cold_start.py; COLD_ARGS
-# replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py).
+# replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py),
+# dumprace (the parallel CUDA stages and the CUDA-child-mid-dump tests alone),
+# commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp).
 #
 # The GPU machine has no network and no package installs: what gpusnap needs beyond its
 # Python travels in the working tree (gitignored, so name them in the device tool's carry):
@@ -54,6 +56,8 @@ for spec in "$@"; do
         cold8b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 8b --out "$OUT" ${COLD_ARGS:---runs 2 --sdk} ;;
         dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
+        dumprace) step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_dump_race.py ;;
+        commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
         *) echo "unknown step $name"; exit 2 ;;
     esac
 done

@@ -68,7 +68,8 @@ def command(app, containers, pid, engine, name, leave_running, lock_timeout, com
     Without --leave-running the original stops for good once its snapshot is committed;
     if anything fails it keeps running, unlocked. Prints one snapshot id a line; --json
     prints an object (a list of them for several containers) with `timings`, the
-    seconds of each stage.
+    seconds of each stage, and `downtime`, the seconds the target was held (CUDA-locked
+    or frozen: until it ran again with --leave-running, else until the commit).
     """
     from ..engine import dump, workdir
     targets = [(None, name)] if not containers else [
@@ -112,4 +113,4 @@ def _execute(app, repo, plan, planned: float) -> dict:
                  + timings_table(manifest.timings))
     out = manifest.to_json()
     return {key: out[key] for key in ("id", "name", "bytes_logical", "bytes_stored",
-                                      "bytes_new", "timings", "sdk", "notes")}
+                                      "bytes_new", "timings", "downtime", "sdk", "notes")}

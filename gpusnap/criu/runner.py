@@ -14,10 +14,19 @@ from .locate import find_criu
 
 _ERROR_LINE = re.compile(r"^\([\d.]+\)\s+(?:\d+:\s+)?Error\s+\(([^)]*)\):\s*(.*)$")
 _PID_TAKEN = re.compile(r"Can't fork for (\d+): File exists")
+# Error lines that do not say why CRIU failed: a limit it could not raise and went on
+# without, and the summaries it prints after the cause.
+_AFTERMATH = re.compile(r"RLIMIT_NOFILE|Dumping FAILED|Restoring FAILED")
 
 
 def log_errors(log_path: str, limit: int = 5) -> list[str]:
-    """The first error lines of a CRIU log, without timestamps."""
+    """The error lines of a CRIU log that say why it failed, without timestamps: the
+    first `limit` of them, those that explain first (noise and summaries last)."""
+    found = _error_lines(log_path, 4 * limit)
+    return sorted(found, key=lambda line: bool(_AFTERMATH.search(line)))[:limit]
+
+
+def _error_lines(log_path: str, limit: int) -> list[str]:
     out = []
     try:
         with open(log_path, errors="replace") as f:

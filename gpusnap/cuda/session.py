@@ -9,16 +9,24 @@ rollback() walks every pid back to where it started along
 one stage at a time across all pids (every restore before any unlock), so that processes
 that talk to each other (NCCL ranks) never run while a peer is still off the GPU.
 
-Stages run pid by pid and stop at the first failure; the session then holds each pid's
-state as the driver reports it, because a failed or interrupted call may or may not have
-moved it. A Ctrl-C cannot land inside a driver call (Python runs handlers between
-bytecodes), only between calls, so re-reading the state is enough to undo exactly what
-was done.
+A forward stage with several pids calls the driver for all of them at once, one thread a
+pid (ctypes lets go of the GIL during the call; the driver serves different processes
+independently), and waits for every call before it returns or raises: GPU memory of
+several processes is copied out or back in parallel. GPUSNAP_CUDA_PARALLEL=0 runs them
+one pid at a time, stopping at the first failure (to compare, or where a driver would
+not take concurrent calls). Either way, the session then holds each pid's state as the
+driver reports it, because a failed or interrupted call may or may not have moved it.
+A Ctrl-C cannot land inside a driver call (Python runs handlers between bytecodes, and
+a parallel stage holds it until every thread has returned), only between calls, so
+re-reading the state is enough to undo exactly what was done. Rollback runs one pid at
+a time.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from gpusnap import interrupts
 from gpusnap.cuda.driver import CudaDriver, CudaState, get_driver
@@ -29,6 +37,12 @@ _LINE = (CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED)
 _UP = ("lock", "checkpoint")
 _DOWN = ("restore", "unlock")
 _ROLLBACK_ORDER = ("restore", "unlock", "lock", "checkpoint")
+
+
+def parallel_enabled() -> bool:
+    """Whether a stage calls the driver for its pids at once (GPUSNAP_CUDA_PARALLEL, on
+    unless "0")."""
+    return os.environ.get("GPUSNAP_CUDA_PARALLEL", "1").strip() != "0"
 
 
 def steps_between(current: CudaState, target: CudaState) -> list[str]:
@@ -169,18 +183,33 @@ class CudaSession:
 
     def _stage(self, stage: str, source: CudaState, target: CudaState, call) -> None:
         start = time.monotonic()
+        pids = [pid for pid in self._active() if self.state[pid] == source]
         try:
-            for pid in self._active():
-                if self.state[pid] != source:
-                    continue
-                try:
-                    call(pid)
-                except BaseException:
-                    self._refresh(pid)
-                    raise
-                self.state[pid] = target
+            if len(pids) > 1 and parallel_enabled():
+                self._at_once(pids, target, call)
+            else:
+                for pid in pids:
+                    self._step(pid, target, call)
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + (time.monotonic() - start)
+
+    def _step(self, pid: int, target: CudaState, call) -> None:
+        try:
+            call(pid)
+        except BaseException:
+            self._refresh(pid)
+            raise
+        self.state[pid] = target
+
+    def _at_once(self, pids: list[int], target: CudaState, call) -> None:
+        """_step for every pid, each on its own thread; returns once all have returned
+        (a Ctrl-C meanwhile is held until then), raising the first pid's failure."""
+        with interrupts.held(), ThreadPoolExecutor(len(pids), "gpusnap-cuda") as pool:
+            futures = [pool.submit(self._step, pid, target, call) for pid in pids]
+            failures = [f.exception() for f in futures]
+        first = next((e for e in failures if e is not None), None)
+        if first is not None:
+            raise first
 
     def _refresh(self, pid: int) -> CudaState:
         try:

@@ -56,7 +56,7 @@ def run_dump(body: dict, store: Store) -> dict:
     plan = dump.plan(_request(dump.DumpRequest, body))
     planned = time.perf_counter() - started
     out = dump.execute(plan, store.repo(create=True), None).to_json()
-    keys = ("id", "name", "bytes_logical", "bytes_stored", "bytes_new", "sdk", "notes")
+    keys = ("id", "name", "bytes_logical", "bytes_stored", "bytes_new", "downtime", "sdk", "notes")
     return {**{k: out.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **out["timings"]},
             "via": "daemon"}
 

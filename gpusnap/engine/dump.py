@@ -5,6 +5,7 @@ Ctrl-C and SIGTERM included):
 
     cuda lock            <- unlock
     cuda checkpoint      <- cuda restore
+    (a new CUDA process in the target: undo, once more from the lock: cudarace.py)
     take the images      <- resume the original (the Dumper of the target's kind)
     ingest, commit       (the store: nothing visible until the manifest is written)
     then: kill the target, or (--leave-running) resume it
@@ -23,19 +24,22 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import shutil
 import socket
+import time
 from typing import Callable
 
 from .. import VERSION, interrupts
 from ..criu import pageserver
 from ..criu.argv import CriuOptions
+from ..criu.runner import log_errors
 from ..criu.locate import find_criu
-from ..errors import GpusnapError, Interrupted, UsageError
+from ..errors import ContainerEngineError, CriuFailed, GpusnapError, Interrupted, UsageError
 from ..imagefile import zero_pages
 from ..model import CriuFacts, Manifest
 from ..store import Repository
 from ..store.pagestream import PageStream
-from . import agent_steps, gpu, strategies, workdir
+from . import agent_steps, cudarace, gpu, strategies, workdir
 from .plans import DumpPlan, DumpRequest
 from .timing import Stages
 
@@ -82,6 +86,7 @@ def execute(plan: DumpPlan, repo: Repository,
         run.start()
         with repo.shared_lock():
             manifest = run.take_and_commit(progress)
+        manifest.downtime = run.downtime()          # without --leave-running: to the commit's end
         run.finish()
         manifest.timings = run.stages.to_dict()     # now with the commit's
         return manifest
@@ -105,6 +110,8 @@ class _Dump:
         self.sdk = agent_steps.DumpAgents(plan.target, ask=plan.strategy.sdk_agents)
         self.stopped = False
         self.stream: PageStream | None = None
+        self.held_since: float | None = None     # downtime: from the CUDA lock or CRIU's freeze
+        self.resumed_at: float | None = None
         self.work = workdir.make(repo.path, "dump-")
         self.images = os.path.join(self.work, "images")
         self.logs = os.path.join(self.work, "logs")
@@ -115,22 +122,12 @@ class _Dump:
         self.sdk.prepare(self.stages)       # SDK: before the CUDA lock; failure -> transparent
 
     def take_and_commit(self, progress) -> Manifest:
-        req, stages, cuda = self.plan.request, self.stages, self.cuda
-        cuda_facts = None
-        if self.plan.pages == "stream":
-            self.stream = PageStream(self.repo)     # its workers fork before anything is locked
-        if cuda:
-            cuda_facts = cuda.describe()
-            with stages.stage("cuda_lock"):
-                cuda.lock_all(req.lock_timeout_ms)
-            with stages.stage("cuda_checkpoint"):
-                cuda.checkpoint_all()
-        with stages.stage(self.dumper.stage):
-            self.dumper.dump(self.images, self.logs, req.leave_running,
-                             pages=self._serve(progress) if self.stream else None)
+        req, stages = self.plan.request, self.stages
+        cuda_facts = self._hold_and_take(req, progress)
         self.stopped = not req.leave_running
         if req.leave_running:
             self._resume_original()
+            self.resumed_at = time.monotonic()
         if self.stream:
             files, counts, zero_stats = self._ingest_streamed(progress)
         else:
@@ -140,8 +137,15 @@ class _Dump:
         manifest = self._manifest(files, counts, log_files, log_counts, cuda_facts, zero_stats)
         with stages.stage("commit"):
             manifest.timings = stages.to_dict()
+            manifest.downtime = self.downtime()
             self.repo.commit(manifest)
         return manifest
+
+    def _drop_stream(self) -> None:
+        """A streamed attempt that will not be committed: its workers stop."""
+        if self.stream:
+            self.stream.abort()
+            self.stream = None
 
     def _serve(self, progress):
         """CRIU's page stream into self.stream (criu/pageserver.py)."""
@@ -169,6 +173,63 @@ class _Dump:
         with self.stages.stage("ingest"):
             files, counts = self.repo.ingest_dir(self.images, progress)
         return files, counts, zero_stats
+
+    def _hold_and_take(self, req, progress=None):
+        """CUDA lock + checkpoint, then the images. A process of the target that starts
+        using the GPU meanwhile undoes both, and the dump starts once more from the lock
+        (engine/cudarace.py); a second race raises GpuRace. Returns the CUDA facts."""
+        kind = self.plan.target.kind
+        try:
+            return self._attempt(req, progress)
+        except cudarace.Started as started:
+            with interrupts.shielded():
+                self._drop_stream()
+                undone = not (self.cuda and self.cuda.rollback())
+            if not undone:
+                raise cudarace.race_error(started.pid, kind) from None
+        shutil.rmtree(self.images)              # what the first attempt wrote
+        os.makedirs(self.images)
+        pids = gpu.cuda_pids(self.dumper.pids_now())
+        self.cuda = gpu.session(pids) if pids else None
+        self.dumper = self.plan.strategy.dumper(self.plan, self.cuda)
+        try:
+            return self._attempt(req, progress)
+        except cudarace.Started as started:
+            raise cudarace.race_error(started.pid, kind) from None
+
+    def _attempt(self, req, progress=None):
+        stages, cuda = self.stages, self.cuda
+        if self.plan.pages == "stream":
+            self.stream = PageStream(self.repo)     # its workers fork before anything is locked
+        self.held_since = self.held_since or time.monotonic()   # downtime starts
+        cuda_facts = None
+        if cuda:
+            cuda_facts = cuda.describe()
+            with stages.stage("cuda_lock"):
+                cuda.lock_all(req.lock_timeout_ms)
+            with stages.stage("cuda_checkpoint"):
+                cuda.checkpoint_all()
+        known = cuda.pids if cuda else []
+        with stages.stage("cuda_recheck"):
+            cudarace.check(self.dumper.pids_now(), known, gpu.cuda_pids)
+        try:
+            with stages.stage(self.dumper.stage):
+                self.dumper.dump(self.images, self.logs, req.leave_running,
+                                 pages=self._serve(progress) if self.stream else None)
+        except (CriuFailed, ContainerEngineError) as exc:
+            started = cudarace.after_criu(log_errors(os.path.join(self.logs, "dump.log")),
+                                          self.dumper.pids_now(), known, gpu.cuda_pids)
+            if started:
+                raise started from exc
+            raise
+        return cuda_facts
+
+    def downtime(self) -> float | None:
+        """Seconds the target was held (CUDA-locked or frozen): until it ran again
+        (--leave-running), else until now."""
+        if self.held_since is None:
+            return None
+        return round((self.resumed_at or time.monotonic()) - self.held_since, 4)
 
     def _resume_original(self) -> None:
         """--leave-running: CUDA and the SDK agents run again once the images are taken."""
@@ -205,8 +266,7 @@ class _Dump:
         unlocked, SDK weights read back) and say in exc's hint what could not be."""
         sdk_errors: list[str] = []
         with interrupts.shielded():
-            if self.stream:
-                self.stream.abort()
+            self._drop_stream()
             if self.stopped:
                 self.dumper.resume()
             if self.cuda:

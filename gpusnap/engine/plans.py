@@ -87,6 +87,10 @@ class Dumper(Protocol):
         """Write the images under `images`; on failure, leave the original as it was.
         pages (process trees): serves CRIU's page stream instead of pages images."""
 
+    def pids_now(self) -> list[int]:
+        """The target's pids as they are now, [] once it is gone (a new CUDA process
+        among them races the dump: engine/cudarace.py)."""
+
     def criu_dir(self, images: str) -> str:
         """Where the CRIU image files are inside `images`."""
 

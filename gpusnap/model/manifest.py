@@ -214,6 +214,9 @@ def _json(value):
     return value
 
 
+_UNSET_LEFT_OUT = ("seq", "downtime")   # absent from manifests of older gpusnap: kept absent
+
+
 @dataclass(kw_only=True)
 class Manifest:
     """One snapshot (docs/design.md, "snapshots/<snap-id>.json"). Attribute = JSON key."""
@@ -237,6 +240,7 @@ class Manifest:
     cuda: CudaFacts | None = None
     leave_running: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    downtime: float | None = None       # seconds the target was locked or frozen
     sdk: SdkRecord | None = None
     notes: list[str] = field(default_factory=list)
     seq: int | None = None              # the store's commit sequence (None: from before it)
@@ -245,7 +249,8 @@ class Manifest:
     def to_json(self) -> dict:
         out = dict(self.extra)
         out.update((f.name, _json(getattr(self, f.name))) for f in dc_fields(self)
-                   if f.name != "extra" and not (f.name == "seq" and self.seq is None))
+                   if f.name != "extra" and not (f.name in _UNSET_LEFT_OUT and
+                                                 getattr(self, f.name) is None))
         return out
 
     @classmethod
@@ -271,6 +276,8 @@ class Manifest:
                 cuda=f.nested("cuda", CudaFacts.from_json, None),
                 leave_running=f.bool("leave_running", False),
                 timings=f.mapping("timings", number, dict),
+                downtime=None if f.raw("downtime", None) is None else
+                number(f.raw("downtime"), f.at("downtime")),
                 sdk=f.nested("sdk", SdkRecord.from_json, None),
                 notes=f.list("notes", string, list), seq=f.int("seq", None),
                 extra={k: v for k, v in data.items() if k not in known})

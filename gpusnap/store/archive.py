@@ -22,7 +22,7 @@ only (no links, devices, directories), each name once, every chunk member exactl
 size the header declared and the header's total under a limit, the manifest validated
 as every load validates it (model.Manifest.from_json), every chunk decompressed
 (bounded by its plain size in the manifest) and re-hashed before it enters the store.
-The manifest is committed last, after syncfs, exactly as a dump commits: an import cut
+The manifest is committed last, its chunks durable, exactly as a dump commits: an import cut
 short leaves at most unreferenced chunks for gc. Importing a snapshot the store already
 holds (same id, same manifest) is a no-op; the same id with another manifest is refused.
 """

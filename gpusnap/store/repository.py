@@ -1,9 +1,10 @@
 """The repository: chunks, snapshots (manifests) and the lock, over a backend (a local
 directory, or an S3 bucket with a local pull-through cache: backends/, cache.py).
 
-Write ordering (docs/design.md): chunks are written (temp, rename), the filesystem is
-synced, then the manifest is written atomically. A snapshot is visible only once its
-manifest exists, and every chunk it names is durable by then. gc and rm hold the
+Write ordering (docs/design.md): chunks are written (temp, fsync, rename) by the
+workers as they go, the directories of every chunk a manifest names are fsynced, then
+the manifest is written atomically. A snapshot is visible only once its manifest exists,
+and every chunk it names is durable by then. gc and rm hold the
 exclusive lock; dumps, restores and verify hold the shared one.
 
 How chunks and manifests are encoded (plain, or encrypted with a key file) is the
@@ -229,6 +230,8 @@ class Repository:
         if codec.is_zero(data):
             return codec.ZERO_ID, 0, 0
         cid = self.codec.chunk_id(data)
+        if pending is not None and self.chunk_name(cid) in pending:     # twice in a batch
+            return cid, len(pending[self.chunk_name(cid)]), 0
         size = self.stored_size(cid)
         if size is not None:
             return cid, size, 0
@@ -245,7 +248,8 @@ class Repository:
     def store_blob(self, cid: str, blob: bytes) -> None:
         """Write a chunk's stored bytes under its id (write-once; atomic visibility).
 
-        Not durable until the next commit() syncs the store. The caller vouches that
+        Its bytes are durable once this returns, its name once commit() syncs the
+        manifest's chunks. The caller vouches that
         blob decodes to bytes with this id (ingest made it; import verified it).
         """
         self.backend.put(self.chunk_name(cid), blob, durable=False)
@@ -283,8 +287,9 @@ class Repository:
         """Chunk every regular file under src into the store, on worker processes
         (parallel.py says why).
 
-        Returns (file entries for the manifest, byte counts). Chunks are not yet durable:
-        commit() syncs before it writes the manifest.
+        Returns (file entries for the manifest, byte counts). The chunks' bytes are
+        durable (each worker fsyncs what it writes); their names are once commit() has
+        synced their directories, before it writes the manifest.
         """
         files = []
         for root, _dirs, names in os.walk(src):
@@ -324,7 +329,9 @@ class Repository:
         return secrets.token_hex(8)
 
     def commit(self, manifest: Manifest) -> str:
-        """Make a snapshot visible: sync the chunks, then write its manifest atomically.
+        """Make a snapshot visible: make every chunk it names durable (fsync their
+        directories; their bytes were fsynced as they were written, by this dump or the
+        one that stored them first), then write its manifest atomically.
 
         Assigns the id and creation time where they are empty. Refuses (ManifestInvalid)
         a manifest that load() would refuse."""
@@ -338,7 +345,7 @@ class Repository:
         missing = [c for c in manifest.chunk_sizes() if not self.has_chunk(c)]
         if missing:
             raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
-        self.backend.sync()
+        self.backend.sync(self.chunk_name(c) for c in manifest.chunk_sizes())
         self.backend.put(f"snapshots/{manifest.id}.json",
                          self.codec.seal(manifest.id, json.dumps(data, indent=1,
                                                                  sort_keys=True).encode()))

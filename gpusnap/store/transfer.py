@@ -53,7 +53,7 @@ def copy_snapshot(src: Repository, dst: Repository, snap_id: str, progress=None)
     if lost:
         raise IntegrityError(f"{len(lost)} chunks vanished from {dst.url} before the manifest "
                              "was written (concurrent gc?)")
-    dst.backend.sync()
+    dst.backend.sync(Repository.chunk_name(cid) for cid in sizes)
     dst.backend.put(f"snapshots/{snap_id}.json", sealed)
     return {"id": snap_id, "chunks_copied": len(missing), "chunks_present": len(sizes) - len(missing),
             "bytes_copied": copied, "already_present": False}

@@ -31,6 +31,9 @@ def test_multiprocess_tree_with_256_mib_survives_dump_and_restore(workload, gpus
     rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--name", "tree")
     assert rc == 0, err
     assert out["bytes_logical"] >= 256 << 20
+    # held from CRIU's freeze to the commit's end: at least CRIU, ingest and commit
+    t = out["timings"]
+    assert out["downtime"] >= t["criu_dump"] + t["ingest"] + t["commit"] - 0.01
     w.reap()
     wait_pids_free(w.pids)
     assert not any(psutil.pid_exists(p) for p in w.pids), "dump without --leave-running stops the original"
@@ -49,6 +52,8 @@ def test_leave_running_keeps_original_and_restore_is_refused_while_it_runs(workl
     rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--leave-running")
     assert rc == 0, err
     _assert_healthy(w.report(), children=1, threads=0)
+    # held only while CRIU ran (it resumes the tree itself): not during ingest and commit
+    assert out["timings"]["criu_dump"] - 0.01 <= out["downtime"] <= out["timings"]["criu_dump"] + 0.5
 
     rc, out, err = gpusnap("restore", out["id"])
     assert rc == 6, err

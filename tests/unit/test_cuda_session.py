@@ -16,6 +16,13 @@ R, L, C, F = CudaState.RUNNING, CudaState.LOCKED, CudaState.CHECKPOINTED, CudaSt
 MOVES = {"lock": (R, L), "checkpoint": (L, C), "restore": (C, L), "unlock": (L, R)}
 
 
+@pytest.fixture(autouse=True)
+def _one_pid_at_a_time(monkeypatch):
+    """The exact call orders below are those of the serial stages; the parallel ones
+    have tests of their own (test_parallel_*)."""
+    monkeypatch.setenv("GPUSNAP_CUDA_PARALLEL", "0")
+
+
 class FakeDriver:
     """before[(op, pid)] is raised before the call moves the state, after[(op, pid)] once
     it has (a Ctrl-C landing just after the driver returned)."""
@@ -270,3 +277,71 @@ def test_describe_records_what_a_restore_needs(monkeypatch):
     assert [g["uuid"] for g in facts.gpus] == ["GPU-0", "GPU-1"]
     assert facts.used_memory == {"GPU-0": 5}
     assert facts.driver_version == "580.159.04"
+
+
+class SlowDriver(FakeDriver):
+    """Each call takes `delay` seconds and records how many ran at once."""
+
+    def __init__(self, states, delay=0.2, **kw):
+        super().__init__(states, **kw)
+        import threading
+        self.delay, self.running, self.most = delay, 0, 0
+        self.mutex = threading.Lock()
+
+    def _op(self, op, pid):
+        import time
+        with self.mutex:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.delay)
+            super()._op(op, pid)
+        finally:
+            with self.mutex:
+                self.running -= 1
+
+
+def test_parallel_stages_call_the_driver_for_every_pid_at_once(monkeypatch):
+    import time
+    monkeypatch.setenv("GPUSNAP_CUDA_PARALLEL", "1")
+    d = SlowDriver({1: R, 2: R, 3: R}, delay=0.3)
+    s = CudaSession([1, 2, 3], d)
+    start = time.monotonic()
+    s.lock_all()
+    s.checkpoint_all()
+    assert time.monotonic() - start < 1.2       # two stages of 0.3 s, not six calls
+    assert d.most == 3
+    assert s.state == d.states == {1: C, 2: C, 3: C}
+    s.restore_all()
+    s.unlock_all()
+    assert d.states == {1: R, 2: R, 3: R}
+
+
+def test_parallel_failure_waits_for_the_others_and_undo_is_exact(monkeypatch):
+    monkeypatch.setenv("GPUSNAP_CUDA_PARALLEL", "1")
+    d = SlowDriver({1: R, 2: R, 3: R}, delay=0.1,
+                   before={("checkpoint", 2): CudaFailed("checkpoint 2 broke")})
+    with pytest.raises(CudaFailed, match="checkpoint 2 broke"):
+        with CudaSession([1, 2, 3], d) as s:
+            s.lock_all()
+            s.checkpoint_all()
+    assert d.most == 3
+    assert sorted(pid for op, pid in d.calls if op == "restore") == [1, 3]
+    assert sorted(pid for op, pid in d.calls if op == "unlock") == [1, 2, 3]
+    assert d.states == {1: R, 2: R, 3: R}
+
+
+def test_parallel_ctrl_c_is_held_until_every_call_returned(monkeypatch):
+    monkeypatch.setenv("GPUSNAP_CUDA_PARALLEL", "1")
+
+    def press_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    d = SlowDriver({1: R, 2: R}, delay=0.2, after={("checkpoint", 1): press_ctrl_c})
+    with pytest.raises(KeyboardInterrupt):
+        with CudaSession([1, 2], d) as s:
+            s.lock_all()
+            s.checkpoint_all()
+    # both checkpoints finished before the interrupt was acted on; both undone
+    assert sorted(pid for op, pid in d.calls if op == "restore") == [1, 2]
+    assert d.states == {1: R, 2: R}

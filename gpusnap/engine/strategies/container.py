@@ -210,6 +210,7 @@ class ContainerDump:
     def __init__(self, engine, plan: DumpPlan, cuda=None):
         self.engine = engine
         self.facts = plan.target.container
+        self.init_pid = plan.target.root_pid
         self.cuda = cuda
         self.images: str | None = None
         self.undo_errors: list[str] = []
@@ -236,6 +237,13 @@ class ContainerDump:
     def _images_whole(self) -> bool:
         return bool(self.images) and os.path.exists(
             os.path.join(self.images, "checkpoint", "inventory.img"))
+
+    def pids_now(self) -> list[int]:
+        """The container's host pids as they are now ([] once it is gone)."""
+        try:
+            return containers.container_pids(self.init_pid)
+        except GpusnapError:
+            return []
 
     def criu_dir(self, images: str) -> str:
         return os.path.join(images, "checkpoint")

@@ -204,11 +204,17 @@ class ProcessDump:
         """The tree as CRIU saw it: children forked after plan() (during an SDK prepare
         or the CUDA lock) are stopped with the rest, so they must be killed, resumed and
         recorded with it."""
-        try:
-            now = tree_pids(self.target.root_pid)
-        except psutil.NoSuchProcess:
+        now = self.pids_now()
+        if not now:
             return
         self.target.pids = sorted(set(self.target.pids) | set(now), key=lambda p: (p != self.target.root_pid, p))
+
+    def pids_now(self) -> list[int]:
+        """The tree's pids as they are now ([] once its root is gone)."""
+        try:
+            return tree_pids(self.target.root_pid)
+        except psutil.NoSuchProcess:
+            return []
 
     def criu_dir(self, images: str) -> str:
         return images

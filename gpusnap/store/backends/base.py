@@ -8,7 +8,8 @@ tests/unit/test_backends.py against every backend:
   its name); a later put replaces it. Chunks are written once: their content is fixed
   by their name, so two writers racing on one name store equivalent bytes.
 - put(..., if_absent=True): create only; False (nothing written) when it exists.
-- put(..., durable=False): may not survive a crash until the next sync().
+- put(..., durable=False), put_many: may not survive a crash until sync() of its name
+  (that sync also covers a name another writer put, found by exists(): dedup).
 - get(name) of a missing object raises Missing; list(prefix) yields (name, size) of
   every object whose name starts with prefix, each once, in no set order, and sees
   every put that returned before it started (S3 has been strongly consistent for
@@ -70,8 +71,8 @@ class Backend:
             with contextlib.suppress(Missing):
                 self.delete(name)
 
-    def sync(self) -> None:
-        """Make every put so far durable."""
+    def sync(self, names: Iterable[str] = ()) -> None:
+        """Make the named objects durable (put before, by this writer or another)."""
 
     def refresh(self, prefix: str) -> None:
         """Take a fresh listing of prefix for size()/exists() to answer from (remote
