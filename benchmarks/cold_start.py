@@ -143,6 +143,28 @@ def floor_memcpy(gib=4, threads=8):
     return out
 
 
+def floor_disk_write(directory, gib=4, writers=8):
+    """GB/s of writing gib GiB of incompressible data, split over writers files written
+    at once, each fsynced: what a durable store on this disk can take at most."""
+    import concurrent.futures
+    block = os.urandom(16 << 20)
+    per = (gib << 30) // writers
+
+    def one(i):
+        path = os.path.join(directory, f"floor-write-{i}")
+        with open(path, "wb") as f:
+            for _ in range(per // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(path)
+    os.makedirs(directory, exist_ok=True)
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(writers) as pool:
+        list(pool.map(one, range(writers)))
+    return (gib << 30) / (time.perf_counter() - t) / 1e9
+
+
 def floor_disk(path):
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -478,6 +500,7 @@ def summarise(rows, floors, card):
     lines = [f"# Cold start vs restore — {card}", "",
              f"Floors on this machine: pinned H2D {floors['pinned_h2d_gbs']:.1f} GB/s, "
              f"memcpy 1 thread {floors['memcpy_gbs']['1']:.1f} GB/s, 8 threads {floors['memcpy_gbs']['8']:.1f} GB/s; "
+             f"writing to the store's disk with fsync {floors.get('disk_write_fsync_gbs', 0):.2f} GB/s; "
              "reading the weights file: " + ", ".join(
                  f"{r['size']} {r['disk_read_gbs']:.2f} GB/s ({'page cache dropped' if r.get('disk_read_cold') else 'cache not dropped'})"
                  for r in rows) + ".",
@@ -564,7 +587,8 @@ def main(argv=None):
     store = os.path.join(args.work, "store")
     os.makedirs(args.work, exist_ok=True)
     mc = floor_memcpy()
-    floors = {"pinned_h2d_gbs": floor_pinned_h2d(), "memcpy_gbs": {str(k): v for k, v in mc.items()}}
+    floors = {"pinned_h2d_gbs": floor_pinned_h2d(), "memcpy_gbs": {str(k): v for k, v in mc.items()},
+              "disk_write_fsync_gbs": floor_disk_write(args.work)}
     note(step="floors", **floors)
     rows = []
     for size in args.sizes.split(","):
