@@ -41,6 +41,7 @@ class DumpPlan:
     cuda_pids: list[int] = field(default_factory=list)
     criu_options: CriuOptions = field(default_factory=CriuOptions)
     zero_elide: bool = True         # drop all-zero pages (GPUSNAP_NO_ZERO_ELIDE=1: keep them)
+    collective_pids: list[int] = field(default_factory=list)    # NCCL ranks whose agent must prepare
 
 
 @dataclass

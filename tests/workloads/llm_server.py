@@ -88,7 +88,9 @@ def generate(model, ids: list[int], n: int) -> list[int]:
 
 def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
     import contextlib
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from http.server import HTTPServer
+
+    from tests.workloads.common import JsonHandler
     t0 = time.time()
     model = load(model_dir)
     t_load = time.time()
@@ -105,18 +107,7 @@ def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
         warm = generate(model, PROMPT, 4)
     t_warm = time.time()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _send(self, obj):
-            body = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class Handler(JsonHandler):
         def do_GET(self):
             self._send({"ok": True, "pid": os.getpid()})
 
