@@ -8,7 +8,10 @@ from http.server import BaseHTTPRequestHandler
 
 
 class JsonHandler(BaseHTTPRequestHandler):
-    """Quiet, and answers JSON."""
+    """Quiet, and answers JSON; GET: {"ok": true, "pid": this process}."""
+
+    def do_GET(self):
+        self._send({"ok": True, "pid": os.getpid()})
 
     def log_message(self, *args):
         pass
@@ -42,3 +45,12 @@ def kill_all(pids) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, TypeError):
             pass
+
+
+def ready_and_serve(server, state: str, info: dict) -> None:
+    """Write STATE/ready (info, atomically), then serve forever."""
+    tmp = os.path.join(state, "ready.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.rename(tmp, os.path.join(state, "ready"))
+    server.serve_forever()

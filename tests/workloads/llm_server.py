@@ -30,6 +30,7 @@ SIZES = {
     "1b": (2048, 16, 32, 8, 5632, 32000),        # ~1.1B (TinyLlama-shaped)
     "1.5b": (2048, 24, 16, 8, 5632, 32000),      # ~1.5B
     "8b": (4096, 32, 32, 8, 14336, 128256),      # Llama-3-8B-shaped
+    "30b": (6656, 56, 52, 52, 17920, 32000),     # LLaMA-30B-shaped, 56 layers: ~30B, ~61 GB bf16
 }
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272, 17898, 3914, 28723]
 
@@ -90,7 +91,7 @@ def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
     import contextlib
     from http.server import HTTPServer
 
-    from tests.workloads.common import JsonHandler
+    from tests.workloads.common import JsonHandler, ready_and_serve
     t0 = time.time()
     model = load(model_dir)
     t_load = time.time()
@@ -108,21 +109,16 @@ def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
     t_warm = time.time()
 
     class Handler(JsonHandler):
-        def do_GET(self):
-            self._send({"ok": True, "pid": os.getpid()})
-
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with serving():
                 ids = generate(model, req.get("ids") or PROMPT, int(req.get("max_new_tokens", 1)))
             self._send({"ids": ids})
 
-    server = HTTPServer(("127.0.0.1", port), Handler)
-    with open(os.path.join(state, "ready.tmp"), "w") as f:
-        json.dump({"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_enable,
-                   "sdk_enable_s": t_enable - t_load, "warm_ids": warm, "sdk": agent.status() if agent else None}, f)
-    os.rename(os.path.join(state, "ready.tmp"), os.path.join(state, "ready"))
-    server.serve_forever()
+    ready_and_serve(HTTPServer(("127.0.0.1", port), Handler), state,
+                    {"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_enable,
+                     "sdk_enable_s": t_enable - t_load, "warm_ids": warm,
+                     "sdk": agent.status() if agent else None})
 
 
 def main() -> None:

@@ -41,7 +41,6 @@ import time
 from tests.workloads.llm_server import PROMPT, SIZES
 
 TP_SIZES = {**SIZES,
-            "30b": (6656, 56, 52, 52, 17920, 32000),        # LLaMA-30B-shaped, 56 layers: ~30B
             "70b": (8192, 80, 64, 8, 28672, 128256),        # Llama-3-70B-shaped
             "120b": (12288, 72, 96, 8, 33792, 128256)}      # ~116B, for TP=4/8
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
