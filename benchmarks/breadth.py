@@ -108,7 +108,7 @@ def start_llm(ctx: Ctx, model_dir: str, name: str, port: int, sdk: bool = False)
 
 
 def start_server(ctx: Ctx, module: str, model_dir: str, name: str, port: int, sdk: bool,
-                 probe) -> dict:
+                 probe, extra: tuple = ()) -> dict:
     """`python -m MODULE serve` to its first answer (probe(port)), in its own session."""
     import shutil
     import subprocess
@@ -118,7 +118,7 @@ def start_server(ctx: Ctx, module: str, model_dir: str, name: str, port: int, sd
     log = open(os.path.join(state, "log"), "ab")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--model", model_dir,
-                             "--port", str(port), "--state", state] + (["--sdk"] if sdk else []),
+                             "--port", str(port), "--state", state, *extra] + (["--sdk"] if sdk else []),
                             cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                             start_new_session=True)
     STARTED.append(proc.pid)
@@ -292,7 +292,7 @@ def _tp_mode(ctx: Ctx, model: str, mode: str) -> dict:
     srv = TpServer(model, os.path.join(ctx.work, "servers", f"tp-{mode}"), a.world, 18210,
                    sdk=mode == "sdk", cpu=a.cpu, nccl_safe=mode == "transparent")
     ctx.budget.check(f"tp {mode}: make")
-    _, t_make = timed(srv.make, a.size)
+    _, t_make = timed(srv.make, a.size, ctx.budget.left())
     out = {"make_s": t_make, "cold_s": [], "restore": []}
     try:
         for i in range(a.runs):
@@ -301,7 +301,7 @@ def _tp_mode(ctx: Ctx, model: str, mode: str) -> dict:
             t0 = time.perf_counter()
             srv.start(timeout=ctx.budget.left())
             STARTED.append(srv.pid)
-            tokens = srv.generate(1)
+            srv.generate(1)
             out["cold_s"].append(time.perf_counter() - t0)
         want = srv.generate(4)
         orders = [None] + ([] if a.cpu else [",".join(str(i) for i in reversed(range(a.world)))])
@@ -314,7 +314,6 @@ def _tp_mode(ctx: Ctx, model: str, mode: str) -> dict:
         return out
     finally:
         srv.stop()
-        del tokens
 
 
 def _tp_round_trip(ctx: Ctx, srv, order: str | None, want: list[int]) -> dict:
@@ -338,13 +337,15 @@ def _tp_round_trip(ctx: Ctx, srv, order: str | None, want: list[int]) -> dict:
 
 # ---- (d) a 30B-class server on one GPU ------------------------------------------------------
 
-def b30_needs(size: str) -> dict:
-    """Bytes the row writes: the weights file, the store (the weights again, zstd -1 of
-    random bf16 keeps ~85-95% of them: the store's figure), CRIU's images in gpusnap's
-    tmpfs and the process's own host copy of its GPU memory while checkpointed (both in
-    RAM). Pure."""
+def b30_needs(size: str, mode: str = "transparent") -> dict:
+    """Bytes the row writes: the weights file, the store (transparent: the weights again,
+    zstd -1 of random bf16 keeps ~85-95% of them), CRIU's images in gpusnap's tmpfs and
+    the process's own host copy of its GPU memory while checkpointed (both in RAM; the
+    SDK drops the weights first). Pure."""
     from tests.workloads.tp_server import shard_bytes
     w = shard_bytes(size, 1)
+    if mode == "sdk":
+        return {"weights": w, "disk": w + (8 << 30), "ram": 16 << 30}
     return {"weights": w, "disk": int(w * 1.95) + (4 << 30), "ram": 2 * w + (8 << 30)}
 
 
@@ -353,7 +354,7 @@ def row_b30(ctx: Ctx) -> dict:
     image) or sdk (weights read back from their file) dump -> restore -> first token."""
     import shutil
     a = ctx.args
-    need = b30_needs(a.size)
+    need = b30_needs(a.size, a.mode)
     free = shutil.disk_usage(ctx.work).free
     model_there = os.path.exists(os.path.join(ctx.work, "models", a.size, "model.safetensors"))
     disk = need["disk"] - (need["weights"] if model_there else 0)
@@ -402,26 +403,27 @@ def row_diffusion(ctx: Ctx) -> dict:
     dump -> restore -> the same image."""
     import shutil
     a = ctx.args
-    model = os.path.join(ctx.work, "models", f"diffusion-{a.size}")
+    model = os.path.join(ctx.work, "models", f"diffusion-{a.size}{'-cpu' if a.cpu else ''}")
+    device = ["--device", "cpu"] if a.cpu else []
     if not os.path.exists(os.path.join(model, "size.json")):
         ctx.budget.check("making the diffusion model")
         r = sh([sys.executable, "-m", "tests.workloads.diffusion_server", "make", "--size", a.size,
-                "--out", model], cwd=REPO, timeout=ctx.budget.left())
+                "--out", model, *device], cwd=REPO, timeout=ctx.budget.left())
         if r.returncode:
             raise RuntimeError(f"making the diffusion model: {r.stderr[-2000:]}")
     row = {"row": "diffusion", "size": a.size, "runs": a.runs,
            "weights_bytes": sum(_weights(os.path.join(model, d)) for d in ("unet", "vae"))}
     each_mode(row, lambda mode: _single_server_round_trips(
         ctx, "tests.workloads.diffusion_server", model, f"diffusion-{mode}", 18205,
-        mode == "sdk", first_image))
+        mode == "sdk", first_image, device))
     shutil.rmtree(ctx.store, ignore_errors=True)
     return row
 
 
 def _single_server_round_trips(ctx: Ctx, module: str, model: str, name: str, port: int,
-                               sdk: bool, probe) -> dict:
+                               sdk: bool, probe, extra=()) -> dict:
     """Cold start to the first answer, then --runs of dump -> restore -> the same answer."""
-    srv = start_server(ctx, module, model, name, port, sdk, probe)
+    srv = start_server(ctx, module, model, name, port, sdk, probe, extra)
     out = {"cold_s": srv["cold_s"], "load_s": srv["info"].get("load_s"), "restore": []}
     pid = srv["pid"]
     try:
@@ -603,7 +605,7 @@ def plan(args) -> dict:
             raise SystemExit(f"tp: {e}") from None
     weights = world * shard_bytes(size, world) if args.row != "diffusion" else 2 << 30
     if args.row == "b30":
-        need = b30_needs(size)
+        need = b30_needs(size, args.mode)
     else:           # the weights' files, and one snapshot at a time in the store
         need = {"weights": weights, "disk": 2 * weights + (4 << 30),
                 "ram": weights * (2 if args.row == "switch" else 1) + (8 << 30)}
@@ -648,7 +650,8 @@ def parse(argv=None):
                     "estimated (default 8)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mode", choices=["transparent", "sdk"], default="transparent", help="b30")
-    ap.add_argument("--cpu", action="store_true", help="tp: gloo ranks on the CPU (no GPU needed)")
+    ap.add_argument("--cpu", action="store_true", help="tp, diffusion: on the CPU (tp: gloo ranks), "
+                    "no GPU needed")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds the row may take")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS")

@@ -388,9 +388,16 @@ class TpServer:
         self.ranks: list[int] = []
         self.ready: dict = {}
 
-    def make(self, size: str) -> None:
-        if not os.path.exists(shard_path(self.model_dir, self.world - 1, self.world)):
-            make(size, self.world, self.model_dir, "--cpu" in self.flags)
+    def make(self, size: str, timeout: float = 600) -> None:
+        """`make` in a child process (the caller keeps no GPU memory), once."""
+        if os.path.exists(os.path.join(self.model_dir, "tp.json")):
+            return
+        r = subprocess.run([sys.executable, "-m", "tests.workloads.tp_server", "make", "--size", size,
+                            "--world", str(self.world), "--out", self.model_dir,
+                            *(["--cpu"] if "--cpu" in self.flags else [])],
+                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if r.returncode:
+            raise RuntimeError(f"making the {size} TP={self.world} model: {r.stderr[-3000:]}")
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "tests.workloads.tp_server", "serve", "--model",
