@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks.cold_start import gpusnap, kill_tree, med, note, sh, tree, wait_gone  # noqa: E402
+from benchmarks.cold_start import kill_tree, med, note, sh, tree, wait_gone  # noqa: E402
 from tests.workloads.llm_server import PROMPT, SIZES  # noqa: E402
 
 STARTED: list[int] = []         # every server's root pid, killed (with its tree) at exit
@@ -62,7 +62,17 @@ class Ctx:
         self.card = card(args)
 
     def gs(self, *a, env=None):
-        return gpusnap(*a, store=self.store, env={**self.env, **(env or {})})
+        """The gpusnap CLI, its JSON answer; it may run to the end of the budget (and
+        30 s past it), then it is killed and the row stops, the command named."""
+        import subprocess
+        try:
+            res = sh([sys.executable, "-m", "gpusnap", "--json", "--store", self.store, *a], cwd=REPO,
+                     env={**os.environ, **self.env, **(env or {})}, timeout=self.budget.left() + 30)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"gpusnap {' '.join(a)}: still running at the end of the budget") from None
+        if res.returncode != 0:
+            raise RuntimeError(f"gpusnap {' '.join(a)}: exit {res.returncode}: {res.stderr[-2000:]}")
+        return json.loads(res.stdout)
 
 
 def card(args) -> str:
@@ -256,7 +266,9 @@ def _standby_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
             assert tokens == srv["tokens"], (tokens, srv["tokens"])
         finally:
             stop(pid)
-        out["runs"].append({"standby_restore_s": t_standby, "host_memory": held.get("host_memory"),
+        out["runs"].append({"standby_restore_s": t_standby,
+                            "host_memory": (res.get("standby") or {}).get("host_memory"),
+                            "host_memory_ps": held.get("host_memory"),
                             "gpu_memory_while_standby": gpu, "resume_s": t_resume,
                             "first_token_s": t_tok, "total": t_resume + t_tok,
                             **{f"resume_{k}": v for k, v in r2["timings"].items()}})

@@ -72,7 +72,10 @@ for spec in "$@"; do
         tp120plan) step "$name" "$limit" python3 benchmarks/breadth.py tp --world 8 --size 120b --dry-run ;;
         estimate) step "$name" "$limit" python3 benchmarks/breadth.py estimate --world 8 --out "$OUT" ;;
         tp2sdk)   step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_tp_sdk_gpu.py ;;
-        b30make)  step "$name" "$limit" python3 -m tests.workloads.llm_server make --size 30b --out /tmp/gpusnap-bench/models/30b ;;
+        b30make)  # ~61 GB of weights and a store of about as much: the other rows' models
+                  # and stores go first (run the 30B steps last)
+                  rm -rf /tmp/gpusnap-bench/models/{8b,1b,1.5b,0.5b,tp-*,diffusion-*} /tmp/gpusnap-bench/store*
+                  step "$name" "$limit" python3 -m tests.workloads.llm_server make --size 30b --out /tmp/gpusnap-bench/models/30b ;;
         b30)      breadth "$name" "$limit" b30 --mode transparent ;;
         b30sdk)   breadth "$name" "$limit" b30 --mode sdk ;;
         *) echo "unknown step $name"; exit 2 ;;

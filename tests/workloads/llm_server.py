@@ -50,8 +50,13 @@ def make(size: str, out: str, seed: int = 0) -> None:
     from transformers import LlamaForCausalLM
     os.makedirs(out, exist_ok=True)
     config = _config(size)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)     # built in bf16: a 30b in fp32 would not fit the GPU
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
