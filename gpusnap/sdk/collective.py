@@ -60,18 +60,32 @@ def collectives(agent, teardown, rebuild):
     return agent
 
 
+def parent_epoch() -> str:
+    """The parent's start time (clock ticks since boot, /proc/PPID/stat): the same for
+    every rank one launcher started (torchrun, a server's own launcher), and new after
+    each restore of the tree, which starts every process again."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
 class TorchGroup:
     """torch.distributed's default process group over a FileStore (no TCP store for
     CRIU to carry), built again with a fresh store file each time: generation g of
-    rank r meets generation g of its peers in store_dir/store-<g>. cpu_group: also a
+    rank r meets generation g of its peers in store_dir/store-<epoch>-<g>. The epoch
+    (default: parent_epoch()) keeps a second restore of one snapshot from meeting in the
+    file the first one left. cpu_group: also a
     gloo group over the same ranks (self.cpu_group; the default group itself when the
     backend is gloo), for control messages a rank can wait on without GPU work in flight."""
 
     def __init__(self, store_dir: str, rank: int, world_size: int, backend: str = "nccl",
-                 device: str | None = None, timeout_s: float = 120.0, cpu_group: bool = False):
+                 device: str | None = None, timeout_s: float = 120.0, cpu_group: bool = False,
+                 epoch=parent_epoch):
         self.store_dir, self.rank, self.world_size = store_dir, rank, world_size
         self.backend, self.device, self.timeout_s = backend, device, timeout_s
-        self.want_cpu_group = cpu_group
+        self.want_cpu_group, self.epoch = cpu_group, epoch
         self.cpu_group = None
         self.generation = 0
 
@@ -80,7 +94,7 @@ class TorchGroup:
 
         import torch
         import torch.distributed as dist
-        path = os.path.join(self.store_dir, f"store-{self.generation}")
+        path = os.path.join(self.store_dir, f"store-{self.epoch()}-{self.generation}")
         store = dist.FileStore(path, self.world_size)
         kw = {}
         if self.device and self.device.startswith("cuda"):

@@ -50,6 +50,23 @@ def test_ranks_tear_down_and_rebuild_their_groups_around_dump_and_restore(tp, gp
         assert srv.generate(6) == tokens, srv.logs()
 
 
+def test_one_snapshot_restored_twice_meets_in_a_fresh_store(tp, gpusnap):
+    """Each restore of a snapshot starts the tree again: its ranks must not rendezvous in
+    the store file an earlier restore of the same snapshot left behind."""
+    srv = tp(sdk=True)
+    tokens = srv.generate(3)
+    rc, snap, err = gpusnap("dump", "--pid", str(srv.pid))
+    assert rc == 0, err
+    srv.reap()
+    for _ in range(2):
+        wait_pids_free([srv.pid, *srv.ranks])
+        rc, res, err = gpusnap("restore", snap["id"])
+        assert rc == 0, err
+        assert srv.generate(3) == tokens, srv.logs()
+        from tests.workloads.common import kill_all
+        kill_all([*srv.ranks, srv.pid])
+
+
 def test_leave_running_dump_keeps_the_server_answering(tp, gpusnap):
     srv = tp(sdk=True)
     tokens = srv.generate(4)
