@@ -24,9 +24,10 @@ def test_shards_split_and_sizes_are_what_their_names_say():
 
 
 def test_dry_run_plans_and_refuses_what_the_disk_cannot_hold(tmp_path, capsys):
-    assert breadth.main(["tp", "--dry-run", "--world", "2", "--work", str(tmp_path)]) == 0
+    rc = breadth.main(["tp", "--dry-run", "--world", "2", "--work", str(tmp_path)])
     p = json.loads(capsys.readouterr().out)
     assert p["gpus_needed"] == 2 and p["weights_bytes"] == 2 * shard_bytes("8b", 2)
+    assert (rc == 0) == p["fits"] == (p["disk_free_bytes"] >= p["disk_bytes"])
     rc = breadth.main(["tp", "--dry-run", "--world", "8", "--size", "120b", "--work", str(tmp_path)])
     p = json.loads(capsys.readouterr().out)
     assert rc == 1 and not p["fits"] and p["disk_bytes"] > 2 * 220e9
