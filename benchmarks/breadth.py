@@ -349,17 +349,18 @@ def _tp_round_trip(ctx: Ctx, srv, order: str | None, want: list[int]) -> dict:
 
 # ---- (d) a 30B-class server on one GPU ------------------------------------------------------
 
-def b30_needs(size: str, mode: str = "transparent") -> dict:
+def b30_needs(size: str, mode: str = "transparent", compress: str = "fast") -> dict:
     """Bytes the row writes: the weights file, the store (transparent: the weights again;
     random normal bf16 in 64 MiB: zstd -1, the store's default, keeps 100% of it, level 1
     78%, measured on the CPU), CRIU's images in gpusnap's tmpfs and the process's own
     host copy of its GPU memory while checkpointed (both in RAM; the SDK drops the
-    weights first). Pure."""
+    weights first). compress: GPUSNAP_COMPRESS's value (fast, none, or a level). Pure."""
     from tests.workloads.tp_server import shard_bytes
     w = shard_bytes(size, 1)
     if mode == "sdk":
         return {"weights": w, "disk": w + (8 << 30), "ram": 16 << 30}
-    return {"weights": w, "disk": 2 * w + (4 << 30), "ram": 2 * w + (8 << 30)}
+    store = w if compress in ("fast", "none") or compress.startswith("-") else int(w * 0.8)
+    return {"weights": w, "disk": w + store + (4 << 30), "ram": 2 * w + (8 << 30)}
 
 
 def row_b30(ctx: Ctx) -> dict:
@@ -367,15 +368,15 @@ def row_b30(ctx: Ctx) -> dict:
     image) or sdk (weights read back from their file) dump -> restore -> first token."""
     import shutil
     a = ctx.args
-    need = b30_needs(a.size, a.mode)
+    need = b30_needs(a.size, a.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
     free = shutil.disk_usage(ctx.work).free
     model_there = os.path.exists(os.path.join(ctx.work, "models", a.size, "model.safetensors"))
     disk = need["disk"] - (need["weights"] if model_there else 0)
     if free < disk:
         raise SystemExit(f"b30: {free / 1e9:.0f} GB free under {ctx.work}, the row needs "
                          f"{disk / 1e9:.0f} GB (weights {need['weights'] / 1e9:.0f} GB and a store of "
-                         f"about as much): remove older models/stores there, or use the two-GPU "
-                         f"machine (128 GiB disk)")
+                         f"about as much): remove older models/stores there, use the two-GPU "
+                         f"machine (128 GiB disk), or GPUSNAP_COMPRESS=1 (a fifth smaller store)")
     model = llm_model(ctx, a.size)
     row = {"row": "b30", "size": a.size, "mode": a.mode, "weights_bytes": _weights(model), "needs": need}
     srv = start_llm(ctx, model, f"b30-{a.mode}", 18204, a.mode == "sdk")
@@ -618,7 +619,7 @@ def plan(args) -> dict:
             raise SystemExit(f"tp: {e}") from None
     weights = world * shard_bytes(size, world) if args.row != "diffusion" else 2 << 30
     if args.row == "b30":
-        need = b30_needs(size, args.mode)
+        need = b30_needs(size, args.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
     else:           # the weights' files, and one snapshot at a time in the store
         need = {"weights": weights, "disk": 2 * weights + (4 << 30),
                 "ram": weights * (2 if args.row == "switch" else 1) + (8 << 30)}
