@@ -8,6 +8,11 @@
 # replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py),
 # dumprace (the parallel CUDA stages and the CUDA-child-mid-dump tests alone),
 # commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp).
+# Breadth rows (benchmarks/breadth.py; each ends itself 30 s before its limit, BREADTH_ARGS
+# adds options): switch, standby, diffusion (one GPU); tp2sdk (tests/gpu/test_tp_sdk_gpu.py),
+# tp2 (the TP=2 row, the rehearsal of TP=4/8), tp120plan (what TP=8 120B would need), estimate
+# (120B on paper from tp2's numbers), b30make / b30 / b30sdk (30B-class: the two-GPU
+# machine's disk and memory; the one-GPU kind has too little of both).
 #
 # The GPU machine has no network and no package installs: what gpusnap needs beyond its
 # Python travels in the working tree (gitignored, so name them in the device tool's carry):
@@ -44,6 +49,13 @@ step() {
     tail -n 25 "$OUT/$name.log"
 }
 
+# benchmarks/breadth.py ROW ..., its budget 30 s short of the step's limit
+breadth() {
+    local name=$1 limit=$2; shift 2
+    step "$name" "$limit" python3 benchmarks/breadth.py "$@" --out "$OUT" \
+        --budget $((limit > 60 ? limit - 30 : limit)) ${BREADTH_ARGS:-}
+}
+
 for spec in "$@"; do
     name=${spec%%:*}
     limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
@@ -58,6 +70,18 @@ for spec in "$@"; do
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         dumprace) step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_dump_race.py ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
+        switch|standby|diffusion)
+                  breadth "$name" "$limit" "$name" ;;
+        tp2)      breadth "$name" "$limit" tp --world 2 --size 8b --runs 1 ;;
+        tp120plan) step "$name" "$limit" python3 benchmarks/breadth.py tp --world 8 --size 120b --dry-run ;;
+        estimate) step "$name" "$limit" python3 benchmarks/breadth.py estimate --world 8 --out "$OUT" ;;
+        tp2sdk)   step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_tp_sdk_gpu.py ;;
+        b30make)  # ~61 GB of weights and a store of about as much: the other rows' models
+                  # and stores go first (run the 30B steps last)
+                  rm -rf /tmp/gpusnap-bench/models/{8b,1b,1.5b,0.5b,tp-*,diffusion-*} /tmp/gpusnap-bench/store*
+                  step "$name" "$limit" python3 -m tests.workloads.llm_server make --size 30b --out /tmp/gpusnap-bench/models/30b ;;
+        b30)      breadth "$name" "$limit" b30 --mode transparent ;;
+        b30sdk)   breadth "$name" "$limit" b30 --mode sdk ;;
         *) echo "unknown step $name"; exit 2 ;;
     esac
 done

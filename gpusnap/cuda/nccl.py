@@ -12,12 +12,14 @@ several (WORLD_SIZE or LOCAL_WORLD_SIZE > 1, as torchrun and most launchers set)
 libnccl alone is not enough: every CUDA build of PyTorch loads it at import. It is safe
 when its environment has both NCCL_P2P_DISABLE=1 and NCCL_CUMEM_ENABLE=0. Only the
 environment a process started with is visible (/proc/PID/environ): a variable a server
-set in itself after it started is not, hence --force.
+set in itself after it started is not, hence --force. A rank whose SDK agent tears its
+communicators down before the lock (gpusnap.sdk.collectives) is spared by the engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 from gpusnap.errors import NcclPeerMemory
 
@@ -78,9 +80,15 @@ def read_facts(pid: int) -> ProcFacts:
     return facts
 
 
-def refuse_ipc_ranks(pids: list[int], what: str) -> None:
-    """Raise NcclPeerMemory if any of pids is a NCCL rank that may use CUDA IPC."""
-    ranks = ipc_ranks([read_facts(pid) for pid in pids])
+def ipc_ranks_of(pids: list[int]) -> list[int]:
+    """The pids (read from /proc) that are NCCL ranks free to use CUDA IPC."""
+    return ipc_ranks([read_facts(pid) for pid in pids])
+
+
+def refuse_ipc_ranks(pids: list[int], what: str, spared: Collection[int] = ()) -> None:
+    """Raise NcclPeerMemory if any of pids is a NCCL rank that may use CUDA IPC, but for
+    those in spared (their SDK agent tears the communicators down first)."""
+    ranks = [pid for pid in ipc_ranks_of(pids) if pid not in spared]
     if ranks:
         raise NcclPeerMemory(
             f"pids {ranks} are NCCL ranks that may map their peers' GPU memory through CUDA "

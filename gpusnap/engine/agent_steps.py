@@ -136,13 +136,32 @@ def _all(calls: dict[int, tuple], timeout: float, tree: list[int],
     return replies, errors
 
 
+STATUS_TIMEOUT_S = 5.0
+
+
+def releasing_collectives(ranks: list[int], tree: list[int]) -> set[int]:
+    """The ranks whose SDK agent says (status: collectives) that it tears its
+    communicators down before a checkpoint (gpusnap.sdk.collectives)."""
+    agents = find_agents(ranks)
+    if not agents:
+        return set()
+    uids = {pid: process_uid(pid) for pid in agents}
+    replies, _ = _all({pid: (path, "status") for pid, path in agents.items()},
+                      STATUS_TIMEOUT_S, tree, uids)
+    return {pid for pid, reply in replies.items() if reply.get("collectives")}
+
+
 class DumpAgents:
     """ask: whether this kind of target has its agents asked (containers: not yet, their
-    sockets are in the container's mount namespace)."""
+    sockets are in the container's mount namespace). required: pids whose agent must
+    prepare and tear its communicators down (NCCL ranks spared by the refusal): if one
+    does not, the others are resumed and AgentFailed is raised before anything is
+    locked, instead of going on in transparent mode."""
 
-    def __init__(self, target, ask: bool = True):
+    def __init__(self, target, ask: bool = True, required: list[int] = ()):
         self.target = target
         self.ask = ask
+        self.required = set(required)
         self.asked: dict[int, str] = {}         # pid -> socket: sent prepare (answered or not)
         self.uids: dict[int, int | None] = {}   # pid -> its uid, when its agent was found
         self.prepared: dict[int, dict] = {}     # pid -> prepare's reply
@@ -151,6 +170,9 @@ class DumpAgents:
 
     def prepare(self, stages) -> None:
         agents = find_agents(self.target.pids)
+        if self.required - set(agents):
+            raise AgentFailed(f"the SDK agents of NCCL ranks {sorted(self.required - set(agents))} "
+                              f"are gone: nothing was locked")
         if not agents:
             return
         if not self.ask:
@@ -161,6 +183,7 @@ class DumpAgents:
         self.uids = {pid: process_uid(pid) for pid in agents}
         with stages.stage("sdk_prepare"):
             replies, errors = self._all("prepare", PREPARE_TIMEOUT_S)
+        self._insist_on_collectives(replies, errors)
         if errors:
             for pid, err in sorted(errors.items()):
                 self.notes.append(f"the SDK agent of pid {pid} did not prepare ({err}): dumped in "
@@ -170,6 +193,18 @@ class DumpAgents:
             self.asked = {}
             return
         self.prepared = replies
+
+    def _insist_on_collectives(self, replies: dict, errors: dict) -> None:
+        """A required rank whose agent did not tear its communicators down: undo, raise."""
+        missing = sorted(pid for pid in self.required
+                         if pid in errors or not replies.get(pid, {}).get("collectives"))
+        if not missing:
+            return
+        why = "; ".join(errors.get(pid, f"pid {pid}: no teardown reported") for pid in missing)
+        undo_errors = self.undo()
+        raise AgentFailed(f"NCCL ranks {missing} did not tear their communicators down ({why}): "
+                          f"nothing was locked", hint="; ".join(undo_errors) or
+                          "retry, or start the ranks with NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0")
 
     def _all(self, cmd: str, timeout: float):
         return _all({p: (s, cmd) for p, s in self.asked.items()}, timeout, self.target.pids, self.uids)

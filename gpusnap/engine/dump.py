@@ -52,9 +52,10 @@ def plan(req: DumpRequest) -> DumpPlan:
         raise UsageError("name a container or give --pid, not both")
     criu_path, criu_version = find_criu()
     strategy, target = strategies.resolve(req)
-    if not req.force:
-        gpu.refuse_nccl_ipc(target.pids, "dump")
+    collective_pids = [] if req.force else \
+        gpu.refuse_nccl_ipc(target.pids, "dump", strategy.sdk_agents)
     return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
+                    collective_pids=collective_pids,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=CriuOptions(shell_job=target.shell_job),
                     zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"),
@@ -107,7 +108,8 @@ class _Dump:
         self.cuda = gpu.session(plan.cuda_pids) if plan.cuda_pids else None
         self.dumper = plan.strategy.dumper(plan, self.cuda)
         # SDK agents: weights out of the image
-        self.sdk = agent_steps.DumpAgents(plan.target, ask=plan.strategy.sdk_agents)
+        self.sdk = agent_steps.DumpAgents(plan.target, ask=plan.strategy.sdk_agents,
+                                          required=plan.collective_pids)
         self.stopped = False
         self.stream: PageStream | None = None
         self.held_since: float | None = None     # downtime: from the CUDA lock or CRIU's freeze

@@ -17,10 +17,18 @@ def cuda_pids(pids: list[int]) -> list[int]:
     return discover.cuda_pids(pids)
 
 
-def refuse_nccl_ipc(pids: list[int], what: str) -> None:
-    """NcclPeerMemory if a pid is a NCCL rank that may use CUDA IPC (cuda/nccl.py)."""
-    from ..cuda.nccl import refuse_ipc_ranks
-    refuse_ipc_ranks(pids, what)
+def refuse_nccl_ipc(pids: list[int], what: str, ask_agents: bool = True) -> list[int]:
+    """NcclPeerMemory if a pid is a NCCL rank that may use CUDA IPC (cuda/nccl.py),
+    unless its SDK agent promises to tear its communicators down before the lock. Returns
+    the ranks so spared: their prepare must succeed, or nothing is locked."""
+    from ..cuda.nccl import ipc_ranks_of, refuse_ipc_ranks
+    ranks = ipc_ranks_of(pids)
+    if not ranks:
+        return []
+    from .agent_steps import releasing_collectives
+    spared = releasing_collectives(ranks, pids) if ask_agents else set()
+    refuse_ipc_ranks(ranks, what, spared)
+    return sorted(spared)
 
 
 def session(pids: list[int]):

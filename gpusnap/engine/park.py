@@ -51,6 +51,7 @@ class SuspendPlan:
     target: Target
     strategy: Strategy
     cuda_pids: list[int]
+    collective_pids: list[int] = field(default_factory=list)   # NCCL ranks whose agent must prepare
 
 
 @dataclass
@@ -82,14 +83,14 @@ def plan_suspend(req: SuspendRequest) -> SuspendPlan:
     if held and held["state"] in parked.PARKED:
         raise UsageError(f"{_what(target)} is already parked ({held['state']})",
                          hint=f"gpusnap resume {target.root_pid}")
-    if not req.force:
-        gpu.refuse_nccl_ipc(target.pids, "suspend")
+    collective_pids = [] if req.force else \
+        gpu.refuse_nccl_ipc(target.pids, "suspend", strategy.sdk_agents)
     cuda_pids = gpu.cuda_pids(target.pids)
     if not cuda_pids:
         raise NoCudaProcess(f"no CUDA process in {_what(target)}: suspend frees GPU memory "
                             f"and this target holds none", hint="gpusnap dump stores any process")
     parked.state_dir()                  # usable, or refused now
-    return SuspendPlan(req, target, strategy, cuda_pids)
+    return SuspendPlan(req, target, strategy, cuda_pids, collective_pids)
 
 
 def _what(target: Target) -> str:
@@ -105,7 +106,8 @@ def execute_suspend(plan: SuspendPlan) -> dict:
     if not_running:
         raise CudaFailed(f"CUDA processes not RUNNING: {not_running}; something else holds "
                          f"them", hint="gpusnap suspends only processes it finds running")
-    sdk = agent_steps.DumpAgents(target, ask=plan.strategy.sdk_agents)
+    sdk = agent_steps.DumpAgents(target, ask=plan.strategy.sdk_agents,
+                                 required=plan.collective_pids)
     try:
         sdk.prepare(stages)             # SDK: before the lock; failure -> transparent
         facts = cuda.describe()

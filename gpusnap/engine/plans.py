@@ -43,6 +43,7 @@ class DumpPlan:
     criu_options: CriuOptions = field(default_factory=CriuOptions)
     zero_elide: bool = True         # drop all-zero pages (GPUSNAP_NO_ZERO_ELIDE=1: keep them)
     pages: str = "staged"           # stream: pages go from CRIU to the store (store/pagestream.py)
+    collective_pids: list[int] = field(default_factory=list)    # NCCL ranks whose agent must prepare
 
 
 @dataclass

@@ -16,6 +16,8 @@ listening on /run/gpusnap/agent-<pid>.sock. `gpusnap dump` finds that socket and
 process), and after `gpusnap restore` it sends `resume` (the weights are read back into
 GPU memory, through GPUDirect Storage where kvikio and nvidia-fs are there: see
 gds_backend()). Servers that do not call enable() are checkpointed as before.
+Ranks of a tensor-parallel server also register their communicators' teardown and
+rebuild (collectives(), TorchGroup: collective.py), so NCCL needs no special settings.
 
 Depends on the standard library and torch only (kvikio if installed); importing this
 package imports neither: torch is imported by enable().
@@ -23,11 +25,12 @@ package imports neither: torch is imported by enable().
 
 from __future__ import annotations
 
+from .collective import TorchGroup, collectives
 from .loader import gds_backend
 from .protocol import AgentError, request, socket_path
 from .safetensors import HeaderError, TensorEntry, file_identity, read_header
 
-__all__ = ["enable", "enable_hooks", "gds_backend", "read_header", "file_identity", "request", "socket_path",
+__all__ = ["enable", "enable_hooks", "collectives", "TorchGroup", "gds_backend", "read_header", "file_identity", "request", "socket_path",
            "AgentError", "HeaderError", "TensorEntry"]
 
 

@@ -66,6 +66,10 @@ class Agent:
         self.files: list[dict] = []
         self.on_prepare: list = []
         self.on_resume: list = []
+        self.collectives = False            # on_prepare tears communicators down (collective.py)
+        self._wanted = threading.Event()    # a prepare waits for the serving gate
+        self._settled = threading.Condition()
+        self._outcomes = (0, 0)            # prepares done, failed
         self._gate = threading.Lock()
         self._work = threading.RLock()      # one command at a time
         self._sock: socket.socket | None = None
@@ -84,8 +88,34 @@ class Agent:
         with self._gate:
             yield
 
+    def checkpoint_wanted(self) -> bool:
+        """A prepare is waiting for the serving gate. Ranks that run collectives in
+        lockstep share this at each step and stop at the same one (collective.py)."""
+        return self._wanted.is_set()
+
+    def wait_prepared(self, timeout: float) -> bool:
+        """Wait (outside the serving gate) until a prepare is done: True once the agent is
+        PREPARED (or was since the call: a resume may have come already), False when
+        none came within timeout or one failed meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._settled:
+            done, failed = self._outcomes
+            while self.state != PREPARED and self._outcomes[0] == done:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._outcomes[1] != failed:
+                    return False
+                self._settled.wait(left)
+        return True
+
+    def _settle(self, failed: bool = False) -> None:
+        with self._settled:
+            done, fails = self._outcomes
+            self._outcomes = (done, fails + 1) if failed else (done + 1, fails)
+            self._settled.notify_all()
+
     def status(self) -> dict:
         return {"ok": True, "state": self.state, "pid": os.getpid(), "uid": os.getuid(),
+                "collectives": self.collectives,
                 "version": VERSION, "tensors": len(self.registry.slots),
                 "bytes": self.registry.bytes, "scratch_tensors": len(self.registry.scratch),
                 "scratch_bytes": self.registry.scratch_bytes,
@@ -98,48 +128,59 @@ class Agent:
                 return {**self.last.get("prepare", {}), "ok": True, "state": self.state, "again": True}
             import torch
             t0 = time.perf_counter()
-            if not self._gate.acquire(timeout=self.gate_timeout_s):
-                raise RuntimeError(f"the model stayed in use for {self.gate_timeout_s:g} s")
+            self._wanted.set()
             try:
-                devices = [d for d in self.registry.devices() if d.type == "cuda"]
-                for d in devices:
-                    torch.cuda.synchronize(d)
-                slots = self.registry.slots
-                if self.verify:
-                    for s, fp in zip(slots, registry.fingerprints([s.tensor for s in slots])):
-                        s.fingerprint = fp
-                files = [file_identity(p) for p in sorted({s.file for s in slots} | set(self.weight_files))]
-                before = _memory(devices)
-                hooked = 0
-                for cb in self.on_prepare:
-                    hooked += int((cb() or {}).get("bytes_dropped", 0))
-                for s in [*slots, *self.registry.scratch]:
-                    s.tensor.data = torch.empty(0, dtype=s.dtype, device=s.device)
-                for d in devices:
-                    torch.cuda.synchronize(d)
-                if devices:
-                    torch.cuda.empty_cache()
-                _malloc_trim()
-                after = _memory(devices)
+                return self._prepare(torch, t0)
             except BaseException:
-                self._put_back_after_failed_prepare()
-                for cb in self.on_resume:
-                    with contextlib.suppress(Exception):
-                        cb()
-                self._gate.release()
+                self._settle(failed=True)
                 raise
-            self.files = files
-            self.state = PREPARED
-            self._ticks = 0
-            reply = {"ok": True, "state": self.state, "pid": os.getpid(), "uid": os.getuid(),
-                     "socket": self.path, "tensors": len(slots), "bytes": self.registry.bytes,
-                     "scratch_bytes": self.registry.scratch_bytes,
-                     "bytes_dropped": self.registry.bytes + self.registry.scratch_bytes + hooked,
-                     "bytes_freed": before[0] - after[0], "bytes_released": before[1] - after[1],
-                     "files": files, "seconds": round(time.perf_counter() - t0, 4),
-                     "backend": loader.gds_backend()}
-            self.last["prepare"] = reply
-            return reply
+            finally:
+                self._wanted.clear()
+
+    def _prepare(self, torch, t0: float) -> dict:
+        if not self._gate.acquire(timeout=self.gate_timeout_s):
+            raise RuntimeError(f"the model stayed in use for {self.gate_timeout_s:g} s")
+        try:
+            devices = [d for d in self.registry.devices() if d.type == "cuda"]
+            for d in devices:
+                torch.cuda.synchronize(d)
+            slots = self.registry.slots
+            if self.verify:
+                for s, fp in zip(slots, registry.fingerprints([s.tensor for s in slots])):
+                    s.fingerprint = fp
+            files = [file_identity(p) for p in sorted({s.file for s in slots} | set(self.weight_files))]
+            before = _memory(devices)
+            hooked = 0
+            for cb in self.on_prepare:
+                hooked += int((cb() or {}).get("bytes_dropped", 0))
+            for s in [*slots, *self.registry.scratch]:
+                s.tensor.data = torch.empty(0, dtype=s.dtype, device=s.device)
+            for d in devices:
+                torch.cuda.synchronize(d)
+            if devices:
+                torch.cuda.empty_cache()
+            _malloc_trim()
+            after = _memory(devices)
+        except BaseException:
+            self._put_back_after_failed_prepare()
+            for cb in self.on_resume:
+                with contextlib.suppress(Exception):
+                    cb()
+            self._gate.release()
+            raise
+        self.files = files
+        self.state = PREPARED
+        self._ticks = 0
+        self._settle()
+        reply = {"ok": True, "state": self.state, "pid": os.getpid(), "uid": os.getuid(),
+                 "socket": self.path, "tensors": len(slots), "bytes": self.registry.bytes,
+                 "scratch_bytes": self.registry.scratch_bytes,
+                 "bytes_dropped": self.registry.bytes + self.registry.scratch_bytes + hooked,
+                 "bytes_freed": before[0] - after[0], "bytes_released": before[1] - after[1],
+                 "files": files, "seconds": round(time.perf_counter() - t0, 4),
+                 "backend": loader.gds_backend(), "collectives": self.collectives}
+        self.last["prepare"] = reply
+        return reply
 
     def resume(self) -> dict:
         with self._work:

@@ -30,6 +30,7 @@ SIZES = {
     "1b": (2048, 16, 32, 8, 5632, 32000),        # ~1.1B (TinyLlama-shaped)
     "1.5b": (2048, 24, 16, 8, 5632, 32000),      # ~1.5B
     "8b": (4096, 32, 32, 8, 14336, 128256),      # Llama-3-8B-shaped
+    "30b": (6656, 56, 52, 52, 17920, 32000),     # LLaMA-30B-shaped, 56 layers: ~30B, ~61 GB bf16
 }
 PROMPT = [1, 415, 2936, 9060, 285, 1142, 461, 10575, 754, 272, 17898, 3914, 28723]
 
@@ -49,8 +50,13 @@ def make(size: str, out: str, seed: int = 0) -> None:
     from transformers import LlamaForCausalLM
     os.makedirs(out, exist_ok=True)
     config = _config(size)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)     # built in bf16: a 30b in fp32 would not fit the GPU
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model = model.to_empty(device="cuda").to(torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
@@ -88,7 +94,9 @@ def generate(model, ids: list[int], n: int) -> list[int]:
 
 def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
     import contextlib
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from http.server import HTTPServer
+
+    from tests.workloads.common import JsonHandler, ready_and_serve
     t0 = time.time()
     model = load(model_dir)
     t_load = time.time()
@@ -105,33 +113,17 @@ def serve(model_dir: str, port: int, state: str, sdk: bool = False) -> None:
         warm = generate(model, PROMPT, 4)
     t_warm = time.time()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _send(self, obj):
-            body = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            self._send({"ok": True, "pid": os.getpid()})
-
+    class Handler(JsonHandler):
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with serving():
                 ids = generate(model, req.get("ids") or PROMPT, int(req.get("max_new_tokens", 1)))
             self._send({"ids": ids})
 
-    server = HTTPServer(("127.0.0.1", port), Handler)
-    with open(os.path.join(state, "ready.tmp"), "w") as f:
-        json.dump({"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_enable,
-                   "sdk_enable_s": t_enable - t_load, "warm_ids": warm, "sdk": agent.status() if agent else None}, f)
-    os.rename(os.path.join(state, "ready.tmp"), os.path.join(state, "ready"))
-    server.serve_forever()
+    ready_and_serve(HTTPServer(("127.0.0.1", port), Handler), state,
+                    {"pid": os.getpid(), "port": port, "load_s": t_load - t0, "warm_s": t_warm - t_enable,
+                     "sdk_enable_s": t_enable - t_load, "warm_ids": warm,
+                     "sdk": agent.status() if agent else None})
 
 
 def main() -> None:

@@ -189,14 +189,8 @@ class TensorParallel:
         raise TimeoutError(f"{path} not written in {timeout:.0f}s\n{self.logs()}")
 
     def logs(self) -> str:
-        out = []
-        for name in ("launcher.log", "rank0.log", "rank1.log"):
-            try:
-                with open(os.path.join(self.dir, name), errors="replace") as f:
-                    out.append(f"--- {name}\n{f.read()[-3000:]}")
-            except OSError:
-                pass
-        return "\n".join(out)
+        from tests.workloads.common import tail_logs
+        return tail_logs(self.dir, ["launcher.log", "rank0.log", "rank1.log"])
 
     def reap(self) -> None:
         """Collect the launcher (our child until a restore makes it CRIU's) once gpusnap
@@ -207,11 +201,8 @@ class TensorParallel:
             pass
 
     def stop(self) -> None:
-        for pid in [*self.ranks, self.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+        from tests.workloads.common import kill_all
+        kill_all([*self.ranks, self.pid])
         try:
             os.waitpid(self.pid, 0)
         except (ChildProcessError, TypeError):

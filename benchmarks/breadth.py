@@ -1,0 +1,718 @@
+"""Beyond one server on one GPU: switching a GPU between two servers, standbys,
+tensor-parallel servers, a 30B-class server, a diffusion pipeline. One row per command:
+
+    python benchmarks/breadth.py switch    [--size 8b] [--runs 3]    one GPU, two servers
+    python benchmarks/breadth.py standby   [--size 1b] [--runs 3]    restore --standby, resume
+    python benchmarks/breadth.py tp        [--size 8b] [--world 2]   TP=N: cold, transparent, SDK, GPUs permuted
+    python benchmarks/breadth.py b30       [--size 30b] --mode transparent|sdk
+    python benchmarks/breadth.py diffusion [--runs 2]                a diffusers UNet + VAE, random weights
+    python benchmarks/breadth.py estimate  --from DIR                120B-class on paper, from measured GB/s
+
+Each prints its table and writes DIR/breadth_<row>_<card>.json and .md (--out, default
+$GPUSNAP_RESULTS or benchmarks/results). --dry-run says what the row would do, how many
+bytes it moves and whether the disk holds them, and touches nothing. --cpu (tp only)
+runs the ranks on gloo on the CPU, so the row runs end to end without a GPU. Every row
+has a time budget (--budget, seconds): past it, the row stops between steps with the
+step named; SIGTERM (gpu-session.sh's timeout) kills every server it started.
+Models (random weights) are made once under --work/models and reused by later rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks.cold_start import kill_tree, med, note, sh, tree, wait_gone  # noqa: E402
+from tests.workloads.llm_server import PROMPT, SIZES  # noqa: E402
+
+STARTED: list[int] = []         # every server's root pid, killed (with its tree) at exit
+
+
+class Budget:
+    """Seconds a row may take; check() between steps raises with the step named."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.seconds = seconds
+
+    def check(self, step: str) -> None:
+        if time.monotonic() > self.end:
+            raise TimeoutError(f"over the row's {self.seconds:.0f} s budget before {step}")
+
+    def left(self) -> float:
+        return max(1.0, self.end - time.monotonic())
+
+
+class Ctx:
+    """What every row shares: where models, stores and state go, and the card."""
+
+    def __init__(self, args):
+        self.args, self.work = args, args.work
+        self.store = os.path.join(args.work, f"store-{args.row}")
+        self.env = {"GPUSNAP_STATE_DIR": os.path.join(args.work, f"state-{args.row}")}
+        self.budget = Budget(args.budget)
+        self.card = card(args)
+
+    def gs(self, *a, env=None):
+        """The gpusnap CLI, its JSON answer; it may run to the end of the budget (and
+        30 s past it), then it is killed and the row stops, the command named."""
+        import subprocess
+        try:
+            res = sh([sys.executable, "-m", "gpusnap", "--json", "--store", self.store, *a], cwd=REPO,
+                     env={**os.environ, **self.env, **(env or {})}, timeout=self.budget.left() + 30)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"gpusnap {' '.join(a)}: still running at the end of the budget") from None
+        if res.returncode != 0:
+            raise RuntimeError(f"gpusnap {' '.join(a)}: exit {res.returncode}: {res.stderr[-2000:]}")
+        return json.loads(res.stdout)
+
+
+def card(args) -> str:
+    if getattr(args, "cpu", False) or args.dry_run:
+        return "cpu" if getattr(args, "cpu", False) else "dry-run"
+    import torch
+    return torch.cuda.get_device_name(0)
+
+
+def tag(name: str) -> str:
+    return "h200" if "H200" in name else "h100" if "H100" in name else name.replace(" ", "_").lower()
+
+
+# ---- single-GPU LLM servers (tests/workloads/llm_server.py) -------------------------------
+
+def llm_model(ctx: Ctx, size: str) -> str:
+    model_dir = os.path.join(ctx.work, "models", size)
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        ctx.budget.check(f"making the {size} model")
+        r = sh([sys.executable, "-m", "tests.workloads.llm_server", "make", "--size", size,
+                "--out", model_dir], cwd=REPO, timeout=ctx.budget.left())
+        if r.returncode:
+            raise RuntimeError(f"making {size}: {r.stderr[-2000:]}")
+    return model_dir
+
+
+def http(port: int, path: str, body=None, timeout: float = 120):
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def first_token(port: int, n: int = 1) -> list[int]:
+    return http(port, "/generate", {"ids": PROMPT, "max_new_tokens": n})["ids"]
+
+
+def start_llm(ctx: Ctx, model_dir: str, name: str, port: int, sdk: bool = False) -> dict:
+    """An LLM server to its first token: {pid, proc, port, cold_s, tokens, info}."""
+    return start_server(ctx, "tests.workloads.llm_server", model_dir, name, port, sdk, first_token)
+
+
+def start_server(ctx: Ctx, module: str, model_dir: str, name: str, port: int, sdk: bool,
+                 probe, extra: tuple = ()) -> dict:
+    """`python -m MODULE serve` to its first answer (probe(port)), in its own session."""
+    import shutil
+    import subprocess
+    state = os.path.join(ctx.work, "servers", name)
+    shutil.rmtree(state, ignore_errors=True)
+    os.makedirs(state)
+    log = open(os.path.join(state, "log"), "ab")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", module, "serve", "--model", model_dir,
+                             "--port", str(port), "--state", state, *extra] + (["--sdk"] if sdk else []),
+                            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True)
+    STARTED.append(proc.pid)
+    ready = os.path.join(state, "ready")
+    while not os.path.exists(ready):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {name} died:\n" + open(os.path.join(state, "log")).read()[-3000:])
+        ctx.budget.check(f"server {name} ready")
+        time.sleep(0.01)
+    tokens = probe(port)
+    cold = time.perf_counter() - t0
+    with open(ready) as f:
+        info = json.load(f)
+    return {"pid": proc.pid, "proc": proc, "port": port, "cold_s": cold, "tokens": tokens, "info": info}
+
+
+def each_mode(row: dict, fn) -> dict:
+    """row[mode] = fn(mode) for transparent and sdk; a mode that fails is recorded as
+    such and the other still runs."""
+    for mode in ("transparent", "sdk"):
+        try:
+            row[mode] = fn(mode)
+        except Exception as e:  # noqa: BLE001 - the other mode's numbers stand
+            row[mode] = {"error": f"{type(e).__name__}: {e}"}
+            note(row=row["row"], mode=mode, error=row[mode]["error"])
+    return row
+
+
+def stop(pid: int) -> None:
+    kill_tree(tree(pid))
+
+
+def timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+# ---- (a) switching one GPU between two servers ------------------------------------------
+
+def row_switch(ctx: Ctx) -> dict:
+    """Two servers share one GPU; a switch is: suspend the running one, resume the parked
+    one, its first token. Transparent and SDK; the driver's floor by hand (lock +
+    checkpoint of one, restore + unlock of the other) on the transparent pair."""
+    return llm_row(ctx, "switch", _switch_mode)
+
+
+def llm_row(ctx: Ctx, name: str, mode_fn) -> dict:
+    """A row over one LLM size: the model made once, mode_fn(ctx, model, sdk) per mode."""
+    model = llm_model(ctx, ctx.args.size)
+    row = {"row": name, "size": ctx.args.size, "weights_bytes": _weights(model), "runs": ctx.args.runs}
+    return each_mode(row, lambda mode: mode_fn(ctx, model, mode == "sdk"))
+
+
+def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
+    mode = "sdk" if sdk else "transparent"
+    servers = []
+    try:
+        for name, port in (("A", 18201), ("B", 18202)):
+            servers.append(start_llm(ctx, model, f"switch-{mode}-{name}", port, sdk))
+        out = {"cold_s": [s["cold_s"] for s in servers]}
+        ctx.gs("suspend", str(servers[1]["pid"]))
+        runs, running, parked = [], servers[0], servers[1]
+        for i in range(2 * ctx.args.runs):
+            ctx.budget.check(f"{mode} switch {i}")
+            _, t_out = timed(ctx.gs, "suspend", str(running["pid"]))
+            res, t_in = timed(ctx.gs, "resume", str(parked["pid"]))
+            tokens, t_tok = timed(first_token, parked["port"])
+            assert tokens == parked["tokens"], (tokens, parked["tokens"])
+            runs.append({"suspend_s": t_out, "resume_s": t_in, "first_token_s": t_tok,
+                         "total": t_out + t_in + t_tok, **{f"resume_{k}": v for k, v in res["timings"].items()}})
+            note(row="switch", mode=mode, **runs[-1])
+            running, parked = parked, running
+        out["switches"] = runs
+        if not sdk:
+            out["floor"] = _driver_floor(ctx, running, parked)
+        return out
+    finally:
+        for s in servers:
+            stop(s["pid"])
+
+
+def _driver_floor(ctx: Ctx, running: dict, parked: dict) -> list[dict]:
+    """The same switch through the driver API alone, in this process: lock + checkpoint
+    the running server, restore + unlock the parked one (gpusnap parked it: its CUDA
+    state is checkpointed), first token. No CLI, no state records."""
+    from gpusnap.cuda.session import CudaSession
+    out = []
+    for i in range(2 * ctx.args.runs):
+        ctx.budget.check(f"driver floor {i}")
+        s_out, s_in = CudaSession([running["pid"]]), CudaSession([parked["pid"]])
+        _, t_lock = timed(s_out.lock_all, 10_000)
+        _, t_ckpt = timed(s_out.checkpoint_all)
+        _, t_rest = timed(s_in.restore_all, None)
+        _, t_unl = timed(s_in.unlock_all)
+        tokens, t_tok = timed(first_token, parked["port"])
+        assert tokens == parked["tokens"]
+        out.append({"lock_s": t_lock, "checkpoint_s": t_ckpt, "restore_s": t_rest, "unlock_s": t_unl,
+                    "driver_s": t_lock + t_ckpt + t_rest + t_unl, "first_token_s": t_tok,
+                    "total": t_lock + t_ckpt + t_rest + t_unl + t_tok})
+        note(row="switch", mode="driver_floor", **out[-1])
+        running, parked = parked, running
+    return out
+
+
+def _weights(model_dir: str) -> int:
+    return sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+               if f.endswith(".safetensors"))
+
+
+# ---- (b) standby -------------------------------------------------------------------------
+
+def row_standby(ctx: Ctx) -> dict:
+    """restore --standby (CRIU restore, CUDA left checkpointed: no GPU memory), the host
+    memory it holds, then resume to the first token; transparent and SDK."""
+    return llm_row(ctx, "standby", _standby_mode)
+
+
+def _standby_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
+    mode = "sdk" if sdk else "transparent"
+    srv = start_llm(ctx, model, f"standby-{mode}", 18203, sdk)
+    snap, t_dump = timed(ctx.gs, "dump", "--pid", str(srv["pid"]), "--name", f"standby-{mode}")
+    srv["proc"].wait()
+    wait_gone([srv["pid"]])
+    out = {"cold_s": srv["cold_s"], "dump_s": t_dump, "bytes_logical": snap["bytes_logical"], "runs": []}
+    for i in range(ctx.args.runs):
+        ctx.budget.check(f"{mode} standby {i}")
+        res, t_standby = timed(ctx.gs, "restore", snap["id"], "--standby")
+        pid = res["pid"]
+        try:
+            held = {e["pid"]: e for e in ctx.gs("ps")}.get(pid, {})
+            gpu = _gpu_use(pid)
+            r2, t_resume = timed(ctx.gs, "resume", str(pid))
+            tokens, t_tok = timed(first_token, srv["port"])
+            assert tokens == srv["tokens"], (tokens, srv["tokens"])
+        finally:
+            stop(pid)
+        out["runs"].append({"standby_restore_s": t_standby,
+                            "host_memory": (res.get("standby") or {}).get("host_memory"),
+                            "host_memory_ps": held.get("host_memory"),
+                            "gpu_memory_while_standby": gpu, "resume_s": t_resume,
+                            "first_token_s": t_tok, "total": t_resume + t_tok,
+                            **{f"resume_{k}": v for k, v in r2["timings"].items()}})
+        note(row="standby", mode=mode, **out["runs"][-1])
+    ctx.gs("rm", snap["id"])
+    return out
+
+
+def _gpu_use(pid: int) -> int:
+    from gpusnap.cuda import host_gpus
+    return sum(host_gpus().used_memory([pid]).values())
+
+
+# ---- (c) tensor-parallel servers (tests/workloads/tp_server.py) ------------------------------
+
+def row_tp(ctx: Ctx) -> dict:
+    """A TP=N server: cold start to first token; transparent (NCCL off CUDA IPC, as the
+    driver's checkpoint needs) and SDK (NCCL defaults, communicators torn down and rebuilt)
+    dump -> restore -> first token, the same tokens, then restore onto the GPUs in reverse
+    order. --world 2 on the two-GPU machine is the rehearsal of TP=4/8 (the 120B row)."""
+    from tests.workloads.tp_server import shard_bytes
+    a = ctx.args
+    row = {"row": "tp", "size": a.size, "world": a.world, "runs": a.runs,
+           "weights_bytes": a.world * shard_bytes(a.size, a.world)}
+    model = os.path.join(ctx.work, "models", f"tp-{a.size}-{a.world}{'-cpu' if a.cpu else ''}")
+    each_mode(row, lambda mode: _tp_mode(ctx, model, mode))
+    return row
+
+
+def _tp_mode(ctx: Ctx, model: str, mode: str) -> dict:
+    from tests.workloads.tp_server import TpServer
+    a = ctx.args
+    srv = TpServer(model, os.path.join(ctx.work, "servers", f"tp-{mode}"), a.world, 18210,
+                   sdk=mode == "sdk", cpu=a.cpu, nccl_safe=mode == "transparent")
+    ctx.budget.check(f"tp {mode}: make")
+    _, t_make = timed(srv.make, a.size, ctx.budget.left())
+    out = {"make_s": t_make, "cold_s": [], "restore": []}
+    try:
+        for i in range(a.runs):
+            ctx.budget.check(f"tp {mode}: cold start {i}")
+            srv.stop()
+            t0 = time.perf_counter()
+            srv.start(timeout=ctx.budget.left())
+            STARTED.append(srv.pid)
+            srv.generate(1)
+            out["cold_s"].append(time.perf_counter() - t0)
+        want = srv.generate(4)
+        orders = [None] + ([] if a.cpu else [",".join(str(i) for i in reversed(range(a.world)))])
+        for run in range(a.runs):
+            for order in orders:
+                ctx.budget.check(f"tp {mode}: restore {run} {order or 'same GPUs'}")
+                out["restore"].append(_tp_round_trip(ctx, srv, order, want))
+                note(row="tp", mode=mode, **out["restore"][-1])
+        out["tokens_same"] = True
+        return out
+    finally:
+        srv.stop()
+
+
+def _tp_round_trip(ctx: Ctx, srv, order: str | None, want: list[int]) -> dict:
+    snap, t_dump = timed(ctx.gs, "dump", "--pid", str(srv.pid))
+    srv.reap()
+    wait_gone([srv.pid, *srv.ranks])
+    t0 = time.perf_counter()
+    res = ctx.gs("restore", snap["id"], *(["--gpu", order] if order else []))
+    t1 = time.perf_counter()
+    srv.generate(1)
+    t2 = time.perf_counter()
+    got = srv.generate(4)
+    assert got == want, (got, want, order)
+    ctx.gs("rm", snap["id"])
+    return {"gpus": order or "same", "dump_s": t_dump, "bytes_logical": snap["bytes_logical"],
+            "bytes_out_of_image": (snap.get("sdk") or {}).get("bytes_out_of_image"),
+            "restore_cli_s": t1 - t0, "first_token_s": t2 - t1, "total": t2 - t0,
+            **{f"restore_{k}": v for k, v in res["timings"].items()},
+            **{f"dump_{k}": v for k, v in snap["timings"].items()}}
+
+
+# ---- (d) a 30B-class server on one GPU ------------------------------------------------------
+
+def b30_needs(size: str, mode: str = "transparent", compress: str = "fast") -> dict:
+    """Bytes the row writes: the weights file, the store (transparent: the weights again;
+    random normal bf16 in 64 MiB: zstd -1, the store's default, keeps 100% of it, level 1
+    78%, measured on the CPU), CRIU's images in gpusnap's tmpfs and the process's own
+    host copy of its GPU memory while checkpointed (both in RAM; the SDK drops the
+    weights first). compress: GPUSNAP_COMPRESS's value (fast, none, or a level). Pure."""
+    from tests.workloads.tp_server import shard_bytes
+    w = shard_bytes(size, 1)
+    if mode == "sdk":
+        return {"weights": w, "disk": w + (8 << 30), "ram": 16 << 30}
+    store = w if compress in ("fast", "none") or compress.startswith("-") else int(w * 0.8)
+    return {"weights": w, "disk": w + store + (4 << 30), "ram": 2 * w + (8 << 30)}
+
+
+def row_b30(ctx: Ctx) -> dict:
+    """One H200, a ~60 GB bf16 server: cold start, then --mode transparent (weights in the
+    image) or sdk (weights read back from their file) dump -> restore -> first token."""
+    import shutil
+    a = ctx.args
+    need = b30_needs(a.size, a.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
+    free = shutil.disk_usage(ctx.work).free
+    model_there = os.path.exists(os.path.join(ctx.work, "models", a.size, "model.safetensors"))
+    disk = need["disk"] - (need["weights"] if model_there else 0)
+    if free < disk:
+        raise SystemExit(f"b30: {free / 1e9:.0f} GB free under {ctx.work}, the row needs "
+                         f"{disk / 1e9:.0f} GB (weights {need['weights'] / 1e9:.0f} GB and a store of "
+                         f"about as much): remove older models/stores there, use the two-GPU "
+                         f"machine (128 GiB disk), or GPUSNAP_COMPRESS=1 (a fifth smaller store)")
+    model = llm_model(ctx, a.size)
+    row = {"row": "b30", "size": a.size, "mode": a.mode, "weights_bytes": _weights(model), "needs": need}
+    srv = start_llm(ctx, model, f"b30-{a.mode}", 18204, a.mode == "sdk")
+    row["cold_s"], row["load_s"] = srv["cold_s"], srv["info"].get("load_s")
+    note(row="b30", step="cold", cold_s=srv["cold_s"])
+    try:
+        ctx.budget.check("b30 dump")
+        snap, row["dump_s"] = timed(ctx.gs, "dump", "--pid", str(srv["pid"]), "--name", f"b30-{a.mode}")
+        srv["proc"].wait()
+        wait_gone([srv["pid"]])
+        row.update(bytes_logical=snap["bytes_logical"], bytes_stored=snap["bytes_stored"],
+                   dump_stages=snap["timings"],
+                   bytes_out_of_image=(snap.get("sdk") or {}).get("bytes_out_of_image"))
+        note(row="b30", step="dump", dump_s=row["dump_s"], **snap["timings"])
+        ctx.budget.check("b30 restore")
+        res, t_restore = timed(ctx.gs, "restore", snap["id"])
+        tokens, t_tok = timed(first_token, srv["port"])
+        assert tokens == srv["tokens"], (tokens, srv["tokens"])
+        row["restore"] = {"restore_cli_s": t_restore, "first_token_s": t_tok, "total": t_restore + t_tok,
+                          **res["timings"], "sdk": res.get("sdk")}
+        note(row="b30", step="restore", **{k: v for k, v in row["restore"].items() if k != "sdk"})
+        stop(res["pid"])
+    finally:
+        stop(srv["pid"])
+        shutil.rmtree(ctx.store, ignore_errors=True)     # 50+ GB: give the disk back
+    return row
+
+
+# ---- (e) a diffusion pipeline (tests/workloads/diffusion_server.py) --------------------------
+
+def first_image(port: int) -> str:
+    return http(port, "/generate", {"steps": 4, "seed": 1})["sha256"]
+
+
+def row_diffusion(ctx: Ctx) -> dict:
+    """A Stable-Diffusion-1.5-shaped UNet + VAE, random weights: cold start to the first
+    image (4 steps), gpusnap transparent and SDK (the UNet's weights out of the image)
+    dump -> restore -> the same image."""
+    import shutil
+    a = ctx.args
+    model = os.path.join(ctx.work, "models", f"diffusion-{a.size}{'-cpu' if a.cpu else ''}")
+    device = ["--device", "cpu"] if a.cpu else []
+    if not os.path.exists(os.path.join(model, "size.json")):
+        ctx.budget.check("making the diffusion model")
+        r = sh([sys.executable, "-m", "tests.workloads.diffusion_server", "make", "--size", a.size,
+                "--out", model, *device], cwd=REPO, timeout=ctx.budget.left())
+        if r.returncode:
+            raise RuntimeError(f"making the diffusion model: {r.stderr[-2000:]}")
+    row = {"row": "diffusion", "size": a.size, "runs": a.runs,
+           "weights_bytes": sum(_weights(os.path.join(model, d)) for d in ("unet", "vae"))}
+    each_mode(row, lambda mode: _single_server_round_trips(
+        ctx, "tests.workloads.diffusion_server", model, f"diffusion-{mode}", 18205,
+        mode == "sdk", first_image, device))
+    shutil.rmtree(ctx.store, ignore_errors=True)
+    return row
+
+
+def _single_server_round_trips(ctx: Ctx, module: str, model: str, name: str, port: int,
+                               sdk: bool, probe, extra=()) -> dict:
+    """Cold start to the first answer, then --runs of dump -> restore -> the same answer."""
+    srv = start_server(ctx, module, model, name, port, sdk, probe, extra)
+    out = {"cold_s": srv["cold_s"], "load_s": srv["info"].get("load_s"), "restore": []}
+    pid = srv["pid"]
+    try:
+        for i in range(ctx.args.runs):
+            ctx.budget.check(f"{name} round trip {i}")
+            snap, t_dump = timed(ctx.gs, "dump", "--pid", str(pid))
+            if pid == srv["pid"]:
+                srv["proc"].wait()          # our child: reap it, so its pid is free
+            wait_gone([pid])
+            res, t_restore = timed(ctx.gs, "restore", snap["id"])
+            pid = res["pid"]
+            answer, t_probe = timed(probe, port)
+            assert answer == srv["tokens"], (answer, srv["tokens"])
+            out["restore"].append({"dump_s": t_dump, "bytes_logical": snap["bytes_logical"],
+                                   "bytes_out_of_image": (snap.get("sdk") or {}).get("bytes_out_of_image"),
+                                   "restore_cli_s": t_restore, "first_answer_s": t_probe,
+                                   "total": t_restore + t_probe, **res["timings"]})
+            note(row=name, **out["restore"][-1])
+            ctx.gs("rm", snap["id"])
+    finally:
+        stop(pid)
+    return out
+
+
+# ---- 120B-class on paper -----------------------------------------------------------------------
+
+def estimate_120b(measured: dict, size: str = "120b", world: int = 8) -> dict:
+    """What a TP=world 120B-class server (random bf16, tests/workloads/tp_server.py's
+    shape) would take, from the GB/s measured on a smaller TP row: the restore and the
+    SDK's read-back scale with the bytes per GPU (every rank restores in parallel, each
+    GPU its own share); CRIU's part and the first token are taken as measured.
+    measured: {"restore_gbps_per_gpu", "sdk_gbps_per_gpu", "fixed_s", "cold_gbps_per_gpu"}
+    (from row_tp's numbers: bytes per GPU / seconds). Pure."""
+    from tests.workloads.tp_server import shard_bytes
+    per_gpu = shard_bytes(size, world)
+    out = {"size": size, "world": world, "bytes_per_gpu": per_gpu, "bytes": per_gpu * world}
+    for key in ("restore", "sdk", "cold"):
+        gbps = measured.get(f"{key}_gbps_per_gpu")
+        if gbps:
+            out[f"{key}_s"] = round(per_gpu / 1e9 / gbps + measured.get("fixed_s", 0.0), 2)
+    return out
+
+
+def measured_rates(tp_row: dict) -> dict:
+    """GB/s per GPU of a row_tp result: transparent restore, SDK restore, cold start."""
+    per_gpu = tp_row["weights_bytes"] / tp_row["world"] / 1e9
+    rates = {}
+    for key, mode in (("restore", "transparent"), ("sdk", "sdk")):
+        runs = [r for r in (tp_row.get(mode) or {}).get("restore", []) if r.get("gpus") == "same"]
+        if runs:
+            rates[f"{key}_gbps_per_gpu"] = per_gpu / med([r["total"] for r in runs])
+    cold = (tp_row.get("transparent") or {}).get("cold_s")
+    if cold:
+        rates["cold_gbps_per_gpu"] = per_gpu / med(cold)
+    return rates
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+def _m(runs: list[dict], key: str):
+    xs = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return med(xs)
+
+
+def _f(x, digits: int = 2, scale: float = 1.0) -> str:
+    return "" if x is None else f"{x / scale:.{digits}f}"
+
+
+def table(headers: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
+        ["| " + " | ".join(line) + " |" for line in lines]
+
+
+def summarise(row: dict, card_name: str) -> str:
+    kind = row["row"]
+    head = [f"# {kind} — {card_name}", "",
+            f"size {row.get('size')}, weights {_f(row.get('weights_bytes'), 2, 1e9)} GB"
+            + (f", TP={row['world']}" if row.get("world") else "") + ". Medians of each mode's runs (s).", ""]
+    body = SUMMARIES[kind](row)
+    return "\n".join(head + body) + "\n"
+
+
+def _modes(row: dict, fn) -> list[list[str]]:
+    lines = []
+    for mode in ("transparent", "sdk"):
+        x = row.get(mode)
+        if x is None:
+            continue
+        lines.append([mode, f"failed: {x['error'][:300]}"] if "error" in x else [mode, *fn(x)])
+    return lines
+
+
+def _sum_switch(row: dict) -> list[str]:
+    out = table(["mode", "switch to first token", "suspend", "resume", "first token", "cold start (A, B)"],
+                _modes(row, lambda x: [_f(_m(x["switches"], "total")), _f(_m(x["switches"], "suspend_s")),
+                                       _f(_m(x["switches"], "resume_s")), _f(_m(x["switches"], "first_token_s")),
+                                       ", ".join(_f(c) for c in x["cold_s"])]))
+    floor = (row.get("transparent") or {}).get("floor")
+    if floor:
+        gap = _m(row["transparent"]["switches"], "total") - _m(floor, "total")
+        out += ["", f"Driver floor (same run, by hand: lock {_f(_m(floor, 'lock_s'))} + checkpoint "
+                f"{_f(_m(floor, 'checkpoint_s'))} of the running server, restore {_f(_m(floor, 'restore_s'))} "
+                f"+ unlock {_f(_m(floor, 'unlock_s'))} of the parked one = {_f(_m(floor, 'driver_s'))} s; "
+                f"to its first token {_f(_m(floor, 'total'))} s). Transparent gpusnap is "
+                f"{gap:+.2f} s from it."]
+    return out
+
+
+def _sum_standby(row: dict) -> list[str]:
+    return table(["mode", "resume to first token", "resume", "first token", "restore --standby",
+                  "host memory GB", "GPU memory while standby GB", "cold start"],
+                 _modes(row, lambda x: [_f(_m(x["runs"], "total")), _f(_m(x["runs"], "resume_s")),
+                                        _f(_m(x["runs"], "first_token_s")),
+                                        _f(_m(x["runs"], "standby_restore_s")),
+                                        _f(_m(x["runs"], "host_memory"), 2, 1e9),
+                                        _f(_m(x["runs"], "gpu_memory_while_standby"), 2, 1e9),
+                                        _f(x["cold_s"])]))
+
+
+def _sum_tp(row: dict) -> list[str]:
+    def cells(x):
+        same = [r for r in x["restore"] if r["gpus"] == "same"]
+        moved = [r for r in x["restore"] if r["gpus"] != "same"]
+        return [_f(med(x["cold_s"])), _f(_m(same, "total")), _f(_m(moved, "total")),
+                _f(_m(same, "dump_s")), _f(_m(same, "bytes_logical"), 2, 1e9),
+                _f(_m(same, "bytes_out_of_image"), 2, 1e9)]
+    return table(["mode", "cold start to first token", "restore to first token",
+                  "restore, GPUs reversed", "dump", "images GB", "weights out of image GB"],
+                 _modes(row, cells))
+
+
+def _sum_b30(row: dict) -> list[str]:
+    r = row.get("restore") or {}
+    return table(["mode", "cold start", "dump", "images GB", "stored GB", "restore to first token",
+                  "restore stages"],
+                 [[row["mode"], _f(row.get("cold_s")), _f(row.get("dump_s")),
+                   _f(row.get("bytes_logical"), 2, 1e9), _f(row.get("bytes_stored"), 2, 1e9),
+                   _f(r.get("total")), ", ".join(f"{k} {v:.2f}" for k, v in r.items()
+                                                 if isinstance(v, float) and k != "total")]])
+
+
+def _sum_diffusion(row: dict) -> list[str]:
+    return table(["mode", "cold start to first image", "restore to first image", "dump", "images GB",
+                  "weights out of image GB"],
+                 _modes(row, lambda x: [_f(x["cold_s"]), _f(_m(x["restore"], "total")),
+                                        _f(_m(x["restore"], "dump_s")),
+                                        _f(_m(x["restore"], "bytes_logical"), 2, 1e9),
+                                        _f(_m(x["restore"], "bytes_out_of_image"), 2, 1e9)]))
+
+
+def _sum_estimate(row: dict) -> list[str]:
+    e = row["estimate"]
+    return [f"On paper: a {e['size']} server, TP={e['world']}, {e['bytes'] / 1e9:.0f} GB of bf16 "
+            f"weights, {e['bytes_per_gpu'] / 1e9:.1f} GB per GPU, from the GB/s per GPU measured "
+            f"in {row['source']} (TP={row['measured_world']}):", "",
+            *table(["", "cold start", "gpusnap restore", "gpusnap + SDK restore"],
+                   [["estimated s", _f(e.get("cold_s")), _f(e.get("restore_s")), _f(e.get("sdk_s"))],
+                    ["GB/s per GPU", *(_f(row["rates"].get(f"{k}_gbps_per_gpu")) for k in ("cold", "restore", "sdk"))]]),
+            "", "Not measured: no machine of 4 or 8 GPUs was lent."]
+
+
+SUMMARIES = {"switch": _sum_switch, "standby": _sum_standby, "tp": _sum_tp, "b30": _sum_b30,
+             "diffusion": _sum_diffusion, "estimate": _sum_estimate}
+
+
+# ---- plan (--dry-run), the 120B estimate row, main -------------------------------------------------
+
+def plan(args) -> dict:
+    """What the row would do and need, from sizes alone; "fits": the disk holds it. Pure
+    but for the free space it reads."""
+    import shutil
+
+    from tests.workloads.tp_server import shard_bytes, shapes
+    size, world = args.size, (args.world if args.row == "tp" else 1)
+    if args.row == "tp":
+        try:
+            shapes(size, world)
+        except ValueError as e:
+            raise SystemExit(f"tp: {e}") from None
+    weights = world * shard_bytes(size, world) if args.row != "diffusion" else 2 << 30
+    if args.row == "b30":
+        need = b30_needs(size, args.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
+    else:           # the weights' files, and one snapshot at a time in the store
+        need = {"weights": weights, "disk": 2 * weights + (4 << 30),
+                "ram": weights * (2 if args.row == "switch" else 1) + (8 << 30)}
+    os.makedirs(args.work, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    return {"row": args.row, "size": size, "world": world, "runs": args.runs,
+            "gpus_needed": world, "gpu_memory_per_gpu": weights // world * (2 if args.row == "switch" else 1),
+            **{f"{k}_bytes": v for k, v in need.items()}, "disk_free_bytes": free,
+            "fits": free >= need["disk"], "budget_s": args.budget}
+
+
+def row_estimate(args) -> tuple[dict, str]:
+    """The 120B-class estimate from the newest breadth_tp_*.json under --from."""
+    import glob
+    paths = sorted(glob.glob(os.path.join(args.source, "breadth_tp_*.json")), key=os.path.getmtime)
+    if not paths:
+        raise SystemExit(f"estimate: no breadth_tp_*.json under {args.source}: run the tp row first")
+    with open(paths[-1]) as f:
+        saved = json.load(f)
+    tp_row = saved["row"]
+    rates = measured_rates(tp_row)
+    row = {"row": "estimate", "size": "120b", "world": args.world,
+           "weights_bytes": None, "source": os.path.basename(paths[-1]),
+           "measured_world": tp_row["world"], "rates": rates,
+           "estimate": estimate_120b(rates, "120b", args.world)}
+    row["weights_bytes"] = row["estimate"]["bytes"]
+    return row, saved["card"]
+
+
+ROWS = {"switch": row_switch, "standby": row_standby, "tp": row_tp, "b30": row_b30,
+        "diffusion": row_diffusion}
+DEFAULT_SIZE = {"switch": "8b", "standby": "1b", "tp": "8b", "b30": "30b", "diffusion": "sd15",
+                "estimate": "120b"}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("row", choices=[*ROWS, "estimate"])
+    ap.add_argument("--size", help="model size (default per row: " + ", ".join(
+        f"{k} {v}" for k, v in DEFAULT_SIZE.items()) + ")")
+    ap.add_argument("--world", type=int, help="tp: ranks, one a GPU (default 2); estimate: the TP "
+                    "estimated (default 8)")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--mode", choices=["transparent", "sdk"], default="transparent", help="b30")
+    ap.add_argument("--cpu", action="store_true", help="tp, diffusion: on the CPU (tp: gloo ranks), "
+                    "no GPU needed")
+    ap.add_argument("--budget", type=float, default=270.0, help="seconds the row may take")
+    ap.add_argument("--work", default="/tmp/gpusnap-bench")
+    ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS")
+                    or os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--from", dest="source", help="estimate: where the tp row's JSON is (default --out)")
+    ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
+    args = ap.parse_args(argv)
+    args.size = args.size or DEFAULT_SIZE[args.row]
+    args.world = args.world or (8 if args.row == "estimate" else 2)
+    args.source = args.source or args.out
+    return args
+
+
+def write(row: dict, card_name: str, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    extra = f"_{row.get('mode')}" if row["row"] == "b30" else f"_tp{row['world']}" if row["row"] == "tp" else ""
+    base = os.path.join(out_dir, f"breadth_{row['row']}_{tag(card_name)}_{row['size']}{extra}")
+    md = summarise(row, card_name)
+    with open(base + ".json", "w") as f:
+        json.dump({"card": card_name, "row": row}, f, indent=1, default=str)
+    with open(base + ".md", "w") as f:
+        f.write(md)
+    print(md, flush=True)
+    return base + ".md"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # finally: servers killed
+    if args.row == "estimate":
+        row, card_name = row_estimate(args)
+        write(row, card_name, args.out)
+        return 0
+    if args.dry_run:
+        p = plan(args)
+        print(json.dumps(p, indent=1))
+        return 0 if p["fits"] else 1
+    os.makedirs(args.work, exist_ok=True)
+    ctx = Ctx(args)
+    try:
+        row = ROWS[args.row](ctx)
+    finally:
+        for pid in STARTED:
+            stop(pid)
+    write(row, ctx.card, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
