@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,9 @@ def daemon_row(b: Bench, runs: int) -> dict:
     return row
 
 
+ROWS = {"s3": s3_row, "daemon": daemon_row}
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL after 30 s."""
     if proc.poll() is None:
@@ -228,8 +232,11 @@ def render(result: dict) -> str:
              f"`benchmarks/fleet.py {' '.join(result['argv'])}`, {result['date']}; "
              f"medians of {result['runs']}, seconds from the start of `gpusnap restore` to the "
              "first answer (first token).", ""]
+    for key in ("s3", "daemon"):
+        if "error" in result.get(key, {}):
+            lines += [f"## {key}: failed", "", "    " + result[key]["error"][-3000:].replace("\n", "\n    "), ""]
     s3 = result.get("s3")
-    if s3:
+    if s3 and "error" not in s3:
         local = total(s3["local"])
         lines += ["## Restore from object storage (moto server, 127.0.0.1) vs local store", "",
                   "| store | to first token s | x local |", "|---|---|---|",
@@ -242,7 +249,7 @@ def render(result: dict) -> str:
                   f"Dump into s3 {s3['dump_s3_s']:.2f} s ({s3['bytes_logical'] / 1e9:.2f} GB "
                   f"logical, {s3['bytes_stored'] / 1e9:.2f} GB stored).", ""]
     d = result.get("daemon")
-    if d:
+    if d and "error" not in d:
         cli, via = total(d["cli"]), total(d["daemon"])
         lines += ["## Restore through gpusnapd vs the standalone CLI", "",
                   "| front door | to first token s | restore command s |", "|---|---|---|",
@@ -280,14 +287,20 @@ def main(argv=None) -> str:
     os.makedirs(args.work, exist_ok=True)
     result = {"card": card, "runs": args.runs, "argv": argv or sys.argv[1:],
               "date": time.strftime("%Y-%m-%d %H:%M")}
+    failed = False
     for row in args.rows.split(","):
-        with contextlib.ExitStack() as stack:
-            work = os.path.join(args.work, f"fleet-{row}")
-            subprocess.run(["rm", "-rf", work], check=True, timeout=120)
-            os.makedirs(work)
-            workload = Holder(args.mib, work) if args.cpu else Llm(args.size, args.work)
-            result["workload"] = workload.label
-            result[row] = {"s3": s3_row, "daemon": daemon_row}[row](Bench(workload, work, stack), args.runs)
+        work = os.path.join(args.work, f"fleet-{row}")
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        workload = Holder(args.mib, work) if args.cpu else Llm(args.size, args.work)
+        result["workload"] = workload.label
+        try:
+            with contextlib.ExitStack() as stack:
+                result[row] = ROWS[row](Bench(workload, work, stack), args.runs)
+        except Exception as exc:  # noqa: BLE001 - the other row stands; say what broke
+            failed = True
+            result[row] = {"error": f"{type(exc).__name__}: {exc}"}
+            note(step=row, error=result[row]["error"])
     text = render(result)
     print(text, flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -297,6 +310,8 @@ def main(argv=None) -> str:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:
         f.write(text)
+    if failed:
+        sys.exit(1)
     return base + ".md"
 
 
