@@ -1,5 +1,5 @@
 # Quick start (as root on Debian 12):  make demo   |   make test
-.PHONY: setup demo test test-unit test-gpu containers clean-containers criu-bundle
+.PHONY: setup demo test test-unit test-gpu containers clean-containers criu-bundle gpu-wheels
 
 setup:
 	@bash scripts/setup.sh
@@ -34,3 +34,8 @@ test-gpu:
 # A relocatable CRIU in .deps/criu, to carry to a host without network (the GPU machine).
 criu-bundle:
 	@bash scripts/install-criu.sh $(CURDIR)/.deps/criu
+
+# Wheels for the GPU machine's Python 3.12 in .whl/ (what its image lacks: zstandard, boto3,
+# moto's S3 server), checked in a scratch python3.12 environment; carry .whl there.
+gpu-wheels:
+	@bash scripts/gpu-wheels.sh --check

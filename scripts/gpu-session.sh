@@ -13,20 +13,24 @@
 # tp2 (the TP=2 row, the rehearsal of TP=4/8), tp120plan (what TP=8 120B would need), estimate
 # (120B on paper from tp2's numbers), b30make / b30 / b30sdk (30B-class: the two-GPU
 # machine's disk and memory; the one-GPU kind has too little of both).
+# s3row / daemonrow (benchmarks/fleet.py: the 1.3B server restored from an s3:// store on a
+# moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
+# picks the size, 1b by default; each ~2-3 min, give them 280 s).
 #
 # The GPU machine has no network and no package installs: what gpusnap needs beyond its
 # Python travels in the working tree (gitignored, so name them in the device tool's carry):
 #   .deps/criu   make criu-bundle          (CRIU 4.2.1 and its libraries, private prefix)
 #   .deps/runc   runc + libseccomp.so.2    (tests/gpu/test_runc_gpu.py says how)
-#   .whl/        wheels for the machine's Python: click, tqdm, zstandard, pytest and its
-#                dependencies (kvikio/ optional)
-# A step that runs past its limit is stopped and the next one runs.
+#   .whl/        wheels for the machine's Python: make gpu-wheels (scripts/gpu-wheels.sh:
+#                zstandard, boto3, moto's S3 server; kvikio/ optional, by hand)
+# A step that runs past its limit is stopped (SIGTERM, SIGKILL 30 s later) and the next one runs.
 set -u
 OUT=${OUT:-/tmp/gpusnap-out}
 mkdir -p "$OUT"
 SITE=/tmp/gpusnap-site
-# Every wheel carried in .whl (the image has click, tqdm, pyyaml, psutil, pytest: zstandard
-# is what it lacks), and kvikio's where carried.
+# Every wheel carried in .whl (the image has click, tqdm, pyyaml, psutil, pytest, aiohttp,
+# prometheus-client: zstandard, boto3 and moto's server are what it lacks), and kvikio's
+# where carried.
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
     $(ls .whl/*.whl .whl/kvikio/*.whl 2>/dev/null) \
     >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
@@ -43,7 +47,7 @@ step() {
     local name=$1 limit=$2; shift 2
     echo "=== $name (limit ${limit}s) $(date +%T)"
     local t0=$SECONDS
-    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 30 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     echo "=== $name rc=$rc in $((SECONDS - t0))s"
     tail -n 25 "$OUT/$name.log"
@@ -82,6 +86,8 @@ for spec in "$@"; do
                   step "$name" "$limit" python3 -m tests.workloads.llm_server make --size 30b --out /tmp/gpusnap-bench/models/30b ;;
         b30)      breadth "$name" "$limit" b30 --mode transparent ;;
         b30sdk)   breadth "$name" "$limit" b30 --mode sdk ;;
+        s3row)    step "$name" "$limit" python3 benchmarks/fleet.py --rows s3 --size "${FLEET_SIZE:-1b}" --runs 3 --out "$OUT" ;;
+        daemonrow) step "$name" "$limit" python3 benchmarks/fleet.py --rows daemon --size "${FLEET_SIZE:-1b}" --runs 3 --out "$OUT" ;;
         *) echo "unknown step $name"; exit 2 ;;
     esac
 done

@@ -125,19 +125,26 @@ def fill_items(pages: Pages, files: dict[str, list], zero_id: str) -> list[tuple
 
 
 def fill_batch(job, batch_index: int) -> int:
-    """Worker: decode each chunk of one batch and place its pieces. Returns bytes placed."""
+    """Worker: decode each chunk of one batch and place its pieces. Returns bytes placed.
+    A remote store fetches the batch's chunks concurrently (read_blobs reads ahead)."""
     repo, fds, batches = job
-    return sum(place(repo, fds, *item) for item in batches[batch_index])
+    items = batches[batch_index]
+    blobs = repo.read_blobs([cid for cid, _n, _p in items if cid is not None])
+    return sum(place(repo, fds, cid, n, pieces, next(blobs) if cid is not None else None)
+               for cid, n, pieces in items)
 
 
-def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list) -> int:
-    """Decode one chunk (verified) and place its pieces; a zero chunk as the zero page.
-    Pages already present were placed by the guard for a fault: left as they are."""
+def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list, blob=None) -> int:
+    """Decode one chunk (verified; blob: its stored bytes where read already) and place
+    its pieces; a zero chunk as the zero page. Pages already present were placed by the
+    guard for a fault: left as they are. A remote store's cache keeps the chunk."""
     if cid is None:
         for pid, vaddr, _off, length in pieces:
             uffd.zeropage(fds[pid], vaddr, length)
         return 0
-    view = repo.codec.decode_view(repo.read_blob(cid), cid, n, check="frame")
+    blob = repo.read_blob(cid) if blob is None else blob
+    view = repo.codec.decode_view(blob, cid, n, check="frame")
+    repo.verified(cid, blob)
     base = uffd.address_of(view.obj)
     for pid, vaddr, off, length in pieces:
         uffd.copy(fds[pid], vaddr, base + off, length)

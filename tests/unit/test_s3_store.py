@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import commit_snapshot, write_images
@@ -203,3 +204,46 @@ def test_cli_copy_then_ls_and_verify_on_the_bucket(s3_env, tmp_path):
     assert rc == 0 and [s["id"] for s in out] == [snap["id"]], err
     rc, out, err = _cli({**env, "GPUSNAP_STORE": url}, "verify")
     assert rc == 0 and out["bad"] == [], err
+
+
+_COMMITTER = """
+import os, sys, time
+sys.path.insert(0, os.path.join({repo!r}, "tests"))
+from conftest import commit_snapshot
+from gpusnap.store import Repository
+url, cache, src, go, n = sys.argv[1:6]
+repo = Repository.open(url, cache=cache, create=False)
+while not os.path.exists(go):
+    time.sleep(0.005)
+for _ in range(int(n)):
+    with repo.shared_lock():
+        commit_snapshot(repo, src, name="series")
+"""
+
+
+def test_two_nodes_committing_at_once_never_share_a_sequence_number(s3_env, s3_server, tmp_path):
+    """Two processes (separate caches) commit snapshots of one name at the same moments;
+    every commit gets its own number and both nodes agree which is newest."""
+    from conftest import REPO
+    url = f"s3://{s3_env}/race"
+    src = write_images(str(tmp_path / "img"), {"pages-1.img": b"p" * 5000})
+    Repository.open(url, cache=str(tmp_path / "c0"))
+    go = str(tmp_path / "go")
+    env = {**os.environ, **s3_server.env()}
+    procs = [subprocess.Popen([sys.executable, "-c", _COMMITTER.format(repo=REPO), url,
+                               str(tmp_path / f"node-{i}"), src, go, "8"],
+                              env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    open(go, "w").close()
+    for p in procs:
+        assert p.wait(240) == 0, p.stderr.read()
+        p.stderr.close()
+    nodes = [Repository.open(url, cache=str(tmp_path / f"node-{i}"), create=False) for i in range(2)]
+    seqs = sorted(m.seq for m in nodes[0].manifests())
+    assert seqs == list(range(1, 17)), seqs
+    newest = [n.resolve("series") for n in nodes]
+    assert newest[0] == newest[1] == nodes[0].manifests()[-1].id
+    with nodes[0].exclusive_lock():             # gc keeps only the highest claim
+        nodes[0].gc_execute(nodes[0].gc_plan())
+    assert [n for n, _s in nodes[0].backend.list("seq/")] == ["seq/000000000016"]
+    with nodes[1].shared_lock():
+        assert commit_snapshot(nodes[1], src).seq == 17

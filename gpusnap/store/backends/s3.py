@@ -1,7 +1,7 @@
 """A store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, GCS interop), by boto3.
 
     s3://BUCKET/PREFIX  ->  objects PREFIX/config, PREFIX/chunks/<xx>/<id>,
-                            PREFIX/snapshots/<id>.json, PREFIX/locks/<id>
+                            PREFIX/snapshots/<id>.json, PREFIX/locks/<id>, PREFIX/seq/<n>
 
 the layout of a local store. Endpoint, region and credentials come the way of every AWS
 tool: AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), AWS_REGION, AWS_ACCESS_KEY_ID /
@@ -17,9 +17,11 @@ one; the Repository tells this backend which chunks it verified (verified()).
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ...errors import StoreDenied, StoreError, StoreUnavailable
 from .base import Backend, Missing
@@ -27,6 +29,7 @@ from .base import Backend, Missing
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "AllAccessDisabled", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+SEQ = "seq/"                # claims of commit sequence numbers (next_seq)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -230,8 +233,31 @@ class S3Backend(Backend):
             self.cache.put(cid, blob)
 
     def stale_temps(self) -> list[str]:
+        """Expired lock objects, and the sequence claims below the newest (gc runs under
+        the exclusive lock: no commit is claiming meanwhile)."""
         from .objlock import stale
-        return stale(self)
+        claims = sorted(self._seq_claims())
+        return stale(self) + [f"{SEQ}{n:012d}" for n in claims[:-1]]
+
+    def next_seq(self, last_known: Callable[[], int]) -> int:
+        """Claim the next number of the commit sequence: a create-only object seq/<n>
+        (If-None-Match: *) holding a token of this claim, read back (a server whose
+        conditional create is not atomic, like moto's check-then-put, lets the later of two
+        racing puts win: the other sees a token not its own). A claim lost steps on to n+1,
+        so two nodes committing at once never share a number."""
+        n = max([last_known(), *self._seq_claims()]) + 1
+        token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}".encode()
+        for _ in range(1000):
+            name = f"{SEQ}{n:012d}"
+            if self.put(name, token, if_absent=True) and self._call(
+                    "get_object", name, Key=self.key(name))["Body"].read() == token:
+                return n
+            n += 1
+        raise StoreError(f"could not claim a commit sequence number in {self.url}")
+
+    def _seq_claims(self) -> list[int]:
+        return [int(name[len(SEQ):]) for name, _size in self.list(SEQ)
+                if name[len(SEQ):].isdigit()]
 
     def lock(self, *, exclusive: bool, timeout: float):
         from .objlock import object_lock
