@@ -359,7 +359,7 @@ def recover(path: str, *, by_guard: bool = False, cuda: bool = True) -> dict | N
                              or same_process(rec.guard, rec.guard_started)):
             return None                 # at work, or its guard will see to it
         note = _settle(rec, cuda)
-        _write_note(note)
+        _write_note(os.path.dirname(path), note)
         os.unlink(path)
         return note
     finally:
@@ -492,9 +492,9 @@ def live_work_dirs() -> set[str]:
 
 # ---- notes ---------------------------------------------------------------------------------
 
-def _write_note(note: dict) -> None:
+def _write_note(base: str, note: dict) -> None:
     try:
-        done = paths.private_dir(os.path.join(intent_dir(), "done"), "intent directory")
+        done = paths.private_dir(os.path.join(base, "done"), "intent directory")
         name = f"{note['when']:.6f}-{note['op']}-{note['gpusnap']}.json"
         paths.replace_file(os.path.join(done, name), json.dumps(note, sort_keys=True).encode())
         for old in sorted(os.listdir(done), reverse=True)[KEEP_NOTES:]:
