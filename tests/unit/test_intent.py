@@ -96,3 +96,88 @@ def test_same_process_needs_the_recorded_start_time():
     assert intent.same_process(me, intent.started(me))
     assert not intent.same_process(me, intent.started(me) - 10)
     assert not intent.same_process(0, 1.0)
+
+
+OWNER = """
+import os, sys, tempfile, time
+from gpusnap.engine import intent
+work = tempfile.mkdtemp(prefix=f"dump-{os.getpid()}-", dir=sys.argv[1])
+target = int(sys.argv[2])
+intent.Intent.begin("dump", work, root=target, root_started=intent.started(target),
+                    store=sys.argv[3])
+print(work, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_guard_resumes_the_target_when_gpusnap_is_killed(tmp_path, monkeypatch):
+    """No CRIU: a stopped process stands for the tree CRIU left stopped; the owner is a
+    python that records the dump and is killed -9 (the guard recovers in a fresh python)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    monkeypatch.setenv("GPUSNAP_STATE_DIR", str(tmp_path / "state"))
+    base = tmp_path / "work"
+    base.mkdir(mode=0o700)
+    target = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        os.kill(target.pid, signal.SIGSTOP)
+        owner = subprocess.Popen([sys.executable, "-c", OWNER, str(base), str(target.pid),
+                                  str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
+        work = owner.stdout.readline().strip()
+        assert os.path.isdir(work)
+        owner.kill()
+        owner.wait()
+        deadline = time.monotonic() + 30
+        while os.listdir(tmp_path / "state" / "intents") != ["done"]:
+            assert time.monotonic() < deadline, os.listdir(tmp_path / "state" / "intents")
+            time.sleep(0.05)
+        assert psutil.Process(target.pid).status() != psutil.STATUS_STOPPED
+        assert not os.path.exists(work)
+        (note,) = intent.notes()
+        assert note["action"] == "the target was resumed" and note["pid"] == target.pid
+    finally:
+        target.kill()
+        target.wait()
+
+
+RESTORER = """
+import os, subprocess, sys, tempfile, time
+from gpusnap.engine import intent
+work = tempfile.mkdtemp(prefix=f"restore-{os.getpid()}-", dir=sys.argv[1])
+tree = subprocess.Popen(["sleep", "600"], start_new_session=True)   # what CRIU restored
+intent.Intent.begin("restore", work, snapshot="ab" * 32, pids=[tree.pid])
+with open(os.path.join(work, "restored.pid"), "w") as f:                # CRIU's pidfile
+    f.write(str(tree.pid))
+print(tree.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_guard_kills_a_restored_tree_never_reported(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    monkeypatch.setenv("GPUSNAP_STATE_DIR", str(tmp_path / "state"))
+    base = tmp_path / "work"
+    base.mkdir(mode=0o700)
+    owner = subprocess.Popen([sys.executable, "-c", RESTORER, str(base)],
+                             stdout=subprocess.PIPE, text=True)
+    tree = int(owner.stdout.readline())
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(tree) and psutil.Process(tree).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the restored tree lives on"
+        time.sleep(0.05)
+    while os.listdir(tmp_path / "state" / "intents") != ["done"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert os.listdir(base) == []
+    (note,) = intent.notes()
+    assert "killed" in note["action"], note
