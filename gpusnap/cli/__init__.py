@@ -130,6 +130,16 @@ def cli(ctx, store, cache, cache_size, key_file, verbose, quiet):
     """
     ctx.obj = AppContext(store=store, key_file=key_file, as_json=ctx.meta.get(JSON_META, False),
                          verbose=verbose, quiet=quiet, cache=cache, cache_size=cache_size)
+    _recover(ctx.obj)
+
+
+def _recover(app: AppContext) -> None:
+    """Finish what a killed gpusnap (and its guard) left: one directory listing when
+    there is nothing (engine/intent.py); `gpusnap ps` lists what was done."""
+    from ..engine.intent import recover_stale
+    for note in recover_stale():
+        app.note(f"a {note['op']} by gpusnap {note['gpusnap']} died during its "
+                 f"{note['stage']} stage: {note['action']}")
 
 
 cli.params.insert(4, json_option())

@@ -145,9 +145,21 @@ def _engines() -> list[Check]:
     return out
 
 
+def _recoveries() -> list[Check]:
+    """What guards and gpusnap starts did after a gpusnap died mid-operation."""
+    from .intent import notes
+    done = notes()
+    if not done:
+        return [Check("interrupted operations", "ok", "none recovered")]
+    newest = done[0]
+    return [Check("interrupted operations", "warn",
+                  f"{len(done)} recovered; newest: a {newest['op']} that died during "
+                  f"{newest['stage']}: {newest['action']}", "`gpusnap ps` lists them")]
+
+
 def run_checks() -> list[Check]:
     checks: list[Check] = []
-    for group in (_privileges, _criu, _kernel, _workdir, _cuda, _engines):
+    for group in (_privileges, _criu, _kernel, _workdir, _recoveries, _cuda, _engines):
         try:
             checks += group()
         except Exception as exc:  # noqa: BLE001

@@ -39,7 +39,7 @@ from ..imagefile import zero_pages
 from ..model import CriuFacts, Manifest
 from ..store import Repository
 from ..store.pagestream import PageStream
-from . import agent_steps, cudarace, gpu, strategies, workdir
+from . import agent_steps, cudarace, gpu, intent, strategies, workdir
 from .plans import DumpPlan, DumpRequest
 from .timing import Stages
 
@@ -92,11 +92,14 @@ def execute(plan: DumpPlan, repo: Repository,
         manifest.timings = run.stages.to_dict()     # now with the commit's
         return manifest
     except BaseException as exc:
+        if run.committed():
+            run.after_commit(exc)           # raises: says the snapshot exists
         run.undo(exc)
         raise
     finally:
         with interrupts.shielded():
             workdir.remove(run.work)
+            run.intent.end()
 
 
 class _Dump:
@@ -114,11 +117,16 @@ class _Dump:
         self.stream: PageStream | None = None
         self.held_since: float | None = None     # downtime: from the CUDA lock or CRIU's freeze
         self.resumed_at: float | None = None
+        self.snapshot: str | None = None
+        self.intent = intent.NONE
         self.work = workdir.make(repo.path, "dump-")
         self.images = os.path.join(self.work, "images")
         self.logs = os.path.join(self.work, "logs")
 
     def start(self) -> None:
+        # the guard resumes or finishes the target if gpusnap dies (engine/intent.py)
+        self.intent = intent.for_dump(self.plan, self.repo.url, self.work, self.dumper, self.cuda)
+        self.stages.listener = self.intent.stage
         os.makedirs(self.images)
         os.makedirs(self.logs)
         self.sdk.prepare(self.stages)       # SDK: before the CUDA lock; failure -> transparent
@@ -137,10 +145,13 @@ class _Dump:
         with stages.stage("ingest_logs"):
             log_files, log_counts = self.repo.ingest_dir(self.logs)
         manifest = self._manifest(files, counts, log_files, log_counts, cuda_facts, zero_stats)
+        self.snapshot = manifest.id
+        self.intent.update(snapshot=manifest.id)
         with stages.stage("commit"):
             manifest.timings = stages.to_dict()
             manifest.downtime = self.downtime()
             self.repo.commit(manifest)
+        self.intent.update(stage="committed")
         return manifest
 
     def _drop_stream(self) -> None:
@@ -263,6 +274,30 @@ class _Dump:
             self.dumper.finish()
             self.stopped = False
 
+    def committed(self) -> bool:
+        """The manifest is in the store (what failed or interrupted came after the
+        commit point: a signal during the directory fsync, say)."""
+        if not self.snapshot:
+            return False
+        with interrupts.shielded():
+            try:
+                return self.repo.backend.exists(f"snapshots/{self.snapshot}.json")
+            except Exception:  # noqa: BLE001 - unknown: undo, the original runs on
+                return False
+
+    def after_commit(self, exc: BaseException) -> None:
+        """The original ends as documented, and the error says the snapshot exists."""
+        with interrupts.shielded():
+            self.finish()
+        ending = "the original keeps running" if self.plan.request.leave_running \
+            else "the original was killed, as after every dump"
+        told = f"snapshot {self.snapshot} was committed before the {_what(exc)}; {ending}"
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            raise Interrupted(f"interrupted after the commit: {told}") from exc
+        if isinstance(exc, GpusnapError):
+            exc.hint = "; ".join(filter(None, [exc.hint, told]))
+        raise exc
+
     def undo(self, exc: BaseException) -> None:
         """Bring the target back to where it started (resumed, CUDA restored and
         unlocked, SDK weights read back) and say in exc's hint what could not be."""
@@ -286,3 +321,7 @@ class _Dump:
             exc.hint = exc.hint or (f"CRIU log kept at {kept}" if kept else None)
         if undo_errors:
             exc.hint = "; ".join(filter(None, [exc.hint, *undo_errors]))
+
+
+def _what(exc: BaseException) -> str:
+    return "interrupt" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "error"

@@ -7,11 +7,16 @@ import time
 
 
 class Stages:
-    def __init__(self):
+    """listener(name), if given, is told each stage as it starts (engine/intent.py)."""
+
+    def __init__(self, listener=None):
         self.seconds: dict[str, float] = {}
+        self.listener = listener
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        if self.listener:
+            self.listener(name)
         start = time.perf_counter()
         try:
             yield

@@ -8,7 +8,8 @@ the store's tmp/. GPUSNAP_WORKDIR overrides all of these.
 A work dir is named after the gpusnap that owns it (KIND-PID-RANDOM). What a gpusnap
 killed outright leaves behind is swept (sweep_plan, then sweep): work dirs whose owner
 pid is gone, failed CRIU logs beyond the newest KEEP_FAILED_LOGS, and agent sockets
-(agent-PID.sock in the agent dir) whose pid is gone. `gpusnap gc` sweeps, and so does
+(agent-PID.sock in the agent dir) whose pid is gone. A work dir named by an intent record
+is left to its recovery (engine/intent.py), which must first let a CRIU finish in it. `gpusnap gc` sweeps, and so does
 every dump, restore and warm as it makes its work dir (a few directory listings).
 """
 
@@ -131,9 +132,11 @@ def _gone(pid: int) -> bool:
 
 def sweep_plan(store_path: str) -> dict[str, list[str]]:
     """What a sweep would remove. Pure reading; symlinks are never followed."""
-    base = base_dir(store_path)
+    from .intent import live_work_dirs
+    base, live = base_dir(store_path), live_work_dirs()     # those are recover()'s to remove
     work = [e.path for e in _entries(base)
-            if e.is_dir(follow_symlinks=False) and (m := _OWNED.match(e.name)) and _gone(int(m.group(1)))]
+            if e.is_dir(follow_symlinks=False) and (m := _OWNED.match(e.name))
+            and _gone(int(m.group(1))) and e.path not in live]
     logs = sorted((e for e in _entries(os.path.join(store_path, "failed-logs"))
                    if e.is_file(follow_symlinks=False)),
                   key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns, reverse=True)

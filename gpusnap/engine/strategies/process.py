@@ -27,7 +27,7 @@ from ...errors import CriuFailed, PidInUse, TargetNotFound, UsageError
 from ...model import Manifest
 from ...store import Repository
 from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids, tree_rss
-from .. import agent_steps, gpu, imagecache, pagepath, parked, workdir
+from .. import agent_steps, gpu, imagecache, intent, pagepath, parked, workdir
 from ..plans import DumpPlan, RestorePlan, RestoreRequest
 from ..timing import Stages
 
@@ -63,8 +63,14 @@ class ProcessStrategy:
     def restore(self, plan: RestorePlan, repo: Repository,
                 progress: Callable[[int], None] | None = None) -> dict:
         """pages in (CRIU's or gpusnap's page path) -> CUDA restore + unlock -> SDK resume."""
-        m, stages = plan.manifest, Stages()
+        m = plan.manifest
         work = workdir.make(repo.path, "restore-")
+        try:                                        # gpusnap killed: the tree goes too
+            guard = intent.for_restore(m.id, m.pids, work)
+        except BaseException:
+            workdir.remove(work)
+            raise
+        stages = Stages(guard.stage)
         pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
         root_pid = None
         try:
@@ -74,6 +80,7 @@ class ProcessStrategy:
                     root_pid, cuinit = pages.restore(plan, repo, work, stages, progress)
                 else:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
+            guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
             sdk = standby = None
             if plan.request.standby:                # CUDA and the SDK wait for `gpusnap resume`
                 standby = _record_standby(plan, root_pid, stages)
@@ -93,6 +100,7 @@ class ProcessStrategy:
             raise
         finally:
             workdir.remove(work)
+            guard.end()
 
 
 def _criu_pages(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress):
