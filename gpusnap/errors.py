@@ -50,6 +50,11 @@ class PidInUse(GpusnapError):
     exit_code = 6
 
 
+class OutsideDescriptors(GpusnapError):
+    """The process tree shares a pipe, socket or terminal with a process outside it."""
+    exit_code = 7
+
+
 class CriuMissing(GpusnapError):
     """CRIU >= 4.1 is not installed."""
     exit_code = 10
@@ -57,6 +62,11 @@ class CriuMissing(GpusnapError):
 
 class CriuFailed(GpusnapError):
     """CRIU failed."""
+    exit_code = 11
+
+
+class RestoredTreeDied(CriuFailed):
+    """The restored tree died right after the restore; what was left of it was killed."""
     exit_code = 11
 
 
@@ -166,8 +176,8 @@ class Interrupted(GpusnapError):
 
 
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
-              CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
-              NcclPeerMemory, NoCudaProcess, NotParked,
+              OutsideDescriptors, CriuMissing, CriuFailed, RestoredTreeDied, ImageError,
+              CudaUnavailable, CudaFailed, GpuMismatch, NcclPeerMemory, NoCudaProcess, NotParked,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
               StoreFull, ArchiveError, WrongKey, StoreDenied, StoreUnavailable, AgentFailed,
               WeightsChanged, Interrupted]
