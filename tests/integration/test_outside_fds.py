@@ -2,13 +2,18 @@
 us): dump refuses it (exit 7) before touching it; --force dumps it with a note; its
 restore, where nobody holds the other end of the pipe any more, dies at its next write,
 and restore says so (exit 11) and leaves nothing running, on both page paths.
+
+And a restored process that dies at its next step for another reason (a file it reads
+is gone since the dump): the restore fails alike; with the file back it succeeds.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -17,6 +22,7 @@ from tests.conftest import wait_pids_free
 
 pytestmark = pytest.mark.root
 
+READER = "import sys, time\nwhile True:\n    open(sys.argv[1]).read()\n    time.sleep(0.3)"
 WRITER = "import time\nwhile True:\n    print('x', flush=True)\n    time.sleep(0.02)"
 
 
@@ -64,3 +70,40 @@ def test_refused_then_forced_then_its_restore_fails_and_leaves_nothing(piped, gp
         assert not psutil.pid_exists(pid), f"{pages}: the restored tree is left"
     rc, _, err = gpusnap("verify", "piped")
     assert rc == 0, err
+
+
+def test_a_restored_process_that_dies_at_its_next_step_fails_the_restore(tmp_path, gpusnap):
+    wanted = tmp_path / "wanted"
+    wanted.write_text("here")
+    proc = subprocess.Popen([sys.executable, "-c", READER, str(wanted)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    restored = None
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None
+        rc, snap, err = gpusnap("dump", "--pid", str(proc.pid))
+        assert rc == 0 and snap["notes"] == [], err
+        proc.wait(timeout=30)
+        wanted.unlink()
+        # it reads the file again up to 0.3 s after it is restored: mostly in the window
+        rc, out, err = gpusnap("restore", snap["id"], "--pages", "criu",
+                               env={"GPUSNAP_SETTLE_MS": "1000"})
+        assert rc == 11 and out["error"] == "RestoredTreeDied", err
+        assert "exited with 1" in out["message"], out
+        wait_pids_free([proc.pid])
+        assert not psutil.pid_exists(proc.pid)
+
+        wanted.write_text("back")
+        rc, out, err = gpusnap("restore", snap["id"], "--pages", "criu")
+        assert rc == 0, err
+        restored = out["pid"]
+        assert restored == proc.pid and "settle" in out["timings"], out
+        assert psutil.Process(restored).status() != psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if restored is not None:
+            os.kill(restored, signal.SIGKILL)
+            wait_pids_free([restored])

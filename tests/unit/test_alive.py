@@ -53,6 +53,19 @@ def test_a_live_tree_passes_after_the_settle_window(monkeypatch):
         proc.wait()
 
 
+def test_a_tree_that_dies_within_the_window_fails(monkeypatch):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2); raise SystemExit(2)"])
+    try:
+        alive.check_tree(proc.pid, [proc.pid], "now")          # alive yet
+        monkeypatch.setenv("GPUSNAP_SETTLE_MS", "1500")
+        with pytest.raises(RestoredTreeDied) as e:
+            alive.settle_and_check(proc.pid, [proc.pid], Stages())
+        assert e.value.message.endswith(f"1500 ms after the restore: root pid {proc.pid} "
+                                        f"is a zombie, exited with 2")
+    finally:
+        proc.wait()
+
+
 def test_settle_window_default_and_bad_values(monkeypatch):
     monkeypatch.delenv("GPUSNAP_SETTLE_MS", raising=False)
     assert alive.settle_seconds() == 0.1
