@@ -61,12 +61,13 @@ class CriuMissing(GpusnapError):
 
 
 class CriuFailed(GpusnapError):
-    """CRIU failed."""
+    """CRIU failed, or the tree it restored died right after."""
     exit_code = 11
 
 
 class RestoredTreeDied(CriuFailed):
-    """The restored tree died right after the restore; what was left of it was killed."""
+    """The restored tree died right after the restore; what was left of it was killed.
+    A CriuFailed (exit 11): not listed apart in the exit code table."""
     exit_code = 11
 
 
@@ -176,7 +177,7 @@ class Interrupted(GpusnapError):
 
 
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
-              OutsideDescriptors, CriuMissing, CriuFailed, RestoredTreeDied, ImageError,
+              OutsideDescriptors, CriuMissing, CriuFailed, ImageError,
               CudaUnavailable, CudaFailed, GpuMismatch, NcclPeerMemory, NoCudaProcess, NotParked,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
               StoreFull, ArchiveError, WrongKey, StoreDenied, StoreUnavailable, AgentFailed,

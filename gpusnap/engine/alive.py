@@ -27,26 +27,25 @@ def settle_seconds() -> float:
     return int(raw) / 1000
 
 
-_HINT = ("what the dump left out is in the snapshot's notes (gpusnap inspect); "
-         "the snapshot is unchanged")
-
-
-def check_tree(root: int, pids: list[int], when: str) -> None:
-    """RestoredTreeDied if the root or another restored pid is gone or a zombie."""
+def check_tree(root: int, pids: list[int], when: str, notes: list[str] = ()) -> None:
+    """RestoredTreeDied if the root or another restored pid is gone or a zombie; its
+    hint quotes the snapshot's notes (what a dump --force let through, say)."""
     from ..targets.process import dead
     gone = dead([root, *(p for p in pids if p != root)])
     if gone:
         what = "; ".join(f"{'root ' if pid == root else ''}pid {pid} is {how}"
                          for pid, how in sorted(gone.items(), key=lambda kv: kv[0] != root))
-        raise RestoredTreeDied(f"the restored tree died {when}: {what}", hint=_HINT)
+        said = f"the snapshot's notes: {' | '.join(notes)}; " if notes else ""
+        raise RestoredTreeDied(f"the restored tree died {when}: {what}",
+                               hint=f"{said}the snapshot is unchanged")
 
 
-def settle_and_check(root: int, pids: list[int], stages: Stages) -> None:
+def settle_and_check(root: int, pids: list[int], stages: Stages, notes: list[str] = ()) -> None:
     """check_tree() after the settle window (stage 'settle')."""
     seconds = settle_seconds()
     with stages.stage("settle"):
         time.sleep(seconds)
-        check_tree(root, pids, f"{seconds * 1000:.0f} ms after the restore")
+        check_tree(root, pids, f"{seconds * 1000:.0f} ms after the restore", notes)
 
 
 def settle_and_check_container(engine, restored: dict, stages: Stages) -> None:

@@ -29,7 +29,7 @@ class DumpRequest:
     leave_running: bool = False
     lock_timeout_ms: int = 10_000
     force: bool = False             # dump anyway: a NCCL job that may use CUDA IPC (cuda/nccl.py),
-                                    # a tree sharing descriptors with processes outside it (targets/fds.py)
+                                    # a tree sharing descriptors with others (targets/fds.py)
     ignore_rootfs: bool = False     # containers: leave the filesystem changes out
 
 

@@ -63,8 +63,9 @@ class OutsideFd:
                         "EPIPE where that is ignored; a read sees end of file)",
                 "socket": "a socket of the tree alone (the processes outside no longer "
                           "share it)",
-                "tty": "nothing: CRIU needs a terminal to inherit it from, and a restore "
-                       "gives it none (the restore fails)"}[self.kind]
+                "tty": "nothing: CRIU dumps a terminal only with its master side (held "
+                       "outside), or a shell job's by inheriting one at restore, which "
+                       "gpusnap restore has none to give (the dump or the restore fails)"}[self.kind]
 
 
 def is_tty(link: str) -> bool:

@@ -10,6 +10,7 @@ is gone since the dump): the restore fails alike; with the file back it succeeds
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_refused_then_forced_then_its_restore_fails_and_leaves_nothing(piped, gp
         assert rc == 11, (pages, err)
         assert out["error"] == "RestoredTreeDied", out
         assert f"root pid {pid} is " in out["message"], out
-        assert "CRIU log kept at" in out["hint"], out
+        assert "CRIU log kept at" in out["hint"] and snap["notes"][0] in out["hint"], out
         wait_pids_free([pid])
         assert not psutil.pid_exists(pid), f"{pages}: the restored tree is left"
     rc, _, err = gpusnap("verify", "piped")
@@ -107,3 +108,22 @@ def test_a_restored_process_that_dies_at_its_next_step_fails_the_restore(tmp_pat
         if restored is not None:
             os.kill(restored, signal.SIGKILL)
             wait_pids_free([restored])
+
+
+def test_a_terminal_the_tree_does_not_own_is_refused(gpusnap):
+    """stdin on a pty whose master is outside the tree (CRIU itself refuses to dump it:
+    "Found slave peer index 0 without correspond master peer")."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            stdin=slave, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    os.close(slave)
+    try:
+        rc, out, err = gpusnap("dump", "--pid", str(proc.pid))
+        assert rc == 7 and out["error"] == "OutsideDescriptors", err
+        assert f"pid {proc.pid} stdin is /dev/pts/" in out["message"], out
+        assert "a terminal the tree does not own" in out["message"], out
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)

@@ -54,7 +54,8 @@ def test_a_live_tree_passes_after_the_settle_window(monkeypatch):
 
 
 def test_a_tree_that_dies_within_the_window_fails(monkeypatch):
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.2); raise SystemExit(2)"])
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import time; time.sleep(0.2); raise SystemExit(2)"])
     try:
         alive.check_tree(proc.pid, [proc.pid], "now")          # alive yet
         monkeypatch.setenv("GPUSNAP_SETTLE_MS", "1500")

@@ -86,15 +86,15 @@ class ProcessStrategy:
                     root_pid, cuinit = pages.restore(plan, repo, work, stages, progress)
                 else:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
-            alive.check_tree(root_pid, m.pids, "once CRIU restored it")
+            alive.check_tree(root_pid, m.pids, "once CRIU restored it", m.notes)
             sdk = standby = None
             if plan.request.standby:                # CUDA and the SDK wait for `gpusnap resume`
-                alive.settle_and_check(root_pid, m.pids, stages)
+                alive.settle_and_check(root_pid, m.pids, stages, m.notes)
                 standby = _record_standby(plan, root_pid, stages)
             else:
                 _restore_cuda(plan, cuinit, stages)
                 sdk = agent_steps.resume(m, stages) # SDK: the server reads its weights back
-                alive.settle_and_check(root_pid, m.pids, stages)
+                alive.settle_and_check(root_pid, m.pids, stages, m.notes)
             if pages:
                 pages.done()
             return {"pid": root_pid, "snapshot": m.id, "timings": stages.to_dict(),
@@ -203,8 +203,8 @@ def _undo_restore(repo: Repository, work: str, root_pid: int | None, recorded: l
             kill_and_wait(pids)
     if isinstance(exc, CriuFailed) and os.path.exists(os.path.join(work, "restore.log")):
         kept = workdir.keep_log(repo.path, os.path.join(work, "restore.log"), "restore")
-        prior = exc.hint if isinstance(exc, RestoredTreeDied) else None
-        exc.hint = "; ".join(filter(None, [prior, f"CRIU log kept at {kept}" if kept else None])) or None
+        said = [exc.hint] if isinstance(exc, RestoredTreeDied) else []
+        exc.hint = "; ".join(filter(None, [*said, kept and f"CRIU log kept at {kept}"])) or None
 
 
 class ProcessDump:
