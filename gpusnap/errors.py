@@ -50,13 +50,24 @@ class PidInUse(GpusnapError):
     exit_code = 6
 
 
+class OutsideDescriptors(GpusnapError):
+    """The process tree shares a pipe, socket or terminal with a process outside it."""
+    exit_code = 7
+
+
 class CriuMissing(GpusnapError):
     """CRIU >= 4.1 is not installed."""
     exit_code = 10
 
 
 class CriuFailed(GpusnapError):
-    """CRIU failed."""
+    """CRIU failed, or the tree it restored died right after."""
+    exit_code = 11
+
+
+class RestoredTreeDied(CriuFailed):
+    """The restored tree died right after the restore; what was left of it was killed.
+    A CriuFailed (exit 11): not listed apart in the exit code table."""
     exit_code = 11
 
 
@@ -171,8 +182,8 @@ class Interrupted(GpusnapError):
 
 
 ALL_ERRORS = [UsageError, SnapshotNotFound, AmbiguousSnapshot, TargetNotFound, PidInUse,
-              CriuMissing, CriuFailed, ImageError, CudaUnavailable, CudaFailed, GpuMismatch,
-              NcclPeerMemory, NoCudaProcess, NotParked, GpuRace,
+              OutsideDescriptors, CriuMissing, CriuFailed, ImageError, CudaUnavailable,
+              CudaFailed, GpuMismatch, NcclPeerMemory, NoCudaProcess, NotParked, GpuRace,
               ContainerEngineError, StoreError, StoreLocked, IntegrityError, InsecureStore,
               StoreFull, ArchiveError, WrongKey, StoreDenied, StoreUnavailable, AgentFailed,
               WeightsChanged, Interrupted]

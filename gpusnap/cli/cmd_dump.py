@@ -58,11 +58,16 @@ class CompressLevel(click.ParamType):
               help="Process trees: stream (CRIU sends the pages to gpusnap, stored as they come: "
                    "no pages images in the work dir) or staged (CRIU writes pages images, "
                    "ingested after). auto: stream for process trees, staged for containers.")
-@click.option("--force", is_flag=True, help="Dump a NCCL job that may use CUDA IPC peer "
-              "memory anyway (the driver may not restore it).")
+@click.option("--ignore-rootfs", is_flag=True, help="Containers: leave the container's "
+              "filesystem changes out of the snapshot (as podman's flag); a restore as a new "
+              "container starts from its image's filesystem.")
+@click.option("--force", is_flag=True, help="Dump anyway what is refused because a restore "
+              "may not bring it back: a process tree sharing a pipe, socket or terminal with "
+              "a process outside it (exit 7; the snapshot notes each), a NCCL job that may "
+              "use CUDA IPC peer memory (exit 23).")
 @click.pass_obj
 def command(app, containers, pid, engine, name, leave_running, lock_timeout, compress, keep,
-            tcp_established, file_locks, pages, force):
+            tcp_established, file_locks, pages, ignore_rootfs, force):
     """Checkpoint CONTAINERS (one snapshot each), or the process tree of --pid, into the store.
 
     Without --leave-running the original stops for good once its snapshot is committed;
@@ -76,7 +81,7 @@ def command(app, containers, pid, engine, name, leave_running, lock_timeout, com
         (c, f"{name}.{c}" if name and len(containers) > 1 else name) for c in containers]
     requests = [dump.DumpRequest(pid=pid, container=c, engine=engine, name=n,
                                  leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000),
-                                 force=force, pages=pages)
+                                 force=force, pages=pages, ignore_rootfs=ignore_rootfs)
                 for c, n in targets]
     plans = [_plan(req, tcp_established, file_locks) for req in requests]   # every check first
     repo = app.repo()                   # a read-only store is refused before the target is touched

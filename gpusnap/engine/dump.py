@@ -54,11 +54,12 @@ def plan(req: DumpRequest) -> DumpPlan:
     strategy, target = strategies.resolve(req)
     collective_pids = [] if req.force else \
         gpu.refuse_nccl_ipc(target.pids, "dump", strategy.sdk_agents)
+    notes = strategy.preflight(req, target)
     return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
                     collective_pids=collective_pids,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=CriuOptions(shell_job=target.shell_job),
-                    zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"),
+                    zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"), notes=notes,
                     pages=_page_path(req.pages, strategy.kind))
 
 
@@ -266,7 +267,7 @@ class _Dump:
             bytes_new=counts["bytes_new"] + log_counts["bytes_new"],
             cuda=cuda_facts, leave_running=req.leave_running,
             zero_pages_dropped=zero_stats.pages_dropped if zero_stats else None,
-            sdk=self.sdk.record(), notes=self.sdk.notes)
+            sdk=self.sdk.record(), notes=[*plan.notes, *self.sdk.notes])
 
     def finish(self) -> None:
         """The snapshot is committed: the original goes (unless --leave-running)."""

@@ -28,8 +28,10 @@ class DumpRequest:
     name: str | None = None
     leave_running: bool = False
     lock_timeout_ms: int = 10_000
-    force: bool = False             # dump a NCCL job that may use CUDA IPC anyway (cuda/nccl.py)
     pages: str = "auto"             # processes: auto, stream (CRIU's page stream into the store), staged
+    force: bool = False             # dump anyway: a NCCL job that may use CUDA IPC (cuda/nccl.py),
+                                    # a tree sharing descriptors with others (targets/fds.py)
+    ignore_rootfs: bool = False     # containers: leave the filesystem changes out
 
 
 @dataclass
@@ -44,6 +46,7 @@ class DumpPlan:
     zero_elide: bool = True         # drop all-zero pages (GPUSNAP_NO_ZERO_ELIDE=1: keep them)
     pages: str = "staged"           # stream: pages go from CRIU to the store (store/pagestream.py)
     collective_pids: list[int] = field(default_factory=list)    # NCCL ranks whose agent must prepare
+    notes: list[str] = field(default_factory=list)  # for the manifest (what --force let through)
 
 
 @dataclass
@@ -106,6 +109,9 @@ class Strategy(Protocol):
     """How one kind of target ('process', 'docker', 'podman') is dumped and restored."""
     kind: str
     sdk_agents: bool                # SDK agents of the target are asked to drop weights
+
+    def preflight(self, req: DumpRequest, target: Target) -> list[str]:
+        """The refusals of this kind of target, before it is touched; notes for the manifest."""
 
     def dumper(self, plan: DumpPlan, cuda) -> Dumper:
         """The Dumper of one dump (cuda: its CudaSession, or None)."""

@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..criu.locate import find_criu
 from ..store import Repository
-from . import strategies
+from . import alive, strategies
 from .plans import RestorePlan, RestoreRequest
 
 __all__ = ["RestorePlan", "RestoreRequest", "execute", "plan"]
@@ -23,6 +23,7 @@ def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
     """Every check that can fail, before anything is restored."""
     manifest = repo.load(repo.resolve(req.snapshot))
     criu_path, _ = find_criu()
+    alive.settle_seconds()              # a bad GPUSNAP_SETTLE_MS is refused here, not after CRIU
     strategy = strategies.for_kind(manifest.target.kind)
     return strategy.plan_restore(req, manifest, criu_path)
 

@@ -33,8 +33,10 @@ class ContainerEngine(Protocol):
     def state(self, ref: str) -> tuple[bool, int]:
         """(running, init pid); ContainerEngineError if the container is gone."""
 
-    def checkpoint(self, facts: dict, dest: str, work: str, leave_running: bool) -> None:
-        """CRIU images into dest/checkpoint/, the rest the engine needs next to them."""
+    def checkpoint(self, facts: dict, dest: str, work: str, leave_running: bool, *,
+                   ignore_rootfs: bool = False) -> None:
+        """CRIU images into dest/checkpoint/, the rest the engine needs next to them
+        (ignore_rootfs: without the container's filesystem changes)."""
 
     def resume_from(self, facts: dict, tree: str) -> int:
         """Undo a checkpoint that stopped the container (images under tree); new init pid."""

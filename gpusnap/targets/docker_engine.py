@@ -148,8 +148,10 @@ class DockerEngine(ContainerEngine):
             time.sleep(0.02)
 
     # ---- checkpoint -----------------------------------------------------------------
-    def checkpoint(self, facts: dict, dest: str, work: str, leave_running: bool) -> None:
-        """CRIU images into dest/checkpoint/, the rootfs changes into dest/rootfs-diff.tar."""
+    def checkpoint(self, facts: dict, dest: str, work: str, leave_running: bool, *,
+                   ignore_rootfs: bool = False) -> None:
+        """CRIU images into dest/checkpoint/, the rootfs changes into dest/rootfs-diff.tar
+        (not with ignore_rootfs)."""
         cid = facts["id"]
         staging = os.path.join(work, "docker-checkpoint")
         os.makedirs(staging, mode=0o700, exist_ok=True)
@@ -163,7 +165,8 @@ class DockerEngine(ContainerEngine):
             self.wait_stopped(cid)
         os.rename(os.path.join(staging, CHECKPOINT_NAME), os.path.join(dest, "checkpoint"))
         os.rmdir(staging)
-        facts["rootfs_diff"] = self._save_rootfs_diff(cid, os.path.join(dest, "rootfs-diff.tar"))
+        facts["rootfs_diff"] = not ignore_rootfs and self._save_rootfs_diff(
+            cid, os.path.join(dest, "rootfs-diff.tar"))
 
     def _upper_dir(self, ref: str) -> str | None:
         info = self.inspect(ref) or {}

@@ -57,6 +57,16 @@ class OutsideFd:
         return (f"pid {self.pid} {name} is {self.what}, also held by pid "
                 f"{', '.join(map(str, self.holders))} outside the tree")
 
+    def restored(self) -> str:
+        """What a restore makes of it (CRIU restores the tree's end only)."""
+        return {"pipe": "a pipe with nobody at the other end (a write fails: SIGPIPE, or "
+                        "EPIPE where that is ignored; a read sees end of file)",
+                "socket": "a socket of the tree alone (the processes outside no longer "
+                          "share it)",
+                "tty": "nothing: CRIU dumps a terminal only with its master side (held "
+                       "outside), or a shell job's by inheriting one at restore, which "
+                       "gpusnap restore has none to give (the dump or the restore fails)"}[self.kind]
+
 
 def is_tty(link: str) -> bool:
     return link.startswith("/dev/pts/") or re.match(r"^/dev/tty\w*$", link) is not None

@@ -1,6 +1,6 @@
 """Podman through its CLI (gpusnap.sysrun), as root.
 
-    podman container checkpoint --export X.tar --compress none [-R] ID
+    podman container checkpoint --export X.tar --compress none [-R] [--ignore-rootfs] ID
     podman container restore --import X.tar [--name NEW] 
     podman container restore ID                     (in place: undo of a failed dump)
 
@@ -121,12 +121,15 @@ class PodmanEngine(ContainerEngine):
         return st.get("Status") == "running", int(st.get("Pid") or 0)
 
     # ---- checkpoint -----------------------------------------------------------------
-    def checkpoint(self, facts: dict, dest: str, work: str, leave_running: bool) -> None:
+    def checkpoint(self, facts: dict, dest: str, work: str, leave_running: bool, *,
+                   ignore_rootfs: bool = False) -> None:
         """The export, unpacked into dest (dest/checkpoint/ holds the CRIU images)."""
         tar = os.path.join(work, "podman-export.tar")
         args = ["container", "checkpoint", "--export", tar, "--compress", "none", *CRIU_FLAGS]
         if leave_running:
             args.append("--leave-running")
+        if ignore_rootfs:
+            args.append("--ignore-rootfs")
         self._check("container checkpoint", self.run(*args, facts["id"]))
         try:
             with tarfile.open(tar) as t:

@@ -60,6 +60,35 @@ def restored_tree(root_pid: int, recorded: list[int]) -> list[int]:
         return [root_pid] if root_pid in recorded else []
 
 
+def dead(pids: list[int]) -> dict[int, str]:
+    """The pids that are gone or zombies, each with how it ended: 'gone', or what a
+    zombie's /proc/PID/stat still says ('a zombie, killed by SIGPIPE')."""
+    from .fds import stat_fields
+    out = {}
+    for pid in pids:
+        fields = stat_fields(pid)
+        if fields is None:
+            out[pid] = "gone"
+        elif fields[0] in ("Z", "X"):
+            out[pid] = "a zombie" + _ending(fields)
+    return out
+
+
+def _ending(fields: list[str]) -> str:
+    """', killed by SIGPIPE' or ', exited with 3' from field 52 (exit_code, as waitpid
+    reports it), or '' where the kernel does not say."""
+    try:
+        status = int(fields[49])
+    except (IndexError, ValueError):
+        return ""
+    if status & 0x7f:
+        try:
+            return f", killed by {signal.Signals(status & 0x7f).name}"
+        except ValueError:
+            return f", killed by signal {status & 0x7f}"
+    return f", exited with {status >> 8}"
+
+
 def tree_rss(pids: list[int]) -> int:
     """Resident host memory of the pids, in bytes (those gone count 0)."""
     total = 0

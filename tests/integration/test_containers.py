@@ -469,3 +469,26 @@ def test_hook_guard_waits_for_criu_then_looks_at_the_processes(container_host, h
     finally:
         if criu.poll() is None:
             criu.kill()
+
+
+def test_ignore_rootfs_leaves_the_filesystem_changes_out(box, gpusnap):
+    """--ignore-rootfs (podman's flag): no rootfs-diff.tar in the snapshot; a copy
+    restored from it has the dumped memory but the image's filesystem."""
+    name = box.run()
+    box.exec(name, "echo kept >/marker")
+    seen = box.wait_counter(name, 20)
+    rc, snap, err = gpusnap("dump", name, "--engine", box.engine, "--ignore-rootfs",
+                            "--leave-running")
+    assert rc == 0, err
+    assert any(n.startswith("--ignore-rootfs") for n in snap["notes"]), snap
+    rc, info, err = gpusnap("inspect", snap["id"])
+    assert rc == 0, err
+    assert "rootfs-diff.tar" not in {f["path"] for f in info["files"]}
+    assert info["target"]["container"]["rootfs_diff"] is False
+    copy = box.name()
+    rc, out, err = gpusnap("restore", snap["id"], "--name", copy)
+    assert rc == 0, err
+    assert "settle" in out["timings"]
+    assert box.counter(copy) >= seen
+    assert box.exec(copy, "cat /marker 2>/dev/null || echo none").strip() == "none"
+    assert box.exec(name, "cat /marker").strip() == "kept", "the original is untouched"

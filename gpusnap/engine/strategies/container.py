@@ -20,10 +20,15 @@ new container (its device list changes): in the engine's create config, in the d
 cgroup rules, and in the node CRIU restores into the container's /dev from its tmpfs
 image (gpusnap.imagefile.devnodes). --device OLD:NEW does the same for any device.
 
+--ignore-rootfs leaves the container's filesystem changes out of the snapshot (podman's
+flag of that name; for docker, gpusnap archives no upper dir): a restore into a new
+container starts from its image's filesystem.
+
 Restore steps, with their undo:
     materialise (verified)          <- (the work dir goes)
     engine restore (new container)  <- container removed (or, restored into: killed)
     CUDA restore + unlock           <- container killed
+    still running after the settle window (engine/alive.py), else as above
 """
 
 from __future__ import annotations
@@ -35,11 +40,11 @@ from typing import Callable
 
 from ... import interrupts
 from ...errors import ContainerEngineError, GpusnapError, PidInUse, UsageError
-from ...model import Manifest
+from ...model import Manifest, Target
 from ...store import Repository
 from ...targets import containers, devices
-from .. import gpu, workdir
-from ..plans import ContainerPlacement, DumpPlan, RestorePlan, RestoreRequest
+from .. import alive, gpu, workdir
+from ..plans import ContainerPlacement, DumpPlan, DumpRequest, RestorePlan, RestoreRequest
 from ..timing import Stages
 
 
@@ -49,6 +54,14 @@ class ContainerStrategy:
     def __init__(self, kind: str):
         self.kind = kind
         self.engine = containers.get_engine(kind)
+
+    def preflight(self, req: DumpRequest, target: Target) -> list[str]:
+        """The engine hands a container's stdio to its own monitor (conmon, the docker
+        shim) and checkpoints it: nothing to refuse here."""
+        if req.ignore_rootfs:
+            return ["--ignore-rootfs: the container's filesystem changes are not in the "
+                    "snapshot; a restore as a new container starts from its image's"]
+        return []
 
     def dumper(self, plan: DumpPlan, cuda=None) -> ContainerDump:
         return ContainerDump(self.engine, plan, cuda)
@@ -130,6 +143,7 @@ class ContainerStrategy:
             if m.cuda:
                 with stages.stage("cuda_restore"):
                     restore_cuda(restored["pid"], plan.gpu_pairs)
+            alive.settle_and_check_container(self.engine, restored, stages)
             return {"pid": restored["pid"], "snapshot": m.id, "timings": stages.to_dict(),
                     "notes": plan.notes,
                     "container": {"engine": self.engine.kind, "id": restored["id"],
@@ -211,6 +225,7 @@ class ContainerDump:
         self.engine = engine
         self.facts = plan.target.container
         self.init_pid = plan.target.root_pid
+        self.ignore_rootfs = plan.request.ignore_rootfs
         self.cuda = cuda
         self.images: str | None = None
         self.undo_errors: list[str] = []
@@ -220,7 +235,8 @@ class ContainerDump:
         work = os.path.dirname(images)
         try:
             with interrupts.held():
-                self.engine.checkpoint(self.facts, images, work, leave_running)
+                self.engine.checkpoint(self.facts, images, work, leave_running,
+                                       ignore_rootfs=self.ignore_rootfs)
         except BaseException:
             # The engine resumes the container when the checkpoint fails; if it stopped
             # it anyway and the images are whole, start it again from them.

@@ -4,9 +4,14 @@ Dump: CRIU leaves the tree stopped (not killed) until the snapshot is committed;
 undo is SIGCONT, to the processes that were not stopped already before the dump (a tree
 someone SIGSTOP'd stays stopped, as it was found).
 
-Restore: materialise images -> CRIU restore -> CUDA restore + unlock -> SDK resume. The
-snapshot is only read: a failed restore leaves it as it was. A tree that CRIU restored
-but whose CUDA restore failed is killed, not left half alive.
+Dump refuses a tree that shares a pipe, socket or terminal with a process outside it
+(targets/fds.py): CRIU would restore the tree's end alone. --force dumps it anyway, with
+a note in the manifest of each such descriptor and what a restore makes of it.
+
+Restore: materialise images -> CRIU restore -> CUDA restore + unlock -> SDK resume, then
+the tree must still run after a settle window (engine/alive.py). The snapshot is only
+read: a failed restore leaves it as it was. A tree that CRIU restored but whose CUDA
+restore failed, or that died right after, is killed, not left half alive.
 """
 
 from __future__ import annotations
@@ -23,18 +28,25 @@ import psutil
 from ... import interrupts
 from ...criu import runner as criu_runner
 from ...criu.argv import CriuOptions
-from ...errors import CriuFailed, PidInUse, TargetNotFound, UsageError
-from ...model import Manifest
+from ...errors import (CriuFailed, OutsideDescriptors, PidInUse, RestoredTreeDied,
+                       TargetNotFound, UsageError)
+from ...model import Manifest, Target
 from ...store import Repository
 from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids, tree_rss
-from .. import agent_steps, gpu, imagecache, intent, pagepath, parked, workdir
-from ..plans import DumpPlan, RestorePlan, RestoreRequest
+from .. import agent_steps, alive, gpu, imagecache, intent, pagepath, parked, workdir
+from ..plans import DumpPlan, DumpRequest, RestorePlan, RestoreRequest
 from ..timing import Stages
 
 
 class ProcessStrategy:
     kind = "process"
     sdk_agents = True
+
+    def preflight(self, req: DumpRequest, target: Target) -> list[str]:
+        if req.ignore_rootfs:
+            raise UsageError("--ignore-rootfs is for containers: a process snapshot holds "
+                             "no filesystem")
+        return outside_fds(target.pids, req.force)
 
     def dumper(self, plan: DumpPlan, cuda=None) -> ProcessDump:
         return ProcessDump(plan)
@@ -81,12 +93,15 @@ class ProcessStrategy:
                 else:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
             guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
+            alive.check_tree(root_pid, m.pids, "once CRIU restored it", m.notes)
             sdk = standby = None
             if plan.request.standby:                # CUDA and the SDK wait for `gpusnap resume`
+                alive.settle_and_check(root_pid, m.pids, stages, m.notes)
                 standby = _record_standby(plan, root_pid, stages)
             else:
                 _restore_cuda(plan, cuinit, stages)
                 sdk = agent_steps.resume(m, stages) # SDK: the server reads its weights back
+                alive.settle_and_check(root_pid, m.pids, stages, m.notes)
             if pages:
                 pages.done()
             return {"pid": root_pid, "snapshot": m.id, "timings": stages.to_dict(),
@@ -101,6 +116,25 @@ class ProcessStrategy:
         finally:
             workdir.remove(work)
             guard.end()
+
+
+_OUTSIDE_HINT = ("start it with its stdio on files or /dev/null (`</dev/null >LOG 2>&1`) "
+                 "in its own session (setsid, nohup), or dump --force to take it as it is "
+                 "(the snapshot notes what a restore makes of each; a restore the tree does "
+                 "not survive fails with exit 11)")
+
+
+def outside_fds(pids: list[int], force: bool) -> list[str]:
+    """OutsideDescriptors for the tree's descriptors that lead outside it; with force,
+    a note of each instead."""
+    from ...targets import fds
+    found = fds.scan(pids)
+    if found and not force:
+        shown = "; ".join(f.describe() for f in found[:3])
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise OutsideDescriptors(f"{shown}{more}: a restore brings back the tree's end "
+                                 f"alone", hint=_OUTSIDE_HINT)
+    return [f"--force: {f.describe()}; restored, it is {f.restored()}" for f in found]
 
 
 def _criu_pages(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress):
@@ -165,14 +199,20 @@ def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: St
 
 def _undo_restore(repo: Repository, work: str, root_pid: int | None, recorded: list[int],
                   exc: BaseException) -> None:
-    """Kill the tree CRIU made (not whoever took those pids since); keep CRIU's log."""
+    """Kill the tree CRIU made (not whoever took those pids since); keep CRIU's log.
+    A tree that died after CRIU restored all of it: every recorded pid is CRIU's, and
+    the children of a dead root are no longer its descendants."""
     with interrupts.shielded():                 # a second Ctrl-C must not cut the undo short
         restored = root_pid if root_pid is not None else criu_runner.restored_pid(work)
         if restored is not None:
-            kill_and_wait(restored_tree(restored, recorded))
+            pids = restored_tree(restored, recorded)
+            if isinstance(exc, RestoredTreeDied):
+                pids = sorted(set(pids) | set(recorded))
+            kill_and_wait(pids)
     if isinstance(exc, CriuFailed) and os.path.exists(os.path.join(work, "restore.log")):
         kept = workdir.keep_log(repo.path, os.path.join(work, "restore.log"), "restore")
-        exc.hint = f"CRIU log kept at {kept}" if kept else None
+        said = [exc.hint] if isinstance(exc, RestoredTreeDied) else []
+        exc.hint = "; ".join(filter(None, [*said, kept and f"CRIU log kept at {kept}"])) or None
 
 
 class ProcessDump:
