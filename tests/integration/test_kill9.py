@@ -104,9 +104,11 @@ def _assert_no_work_dir(work: str) -> None:
     assert not os.listdir(work), f"work dirs left: {os.listdir(work)}"
 
 
-@pytest.mark.parametrize("stage", ["criu_dump", "criu_dump_after", "zero_elide", "ingest", "commit"])
+@pytest.mark.parametrize("stage", ["criu_dump", "criu_dump_after", "pages_finish", "zero_elide", "ingest",
+                                   "commit"])
 def test_kill9_during_dump_resumes_the_target(workload, gpusnap, store, tmp_path, isolated, stage):
-    """Until the commit, the guard resumes the tree (after letting CRIU finish)."""
+    """Until the commit, the guard resumes the tree (after letting CRIU finish).
+    zero_elide is a stage of the staged page path only."""
     w = workload("--mib", "32", "--children", "1", "--threads", "1")
     mark = str(tmp_path / "mark")
     if stage.startswith("criu_dump"):
@@ -114,7 +116,8 @@ def test_kill9_during_dump_resumes_the_target(workload, gpusnap, store, tmp_path
                                              else AFTER_CRIU)}
     else:
         env = {"GPUSNAP_TEST_PAUSE": f"{stage}:{mark}"}
-    proc = _start(store, "dump", "--pid", str(w.pid), env=env)
+    pages = ["--pages", "staged"] if stage == "zero_elide" else []
+    proc = _start(store, "dump", "--pid", str(w.pid), *pages, env=env)
     _kill9_at(proc, mark)
     _wait_recovered()
     _assert_runs(w)
