@@ -31,8 +31,10 @@ def test_kill9_mid_dump_gives_cuda_back(start_holder, store, tmp_path, stage):
     while not os.path.exists(mark):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    # criu_dump: CUDA is locked and checkpointed, CRIU not started yet
-    assert get_driver().get_state(holder.pid).name == "CHECKPOINTED"
+    # criu_dump: CUDA is locked and checkpointed, CRIU not started yet (later the tree is
+    # stopped, and the driver answers nothing about a stopped process)
+    if stage == "criu_dump":
+        assert get_driver().get_state(holder.pid).name == "CHECKPOINTED"
     proc.kill()
     proc.wait()
     intents = os.path.join(state, "intents")
