@@ -206,6 +206,8 @@ class _Dump:
         pids = gpu.cuda_pids(self.dumper.pids_now())
         self.cuda = gpu.session(pids) if pids else None
         self.dumper = self.plan.strategy.dumper(self.plan, self.cuda)
+        if self.cuda:       # the guard's record: every CUDA pid of this attempt
+            self.intent.update(cuda={str(p): s.name for p, s in self.cuda.initial.items()})
         try:
             return self._attempt(req, progress)
         except cudarace.Started as started:
