@@ -94,10 +94,7 @@ def _forked(fn, job, batches: int, workers: int, ordered: bool):
     try:
         for k in range(workers):
             r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:                    # the worker: never returns
-                os.close(r)
-                _worker(fn, job, range(k, batches, workers), w)
+            pid = _spawn(lambda: (os.close(r), _worker(fn, job, range(k, batches, workers), w)))
             os.close(w)
             children[pid] = os.fdopen(r, "rb")
         yield from _collect(children, ordered)
@@ -106,23 +103,39 @@ def _forked(fn, job, batches: int, workers: int, ordered: bool):
 
 
 def _worker(fn, job, mine, fd: int) -> None:
-    def body():
-        with os.fdopen(fd, "wb") as out:
-            for i in mine:
-                pickle.dump((i, _call(fn, job, i)), out)
-                out.flush()
-            pickle.dump("done", out)
-    _as_worker(body)
+    with os.fdopen(fd, "wb") as out:
+        for i in mine:
+            pickle.dump((i, _call(fn, job, i)), out)
+            out.flush()
+        pickle.dump("done", out)
 
 
-def _as_worker(body: Callable[[], None]) -> None:
-    """Run body in a forked worker, which dies with gpusnap, leaves on SIGTERM, ignores
-    Ctrl-C (gpusnap's to handle), and never returns."""
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _spawn(body: Callable[[], object]) -> int:
+    """Fork a worker that runs body and exits; its pid. Ctrl-C and SIGTERM are blocked
+    across the fork until the worker has its own handlers, so gpusnap's handler never
+    runs in a worker (it would go on as a second gpusnap)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _as_worker(body, blocked)       # never returns
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return pid
+
+
+def _as_worker(body: Callable[[], object], mask) -> None:
+    """In a forked worker: die with gpusnap, leave on SIGTERM, ignore Ctrl-C (gpusnap's to
+    handle), then unblock them (mask) and run body; never return."""
     code = 0
     try:
         _die_with_parent()
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         body()
     except BaseException:                   # SystemExit from SIGTERM, a broken pipe...
         code = 1
@@ -224,13 +237,13 @@ class Stream:
     def _fork(self) -> None:
         r_task, w_task = os.pipe()
         r_res, w_res = os.pipe()
-        pid = os.fork()
-        if pid == 0:                            # the worker: never returns
-            os.close(w_task)
-            os.close(r_res)
-            for f in [*self.tasks.values(), *self.children.values()]:
-                os.close(f.fileno())
+        others = [f.fileno() for f in [*self.tasks.values(), *self.children.values()]]
+
+        def body():
+            for fd in (w_task, r_res, *others):
+                os.close(fd)
             _stream_worker(self.fn, self.job, r_task, w_res)
+        pid = _spawn(body)
         os.close(r_task)
         os.close(w_res)
         self.children[pid] = os.fdopen(r_res, "rb", buffering=0)  # read by _read_message
@@ -297,18 +310,16 @@ class Stream:
 
 
 def _stream_worker(fn, job, r_task: int, w_res: int) -> None:
-    def body():
-        with os.fdopen(r_task, "rb") as tasks:
-            while True:
-                try:
-                    tag, task = pickle.load(tasks)
-                except EOFError:
-                    return
-                data = pickle.dumps((tag, _call(fn, job, task)))
-                view = memoryview(_LENGTH.pack(len(data)) + data)
-                while view:
-                    view = view[os.write(w_res, view):]
-    _as_worker(body)
+    with os.fdopen(r_task, "rb") as tasks:
+        while True:
+            try:
+                tag, task = pickle.load(tasks)
+            except EOFError:
+                return
+            data = pickle.dumps((tag, _call(fn, job, task)))
+            view = memoryview(_LENGTH.pack(len(data)) + data)
+            while view:
+                view = view[os.write(w_res, view):]
 
 
 _LENGTH = struct.Struct("=Q")
