@@ -20,6 +20,8 @@ once CRIU has written the mm images. Pure: no I/O.
 
 from __future__ import annotations
 
+import io
+import struct
 from dataclasses import dataclass
 
 from . import image, pagemap
@@ -58,12 +60,10 @@ def assemble(entries: list[tuple[int, int, int]], pieces: list[Piece], ranges: l
 
 def pagemap_image(pages_id: int, payloads: list[bytes]) -> bytes:
     """A pagemap image as CRIU writes one: magics, head {pages_id}, the entries."""
-    import io
     out = io.BytesIO()
-    out.write(image.IMG_COMMON_MAGIC.to_bytes(4, "little") + image.PAGEMAP_MAGIC.to_bytes(4, "little"))
-    image.write_entry(out, encode_varint_field(1, pages_id))
-    for payload in payloads:
-        image.write_entry(out, payload)
+    magic = struct.pack("<II", image.IMG_COMMON_MAGIC, image.PAGEMAP_MAGIC)
+    head = pagemap.RawPagemap(magic=magic, head=encode_varint_field(1, pages_id), payloads=[], fields=[])
+    pagemap.write(out, head, payloads)
     return out.getvalue()
 
 

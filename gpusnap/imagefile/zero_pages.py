@@ -213,15 +213,31 @@ def _read_exact(f: BinaryIO, offset: int, view: memoryview) -> None:
 
 def _classify(c: _Compactor, buf: bytearray, n: int, vaddr: int, src: int) -> None:
     """Feed one scanned buffer to the compactor: nonzero stretches kept, zero runs counted."""
-    view = memoryview(buf)
-    i = 0                                 # first page not yet fed
-    for start, count in runs(zero_pages_in(buf, n)):
-        if start > i:
-            c.keep(vaddr + i * PAGE_SIZE, view[i * PAGE_SIZE:start * PAGE_SIZE], src + i * PAGE_SIZE)
-        c.zero(vaddr + start * PAGE_SIZE, src + start * PAGE_SIZE, count)
-        i = start + count
-    if i < n // PAGE_SIZE:
-        c.keep(vaddr + i * PAGE_SIZE, view[i * PAGE_SIZE:n], src + i * PAGE_SIZE)
+    view = memoryview(buf)[:n]
+    for start, count, zero in page_runs(view):
+        at, off = vaddr + start * PAGE_SIZE, src + start * PAGE_SIZE
+        if zero:
+            c.zero(at, off, count)
+        else:
+            c.keep(at, view[start * PAGE_SIZE:(start + count) * PAGE_SIZE], off)
+
+
+def page_runs(view: memoryview):
+    """(first page, pages, all zero?) runs covering view (whole pages, any length), in
+    order; zero_pages_in() scans it SCAN_BYTES at a time."""
+    pages = len(view) // PAGE_SIZE
+    zero: list[int] = []
+    for off in range(0, len(view), SCAN_BYTES):
+        n = min(SCAN_BYTES, len(view) - off)
+        zero += [off // PAGE_SIZE + i for i in zero_pages_in(view[off:off + n], n)]
+    pos = 0
+    for start, count in runs(zero):
+        if start > pos:
+            yield pos, start - pos, False
+        yield start, count, True
+        pos = start + count
+    if pos < pages:
+        yield pos, pages - pos, False
 
 
 def runs(indexes: list[int]):

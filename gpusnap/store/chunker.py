@@ -50,10 +50,16 @@ def page_cut_candidates(words: list[int]) -> list[int]:
 def _content_defined(path: str, size: int, region_starts: list[int]) -> list[tuple[int, int]]:
     with open(path, "rb") as f:
         with mmap.mmap(f.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-            with memoryview(mm) as whole, whole.cast("Q") as words:
-                first_words = words[::PAGE // 8].tolist()
+            with memoryview(mm) as whole:
+                first_words = page_heads(whole)
     return spans_from_candidates(page_cut_candidates(first_words), [s // PAGE for s in region_starts],
                                  size // PAGE)
+
+
+def page_heads(view: memoryview) -> list[int]:
+    """The first 8 bytes of each page of view (whole pages), as integers."""
+    with view.cast("Q") as words:
+        return words[::PAGE // 8].tolist()
 
 
 def spans_from_candidates(candidates: list[int], region_starts: list[int], pages: int) -> list[tuple[int, int]]:

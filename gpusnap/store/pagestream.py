@@ -31,7 +31,6 @@ from ..model.manifest import ZERO_ID
 from . import chunker, parallel
 
 SLOT_BYTES = 16 << 20
-_SCAN = zero_pages.SCAN_BYTES
 
 
 @dataclass
@@ -192,9 +191,7 @@ def _carry_from(view: memoryview) -> int:
     the slot's end where there is none."""
     pages = len(view) // PAGE_SIZE
     first = max(chunker.MIN_PAGES, pages - chunker.MAX_PAGES)
-    with view[first * PAGE_SIZE:].cast("Q") as words:
-        heads = words[::PAGE_SIZE // 8].tolist()
-    candidates = chunker.page_cut_candidates(heads)
+    candidates = chunker.page_cut_candidates(chunker.page_heads(view[first * PAGE_SIZE:]))
     return (first + candidates[-1]) * PAGE_SIZE if candidates and first + candidates[-1] > 0 else len(view)
 
 
@@ -225,7 +222,7 @@ def _slot_work(job, task) -> list[tuple[int, int, str, int, int]]:
     pieces, off = [], 0
     for vaddr, pages in _regions(parts):
         region = view[off:off + pages * PAGE_SIZE]
-        for start, count, zero in _zero_runs(region):
+        for start, count, zero in zero_pages.page_runs(region):
             at = vaddr + start * PAGE_SIZE
             if zero:
                 pieces.append((at, count, ZERO_ID, 0, 0))
@@ -251,26 +248,7 @@ def _regions(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(v, n) for v, n in out]
 
 
-def _zero_runs(region: memoryview):
-    """(first page, pages, all zero?) runs covering region, in order."""
-    pages = len(region) // PAGE_SIZE
-    zero = []
-    for off in range(0, len(region), _SCAN):
-        first = off // PAGE_SIZE
-        zero += [first + i for i in zero_pages.zero_pages_in(region[off:off + _SCAN],
-                                                             min(_SCAN, len(region) - off))]
-    pos = 0
-    for start, count in zero_pages.runs(zero):
-        if start > pos:
-            yield pos, start - pos, False
-        yield start, count, True
-        pos = start + count
-    if pos < pages:
-        yield pos, pages - pos, False
-
-
 def _spans(run: memoryview) -> list[tuple[int, int]]:
     """Where the chunker cuts a run of nonzero pages: (offset, length) in bytes."""
-    with run.cast("Q") as words:
-        first = words[::PAGE_SIZE // 8].tolist()
-    return chunker.spans_from_candidates(chunker.page_cut_candidates(first), [0], len(first))
+    heads = chunker.page_heads(run)
+    return chunker.spans_from_candidates(chunker.page_cut_candidates(heads), [0], len(heads))

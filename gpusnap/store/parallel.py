@@ -94,7 +94,11 @@ def _forked(fn, job, batches: int, workers: int, ordered: bool):
     try:
         for k in range(workers):
             r, w = os.pipe()
-            pid = _spawn(lambda: (os.close(r), _worker(fn, job, range(k, batches, workers), w)))
+
+            def body(r=r, w=w, mine=range(k, batches, workers)):
+                os.close(r)
+                _worker(fn, job, mine, w)
+            pid = _spawn(body)
             os.close(w)
             children[pid] = os.fdopen(r, "rb")
         yield from _collect(children, ordered)
