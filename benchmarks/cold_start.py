@@ -143,12 +143,12 @@ def floor_memcpy(gib=4, threads=8):
     return out
 
 
-def floor_disk_write(directory, gib=4, writers=8):
+def floor_disk_write(directory, gib=4, writers=8, sync=True):
     """GB/s of writing gib GiB of incompressible data, split over writers files written
-    at once, each fsynced: what a durable store on this disk can take at most."""
+    at once, each fsynced (sync): what a durable store on this disk can take at most."""
     import concurrent.futures
     block = os.urandom(16 << 20)
-    per = (gib << 30) // writers
+    per = int(gib * (1 << 30)) // writers
 
     def one(i):
         path = os.path.join(directory, f"floor-write-{i}")
@@ -156,13 +156,14 @@ def floor_disk_write(directory, gib=4, writers=8):
             for _ in range(per // len(block)):
                 f.write(block)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.unlink(path)
     os.makedirs(directory, exist_ok=True)
     t = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(writers) as pool:
         list(pool.map(one, range(writers)))
-    return (gib << 30) / (time.perf_counter() - t) / 1e9
+    return per * writers / (time.perf_counter() - t) / 1e9
 
 
 def floor_disk(path):

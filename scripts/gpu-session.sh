@@ -7,7 +7,9 @@
 # (benchmarks/materialise.py), cold1b / cold8b / cold (benchmarks/cold_start.py; COLD_ARGS
 # replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py),
 # dumprace (the parallel CUDA stages and the CUDA-child-mid-dump tests alone),
-# commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp).
+# commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp),
+# dumpprobe (benchmarks/dump_probe.py: where a dump's time goes, 8 GiB on the GPU; PROBE_ARGS
+# replaces its options).
 # Breadth rows (benchmarks/breadth.py; each ends itself 30 s before its limit, BREADTH_ARGS
 # adds options): switch, standby, diffusion (one GPU); tp2sdk (tests/gpu/test_tp_sdk_gpu.py),
 # tp2 (the TP=2 row, the rehearsal of TP=4/8), tp120plan (what TP=8 120B would need), estimate
@@ -73,6 +75,7 @@ for spec in "$@"; do
         dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         dumprace) step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_dump_race.py ;;
+        dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
         switch|standby|diffusion)
                   breadth "$name" "$limit" "$name" ;;

@@ -171,6 +171,7 @@ class _Dump:
         with self.stages.stage("pages_finish"):
             pages, counts, zero_stats = self.stream.finish(self.dumper.criu_dir(self.images),
                                                           elide=self.plan.zero_elide)
+            self.stages.seconds.update(self.stream.timings())   # where the stream's time went
             self.stream = None
         with self.stages.stage("ingest"):
             files, more = self.repo.ingest_dir(self.images, progress)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from dataclasses import dataclass, field
 
 from ..errors import CriuFailed, ImageError
@@ -57,6 +58,11 @@ class PageStream:
         self.slot: list | None = None                        # [slot, bytes used, parts]
         self.stored: dict[str, int] = {}
         self.new = 0
+        self.workers = n
+        # where the time went: seconds the receiver spent reading CRIU's pages and waiting
+        # for a free slot or worker; worker-seconds finding zero pages, cutting, hashing and
+        # compressing (with the store's lookups), writing and fsyncing
+        self.seconds = dict.fromkeys(("recv", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"), 0.0)
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         self.pool = parallel.Stream(_slot_work, (repo, self.shm), n)
 
@@ -81,7 +87,9 @@ class PageStream:
             slot, used, parts = self.slot
             n = min(left, SLOT_BYTES - used)
             base = slot * SLOT_BYTES + used
+            t = time.perf_counter()
             fill(self.view[base:base + n])
+            self.seconds["recv"] += time.perf_counter() - t
             parts.append((vaddr, n // PAGE_SIZE))
             self.slot[1] = used + n
             vaddr += n
@@ -109,6 +117,13 @@ class PageStream:
         return files, {"bytes_logical": logical, "bytes_stored": sum(self.stored.values()),
                        "bytes_new": self.new}, total
 
+    def timings(self) -> dict[str, float]:
+        """Where the stream's time went (seconds; w_*: summed over the workers), and the
+        number of workers: what a dump's --json reports as stream_*."""
+        out = {f"stream_{k}": round(v, 4) for k, v in self.seconds.items()}
+        out["stream_workers"] = self.workers
+        return out
+
     def abort(self) -> None:
         """Stop the workers (chunks they stored stay, unreferenced, for gc)."""
         self.pool.close()
@@ -131,8 +146,11 @@ class PageStream:
     # ---- slots ----
     def _free_slot(self) -> int:
         self._absorb(self.pool.take())
-        while not self.free:
-            self._absorb(self.pool.take(block=True))
+        if not self.free:
+            t = time.perf_counter()
+            while not self.free:
+                self._absorb(self.pool.take(block=True))
+            self.seconds["slot_wait"] += time.perf_counter() - t
         return self.free.pop()
 
     def _submit(self, carry: bool = False) -> None:
@@ -148,7 +166,9 @@ class PageStream:
             parts, tail = _split_parts(parts, cut // PAGE_SIZE)
         self.slot = None
         pm = self.maps[self.key]
-        self.pool.submit((self.key, pm.slots, slot), (slot, cut, parts))
+        t = time.perf_counter()
+        self.pool.submit((self.key, pm.slots, slot), (slot, cut, parts))   # waits for a worker
+        self.seconds["slot_wait"] += time.perf_counter() - t
         pm.slots += 1
         if tail:
             new = self._free_slot()
@@ -157,8 +177,10 @@ class PageStream:
             self.slot = [new, used - cut, tail]
 
     def _absorb(self, results) -> None:
-        for (key, seq, slot), pieces in results:
+        for (key, seq, slot), (pieces, seconds) in results:
             self.free.append(slot)
+            for k, v in seconds.items():
+                self.seconds[k] += v
             self.maps[key].pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
             for _v, _n, cid, size, new in pieces:
                 if cid != ZERO_ID:
@@ -213,28 +235,46 @@ def _split_parts(parts: list[tuple[int, int]], at: int):
 
 # ---- in a worker ----
 
-def _slot_work(job, task) -> list[tuple[int, int, str, int, int]]:
-    """One slot: (vaddr, pages, chunk id or ZERO_ID, stored bytes, new bytes) per piece."""
+def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[str, float]]:
+    """One slot: (vaddr, pages, chunk id or ZERO_ID, stored bytes, new bytes) per piece,
+    and the seconds each step took."""
     repo, shm = job
     slot, used, parts = task
     pending = {} if repo.backend.batches_puts else None
     view = memoryview(shm)[slot * SLOT_BYTES:slot * SLOT_BYTES + used]
+    clock = _Clock()
     pieces, off = [], 0
     for vaddr, pages in _regions(parts):
         region = view[off:off + pages * PAGE_SIZE]
-        for start, count, zero in zero_pages.page_runs(region):
+        runs = clock.timed("w_zero", lambda r: list(zero_pages.page_runs(r)), region)
+        for start, count, zero in runs:
             at = vaddr + start * PAGE_SIZE
             if zero:
                 pieces.append((at, count, ZERO_ID, 0, 0))
                 continue
             run = region[start * PAGE_SIZE:(start + count) * PAGE_SIZE]
-            for c_off, c_len in _spans(run):
-                cid, stored, new = repo._put_chunk(run[c_off:c_off + c_len], pending)
+            for c_off, c_len in clock.timed("w_cut", _spans, run):
+                cid, stored, new = clock.timed("w_chunk", repo._put_chunk,
+                                               run[c_off:c_off + c_len], pending)
                 pieces.append((at + c_off, c_len // PAGE_SIZE, cid, stored, new))
         off += pages * PAGE_SIZE
     if pending:
-        repo.backend.put_many(list(pending.items()))
-    return pieces
+        clock.timed("w_write", repo.backend.put_many, list(pending.items()))
+    return pieces, clock.seconds
+
+
+class _Clock:
+    """Seconds per step, summed."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def timed(self, name: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 def _regions(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -1,0 +1,254 @@
+"""Where a dump's time goes: CRIU, its page stream, the store's workers, the disk.
+
+    python benchmarks/dump_probe.py [--gib 8] [--runs 2] [--work /tmp/gpusnap-probe] [--out DIR]
+
+A process holding --gib GiB of random bf16 (on the GPU where torch sees one: the CUDA
+driver moves it to host memory first, as for an LLM server; else in host memory), fresh
+for every row and dumped (and so killed) by it. Rows, same run, medians of --runs:
+
+- naive:      CUDA lock + checkpoint, `criu dump` into /dev/shm (what a user runs by hand)
+- null:       CUDA lock + checkpoint, `criu dump --page-server` into a sink that throws the
+              pages away: the ceiling of CRIU and its socket, nothing stored
+- stream_shm: `gpusnap dump` (pages streamed) into a store on /dev/shm: the workers
+              (zero pages, chunking, SHA-256, zstd) without a disk
+- stream:     `gpusnap dump` into a store on --work's disk (durable)
+- second:     the same data dumped again into that store (every chunk known)
+- staged:     `gpusnap dump --pages staged` into a fresh store on disk
+
+and floors: the disk's write rate with fsync (16 writers) and tmpfs's. Each gpusnap row
+shows its stream_* timings: seconds the receiver read CRIU's pages (recv) and waited for a
+free slot (slot_wait), worker-seconds finding zero pages, cutting, hashing and
+compressing, writing and fsyncing. Writes OUT/dump_probe_<card>.md/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SHM = "/dev/shm/gpusnap-probe"
+
+
+# ---- the workload --------------------------------------------------------------------
+def hold(gib: float, state: str) -> None:
+    """Runs in the held process: random bf16 (fixed seed: every start holds the same
+    bytes, so a second dump finds every chunk), then sleep until killed."""
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        torch, cuda = None, False
+    held = []
+    if cuda:
+        g = torch.Generator(device="cuda").manual_seed(1234)
+        left = int(gib * (1 << 30)) // 2
+        while left:
+            n = min(left, 1 << 28)
+            held.append(torch.randn(n, dtype=torch.bfloat16, device="cuda", generator=g))
+            left -= n
+        torch.cuda.synchronize()
+    else:
+        import random
+        held = [bytearray(random.Random(1234 + i).randbytes(64 << 20)) for i in range(int(gib * 16))]
+    with open(state + ".tmp", "w") as f:
+        json.dump({"pid": os.getpid(), "cuda": cuda}, f)
+    os.replace(state + ".tmp", state)
+    while True:
+        time.sleep(1)
+
+
+def start(gib: float, work: str) -> tuple[int, bool]:
+    state = os.path.join(work, "holder.json")
+    if os.path.exists(state):
+        os.unlink(state)
+    log = open(os.path.join(work, "holder.log"), "ab")
+    subprocess.Popen([sys.executable, os.path.abspath(__file__), "--hold", str(gib), "--state", state],
+                     cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    for _ in range(2400):
+        if os.path.exists(state):
+            with open(state) as f:
+                got = json.load(f)
+            return got["pid"], got["cuda"]
+        time.sleep(0.05)
+    raise TimeoutError("the holder did not start (holder.log)")
+
+
+def gone(pid: int, timeout: float = 60) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ")[1].startswith("Z"):
+                time.sleep(0.05)
+                continue
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+# ---- rows ----------------------------------------------------------------------------
+class NullSink:
+    """A PageSink that reads every page into one buffer and keeps nothing."""
+
+    def __init__(self):
+        self.buf = memoryview(bytearray(16 << 20))
+        self.bytes = 0
+
+    def open(self, kind, ident):
+        pass
+
+    def add(self, kind, ident, vaddr, nr_pages, flags, fill):
+        left = nr_pages * 4096 if fill else 0
+        while left:
+            n = min(left, len(self.buf))
+            fill(self.buf[:n])
+            left -= n
+            self.bytes += n
+
+    def close(self):
+        pass
+
+
+def by_hand(pid: int, cuda: bool, images: str, sink=None) -> dict:
+    """CUDA lock + checkpoint, then CRIU: into images, or its pages to sink."""
+    from gpusnap.criu import pageserver, runner
+    from gpusnap.criu.argv import CriuOptions
+    shutil.rmtree(images, ignore_errors=True)
+    os.makedirs(images)
+    out = {}
+    t0 = time.perf_counter()
+    if cuda:
+        from gpusnap.cuda.session import CudaSession
+        s = CudaSession([pid])
+        s.lock_all(10_000)
+        s.checkpoint_all()
+    t1 = time.perf_counter()
+    serve = (lambda sock: pageserver.serve(sock, sink)) if sink else None
+    runner.dump(pid, images, CriuOptions(), leave="killed", page_server=serve)
+    t2 = time.perf_counter()
+    out.update(s=t2 - t0, cuda_checkpoint=t1 - t0, criu_dump=t2 - t1)
+    if sink:
+        out["bytes"] = sink.bytes
+    else:
+        out["bytes"] = sum(os.path.getsize(os.path.join(images, n)) for n in os.listdir(images)
+                           if n.startswith("pages-"))
+    shutil.rmtree(images, ignore_errors=True)
+    return out
+
+
+def gpusnap_dump(pid: int, store: str, pages: str = "stream") -> dict:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "gpusnap", "--store", store, "dump", "--pid", str(pid),
+                        "--pages", pages, "--json"], cwd=REPO, capture_output=True, text=True)
+    took = time.perf_counter() - t
+    if p.returncode:
+        raise RuntimeError(f"gpusnap dump failed ({p.returncode}): {p.stderr[-2000:]}")
+    got = json.loads(p.stdout)
+    return {"s": took, "bytes": got["bytes_logical"], "bytes_new": got["bytes_new"],
+            "downtime": got.get("downtime"), **got["timings"]}
+
+
+def run_row(name: str, gib: float, work: str, store: str) -> dict:
+    pid, cuda = start(gib, work)
+    try:
+        if name == "naive":
+            return by_hand(pid, cuda, os.path.join(SHM, "images"))
+        if name == "null":
+            return by_hand(pid, cuda, os.path.join(work, "null-images"), NullSink())
+        if name == "stream_shm":
+            shutil.rmtree(os.path.join(SHM, "store"), ignore_errors=True)
+            try:
+                return gpusnap_dump(pid, os.path.join(SHM, "store"))
+            finally:
+                shutil.rmtree(os.path.join(SHM, "store"), ignore_errors=True)
+        if name in ("stream", "staged"):
+            shutil.rmtree(store, ignore_errors=True)
+            return gpusnap_dump(pid, store, "stream" if name == "stream" else "staged")
+        if name == "second":
+            return gpusnap_dump(pid, store)
+        raise ValueError(name)
+    finally:
+        gone(pid)
+
+
+def table(rows: dict, floors: dict, card: str, gib: float) -> str:
+    out = [f"# Dump probe — {card}", "",
+           f"A process holding {gib:g} GiB of random bf16 ({'GPU' if 'cpu' not in card.lower() else 'host'} "
+           f"memory), dumped fresh for each row; medians of {len(next(iter(rows.values())))}.", "",
+           "Floors: " + ", ".join(f"{k} {v:.2f} GB/s" for k, v in floors.items()), "",
+           "| row | wall s | cuda_checkpoint s | criu_dump s | image GB | GB/s in CRIU's stage | "
+           "GB/s wall |", "|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        m = {k: statistics.median(r[k] for r in runs) for k in runs[0] if
+             all(isinstance(r.get(k), (int, float)) for r in runs)}
+        crit = m.get("criu_dump", 0)
+        gb = m.get("bytes", 0) / 1e9
+        out.append(f"| {name} | {m['s']:.2f} | {m.get('cuda_checkpoint', 0):.2f} | {crit:.2f} | "
+                   f"{gb:.2f} | {gb / crit if crit else 0:.2f} | {gb / m['s']:.2f} |")
+    out += ["", "Stages and stream timings (medians):", ""]
+    for name, runs in rows.items():
+        keys = [k for k in runs[0] if k not in ("s", "bytes") and
+                all(isinstance(r.get(k), (int, float)) for r in runs)]
+        out.append(f"- {name}: " + ", ".join(
+            f"{k} {statistics.median(r[k] for r in runs):.3f}" for k in keys))
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gib", type=float, default=8)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--rows", default="naive,null,stream_shm,stream,second,staged")
+    ap.add_argument("--work", default="/tmp/gpusnap-probe")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--hold", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--state", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.hold is not None:
+        return hold(args.hold, args.state)
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(SHM, exist_ok=True)
+    try:
+        import torch
+        card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    except ImportError:
+        card = f"cpu ({os.cpu_count()} cores)"
+    # memory first grown (a VM's memory can grow as it is touched), then the floors
+    from cold_start import floor_disk_write
+    floors = {"tmpfs_write": floor_disk_write(SHM, gib=args.gib, writers=16, sync=False),
+              "disk_write_fsync": floor_disk_write(args.work, gib=min(args.gib, 4), writers=16)}
+    print(json.dumps({"floors": floors}), flush=True)
+    store = os.path.join(args.work, "store")
+    rows: dict[str, list] = {}
+    for _ in range(args.runs):
+        for name in args.rows.split(","):
+            got = run_row(name, args.gib, args.work, store)
+            print(json.dumps({"row": name, **got}), flush=True)
+            rows.setdefault(name, []).append(got)
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(SHM, ignore_errors=True)
+    text = table(rows, floors, card, args.gib)
+    print(text, flush=True)
+    tag = "h200" if "H200" in card else "cpu" if card.startswith("cpu") else card.replace(" ", "_").lower()
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"dump_probe_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump({"card": card, "gib": args.gib, "floors": floors, "rows": rows}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
