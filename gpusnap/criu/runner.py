@@ -16,6 +16,7 @@ _ERROR_LINE = re.compile(r"^\([\d.]+\)\s+(?:\d+:\s+)?Error\s+\(([^)]*)\):\s*(.*)
 _PID_TAKEN = re.compile(r"Can't fork for (\d+): File exists")
 # Error lines that do not say why CRIU failed: a limit it could not raise and went on
 # without, and the summaries it prints after the cause.
+_PS_BUFFER = 4 << 20
 _AFTERMATH = re.compile(r"RLIMIT_NOFILE|Dumping FAILED|Restoring FAILED")
 
 
@@ -77,6 +78,9 @@ def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, lo
     stops and lets the tree run again; the serving error is raised once CRIU has exited,
     unless the stream broke because CRIU failed (then CRIU's own error says why)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for end in (ours, theirs):      # fewer, larger hand-offs (capped by net.core.wmem_max)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _PS_BUFFER)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _PS_BUFFER)
     with ours:
         try:
             running = sysrun.begin(dump_argv(criu, pid, images_dir, opts, leave=leave,
