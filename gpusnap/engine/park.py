@@ -20,6 +20,7 @@ and a NCCL job that may use CUDA IPC peer memory (cuda/nccl.py; --force).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class ResumePlan:
     entry: dict                     # the state dir's entry of the parked target
     gpu_pairs: list[tuple[str, str]] | None = None
     notes: list[str] = field(default_factory=list)
+    cuinit: threading.Thread | None = None   # cuInit, started while the plan is made
 
 
 def _one_target(pid, container) -> None:
@@ -140,7 +142,8 @@ def plan_resume(req: ResumeRequest) -> ResumePlan:
     if not entry or entry["state"] not in parked.PARKED:
         raise NotParked(f"gpusnap holds nothing parked for {req.container or req.pid}",
                         hint="gpusnap ps lists what it holds")
-    plan = ResumePlan(req, entry)
+    # cuInit (a restore needs it in gpusnap's process) overlaps planning's NVML queries
+    plan = ResumePlan(req, entry, cuinit=gpu.init_in_background() if entry.get("cuda_pids") else None)
     if entry.get("container") and req.gpus:
         raise UsageError("a container keeps its GPU device nodes: it resumes on its own GPUs",
                          hint="dump it and restore with --gpu to move it")
@@ -156,6 +159,9 @@ def execute_resume(plan: ResumePlan) -> dict:
     cuda = gpu.session(entry["cuda_pids"])
     sdk = None
     try:
+        if plan.cuinit:
+            with stages.stage("cuda_init_wait"):
+                plan.cuinit.join()
         with stages.stage("cuda_restore"):
             cuda.restore_all(plan.gpu_pairs)
         with stages.stage("cuda_unlock"):
