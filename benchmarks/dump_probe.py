@@ -130,7 +130,7 @@ def by_hand(pid: int, cuda: bool, images: str, sink=None) -> dict:
         s.lock_all(10_000)
         s.checkpoint_all()
     t1 = time.perf_counter()
-    serve = (lambda sock: pageserver.serve(sock, sink)) if sink else None
+    serve = (lambda sock, alive: pageserver.serve(sock, sink, alive=alive)) if sink else None
     runner.dump(pid, images, CriuOptions(), leave="killed", page_server=serve)
     t2 = time.perf_counter()
     out.update(s=t2 - t0, cuda_checkpoint=t1 - t0, criu_dump=t2 - t1)

@@ -60,12 +60,34 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float | 
 class Running:
     """A child started by begin(), whose output is collected by wait()."""
 
-    def __init__(self, proc: subprocess.Popen, argv: list[str], input: str | None):
-        self.proc, self.argv, self.input = proc, list(argv), input
+    def __init__(self, proc: subprocess.Popen, argv: list[str], input: str | None,
+                 own_group: bool = False):
+        self.proc, self.argv, self.input, self.own_group = proc, list(argv), input, own_group
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def exited(self) -> bool:
+        """Whether the child itself has exited (what it started may live on)."""
+        return self.proc.poll() is not None
+
+    def wait_group(self, timeout: float | None = None) -> Result:
+        """wait() for a child started with own_group: once the child itself has exited
+        with a failure, what it left in its process group (which would hold its output
+        pipes and keep wait() waiting) is killed first."""
+        with interrupts.held():
+            try:
+                self.proc.wait(timeout)
+            except BaseException:
+                self.proc.kill()
+                raise
+        if self.proc.returncode != 0 and self.own_group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return self.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> Result:
         """run()'s second half: wait for the child (interrupts held until it exits)."""
@@ -80,14 +102,17 @@ class Running:
 
 
 def begin(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-          input: str | None = None, pass_fds: tuple[int, ...] = ()) -> Running:
+          input: str | None = None, pass_fds: tuple[int, ...] = (),
+          own_group: bool = False) -> Running:
     """Start argv (clean environment, no shell, ignoring SIGINT) for a caller that works
-    while it runs; Running.wait() collects it as run() does. Starts no thread."""
+    while it runs; Running.wait() collects it as run() does. Starts no thread.
+    own_group: in a process group of its own (Running.end_leftovers)."""
     proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, text=True, errors="replace",
                             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_ignore_sigint, pass_fds=pass_fds)
-    return Running(proc, argv, input)
+                            preexec_fn=_ignore_sigint, pass_fds=pass_fds,
+                            process_group=0 if own_group else None)
+    return Running(proc, argv, input, own_group)
 
 
 def start(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,

@@ -37,6 +37,7 @@ PE_PRESENT = 4
 ADD, HOLE, OPEN, OPEN2, PARENT, ADD_F, GET = 1, 2, 3, 4, 5, 6, 7
 CLOSE, FORCE_CLOSE = 0x1023, 0x1024
 KINDS = {1: "pid", 2: "shmem"}
+WAKE = 0.5                              # seconds of a quiet stream before CRIU is looked at
 MAX_ENTRY_PAGES = 1 << 20               # 4 GiB in one entry: far beyond CRIU's pipe-sized pieces
 
 Fill = Callable[[memoryview], None]
@@ -55,17 +56,23 @@ class PageSink(Protocol):
     def close(self) -> None: ...
 
 
-def serve(sock: socket.socket, sink: PageSink, progress: Callable[[int], None] | None = None) -> None:
-    """Serve one CRIU dump's page stream on sock until CRIU closes it."""
+def serve(sock: socket.socket, sink: PageSink, progress: Callable[[int], None] | None = None,
+          alive: Callable[[], bool] | None = None) -> None:
+    """Serve one CRIU dump's page stream on sock until CRIU closes it. alive() says
+    whether CRIU still runs: asked whenever the stream has been quiet for WAKE seconds,
+    so a CRIU that died, while something it left behind holds its end of the socket, ends
+    the stream (CriuFailed) instead of keeping gpusnap waiting forever."""
+    if alive:
+        sock.settimeout(WAKE)
     try:
-        _serve(sock, sink, progress)
+        _serve(sock, sink, progress, alive)
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise CriuFailed(f"CRIU's page stream broke ({exc.strerror})") from None
 
 
-def _serve(sock: socket.socket, sink: PageSink, progress) -> None:
+def _serve(sock: socket.socket, sink: PageSink, progress, alive) -> None:
     while True:
-        head = _read_exact(sock, PSI.size, allow_eof=True)
+        head = _read_exact(sock, PSI.size, alive, allow_eof=True)
         if head is None:
             raise CriuFailed("CRIU's page stream ended before CRIU said it was complete")
         raw_cmd, nr_pages, vaddr, dst_id = PSI.unpack(head)
@@ -84,14 +91,15 @@ def _serve(sock: socket.socket, sink: PageSink, progress) -> None:
             sock.sendall(struct.pack("=i", 0))
         elif cmd in (ADD_F, ADD, HOLE):
             flags = flags if cmd == ADD_F else (PE_PRESENT if cmd == ADD else 1)
-            _add(sock, sink, kind, ident, vaddr, nr_pages, flags)
+            _add(sock, sink, kind, ident, vaddr, nr_pages, flags, alive)
             if progress and flags & PE_PRESENT:
                 progress(nr_pages * PAGE_SIZE)
         else:
             raise CriuFailed(f"CRIU's page stream sent a command gpusnap does not serve ({cmd})")
 
 
-def _add(sock, sink: PageSink, kind: str, ident: int, vaddr: int, nr_pages: int, flags: int) -> None:
+def _add(sock, sink: PageSink, kind: str, ident: int, vaddr: int, nr_pages: int, flags: int,
+         alive) -> None:
     if not 0 < nr_pages <= MAX_ENTRY_PAGES or vaddr % PAGE_SIZE:
         raise CriuFailed(f"CRIU's page stream sent a malformed entry ({nr_pages} pages at {vaddr:#x})")
     if not flags & PE_PRESENT:
@@ -104,7 +112,7 @@ def _add(sock, sink: PageSink, kind: str, ident: int, vaddr: int, nr_pages: int,
         nonlocal taken
         if taken + len(view) > want:
             raise CriuFailed("page sink asked for more bytes than the entry holds")
-        _read_into(sock, view)
+        _read_into(sock, view, alive)
         taken += len(view)
 
     sink.add(kind, ident, vaddr, nr_pages, flags, fill)
@@ -120,24 +128,35 @@ def _decode_dst(dst_id: int) -> tuple[str, int]:
     return kind, dst_id >> 8
 
 
-def _read_into(sock: socket.socket, view: memoryview) -> None:
+def _read_into(sock: socket.socket, view: memoryview, alive=None) -> None:
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:], len(view) - got, socket.MSG_WAITALL)
+        n = _recv(sock, view[got:], alive)
         if n == 0:
             raise CriuFailed("CRIU's page stream ended in the middle of an entry's pages")
         got += n
 
 
-def _read_exact(sock: socket.socket, n: int, allow_eof: bool = False) -> bytes | None:
+def _read_exact(sock: socket.socket, n: int, alive=None, allow_eof: bool = False) -> bytes | None:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        k = _recv(sock, view[got:], alive)
         if k == 0:
             if allow_eof and got == 0:
                 return None
             raise CriuFailed("CRIU's page stream ended in the middle of a message")
         got += k
     return bytes(buf)
+
+
+def _recv(sock: socket.socket, view: memoryview, alive) -> int:
+    """recv_into view (as much as comes, at most all of it); a quiet stream whose CRIU
+    has exited ends with CriuFailed."""
+    while True:
+        try:
+            return sock.recv_into(view, len(view), socket.MSG_WAITALL)
+        except TimeoutError:
+            if alive is not None and not alive():
+                raise CriuFailed("CRIU exited before its page stream was complete") from None

@@ -58,10 +58,10 @@ def _fail(what: str, res: sysrun.Result, log_path: str) -> GpusnapError:
 
 def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped",
          timeout: float | None = None, criu: str | None = None,
-         page_server: Callable[[socket.socket], None] | None = None) -> None:
-    """criu: the CRIU to run (default: find_criu's). page_server: serves CRIU's page
-    stream on a connected socket while CRIU runs (criu/pageserver.py); without it CRIU
-    writes pages images into images_dir."""
+         page_server: Callable[[socket.socket, Callable[[], bool]], None] | None = None) -> None:
+    """criu: the CRIU to run (default: find_criu's). page_server(sock, alive): serves
+    CRIU's page stream on a connected socket while CRIU runs (criu/pageserver.py); alive()
+    says whether CRIU still runs. Without it CRIU writes pages images into images_dir."""
     criu = criu or find_criu()[0]
     log = os.path.join(images_dir, "dump.log")
     if page_server is None:
@@ -76,7 +76,10 @@ def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, lo
     """CRIU dump with its pages sent to page_server over a socket pair. When serving
     fails (the store, an interrupt), the socket is shut: CRIU's next send fails, so it
     stops and lets the tree run again; the serving error is raised once CRIU has exited,
-    unless the stream broke because CRIU failed (then CRIU's own error says why)."""
+    unless the stream broke because CRIU failed (then CRIU's own error says why).
+    page_server(sock, alive) is told when CRIU has exited: a process CRIU left behind
+    holding its end of the socket must not keep gpusnap waiting; what CRIU left in its
+    process group is killed once it has failed."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for end in (ours, theirs):      # fewer, larger hand-offs (capped by net.core.wmem_max)
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _PS_BUFFER)
@@ -84,18 +87,19 @@ def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, lo
     with ours:
         try:
             running = sysrun.begin(dump_argv(criu, pid, images_dir, opts, leave=leave,
-                                             ps_socket=theirs.fileno()), pass_fds=(theirs.fileno(),))
+                                             ps_socket=theirs.fileno()),
+                                   pass_fds=(theirs.fileno(),), own_group=True)
         finally:
             theirs.close()
         try:
-            page_server(ours)
+            page_server(ours, lambda: not running.exited())
         except BaseException as exc:
             ours.shutdown(socket.SHUT_RDWR)
-            res = running.wait(timeout)
+            res = running.wait_group(timeout)
             if isinstance(exc, CriuFailed) and not res.ok:
                 raise _fail("dump", res, log) from None
             raise
-        return running.wait(timeout)
+        return running.wait_group(timeout)
 
 
 def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,

@@ -163,7 +163,7 @@ class _Dump:
 
     def _serve(self, progress):
         """CRIU's page stream into self.stream (criu/pageserver.py)."""
-        return lambda sock: pageserver.serve(sock, self.stream, progress)
+        return lambda sock, alive: pageserver.serve(sock, self.stream, progress, alive)
 
     def _ingest_streamed(self, progress):
         """The streamed pages are stored: the pagemaps are written (zero runs of private

@@ -10,6 +10,7 @@ import random
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -180,3 +181,26 @@ def test_memory_that_moved_by_whole_pages_keeps_its_chunks(tmp_path, monkeypatch
     second = stream(tmp_path, {5: [(vaddr, moved)]}, {5: []}, images="again")[3]
     assert first["bytes_new"] > len(data) * 0.9
     assert second["bytes_new"] < len(data) * 0.1, second
+
+
+def test_a_quiet_stream_whose_criu_has_exited_ends_instead_of_waiting_forever(monkeypatch):
+    """Something CRIU left behind still holds its end of the socket: the stream ends once
+    CRIU is found gone, mid-message or between messages."""
+    class Sink:
+        def open(self, *a): pass
+        def add(self, kind, ident, vaddr, nr_pages, flags, fill):
+            fill(memoryview(bytearray(nr_pages * P)))
+        def close(self): pass
+    monkeypatch.setattr(pageserver, "WAKE", 0.05)
+    psi = pageserver.PSI
+    for sent in (b"", psi.pack(pageserver.OPEN2, 0, 0, 7 << 8 | 1)[:10],
+                 psi.pack(pagemap.PE_PRESENT << 16 | pageserver.ADD_F, 4, 0x1000, 7 << 8 | 1) + bytes(P)):
+        ours, theirs = socket.socketpair()
+        theirs.sendall(sent)
+        asked = []
+        t = time.monotonic()
+        with pytest.raises(CriuFailed, match="CRIU exited before its page stream was complete"):
+            pageserver.serve(ours, Sink(), alive=lambda: asked.append(1) or len(asked) < 3)
+        assert time.monotonic() - t < 5 and len(asked) == 3
+        theirs.close()
+        ours.close()
