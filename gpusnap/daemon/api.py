@@ -101,6 +101,12 @@ def inspect(store: Store, ref: str) -> dict:
     return {**{k: v for k, v in data.items() if k not in ("files", "logs")}, "files": len(data["files"])}
 
 
+def use_host_gpus(gpus: list[dict]) -> None:
+    """In a restore's child: plan with the GPU facts the daemon's helper gave."""
+    from ..engine import gpu
+    gpu.use_host_gpus(gpus)
+
+
 def warm_imports() -> None:
     """Import what operations need, once, in the daemon: every child starts with them."""
     import importlib
