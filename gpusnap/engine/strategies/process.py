@@ -202,9 +202,10 @@ def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: St
     cuda_pids = list(plan.manifest.cuda.pids) if plan.manifest.cuda else []
     if not cuda_pids:
         return
-    cuda = gpu.session(cuda_pids)
     with stages.stage("cuda_init_wait"):        # what of cuInit did not overlap CRIU
         cuinit.join()
+    with stages.stage("cuda_state"):            # each pid's state, as the driver says
+        cuda = gpu.session(cuda_pids)
     with stages.stage("cuda_restore"):
         cuda.restore_all(plan.gpu_pairs)
     with stages.stage("cuda_unlock"):
