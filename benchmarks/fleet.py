@@ -232,6 +232,7 @@ def daemon_row(b: Bench, runs: int) -> dict:
         assert [row[k][-1]["via"] for k in ("cli", "daemon", "cli_warm")] == ["cli", "daemon", "cli"], row
         assert "warm_cache" in row["daemon"][-1] and "materialise" not in row["daemon"][-1], row
     b.kill()
+    gpusnap(["--store", b.local, "warm", "--drop"], b.env)     # the cache lives outside the work dir
     status = Client(sock).request("GET", "/v1/status")[1]
     row["idle_rss_after_mib"] = status["rss_bytes"] / 2**20
     row["gpu_facts"] = status.get("gpu_facts")
