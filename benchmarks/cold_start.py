@@ -329,7 +329,7 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
     for label, (env, thp) in variants.items():
         if label == "warm":
             t = time.perf_counter()
-            gpusnap("warm", snap["id"], store=store)
+            gpusnap("warm", snap["id"], "--pages", "criu", store=store)
             row["warm_s"] = time.perf_counter() - t
         elif "warm" in restores:
             gpusnap("warm", "--drop", store=store)

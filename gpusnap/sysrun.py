@@ -155,3 +155,12 @@ def fork_helper(fn, *args) -> int:
             traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def kill_child(pid: int) -> None:
+    """SIGKILL a child of this process and reap it (gone already: nothing to do)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

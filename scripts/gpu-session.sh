@@ -17,7 +17,11 @@
 # machine's disk and memory; the one-GPU kind has too little of both).
 # s3row / daemonrow (benchmarks/fleet.py: the 1.3B server restored from an s3:// store on a
 # moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
-# picks the size, 1b by default; each ~2-3 min, give them 280 s).
+# picks the size, 1b by default; each ~2-3 min, give them 280 s). daemonrow: per run the
+# CLI with no warm cache, then `gpusnap warm` through the daemon and a restore through it,
+# then the CLI finding that cache; stages of each in $OUT/fleet_<card>_1b_daemon.md; it
+# starts no run that would not end 40 s before its limit (240 s: ~100 s of it is building
+# the model, starting the server and the dump).
 #
 # The GPU machine has no network and no package installs: what gpusnap needs beyond its
 # Python travels in the working tree (gitignored, so name them in the device tool's carry):
@@ -90,7 +94,8 @@ for spec in "$@"; do
         b30)      breadth "$name" "$limit" b30 --mode transparent ;;
         b30sdk)   breadth "$name" "$limit" b30 --mode sdk ;;
         s3row)    step "$name" "$limit" python3 benchmarks/fleet.py --rows s3 --size "${FLEET_SIZE:-1b}" --runs 3 --out "$OUT" ;;
-        daemonrow) step "$name" "$limit" python3 benchmarks/fleet.py --rows daemon --size "${FLEET_SIZE:-1b}" --runs 3 --out "$OUT" ;;
+        daemonrow) step "$name" "$limit" python3 benchmarks/fleet.py --rows daemon --size "${FLEET_SIZE:-1b}" --runs 3 \
+                      --budget $((limit > 90 ? limit - 40 : limit)) --out "$OUT" ;;
         *) echo "unknown step $name"; exit 2 ;;
     esac
 done

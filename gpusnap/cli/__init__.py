@@ -9,8 +9,8 @@ import sys
 import click
 
 from .. import VERSION
+from ..daemon import forward as via_daemon
 from ..errors import GpusnapError, Interrupted, UsageError, exit_code_table
-from . import via_daemon
 from .context import AppContext
 
 DEFAULT_STORE = "/var/lib/gpusnap"
@@ -28,7 +28,7 @@ class LazyGroup(click.Group):
         "ls": "List snapshots.",
         "inspect": "Show everything recorded about a snapshot.",
         "verify": "Re-hash every chunk of one or all snapshots.",
-        "warm": "Keep snapshots' images ready on this host (restore --pages criu then skips materialising).",
+        "warm": "Keep snapshots' images prepared on this host, so restores skip materialising them.",
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
         "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",
@@ -149,23 +149,27 @@ def _sigterm(signum, frame):
     raise Interrupted("terminated by SIGTERM; every change to the target was undone")
 
 
+def json_asked(args: list[str]) -> bool:
+    return "--json" in args[:args.index("--")] if "--" in args else "--json" in args
+
+
 def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     args = list(argv if argv is not None else sys.argv[1:])
-    as_json = "--json" in args[:args.index("--")] if "--" in args else "--json" in args
+    as_json = json_asked(args)
     try:
         via_daemon.forward(args)    # exits if gpusnapd ran it
         cli.main(args=args, prog_name="gpusnap", standalone_mode=False)
     except GpusnapError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
     except (KeyboardInterrupt, click.exceptions.Abort):    # Abort: click's Ctrl-C
-        _fail(Interrupted(), as_json)
+        fail(Interrupted(), as_json)
     except click.ClickException as exc:
-        _fail(_from_click(exc), as_json)
+        fail(_from_click(exc), as_json)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a raw traceback
-        _fail(_unexpected(exc), as_json)
+        fail(_unexpected(exc), as_json)
 
 
 def _from_click(exc: click.ClickException) -> GpusnapError:
@@ -189,7 +193,7 @@ def _unexpected(exc: Exception) -> GpusnapError:
     return err
 
 
-def _fail(exc: GpusnapError, as_json: bool) -> None:
+def fail(exc: GpusnapError, as_json: bool) -> None:
     """Report exc (JSON on stdout with --json, text on stderr always) and exit with its code."""
     if as_json:
         import json

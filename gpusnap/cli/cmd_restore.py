@@ -51,6 +51,7 @@ def command(app, snapshot, gpus, name, devices, pages, keep, standby):
             for path in kept:
                 app.note(f"work dir kept at {path}")
     result["timings"] = {"plan": round(planned, 4), **result["timings"]}
+    result["command_s"] = round(time.perf_counter() - started, 4)   # all of it, in this process
     container = result.get("container")
     text = (f"{container['name']} {container['id'][:12]} {result['pid']}" if container
             else str(result["pid"]))

@@ -73,13 +73,16 @@ def run_restore(body: dict, store: Store) -> dict:
 
 
 def run_warm(body: dict, store: Store) -> dict:
-    """Prefetch: keep the snapshots' images materialised (verified) for fast restores."""
-    from ..engine import imagecache
+    """Prefetch: keep the snapshots' images prepared (verified) for fast restores, for
+    the page path body["pages"] (auto: as a restore here would choose)."""
+    from ..engine import imagecache, pagepath
     repo = store.repo()
     out = []
     for ref in body.get("snapshots") or []:
-        m = repo.load(repo.resolve(ref))
-        out.append({"id": m.id, "path": imagecache.warm(repo, m), "bytes": m.bytes_logical})
+        m = repo.load(repo.resolve(str(ref)))
+        kind, _notes = pagepath.choose(str(body.get("pages") or "auto"), m.target.kind)
+        out.append({"id": m.id, "path": imagecache.warm(repo, m, None, kind), "bytes": m.bytes_logical,
+                    "pages": kind})
     if not out:
         raise UsageError("name at least one snapshot")
     return {"warmed": out, "via": "daemon"}
@@ -96,6 +99,12 @@ def inspect(store: Store, ref: str) -> dict:
     repo = store.repo()
     data = repo.load(repo.resolve(ref)).to_json()
     return {**{k: v for k, v in data.items() if k not in ("files", "logs")}, "files": len(data["files"])}
+
+
+def use_host_gpus(gpus: list[dict]) -> None:
+    """In a restore's child: plan with the GPU facts the daemon's helper gave."""
+    from ..engine import gpu
+    gpu.use_host_gpus(gpus)
 
 
 def warm_imports() -> None:

@@ -66,9 +66,10 @@ class Child:
                 "interrupted": self.interrupted}
 
 
-def spawn(kind: str, fn: Callable[..., Any], *args, env: dict[str, str] | None = None) -> Child:
-    """Fork a child that runs fn(*args); its output and result arrive on child.events:
-    ("stdout", bytes), ("stderr", bytes), then ("exit", exit_code)."""
+def spawn(kind: str, fn: Callable[..., Any], *args, env: dict[str, str] | None = None,
+          setup: Callable[[], None] | None = None) -> Child:
+    """Fork a child that runs setup() then fn(*args); its output and result arrive on
+    child.events: ("stdout", bytes), ("stderr", bytes), then ("exit", exit_code)."""
     pipes = [os.pipe() for _ in range(3)]
     sys.stdout.flush()
     sys.stderr.flush()
@@ -76,7 +77,7 @@ def spawn(kind: str, fn: Callable[..., Any], *args, env: dict[str, str] | None =
     pid = os.fork()
     if pid == 0:                                # pragma: no cover - runs in the child
         try:
-            _child_main(fn, args, env, [w for _, w in pipes], parent)
+            _child_main(fn, args, env, [w for _, w in pipes], parent, setup)
         finally:
             os._exit(70)
     for _, w in pipes:
@@ -90,7 +91,7 @@ def _sigterm(signum, frame):
     raise Interrupted("terminated by SIGTERM; every change to the target was undone")
 
 
-def _child_main(fn, args, env, writers: list[int], parent: int) -> None:  # pragma: no cover
+def _child_main(fn, args, env, writers: list[int], parent: int, setup) -> None:  # pragma: no cover
     out_w, err_w, res_w = writers
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
@@ -104,13 +105,15 @@ def _child_main(fn, args, env, writers: list[int], parent: int) -> None:  # prag
     os.dup2(devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    _close_fds_except({0, 1, 2, res_w})
+    close_fds_except({0, 1, 2, res_w})
     os.environ.pop("GPUSNAP_SOCKET", None)      # a CLI run inside must not forward again
     os.environ.update(env or {})
     code = 1
     try:
         if os.getppid() != parent:              # the daemon died before prctl took
             raise Interrupted()
+        if setup:
+            setup()
         payload, code = {"ok": fn(*args)}, 0
     except KeyboardInterrupt:
         exc = Interrupted()
@@ -130,7 +133,7 @@ def _child_main(fn, args, env, writers: list[int], parent: int) -> None:  # prag
     os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
 
 
-def _close_fds_except(keep: set[int]) -> None:
+def close_fds_except(keep: set[int]) -> None:
     """Every other inherited fd becomes /dev/null (rather than closed: a daemon object
     collected in the child must not close an fd number that the operation reuses)."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)

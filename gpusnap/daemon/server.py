@@ -20,6 +20,7 @@ on the daemon's own store. A client that disconnects interrupts its operation.
 from __future__ import annotations
 
 import asyncio
+import gc
 import grp
 import json
 import logging
@@ -35,6 +36,7 @@ from aiohttp import web
 from .. import VERSION
 from ..errors import GpusnapError, UsageError
 from . import api, ops
+from .gpufacts import GpuFacts
 from .logs import setup_logging
 from .metrics import Metrics
 from .workdirs import DaemonWorkdir
@@ -66,6 +68,7 @@ class Daemon:
         self.stopping = False
         self.started = time.monotonic()
         self.workdir = None                     # a DaemonWorkdir, once serving
+        self.gpus = GpuFacts()                  # NVML kept open in a helper (gpufacts.py)
 
     # -- access ------------------------------------------------------------------
     def _role(self, request) -> tuple[str | None, int, int]:
@@ -99,7 +102,8 @@ class Daemon:
             "rss_bytes": _rss(), "fds": len(os.listdir("/proc/self/fd")),
             "workdir": self.workdir.path if self.workdir else None,
             "workdir_entries": self.workdir.leftovers() if self.workdir else [],
-            "operations": [c.describe() for c in self.children.values()], "via": "daemon"})
+            "operations": [c.describe() for c in self.children.values()],
+            "gpu_facts": self.gpus.describe(), "via": "daemon"})
 
     @_readonly
     async def snapshots(self, request):
@@ -110,10 +114,14 @@ class Daemon:
         return _guard(lambda: web.json_response(api.inspect(self.cfg.store, request.match_info["ref"])))
 
     # -- operations (forked children) ----------------------------------------------
-    def _spawn(self, kind, fn, *args, env=None) -> ops.Child:
+    async def _spawn(self, kind, fn, *args, env=None) -> ops.Child:
         if self.stopping:
             raise web.HTTPServiceUnavailable(text="gpusnapd is shutting down")
-        child = ops.spawn(kind, fn, *args, env=env)
+        setup = None
+        if kind == "restore":                   # plans with the helper's GPU facts
+            gpus = await self.gpus.ask()
+            setup = (lambda: api.use_host_gpus(gpus)) if gpus else None
+        child = ops.spawn(kind, fn, *args, env=env, setup=setup)
         self.children[child.op_id] = child
         self.metrics.in_flight.set(len(self.children))
         log.info("started", extra={"fields": {"op": child.op_id, "pid": child.pid}})
@@ -152,7 +160,7 @@ class Daemon:
         if fn is None:
             raise web.HTTPNotFound()
         body = await _json_body(request)
-        child = self._spawn(kind, fn, body, self.cfg.store)
+        child = await self._spawn(kind, fn, body, self.cfg.store)
         await self._finish(child)
         if "ok" in child.result:
             return web.json_response(child.result["ok"])
@@ -174,7 +182,7 @@ class Daemon:
                 return _error(403, "Forbidden", f"only root may run `{command}` through the daemon",
                               hint="group members may run ls and inspect on the daemon's store")
             env = {}
-        child = self._spawn(command, api.run_cli, argv, str(body.get("cwd") or "/"), env=env)
+        child = await self._spawn(command, api.run_cli, argv, str(body.get("cwd") or "/"), env=env)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         await resp.write(_line({"op": child.op_id, "pid": child.pid}))
@@ -235,6 +243,7 @@ class Daemon:
         if running:
             await asyncio.wait([c.task for c in running], timeout=self.cfg.shutdown_timeout)
         await asyncio.sleep(0.2)                # the handlers write the last lines
+        self.gpus.stop()
 
 
 def _groups(pid: int, gid: int) -> set[int]:
@@ -317,7 +326,9 @@ async def _serve(cfg: Config, ready=None) -> None:
     daemon = Daemon(cfg)
     with DaemonWorkdir(cfg.socket, cfg.store.path) as work:
         daemon.workdir = work
+        daemon.gpus.start()                     # first: no thread, no NVML, no CUDA yet
         api.warm_imports()
+        gc.freeze()                             # children's GC leaves the daemon's objects (and pages) alone
         runner = web.AppRunner(daemon.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         await web.SockSite(runner, _listen_unix(cfg.socket, daemon.group_gid)).start()

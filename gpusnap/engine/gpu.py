@@ -53,6 +53,26 @@ def init_in_background() -> threading.Thread:
     return thread
 
 
+_given: list[dict] | None = None
+
+
+def use_host_gpus(gpus: list[dict]) -> None:
+    """The next plan_remap of this process plans with these GPUs (cuda/discover.GpuInfo
+    dicts) instead of asking NVML: gpusnapd asks its resident NVML just before it forks a
+    restore (daemon/gpufacts.py)."""
+    global _given
+    _given = gpus
+
+
+def _host_gpus() -> list[dict]:
+    global _given
+    if _given is not None:
+        gpus, _given = _given, None
+        return gpus
+    from ..cuda import discover
+    return [g.to_dict() for g in discover.host_gpus().gpus]
+
+
 @dataclass
 class GpuMove:
     """Where the CUDA state goes: UUID pairs for the driver (None: the same GPUs), notes
@@ -69,12 +89,11 @@ def plan_remap(cuda_facts: CudaFacts, choice: list[str] | None,
     """gpusnap.remap over the snapshot's GPUs and this host's; refuses early.
     visible_minors: only the snapshot GPUs with these minor numbers (a container sees
     only the GPUs whose nodes it has); none of them known: all."""
-    from ..cuda import discover
     from ..remap import plan_remap as plan
     snapshot = cuda_facts.gpus
     if visible_minors:
         snapshot = [g for g in snapshot
                     if g.get("minor") is None or g["minor"] in visible_minors] or snapshot
-    host = [g.to_dict() for g in discover.host_gpus().gpus]
+    host = _host_gpus()
     p = plan(snapshot, host, choice, cuda_facts.used_memory)
     return GpuMove(p.pairs, list(p.notes), snapshot, host)

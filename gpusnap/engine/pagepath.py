@@ -77,6 +77,59 @@ class Fill:
                 "mode": self.mode, "gb_per_s": round(gbps, 2) if gbps else None}
 
 
+@dataclass
+class Prepared:
+    """What the uffd path needs before CRIU starts: the images dir CRIU reads (every image
+    but the lazy pages, pagemaps marked PE_LAZY), how many tasks hand over a userfaultfd,
+    the fill's work (criu/lazy.fill_items: every lazy page of the dump) and the pids that
+    were stopped at the dump. A warm cache keeps one (engine/imagecache.py)."""
+    images: str
+    tasks: int
+    items: list[tuple]
+    stopped: set[int]
+
+    def to_json(self) -> dict:
+        return {"tasks": self.tasks, "stopped": sorted(self.stopped),
+                "items": [[cid, n, [list(p) for p in pieces]] for cid, n, pieces in self.items]}
+
+    @classmethod
+    def from_json(cls, images: str, data: dict) -> "Prepared":
+        """ValueError unless data has the shape to_json gives."""
+        try:
+            items = [(_cid(cid), _int(n), [tuple(_int(x) for x in p) for p in pieces])
+                     for cid, n, pieces in data["items"]]
+            if any(len(p) != 4 for _c, _n, pieces in items for p in pieces):
+                raise ValueError("a piece is (pid, vaddr, offset, length)")
+            return cls(images, _int(data["tasks"]), items, {_int(p) for p in data["stopped"]})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a prepared uffd restore: {exc}") from None
+
+
+def _int(value) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
+
+
+def _cid(value) -> str | None:
+    if value is not None and not (isinstance(value, str) and value.isalnum()):
+        raise ValueError(f"{value!r} is not a chunk id")
+    return value
+
+
+def prepare(repo, m, images: str, progress=None) -> Prepared:
+    """Materialise what CRIU reads itself into images (verified), the pagemaps rewritten
+    with PE_LAZY, and plan the fill."""
+    entries = {f.path: f for f in m.files}
+    pages, pagemaps = lazy.prepare(list(entries), lambda name: _read(repo, entries[name]))
+    repo.materialise(m, images, progress, only=pages.eager)
+    for name, data in pagemaps.items():
+        with open(os.path.join(images, name), "wb") as f:
+            f.write(data)
+    items = lazy.fill_items(pages, {n: e.chunks for n, e in entries.items()}, codec.ZERO_ID)
+    return Prepared(images, pages.tasks, items, _stopped_at_dump(images))
+
+
 class UffdPages:
     """One restore's uffd page path (strategies/process.py runs it in place of CRIU's)."""
 
@@ -84,29 +137,19 @@ class UffdPages:
         self.guard: lazy.Guard | None = None
         self.fill = Fill()
 
-    def restore(self, plan, repo, work: str, stages, progress):
+    def restore(self, plan, repo, work: str, prep: Prepared, stages, progress):
         """Up to a restored, filled, continued tree: (root pid, the cuInit thread or None).
         cuInit starts once the fill's workers are forked (no thread may run before)."""
         m = plan.manifest
-        images = os.path.join(work, "images")
-        entries = {f.path: f for f in m.files}
-        with stages.stage("materialise"):
-            pages, pagemaps = lazy.prepare(list(entries), lambda name: _read(repo, entries[name]))
-            repo.materialise(m, images, progress, only=pages.eager)
-            for name, data in pagemaps.items():
-                with open(os.path.join(images, name), "wb") as f:
-                    f.write(data)
-            items = lazy.fill_items(pages, {n: e.chunks for n, e in entries.items()}, codec.ZERO_ID)
-            stopped = _stopped_at_dump(images)
-        self.guard = lazy.Guard.start(work, repo, items)
+        self.guard = lazy.Guard.start(work, repo, prep.items)
         opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
         cuinit: list = []
-        running = criu_runner.start_restore(images, opts, work_dir=work, criu=plan.criu_path)
+        running = criu_runner.start_restore(prep.images, opts, work_dir=work, criu=plan.criu_path)
         try:
             with stages.stage("criu_restore"):      # until every task's userfaultfd is here
-                fds = self.guard.receive(pages.tasks)
+                fds = self.guard.receive(prep.tasks)
             with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
-                self.fill = _fill(repo, fds, items, progress,
+                self.fill = _fill(repo, fds, prep.items, progress,
                                   lambda: m.cuda and cuinit.append(gpu.init_in_background()))
         except BaseException:
             running.proc.kill()                 # CRIU waits on tasks nobody serves now
@@ -116,7 +159,7 @@ class UffdPages:
             root = criu_runner.finish_restore(running)
             self.guard.release()
         for pid in self.guard.pids:
-            if pid not in stopped:
+            if pid not in prep.stopped:
                 _continue(pid)
         return root, (cuinit[0] if cuinit else None)
 

@@ -221,11 +221,8 @@ class Holder:
         """SIGKILL: a locked process would hang in a SIGTERM handler's CUDA calls."""
         if self.pid is None:
             return
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        from gpusnap.sysrun import kill_child
+        kill_child(self.pid)
         self.pid = None
 
     def log_tail(self, n: int = 4000) -> str:

@@ -271,3 +271,72 @@ def test_ten_cycles_leave_no_fd_rss_or_workdir_growth(workload, gpusnap, daemon)
     assert samples[-1][0] == samples[1][0], samples
     assert samples[-1][1] - samples[1][1] < 16 << 20, samples
     assert all(entries == [] for _, _, entries in samples), samples
+
+
+def _kill_restored(w) -> None:
+    for pid in w.pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_pids_free(w.pids)
+
+
+def test_a_prefetched_snapshot_restores_from_its_cache_until_the_cache_is_stale(workload, gpusnap, daemon):
+    d = daemon()
+    w = workload("--mib", "64", "--children", "1", "--threads", "1")
+    rc, snap, err = gpusnap("dump", "--pid", str(w.pid), "--name", "pre", env=d.env)
+    assert rc == 0, err
+    w.reap()
+    wait_pids_free(w.pids)
+    rc, warmed, err = gpusnap("warm", "pre", "--pages", "uffd", env=d.env)     # prefetch, as a user does
+    assert rc == 0 and warmed[0]["pages"] == "uffd", err
+    cache = os.path.dirname(warmed[0]["path"])
+    assert os.path.exists(os.path.join(cache, "plan.json"))
+    for _ in range(2):                                  # one cache, many restores
+        rc, res, err = gpusnap("restore", "pre", "--pages", "uffd", env=d.env)
+        assert rc == 0, err
+        assert res["via"] == "daemon" and res["pid"] == w.pid
+        assert "materialise" not in res["timings"] and any("warm cache" in n for n in res["notes"]), res
+        assert res["fill"]["bytes"] >= 64 << 20, "every lazy page placed from the store"
+        report = w.report()
+        assert report["data_ok"] and report["children_ok"], report
+        _kill_restored(w)
+
+    with open(os.path.join(cache, "plan.json"), "w") as f:   # a damaged cache is not used
+        f.write("{")
+    rc, res, err = gpusnap("restore", "pre", "--pages", "uffd", env=d.env)
+    assert rc == 0, err
+    assert res["timings"]["materialise"] > 0 and not any("warm cache" in n for n in res["notes"])
+    assert w.report()["data_ok"]
+    _kill_restored(w)
+    rc, _, err = gpusnap("warm", "pre", "--pages", "uffd", env=d.env)   # rebuilt
+    assert rc == 0, err
+    assert json.load(open(os.path.join(cache, "plan.json")))["tasks"] >= 2
+
+    with open(os.path.join(cache, "digest"), "w") as f:
+        f.write("0" * 64)
+    rc, res, err = gpusnap("restore", "pre", "--pages", "uffd", env=d.env)     # a stale digest
+    assert rc == 0 and "materialise" in res["timings"], err
+    _kill_restored(w)
+    rc, warmed, err = gpusnap("warm", "pre", "--pages", "uffd", env=d.env)
+    assert rc == 0 and os.path.dirname(warmed[0]["path"]) == cache, err
+
+    rc, _, err = gpusnap("rm", "pre", env=d.env)        # the snapshot goes: its cache too
+    assert rc == 0, err
+    assert not os.path.exists(os.path.dirname(cache))
+    rc, out, _ = gpusnap("restore", "pre", env=d.env)
+    assert rc == 3 and out["error"] == "SnapshotNotFound"
+    assert d.status()["operations"] == [] and d.status()["workdir_entries"] == []
+
+
+def test_the_cli_that_talks_to_the_daemon_stays_thin(gpusnap, daemon):
+    """The forwarding CLI imports no engine, store, CUDA or torch."""
+    d = daemon()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gpusnap", "--json", "ls"], cwd=REPO,
+                          env={**os.environ, "GPUSNAP_STORE": d.store, **d.env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "gpusnap.daemon.client" in imported
+    heavy = {m for m in imported if m.split(".")[:2] in (["gpusnap", "engine"], ["gpusnap", "store"],
+                                                         ["gpusnap", "cuda"], ["gpusnap", "criu"])
+             or m.split(".")[0] in ("torch", "pynvml", "zstandard", "aiohttp", "psutil")}
+    assert not heavy, sorted(heavy)

@@ -120,7 +120,7 @@ def test_restore_from_a_warm_cache_skips_materialise(workload, gpusnap, store):
     assert rc == 0, err
     w.reap()
     wait_pids_free(w.pids)
-    rc, warmed, err = gpusnap("warm", "warmme")
+    rc, warmed, err = gpusnap("warm", "warmme", "--pages", "criu")
     assert rc == 0, err
     cache = os.path.dirname(warmed[0]["path"])
     assert os.stat(cache).st_mode & 0o077 == 0 or os.stat(os.path.dirname(cache)).st_mode & 0o077 == 0

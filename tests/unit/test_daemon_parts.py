@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 
-from gpusnap.daemon import api
+import pytest
+
+from gpusnap.daemon import api, gpufacts
 from gpusnap.daemon.logs import JsonLines
 from gpusnap.daemon.metrics import Metrics
 
@@ -33,3 +37,41 @@ def test_logs_are_json_lines_with_their_fields():
     record.fields = {"op": "dump-1-2", "exit_code": 0}
     entry = json.loads(JsonLines().format(record))
     assert entry["msg"] == "finished" and entry["op"] == "dump-1-2" and entry["level"] == "info"
+
+
+def test_gpu_facts_are_gpuinfo_dicts_or_nothing():
+    gpu = {"index": 0, "uuid": "GPU-1", "name": "H200", "memory_total": 8, "memory_free": 4,
+           "pci_bus_id": "0:1", "minor": 0}
+    assert gpufacts.parse(json.dumps([gpu]).encode()) == [gpu]
+    assert gpufacts.parse(b"null") is None
+    for bad in (b"{}", b'[{"uuid": "GPU-1"}]', b"[", b'[{"index": 0, "evil": 1}]'):
+        with pytest.raises(ValueError):
+            gpufacts.parse(bad)
+
+
+def test_the_gpu_facts_helper_answers_and_goes_away():
+    """A real helper process: on this host NVML answers nothing (or the GPUs), in time."""
+    facts = gpufacts.GpuFacts()
+    facts.start()
+    pid = facts.pid
+    try:
+        for _ in range(2):
+            gpus = asyncio.run(facts.ask(timeout=10))
+            assert gpus is None or all("uuid" in g for g in gpus)
+            assert facts.nvml is (gpus is not None)
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        facts.stop()
+    assert not os.path.exists(f"/proc/{pid}") and asyncio.run(facts.ask()) is None
+
+
+def test_a_restore_plans_with_the_gpus_it_was_given_once():
+    from gpusnap.engine import gpu
+    from gpusnap.model import CudaFacts
+    given = [{"index": 0, "uuid": "GPU-aa", "name": "H200", "memory_total": 8 << 30,
+              "memory_free": 8 << 30, "pci_bus_id": "0:1", "minor": 0}]
+    facts = CudaFacts(pids=[1], gpus=[{"uuid": "GPU-aa", "name": "H200", "memory_total": 8 << 30}])
+    gpu.use_host_gpus(given)
+    move = gpu.plan_remap(facts, None)
+    assert move.host == given and move.pairs is None
+    assert gpu._given is None, "used once: the next plan asks NVML"

@@ -11,7 +11,7 @@ import pytest
 import gpusnap
 
 ROOT = os.path.dirname(gpusnap.__file__)
-TOP = ("cli", "daemon", "engine", "__main__")   # the front doors and the engine; all else is below
+TOP = ("cli", "daemon", "engine", "entry", "__main__")   # the front doors and the engine; all else is below
 MAX_FUNCTION_LINES = 60
 
 

@@ -89,7 +89,8 @@ class ProcessStrategy:
             with repo.shared_lock():                # rm and gc (which drop caches) wait for CRIU
                 agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
                 if pages:
-                    root_pid, cuinit = pages.restore(plan, repo, work, stages, progress)
+                    prep = _prepared(plan, repo, work, stages, progress)
+                    root_pid, cuinit = pages.restore(plan, repo, work, prep, stages, progress)
                 else:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
             guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
@@ -160,6 +161,19 @@ def _images(plan: RestorePlan, repo: Repository, work: str, stages: Stages, prog
     return images
 
 
+def _prepared(plan: RestorePlan, repo: Repository, work: str, stages: Stages,
+              progress) -> pagepath.Prepared:
+    """What the uffd path needs before CRIU starts: the warm cache's, else prepared in work."""
+    with stages.stage("warm_cache"):
+        cached = imagecache.lookup_prepared(repo.path, plan.manifest)
+    if cached:                                  # warm: `gpusnap warm` verified and planned these
+        repo.last_materialise = None
+        plan.notes.append(f"images from the warm cache {os.path.dirname(cached.images)}")
+        return cached
+    with stages.stage("materialise"):
+        return pagepath.prepare(repo, plan.manifest, os.path.join(work, "images"), progress)
+
+
 def _check_standby(req: RestoreRequest, manifest: Manifest) -> None:
     """A standby is a restore whose CUDA state stays checkpointed: refused where there is
     none (it would be an ordinary restore), and --gpu belongs to the resume."""
@@ -188,9 +202,10 @@ def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: St
     cuda_pids = list(plan.manifest.cuda.pids) if plan.manifest.cuda else []
     if not cuda_pids:
         return
-    cuda = gpu.session(cuda_pids)
     with stages.stage("cuda_init_wait"):        # what of cuInit did not overlap CRIU
         cuinit.join()
+    with stages.stage("cuda_state"):            # each pid's state, as the driver says
+        cuda = gpu.session(cuda_pids)
     with stages.stage("cuda_restore"):
         cuda.restore_all(plan.gpu_pairs)
     with stages.stage("cuda_unlock"):

@@ -2,7 +2,11 @@
 the daemon runs (daemon/client.FORWARDED) is sent there whole, and its stdout, stderr and
 exit code come back as this process would have printed them; Ctrl-C or SIGTERM here
 interrupts the operation there (its undo runs, and its message comes back). Without the
-variable, or with no daemon answering, the CLI runs standalone."""
+variable, or with no daemon answering, the CLI runs standalone.
+
+gpusnap/entry.py calls forward() before the CLI is imported: a command the daemon runs
+costs this process the interpreter, this module, client.py and http.client, nothing more
+(no click, engine, store or CUDA)."""
 
 from __future__ import annotations
 
