@@ -209,3 +209,56 @@ def test_restore_workers_fetch_each_pack_once(s3_env, s3_server, tmp_path, monke
     assert len(stored) >= 3 and len(gets) == len(set(gets)) == len(stored), gets
     with open(tmp_path / "out" / "pages-1.img", "rb") as a, open(f"{src}/pages-1.img", "rb") as b:
         assert a.read() == b.read()
+
+
+def _packed(backend, n: int) -> list[str]:
+    """n packs of one chunk each; their chunk names."""
+    names = []
+    for _ in range(n):
+        cid = os.urandom(32).hex()
+        names.append(f"chunks/{cid[:2]}/{cid}")
+        backend.put_many([(names[-1], os.urandom(64))])
+    return names
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b'{"version": 1, "packs": [{"id": "zz", "pack_size": 0, "chunks": []}]}', "not a pack id"),
+    (b'{"version": 2, "packs": []}', "version"),
+    (b'{"version": 1, "packs": [7]}', "malformed"),
+    (json.dumps({"version": 1, "packs": [{"id": "ab" * 32, "pack_size": 4,
+                                          "chunks": [[CID[0], 2, 4]]}]}).encode(), "outside"),
+])
+def test_a_hostile_bundle_is_refused(raw, why):
+    with pytest.raises(packs.BadIndex, match=why):
+        packs.decode_bundle(raw)
+
+
+def test_a_commit_bundles_the_indexes_a_fresh_node_then_reads_at_once(s3_env, s3_server, tmp_path,
+                                                                      monkeypatch):
+    """sync() (commit) writes one bundle for the snapshot's packs; a node with an empty
+    cache reads that instead of an index object a pack; a bundle that does not match its
+    id is ignored; gc removes a bundle once its packs are gone."""
+    from gpusnap.store.backends.s3 import S3Backend
+    from gpusnap.store.cache import ChunkCache
+    url = f"s3://{s3_env}/bundled"
+    writer = for_location(url)
+    names = _packed(writer, 12)
+    writer.sync(names)
+    writer.sync(names)                              # already bundled: no second bundle
+    assert len(_objects(s3_server, s3_env, "bundled/bundles/")) == 1
+    s3_server.client().put_object(Bucket=s3_env, Key="bundled/bundles/" + "ab" * 32, Body=b"{}")
+    proxy = FaultProxy(s3_server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        node = S3Backend(url, ChunkCache(str(tmp_path / "c")).open())
+        assert sorted(n for n, _s in node.list("chunks/")) == sorted(names)
+        assert [node.get(n) for n in names[:2]] == [writer.get(n) for n in names[:2]]
+        fetched = [line.split()[1] for line in proxy.lines if line.startswith("GET")]
+    finally:
+        proxy.close()
+    assert not [p for p in fetched if "/bundled/index/" in p], fetched
+    assert len([p for p in fetched if "/bundled/bundles/" in p]) == 2     # the good, the bad
+    assert "does not match" in node.bad_indexes["bundle-" + "ab" * 32]
+    writer.delete_many(names)
+    assert sorted(writer.stale_temps()) == sorted(f"bundles/{b}" for b in [
+        o.rsplit("/", 1)[-1] for o in _objects(s3_server, s3_env, "bundled/bundles/")])

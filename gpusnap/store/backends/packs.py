@@ -8,9 +8,17 @@ object naming them (restic's design, simplified).
                       entries by ascending offset, disjoint, inside the pack; each chunk
                       id once (64 lowercase hex digits)
 
+    bundles/<id>      BUNDLE ::= JSON {"version": 1, "packs": [{"id": PACK-ID,
+                                      "pack_size": N, "chunks": [...]}, ...]}
+                      the indexes of many packs in one object (<id>: SHA-256 of it),
+                      written when a snapshot is committed, so that a node loading the
+                      index reads one bundle instead of one object a pack
+
 A pack is written before its index, so a chunk exists (for dedup, listings, reads) once
 the index of a pack holding it is visible; a pack without an index is an interrupted
-write that gc removes. Two writers may store one chunk in two packs: either copy serves.
+write that gc removes. index/ alone says which packs exist: a bundle only stands in for
+reading index objects of packs listed there (a bundle naming a deleted pack is harmless;
+gc removes a bundle once none of its packs is left). Two writers may store one chunk in two packs: either copy serves.
 Index objects are untrusted input: decode_index checks sizes, bounds, names and counts
 before anything uses one, and a chunk read out of a pack is checked by the decode like
 any other read.
@@ -27,11 +35,14 @@ from typing import Iterable, Iterator
 PACK_BYTES = 16 << 20       # a put_many batch is cut into packs of about this size
 RANGE_OVER = 64 << 20       # a pack larger than this is read a chunk at a time (range GETs)
 MAX_INDEX_BYTES = 8 << 20   # an index object larger than this is refused unread
+MAX_BUNDLE_BYTES = 256 << 20
+MIN_BUNDLE = 8              # packs: fewer are read from their index objects
 MAX_CHUNKS = 1 << 16        # entries in one index
 MAX_PACK_BYTES = 1 << 32
 VERSION = 1
 INDEX = "index/"
 PACKS = "packs/"
+BUNDLES = "bundles/"
 _ID = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK_NAME = re.compile(r"^chunks/([0-9a-f]{2})/([0-9a-f]{64})$")
 
@@ -80,16 +91,44 @@ def build(blobs: Iterable[tuple[str, bytes]]) -> tuple[bytes, Pack, bytes]:
     return data, pack, encode_index(pack)
 
 
-def encode_index(pack: Pack) -> bytes:
+def _doc(pack: Pack) -> dict:
     entries = sorted(([cid, o, n] for cid, (o, n) in pack.chunks.items()), key=lambda e: e[1])
-    return json.dumps({"version": VERSION, "pack_size": pack.size, "chunks": entries},
-                      separators=(",", ":")).encode()
+    return {"pack_size": pack.size, "chunks": entries}
+
+
+def encode_index(pack: Pack) -> bytes:
+    return json.dumps({"version": VERSION, **_doc(pack)}, separators=(",", ":")).encode()
+
+
+def encode_bundle(packs: list[Pack]) -> tuple[str, bytes]:
+    """(bundle id, bundle object) holding the indexes of packs."""
+    raw = json.dumps({"version": VERSION, "packs": [{"id": p.id, **_doc(p)} for p in packs]},
+                     separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest(), raw
+
+
+def decode_bundle(raw: bytes) -> list[Pack]:
+    """The packs a bundle describes, each checked as decode_index checks an index; any
+    fault refuses the whole bundle (BadIndex): the index objects are read instead."""
+    if len(raw) > MAX_BUNDLE_BYTES:
+        raise BadIndex(f"bundle is {len(raw)} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise BadIndex("bundle is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != VERSION or \
+            not isinstance(doc.get("packs"), list):
+        raise BadIndex(f"bundle: not a version {VERSION} bundle")
+    out = []
+    for entry in doc["packs"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+            raise BadIndex("bundle: malformed entry")
+        out.append(_pack(entry["id"], entry))
+    return out
 
 
 def decode_index(pack_id: str, raw: bytes) -> Pack:
     """The Pack an index object describes, or BadIndex saying why it cannot be one."""
-    if not is_id(pack_id):
-        raise BadIndex(f"{pack_id[:80]!r} is not a pack id")
     if len(raw) > MAX_INDEX_BYTES:
         raise BadIndex(f"index of pack {pack_id[:16]} is {len(raw)} bytes")
     try:
@@ -98,6 +137,12 @@ def decode_index(pack_id: str, raw: bytes) -> Pack:
         raise BadIndex(f"index of pack {pack_id[:16]} is not JSON") from None
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         raise BadIndex(f"index of pack {pack_id[:16]}: not a version {VERSION} index")
+    return _pack(pack_id, doc)
+
+
+def _pack(pack_id: str, doc: dict) -> Pack:
+    if not is_id(pack_id):
+        raise BadIndex(f"{pack_id[:80]!r} is not a pack id")
     size, entries = doc.get("pack_size"), doc.get("chunks")
     if not _count(size) or size > MAX_PACK_BYTES:
         raise BadIndex(f"index of pack {pack_id[:16]}: pack_size {str(size)[:40]}")

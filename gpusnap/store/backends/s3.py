@@ -75,6 +75,8 @@ class S3Backend(Backend):
         self._table_loaded = False
         self._cache_full = False
         self.bad_indexes: dict[str, str] = {}           # pack id -> why its index was refused
+        self._bundled: dict[str, packs.Pack] = {}       # pack id -> its index, from a bundle
+        self._bundles: dict[str, set[str]] = {}         # bundle id -> the packs it holds
 
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
@@ -310,8 +312,10 @@ class S3Backend(Backend):
 
     def _note(self, name: str, size: int | None) -> None:
         with self._index_lock:
-            if name.startswith("index/") and size is None:
-                self._table.drop(name[len("index/"):])
+            if name.startswith(packs.INDEX) and size is None:
+                self._table.drop(name[len(packs.INDEX):])
+            if name.startswith(packs.BUNDLES) and size is None:
+                self._bundles.pop(name[len(packs.BUNDLES):], None)
             if self._index is not None:
                 if size is None:
                     self._index.pop(name, None)
@@ -353,18 +357,30 @@ class S3Backend(Backend):
             self._table_loaded = True
 
     def _load_indexes(self, ids: list[str], sizes: dict[str, int]) -> list[packs.Pack]:
-        if len(ids) < 2:
-            return [p for p in map(lambda i: self._load_index(i, sizes[i]), ids) if p]
-        with self._pool(len(ids)) as pool:
-            return [p for p in pool.map(lambda i: self._load_index(i, sizes[i]), ids) if p]
+        """The indexes of packs ids: from the cache, else from bundles (when many are
+        missing), else each from its index object, 16 at a time."""
+        found = [p for p in map(self._cached_index, ids) if p]
+        rest = [pid for pid in ids if pid not in {p.id for p in found}]
+        if len(rest) >= packs.MIN_BUNDLE:
+            self._load_bundles()
+            with self._index_lock:
+                found += [self._bundled[pid] for pid in rest if pid in self._bundled]
+            rest = [pid for pid in rest if pid not in self._bundled]
+        if len(rest) < 2:
+            return found + [p for p in (self._fetch_index(i, sizes[i]) for i in rest) if p]
+        with self._pool(len(rest)) as pool:
+            return found + [p for p in pool.map(lambda i: self._fetch_index(i, sizes[i]), rest) if p]
 
-    def _load_index(self, pack_id: str, size: int) -> packs.Pack | None:
-        """One pack's index, validated; None (and the reason in bad_indexes) when the
-        object is not a valid index: its chunks stay unknown."""
-        cached = self.cache.get_index(pack_id) if self.cache is not None else None
-        if cached is not None:
+    def _cached_index(self, pack_id: str) -> packs.Pack | None:
+        raw = self.cache.get_index(pack_id) if self.cache is not None else None
+        if raw is not None:
             with contextlib.suppress(packs.BadIndex):
-                return packs.decode_index(pack_id, cached)
+                return packs.decode_index(pack_id, raw)
+        return None
+
+    def _fetch_index(self, pack_id: str, size: int) -> packs.Pack | None:
+        """One pack's index object, validated; None (and the reason in bad_indexes) when
+        it is not a valid index: its chunks stay unknown."""
         try:
             if size > packs.MAX_INDEX_BYTES:
                 raise packs.BadIndex(f"index of pack {pack_id[:16]} is {size} bytes")
@@ -378,6 +394,65 @@ class S3Backend(Backend):
         if self.cache is not None:
             self.cache.put_index(pack_id, raw)
         return pack
+
+    def _load_bundles(self) -> None:
+        """Read the bundles not read yet (from the cache, else the store)."""
+        with self._index_lock:
+            seen = set(self._bundles)
+        ids = [n[len(packs.BUNDLES):] for n, _s in self.list(packs.BUNDLES)]
+        ids = [i for i in ids if packs.is_id(i) and i not in seen]
+        if not ids:
+            return
+        with self._pool(len(ids)) as pool:
+            loaded = list(pool.map(self._bundle, ids))
+        with self._index_lock:
+            for bundle_id, got in zip(ids, loaded):
+                self._bundles[bundle_id] = {p.id for p in got}
+                for pack in got:
+                    self._bundled.setdefault(pack.id, pack)
+
+    def _bundle(self, bundle_id: str) -> list[packs.Pack]:
+        """A bundle's packs; none when it does not match its id or is not a bundle."""
+        key = f"bundle-{bundle_id}"
+        raw = self.cache.get_index(key) if self.cache is not None else None
+        try:
+            if raw is None:
+                raw = self._body(packs.BUNDLES + bundle_id)
+            if hashlib.sha256(raw).hexdigest() != bundle_id:
+                raise packs.BadIndex(f"bundle {bundle_id[:16]} does not match its id")
+            got = packs.decode_bundle(raw)
+        except packs.BadIndex as exc:
+            self.bad_indexes[key] = str(exc)
+            return []
+        except Missing:
+            return []
+        if self.cache is not None:
+            self.cache.put_index(key, raw)
+        return got
+
+    def sync(self, names: Iterable[str] = ()) -> None:
+        """A PUT is durable once it returned. What this adds (commit names a snapshot's
+        chunks here): one bundle of the indexes of the packs holding them that no bundle
+        holds yet, when there are MIN_BUNDLE or more, so a node loading the index reads
+        one object for them."""
+        table = self._loaded()
+        self._load_bundles()
+        with self._index_lock:
+            new = {}
+            for cid in filter(None, map(packs.chunk_id_of, names)):
+                found = table.locate(cid)
+                if found and found[0].id not in self._bundled:
+                    new[found[0].id] = found[0]
+        if len(new) < packs.MIN_BUNDLE:
+            return
+        bundle_id, raw = packs.encode_bundle(sorted(new.values(), key=lambda p: p.id))
+        self._call("put_object", packs.BUNDLES + bundle_id,
+                   Key=self.key(packs.BUNDLES + bundle_id), Body=raw)
+        with self._index_lock:
+            self._bundles[bundle_id] = set(new)
+            self._bundled.update(new)
+        if self.cache is not None:
+            self.cache.put_index(f"bundle-{bundle_id}", raw)
 
     def _read_chunk(self, name: str, cid: str) -> bytes:
         """A chunk's stored bytes: from the cache, else with its whole pack (checked
@@ -430,10 +505,16 @@ class S3Backend(Backend):
         return stale(self) + [f"{SEQ}{n:012d}" for n in claims[:-1]] + self._unpaired()
 
     def _unpaired(self) -> list[str]:
+        """Indexes without their pack, packs without their index, bundles of packs none
+        of which is left."""
         stored = {name.rsplit("/", 1)[-1]: name for name, _s in self.list(packs.PACKS)}
         indexed = {name[len(packs.INDEX):] for name, _s in self.list(packs.INDEX)}
+        self._load_bundles()
+        with self._index_lock:
+            bundles = [b for b, held in self._bundles.items() if not held & indexed]
         return ([packs.index_name(p) for p in sorted(indexed - set(stored))]
-                + [stored[p] for p in sorted(set(stored) - indexed)])
+                + [stored[p] for p in sorted(set(stored) - indexed)]
+                + [packs.BUNDLES + b for b in sorted(bundles)])
 
     def next_seq(self, last_known: Callable[[], int]) -> int:
         """Claim the next number of the commit sequence: a create-only object seq/<n>
