@@ -1,10 +1,11 @@
 """The local pull-through cache of a remote store's chunks.
 
     <cache dir>/<store key>/chunks/<xx>/<id>   a chunk as stored (compressed; encrypted in
-                                               an encrypted store), only once verified
-    <cache dir>/<store key>/index/<pack id>    index objects of the store's packs (they
-                                               never change: each is fetched once a node)
-    <cache dir>/<store key>/packlocks/<xx>     flock(2) files: one process fetches a pack
+                                               an encrypted store)
+    <cache dir>/<store key>/index/<pack id>    index objects of the store's packs, and
+                   index/bundle-<id>           bundles (they never change: each is read
+                                               from the store once a node)
+    <cache dir>/<store key>/packlocks/<xxx>    flock(2) files: one process fetches a pack
                                                while the others wait for its chunks
     <cache dir>/<store key>/tmp/               chunks being written; dump/restore scratch
                                                when no tmpfs is usable; failed-logs/
@@ -141,9 +142,9 @@ class ChunkCache:
     @contextlib.contextmanager
     def pack_lock(self, pack_id: str) -> Iterator[None]:
         """Held while one process (or thread) fetches a pack into the cache: another that
-        needs a chunk of it waits, then finds the chunk here. 256 lock files in all."""
+        needs a chunk of it waits, then finds the chunk here. At most 4096 lock files."""
         try:
-            fd = os.open(os.path.join(self.locks, pack_id[:2]),
+            fd = os.open(os.path.join(self.locks, pack_id[:3]),
                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:                     # no lock file (a full disk): fetch unlocked
             yield
