@@ -70,6 +70,10 @@ def index_name(pack_id: str) -> str:
     return f"{INDEX}{pack_id}"
 
 
+def chunk_name(cid: str) -> str:
+    return f"chunks/{cid[:2]}/{cid}"
+
+
 def chunk_id_of(name: str) -> str | None:
     """The chunk id an object name chunks/<xx>/<id> stands for, else None."""
     m = _CHUNK_NAME.match(name)

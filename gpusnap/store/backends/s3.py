@@ -181,10 +181,9 @@ class S3Backend(Backend):
             else:
                 chunks.append((cid, data))
         jobs += [functools.partial(self._put_pack, group) for group in packs.groups(chunks)]
-        if len(jobs) == 1:
-            jobs[0]()
-            return
-        if not jobs:
+        if len(jobs) <= 1:
+            for job in jobs:
+                job()
             return
         with self._pool(len(jobs)) as pool:
             for f in [pool.submit(job) for job in jobs]:
@@ -233,7 +232,7 @@ class S3Backend(Backend):
             with self._index_lock:
                 listing = list(self._table.chunks())
             for cid, size in listing:
-                name = f"chunks/{cid[:2]}/{cid}"
+                name = packs.chunk_name(cid)
                 if name.startswith(prefix):
                     yield name, size
             return
@@ -266,16 +265,12 @@ class S3Backend(Backend):
         """Chunk names: the packs every chunk of which is among them go (a pack that holds
         another chunk stays whole). Index objects go before the packs they name."""
         names = list(names)
-        dead = {cid for cid in map(packs.chunk_id_of, names) if cid is not None}
-        others = [n for n in names if packs.chunk_id_of(n) is None]
+        dead = {n: 0 for n in names if packs.chunk_id_of(n) is not None}
+        others = [n for n in names if n not in dead]
         if dead:
-            table = self._loaded()
-            with self._index_lock:
-                _freed, gone, _bytes = table.reclaim(dead)
-            others += [packs.index_name(p) for p in gone] + [packs.pack_name(p) for p in gone]
-        first = [n for n in others if n.startswith("index/")]
-        self._delete_objects(first)
-        self._delete_objects([n for n in others if not n.startswith("index/")])
+            others += self.reclaim(dead)[1]
+        self._delete_objects([n for n in others if n.startswith(packs.INDEX)])
+        self._delete_objects([n for n in others if not n.startswith(packs.INDEX)])
 
     def _delete_objects(self, names: list[str]) -> None:
         for i in range(0, len(names), 1000):        # DeleteObjects takes 1000 at most
@@ -296,7 +291,7 @@ class S3Backend(Backend):
             freed, gone, nbytes = table.reclaim(
                 {cid for cid in map(packs.chunk_id_of, dead) if cid is not None})
         objects = [packs.index_name(p) for p in gone] + [packs.pack_name(p) for p in gone]
-        return [f"chunks/{c[:2]}/{c}" for c in freed], objects, nbytes
+        return [packs.chunk_name(c) for c in freed], objects, nbytes
 
     def refresh(self, prefix: str) -> None:
         if prefix.startswith("chunks/"):
@@ -314,6 +309,8 @@ class S3Backend(Backend):
         with self._index_lock:
             if name.startswith(packs.INDEX) and size is None:
                 self._table.drop(name[len(packs.INDEX):])
+                if self.cache is not None:
+                    self.cache.drop_index(name[len(packs.INDEX):])
             if name.startswith(packs.BUNDLES) and size is None:
                 self._bundles.pop(name[len(packs.BUNDLES):], None)
             if self._index is not None:
