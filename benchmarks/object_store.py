@@ -8,10 +8,18 @@ tests use: tests/s3server.py), so the server's own speed caps every number; on t
 machine, the ratios are what carries over. Sections:
 
 1. boto3 vs obstore: PUT then GET of 128 objects of 1 MiB, 16 requests in flight.
-2. one object per 1 MiB chunk vs 16 MiB pack files (restic's design), same bytes, boto3.
+2. one object per 256 KiB or 1 MiB chunk vs 16 MiB pack files (restic's design), same
+   bytes, boto3: what a request costs.
 3. gpusnap: ingest (push) and materialise (pull) of a MIB tree (half random, half text, as
-   benchmarks/encryption.py) into and from a local store and an s3:// store; the s3
-   restore from an empty cache and again from a warm one. Every output is compared.
+   benchmarks/encryption.py) into and from a local store and an s3:// store (chunks in
+   pack files); the s3 restore from an empty cache and again from a warm
+   one. Every output is compared.
+4. the page stream's pattern on the s3 backend itself: forked workers, each handing
+   put_many one slot of 80 chunks of 200 KB at a time (size() and claim() first, as the
+   stream does), then as many forked readers get_many-ing a slot each into an empty cache.
+
+    --sections clients,layouts,gpusnap,stream   which to run (default: all)
+    --repo DIR    take gpusnap from DIR, an older checkout (the "before" rows of 3 and 4)
 Prints markdown (and writes it to --out).
 """
 
@@ -31,8 +39,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+CODE = os.path.abspath(sys.argv[sys.argv.index("--repo") + 1]) if "--repo" in sys.argv[:-1] else REPO
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, CODE)
 
 from s3server import S3Server  # noqa: E402
 
@@ -100,6 +109,11 @@ def clients(server, bucket: str) -> list[str]:
     n = len(objects) * MIB
     rows = ["| client | PUT 128 x 1 MiB | GET 128 x 1 MiB |", "|---|---|---|"]
     for name, fn in (("boto3", boto3_put_get), ("obstore", obstore_put_get)):
+        try:
+            __import__(name)
+        except ImportError:
+            rows.append(f"| {name} | not installed | - |")
+            continue
         best = min((fn(server, bucket, objects, f"{name}-{k}/") for k in range(3)), key=sum)
         rows.append(f"| {name} | {rate(n, best[0])} | {rate(n, best[1])} |")
     return rows
@@ -108,7 +122,8 @@ def clients(server, bucket: str) -> list[str]:
 def packs(server, bucket: str) -> list[str]:
     rows = ["| layout | objects | PUT | GET |", "|---|---|---|---|"]
     total = 128 * MIB
-    for label, size in (("one object per 1 MiB chunk", MIB), ("16 MiB pack files", 16 * MIB)):
+    for label, size in (("one object per 256 KiB chunk (page-stream chunks)", MIB // 4),
+                        ("one object per 1 MiB chunk", MIB), ("16 MiB pack files", 16 * MIB)):
         objects = [os.urandom(size) for _ in range(total // size)]
         best = min((boto3_put_get(server, bucket, objects, f"pack{size}-{k}/") for k in range(3)),
                    key=sum)
@@ -167,24 +182,93 @@ def gpusnap_rows(server, bucket: str, mib: int, base: str) -> list[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fork_each(parts: list, fn) -> float:
+    """fn(part) in a forked process per part, all at once; seconds until all are done."""
+    t = time.perf_counter()
+    pids = []
+    for part in parts:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                fn(part)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids), "a worker failed"
+    return time.perf_counter() - t
+
+
+def _push_slots(backend, slots: int, out: str) -> None:
+    """One page-stream worker: slots of 80 new 200 KB chunks; their names into out."""
+    names = []
+    for _ in range(slots):
+        items = []
+        for _ in range(80):
+            data = os.urandom(200_000)
+            name = Repository.chunk_name(hashlib.sha256(data).hexdigest())
+            if backend.size(name) is None and backend.claim(name, len(data)) is None:
+                items.append((name, data))
+        backend.put_many(items)
+        names.append([n for n, _d in items])
+    with open(out, "w") as f:
+        f.write("\n".join(" ".join(slot) for slot in names))
+
+
+def stream_rows(bucket: str, workers: int, slots: int, base: str) -> list[str]:
+    from gpusnap.store.backends.s3 import S3Backend
+    from gpusnap.store.cache import ChunkCache
+    work = tempfile.mkdtemp(dir=base)
+    try:
+        url = f"s3://{bucket}/stream-{secrets.token_hex(3)}"
+        writer = S3Backend(url, ChunkCache(os.path.join(work, "c0")).open())
+        writer.refresh("chunks/")
+        outs = [os.path.join(work, f"names-{w}") for w in range(workers)]
+        push = _fork_each(outs, lambda out: _push_slots(writer, slots, out))
+        groups = [[line.split() for line in open(out).read().splitlines()] for out in outs]
+        reader = S3Backend(url, ChunkCache(os.path.join(work, "c1")).open())
+        t = time.perf_counter()
+        reader.refresh("chunks/")
+        pull = time.perf_counter() - t + _fork_each(
+            groups, lambda g: [len(list(reader.get_many(slot))) for slot in g])
+        n = workers * slots * 80 * 200_000
+        return ["| code | workers | push (put_many a slot) | pull, empty cache (get_many a slot) |",
+                "|---|---|---|---|",
+                f"| {CODE} | {workers} | {rate(n, push)} | {rate(n, pull)} |", "",
+                f"{workers * slots * 80} chunks of 200 KB, random; rates are bytes per second."]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--sections", default="clients,layouts,gpusnap,stream")
+    ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 2))
+    ap.add_argument("--repo", help="take gpusnap from this checkout")
     ap.add_argument("--out")
     args = ap.parse_args()
+    sections = args.sections.split(",")
     server = S3Server()
     try:
         bucket = server.bucket()
         os.environ.update(server.env())
         lines = [f"# Object storage benchmark ({platform.node()}: CPU host, {os.cpu_count()} cores)",
                  "", f"`benchmarks/object_store.py --mib {args.mib}`; S3 server: moto "
-                 "(server mode, one process, 127.0.0.1); scratch on " + args.dir + ".", "",
-                 "## Client libraries (16 in flight, best of 3)", "", *clients(server, bucket), "",
-                 "## One object per chunk vs pack files (boto3, 16 in flight, best of 3)", "",
-                 *packs(server, bucket), "",
-                 "## gpusnap push and pull, local store vs s3:// store, same run", "",
-                 *gpusnap_rows(server, bucket, args.mib, args.dir)]
+                 "(server mode, one process, 127.0.0.1); scratch on " + args.dir + ".", ""]
+        for key, title, rows in (
+                ("clients", "Client libraries (16 in flight, best of 3)", lambda: clients(server, bucket)),
+                ("layouts", "One object per chunk vs pack files (boto3, 16 in flight, best of 3)",
+                 lambda: packs(server, bucket)),
+                ("gpusnap", "gpusnap push and pull, local store vs s3:// store, same run",
+                 lambda: gpusnap_rows(server, bucket, args.mib, args.dir)),
+                ("stream", "The page stream's pattern on the s3 backend",
+                 lambda: stream_rows(bucket, args.workers, max(1, args.mib // 16 // args.workers),
+                                     args.dir))):
+            if key in sections:
+                lines += [f"## {title}", "", *rows(), ""]
     finally:
         server.stop()
     text = "\n".join(lines) + "\n"

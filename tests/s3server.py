@@ -101,6 +101,7 @@ class FaultProxy:
         self.budget: int | None = None
         self.down = False
         self.requests = 0
+        self.lines: list[str] = []          # each request's first line ("GET /bucket/key ...")
         self._lock = threading.Lock()
         self._closed = False
         self._conns: list[socket.socket] = []
@@ -150,6 +151,7 @@ class FaultProxy:
                     return
                 with self._lock:
                     self.requests += 1
+                    self.lines.append(request.split(b"\r\n", 1)[0].decode("latin-1"))
                     if self.failing > 0:
                         self.failing -= 1
                         self.failed += 1

@@ -14,12 +14,14 @@ def prune(repo, dry_run: bool, forget: list[str] = ()) -> dict:
         repo.gc_execute(plan)
         imagecache.drop(repo.path, keep=set(repo.snapshot_ids()))    # caches of removed snapshots
     return {"chunks": len(plan["chunks"]), "bytes": plan["bytes"], "temps": len(plan["temps"]),
-            "dry_run": dry_run}
+            "chunks_kept": plan["kept"], "dry_run": dry_run}
 
 
 def freed_text(report: dict) -> str:
     verb = "would free" if report["dry_run"] else "freed"
-    return f"{verb} {report['chunks']} chunks, {human_bytes(report['bytes'])}"
+    kept = report.get("chunks_kept")
+    return (f"{verb} {report['chunks']} chunks, {human_bytes(report['bytes'])}"
+            + (f" ({kept} unused chunks stay, in packs with used ones)" if kept else ""))
 
 
 @click.command("gc")

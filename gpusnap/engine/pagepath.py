@@ -179,6 +179,7 @@ class UffdPages:
 def _fill(repo, fds: dict[int, int], items: list, progress, on_forked) -> Fill:
     batches = parallel.batches(items, lambda it: it[1])
     workers = parallel.workers()
+    repo.prepare_reads()
     started = time.perf_counter()
     mode, results = parallel.run(lazy.fill_batch, (repo, fds, batches), len(batches), workers)
     placed, first = 0, True

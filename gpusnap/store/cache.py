@@ -1,14 +1,20 @@
 """The local pull-through cache of a remote store's chunks.
 
     <cache dir>/<store key>/chunks/<xx>/<id>   a chunk as stored (compressed; encrypted in
-                                               an encrypted store), only once verified
+                                               an encrypted store)
+    <cache dir>/<store key>/index/<pack id>    index objects of the store's packs, and
+                   index/bundle-<id>           bundles (they never change: each is read
+                                               from the store once a node)
+    <cache dir>/<store key>/packlocks/<xxx>    flock(2) files: one process fetches a pack
+                                               while the others wait for its chunks
     <cache dir>/<store key>/tmp/               chunks being written; dump/restore scratch
                                                when no tmpfs is usable; failed-logs/
 
 (<store key>: 16 hex digits of the sha256 of the store's URL.) A chunk enters the cache
-only after a decode checked it against its id (a restore or verify that read it from the
-store), or when this node made it (a dump): a cache never holds bytes a restore has not
-vouched for, and every read from it is checked again like any read. The bytes are the
+when a decode checked it against its id (a restore or verify that read it from the
+store), when this node made it (a dump), or with the rest of its pack, once the pack's
+bytes matched the pack's id (a restore reads a chunk's neighbours next); every read from
+the cache is checked again by the decode, like any read. The bytes are the
 stored encoding, so an encrypted store's cache is as opaque as the bucket.
 
 Bounded by max_bytes (--cache-size): least recently used first out (a hit bumps the
@@ -20,7 +26,9 @@ restores still work, straight from the store).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import threading
@@ -57,6 +65,8 @@ class ChunkCache:
         self.root = root
         self.chunks = os.path.join(root, "chunks")
         self.tmp = os.path.join(root, "tmp")
+        self.index = os.path.join(root, "index")
+        self.locks = os.path.join(root, "packlocks")
         self.max_bytes = max_bytes
         self._total: int | None = None
         self._pid = os.getpid()
@@ -66,7 +76,7 @@ class ChunkCache:
         """Create the cache directories (owner-only) and refuse one others can open."""
         old = os.umask(0o077)
         try:
-            for d in (self.root, self.chunks, self.tmp):
+            for d in (self.root, self.chunks, self.tmp, self.index, self.locks):
                 os.makedirs(d, mode=0o700, exist_ok=True)
         finally:
             os.umask(old)
@@ -111,6 +121,39 @@ class ChunkCache:
         if over:
             self.evict(int(self.max_bytes * 0.9))
         return True
+
+    def get_index(self, pack_id: str) -> bytes | None:
+        """A pack's index object as fetched before (untrusted like the store's copy)."""
+        try:
+            with open(os.path.join(self.index, pack_id), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def put_index(self, pack_id: str, raw: bytes) -> None:
+        """Keep a pack's index object; quietly not, when the disk is full."""
+        with contextlib.suppress(OSError):
+            fsutil.write_renamed(os.path.join(self.index, pack_id), self.tmp, raw)
+
+    def drop_index(self, pack_id: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.index, pack_id))
+
+    @contextlib.contextmanager
+    def pack_lock(self, pack_id: str) -> Iterator[None]:
+        """Held while one process (or thread) fetches a pack into the cache: another that
+        needs a chunk of it waits, then finds the chunk here. At most 4096 lock files."""
+        try:
+            fd = os.open(os.path.join(self.locks, pack_id[:3]),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:                     # no lock file (a full disk): fetch unlocked
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _usage(self) -> int:
         if self._total is None or self._pid != os.getpid():

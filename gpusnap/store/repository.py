@@ -277,6 +277,11 @@ class Repository:
         if keep:
             keep(self.chunk_name(cid), blob)
 
+    def prepare_reads(self) -> None:
+        """Load where the store's chunks are before workers fork to read them (an s3
+        store: one listing and the index objects not seen yet, instead of one a worker)."""
+        self.backend.refresh("chunks/")
+
     def read_chunk(self, cid: str, size: int) -> bytes:
         if cid == codec.ZERO_ID:
             return bytes(size)
@@ -454,6 +459,7 @@ class Repository:
         only: per path, the byte ranges to write (the rest stays a hole: the uffd page
         path places those pages itself). Any mismatch raises IntegrityError; the caller
         removes dest. Statistics in self.last_materialise."""
+        self.prepare_reads()
         self.last_materialise = materialise.write_files(self, getattr(manifest, which), dest,
                                                         parallel.workers(), progress, only)
 
@@ -472,6 +478,7 @@ class Repository:
             wanted.update(self.chunk_sizes(m))
 
         batches = parallel.batches(sorted(wanted.items()), lambda item: item[1])
+        self.prepare_reads()
         _mode, results = parallel.run(_verify_batch, (self, batches), len(batches), parallel.workers(),
                                       ordered=True)
         try:
@@ -494,7 +501,9 @@ class Repository:
         return removed
 
     def gc_plan(self, without: Iterable[str] = ()) -> dict:
-        """Chunks no manifest references, and stale temp files. Pure reading. Refuses
+        """Chunks no manifest references (those that go: in an s3 store, the chunks of
+        packs no live chunk is in; "kept": how many others stay), the objects that deleting
+        them means, and stale temp files. Pure reading. Refuses
         (IntegrityError) while a manifest does not load: which chunks it needs is unknown.
         without: snapshots to count as removed already (forget --dry-run)."""
         live: set[str] = set()
@@ -509,12 +518,11 @@ class Repository:
             if m.id not in gone:
                 live.update(m.chunk_sizes())
         self.backend.check_private()        # no symlink to follow out of the store
-        dead, dead_bytes = [], 0
-        for name, size in self.backend.list("chunks/"):
-            if name.rsplit("/", 1)[-1] not in live:
-                dead.append(name)
-                dead_bytes += size
-        return {"chunks": dead, "bytes": dead_bytes, "temps": self.backend.stale_temps()}
+        dead = {name: size for name, size in self.backend.list("chunks/")
+                if name.rsplit("/", 1)[-1] not in live}
+        chunks, objects, freed = self.backend.reclaim(dead)
+        return {"chunks": chunks, "objects": objects, "bytes": freed,
+                "kept": len(dead) - len(chunks), "temps": self.backend.stale_temps()}
 
     def gc_execute(self, plan: dict) -> None:
-        self.backend.delete_many(plan["chunks"] + plan["temps"])
+        self.backend.delete_many(plan["objects"] + plan["temps"])

@@ -61,8 +61,8 @@ def _kill_when(server, ready, proc: subprocess.Popen) -> None:
     server.proc.wait(10)
 
 
-def _files(path) -> int:
-    return sum(len(fs) for _d, _s, fs in os.walk(path))
+def _chunks_cached(path) -> int:
+    return sum(len(fs) for d, _s, fs in os.walk(path) if f"{os.sep}chunks{os.sep}" in d)
 
 
 def _workdir_left(tmp_path) -> list[str]:
@@ -81,7 +81,7 @@ def test_server_killed_mid_restore_then_mid_dump(workload, servers, tmp_path):
     assert (tmp_path / "work").is_dir()         # the work dir checked below is the one used
     w.kill_all()
     restore = _start(server, tmp_path, str(tmp_path / "c1"), "restore", json.loads(out)["id"])
-    _kill_when(server, lambda: _files(tmp_path / "c1") >= 8, restore)
+    _kill_when(server, lambda: _chunks_cached(tmp_path / "c1") >= 8, restore)
     out, err = restore.communicate(timeout=120)
     assert restore.returncode == StoreUnavailable.exit_code, (restore.returncode, err)
     assert "did not answer" in out + err
@@ -95,7 +95,7 @@ def test_server_killed_mid_restore_then_mid_dump(workload, servers, tmp_path):
     w2 = workload("--mib", "384", "--children", "1", name="w2")
     dump = _start(server, tmp_path, str(tmp_path / "c2"), "dump", "--pid", str(w2.pid))
     _kill_when(server, lambda: client.list_objects_v2(
-        Bucket=server.bucket_name, Prefix="k/chunks/").get("KeyCount", 0) >= 8, dump)
+        Bucket=server.bucket_name, Prefix="k/packs/").get("KeyCount", 0) >= 2, dump)
     out, err = dump.communicate(timeout=120)
     assert dump.returncode == StoreUnavailable.exit_code, (dump.returncode, err)
     assert "did not answer" in out + err

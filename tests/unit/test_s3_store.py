@@ -113,15 +113,17 @@ def test_throttling_is_retried_with_backoff(s3_env, s3_server, tmp_path, monkeyp
 def test_server_gone_mid_upload_then_mid_download_then_retries(s3_env, s3_server, tmp_path,
                                                                monkeypatch):
     """No partial snapshot is visible after a cut dump; the retry sends only what is
-    missing; a cut restore fails cleanly and its retry completes."""
+    missing (the packs whose index made it: one worker, so the first 16 MiB batch's pack
+    and index are in before the cut); a cut restore fails cleanly and its retry completes."""
     proxy = FaultProxy(s3_server.port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     monkeypatch.setenv("GPUSNAP_S3_RETRIES", "2")
+    monkeypatch.setenv("GPUSNAP_THREADS", "1")
     try:
         url = f"s3://{s3_env}/cut"
         repo = Repository.open(url, cache=str(tmp_path / "c"))
-        src = _images(tmp_path, mib=12)
-        proxy.cut_after(4 << 20)
+        src = _images(tmp_path, mib=40)
+        proxy.cut_after(20 << 20)
         with pytest.raises(StoreUnavailable):
             _dump(repo, src)
         proxy.restore()

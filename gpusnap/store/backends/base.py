@@ -15,6 +15,8 @@ tests/unit/test_backends.py against every backend:
   every put that returned before it started (S3 has been strongly consistent for
   read-after-write and list-after-write since 2020; so are MinIO, Ceph RGW and R2).
 - delete(name) of a missing object raises Missing; delete_many ignores missing ones.
+  A backend that packs chunks (s3) deletes a chunk with its pack, once no chunk of the
+  pack is left (reclaim() says which go); gc deletes what reclaim() names.
 - lock(exclusive, timeout): a context manager; shared holders exclude exclusive ones.
 """
 
@@ -70,6 +72,11 @@ class Backend:
         for name in names:
             with contextlib.suppress(Missing):
                 self.delete(name)
+
+    def reclaim(self, dead: dict[str, int]) -> tuple[list[str], list[str], int]:
+        """For gc, of the chunks no snapshot needs (name -> stored size): the chunks that
+        go, the objects to delete for that, and the bytes it frees. Here: every one."""
+        return list(dead), list(dead), sum(dead.values())
 
     def sync(self, names: Iterable[str] = ()) -> None:
         """Make the named objects durable (put before, by this writer or another)."""

@@ -1,21 +1,30 @@
 """A store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, GCS interop), by boto3.
 
-    s3://BUCKET/PREFIX  ->  objects PREFIX/config, PREFIX/chunks/<xx>/<id>,
+    s3://BUCKET/PREFIX  ->  objects PREFIX/config, PREFIX/packs/<xx>/<id>, PREFIX/index/<id>,
                             PREFIX/snapshots/<id>.json, PREFIX/locks/<id>, PREFIX/seq/<n>
 
-the layout of a local store. Endpoint, region and credentials come the way of every AWS
-tool: AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3), AWS_REGION, AWS_ACCESS_KEY_ID /
-AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/config. One object per chunk (docs/design.md
-says why not pack files); transfers run on a thread pool (GPUSNAP_S3_CONCURRENCY, default
-16). Throttling (503 SlowDown) and dropped connections are retried with exponential
-backoff by botocore's standard retry mode (GPUSNAP_S3_RETRIES attempts, default 8).
+Repository names chunks as in a local store (chunks/<xx>/<id>); here they live in pack
+files, several MiB each, with an index object a pack (packs.py: the format and why). A
+chunk exists once an index naming it is visible; refresh("chunks/") lists index/ and
+loads the indexes not seen before (cached on the node, as they never change).
+
+Endpoint, region and credentials come the way of every AWS tool: AWS_ENDPOINT_URL (or
+AWS_ENDPOINT_URL_S3), AWS_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE
+and ~/.aws/config. Transfers run on a thread pool (GPUSNAP_S3_CONCURRENCY, default 16).
+Throttling (503 SlowDown) and dropped connections are retried with exponential backoff by
+botocore's standard retry mode (GPUSNAP_S3_RETRIES attempts, default 8).
 
 Reads of chunks go through the node's pull-through cache (store/cache.py) when there is
-one; the Repository tells this backend which chunks it verified (verified()).
+one: a miss fetches the chunk's whole pack once (a lock file per pack in the cache keeps
+the restore's other workers waiting for it rather than fetching it too) and keeps all of
+its chunks; the Repository tells this backend which chunks it verified (verified()).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
 import secrets
 import socket
@@ -24,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 from ...errors import StoreDenied, StoreError, StoreUnavailable
+from . import packs
 from .base import Backend, Missing
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
@@ -58,9 +68,15 @@ class S3Backend(Backend):
         self.cache = cache                  # a ChunkCache, or None
         self._pid = None
         self._client = None
-        self._index: dict[str, int] | None = None
+        self._index: dict[str, int] | None = None      # sizes of other objects, by refresh()
         self._index_lock = threading.Lock()
         self._claimed: dict[str, int] = {}
+        self._table = packs.PackTable()
+        self._table_loaded = False
+        self._cache_full = False
+        self.bad_indexes: dict[str, str] = {}           # pack id -> why its index was refused
+        self._bundled: dict[str, packs.Pack] = {}       # pack id -> its index, from a bundle
+        self._bundles: dict[str, set[str]] = {}         # bundle id -> the packs it holds
 
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
@@ -90,15 +106,17 @@ class S3Backend(Backend):
     def key(self, name: str) -> str:
         return self.prefix + name
 
-    def _call(self, op: str, name: str, **kw):
-        """One S3 call, its failures turned into gpusnap's errors (Missing for 404)."""
+    def _call(self, op: str, name: str, read: bool = False, **kw):
+        """One S3 call, its failures turned into gpusnap's errors (Missing for 404); with
+        read, the body of its answer, read within the same mapping."""
         import botocore.exceptions as bx
         try:
-            return getattr(self.client(), op)(Bucket=self.bucket, **kw)
+            out = getattr(self.client(), op)(Bucket=self.bucket, **kw)
+            return out["Body"].read() if read else out
         except bx.ClientError as exc:
             raise translate(exc, self.url, name) from None
         except (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
-                bx.ConnectTimeoutError) as exc:
+                bx.ConnectTimeoutError, bx.ResponseStreamingError, bx.IncompleteReadError) as exc:
             raise StoreUnavailable(f"object store {self.url} did not answer: {exc}",
                                    hint="check AWS_ENDPOINT_URL and that the server runs; "
                                         "a retry resumes (stored chunks are not sent again)") from None
@@ -109,13 +127,16 @@ class S3Backend(Backend):
             raise StoreUnavailable(f"object store {self.url}: {exc}") from None
 
     # ---- objects ---------------------------------------------------------------------
+    def _body(self, name: str, **kw) -> bytes:
+        """GET of an object's body (or of a range of it), read inside the error mapping:
+        a connection dropped mid-body is StoreUnavailable too."""
+        return self._call("get_object", name, read=True, Key=self.key(name), **kw)
+
     def get(self, name: str) -> bytes:
-        cid = self._cached_chunk(name)
-        if cid:
-            hit = self.cache.get(cid)
-            if hit is not None:
-                return hit
-        return self._call("get_object", name, Key=self.key(name))["Body"].read()
+        cid = packs.chunk_id_of(name)
+        if cid is None:
+            return self._body(name)
+        return self._read_chunk(name, cid)
 
     def get_many(self, names: list[str]) -> Iterator[bytes]:
         if len(names) < 2:
@@ -131,6 +152,14 @@ class S3Backend(Backend):
                     f.cancel()
 
     def put(self, name: str, data, *, durable: bool = True, if_absent: bool = False) -> bool:
+        cid = packs.chunk_id_of(name)
+        if cid is not None:
+            if if_absent:
+                self.refresh("chunks/")
+                if self.size(name) is not None:
+                    return False
+            self._put_pack([(cid, data)])
+            return True
         kw = {"IfNoneMatch": "*"} if if_absent else {}
         try:
             self._call("put_object", name, Key=self.key(name), Body=bytes(data), **kw)
@@ -139,17 +168,41 @@ class S3Backend(Backend):
                 return False
             raise
         self._note(name, len(data))
-        cid = self._cached_chunk(name)
-        if cid:
-            self.cache.put(cid, data)       # made here: as good as verified
         return True
 
     def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        if not items:
+        """Chunks go into packs (about PACK_BYTES each, uploaded at once), other objects
+        one by one."""
+        chunks, jobs = [], []
+        for name, data in items:
+            cid = packs.chunk_id_of(name)
+            if cid is None:
+                jobs.append(functools.partial(self.put, name, data, durable=False))
+            else:
+                chunks.append((cid, data))
+        jobs += [functools.partial(self._put_pack, group) for group in packs.groups(chunks)]
+        if len(jobs) <= 1:
+            for job in jobs:
+                job()
             return
-        with self._pool(len(items)) as pool:
-            for f in [pool.submit(self.put, n, d, durable=False) for n, d in items]:
+        with self._pool(len(jobs)) as pool:
+            for f in [pool.submit(job) for job in jobs]:
                 f.result()
+
+    def _put_pack(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Upload one pack, then its index: its chunks exist from then on."""
+        data, pack, index = packs.build((cid, bytes(blob)) for cid, blob in blobs)
+        self._call("put_object", packs.pack_name(pack.id), Key=self.key(packs.pack_name(pack.id)),
+                   Body=data)
+        self._call("put_object", packs.index_name(pack.id),
+                   Key=self.key(packs.index_name(pack.id)), Body=index)
+        with self._index_lock:
+            self._table.add(pack)
+        if self.cache is not None:          # made here: as good as verified
+            self.cache.put_index(pack.id, index)
+            view = memoryview(data)
+            for cid, (off, n) in pack.chunks.items():
+                self.cache.put(cid, view[off:off + n])
 
     def claim(self, name: str, size: int) -> int | None:
         with self._index_lock:
@@ -159,6 +212,11 @@ class S3Backend(Backend):
             return first
 
     def size(self, name: str) -> int | None:
+        cid = packs.chunk_id_of(name)
+        if cid is not None:
+            self._loaded()
+            with self._index_lock:
+                return self._table.size(cid)
         with self._index_lock:
             if self._index is not None and name in self._index:
                 return self._index[name]
@@ -168,6 +226,16 @@ class S3Backend(Backend):
             return None
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Objects under prefix; under chunks/, the chunks of every pack (each once)."""
+        if prefix.startswith("chunks/"):
+            self.refresh("chunks/")
+            with self._index_lock:
+                listing = list(self._table.chunks())
+            for cid, size in listing:
+                name = packs.chunk_name(cid)
+                if name.startswith(prefix):
+                    yield name, size
+            return
         for name, size, _mtime in self.list_meta(prefix):
             yield name, size
 
@@ -187,11 +255,24 @@ class S3Backend(Backend):
     def delete(self, name: str) -> None:
         if self.size(name) is None:
             raise Missing(name)
+        if packs.chunk_id_of(name) is not None:
+            self.delete_many([name])
+            return
         self._call("delete_object", name, Key=self.key(name))
         self._note(name, None)
 
     def delete_many(self, names: Iterable[str]) -> None:
+        """Chunk names: the packs every chunk of which is among them go (a pack that holds
+        another chunk stays whole). Index objects go before the packs they name."""
         names = list(names)
+        dead = {n: 0 for n in names if packs.chunk_id_of(n) is not None}
+        others = [n for n in names if n not in dead]
+        if dead:
+            others += self.reclaim(dead)[1]
+        self._delete_objects([n for n in others if n.startswith(packs.INDEX)])
+        self._delete_objects([n for n in others if not n.startswith(packs.INDEX)])
+
+    def _delete_objects(self, names: list[str]) -> None:
         for i in range(0, len(names), 1000):        # DeleteObjects takes 1000 at most
             part = names[i:i + 1000]
             out = self._call("delete_objects", part[0], Delete={
@@ -203,10 +284,21 @@ class S3Backend(Backend):
             for n in part:
                 self._note(n, None)
 
+    def reclaim(self, dead: dict[str, int]) -> tuple[list[str], list[str], int]:
+        """Of the dead chunks, those whose every pack is dead; the packs' objects."""
+        table = self._loaded()
+        with self._index_lock:
+            freed, gone, nbytes = table.reclaim(
+                {cid for cid in map(packs.chunk_id_of, dead) if cid is not None})
+        objects = [packs.index_name(p) for p in gone] + [packs.pack_name(p) for p in gone]
+        return [packs.chunk_name(c) for c in freed], objects, nbytes
+
     def refresh(self, prefix: str) -> None:
+        if prefix.startswith("chunks/"):
+            self._refresh_packs()
+            return
         listing = {name: size for name, size in self.list(prefix)}
         with self._index_lock:
-            self._claimed = {}              # what is stored now is in the listing
             if self._index is None:
                 self._index = {}
             for name in [n for n in self._index if n.startswith(prefix)]:
@@ -215,29 +307,211 @@ class S3Backend(Backend):
 
     def _note(self, name: str, size: int | None) -> None:
         with self._index_lock:
+            if name.startswith(packs.INDEX) and size is None:
+                self._table.drop(name[len(packs.INDEX):])
+                if self.cache is not None:
+                    self.cache.drop_index(name[len(packs.INDEX):])
+            if name.startswith(packs.BUNDLES) and size is None:
+                self._bundles.pop(name[len(packs.BUNDLES):], None)
             if self._index is not None:
                 if size is None:
                     self._index.pop(name, None)
                 else:
                     self._index[name] = size
 
-    def _cached_chunk(self, name: str) -> str | None:
-        if self.cache is not None and name.startswith("chunks/"):
-            return name.rsplit("/", 1)[-1]
-        return None
-
     def verified(self, name: str, blob) -> None:
         """A chunk's stored bytes that a decode just checked: keep them in the cache."""
-        cid = self._cached_chunk(name)
+        cid = packs.chunk_id_of(name) if self.cache is not None else None
         if cid and not self.cache.has(cid):
             self.cache.put(cid, blob)
 
+    # ---- packs: the index, and reads ------------------------------------------------------
+    def _loaded(self) -> packs.PackTable:
+        """The pack table, loaded by a first refresh when nothing loaded it yet (use it
+        under _index_lock; never call this holding it)."""
+        if not self._table_loaded:
+            self.refresh("chunks/")
+        return self._table
+
+    def _refresh_packs(self) -> None:
+        """List index/, load the index objects not known yet (from the cache, else from
+        the store, concurrently), forget packs whose index is gone."""
+        with self._index_lock:
+            known = set(self._table.packs)
+        listed = {}
+        for name, size in self.list(packs.INDEX):
+            pid = name[len(packs.INDEX):]
+            if packs.is_id(pid):
+                listed[pid] = size
+        new = [pid for pid in listed if pid not in known]
+        loaded = self._load_indexes(new, listed)
+        with self._index_lock:
+            for pid in known - set(listed):
+                self._table.drop(pid)
+            for pack in loaded:
+                self._table.add(pack)
+            self._claimed = {}              # what is stored now is in the table
+            self._table_loaded = True
+
+    def _load_indexes(self, ids: list[str], sizes: dict[str, int]) -> list[packs.Pack]:
+        """The indexes of packs ids: from the cache, else from bundles (when many are
+        missing), else each from its index object, 16 at a time."""
+        found = [p for p in map(self._cached_index, ids) if p]
+        rest = [pid for pid in ids if pid not in {p.id for p in found}]
+        if len(rest) >= packs.MIN_BUNDLE:
+            self._load_bundles()
+            with self._index_lock:
+                found += [self._bundled[pid] for pid in rest if pid in self._bundled]
+            rest = [pid for pid in rest if pid not in self._bundled]
+        if len(rest) < 2:
+            return found + [p for p in (self._fetch_index(i, sizes[i]) for i in rest) if p]
+        with self._pool(len(rest)) as pool:
+            return found + [p for p in pool.map(lambda i: self._fetch_index(i, sizes[i]), rest) if p]
+
+    def _cached_index(self, pack_id: str) -> packs.Pack | None:
+        raw = self.cache.get_index(pack_id) if self.cache is not None else None
+        if raw is not None:
+            with contextlib.suppress(packs.BadIndex):
+                return packs.decode_index(pack_id, raw)
+        return None
+
+    def _fetch_index(self, pack_id: str, size: int) -> packs.Pack | None:
+        """One pack's index object, validated; None (and the reason in bad_indexes) when
+        it is not a valid index: its chunks stay unknown."""
+        try:
+            if size > packs.MAX_INDEX_BYTES:
+                raise packs.BadIndex(f"index of pack {pack_id[:16]} is {size} bytes")
+            raw = self._body(packs.index_name(pack_id))
+            pack = packs.decode_index(pack_id, raw)
+        except packs.BadIndex as exc:
+            self.bad_indexes[pack_id] = str(exc)
+            return None
+        except Missing:                     # deleted since the listing
+            return None
+        if self.cache is not None:
+            self.cache.put_index(pack_id, raw)
+        return pack
+
+    def _load_bundles(self) -> None:
+        """Read the bundles not read yet (from the cache, else the store)."""
+        with self._index_lock:
+            seen = set(self._bundles)
+        ids = [n[len(packs.BUNDLES):] for n, _s in self.list(packs.BUNDLES)]
+        ids = [i for i in ids if packs.is_id(i) and i not in seen]
+        if not ids:
+            return
+        with self._pool(len(ids)) as pool:
+            loaded = list(pool.map(self._bundle, ids))
+        with self._index_lock:
+            for bundle_id, got in zip(ids, loaded):
+                self._bundles[bundle_id] = {p.id for p in got}
+                for pack in got:
+                    self._bundled.setdefault(pack.id, pack)
+
+    def _bundle(self, bundle_id: str) -> list[packs.Pack]:
+        """A bundle's packs; none when it does not match its id or is not a bundle."""
+        key = f"bundle-{bundle_id}"
+        raw = self.cache.get_index(key) if self.cache is not None else None
+        try:
+            if raw is None:
+                raw = self._body(packs.BUNDLES + bundle_id)
+            if hashlib.sha256(raw).hexdigest() != bundle_id:
+                raise packs.BadIndex(f"bundle {bundle_id[:16]} does not match its id")
+            got = packs.decode_bundle(raw)
+        except packs.BadIndex as exc:
+            self.bad_indexes[key] = str(exc)
+            return []
+        except Missing:
+            return []
+        if self.cache is not None:
+            self.cache.put_index(key, raw)
+        return got
+
+    def sync(self, names: Iterable[str] = ()) -> None:
+        """A PUT is durable once it returned. What this adds (commit names a snapshot's
+        chunks here): one bundle of the indexes of the packs holding them that no bundle
+        holds yet, when there are MIN_BUNDLE or more, so a node loading the index reads
+        one object for them."""
+        table = self._loaded()
+        self._load_bundles()
+        with self._index_lock:
+            new = {}
+            for cid in filter(None, map(packs.chunk_id_of, names)):
+                found = table.locate(cid)
+                if found and found[0].id not in self._bundled:
+                    new[found[0].id] = found[0]
+        if len(new) < packs.MIN_BUNDLE:
+            return
+        bundle_id, raw = packs.encode_bundle(sorted(new.values(), key=lambda p: p.id))
+        self._call("put_object", packs.BUNDLES + bundle_id,
+                   Key=self.key(packs.BUNDLES + bundle_id), Body=raw)
+        with self._index_lock:
+            self._bundles[bundle_id] = set(new)
+            self._bundled.update(new)
+        if self.cache is not None:
+            self.cache.put_index(f"bundle-{bundle_id}", raw)
+
+    def _read_chunk(self, name: str, cid: str) -> bytes:
+        """A chunk's stored bytes: from the cache, else with its whole pack (checked
+        against the pack id, then every chunk of it kept in the cache), else by range."""
+        if self.cache is not None:
+            hit = self.cache.get(cid)
+            if hit is not None:
+                return hit
+        table = self._loaded()
+        with self._index_lock:
+            found = table.locate(cid)
+        if found is None:
+            self.refresh("chunks/")         # written since the last look, by another node?
+            with self._index_lock:
+                found = self._table.locate(cid)
+        if found is None:
+            raise Missing(name)
+        pack, off, n = found
+        try:
+            if self.cache is None or self._cache_full or \
+                    pack.size > min(packs.RANGE_OVER, self.cache.max_bytes // 4):
+                return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") \
+                    if n else b""
+            with self.cache.pack_lock(pack.id):
+                hit = self.cache.get(cid)
+                if hit is not None:         # another process fetched the pack meanwhile
+                    return hit
+                return self._fetch_pack(pack)[off:off + n]
+        except Missing:
+            raise Missing(name) from None
+
+    def _fetch_pack(self, pack: packs.Pack) -> bytes:
+        """A whole pack; when it matches its id, every chunk of it into the cache (a disk
+        that fills turns later reads into range GETs)."""
+        data = self._body(packs.pack_name(pack.id))
+        if len(data) == pack.size and hashlib.sha256(data).hexdigest() == pack.id:
+            view = memoryview(data)
+            for cid, (off, n) in pack.chunks.items():
+                if not self.cache.put(cid, view[off:off + n]):
+                    self._cache_full = True
+                    break
+        return data
+
     def stale_temps(self) -> list[str]:
-        """Expired lock objects, and the sequence claims below the newest (gc runs under
-        the exclusive lock: no commit is claiming meanwhile)."""
+        """Expired lock objects, the sequence claims below the newest, packs without an
+        index (a dump cut between the two PUTs) and indexes without their pack (gc runs
+        under the exclusive lock: no commit is claiming, no dump is uploading)."""
         from .objlock import stale
         claims = sorted(self._seq_claims())
-        return stale(self) + [f"{SEQ}{n:012d}" for n in claims[:-1]]
+        return stale(self) + [f"{SEQ}{n:012d}" for n in claims[:-1]] + self._unpaired()
+
+    def _unpaired(self) -> list[str]:
+        """Indexes without their pack, packs without their index, bundles of packs none
+        of which is left."""
+        stored = {name.rsplit("/", 1)[-1]: name for name, _s in self.list(packs.PACKS)}
+        indexed = {name[len(packs.INDEX):] for name, _s in self.list(packs.INDEX)}
+        self._load_bundles()
+        with self._index_lock:
+            bundles = [b for b, held in self._bundles.items() if not held & indexed]
+        return ([packs.index_name(p) for p in sorted(indexed - set(stored))]
+                + [stored[p] for p in sorted(set(stored) - indexed)]
+                + [packs.BUNDLES + b for b in sorted(bundles)])
 
     def next_seq(self, last_known: Callable[[], int]) -> int:
         """Claim the next number of the commit sequence: a create-only object seq/<n>
@@ -249,8 +523,7 @@ class S3Backend(Backend):
         token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}".encode()
         for _ in range(1000):
             name = f"{SEQ}{n:012d}"
-            if self.put(name, token, if_absent=True) and self._call(
-                    "get_object", name, Key=self.key(name))["Body"].read() == token:
+            if self.put(name, token, if_absent=True) and self._body(name) == token:
                 return n
             n += 1
         raise StoreError(f"could not claim a commit sequence number in {self.url}")
