@@ -15,7 +15,8 @@ LOCAL_RANK and LOCAL_WORLD_SIZE set as torchrun sets them and NVLink multicast o
 can restore); without it NCCL keeps its defaults, which gpusnap refuses unless --sdk.
 --sdk: every rank enables gpusnap.sdk over its shard and registers its process groups'
 teardown and rebuild (gpusnap.sdk.collectives), so a dump drops the weights and the
-communicators and a restore brings both back. --cpu: gloo on the CPU (tests without GPU).
+communicators and a restore brings both back (a rebuild that takes more than
+--rebuild-timeout seconds fails the restore). --cpu: gloo on the CPU (tests without GPU).
 
 Rank 0 answers on 127.0.0.1:P:
     GET  /health                                       -> {"ok": true, "pid": launcher}
@@ -271,7 +272,8 @@ def rank_main(args) -> int:
     agent = None
     if args.sdk:
         agent = gpusnap.sdk.enable(weights, path, socket_dir=args.socket_dir)
-        gpusnap.sdk.collectives(agent, group.destroy, group.init)
+        gpusnap.sdk.collectives(agent, group.destroy, group.init,
+                                rebuild_timeout_s=args.rebuild_timeout)
 
     def reduce(t):
         dist.all_reduce(t)
@@ -315,7 +317,7 @@ def launch(args) -> int:
             env.update(NO_CUDA_IPC)
         log = open(os.path.join(args.state, f"rank{rank}.log"), "ab")
         argv = [sys.executable, "-m", "tests.workloads.tp_server", "rank", "--rank", str(rank)]
-        for key in ("model", "world", "port", "state", "socket_dir"):
+        for key in ("model", "world", "port", "state", "socket_dir", "rebuild_timeout"):
             if getattr(args, key) is not None:
                 argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         argv += [flag for flag, on in (("--sdk", args.sdk), ("--cpu", args.cpu)) if on]
@@ -365,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--cpu", action="store_true")
         s.add_argument("--nccl-safe", action="store_true")
         s.add_argument("--rank", type=int)
+        s.add_argument("--rebuild-timeout", type=float, default=300.0,
+                       help="--sdk: seconds a rebuild of the process groups may take")
     args = ap.parse_args(argv)
     if args.cmd == "make":
         make(args.size, args.world, args.out, args.cpu)
@@ -380,8 +384,9 @@ class TpServer:
 
     def __init__(self, model_dir: str, state: str, world: int = 2, port: int = 18100,
                  sdk: bool = False, cpu: bool = False, nccl_safe: bool = False,
-                 socket_dir: str | None = None):
+                 socket_dir: str | None = None, rebuild_timeout: float | None = None):
         self.model_dir, self.state, self.world, self.port = model_dir, state, world, port
+        self.rebuild_timeout = rebuild_timeout
         self.flags = [f for f, on in (("--sdk", sdk), ("--cpu", cpu), ("--nccl-safe", nccl_safe)) if on]
         self.socket_dir = socket_dir
         self.pid: int | None = None
@@ -403,7 +408,8 @@ class TpServer:
         return [sys.executable, "-m", "tests.workloads.tp_server", "serve", "--model",
                 self.model_dir, "--world", str(self.world), "--port", str(self.port),
                 "--state", self.state, *self.flags] + \
-            (["--socket-dir", self.socket_dir] if self.socket_dir else [])
+            (["--socket-dir", self.socket_dir] if self.socket_dir else []) + \
+            (["--rebuild-timeout", str(self.rebuild_timeout)] if self.rebuild_timeout else [])
 
     def start(self, timeout: float = 300) -> TpServer:
         import shutil
