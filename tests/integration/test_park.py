@@ -91,21 +91,25 @@ def test_standby_of_a_snapshot_without_cuda_is_refused_and_restored_trees_are_li
 
 def test_two_rank_gloo_job_survives_dump_and_restore(tmp_path, gpusnap):
     """The TP=2 workload of the GPU tests over gloo on the CPU: two ranks talking over
-    loopback TCP, dumped and restored as one tree, all-reduce still right."""
+    loopback TCP, dumped and restored as one tree, all-reduce still right; then the
+    restored tree dumped and restored again (the GPU test's second round, there onto
+    the GPUs swapped)."""
     pytest.importorskip("torch.distributed")
     from tests.workloads.tp_allreduce import TensorParallel
     tp = TensorParallel(str(tmp_path), mib=16, cpu=True)
     try:
         tp.start(timeout=120)
         before = [r["checksum"] for r in tp.check()]
-        rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
-        assert rc == 0, err
-        tp.reap()
-        wait_pids_free([tp.pid, *tp.ranks])
-        rc, out, err = gpusnap("restore", snap["id"])
-        assert rc == 0, err
-        after = tp.check()
-        assert all(r["intact"] and r["allreduce_ok"] and not r["failures"] for r in after), after
-        assert [r["checksum"] for r in after] == before
+        for _ in range(2):
+            rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
+            assert rc == 0, f"{err}\n{tp.logs()}"
+            tp.reap()
+            wait_pids_free([tp.pid, *tp.ranks])
+            rc, out, err = gpusnap("restore", snap["id"])
+            assert rc == 0, f"{err}\n{out}\n{tp.logs()}"
+            after = tp.check()
+            assert all(r["intact"] and r["allreduce_ok"] and not r["failures"] for r in after), \
+                f"{after}\n{tp.logs()}"
+            assert [r["checksum"] for r in after] == before
     finally:
         tp.stop()

@@ -25,6 +25,7 @@ The ranks move in lockstep: each step they all-reduce a small header over a gloo
 (rank 0's job, every rank's checkpoint_wanted()), so an idle rank waits on the CPU, never
 inside a GPU collective (the driver's lock waits for GPU work in flight), and all stop
 at the same step when any agent wants to prepare. Rank 0 sends an idle step every 0.1 s.
+SIGUSR2 prints every thread's stack of a rank in STATE/rank<r>.log.
 STATE/ready (launcher pid, rank pids, load and warm-up seconds) once every rank is ready.
 """
 
@@ -256,6 +257,8 @@ def rank_main(args) -> int:
     import torch.distributed as dist
 
     import gpusnap.sdk
+    from tests.workloads.common import stacks_on_sigusr2
+    stacks_on_sigusr2()
     rank, world = args.rank, args.world
     device = "cpu" if args.cpu else f"cuda:{rank}"
     if not args.cpu:
@@ -433,12 +436,19 @@ class TpServer:
         return self
 
     def generate(self, n: int = 1, ids: list[int] | None = None, timeout: float = 120) -> list[int]:
+        """Rank 0's answer; RuntimeError with every rank's stacks in the logs it quotes
+        when there is none."""
         import urllib.request
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/generate",
                                      json.dumps({"ids": ids or PROMPT, "max_new_tokens": n}).encode(),
                                      {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())["ids"]
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())["ids"]
+        except OSError as e:
+            from tests.workloads.common import ask_stacks
+            ask_stacks(self.ranks)
+            raise RuntimeError(f"no answer from the TP server: {e}\n{self.logs()}") from None
 
     def logs(self) -> str:
         from tests.workloads.common import tail_logs
