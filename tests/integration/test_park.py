@@ -161,7 +161,6 @@ def test_a_tree_talking_to_the_outside_without_iptables_is_refused_untouched(sle
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
     proc = sleeper(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}))")
-    assert proc.stdout.readline().strip() == b"up"
     peer, _ = srv.accept()
     try:
         rc, out, err = gpusnap("dump", "--force", "--pid", str(proc.pid), env={"PATH": path})
