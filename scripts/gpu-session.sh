@@ -3,7 +3,9 @@
 #
 #   OUT=/some/dir scripts/gpu-session.sh STEP[:SECONDS] ...
 #
-# Steps: gputests (pytest -m gpu tests/gpu), runc (the runc + hook test alone), matbench
+# Steps: gputests (pytest -m gpu tests/gpu), tp2diag (the TP=2 GPU tests alone: the
+# transparent dump/restore/swap test and tests/gpu/test_tp_sdk_gpu.py, ~240 s on two GPUs),
+# runc (the runc + hook test alone), matbench
 # (benchmarks/materialise.py), cold1b / cold8b / cold (benchmarks/cold_start.py; COLD_ARGS
 # replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py),
 # dumprace (the parallel CUDA stages and the CUDA-child-mid-dump tests alone),
@@ -29,7 +31,10 @@
 #   .deps/runc   runc + libseccomp.so.2    (tests/gpu/test_runc_gpu.py says how)
 #   .whl/        wheels for the machine's Python: make gpu-wheels (scripts/gpu-wheels.sh:
 #                zstandard, boto3, moto's S3 server; kvikio/ optional, by hand)
-# A step that runs past its limit is stopped (SIGTERM, SIGKILL 30 s later) and the next one runs.
+# A step that runs past its limit is stopped (SIGTERM, SIGINT for pytest steps; SIGKILL 30 s
+# later) and the next one runs. Pytest steps leave $OUT/STEP.log (-rA), $OUT/STEP.xml and
+# $OUT/progress.txt (each test's outcome as it ends, failures in full); GPU_TEST_TIMEOUT
+# sets their per-test limit.
 set -u
 OUT=${OUT:-/tmp/gpusnap-out}
 mkdir -p "$OUT"
@@ -53,10 +58,24 @@ step() {
     local name=$1 limit=$2; shift 2
     echo "=== $name (limit ${limit}s) $(date +%T)"
     local t0=$SECONDS
-    timeout -k 30 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -s "${STEP_SIGNAL:-TERM}" -k 30 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     echo "=== $name rc=$rc in $((SECONDS - t0))s"
     tail -n 25 "$OUT/$name.log"
+}
+
+# pytest as a step: every outcome in the log (-rA) and in $OUT/NAME.xml (JUnit, with
+# each test's output), each failure in $OUT/progress.txt the moment it happens
+# (tests/gpu/conftest.py), each test stopped after PER_TEST seconds where pytest-timeout
+# is installed (stacks of every thread in the log), and the step's time limit sent as
+# SIGINT, so pytest still prints its summary and writes the XML.
+pytests() {
+    local name=$1 limit=$2 per_test=$3; shift 3
+    local per=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per=(--timeout "$per_test" --timeout-method signal)
+    STEP_SIGNAL=INT step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -rA \
+        --junitxml="$OUT/$name.xml" -o junit_logging=all ${per[@]+"${per[@]}"} "$@"
+    grep -E "^(FAILED|ERROR)|Timeout|^[0-9]+ (passed|failed)" "$OUT/$name.log" | tail -n 20
 }
 
 # benchmarks/breadth.py ROW ..., its budget 30 s short of the step's limit
@@ -70,15 +89,19 @@ for spec in "$@"; do
     name=${spec%%:*}
     limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
     case $name in
-        gputests) step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu ;;
-        runc)     step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_runc_gpu.py ;;
+        gputests) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu ;;
+        tp2diag)  # the TP=2 GPU tests alone, the transparent one first, none stopping the rest
+                  pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-180}" \
+                      tests/gpu/test_gpu_park.py::test_tp2_dump_and_restore_then_onto_the_gpus_swapped \
+                      tests/gpu/test_tp_sdk_gpu.py ;;
+        runc)     pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_runc_gpu.py ;;
         matbench) step "$name" "$limit" python3 benchmarks/materialise.py --gib 2 --runs 3 --threads 4,8,16 --out "$OUT" ;;
         cold1b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 1b --out "$OUT" ${COLD_ARGS:---runs 3 --variants warm,shm,thp --sdk} ;;
         cold)     step "$name" "$limit" python3 benchmarks/cold_start.py --sizes "${COLD_SIZES:-0.5b,1.5b}" --out "$OUT" ${COLD_ARGS:---runs 2} ;;
         cold8b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 8b --out "$OUT" ${COLD_ARGS:---runs 2 --sdk} ;;
         dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
-        dumprace) step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_gpu_dump_race.py ;;
+        dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
         switch|standby|diffusion)
@@ -86,7 +109,7 @@ for spec in "$@"; do
         tp2)      breadth "$name" "$limit" tp --world 2 --size 8b --runs 1 ;;
         tp120plan) step "$name" "$limit" python3 benchmarks/breadth.py tp --world 8 --size 120b --dry-run ;;
         estimate) step "$name" "$limit" python3 benchmarks/breadth.py estimate --world 8 --out "$OUT" ;;
-        tp2sdk)   step "$name" "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/gpu/test_tp_sdk_gpu.py ;;
+        tp2sdk)   pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_tp_sdk_gpu.py ;;
         b30make)  # ~61 GB of weights and a store of about as much: the other rows' models
                   # and stores go first (run the 30B steps last)
                   rm -rf /tmp/gpusnap-bench/models/{8b,1b,1.5b,0.5b,tp-*,diffusion-*} /tmp/gpusnap-bench/store*

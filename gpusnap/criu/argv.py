@@ -18,11 +18,13 @@ class CriuOptions:
     leave_stopped: bool = False     # restore: the tree stays stopped (SIGSTOP) after CRIU
     tcp_established: bool = True    # dump open TCP connections (off: CRIU refuses a tree holding one)
     file_locks: bool = True         # dump flock/posix locks (off: CRIU refuses a tree holding one)
+    network_lock: str | None = None # --network-lock: nftables, skip (criu/netlock.py); None: CRIU's default
 
     def common(self) -> list[str]:
-        """COMMON, less what these options turn off."""
+        """COMMON, less what these options turn off, and the network lock's method."""
         off = {"--tcp-established": not self.tcp_established, "--file-locks": not self.file_locks}
-        return [flag for flag in COMMON if not off.get(flag)]
+        lock = ["--network-lock", self.network_lock] if self.network_lock else []
+        return [flag for flag in COMMON if not off.get(flag)] + lock
 
 
 def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,

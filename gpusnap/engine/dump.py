@@ -31,7 +31,6 @@ from typing import Callable
 
 from .. import VERSION, interrupts
 from ..criu import pageserver
-from ..criu.argv import CriuOptions
 from ..criu.runner import log_errors
 from ..criu.locate import find_criu
 from ..errors import ContainerEngineError, CriuFailed, GpusnapError, Interrupted, UsageError
@@ -58,7 +57,7 @@ def plan(req: DumpRequest) -> DumpPlan:
     return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
                     collective_pids=collective_pids,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
-                    criu_options=CriuOptions(shell_job=target.shell_job),
+                    criu_options=strategy.criu_options(target),
                     zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"), notes=notes,
                     pages=_page_path(req.pages, strategy.kind))
 

@@ -113,6 +113,10 @@ class Strategy(Protocol):
     def preflight(self, req: DumpRequest, target: Target) -> list[str]:
         """The refusals of this kind of target, before it is touched; notes for the manifest."""
 
+    def criu_options(self, target: Target) -> CriuOptions:
+        """gpusnap's CRIU options for a dump of target; a refusal raised here comes
+        before it is touched."""
+
     def dumper(self, plan: DumpPlan, cuda) -> Dumper:
         """The Dumper of one dump (cuda: its CudaSession, or None)."""
 

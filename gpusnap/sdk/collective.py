@@ -28,18 +28,27 @@ Depends on the standard library; torch only inside TorchGroup's methods.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
+import sys
 import threading
 
 
-def collectives(agent, teardown, rebuild):
+REBUILD_TIMEOUT_S = 300.0
+
+
+def collectives(agent, teardown, rebuild, rebuild_timeout_s: float | None = REBUILD_TIMEOUT_S):
     """Register teardown (run by prepare, before the weights are dropped) and rebuild
     (run by resume, once the weights are back) on agent; status() and prepare's reply
     then say "collectives": true, which gpusnap takes as the promise that no
     communicator exists while CUDA is checkpointed. rebuild runs only after a teardown
     that completed (a prepare that failed before it leaves the communicators as they
-    were). Returns the agent."""
-    state = {"down": False}
+    were). A rebuild is a rendezvous: one that has not returned after rebuild_timeout_s
+    (a peer missing, a store gone wrong, a backend that does not honour its own
+    timeout) makes resume fail with TimeoutError, and every later resume fails at once
+    while it is still stuck, instead of waiting for it. Returns the agent."""
+    state = {"down": False, "stuck": None}
     lock = threading.Lock()
 
     def down():
@@ -50,8 +59,12 @@ def collectives(agent, teardown, rebuild):
 
     def up():
         with lock:
+            stuck = state["stuck"]
+            if stuck is not None and stuck.is_alive():
+                raise TimeoutError("an earlier rebuild of the communicators has not returned: "
+                                   "this rank's process groups cannot be used; restart the server")
             if state["down"]:
-                rebuild()
+                _bounded(rebuild, rebuild_timeout_s, state)
                 state["down"] = False
 
     agent.on_prepare.insert(0, down)
@@ -60,15 +73,66 @@ def collectives(agent, teardown, rebuild):
     return agent
 
 
+def _bounded(fn, timeout_s: float | None, state: dict) -> None:
+    """Run fn on a thread of its own (state["stuck"]) and wait for it at most timeout_s
+    (None: inline, for ever); its exception is raised here. Raises TimeoutError when it
+    has not returned, after printing every thread's stack on stderr (the thread, a
+    daemon, is left to itself: a rendezvous in C++ cannot be interrupted)."""
+    if timeout_s is None:
+        fn()
+        return
+    outcome: list = []
+
+    def run():
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome.append(e)
+    worker = state["stuck"] = threading.Thread(target=run, name="gpusnap-rebuild", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        print(f"gpusnap agent: the communicators' rebuild has not returned in {timeout_s:g} s; "
+              f"where every thread is:", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        raise TimeoutError(f"the communicators were not rebuilt within {timeout_s:g} s (a rank "
+                           f"missing from the rendezvous, or one that met a stale one): this "
+                           f"rank's process groups cannot be used; restart the server")
+    if outcome and outcome[0] is not None:
+        raise outcome[0]
+
+
+def timens_offset_ns() -> int:
+    """CLOCK_BOOTTIME's offset in this process's time namespace (/proc/self/timens_offsets,
+    Linux >= 5.6), in ns; 0 outside one or where the kernel has none."""
+    try:
+        with open("/proc/self/timens_offsets") as f:
+            for line in f:
+                name, secs, nsecs = line.split()
+                if name == "boottime":
+                    return int(secs) * 1_000_000_000 + int(nsecs)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def parent_epoch() -> str:
-    """The parent's start time (clock ticks since boot, /proc/PPID/stat): the same for
-    every rank one launcher started (torchrun, a server's own launcher), and new after
-    each restore of the tree, which starts every process again."""
+    """The same for every rank one launcher started (torchrun, a server's own launcher),
+    and new for each start of the tree: the parent's start time (clock ticks since boot,
+    /proc/PPID/stat), and, in a time namespace, its boot clock's offset. CRIU restores
+    a tree into a time namespace whose clocks go on from the dump, so every restore of
+    one snapshot sees its launcher start at about the same tick (at the same tick, now
+    and then); the offset, which CRIU sets to the nanosecond for each restore, tells
+    them apart."""
     try:
         with open(f"/proc/{os.getppid()}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            ticks = f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        return "0"
+        ticks = "0"
+    offset = timens_offset_ns()
+    return f"{ticks}@{offset}" if offset else ticks
 
 
 class TorchGroup:
@@ -76,7 +140,7 @@ class TorchGroup:
     CRIU to carry), built again with a fresh store file each time: generation g of
     rank r meets generation g of its peers in store_dir/store-<epoch>-<g>. The epoch
     (default: parent_epoch()) keeps a second restore of one snapshot from meeting in the
-    file the first one left. cpu_group: also a
+    file the first one left (whose keys would send it to peers that are gone). cpu_group: also a
     gloo group over the same ranks (self.cpu_group; the default group itself when the
     backend is gloo), for control messages a rank can wait on without GPU work in flight."""
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,20 @@ def gpu_unavailable() -> str | None:
     if not gpus:
         return "no GPU"
     return None
+
+
+def pytest_runtest_logreport(report):
+    """With GPUSNAP_RESULTS set (scripts/gpu-session.sh), each test's outcome is appended
+    to progress.txt there as it happens, a failure with its whole report: a step cut by
+    its time limit (before pytest's summary) still says which test failed and why."""
+    out = os.environ.get("GPUSNAP_RESULTS")
+    if not out or (report.when != "call" and report.passed):
+        return
+    with open(os.path.join(out, "progress.txt"), "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {report.outcome.upper()} {report.nodeid} "
+                f"[{report.when}, {report.duration:.1f} s]\n")
+        if report.failed:
+            f.write(f"{report.longreprtext}\n{report.caplog}\n{report.capstderr[-20000:]}\n")
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import os
 import psutil
 import pytest
 
+from tests.workloads.common import evidence
 from tests.workloads.tp_allreduce import TensorParallel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.root]
@@ -122,9 +123,9 @@ def tensor_parallel(tmp_path):
         tp.stop()
 
 
-def _all_good(results: list[dict]) -> None:
+def _all_good(results: list[dict], context: str = "") -> None:
     for r in results:
-        assert r["intact"] and r["allreduce_ok"] and r["failures"] == 0, r
+        assert r["intact"] and r["allreduce_ok"] and r["failures"] == 0, f"{r}\n{context}"
 
 
 def test_tp2_with_nccl_defaults_is_refused_before_anything_is_touched(tensor_parallel, gpusnap):
@@ -138,19 +139,30 @@ def test_tp2_with_nccl_defaults_is_refused_before_anything_is_touched(tensor_par
     _all_good(tp.check())
 
 
+def _evidence(step: str, rc, out, err: str, tp: TensorParallel) -> str:
+    return evidence(step, rc, out, err, tp.logs())
+
+
 def _dump_restore(tp: TensorParallel, gpusnap, *restore_args) -> dict:
     before = [r["checksum"] for r in tp.check()]
     rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
-    assert rc == 0, f"{err}\n{tp.logs()}"
-    assert sorted(gpusnap("inspect", snap["id"])[1]["cuda"]["pids"]) == sorted(tp.ranks)
+    assert rc == 0, _evidence("dump", rc, snap, err, tp)
+    info = gpusnap("inspect", snap["id"])[1]
+    assert sorted(info["cuda"]["pids"]) == sorted(tp.ranks), _evidence("inspect", 0, info, "", tp)
     tp.reap()
     _wait_free([tp.pid, *tp.ranks])
     rc, res, err = gpusnap("restore", snap["id"], *restore_args)
-    assert rc == 0, err
-    assert res["pid"] == tp.pid
-    after = tp.check()
-    _all_good(after)
-    assert [r["checksum"] for r in after] == before
+    def said() -> str:           # read when an assertion fails: the logs as they are then
+        return _evidence(f"restore {' '.join(restore_args)}", rc, res, err, tp)
+    assert rc == 0, said()
+    assert res["pid"] == tp.pid, said()
+    try:
+        after = tp.check(timeout=60)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}{said()}") from None
+    if not all(r["intact"] and r["allreduce_ok"] and r["failures"] == 0 for r in after):
+        _all_good(after, said())
+    assert [r["checksum"] for r in after] == before, said()
     return res
 
 
@@ -159,10 +171,12 @@ def test_tp2_dump_and_restore_then_onto_the_gpus_swapped(tensor_parallel, gpusna
     tp = tensor_parallel(mib=256)
     _all_good(tp.check())
     _dump_restore(tp, gpusnap)
-    _dump_restore(tp, gpusnap, "--gpu", "1,0")
+    res = _dump_restore(tp, gpusnap, "--gpu", "1,0")
     for rank, gpu in ((0, gpus[1]), (1, gpus[0])):
         use = _gpu_use(tp.ranks[rank])
-        assert max(use, key=use.get) == gpu.uuid, f"rank {rank} runs on GPU {gpu.index} now"
+        assert use and max(use, key=use.get) == gpu.uuid, \
+            f"rank {rank} runs on GPU {gpu.index} now; NVML: {use}" + \
+            _evidence("restore --gpu 1,0", 0, res, "", tp)
 
 
 def test_tp2_suspend_and_resume_in_place(tensor_parallel, gpusnap):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.workloads.common import evidence
 from tests.workloads.tp_server import TpServer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.root]
@@ -47,14 +48,19 @@ def _wait_gone(pids, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
+def _said(step: str, rc, out, err: str, srv: TpServer) -> str:
+    return evidence(step, rc, out, err, srv.logs())
+
+
 def _round_trip(srv: TpServer, gpusnap, *restore_args) -> dict:
     rc, snap, err = gpusnap("dump", "--pid", str(srv.pid))
-    assert rc == 0, f"{err}\n{srv.logs()}"
-    assert sorted(a["pid"] for a in snap["sdk"]["agents"]) == sorted(srv.ranks)
+    assert rc == 0, _said("dump", rc, snap, err, srv)
+    assert sorted(a["pid"] for a in snap["sdk"]["agents"]) == sorted(srv.ranks), \
+        _said("dump", rc, snap, err, srv)
     srv.reap()
     _wait_gone([srv.pid, *srv.ranks])
     rc, res, err = gpusnap("restore", snap["id"], *restore_args)
-    assert rc == 0, f"{err}\n{srv.logs()}"
+    assert rc == 0, _said(f"restore {' '.join(restore_args)}", rc, res, err, srv)
     return res
 
 
@@ -62,14 +68,16 @@ def test_tp2_sdk_with_nccl_defaults_dumps_restores_and_swaps_gpus(tp, gpusnap):
     gpus = _two_gpus()
     srv = tp(sdk=True)
     tokens = srv.generate(8)
-    _round_trip(srv, gpusnap)
-    assert srv.generate(8) == tokens, srv.logs()
-    _round_trip(srv, gpusnap, "--gpu", "1,0")
-    assert srv.generate(8) == tokens, srv.logs()
+    res = _round_trip(srv, gpusnap)
+    assert srv.generate(8, timeout=60) == tokens, _said("restore", 0, res, "", srv)
+    res = _round_trip(srv, gpusnap, "--gpu", "1,0")
+    assert srv.generate(8, timeout=60) == tokens, _said("restore --gpu 1,0", 0, res, "", srv)
     from gpusnap.cuda import host_gpus
     for rank, gpu in ((0, gpus[1]), (1, gpus[0])):
         use = host_gpus().used_memory([srv.ranks[rank]])
-        assert max(use, key=use.get) == gpu.uuid, f"rank {rank} runs on GPU {gpu.index} now"
+        assert use and max(use, key=use.get) == gpu.uuid, \
+            f"rank {rank} runs on GPU {gpu.index} now; NVML: {use}" + \
+            _said("restore --gpu 1,0", 0, res, "", srv)
 
 
 def test_tp2_sdk_suspend_and_resume_in_place(tp, gpusnap):

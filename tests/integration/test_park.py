@@ -91,21 +91,81 @@ def test_standby_of_a_snapshot_without_cuda_is_refused_and_restored_trees_are_li
 
 def test_two_rank_gloo_job_survives_dump_and_restore(tmp_path, gpusnap):
     """The TP=2 workload of the GPU tests over gloo on the CPU: two ranks talking over
-    loopback TCP, dumped and restored as one tree, all-reduce still right."""
+    loopback TCP, dumped and restored as one tree, all-reduce still right; then the
+    restored tree dumped and restored again (the GPU test's second round, there onto
+    the GPUs swapped)."""
     pytest.importorskip("torch.distributed")
     from tests.workloads.tp_allreduce import TensorParallel
     tp = TensorParallel(str(tmp_path), mib=16, cpu=True)
     try:
         tp.start(timeout=120)
         before = [r["checksum"] for r in tp.check()]
-        rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
-        assert rc == 0, err
+        for _ in range(2):
+            rc, snap, err = gpusnap("dump", "--pid", str(tp.pid))
+            assert rc == 0, f"{err}\n{tp.logs()}"
+            tp.reap()
+            wait_pids_free([tp.pid, *tp.ranks])
+            rc, out, err = gpusnap("restore", snap["id"])
+            assert rc == 0, f"{err}\n{out}\n{tp.logs()}"
+            after = tp.check()
+            assert all(r["intact"] and r["allreduce_ok"] and not r["failures"] for r in after), \
+                f"{after}\n{tp.logs()}"
+            assert [r["checksum"] for r in after] == before
+    finally:
+        tp.stop()
+
+
+def _path_without_network_lock_tools() -> str | None:
+    """PATH less the directories holding iptables-restore or nft (what the GPU machines
+    lack); None where CRIU would go with them."""
+    from gpusnap.criu.locate import find_criu
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not any(os.path.exists(os.path.join(d, t)) for t in ("iptables-restore", "nft"))]
+    if os.path.dirname(find_criu()[0]) not in keep and not os.environ.get("GPUSNAP_CRIU"):
+        return None
+    return os.pathsep.join(keep)
+
+
+def test_two_rank_job_without_iptables_skips_the_network_lock(tmp_path, gpusnap):
+    """A host with neither iptables nor nftables (the GPU machines): CRIU cannot lock the
+    two ranks' loopback TCP connections, which are all between processes of the tree, so
+    gpusnap tells it to skip the lock (both ends are frozen) on dump and restore."""
+    pytest.importorskip("torch.distributed")
+    from tests.workloads.tp_allreduce import TensorParallel
+    path = _path_without_network_lock_tools()
+    if path is None:
+        pytest.skip("CRIU sits beside iptables here")
+    env = {"PATH": path}
+    tp = TensorParallel(str(tmp_path), mib=16, cpu=True)
+    try:
+        tp.start(timeout=120)
+        before = [r["checksum"] for r in tp.check()]
+        rc, snap, err = gpusnap("dump", "--pid", str(tp.pid), env=env)
+        assert rc == 0, f"{err}\n{tp.logs()}"
         tp.reap()
         wait_pids_free([tp.pid, *tp.ranks])
-        rc, out, err = gpusnap("restore", snap["id"])
-        assert rc == 0, err
-        after = tp.check()
-        assert all(r["intact"] and r["allreduce_ok"] and not r["failures"] for r in after), after
+        rc, out, err = gpusnap("restore", snap["id"], env=env)
+        assert rc == 0, f"{err}\n{out}\n{tp.logs()}"
+        after = tp.check(timeout=60)
+        assert all(r["allreduce_ok"] and not r["failures"] for r in after), f"{after}\n{tp.logs()}"
         assert [r["checksum"] for r in after] == before
     finally:
         tp.stop()
+
+
+def test_a_tree_talking_to_the_outside_without_iptables_is_refused_untouched(sleeper, gpusnap):
+    import socket
+    path = _path_without_network_lock_tools()
+    if path is None:
+        pytest.skip("CRIU sits beside iptables here")
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    proc = sleeper(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}))")
+    peer, _ = srv.accept()
+    try:
+        rc, out, err = gpusnap("dump", "--force", "--pid", str(proc.pid), env={"PATH": path})
+        assert rc == 11 and "refused before anything was touched" in err, err
+        assert proc.poll() is None and psutil.Process(proc.pid).status() != "stopped"
+    finally:
+        peer.close()
+        srv.close()

@@ -16,7 +16,11 @@ Each rank holds --mib of a pattern and, every loop, all-reduces (rank + 1) * bas
 sum must be 3 * base exactly (small integers in float32). Protocol, per rank r, as in
 gpusnap/workloads/torch_holder.py:
   - D/state-r.json once ready (pid, rank, device, checksum), written atomically;
-  - on SIGUSR1: D/result-r.json (seq, intact, allreduce_ok, iterations, failures).
+  - on SIGUSR1: D/result-r.json (seq, intact, allreduce_ok, iterations, failures);
+  - on SIGUSR2: every thread's Python stack in D/rank<r>.log (a check that times out
+    asks for them before it reads the logs).
+NCCL_DEBUG is WARN unless the caller's environment sets it, so NCCL's own complaints
+reach the logs.
 Between collectives each rank synchronizes and sleeps 50 ms: a rank locked while its
 peer is inside a collective waiting for it never drains (the driver's lock waits for
 work in flight), so the lock times out and gpusnap rolls back; a server that runs
@@ -88,6 +92,8 @@ def rank_main(args) -> int:
     import torch
     import torch.distributed as dist
 
+    import faulthandler
+    faulthandler.register(signal.SIGUSR2, all_threads=True)     # where it hangs, in the log
     flags = {"check": 0}
     signal.signal(signal.SIGUSR1, lambda *_: flags.__setitem__("check", flags["check"] + 1))
     rank, dev = args.rank, "cpu" if args.cpu else "cuda"
@@ -152,7 +158,7 @@ class TensorParallel:
 
     def start(self, timeout: float = 300) -> TensorParallel:
         from gpusnap import sysrun
-        env = {"PYTHONUNBUFFERED": "1"}
+        env = {"PYTHONUNBUFFERED": "1", "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN")}
         for key in ("LD_LIBRARY_PATH", "CUDA_HOME", "PATH"):
             if key in os.environ:
                 env[key] = os.environ[key]
@@ -166,31 +172,42 @@ class TensorParallel:
         return self
 
     def check(self, timeout: float = 120) -> list[dict]:
-        """Both ranks' fresh results (the tree must be running)."""
+        """Both ranks' fresh results (the tree must be running); TimeoutError with every
+        rank's stacks in the logs it quotes when one does not answer."""
         paths = [os.path.join(self.dir, f"result-{r}.json") for r in range(2)]
         for path, pid in zip(paths, self.ranks):
             if os.path.exists(path):
                 os.unlink(path)
             os.kill(pid, signal.SIGUSR1)
-        return [self._wait(path, timeout) for path in paths]
+        deadline = time.monotonic() + timeout
+        try:
+            return [self._wait(path, max(0.0, deadline - time.monotonic()), quiet=True)
+                    for path in paths]
+        except TimeoutError as e:
+            from tests.workloads.common import ask_stacks
+            ask_stacks(self.ranks)
+            raise TimeoutError(f"{e}: the ranks did not answer a check in {timeout:g} s\n"
+                               f"{self.logs()}") from None
 
     def checksums(self) -> list[int]:
         return [self._wait(os.path.join(self.dir, f"state-{r}.json"), 1)["checksum"]
                 for r in range(2)]
 
-    def _wait(self, path: str, timeout: float) -> dict:
+    def _wait(self, path: str, timeout: float, quiet: bool = False) -> dict:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             try:
                 with open(path) as f:
                     return json.load(f)
             except (OSError, ValueError):
+                if time.monotonic() >= deadline:
+                    break
                 time.sleep(0.1)
-        raise TimeoutError(f"{path} not written in {timeout:.0f}s\n{self.logs()}")
+        raise TimeoutError(f"{path} not written in {timeout:.0f}s" + ("" if quiet else f"\n{self.logs()}"))
 
     def logs(self) -> str:
         from tests.workloads.common import tail_logs
-        return tail_logs(self.dir, ["launcher.log", "rank0.log", "rank1.log"])
+        return tail_logs(self.dir, ["launcher.log", "rank0.log", "rank1.log"], chars=6000)
 
     def reap(self) -> None:
         """Collect the launcher (our child until a restore makes it CRIU's) once gpusnap

@@ -15,7 +15,8 @@ LOCAL_RANK and LOCAL_WORLD_SIZE set as torchrun sets them and NVLink multicast o
 can restore); without it NCCL keeps its defaults, which gpusnap refuses unless --sdk.
 --sdk: every rank enables gpusnap.sdk over its shard and registers its process groups'
 teardown and rebuild (gpusnap.sdk.collectives), so a dump drops the weights and the
-communicators and a restore brings both back. --cpu: gloo on the CPU (tests without GPU).
+communicators and a restore brings both back (a rebuild that takes more than
+--rebuild-timeout seconds fails the restore). --cpu: gloo on the CPU (tests without GPU).
 
 Rank 0 answers on 127.0.0.1:P:
     GET  /health                                       -> {"ok": true, "pid": launcher}
@@ -24,6 +25,7 @@ The ranks move in lockstep: each step they all-reduce a small header over a gloo
 (rank 0's job, every rank's checkpoint_wanted()), so an idle rank waits on the CPU, never
 inside a GPU collective (the driver's lock waits for GPU work in flight), and all stop
 at the same step when any agent wants to prepare. Rank 0 sends an idle step every 0.1 s.
+SIGUSR2 prints every thread's stack of a rank in STATE/rank<r>.log.
 STATE/ready (launcher pid, rank pids, load and warm-up seconds) once every rank is ready.
 """
 
@@ -255,6 +257,8 @@ def rank_main(args) -> int:
     import torch.distributed as dist
 
     import gpusnap.sdk
+    from tests.workloads.common import stacks_on_sigusr2
+    stacks_on_sigusr2()
     rank, world = args.rank, args.world
     device = "cpu" if args.cpu else f"cuda:{rank}"
     if not args.cpu:
@@ -271,7 +275,8 @@ def rank_main(args) -> int:
     agent = None
     if args.sdk:
         agent = gpusnap.sdk.enable(weights, path, socket_dir=args.socket_dir)
-        gpusnap.sdk.collectives(agent, group.destroy, group.init)
+        gpusnap.sdk.collectives(agent, group.destroy, group.init,
+                                rebuild_timeout_s=args.rebuild_timeout)
 
     def reduce(t):
         dist.all_reduce(t)
@@ -315,7 +320,7 @@ def launch(args) -> int:
             env.update(NO_CUDA_IPC)
         log = open(os.path.join(args.state, f"rank{rank}.log"), "ab")
         argv = [sys.executable, "-m", "tests.workloads.tp_server", "rank", "--rank", str(rank)]
-        for key in ("model", "world", "port", "state", "socket_dir"):
+        for key in ("model", "world", "port", "state", "socket_dir", "rebuild_timeout"):
             if getattr(args, key) is not None:
                 argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         argv += [flag for flag, on in (("--sdk", args.sdk), ("--cpu", args.cpu)) if on]
@@ -365,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--cpu", action="store_true")
         s.add_argument("--nccl-safe", action="store_true")
         s.add_argument("--rank", type=int)
+        s.add_argument("--rebuild-timeout", type=float, default=300.0,
+                       help="--sdk: seconds a rebuild of the process groups may take")
     args = ap.parse_args(argv)
     if args.cmd == "make":
         make(args.size, args.world, args.out, args.cpu)
@@ -380,8 +387,9 @@ class TpServer:
 
     def __init__(self, model_dir: str, state: str, world: int = 2, port: int = 18100,
                  sdk: bool = False, cpu: bool = False, nccl_safe: bool = False,
-                 socket_dir: str | None = None):
+                 socket_dir: str | None = None, rebuild_timeout: float | None = None):
         self.model_dir, self.state, self.world, self.port = model_dir, state, world, port
+        self.rebuild_timeout = rebuild_timeout
         self.flags = [f for f, on in (("--sdk", sdk), ("--cpu", cpu), ("--nccl-safe", nccl_safe)) if on]
         self.socket_dir = socket_dir
         self.pid: int | None = None
@@ -403,7 +411,8 @@ class TpServer:
         return [sys.executable, "-m", "tests.workloads.tp_server", "serve", "--model",
                 self.model_dir, "--world", str(self.world), "--port", str(self.port),
                 "--state", self.state, *self.flags] + \
-            (["--socket-dir", self.socket_dir] if self.socket_dir else [])
+            (["--socket-dir", self.socket_dir] if self.socket_dir else []) + \
+            (["--rebuild-timeout", str(self.rebuild_timeout)] if self.rebuild_timeout else [])
 
     def start(self, timeout: float = 300) -> TpServer:
         import shutil
@@ -427,12 +436,19 @@ class TpServer:
         return self
 
     def generate(self, n: int = 1, ids: list[int] | None = None, timeout: float = 120) -> list[int]:
+        """Rank 0's answer; RuntimeError with every rank's stacks in the logs it quotes
+        when there is none."""
         import urllib.request
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/generate",
                                      json.dumps({"ids": ids or PROMPT, "max_new_tokens": n}).encode(),
                                      {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())["ids"]
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())["ids"]
+        except OSError as e:
+            from tests.workloads.common import ask_stacks
+            ask_stacks(self.ranks)
+            raise RuntimeError(f"no answer from the TP server: {e}\n{self.logs()}") from None
 
     def logs(self) -> str:
         from tests.workloads.common import tail_logs

@@ -39,6 +39,7 @@ import secrets
 from typing import Callable
 
 from ... import interrupts
+from ...criu.argv import CriuOptions
 from ...errors import ContainerEngineError, GpusnapError, PidInUse, UsageError
 from ...model import Manifest, Target
 from ...store import Repository
@@ -62,6 +63,10 @@ class ContainerStrategy:
             return ["--ignore-rootfs: the container's filesystem changes are not in the "
                     "snapshot; a restore as a new container starts from its image's"]
         return []
+
+    def criu_options(self, target: Target) -> CriuOptions:
+        """Only shell_job: the engine runs CRIU with its own configuration."""
+        return CriuOptions(shell_job=target.shell_job)
 
     def dumper(self, plan: DumpPlan, cuda=None) -> ContainerDump:
         return ContainerDump(self.engine, plan, cuda)

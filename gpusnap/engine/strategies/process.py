@@ -26,6 +26,7 @@ from typing import Callable
 import psutil
 
 from ... import interrupts
+from ...criu import netlock
 from ...criu import runner as criu_runner
 from ...criu.argv import CriuOptions
 from ...errors import (CriuFailed, OutsideDescriptors, PidInUse, RestoredTreeDied,
@@ -48,6 +49,10 @@ class ProcessStrategy:
                              "no filesystem")
         return outside_fds(target.pids, req.force)
 
+    def criu_options(self, target: Target) -> CriuOptions:
+        """A host without iptables: CRIU's network lock as criu/netlock.py chooses it."""
+        return CriuOptions(shell_job=target.shell_job, network_lock=netlock.for_dump(target.pids))
+
     def dumper(self, plan: DumpPlan, cuda=None) -> ProcessDump:
         return ProcessDump(plan)
 
@@ -61,7 +66,8 @@ class ProcessStrategy:
                                 "or restore on another host")
         agent_steps.check_weights(manifest)         # SDK: weight files unchanged, or refuse
         plan = RestorePlan(request=req, manifest=manifest, strategy=self, criu_path=criu_path,
-                           criu_options=CriuOptions(shell_job=manifest.criu.shell_job))
+                           criu_options=CriuOptions(shell_job=manifest.criu.shell_job,
+                                                    network_lock=netlock.for_restore()))
         if req.standby:
             _check_standby(req, manifest)
             parked.state_dir()                      # usable, or refused now
