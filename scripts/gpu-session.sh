@@ -3,7 +3,8 @@
 #
 #   OUT=/some/dir scripts/gpu-session.sh STEP[:SECONDS] ...
 #
-# Steps: gputests (pytest -m gpu tests/gpu), tp2diag (the TP=2 GPU tests alone: the
+# Steps: gputests (pytest -m gpu tests/gpu), parkgpu (the one-GPU suspend/resume/standby
+# GPU tests), tp2diag (the TP=2 GPU tests alone: the
 # transparent dump/restore/swap test and tests/gpu/test_tp_sdk_gpu.py, ~240 s on two GPUs),
 # runc (the runc + hook test alone), matbench
 # (benchmarks/materialise.py), cold1b / cold8b / cold (benchmarks/cold_start.py; COLD_ARGS
@@ -94,6 +95,7 @@ for spec in "$@"; do
                   pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-180}" \
                       tests/gpu/test_gpu_park.py::test_tp2_dump_and_restore_then_onto_the_gpus_swapped \
                       tests/gpu/test_tp_sdk_gpu.py ;;
+        parkgpu)  pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-120}" tests/gpu/test_gpu_park.py -k "not tp2" ;;
         runc)     pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_runc_gpu.py ;;
         matbench) step "$name" "$limit" python3 benchmarks/materialise.py --gib 2 --runs 3 --threads 4,8,16 --out "$OUT" ;;
         cold1b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 1b --out "$OUT" ${COLD_ARGS:---runs 3 --variants warm,shm,thp --sdk} ;;
