@@ -3,7 +3,7 @@
 #
 #   OUT=/some/dir scripts/gpu-session.sh STEP[:SECONDS] ...
 #
-# Steps: gputests (pytest -m gpu tests/gpu), parkgpu (the one-GPU suspend/resume/standby
+# Steps: gputests (pytest -m gpu tests/gpu), tp2t (the transparent TP=2 GPU test alone), parkgpu (the one-GPU suspend/resume/standby
 # GPU tests), tp2diag (the TP=2 GPU tests alone: the
 # transparent dump/restore/swap test and tests/gpu/test_tp_sdk_gpu.py, ~240 s on two GPUs),
 # runc (the runc + hook test alone), matbench
@@ -95,6 +95,8 @@ for spec in "$@"; do
                   pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-180}" \
                       tests/gpu/test_gpu_park.py::test_tp2_dump_and_restore_then_onto_the_gpus_swapped \
                       tests/gpu/test_tp_sdk_gpu.py ;;
+        tp2t)     pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-180}" \
+                      tests/gpu/test_gpu_park.py::test_tp2_dump_and_restore_then_onto_the_gpus_swapped ;;
         parkgpu)  pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-120}" tests/gpu/test_gpu_park.py -k "not tp2" ;;
         runc)     pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_runc_gpu.py ;;
         matbench) step "$name" "$limit" python3 benchmarks/materialise.py --gib 2 --runs 3 --threads 4,8,16 --out "$OUT" ;;

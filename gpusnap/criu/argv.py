@@ -19,6 +19,7 @@ class CriuOptions:
     tcp_established: bool = True    # dump open TCP connections (off: CRIU refuses a tree holding one)
     file_locks: bool = True         # dump flock/posix locks (off: CRIU refuses a tree holding one)
     network_lock: str | None = None # --network-lock: nftables, skip (criu/netlock.py); None: CRIU's default
+    ghost_limit: int | None = None  # dump: --ghost-limit, bytes of the largest deleted file to store
 
     def common(self) -> list[str]:
         """COMMON, less what these options turn off, and the network lock's method."""
@@ -36,6 +37,8 @@ def dump_argv(criu: str, pid: int, images_dir: str, opts: CriuOptions, *,
             "--log-file", "dump.log", f"-v{opts.verbosity}", *opts.common()]
     if ps_socket is not None:
         argv += ["--page-server", "--ps-socket", str(ps_socket)]
+    if opts.ghost_limit:
+        argv += ["--ghost-limit", str(opts.ghost_limit)]
     if leave == "stopped":
         argv.append("--leave-stopped")
     elif leave == "running":

@@ -33,6 +33,7 @@ from ...errors import (CriuFailed, OutsideDescriptors, PidInUse, RestoredTreeDie
                        TargetNotFound, UsageError)
 from ...model import Manifest, Target
 from ...store import Repository
+from ...targets import ghosts
 from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids, tree_rss
 from .. import agent_steps, alive, gpu, imagecache, intent, pagepath, parked, workdir
 from ..plans import DumpPlan, DumpRequest, RestorePlan, RestoreRequest
@@ -50,8 +51,10 @@ class ProcessStrategy:
         return outside_fds(target.pids, req.force)
 
     def criu_options(self, target: Target) -> CriuOptions:
-        """A host without iptables: CRIU's network lock as criu/netlock.py chooses it."""
-        return CriuOptions(shell_job=target.shell_job, network_lock=netlock.for_dump(target.pids))
+        """A host without iptables: CRIU's network lock as criu/netlock.py chooses it.
+        Deleted files the tree holds (NCCL's shared memory): a ghost limit that stores them."""
+        return CriuOptions(shell_job=target.shell_job, network_lock=netlock.for_dump(target.pids),
+                           ghost_limit=ghosts.ghost_limit(ghosts.scan(target.pids)))
 
     def dumper(self, plan: DumpPlan, cuda=None) -> ProcessDump:
         return ProcessDump(plan)
