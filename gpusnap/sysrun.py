@@ -72,6 +72,14 @@ class Running:
         """Whether the child itself has exited (what it started may live on)."""
         return self.proc.poll() is not None
 
+    def exit_code(self, within: float) -> int | None:
+        """The child's exit code once it has exited, waiting at most `within` seconds;
+        None while it runs. Its output stays for wait()."""
+        try:
+            return self.proc.wait(within)
+        except subprocess.TimeoutExpired:
+            return None
+
     def wait_group(self, timeout: float | None = None) -> Result:
         """wait() for a child started with own_group: once the child itself has exited
         with a failure, what it left in its process group (which would hold its output

@@ -178,14 +178,21 @@ class Guard:
             theirs.close()
         return cls(pid, ours)
 
-    def receive(self, expected: int, timeout: float = 60.0) -> dict[int, int]:
+    def receive(self, expected: int, timeout: float = 60.0, alive=None) -> dict[int, int]:
         """The descriptors of the expected number of live tasks (pid -> fd), as CRIU
-        hands them over; CRIU restore is still running (it waits on its tasks' faults)."""
-        self.sock.settimeout(timeout)
+        hands them over; CRIU restore is still running (it waits on its tasks' faults).
+        alive() (asked every half second while none comes) says whether CRIU still runs."""
+        self.sock.settimeout(0.5 if alive else timeout)
+        deadline = time.monotonic() + timeout
         while len(self.fds) < expected:
             try:
                 msg, fds, _flags, _addr = socket.recv_fds(self.sock, _PID.size, 1)
             except socket.timeout:
+                if alive and not alive():
+                    raise CriuFailed(f"CRIU exited after handing over {len(self.fds)} of "
+                                     f"{expected} userfaultfds") from None
+                if time.monotonic() < deadline:
+                    continue
                 raise CriuFailed(f"CRIU handed over {len(self.fds)} of {expected} "
                                  f"userfaultfds in {timeout:.0f} s") from None
             if len(msg) != _PID.size:

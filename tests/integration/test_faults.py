@@ -143,6 +143,32 @@ def test_criu_failing_after_it_stopped_the_tree_resumes_it(workload, gpusnap, st
     _assert_no_trace(gpusnap, store, shm)
 
 
+def test_criu_restore_failing_on_the_uffd_path_says_why_at_once(workload, gpusnap, store, tmp_path):
+    """CRIU fails before it hands over every userfaultfd: its own error is what gpusnap
+    reports, as soon as it has exited (not the count of userfaultfds after a minute)."""
+    w = workload("--mib", "16")
+    rc, snap, err = gpusnap("dump", "--pid", str(w.pid))
+    assert rc == 0, err
+    w.reap()
+    fake = tmp_path / "criu-fails-restore"
+    fake.write_text(f"""#!/bin/sh
+case "$1" in
+  restore) echo "fake: task 42 could not be restored" >&2; exit 1;;
+  *) exec "{_real_criu()}" "$@";;
+esac
+""")
+    fake.chmod(0o755)
+    t = time.monotonic()
+    rc, out, err = gpusnap("restore", snap["id"], "--pages", "uffd", env={"GPUSNAP_CRIU": str(fake)})
+    assert rc == 11 and out["error"] == "CriuFailed", err
+    assert "criu restore failed" in out["message"] and "task 42 could not be restored" in out["message"], out
+    assert time.monotonic() - t < 30, "gpusnap saw CRIU exit"
+    assert not psutil.pid_exists(w.pid), "nothing restored"
+    rc, res, err = gpusnap("restore", snap["id"])
+    assert rc == 0, err
+    os.kill(res["pid"], signal.SIGKILL)
+
+
 def test_criu_missing_fails_before_the_target_is_touched(workload, gpusnap, store):
     """GPUSNAP_CRIU names the CRIU to use: no fallback to PATH or /opt/gpusnap/criu."""
     w = workload("--mib", "16")
