@@ -114,7 +114,7 @@ def begin(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None
           own_group: bool = False) -> Running:
     """Start argv (clean environment, no shell, ignoring SIGINT) for a caller that works
     while it runs; Running.wait() collects it as run() does. Starts no thread.
-    own_group: in a process group of its own (Running.end_leftovers)."""
+    own_group: in a process group of its own (Running.wait_group)."""
     proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, text=True, errors="replace",
                             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -16,8 +16,8 @@ _ERROR_LINE = re.compile(r"^\([\d.]+\)\s+(?:\d+:\s+)?Error\s+\(([^)]*)\):\s*(.*)
 _PID_TAKEN = re.compile(r"Can't fork for (\d+): File exists")
 # Error lines that do not say why CRIU failed: a limit it could not raise and went on
 # without, and the summaries it prints after the cause.
-_PS_BUFFER = 4 << 20
 _AFTERMATH = re.compile(r"RLIMIT_NOFILE|Dumping FAILED|Restoring FAILED")
+_PS_BUFFER = 4 << 20        # socket buffers of the page stream
 
 
 def log_errors(log_path: str, limit: int = 5) -> list[str]:

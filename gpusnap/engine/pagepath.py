@@ -147,14 +147,13 @@ class UffdPages:
         running = criu_runner.start_restore(prep.images, opts, work_dir=work, criu=plan.criu_path)
         try:
             with stages.stage("criu_restore"):      # until every task's userfaultfd is here
-                fds = self.guard.receive(prep.tasks, alive=lambda: running.exit_code(within=0) is None)
+                fds = self.guard.receive(prep.tasks, alive=lambda: not running.exited())
             with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
                 self.fill = _fill(repo, fds, prep.items, progress,
                                   lambda: m.cuda and cuinit.append(gpu.init_in_background()))
-        except CriuFailed:
-            _criu_cause(running)                # CRIU's own error, where it failed first
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, CriuFailed):
+                _raise_criu_failure(running)    # CRIU's own error, where it failed first
             running.proc.kill()                 # CRIU waits on tasks nobody serves now
             running.wait()
             raise
@@ -182,14 +181,12 @@ class UffdPages:
 CRIU_EXIT_WAIT = 2.0        # seconds a CRIU that stopped handing over userfaultfds has to exit
 
 
-def _criu_cause(running) -> None:
+def _raise_criu_failure(running) -> None:
     """The page path failed while CRIU restored (too few userfaultfds came): when CRIU
     itself failed (it closes the lazy-pages socket on its way out), its error is raised,
-    which says why; else CRIU is stopped and the caller raises its own."""
+    which says why; else nothing is."""
     if running.exit_code(within=CRIU_EXIT_WAIT) not in (None, 0):
         criu_runner.finish_restore(running)     # raises CRIU's failure, with its log's errors
-    running.proc.kill()                         # CRIU waits on tasks nobody serves now
-    running.wait()
 
 
 def _fill(repo, fds: dict[int, int], items: list, progress, on_forked) -> Fill:

@@ -62,7 +62,7 @@ class PageStream:
         # where the time went: seconds the receiver spent reading CRIU's pages and waiting
         # for a free slot or worker; worker-seconds finding zero pages, cutting, hashing and
         # compressing (with the store's lookups), writing and fsyncing
-        self.seconds = dict.fromkeys(("recv", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"), 0.0)
+        self.clock = _Clock(("recv", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"))
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         self.pool = parallel.Stream(_slot_work, (repo, self.shm), n)
 
@@ -87,9 +87,7 @@ class PageStream:
             slot, used, parts = self.slot
             n = min(left, SLOT_BYTES - used)
             base = slot * SLOT_BYTES + used
-            t = time.perf_counter()
-            fill(self.view[base:base + n])
-            self.seconds["recv"] += time.perf_counter() - t
+            self.clock.timed("recv", fill, self.view[base:base + n])
             parts.append((vaddr, n // PAGE_SIZE))
             self.slot[1] = used + n
             vaddr += n
@@ -120,7 +118,7 @@ class PageStream:
     def timings(self) -> dict[str, float]:
         """Where the stream's time went (seconds; w_*: summed over the workers), and the
         number of workers: what a dump's --json reports as stream_*."""
-        out = {f"stream_{k}": round(v, 4) for k, v in self.seconds.items()}
+        out = {f"stream_{k}": round(v, 4) for k, v in self.clock.seconds.items()}
         out["stream_workers"] = self.workers
         return out
 
@@ -147,11 +145,12 @@ class PageStream:
     def _free_slot(self) -> int:
         self._absorb(self.pool.take())
         if not self.free:
-            t = time.perf_counter()
-            while not self.free:
-                self._absorb(self.pool.take(block=True))
-            self.seconds["slot_wait"] += time.perf_counter() - t
+            self.clock.timed("slot_wait", self._wait_for_slot)
         return self.free.pop()
+
+    def _wait_for_slot(self) -> None:
+        while not self.free:
+            self._absorb(self.pool.take(block=True))
 
     def _submit(self, carry: bool = False) -> None:
         """The slot being filled goes to a worker. carry (a full slot, the pagemap goes
@@ -166,9 +165,8 @@ class PageStream:
             parts, tail = _split_parts(parts, cut // PAGE_SIZE)
         self.slot = None
         pm = self.maps[self.key]
-        t = time.perf_counter()
-        self.pool.submit((self.key, pm.slots, slot), (slot, cut, parts))   # waits for a worker
-        self.seconds["slot_wait"] += time.perf_counter() - t
+        self.clock.timed("slot_wait", self.pool.submit,       # waits for a worker
+                         (self.key, pm.slots, slot), (slot, cut, parts))
         pm.slots += 1
         if tail:
             new = self._free_slot()
@@ -179,8 +177,7 @@ class PageStream:
     def _absorb(self, results) -> None:
         for (key, seq, slot), (pieces, seconds) in results:
             self.free.append(slot)
-            for k, v in seconds.items():
-                self.seconds[k] += v
+            self.clock.add(seconds)
             self.maps[key].pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
             for _v, _n, cid, size, new in pieces:
                 if cid != ZERO_ID:
@@ -264,10 +261,14 @@ def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[st
 
 
 class _Clock:
-    """Seconds per step, summed."""
+    """Seconds per step, summed (names: steps reported even where they took none)."""
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
+    def __init__(self, names: tuple[str, ...] = ()):
+        self.seconds: dict[str, float] = dict.fromkeys(names, 0.0)
+
+    def add(self, seconds: dict[str, float]) -> None:
+        for name, s in seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + s
 
     def timed(self, name: str, fn, *args):
         t = time.perf_counter()

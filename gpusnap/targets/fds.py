@@ -92,7 +92,8 @@ def classify(tree: list[int], fds: list[Fd], holders: dict[str, set[int]],
     return out
 
 
-def _links(pid: int) -> dict[int, str]:
+def links(pid: int) -> dict[int, str]:
+    """fd -> what /proc/PID/fd/FD links to; {} for a process that is gone or not ours."""
     base = f"/proc/{pid}/fd"
     out = {}
     try:
@@ -133,13 +134,13 @@ def scan(tree: list[int]) -> list[OutsideFd]:
     """classify() over what /proc says now. Every process is looked at to find who else
     holds the tree's pipes and sockets."""
     fds = [Fd(pid, fd, link, _rdev(link) if is_tty(link) else None)
-           for pid in tree for fd, link in sorted(_links(pid).items())]
+           for pid in tree for fd, link in sorted(links(pid).items())]
     wanted = {f.link for f in fds if _INODE.match(f.link)}
     holders: dict[str, set[int]] = {}
     if wanted:
         for name in os.listdir("/proc"):
             if name.isdigit():
-                for link in _links(int(name)).values():
+                for link in links(int(name)).values():
                     if link in wanted:
                         holders.setdefault(link, set()).add(int(name))
     procs = {pid: p for pid in tree if (p := _proc(pid)) is not None}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import stat
 
+from . import fds
+
 CRIU_DEFAULT = 1 << 20
 _NOT_GHOSTS = ("/memfd:", "/SYSV", "/dev/zero", "/anon_hugepage")   # CRIU dumps these itself
 
@@ -47,17 +49,13 @@ def _deleted(pid: int) -> list[str]:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.rstrip("\n").split(None, 5)
-                if len(parts) == 6 and parts[5].endswith(" (deleted)") \
-                        and not parts[5].startswith(_NOT_GHOSTS):
+                if len(parts) == 6 and _ghost(parts[5]):
                     out.append(f"/proc/{pid}/map_files/{parts[0]}")
-        fd_dir = f"/proc/{pid}/fd"
-        for name in os.listdir(fd_dir):
-            try:
-                link = os.readlink(os.path.join(fd_dir, name))
-            except OSError:
-                continue
-            if link.endswith(" (deleted)") and link.startswith("/") and not link.startswith(_NOT_GHOSTS):
-                out.append(os.path.join(fd_dir, name))
     except OSError:
         pass
-    return out
+    return out + [f"/proc/{pid}/fd/{fd}" for fd, link in fds.links(pid).items() if _ghost(link)]
+
+
+def _ghost(name: str) -> bool:
+    """A deleted file's name as /proc shows it, and not one CRIU dumps its own way."""
+    return name.startswith("/") and name.endswith(" (deleted)") and not name.startswith(_NOT_GHOSTS)
