@@ -52,10 +52,10 @@ def workers() -> int:
     return max(2, min(16, os.cpu_count() or 2))
 
 
-def batches(items: list, size) -> list[list]:
-    """items cut into consecutive batches of about BATCH_BYTES (size(item) says how many
-    bytes an item stands for)."""
-    limit = BATCH_BYTES
+def batches(items: list, size, limit: int | None = None) -> list[list]:
+    """items cut into consecutive batches of about limit bytes (default BATCH_BYTES;
+    size(item) says how many bytes an item stands for)."""
+    limit = limit or BATCH_BYTES
     out, current, total = [], [], 0
     for item in items:
         current.append(item)

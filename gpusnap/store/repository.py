@@ -26,7 +26,7 @@ from ..errors import (AmbiguousSnapshot, IntegrityError, ManifestInvalid, Snapsh
                       StoreError, UsageError)
 from ..model import MANIFEST_VERSION, FileEntry, Manifest
 from . import backends, chunker, codec, keyfile, materialise, parallel
-from .backends.base import Backend, Missing
+from .backends.base import Backend, Missing, chunk_name
 
 FORMAT_VERSION = 1          # a plain store's config (manifests: model.MANIFEST_VERSION)
 ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses it rather
@@ -211,7 +211,7 @@ class Repository:
     # ---- chunks --------------------------------------------------------------------
     @staticmethod
     def chunk_name(cid: str) -> str:
-        return f"chunks/{cid[:2]}/{cid}"
+        return chunk_name(cid)
 
     def chunk_path(self, cid: str) -> str:
         """A local store's chunk file (for a remote store: where its cache keeps it)."""

@@ -26,6 +26,11 @@ import contextlib
 from typing import Callable, Iterable, Iterator
 
 
+def chunk_name(cid: str) -> str:
+    """The object name of chunk cid, in every backend: chunks/<first two hex digits>/<cid>."""
+    return f"chunks/{cid[:2]}/{cid}"
+
+
 class Missing(LookupError):
     """No object of that name."""
 

@@ -70,10 +70,6 @@ def index_name(pack_id: str) -> str:
     return f"{INDEX}{pack_id}"
 
 
-def chunk_name(cid: str) -> str:
-    return f"chunks/{cid[:2]}/{cid}"
-
-
 def chunk_id_of(name: str) -> str | None:
     """The chunk id an object name chunks/<xx>/<id> stands for, else None."""
     m = _CHUNK_NAME.match(name)
@@ -175,19 +171,6 @@ def _entries(pack_id: str, size: int, entries: list) -> dict[str, tuple[int, int
 
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def groups(items: list[tuple[str, bytes]], limit: int = PACK_BYTES) -> list[list]:
-    """items cut into consecutive groups of about limit bytes (one pack each)."""
-    out: list[list] = []
-    total = limit
-    for item in items:
-        if total >= limit:
-            out.append([])
-            total = 0
-        out[-1].append(item)
-        total += len(item[1])
-    return out
 
 
 class PackTable:

@@ -33,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
 
 from ...errors import StoreDenied, StoreError, StoreUnavailable
+from .. import parallel
 from . import packs
-from .base import Backend, Missing
+from .base import Backend, Missing, chunk_name
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "AllAccessDisabled", "403"}
@@ -180,7 +181,8 @@ class S3Backend(Backend):
                 jobs.append(functools.partial(self.put, name, data, durable=False))
             else:
                 chunks.append((cid, data))
-        jobs += [functools.partial(self._put_pack, group) for group in packs.groups(chunks)]
+        jobs += [functools.partial(self._put_pack, group)
+                 for group in parallel.batches(chunks, lambda c: len(c[1]), packs.PACK_BYTES)]
         if len(jobs) <= 1:
             for job in jobs:
                 job()
@@ -232,7 +234,7 @@ class S3Backend(Backend):
             with self._index_lock:
                 listing = list(self._table.chunks())
             for cid, size in listing:
-                name = packs.chunk_name(cid)
+                name = chunk_name(cid)
                 if name.startswith(prefix):
                     yield name, size
             return
@@ -291,7 +293,7 @@ class S3Backend(Backend):
             freed, gone, nbytes = table.reclaim(
                 {cid for cid in map(packs.chunk_id_of, dead) if cid is not None})
         objects = [packs.index_name(p) for p in gone] + [packs.pack_name(p) for p in gone]
-        return [packs.chunk_name(c) for c in freed], objects, nbytes
+        return [chunk_name(c) for c in freed], objects, nbytes
 
     def refresh(self, prefix: str) -> None:
         if prefix.startswith("chunks/"):
