@@ -165,6 +165,16 @@ def fork_helper(fn, *args) -> int:
         os._exit(code)
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a forked helper: sig when the process that forked it dies (PR_SET_PDEATHSIG), so
+    that it never outlives a gpusnap or gpusnapd killed with SIGKILL."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)     # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def kill_child(pid: int) -> None:
     """SIGKILL a child of this process and reap it (gone already: nothing to do)."""
     try:

@@ -16,7 +16,6 @@ closes.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -26,7 +25,6 @@ import socket
 from .. import sysrun
 
 log = logging.getLogger("gpusnapd")
-_PR_SET_PDEATHSIG = 1
 
 
 class GpuFacts:
@@ -107,7 +105,7 @@ def parse(line: bytes) -> list[dict] | None:
 
 
 def _helper(sock: socket.socket) -> None:  # pragma: no cover - runs in the helper
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    sysrun.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     from .ops import close_fds_except

@@ -20,7 +20,6 @@ A child
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import json
 import logging
@@ -32,9 +31,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import sysrun
 from ..errors import GpusnapError, Interrupted
 
-_PR_SET_PDEATHSIG = 1
 _ids = itertools.count(1)
 
 
@@ -93,8 +92,7 @@ def _sigterm(signum, frame):
 
 def _child_main(fn, args, env, writers: list[int], parent: int, setup) -> None:  # pragma: no cover
     out_w, err_w, res_w = writers
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+    sysrun.die_with_parent(signal.SIGINT)
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)

@@ -37,7 +37,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-from .. import errors
+from .. import errors, sysrun
 from ..errors import GpusnapError
 
 BATCH_BYTES = 16 << 20      # what a worker takes at once, and the step progress moves in
@@ -136,7 +136,9 @@ def _as_worker(body: Callable[[], object], mask) -> None:
     handle), then unblock them (mask) and run body; never return."""
     code = 0
     try:
-        _die_with_parent()
+        # a worker never outlives gpusnap: it would go on writing chunks, or hold a
+        # restored tree's userfaultfd open
+        sysrun.die_with_parent()
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -368,16 +370,6 @@ def _raise_errors(results):
             yield _unwrap(result)
     finally:
         results.close()                 # the workers stop now, not when collected
-
-
-def _die_with_parent() -> None:
-    """A worker outlives no gpusnap killed with SIGKILL (PR_SET_PDEATHSIG): it would go on
-    writing chunks, or hold a restored tree's userfaultfd open."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _exit_on_sigterm(signum, frame):
