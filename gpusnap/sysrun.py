@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 
 from . import interrupts
@@ -182,3 +183,21 @@ def kill_child(pid: int) -> None:
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass
+
+
+def end_helper(pid: int, wait: float) -> None:
+    """SIGTERM a forked helper (fork_helper) and reap it; SIGKILL when it takes longer
+    than wait seconds to go."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+            time.sleep(0.005)
+    except ChildProcessError:
+        return
+    kill_child(pid)

@@ -104,7 +104,8 @@ def _build(repo: Repository, manifest: Manifest, kind: str, tmp: str, progress) 
 
 def warm(repo: Repository, manifest: Manifest, progress=None, kind: str = "criu") -> str:
     """Prepare the snapshot's images (verified) for kind's page path in its cache; the
-    cache's images dir."""
+    cache's images dir. A remote store's chunks of the snapshot come into the node's
+    chunk cache as well (the uffd path's fill reads its pages from there)."""
     if kind not in KINDS:
         raise ValueError(f"no {kind!r} cache")
     found = _usable(repo.path, manifest, kind)
@@ -116,7 +117,7 @@ def warm(repo: Repository, manifest: Manifest, progress=None, kind: str = "criu"
     os.chmod(cache_root, 0o700)
     tmp = workdir.make(repo.path, "warm-")
     try:
-        with repo.shared_lock():
+        with repo.shared_lock(), repo.prefetch(manifest, finish=True):
             _build(repo, manifest, kind, tmp, progress)
         with open(os.path.join(tmp, "digest"), "w") as f:
             f.write(digest(manifest, kind))

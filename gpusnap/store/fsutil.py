@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import stat
 import threading
 
@@ -56,11 +57,17 @@ def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: b
                     os.close(fd)
             os.rename(tmp, path)
     except BaseException:
-        for tmp in tmps:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        # SIGTERM and Ctrl-C wait until every temp file is gone: a worker that met a
+        # full disk is often told to stop while it cleans up
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            for tmp in tmps:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
 
 

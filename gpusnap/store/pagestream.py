@@ -30,6 +30,7 @@ from ..imagefile.pagemap import PAGE_SIZE
 from ..model import FileEntry
 from ..model.manifest import ZERO_ID
 from . import chunker, parallel
+from .tally import Tally
 
 SLOT_BYTES = 16 << 20
 
@@ -56,8 +57,7 @@ class PageStream:
         self.maps: dict[tuple[str, int], _Pagemap] = {}
         self.key: tuple[str, int] | None = None
         self.slot: list | None = None                        # [slot, bytes used, parts]
-        self.stored: dict[str, int] = {}
-        self.new = 0
+        self.tally = Tally()
         self.workers = n
         # where the time went: seconds the receiver spent reading CRIU's pages and waiting
         # for a free slot or worker; worker-seconds finding zero pages, cutting, hashing and
@@ -112,8 +112,8 @@ class PageStream:
             total.add(stats)
         self._release()
         logical = sum(f.size for f in files)
-        return files, {"bytes_logical": logical, "bytes_stored": sum(self.stored.values()),
-                       "bytes_new": self.new}, total
+        return files, {"bytes_logical": logical, "bytes_stored": self.tally.stored,
+                       "bytes_new": self.tally.new}, total
 
     def timings(self) -> dict[str, float]:
         """Where the stream's time went (seconds; w_*: summed over the workers), and the
@@ -181,8 +181,7 @@ class PageStream:
             self.maps[key].pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
             for _v, _n, cid, size, new in pieces:
                 if cid != ZERO_ID:
-                    self.stored.setdefault(cid, size)
-                    self.new += new
+                    self.tally.add(cid, size, new)
 
     def _release(self) -> None:
         if self.view is None:

@@ -73,7 +73,7 @@ def run(fn: Callable[[Any, int], Any], job: Any, batches: int, workers: int,
     """Call fn(job, i) for i in range(batches) on workers. Returns (mode, results):
     results is a generator, ordered by i when ordered, else as they finish; consume it to
     the end, or close it (which stops and reaps the workers)."""
-    use_processes = workers > 1 and batches > 1 and _fork_is_safe()
+    use_processes = workers > 1 and batches > 1 and fork_is_safe()
     if use_processes:
         return "processes", _raise_errors(_forked(fn, job, batches, min(workers, batches), ordered))
     return "threads", _raise_errors(_threaded(fn, job, batches, workers))
@@ -234,7 +234,7 @@ class Stream:
         self.pool = None
         self.futures: list = []
         self.selector = selectors.DefaultSelector()
-        if workers > 1 and _fork_is_safe():
+        if workers > 1 and fork_is_safe():
             for _ in range(workers):
                 self._fork()
         else:
@@ -376,5 +376,7 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _fork_is_safe() -> bool:
+def fork_is_safe() -> bool:
+    """Whether this process may fork workers: no other thread runs (a child would
+    inherit the locks it holds)."""
     return hasattr(os, "fork") and threading.active_count() == 1

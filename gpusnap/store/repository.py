@@ -13,6 +13,7 @@ store's codec (codec.py); everything here goes through it, so there is one code 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,6 +28,7 @@ from ..errors import (AmbiguousSnapshot, IntegrityError, ManifestInvalid, Snapsh
 from ..model import MANIFEST_VERSION, FileEntry, Manifest
 from . import backends, chunker, codec, keyfile, materialise, parallel
 from .backends.base import Backend, Missing, chunk_name
+from .tally import Tally
 
 FORMAT_VERSION = 1          # a plain store's config (manifests: model.MANIFEST_VERSION)
 ENCRYPTED_VERSION = 2       # an encrypted store's config: gpusnap 0.1 refuses it rather
@@ -282,6 +284,30 @@ class Repository:
         store: one listing and the index objects not seen yet, instead of one a worker)."""
         self.backend.refresh("chunks/")
 
+    @contextlib.contextmanager
+    def prefetch(self, manifest: Manifest, first: Iterable[str] = (), *, finish: bool = False):
+        """While the block runs, a remote store fetches the snapshot's chunks into its
+        cache ahead of the reads (backends/prefetch.py): the files named in first, then
+        the others, each file's chunks in order. The block's end stops it (finish: waits
+        for every chunk first). A local store: nothing; nor where another thread runs
+        (the helper is forked)."""
+        start = getattr(self.backend, "prefetch", None)
+        if start is None:
+            yield
+            return
+        self.prepare_reads()
+        ahead = set(first)
+        files = sorted(manifest.files, key=lambda f: f.path not in ahead)
+        helper = start([self.chunk_name(cid) for f in files for cid, _n in f.chunks
+                        if cid != codec.ZERO_ID])
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if helper is not None:
+                helper.stop(finish=finish and ok)
+
     def read_chunk(self, cid: str, size: int) -> bytes:
         if cid == codec.ZERO_ID:
             return bytes(size)
@@ -311,16 +337,12 @@ class Repository:
         _mode, results = parallel.run(_ingest_batch, (self, [f[1] for f in files], batches),
                                       len(batches), parallel.workers(), ordered=True)
         chunks: list[list[tuple[str, int]]] = [[] for _ in files]
-        stored = new = 0
-        seen: set[str] = set()
+        tally = Tally()
         try:
             for batch, outcome in zip(batches, results):
                 for (index, _off, n), (cid, size_stored, size_new) in zip(batch, outcome):
                     chunks[index].append((cid, n))
-                    if cid not in seen:
-                        seen.add(cid)
-                        stored += size_stored
-                    new += size_new
+                    tally.add(cid, size_stored, size_new)
                 if progress:
                     progress(sum(n for _i, _o, n in batch))
         finally:
@@ -328,7 +350,7 @@ class Repository:
         entries = [FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode), chunks[index])
                    for index, (rel, _full, st) in enumerate(files)]
         logical = sum(st.st_size for _rel, _full, st in files)
-        return entries, {"bytes_logical": logical, "bytes_stored": stored, "bytes_new": new}
+        return entries, {"bytes_logical": logical, "bytes_stored": tally.stored, "bytes_new": tally.new}
 
     def new_snapshot_id(self) -> str:
         return secrets.token_hex(8)

@@ -8,6 +8,8 @@ import os
 import threading
 import time
 
+import psutil
+
 import pytest
 from s3server import FaultProxy, s3_env, s3_server  # noqa: F401
 
@@ -152,3 +154,25 @@ def test_a_dead_holders_lock_expires(s3_env, monkeypatch):
     time.sleep(3)
     with backend.lock(exclusive=True, timeout=5):
         assert backend.stale_temps() == ["locks/deadbeef"]
+
+
+def _lock_objects(backend) -> dict:
+    return {n: m for n, _s, m in backend.list_meta("locks/")}
+
+
+def test_a_held_lock_is_rewritten_by_a_helper_that_is_gone_before_its_object(s3_env, monkeypatch):
+    """The holder stays single-threaded (its workers can fork): a helper process rewrites
+    the lock object every TTL/4; at release it goes, then the object."""
+    monkeypatch.setenv("GPUSNAP_S3_LOCK_TTL", "2")
+    backend = for_location(f"s3://{s3_env}/rewrite")
+    before = {c.pid for c in psutil.Process().children()}
+    with backend.lock(exclusive=False, timeout=5):
+        assert threading.active_count() == 1
+        helpers = {c.pid for c in psutil.Process().children()} - before
+        assert len(helpers) == 1
+        (name, first), = _lock_objects(backend).items()
+        time.sleep(1.6)
+        assert _lock_objects(backend)[name] > first, "the lock object was not rewritten"
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in helpers)
+    assert _lock_objects(backend) == {}

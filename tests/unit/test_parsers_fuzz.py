@@ -8,12 +8,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import struct
 import tarfile
 import tempfile
 import threading
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gpusnap.errors import GpusnapError
@@ -166,14 +168,15 @@ def test_forged_headers_and_manifests_are_refused(header, manifest):
 
 # ---- the SDK protocol ----------------------------------------------------------------------------
 
-_AGENT: list[Agent] = []
-
-
-def _agent() -> Agent:
-    if not _AGENT:
-        d = tempfile.mkdtemp(prefix="gpusnap-fuzz-")
-        _AGENT.append(Agent(registry.Registry(), socket_dir=os.path.join(d, "run")).start())
-    return _AGENT[0]
+@pytest.fixture(scope="module")
+def fuzz_agent():
+    """One agent for every example; closed after the module (its thread would stop later
+    tests' forks)."""
+    d = tempfile.mkdtemp(prefix="gpusnap-fuzz-")
+    agent = Agent(registry.Registry(), socket_dir=os.path.join(d, "run")).start()
+    yield agent
+    agent.close()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @fuzz
@@ -181,14 +184,13 @@ def _agent() -> Agent:
                  _json.map(lambda v: json.dumps(v).encode() + b"\n"),
                  st.dictionaries(st.just("cmd"), st.text(max_size=10) | st.integers() | st.none())
                  .map(lambda v: json.dumps(v).encode())))
-def test_the_agent_answers_any_request_with_a_json_object(request):
-    if b"prepare" in request or b"resume" in request:
+def test_the_agent_answers_any_request_with_a_json_object(fuzz_agent, message):
+    if b"prepare" in message or b"resume" in message:
         return                          # real commands: tested with a model in test_sdk.py
-    agent = _agent()
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
-        s.connect(agent.path)
-        s.sendall(request)
+        s.connect(fuzz_agent.path)
+        s.sendall(message)
         s.shutdown(socket.SHUT_WR)
         reply = json.loads(protocol.recv_message(s, None))
     assert isinstance(reply, dict) and "ok" in reply and reply["state"] == "resident"

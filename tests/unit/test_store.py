@@ -141,3 +141,13 @@ def test_commit_fills_in_id_and_created(repo, tmp_path):
     sid = repo.commit(m)
     assert m.id == sid and m.created and m.format == 1
     assert repo.load(sid).files[0].path == "a.img"
+
+
+def test_a_chunk_sent_by_two_workers_is_new_and_stored_once():
+    from gpusnap.store.tally import Tally
+    t = Tally()
+    t.add("a", 10, 0)           # a piece whose worker found it claimed in its process
+    t.add("a", 10, 10)          # the worker that sent it
+    t.add("a", 10, 10)          # a worker of another process that sent it too
+    t.add("b", 5, 0)
+    assert (t.stored, t.new) == (15, 10)

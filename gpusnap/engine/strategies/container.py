@@ -137,7 +137,7 @@ class ContainerStrategy:
                 repo.materialise(_subset(m, prefix), dest, progress)
 
         try:
-            with repo.shared_lock():
+            with repo.shared_lock(), repo.prefetch(m):
                 with stages.stage("engine_restore"), interrupts.held():
                     restored = self.engine.restore(
                         where.facts, materialise, into=where.into, name=where.name,

@@ -95,7 +95,9 @@ class ProcessStrategy:
         pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
         root_pid = None
         try:
-            with repo.shared_lock():                # rm and gc (which drop caches) wait for CRIU
+            with repo.shared_lock(), repo.prefetch(m, _small_images(m)):
+                # rm and gc (which drop caches) wait for CRIU; a remote store's packs come
+                # ahead of the reads, several at once
                 agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
                 if pages:
                     prep = _prepared(plan, repo, work, stages, progress)
@@ -126,6 +128,11 @@ class ProcessStrategy:
         finally:
             workdir.remove(work)
             guard.end()
+
+
+def _small_images(m: Manifest) -> list[str]:
+    """The images other than the pages: read first, by planning and by CRIU."""
+    return [f.path for f in m.files if not os.path.basename(f.path).startswith("pages-")]
 
 
 _OUTSIDE_HINT = ("start it with its stdio on files or /dev/null (`</dev/null >LOG 2>&1`) "

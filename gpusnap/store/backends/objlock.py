@@ -12,8 +12,9 @@ Expiry instead of a kernel that drops the lock of a dead holder: a lock object w
 server-side Last-Modified is older than the TTL (GPUSNAP_S3_LOCK_TTL, default 300 s) is
 stale and ignored (gc deletes it). The age is measured against the server's own clock
 (the Last-Modified of our own lock object, written just before), so client clocks do not
-matter. A holder rewrites its
-object every TTL/4 on a daemon thread. A holder that cannot reach the store for a whole
+matter. A holder rewrites its object every TTL/4, from a forked helper process (from a
+daemon thread where the holder already runs threads); the helper is gone before the
+object is deleted. A holder that cannot reach the store for a whole
 TTL may lose its lock; commit then still refuses to write a manifest whose chunks vanished.
 """
 
@@ -25,15 +26,19 @@ import json
 import os
 import random
 import secrets
+import signal
 import socket
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
+from ... import sysrun
 from ...errors import StoreLocked
+from .. import parallel
 from .base import Missing
 
 PREFIX = "locks/"
+REFRESH_STOP_WAIT = 30.0    # seconds a rewrite in flight has to end at release
 
 
 def ttl() -> float:
@@ -67,16 +72,38 @@ def object_lock(backend, *, exclusive: bool, timeout: float) -> Iterator[None]:
                               hint="another gpusnap rm/gc or dump is running on some node; a lock "
                                    f"of a node that died expires after {ttl():.0f}s")
         time.sleep(random.uniform(0.1, 0.6))
+    stop_refresher = _start_refresher(backend, name, body)
+    try:
+        yield
+    finally:
+        stop_refresher()                    # no rewrite lands after the delete
+        backend.delete_many([name])
+
+
+def _start_refresher(backend, name: str, body: bytes) -> Callable[[], None]:
+    """Rewrite the lock object every TTL/4 until the returned function is called: in a
+    forked helper process where no other thread runs (a thread here would stop the
+    holder's own workers from forking: parallel.py), else on a daemon thread."""
+    if parallel.fork_is_safe():
+        pid = sysrun.fork_helper(_refresh_main, backend, name, body)
+        return lambda: sysrun.end_helper(pid, REFRESH_STOP_WAIT)
     stop = threading.Event()
     refresher = threading.Thread(target=_refresh, args=(backend, name, body, stop),
                                  name="gpusnap-lock", daemon=True)
     refresher.start()
-    try:
-        yield
-    finally:
+
+    def end() -> None:
         stop.set()
         refresher.join()
-        backend.delete_many([name])
+    return end
+
+
+def _refresh_main(backend, name: str, body: bytes) -> None:
+    """The helper: rewrites until SIGTERM (or the holder's death)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    sysrun.die_with_parent(signal.SIGTERM)
+    _refresh(backend, name, body, stop)
 
 
 def _conflict(backend, mine: str, exclusive: bool) -> str | None:

@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Iterator
 
 from ...errors import StoreDenied, StoreError, StoreUnavailable
 from .. import parallel
-from . import packs
+from . import packs, prefetch
 from .base import Backend, Missing, chunk_name
 
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
@@ -140,17 +140,25 @@ class S3Backend(Backend):
         return self._read_chunk(name, cid)
 
     def get_many(self, names: list[str]) -> Iterator[bytes]:
-        if len(names) < 2:
-            yield from (self.get(n) for n in names)
+        """get() of each, in order: chunks the cache holds at once, the others fetched
+        concurrently (no thread is started when the cache holds all but one)."""
+        hits = [self._cached(n) for n in names]
+        missing = [n for n, hit in zip(names, hits) if hit is None]
+        if len(missing) < 2:
+            yield from (self.get(n) if hit is None else hit for n, hit in zip(names, hits))
             return
-        with self._pool(len(names)) as pool:
-            futures = [pool.submit(self.get, n) for n in names]
+        with self._pool(len(missing)) as pool:
+            futures = iter([pool.submit(self.get, n) for n in missing])
             try:
-                for f in futures:
-                    yield f.result()
+                for hit in hits:
+                    yield next(futures).result() if hit is None else hit
             finally:
                 for f in futures:
                     f.cancel()
+
+    def _cached(self, name: str) -> bytes | None:
+        cid = packs.chunk_id_of(name) if self.cache is not None else None
+        return self.cache.get(cid) if cid else None
 
     def put(self, name: str, data, *, durable: bool = True, if_absent: bool = False) -> bool:
         cid = packs.chunk_id_of(name)
@@ -482,6 +490,33 @@ class S3Backend(Backend):
                 return self._fetch_pack(pack)[off:off + n]
         except Missing:
             raise Missing(name) from None
+
+    def prefetch(self, names: list[str]) -> prefetch.Prefetch | None:
+        """Start fetching the packs that hold names into the cache, in the order of names,
+        several at once, in a helper process (prefetch.py); None when there is no cache or
+        nothing to fetch. Up to half the cache's size; packs read by range are left out."""
+        if self.cache is None or self._cache_full:
+            return None
+        table = self._loaded()
+        whole = min(packs.RANGE_OVER, self.cache.max_bytes // 4)
+
+        def pack_of(name: str):
+            cid = packs.chunk_id_of(name)
+            found = table.locate(cid) if cid else None
+            return found[0] if found else None
+
+        def wanted(pack, name: str) -> bool:
+            return pack.size <= whole and not self.cache.has(packs.chunk_id_of(name))
+
+        ahead = prefetch.order(names, pack_of, wanted, self.cache.max_bytes // 2)
+        return prefetch.start(self._prefetch_pack, ahead, _concurrency())
+
+    def _prefetch_pack(self, pack: packs.Pack) -> None:
+        """In the prefetch helper: pack into the cache, unless a reader fetched it first."""
+        with self.cache.pack_lock(pack.id):
+            first = next(iter(pack.chunks), None)
+            if first is not None and not self.cache.has(first):
+                self._fetch_pack(pack)
 
     def _fetch_pack(self, pack: packs.Pack) -> bytes:
         """A whole pack; when it matches its id, every chunk of it into the cache (a disk
