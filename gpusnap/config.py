@@ -45,7 +45,8 @@ SETTINGS = [
     Setting("lock_timeout", "GPUSNAP_LOCK_TIMEOUT", 10.0, "dump --lock-timeout",
             "seconds to wait for CUDA work in flight before locking"),
     Setting("socket", "GPUSNAP_SOCKET", "/run/gpusnap/gpusnapd.sock", None,
-            "the API socket of gpusnapd, the daemon (where it is installed)"),
+            "the API socket of gpusnapd, the daemon: the CLI runs its commands there "
+            "when one answers (set empty: standalone)"),
 ]
 BY_KEY = {s.key: s for s in SETTINGS}
 _exported: set[str] = set()          # environment variables set from the config file

@@ -9,7 +9,6 @@ import sys
 import click
 
 from .. import VERSION
-from ..daemon import forward as via_daemon
 from ..errors import GpusnapError, Interrupted, UsageError, exit_code_table
 from .context import AppContext
 
@@ -157,8 +156,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
     args = list(argv if argv is not None else sys.argv[1:])
     as_json = json_asked(args)
-    try:
-        via_daemon.forward(args)    # exits if gpusnapd ran it
+    try:                            # gpusnapd had its chance: gpusnap/entry.py
         cli.main(args=args, prog_name="gpusnap", standalone_mode=False)
     except GpusnapError as exc:
         fail(exc, as_json)

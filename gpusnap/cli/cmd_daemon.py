@@ -16,7 +16,8 @@ def command(app, socket_path, group, metrics_port, metrics_host):
     a unix socket, each operation through the same engine as the CLI, in a forked child
     (a client that disconnects, or SIGTERM to the daemon, interrupts it: its undo runs).
 
-    The CLI uses it when GPUSNAP_SOCKET names its socket. Logs: JSON lines on stderr.
+    The CLI uses it when GPUSNAP_SOCKET (or the config file's `socket:`) names its socket.
+    Logs: JSON lines on stderr.
     """
     from ..daemon import api, server
     server.serve(server.Config(socket=socket_path, store=api.Store(app.store, app.key_file),

@@ -19,8 +19,9 @@ def command(app, snapshots, pages, drop):
     The images are verified as they are written; they take their size in memory
     (gpusnap's work dir: a huge-page tmpfs at /run/gpusnap-work as root, else /dev/shm;
     GPUSNAP_WORKDIR moves it): all of it for --pages criu, only what CRIU reads itself
-    for uffd. rm and gc drop the caches they orphan. Through gpusnapd (GPUSNAP_SOCKET)
-    this prefetches for the daemon's restores.
+    for uffd. rm and gc drop the caches they orphan. From an s3:// store, every chunk of
+    SNAPSHOTS comes into the node's chunk cache as well (--cache). Through gpusnapd
+    (GPUSNAP_SOCKET) this prefetches for the daemon's restores.
     """
     from ..engine import imagecache, pagepath
     repo = app.repo(create=False)

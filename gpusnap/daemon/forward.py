@@ -1,8 +1,9 @@
-"""The CLI through gpusnapd: where GPUSNAP_SOCKET names a daemon that answers, a command
+"""The CLI through gpusnapd: where GPUSNAP_SOCKET (or the config file) names a daemon that
+answers, a command
 the daemon runs (daemon/client.FORWARDED) is sent there whole, and its stdout, stderr and
 exit code come back as this process would have printed them; Ctrl-C or SIGTERM here
-interrupts the operation there (its undo runs, and its message comes back). Without the
-variable, or with no daemon answering, the CLI runs standalone.
+interrupts the operation there (its undo runs, and its message comes back). With no
+daemon named, or none answering, the CLI runs standalone.
 
 gpusnap/entry.py calls forward() before the CLI is imported: a command the daemon runs
 costs this process the interpreter, this module, client.py and http.client, nothing more
@@ -17,11 +18,9 @@ import sys
 from ..errors import GpusnapError
 
 
-def forward(argv: list[str]) -> None:
-    """Run argv on the daemon and exit with its exit code; return if there is none."""
-    path = os.environ.get("GPUSNAP_SOCKET")
-    if not path:
-        return                                  # standalone: nothing more is imported
+def forward(argv: list[str], path: str) -> None:
+    """Run argv on the daemon at socket path and exit with its exit code; return if it
+    does not run that command or none answers there."""
     from ..daemon.client import FORWARDED, Client, Unreachable, command_of
     if command_of(argv)[0] not in FORWARDED or {"-h", "--help"} & set(argv):
         return

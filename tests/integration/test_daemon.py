@@ -138,6 +138,24 @@ def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon):
     assert d.status()["operations"] == [] and d.status()["workdir_entries"] == []
 
 
+def test_the_config_files_socket_sends_the_cli_to_the_daemon(workload, gpusnap, daemon, tmp_path):
+    """`socket:` in the config file is enough; GPUSNAP_SOCKET set empty runs standalone."""
+    d = daemon()
+    conf = tmp_path / "config.yaml"
+    conf.write_text(f"socket: {d.socket}\n")
+    env = {"GPUSNAP_CONFIG": str(conf)}
+    w = workload("--mib", "8")
+    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--leave-running", env=env)
+    assert rc == 0 and out["via"] == "daemon", (out, err)
+    rc, out, err = gpusnap("verify", env=env)
+    assert rc == 0 and out["via"] == "daemon", (out, err)
+    rc, out, err = gpusnap("verify", env={**env, "GPUSNAP_SOCKET": ""})
+    assert rc == 0 and out["via"] == "cli", (out, err)
+    conf.write_text(f"socket: {tmp_path / 'nobody.sock'}\n")         # none answers there
+    rc, out, err = gpusnap("verify", env=env)
+    assert rc == 0 and out["via"] == "cli", (out, err)
+
+
 def test_two_concurrent_restores_of_two_snapshots_are_both_healthy(workload, gpusnap, daemon):
     d = daemon()
     ws = [workload("--mib", "96", "--children", "1", "--seed", str(i), name=f"w{i}") for i in range(2)]

@@ -81,3 +81,19 @@ def test_two_nodes_dump_and_gc_at_once(workload, s3_server, s3_env, tmp_path):
         rc, out, err = _done(_node(s3_server, store, cache, "restore", name))
         assert rc == 0, err
         assert w.report()["data_ok"]
+
+
+def test_warm_brings_a_snapshots_chunks_into_an_empty_cache(workload, s3_server, s3_env, tmp_path):
+    """`gpusnap warm` on a node with an empty cache: every chunk comes down (the uffd
+    path's fill then reads none from the bucket)."""
+    store = f"s3://{s3_env}/warm"
+    w = workload("--mib", "32", "--children", "1")
+    rc, dumped, err = _done(_node(s3_server, store, str(tmp_path / "node-a"), "dump", "--pid",
+                                  str(w.pid), "--name", "tree", "--leave-running"))
+    assert rc == 0, err
+    empty = tmp_path / "node-b"
+    rc, warmed, err = _done(_node(s3_server, store, str(empty), "warm", "tree", "--pages", "uffd"))
+    assert rc == 0 and warmed[0]["id"] == dumped["id"], err
+    chunks = sum(os.path.getsize(os.path.join(d, f)) for d, _s, fs in os.walk(empty)
+                 for f in fs if "/chunks/" in os.path.join(d, f))
+    assert chunks >= 0.95 * dumped["bytes_stored"], (chunks, dumped["bytes_stored"])
