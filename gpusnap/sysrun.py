@@ -166,14 +166,17 @@ def fork_helper(fn, *args) -> int:
         os._exit(code)
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
     """In a forked helper: sig when the process that forked it dies (PR_SET_PDEATHSIG), so
-    that it never outlives a gpusnap or gpusnapd killed with SIGKILL."""
+    that it never outlives a gpusnap or gpusnapd killed with SIGKILL. parent (its pid,
+    taken before the fork): sig at once when it died before this call."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)     # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 def kill_child(pid: int) -> None:

@@ -33,3 +33,18 @@ def test_timeout_still_kills_the_child(tmp_path):
 def test_output_and_exit_code():
     res = sysrun.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (res.returncode, res.stdout, res.stderr) == (3, "out\n", "err\n")
+
+
+def test_die_with_parent_signals_at_once_when_that_parent_is_gone_already():
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+        sysrun.die_with_parent(signal.SIGTERM, parent=os.getppid() + 1)     # not its parent
+        os._exit(0)
+    assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 7
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+        sysrun.die_with_parent(signal.SIGTERM, parent=os.getppid())
+        os._exit(0)
+    assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0

@@ -85,7 +85,7 @@ def _start_refresher(backend, name: str, body: bytes) -> Callable[[], None]:
     forked helper process where no other thread runs (a thread here would stop the
     holder's own workers from forking: parallel.py), else on a daemon thread."""
     if parallel.fork_is_safe():
-        pid = sysrun.fork_helper(_refresh_main, backend, name, body)
+        pid = sysrun.fork_helper(_refresh_main, backend, name, body, os.getpid())
         return lambda: sysrun.end_helper(pid, REFRESH_STOP_WAIT)
     stop = threading.Event()
     refresher = threading.Thread(target=_refresh, args=(backend, name, body, stop),
@@ -98,11 +98,12 @@ def _start_refresher(backend, name: str, body: bytes) -> Callable[[], None]:
     return end
 
 
-def _refresh_main(backend, name: str, body: bytes) -> None:
-    """The helper: rewrites until SIGTERM (or the holder's death)."""
+def _refresh_main(backend, name: str, body: bytes, holder: int) -> None:
+    """The helper: rewrites until SIGTERM (or the holder's death: a lock must not outlive
+    its holder by more than the TTL)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    sysrun.die_with_parent(signal.SIGTERM)
+    sysrun.die_with_parent(signal.SIGTERM, holder)
     _refresh(backend, name, body, stop)
 
 

@@ -79,13 +79,14 @@ def start(fetch: Callable[[object], None], packs: list, workers: int) -> Prefetc
     there is nothing to fetch, or where forking is not safe (another thread runs)."""
     if not packs or not parallel.fork_is_safe():
         return None
-    return Prefetch(sysrun.fork_helper(_main, fetch, packs, max(1, workers)), len(packs))
+    return Prefetch(sysrun.fork_helper(_main, fetch, packs, max(1, workers), os.getpid()),
+                    len(packs))
 
 
-def _main(fetch: Callable[[object], None], packs: list, workers: int) -> None:
+def _main(fetch: Callable[[object], None], packs: list, workers: int, parent: int) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    sysrun.die_with_parent(signal.SIGTERM)
+    sysrun.die_with_parent(signal.SIGTERM, parent)
 
     def one(pack) -> None:
         if not stop.is_set():
