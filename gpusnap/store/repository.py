@@ -295,7 +295,6 @@ class Repository:
         if start is None:
             yield
             return
-        self.prepare_reads()
         ahead = set(first)
         files = sorted(manifest.files, key=lambda f: f.path not in ahead)
         helper = start([self.chunk_name(cid) for f in files for cid, _n in f.chunks
