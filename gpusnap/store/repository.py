@@ -290,10 +290,10 @@ class Repository:
         cache ahead of the reads (backends/prefetch.py): the files named in first, then
         the others, each file's chunks in order. The block's end stops it (finish: waits
         for every chunk first). A local store: nothing; nor where another thread runs
-        (the helper is forked)."""
+        (the helper is forked). The block gets the helper (its .packs and .bytes), or None."""
         start = getattr(self.backend, "prefetch", None)
         if start is None:
-            yield
+            yield None
             return
         ahead = set(first)
         files = sorted(manifest.files, key=lambda f: f.path not in ahead)
@@ -301,7 +301,7 @@ class Repository:
                         if cid != codec.ZERO_ID])
         ok = False
         try:
-            yield
+            yield helper
             ok = True
         finally:
             if helper is not None:

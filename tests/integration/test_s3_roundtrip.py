@@ -43,6 +43,7 @@ def test_dump_on_one_node_restore_on_another_from_an_empty_cache(workload, s3_se
     rc, out, err = _done(_node(s3_server, store, str(empty), "restore", "tree"))
     assert rc == 0, err
     assert out["pid"] == w.pid
+    assert any("fetched ahead" in n for n in out["notes"]), out["notes"]
     after = w.report()
     assert after["data_ok"] and after["children_ok"] and after["ticks"] >= before["ticks"], after
     # the pull-through cache now holds what the restore fetched (pages placed by the uffd

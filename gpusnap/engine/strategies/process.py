@@ -95,9 +95,12 @@ class ProcessStrategy:
         pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
         root_pid = None
         try:
-            with repo.shared_lock(), repo.prefetch(m, _small_images(m)):
+            with repo.shared_lock(), repo.prefetch(m, _small_images(m)) as ahead:
                 # rm and gc (which drop caches) wait for CRIU; a remote store's packs come
                 # ahead of the reads, several at once
+                if ahead:
+                    plan.notes.append(f"{ahead.packs} packs ({ahead.bytes / 1e9:.2f} GB) "
+                                      f"fetched ahead from the store while restoring")
                 agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
                 if pages:
                     prep = _prepared(plan, repo, work, stages, progress)

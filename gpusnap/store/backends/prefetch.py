@@ -55,9 +55,10 @@ def order(names: Iterable[str], pack_of: Callable[[str], object | None],
 class Prefetch:
     """A running helper (start()); stop() ends it and reaps it."""
 
-    def __init__(self, pid: int, packs: int):
+    def __init__(self, pid: int, packs: int, nbytes: int):
         self.pid = pid
         self.packs = packs
+        self.bytes = nbytes
 
     def stop(self, finish: bool = False) -> None:
         """SIGTERM: it finishes its packs in flight, within STOP_WAIT, else SIGKILL.
@@ -80,7 +81,7 @@ def start(fetch: Callable[[object], None], packs: list, workers: int) -> Prefetc
     if not packs or not parallel.fork_is_safe():
         return None
     return Prefetch(sysrun.fork_helper(_main, fetch, packs, max(1, workers), os.getpid()),
-                    len(packs))
+                    len(packs), sum(p.size for p in packs))
 
 
 def _main(fetch: Callable[[object], None], packs: list, workers: int, parent: int) -> None:
