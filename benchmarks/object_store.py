@@ -18,7 +18,11 @@ machine, the ratios are what carries over. Sections:
    put_many one slot of 80 chunks of 200 KB at a time (size() and claim() first, as the
    stream does), then as many forked readers get_many-ing a slot each into an empty cache.
 
-    --sections clients,layouts,gpusnap,stream   which to run (default: all)
+5. packs ahead (store/backends/prefetch.py): a snapshot of MIB random bytes pulled from
+   the s3:// store into an empty cache by the prefetch helper alone, by a materialise
+   alone (its workers' own reads), and by both at once, as a restore does.
+
+    --sections clients,layouts,gpusnap,stream,ahead   which to run (default: all)
     --repo DIR    take gpusnap from DIR, an older checkout (the "before" rows of 3 and 4)
 Prints markdown (and writes it to --out).
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import platform
@@ -241,11 +246,44 @@ def stream_rows(bucket: str, workers: int, slots: int, base: str) -> list[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def ahead_rows(bucket: str, mib: int, base: str) -> list[str]:
+    """Empty-cache pulls of one snapshot: the helper alone, the reads alone, both."""
+    from conftest import commit_snapshot, write_images
+    work = tempfile.mkdtemp(dir=base)
+    try:
+        src = write_images(os.path.join(work, "img"), {"pages-1.img": os.urandom(mib * MIB)})
+        url = f"s3://{bucket}/ahead-{secrets.token_hex(3)}"
+        repo = Repository.open(url, cache=os.path.join(work, "c0"))
+        with repo.shared_lock():
+            snap = commit_snapshot(repo, src)
+        shutil.rmtree(src)
+        out = {}
+        for label in ("helper alone", "materialise alone", "both (a restore)"):
+            node = Repository.open(url, cache=os.path.join(work, f"c-{len(out)}"), create=False)
+            m = node.load(snap.id)
+            t = time.perf_counter()
+            if label == "helper alone":
+                with node.prefetch(m, finish=True):
+                    pass
+            else:
+                with contextlib.ExitStack() as stack:
+                    if label.startswith("both"):
+                        stack.enter_context(node.prefetch(m))
+                    node.materialise(m, os.path.join(work, f"out-{len(out)}"))
+            out[label] = time.perf_counter() - t
+        return ["| pull into an empty cache | s | GB/s |", "|---|---|---|",
+                *(f"| {k} | {v:.2f} | {mib * MIB / v / 1e9:.2f} |" for k, v in out.items()), "",
+                f"{mib} MiB of random bytes (stored as they are); 16 requests in flight for the "
+                f"helper, each reader's batch for the reads."]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--dir", default="/dev/shm")
-    ap.add_argument("--sections", default="clients,layouts,gpusnap,stream")
+    ap.add_argument("--sections", default="clients,layouts,gpusnap,stream,ahead")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 2))
     ap.add_argument("--repo", help="take gpusnap from this checkout")
     ap.add_argument("--out")
@@ -266,7 +304,8 @@ def main() -> None:
                  lambda: gpusnap_rows(server, bucket, args.mib, args.dir)),
                 ("stream", "The page stream's pattern on the s3 backend",
                  lambda: stream_rows(bucket, args.workers, max(1, args.mib // 16 // args.workers),
-                                     args.dir))):
+                                     args.dir)),
+                ("ahead", "Packs ahead of the reads", lambda: ahead_rows(bucket, args.mib, args.dir))):
             if key in sections:
                 lines += [f"## {title}", "", *rows(), ""]
     finally:
