@@ -1,11 +1,11 @@
 """Packs fetched ahead of a restore's reads, several at once, by a helper process.
 
 A restore reads its chunks in an order known before it starts (the small images, then
-the pages, in the order the fill and CRIU take them). Its workers read them in batches
-of neighbouring chunks, so most of them wait on the same pack at the same time (one
-fetches it, the cache's pack lock keeps the others waiting for it): one pack in flight,
-and a restore from an S3 server moves at the pace of one GET. The helper fetches the
-packs in that order, `workers` at a time, into the node's cache; a read finds its chunk
+the pages, in the order the fill and CRIU take them), but its reads come in steps:
+planning reads the small images one by one, materialise and the fill read batches,
+each batch's chunks from few packs, each pack fetched whole by whoever needs it first
+while the others wait on its lock. The helper fetches the packs in that order,
+`workers` at a time, into the node's cache from the start; a read finds its chunk
 there, or waits on the pack's lock while the helper fetches it, or fetches the pack
 itself when it comes first (the helper then skips it).
 
