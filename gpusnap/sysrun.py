@@ -188,6 +188,16 @@ def kill_child(pid: int) -> None:
         pass
 
 
+def stop_on_sigterm(parent: int):
+    """In a forked helper: a threading.Event set by SIGTERM, which comes also when parent
+    (its pid, taken before the fork) dies or died already (die_with_parent)."""
+    import threading
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    die_with_parent(signal.SIGTERM, parent)
+    return stop
+
+
 def end_helper(pid: int, wait: float) -> None:
     """SIGTERM a forked helper (fork_helper) and reap it; SIGKILL when it takes longer
     than wait seconds to go."""

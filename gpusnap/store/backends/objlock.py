@@ -26,7 +26,6 @@ import json
 import os
 import random
 import secrets
-import signal
 import socket
 import threading
 import time
@@ -101,10 +100,7 @@ def _start_refresher(backend, name: str, body: bytes) -> Callable[[], None]:
 def _refresh_main(backend, name: str, body: bytes, holder: int) -> None:
     """The helper: rewrites until SIGTERM (or the holder's death: a lock must not outlive
     its holder by more than the TTL)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    sysrun.die_with_parent(signal.SIGTERM, holder)
-    _refresh(backend, name, body, stop)
+    _refresh(backend, name, body, sysrun.stop_on_sigterm(holder))
 
 
 def _conflict(backend, mine: str, exclusive: bool) -> str | None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -85,9 +83,7 @@ def start(fetch: Callable[[object], None], packs: list, workers: int) -> Prefetc
 
 
 def _main(fetch: Callable[[object], None], packs: list, workers: int, parent: int) -> None:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
-    sysrun.die_with_parent(signal.SIGTERM, parent)
+    stop = sysrun.stop_on_sigterm(parent)
 
     def one(pack) -> None:
         if not stop.is_set():
