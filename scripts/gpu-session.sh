@@ -3,7 +3,7 @@
 #
 #   OUT=/some/dir scripts/gpu-session.sh STEP[:SECONDS] ...
 #
-# Steps: gputests (pytest -m gpu tests/gpu), tp2t (the transparent TP=2 GPU test alone), parkgpu (the one-GPU suspend/resume/standby
+# Steps: gputests (pytest -m gpu tests/gpu; GPU_TEST_ARGS replaces its paths and options), tp2t (the transparent TP=2 GPU test alone), parkgpu (the one-GPU suspend/resume/standby
 # GPU tests), tp2diag (the TP=2 GPU tests alone: the
 # transparent dump/restore/swap test and tests/gpu/test_tp_sdk_gpu.py, ~240 s on two GPUs),
 # runc (the runc + hook test alone), matbench
@@ -90,7 +90,7 @@ for spec in "$@"; do
     name=${spec%%:*}
     limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
     case $name in
-        gputests) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu ;;
+        gputests) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" ${GPU_TEST_ARGS:-tests/gpu} ;;
         tp2diag)  # the TP=2 GPU tests alone, the transparent one first, none stopping the rest
                   pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-180}" \
                       tests/gpu/test_gpu_park.py::test_tp2_dump_and_restore_then_onto_the_gpus_swapped \
