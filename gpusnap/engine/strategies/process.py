@@ -26,11 +26,12 @@ from typing import Callable
 import psutil
 
 from ... import interrupts
-from ...criu import netlock
+from ...criu import netlock, timewait
 from ...criu import runner as criu_runner
 from ...criu.argv import CriuOptions
-from ...errors import (CriuFailed, OutsideDescriptors, PidInUse, RestoredTreeDied,
+from ...errors import (CriuFailed, ImageError, OutsideDescriptors, PidInUse, RestoredTreeDied,
                        TargetNotFound, UsageError)
+from ...imagefile import inetsk
 from ...model import Manifest, Target
 from ...store import Repository
 from ...targets import ghosts
@@ -104,6 +105,7 @@ class ProcessStrategy:
                 agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
                 if pages:
                     prep = _prepared(plan, repo, work, stages, progress)
+                    _make_room(plan, prep.images, stages)
                     root_pid, cuinit = pages.restore(plan, repo, work, prep, stages, progress)
                 else:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
@@ -160,11 +162,29 @@ def outside_fds(pids: list[int], force: bool) -> list[str]:
 def _criu_pages(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress):
     """CRIU's page path: every image materialised, CRIU writes the pages. (root, cuInit)."""
     images = _images(plan, repo, work, stages, progress)
+    _make_room(plan, images, stages)
     # after materialise: it forks its workers
     cuinit = gpu.init_in_background() if plan.manifest.cuda else None
     with stages.stage("criu_restore"):
         root = criu_runner.restore(images, plan.criu_options, work_dir=work, criu=plan.criu_path)
     return root, cuinit
+
+
+def _make_room(plan: RestorePlan, images: str, stages: Stages) -> None:
+    """The ports CRIU binds again (listeners), freed of the TIME_WAIT connections a tree
+    dumped moments ago on this host left on them (criu/timewait.py)."""
+    try:
+        with open(os.path.join(images, "files.img"), "rb") as f:
+            ports = {s.port for s in inetsk.bound_tcp(f)}
+    except FileNotFoundError:
+        return
+    except ValueError as exc:
+        raise ImageError(f"files.img: {exc}") from None
+    if ports:
+        with stages.stage("ports"):
+            note = timewait.make_room(ports)
+        if note:
+            plan.notes.append(note)
 
 
 def _images(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress) -> str:
