@@ -15,6 +15,9 @@ runs the ranks on gloo on the CPU, so the row runs end to end without a GPU. Eve
 has a time budget (--budget, seconds): past it, the row stops between steps with the
 step named; SIGTERM (gpu-session.sh's timeout) kills every server it started.
 Models (random weights) are made once under --work/models and reused by later rows.
+--daemon (switch, standby): each run goes through both front doors, the plain CLI and the
+CLI forwarding to a gpusnapd started on the row's store (suspend and resume are what it
+runs there), and the table has a line for each.
 """
 
 from __future__ import annotations
@@ -60,6 +63,24 @@ class Ctx:
         self.env = {"GPUSNAP_STATE_DIR": os.path.join(args.work, f"state-{args.row}")}
         self.budget = Budget(args.budget)
         self.card = card(args)
+        self.daemon = None
+
+    def doors(self) -> list[tuple[str, dict]]:
+        """(via, env) of each front door a run goes through: the CLI standalone, and
+        with --daemon the CLI forwarding to gpusnapd (started once, on this row's store)."""
+        doors = [("cli", {"GPUSNAP_SOCKET": ""})]
+        if getattr(self.args, "daemon", False):
+            sock = os.path.join(self.work, f"gpusnapd-{self.args.row}.sock")
+            if self.daemon is None:
+                from benchmarks.daemon_soak import start_daemon
+                self.daemon = start_daemon(self.store, sock, os.path.join(self.work, "gpusnapd.log"))
+            doors.append(("daemon", {"GPUSNAP_SOCKET": sock}))
+        return doors
+
+    def close(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.terminate()
+            self.daemon.wait(60)
 
     def gs(self, *a, env=None):
         """The gpusnap CLI, its JSON answer; it may run to the end of the budget (and
@@ -192,13 +213,16 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
         out = {"cold_s": [s["cold_s"] for s in servers]}
         ctx.gs("suspend", str(servers[1]["pid"]))
         runs, running, parked = [], servers[0], servers[1]
-        for i in range(2 * ctx.args.runs):
+        doors = ctx.doors()
+        for i in range(2 * ctx.args.runs * len(doors)):
+            via, env = doors[i % len(doors)]
             ctx.budget.check(f"{mode} switch {i}")
-            _, t_out = timed(ctx.gs, "suspend", str(running["pid"]))
-            res, t_in = timed(ctx.gs, "resume", str(parked["pid"]))
+            _, t_out = timed(ctx.gs, "suspend", str(running["pid"]), env=env)
+            res, t_in = timed(ctx.gs, "resume", str(parked["pid"]), env=env)
             tokens, t_tok = timed(first_token, parked["port"])
             assert tokens == parked["tokens"], (tokens, parked["tokens"])
-            runs.append({"suspend_s": t_out, "resume_s": t_in, "first_token_s": t_tok,
+            assert res.get("via", via) == via, res
+            runs.append({"via": via, "suspend_s": t_out, "resume_s": t_in, "first_token_s": t_tok,
                          "total": t_out + t_in + t_tok, **{f"resume_{k}": v for k, v in res["timings"].items()}})
             note(row="switch", mode=mode, **runs[-1])
             running, parked = parked, running
@@ -254,19 +278,23 @@ def _standby_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
     srv["proc"].wait()
     wait_gone([srv["pid"]])
     out = {"cold_s": srv["cold_s"], "dump_s": t_dump, "bytes_logical": snap["bytes_logical"], "runs": []}
-    for i in range(ctx.args.runs):
+    doors = ctx.doors()
+    for i in range(ctx.args.runs * len(doors)):
+        via, env = doors[i % len(doors)]
         ctx.budget.check(f"{mode} standby {i}")
         res, t_standby = timed(ctx.gs, "restore", snap["id"], "--standby")
         pid = res["pid"]
         try:
             held = {e["pid"]: e for e in ctx.gs("ps")}.get(pid, {})
             gpu = _gpu_use(pid)
-            r2, t_resume = timed(ctx.gs, "resume", str(pid))
+            r2, t_resume = timed(ctx.gs, "resume", str(pid), env=env)
             tokens, t_tok = timed(first_token, srv["port"])
             assert tokens == srv["tokens"], (tokens, srv["tokens"])
+            assert r2.get("via", via) == via, r2
         finally:
             stop(pid)
-        out["runs"].append({"standby_restore_s": t_standby,
+        wait_gone([pid])
+        out["runs"].append({"via": via, "standby_restore_s": t_standby,
                             "host_memory": (res.get("standby") or {}).get("host_memory"),
                             "host_memory_ps": held.get("host_memory"),
                             "gpu_memory_while_standby": gpu, "resume_s": t_resume,
@@ -520,13 +548,24 @@ def summarise(row: dict, card_name: str) -> str:
     return "\n".join(head + body) + "\n"
 
 
-def _modes(row: dict, fn) -> list[list[str]]:
+def _modes(row: dict, fn, runs: str | None = None) -> list[list[str]]:
+    """A line per mode; with runs (the key of its list of runs), a line per mode and
+    front door (a run's "via": cli, daemon) where the runs went through more than one."""
     lines = []
     for mode in ("transparent", "sdk"):
         x = row.get(mode)
         if x is None:
             continue
-        lines.append([mode, f"failed: {x['error'][:300]}"] if "error" in x else [mode, *fn(x)])
+        if "error" in x:
+            lines.append([mode, f"failed: {x['error'][:300]}"])
+            continue
+        vias = sorted({r.get("via", "cli") for r in x[runs]}) if runs else []
+        if len(vias) < 2:
+            lines.append([mode, *fn(x)])
+            continue
+        for via in vias:
+            part = {**x, runs: [r for r in x[runs] if r.get("via", "cli") == via]}
+            lines.append([f"{mode} ({via})", *fn(part)])
     return lines
 
 
@@ -534,15 +573,18 @@ def _sum_switch(row: dict) -> list[str]:
     out = table(["mode", "switch to first token", "suspend", "resume", "first token", "cold start (A, B)"],
                 _modes(row, lambda x: [_f(_m(x["switches"], "total")), _f(_m(x["switches"], "suspend_s")),
                                        _f(_m(x["switches"], "resume_s")), _f(_m(x["switches"], "first_token_s")),
-                                       ", ".join(_f(c) for c in x["cold_s"])]))
+                                       ", ".join(_f(c) for c in x["cold_s"])], "switches"))
     floor = (row.get("transparent") or {}).get("floor")
     if floor:
-        gap = _m(row["transparent"]["switches"], "total") - _m(floor, "total")
+        done = row["transparent"]["switches"]
+        vias = sorted({r.get("via", "cli") for r in done})
+        gap = ", ".join(f"{_m([r for r in done if r.get('via', 'cli') == v], 'total') - _m(floor, 'total'):+.2f} s"
+                        + (f" ({v})" if len(vias) > 1 else "") for v in vias)
         out += ["", f"Driver floor (same run, by hand: lock {_f(_m(floor, 'lock_s'))} + checkpoint "
                 f"{_f(_m(floor, 'checkpoint_s'))} of the running server, restore {_f(_m(floor, 'restore_s'))} "
                 f"+ unlock {_f(_m(floor, 'unlock_s'))} of the parked one = {_f(_m(floor, 'driver_s'))} s; "
                 f"to its first token {_f(_m(floor, 'total'))} s). Transparent gpusnap is "
-                f"{gap:+.2f} s from it."]
+                f"{gap} from it."]
     return out
 
 
@@ -554,7 +596,7 @@ def _sum_standby(row: dict) -> list[str]:
                                         _f(_m(x["runs"], "standby_restore_s")),
                                         _f(_m(x["runs"], "host_memory"), 2, 1e9),
                                         _f(_m(x["runs"], "gpu_memory_while_standby"), 2, 1e9),
-                                        _f(x["cold_s"])]))
+                                        _f(x["cold_s"])], "runs"))
 
 
 def _sum_tp(row: dict) -> list[str]:
@@ -672,6 +714,8 @@ def parse(argv=None):
                     or os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--from", dest="source", help="estimate: where the tp row's JSON is (default --out)")
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
+    ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
+                    "plain CLI and through gpusnapd")
     args = ap.parse_args(argv)
     args.size = args.size or DEFAULT_SIZE[args.row]
     args.world = args.world or (8 if args.row == "estimate" else 2)
@@ -710,6 +754,7 @@ def main(argv=None) -> int:
     finally:
         for pid in STARTED:
             stop(pid)
+        ctx.close()
     write(row, ctx.card, args.out)
     return 0
 

@@ -111,7 +111,8 @@ def warm_imports() -> None:
     """Import what operations need, once, in the daemon: every child starts with them."""
     import importlib
     for name in ("gpusnap.engine.dump", "gpusnap.engine.restore", "gpusnap.engine.strategies",
-                 "gpusnap.engine.pagepath", "gpusnap.engine.imagecache", "gpusnap.store", "gpusnap.targets.process",
+                 "gpusnap.engine.pagepath", "gpusnap.engine.imagecache", "gpusnap.engine.park",
+                 "gpusnap.store", "gpusnap.targets.process",
                  "gpusnap.cuda.discover", "gpusnap.cuda.session", "gpusnap.criu.runner", "tqdm",
                  *(f"gpusnap.cli.cmd_{c}" for c in sorted(FORWARDED))):
         importlib.import_module(name)

@@ -9,8 +9,11 @@ import json
 import socket
 from typing import Iterator
 
-# The commands the CLI sends to a daemon that answers (the rest run standalone).
-FORWARDED = {"dump", "restore", "ls", "inspect", "verify", "warm", "rm", "gc"}
+# The commands the CLI sends to a daemon that answers (the rest run standalone). suspend
+# and resume are what a standby pool or a GPU switch waits on: through the daemon they
+# skip the interpreter's imports and libcuda's load.
+FORWARDED = {"dump", "restore", "ls", "inspect", "verify", "warm", "rm", "gc",
+             "suspend", "resume", "ps"}
 
 
 def command_of(argv: list[str]) -> tuple[str | None, str | None]:

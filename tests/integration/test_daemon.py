@@ -358,3 +358,27 @@ def test_the_cli_that_talks_to_the_daemon_stays_thin(gpusnap, daemon):
                                                          ["gpusnap", "cuda"], ["gpusnap", "criu"])
              or m.split(".")[0] in ("torch", "pynvml", "zstandard", "aiohttp", "psutil")}
     assert not heavy, sorted(heavy)
+
+
+def test_suspend_resume_and_ps_go_through_the_daemon_with_the_cli_s_answers(workload, gpusnap, daemon):
+    """What a standby pool and a GPU switch call: the same rows, errors and exit codes
+    through the daemon as standalone (no CUDA here: suspend's refusal is the answer)."""
+    d = daemon()
+    w = workload("--mib", "8")
+    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--name", "parked")
+    assert rc == 0, err
+    w.reap()
+    wait_pids_free(w.pids)
+    rc, out, err = gpusnap("restore", "parked", env=d.env)
+    assert rc == 0 and out["via"] == "daemon", err
+    alone = gpusnap("ps", env={"GPUSNAP_SOCKET": ""})
+    through = gpusnap("ps", env=d.env)
+    assert through[0] == alone[0] == 0 and through[1] == alone[1], (alone, through)
+    assert any(row["pid"] == w.pid for row in through[1]), through
+    for command in ("suspend", "resume"):
+        alone = gpusnap(command, str(w.pid), env={"GPUSNAP_SOCKET": ""})
+        through = gpusnap(command, str(w.pid), env=d.env)
+        assert through[0] == alone[0] != 0, (command, alone, through)
+        assert through[1]["error"] == alone[1]["error"], (command, alone, through)
+    report = w.report()
+    assert report["data_ok"] and report["children_ok"], report

@@ -99,3 +99,22 @@ def test_b30_needs_more_disk_than_the_one_gpu_machine_has():
     assert need["disk"] < 128 * 2**30
     assert breadth.b30_needs("30b", compress="1")["disk"] < need["disk"]
     assert breadth.b30_needs("30b", "sdk")["disk"] < need["disk"]
+
+
+def test_runs_through_two_front_doors_get_a_line_each():
+    def run(via, total):
+        return {"via": via, "total": total, "resume_s": total - 0.1, "first_token_s": 0.1,
+                "standby_restore_s": 1.0, "host_memory": 3e9, "gpu_memory_while_standby": 0}
+    standby = {"row": "standby", "size": "1b", "weights_bytes": 2e9,
+               "transparent": {"cold_s": 5.0, "runs": [run("cli", 1.1), run("daemon", 0.8),
+                                                       run("cli", 1.2), run("daemon", 0.7)]}}
+    md = breadth.summarise(standby, "NVIDIA H200")
+    assert "| transparent (cli) | 1.15 |" in md and "| transparent (daemon) | 0.75 |" in md
+    switches = [{"via": "cli", "suspend_s": 3.0, "resume_s": 1.5, "first_token_s": 0.05, "total": 4.55},
+                {"via": "daemon", "suspend_s": 2.8, "resume_s": 1.3, "first_token_s": 0.05, "total": 4.25}]
+    floor = [{"lock_s": 0.01, "checkpoint_s": 2.9, "restore_s": 1.2, "unlock_s": 0.01,
+              "driver_s": 4.12, "first_token_s": 0.05, "total": 4.17}]
+    switch = {"row": "switch", "size": "8b", "weights_bytes": 16e9,
+              "transparent": {"cold_s": [9.0, 9.5], "switches": switches, "floor": floor}}
+    md = breadth.summarise(switch, "NVIDIA H200")
+    assert "transparent (daemon)" in md and "+0.38 s (cli), +0.08 s (daemon) from it" in md
