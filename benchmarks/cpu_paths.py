@@ -34,11 +34,13 @@ sys.path.insert(0, REPO)
 from gpusnap.criu.locate import find_criu  # noqa: E402
 
 
-def start_tree(state: str, mib: int) -> int:
+def start_tree(state: str, mib: int, zero_mib: int = 0) -> int:
+    """The memholder tree: mib MiB of random data and zero_mib MiB of touched zero pages."""
     os.makedirs(state, exist_ok=True)
     log = open(os.path.join(state, "log"), "ab")
     subprocess.Popen([sys.executable, "-m", "gpusnap.workloads.memholder", "--state", state,
-                      "--mib", str(mib), "--children", "2", "--threads", "2"], cwd=REPO,
+                      "--mib", str(mib), "--zero-mib", str(zero_mib), "--children", "2",
+                      "--threads", "2"], cwd=REPO,
                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     ready = os.path.join(state, "ready")
     for _ in range(1200):
