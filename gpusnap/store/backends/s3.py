@@ -41,6 +41,7 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
            "InvalidToken", "AllAccessDisabled", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 SEQ = "seq/"                # claims of commit sequence numbers (next_seq)
+CONFIG = "config"           # written once (put if_absent), never replaced
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -92,6 +93,7 @@ class S3Backend(Backend):
         self.bad_indexes: dict[str, str] = {}           # pack id -> why its index was refused
         self._bundled: dict[str, packs.Pack] = {}       # pack id -> its index, from a bundle
         self._bundles: dict[str, set[str]] = {}         # bundle id -> the packs it holds
+        self._config: bytes | None = None               # the config, as check_bucket read it
 
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
@@ -149,6 +151,8 @@ class S3Backend(Backend):
 
     def get(self, name: str) -> bytes:
         cid = packs.chunk_id_of(name)
+        if name == CONFIG and self._config is not None:
+            return self._config
         if cid is None:
             return self._body(name)
         return self._read_chunk(name, cid)
@@ -183,6 +187,8 @@ class S3Backend(Backend):
                     return False
             self._put_pack([(cid, data)])
             return True
+        if name == CONFIG:
+            self._config = None
         kw = {"IfNoneMatch": "*"} if if_absent else {}
         try:
             self._call("put_object", name, Key=self.key(name), Body=bytes(data), **kw)
@@ -241,6 +247,8 @@ class S3Backend(Backend):
             self._loaded()
             with self._index_lock:
                 return self._table.size(cid)
+        if name == CONFIG and self._config is not None:
+            return len(self._config)
         with self._index_lock:
             if self._index is not None and name in self._index:
                 return self._index[name]
@@ -330,6 +338,8 @@ class S3Backend(Backend):
             self._index.update(listing)
 
     def _note(self, name: str, size: int | None) -> None:
+        if name == CONFIG:
+            self._config = None
         with self._index_lock:
             if name.startswith(packs.INDEX) and size is None:
                 self._table.drop(name[len(packs.INDEX):])
@@ -588,8 +598,15 @@ class S3Backend(Backend):
         return object_lock(self, exclusive=exclusive, timeout=timeout)
 
     def check_bucket(self) -> None:
-        """Fail early and clearly on a missing bucket or refused credentials."""
-        self._call("head_bucket", "")
+        """Fail early and clearly on a missing bucket or refused credentials, by reading
+        the store's config: its GET says both (NoSuchBucket, a 403), and a NoSuchKey that
+        the bucket holds no store yet. Opening the store then takes the config's
+        existence and bytes from here: one request where a HEAD of the bucket, a HEAD and
+        a GET of the config were three."""
+        try:
+            self._config = self._body(CONFIG)
+        except Missing:
+            self._config = None
 
 
 def translate(exc, url: str, name: str) -> Exception:
