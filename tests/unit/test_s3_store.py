@@ -110,6 +110,28 @@ def test_throttling_is_retried_with_backoff(s3_env, s3_server, tmp_path, monkeyp
         proxy.close()
 
 
+def test_opening_a_store_and_loading_a_snapshot_by_id_is_two_requests(s3_env, s3_server, tmp_path,
+                                                                     monkeypatch):
+    """A restore's planning: the config's GET (which also says the bucket is there and the
+    credentials work) and the manifest's GET, nothing else; a new store still gets its
+    config, and the first config written is the one every opener reads."""
+    url = f"s3://{s3_env}/plan"
+    snap = _dump(Repository.open(url, cache=str(tmp_path / "c")), _images(tmp_path, mib=1))
+    proxy = FaultProxy(s3_server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        repo = Repository.open(url, cache=str(tmp_path / "c2"), create=False)
+        assert repo.load_ref(snap["id"]).id == snap["id"]
+        assert [line.split()[:2] for line in proxy.lines] == [
+            ["GET", f"/{s3_env}/plan/config"], ["GET", f"/{s3_env}/plan/snapshots/{snap['id']}.json"]]
+        fresh = Repository.open(f"s3://{s3_env}/new", cache=str(tmp_path / "c3"))
+        again = Repository.open(f"s3://{s3_env}/new", cache=str(tmp_path / "c4"), create=False)
+        assert fresh.backend.get("config") == again.backend.get("config")
+        assert again.backend.size("config") == len(again.backend.get("config"))
+    finally:
+        proxy.close()
+
+
 def test_server_gone_mid_upload_then_mid_download_then_retries(s3_env, s3_server, tmp_path,
                                                                monkeypatch):
     """No partial snapshot is visible after a cut dump; the retry sends only what is
