@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import commit_snapshot, write_images
+from conftest import REPO, commit_snapshot, write_images
 from s3server import FaultProxy, s3_env, s3_server  # noqa: F401
 
 from gpusnap.errors import StoreUnavailable
@@ -130,6 +130,29 @@ def test_opening_a_store_and_loading_a_snapshot_by_id_is_two_requests(s3_env, s3
         assert again.backend.size("config") == len(again.backend.get("config"))
     finally:
         proxy.close()
+
+
+def test_clients_come_from_one_botocore_session_a_process_tree_without_boto3(tmp_path):
+    """The first client freezes what is in memory out of the collector's sight; a forked
+    worker's client comes from the same session (nothing here reaches a server)."""
+    code = """if True:
+        import gc, os, sys
+        from gpusnap.store.backends import s3
+        b = s3.S3Backend("s3://bucket/prefix")
+        first = b.client()
+        assert "boto3" not in sys.modules and gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        pid = os.fork()
+        if pid == 0:
+            ok = b.client() is not first and len(s3._sessions) == 1
+            os._exit(0 if ok and gc.get_freeze_count() <= frozen else 1)
+        assert os.waitpid(pid, 0)[1] == 0 and b.client() is first
+        """
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_CONFIG_FILE": "/nonexistent"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_server_gone_mid_upload_then_mid_download_then_retries(s3_env, s3_server, tmp_path,

@@ -1,4 +1,4 @@
-"""A store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, GCS interop), by boto3.
+"""A store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, GCS interop), by botocore.
 
     s3://BUCKET/PREFIX  ->  objects PREFIX/config, PREFIX/packs/<xx>/<id>, PREFIX/index/<id>,
                             PREFIX/snapshots/<id>.json, PREFIX/locks/<id>, PREFIX/seq/<n>
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import os
 import secrets
@@ -60,15 +61,24 @@ _client_lock = threading.Lock()
 _sessions: dict[tuple, object] = {}
 
 
-def _session(boto3):
-    """One boto3 session a process tree for each set of AWS_* variables: a client made
-    from a session that made one before (a forked worker's, from its parent's) takes
-    ~5 ms instead of ~80 (the service model and credentials are loaded once). Use under
-    _client_lock."""
+def _new_client(config):
+    """An S3 client from the process tree's botocore session for the AWS_* variables now
+    (one session a set): a client made from a session that made one before (a forked
+    worker's, from its parent's) takes ~8 ms instead of ~60 (the service model and
+    credentials are loaded once). botocore alone: boto3 would add ~15 ms of imports and
+    ~15 ms to a first client for nothing used here. Once a session made its first client,
+    what is in memory then goes out of the collector's sight (gc.freeze): a forked
+    worker's first full collection would walk it all, ~20 ms a worker on a 2-core host.
+    Use under _client_lock."""
+    import botocore.session
     key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-    if key not in _sessions:
-        _sessions[key] = boto3.session.Session()
-    return _sessions[key]
+    made = key in _sessions
+    if not made:
+        _sessions[key] = botocore.session.Session()
+    client = _sessions[key].create_client("s3", config=config)
+    if not made:
+        gc.freeze()
+    return client
 
 
 def _concurrency() -> int:
@@ -104,14 +114,13 @@ class S3Backend(Backend):
         return self._client
 
     def _connect(self) -> None:
-        import boto3
         from botocore.config import Config
         retries = os.environ.get("GPUSNAP_S3_RETRIES", "8")
         config = Config(retries={"mode": "standard",
                                  "max_attempts": int(retries) if retries.isdigit() else 8},
                         max_pool_connections=_concurrency() + 4,
                         connect_timeout=5, read_timeout=60)
-        self._client = _session(boto3).client("s3", config=config)
+        self._client = _new_client(config)
         self._pid = os.getpid()
 
     @staticmethod
