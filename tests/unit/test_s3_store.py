@@ -155,6 +155,19 @@ def test_clients_come_from_one_botocore_session_a_process_tree_without_boto3(tmp
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_listing_longer_than_a_page_comes_whole(s3_env, monkeypatch):
+    from gpusnap.store.backends.s3 import S3Backend
+    monkeypatch.setattr(S3Backend, "LIST_PAGE", 2)
+    backend = S3Backend(f"s3://{s3_env}/pages")
+    names = {f"snapshots/{i:02d}.json": i + 1 for i in range(5)}
+    for name, size in names.items():
+        backend.put(name, bytes(size))
+    backend.put("config", b"{}")
+    assert dict(backend.list("snapshots/")) == names
+    assert [n for n, _s, _m in backend.list_meta("config")] == ["config"]
+    assert list(backend.list("nothing/")) == []
+
+
 def test_server_gone_mid_upload_then_mid_download_then_retries(s3_env, s3_server, tmp_path,
                                                                monkeypatch):
     """No partial snapshot is visible after a cut dump; the retry sends only what is

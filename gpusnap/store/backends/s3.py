@@ -88,6 +88,8 @@ def _concurrency() -> int:
 
 class S3Backend(Backend):
     batches_puts = True
+    LIST_PAGE = 1000                        # keys a LIST answers at most (S3's own limit)
+
     def __init__(self, url: str, cache=None):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_url(self.url)
@@ -281,17 +283,17 @@ class S3Backend(Backend):
             yield name, size
 
     def list_meta(self, prefix: str) -> Iterator[tuple[str, int, object]]:
-        """(name, size, last modified by the server's clock) under prefix."""
-        import botocore.exceptions as bx
-        paginator = self.client().get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(prefix)):
-                for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"]
-        except bx.ClientError as exc:
-            raise translate(exc, self.url, prefix) from None
-        except (bx.BotoCoreError, OSError) as exc:
-            raise StoreUnavailable(f"object store {self.url} did not answer: {exc}") from None
+        """(name, size, last modified by the server's clock) under prefix, a page of up to
+        LIST_PAGE at a time (a loop of its own: botocore's paginator loads a model first,
+        ~8 ms of the first listing of every process)."""
+        kw = {"Prefix": self.key(prefix), "MaxKeys": self.LIST_PAGE}
+        while True:
+            page = self._call("list_objects_v2", prefix, **kw)
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"]
+            if not page.get("IsTruncated"):
+                return
+            kw["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, name: str) -> None:
         if self.size(name) is None:
