@@ -22,7 +22,17 @@ machine, the ratios are what carries over. Sections:
    the s3:// store into an empty cache by the prefetch helper alone, by a materialise
    alone (its workers' own reads), and by both at once, as a restore does.
 
-    --sections clients,layouts,gpusnap,stream,ahead   which to run (default: all)
+6. the server's own floor: GETs of 16 MiB objects (a pack's size) by 1, 4 and 16 readers
+   at once, each a forked process with its own client, and the server process's CPU
+   seconds per GB sent (moto serves on threads of one Python process: that bounds what
+   a restore from it can pull on any host).
+
+7. a restore's planning against the store, in a fresh process as the CLI's: open the
+   store, load the snapshot by id (the "plan" stage, less the local checks), then the
+   shared lock, the prefetch helper's start and stop, the unlock; milliseconds and S3
+   requests (through tests/s3server.py's proxy, which counts them), beside a local store.
+
+    --sections clients,layouts,gpusnap,stream,ahead,server,plan   which to run (default: all)
     --repo DIR    take gpusnap from DIR, an older checkout (the "before" rows of 3 and 4)
 Prints markdown (and writes it to --out).
 """
@@ -279,11 +289,109 @@ def ahead_rows(bucket: str, mib: int, base: str) -> list[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _get_loop(client, bucket: str, keys: list[str]) -> None:
+    """In a forked reader: each key's whole body read and dropped."""
+    for key in keys:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        while body.read(1 << 20):
+            pass
+
+
+def server_rows(server, bucket: str, readers: list[int], gets: int = 64, objects: int = 8) -> list[str]:
+    """GETs of 16 MiB objects, `gets` a trial split among the readers, best of 3; the
+    server's CPU seconds (user + system of its process) per GB sent, of the best trial.
+    Each reader's client is made before the fork (and used only after it), so a trial
+    times the transfers, not client creation."""
+    import psutil
+    size = 16 * MIB
+    c = server.client()
+    keys = [f"floor/{i}" for i in range(objects)]
+    for key in keys:
+        c.put_object(Bucket=bucket, Key=key, Body=os.urandom(size))
+    proc = psutil.Process(server.proc.pid)
+    rows = ["| readers at once | GETs of 16 MiB | GB/s | s a GET (each reader) | server CPU s a GB |",
+            "|---|---|---|---|---|"]
+    for n in readers:
+        best = None
+        for _ in range(3):
+            parts = [(server.client(), [keys[(r + k * n) % objects] for k in range(gets // n)])
+                     for r in range(n)]
+            cpu = sum(proc.cpu_times()[:2])
+            wall = _fork_each(parts, lambda part: _get_loop(part[0], bucket, part[1]))
+            used = sum(proc.cpu_times()[:2]) - cpu
+            if best is None or wall < best[0]:
+                best = (wall, used)
+        wall, used = best
+        sent = n * (gets // n) * size
+        rows.append(f"| {n} | {n * (gets // n)} | {sent / wall / 1e9:.2f} | "
+                    f"{wall / (gets // n):.3f} | {used / (sent / 1e9):.2f} |")
+    c.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+    return rows
+
+
+_PLAN_CHILD = """if True:
+    import os, sys, time
+    t0 = time.perf_counter()
+    sys.path.insert(0, sys.argv[1])
+    from gpusnap.store import Repository
+    repo = Repository.open(sys.argv[2], create=False, cache=sys.argv[3])
+    m = repo.load_ref(sys.argv[4]) if hasattr(repo, "load_ref") else repo.load(repo.resolve(sys.argv[4]))
+    t1 = time.perf_counter()
+    with repo.shared_lock(), repo.prefetch(m):
+        pass
+    print((t1 - t0) * 1000, (time.perf_counter() - t1) * 1000)
+"""
+
+
+def plan_rows(server, bucket: str, base: str, runs: int = 7) -> list[str]:
+    """Medians of runs, each a fresh process (imports included, as in the CLI's plan)."""
+    import statistics
+    import subprocess
+    from conftest import commit_snapshot, write_images
+    from s3server import FaultProxy
+    work = tempfile.mkdtemp(dir=base)
+    proxy = FaultProxy(server.port)
+    try:
+        src = write_images(os.path.join(work, "img"), {
+            **{f"core-{i}.img": os.urandom(20000) for i in range(30)},
+            "pages-1.img": os.urandom(64 * MIB)})
+        url = f"s3://{bucket}/plan-{secrets.token_hex(3)}"
+        local = os.path.join(work, "local")
+        ids = {}
+        for location in (local, url):
+            repo = Repository.open(location, cache=os.path.join(work, "c0"))
+            with repo.shared_lock():
+                ids[location] = commit_snapshot(repo, src).id
+        proxied = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+        rows = ["| store, cache | plan ms (open + load) | lock, prefetch start/stop, unlock ms | "
+                "S3 requests |", "|---|---|---|---|"]
+        for label, location, cache in (("local directory", local, None),
+                                       ("s3://, empty cache", url, "empty"),
+                                       ("s3://, warm cache", url, "warm")):
+            times = []
+            for run in range(runs + 1):     # the last one through the proxy, counted
+                folder = os.path.join(work, f"{cache}-{run}" if cache == "empty" else str(cache))
+                before = len(proxy.lines)
+                out = subprocess.run([sys.executable, "-c", _PLAN_CHILD, CODE, location, folder,
+                                      ids[location]], env=proxied if run == runs else os.environ,
+                                     capture_output=True, text=True, check=True)
+                times.append([float(x) for x in out.stdout.split()])
+            rows.append(f"| {label} | {statistics.median(t[0] for t in times[:-1]):.0f} | "
+                        f"{statistics.median(t[1] for t in times[:-1]):.0f} | "
+                        f"{len(proxy.lines) - before} |")
+        return rows + ["", f"medians of {runs} processes (then one more through a proxy that "
+                       "counts the requests); a snapshot of 30 small images and 64 MiB of pages."]
+    finally:
+        proxy.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--dir", default="/dev/shm")
-    ap.add_argument("--sections", default="clients,layouts,gpusnap,stream,ahead")
+    ap.add_argument("--sections", default="clients,layouts,gpusnap,stream,ahead,server,plan")
+    ap.add_argument("--readers", default="1,4,16", help="server: readers at once, comma list")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 2))
     ap.add_argument("--repo", help="take gpusnap from this checkout")
     ap.add_argument("--out")
@@ -305,7 +413,11 @@ def main() -> None:
                 ("stream", "The page stream's pattern on the s3 backend",
                  lambda: stream_rows(bucket, args.workers, max(1, args.mib // 16 // args.workers),
                                      args.dir)),
-                ("ahead", "Packs ahead of the reads", lambda: ahead_rows(bucket, args.mib, args.dir))):
+                ("ahead", "Packs ahead of the reads", lambda: ahead_rows(bucket, args.mib, args.dir)),
+                ("server", "The server's own GET floor (16 MiB objects, forked readers, best of 3)",
+                 lambda: server_rows(server, bucket, [int(n) for n in args.readers.split(",")])),
+                ("plan", "A restore's planning, and the lock and prefetch start around it",
+                 lambda: plan_rows(server, bucket, args.dir))):
             if key in sections:
                 lines += [f"## {title}", "", *rows(), ""]
     finally:

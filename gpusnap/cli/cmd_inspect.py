@@ -22,7 +22,7 @@ def command(app, snapshot, files):
     being a count.
     """
     repo = app.repo(create=False)
-    m = repo.load(repo.resolve(snapshot))
+    m = repo.load_ref(snapshot)
     data = m.to_json()
     data["files"], data["logs"] = _file_rows(data.get("files", [])), _file_rows(data.get("logs", []))
     t = m.target

@@ -79,7 +79,7 @@ def run_warm(body: dict, store: Store) -> dict:
     repo = store.repo()
     out = []
     for ref in body.get("snapshots") or []:
-        m = repo.load(repo.resolve(str(ref)))
+        m = repo.load_ref(str(ref))
         kind, _notes = pagepath.choose(str(body.get("pages") or "auto"), m.target.kind)
         out.append({"id": m.id, "path": imagecache.warm(repo, m, None, kind), "bytes": m.bytes_logical,
                     "pages": kind})
@@ -97,7 +97,7 @@ def snapshots(store: Store) -> list[dict]:
 
 def inspect(store: Store, ref: str) -> dict:
     repo = store.repo()
-    data = repo.load(repo.resolve(ref)).to_json()
+    data = repo.load_ref(ref).to_json()
     return {**{k: v for k, v in data.items() if k not in ("files", "logs")}, "files": len(data["files"])}
 
 

@@ -21,7 +21,7 @@ __all__ = ["RestorePlan", "RestoreRequest", "execute", "plan"]
 
 def plan(req: RestoreRequest, repo: Repository) -> RestorePlan:
     """Every check that can fail, before anything is restored."""
-    manifest = repo.load(repo.resolve(req.snapshot))
+    manifest = repo.load_ref(req.snapshot)
     criu_path, _ = find_criu()
     alive.settle_seconds()              # a bad GPUSNAP_SETTLE_MS is refused here, not after CRIU
     strategy = strategies.for_kind(manifest.target.kind)

@@ -436,6 +436,17 @@ class Repository:
         which do not)."""
         return self.scan()[0]
 
+    def load_ref(self, ref: str) -> Manifest:
+        """The manifest of the snapshot ref names, as load(resolve(ref)), in one read when
+        ref is the id of a snapshot (resolve lists the snapshots first): an id comes first
+        among the meanings of a ref, and a name is never all hex digits."""
+        if len(ref) <= 64 and _HEX_RE.match(ref):
+            try:
+                return self.load(ref)
+            except SnapshotNotFound:
+                pass                        # a prefix of an id, or no snapshot at all
+        return self.load(self.resolve(ref))
+
     def resolve(self, ref: str) -> str:
         """Snapshot id from, in this order: an id, a name (the newest snapshot of that
         name, by commit sequence), a unique id prefix."""

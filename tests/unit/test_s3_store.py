@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import commit_snapshot, write_images
+from conftest import REPO, commit_snapshot, write_images
 from s3server import FaultProxy, s3_env, s3_server  # noqa: F401
 
 from gpusnap.errors import StoreUnavailable
@@ -108,6 +108,64 @@ def test_throttling_is_retried_with_backoff(s3_env, s3_server, tmp_path, monkeyp
         assert [s.id for s in repo.list()] == [counts["id"]]
     finally:
         proxy.close()
+
+
+def test_opening_a_store_and_loading_a_snapshot_by_id_is_two_requests(s3_env, s3_server, tmp_path,
+                                                                     monkeypatch):
+    """A restore's planning: the config's GET (which also says the bucket is there and the
+    credentials work) and the manifest's GET, nothing else; a new store still gets its
+    config, and the first config written is the one every opener reads."""
+    url = f"s3://{s3_env}/plan"
+    snap = _dump(Repository.open(url, cache=str(tmp_path / "c")), _images(tmp_path, mib=1))
+    proxy = FaultProxy(s3_server.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        repo = Repository.open(url, cache=str(tmp_path / "c2"), create=False)
+        assert repo.load_ref(snap["id"]).id == snap["id"]
+        assert [line.split()[:2] for line in proxy.lines] == [
+            ["GET", f"/{s3_env}/plan/config"], ["GET", f"/{s3_env}/plan/snapshots/{snap['id']}.json"]]
+        fresh = Repository.open(f"s3://{s3_env}/new", cache=str(tmp_path / "c3"))
+        again = Repository.open(f"s3://{s3_env}/new", cache=str(tmp_path / "c4"), create=False)
+        assert fresh.backend.get("config") == again.backend.get("config")
+        assert again.backend.size("config") == len(again.backend.get("config"))
+    finally:
+        proxy.close()
+
+
+def test_clients_come_from_one_botocore_session_a_process_tree_without_boto3(tmp_path):
+    """The first client freezes what is in memory out of the collector's sight; a forked
+    worker's client comes from the same session (nothing here reaches a server)."""
+    code = """if True:
+        import gc, os, sys
+        from gpusnap.store.backends import s3
+        b = s3.S3Backend("s3://bucket/prefix")
+        first = b.client()
+        assert "boto3" not in sys.modules and gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        pid = os.fork()
+        if pid == 0:
+            ok = b.client() is not first and len(s3._sessions) == 1
+            os._exit(0 if ok and gc.get_freeze_count() <= frozen else 1)
+        assert os.waitpid(pid, 0)[1] == 0 and b.client() is first
+        """
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_CONFIG_FILE": "/nonexistent"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_listing_longer_than_a_page_comes_whole(s3_env, monkeypatch):
+    from gpusnap.store.backends.s3 import S3Backend
+    monkeypatch.setattr(S3Backend, "LIST_PAGE", 2)
+    backend = S3Backend(f"s3://{s3_env}/pages")
+    names = {f"snapshots/{i:02d}.json": i + 1 for i in range(5)}
+    for name, size in names.items():
+        backend.put(name, bytes(size))
+    backend.put("config", b"{}")
+    assert dict(backend.list("snapshots/")) == names
+    assert [n for n, _s, _m in backend.list_meta("config")] == ["config"]
+    assert list(backend.list("nothing/")) == []
 
 
 def test_server_gone_mid_upload_then_mid_download_then_retries(s3_env, s3_server, tmp_path,

@@ -97,6 +97,25 @@ def test_resolve_by_id_prefix_and_name(repo, tmp_path):
         repo.resolve(common)
 
 
+def test_load_ref_reads_an_id_without_listing_and_resolves_the_rest(repo, tmp_path, monkeypatch):
+    a = _snapshot(repo, write_images(str(tmp_path / "a"), {"a.img": b"a"}), name="srv")
+    for ref in (a.id[:6], "srv"):
+        assert repo.load_ref(ref).id == a.id
+    with pytest.raises(SnapshotNotFound):
+        repo.load_ref("0" * 16)
+    with pytest.raises(SnapshotNotFound):
+        repo.load_ref("f" * 200)
+    open(os.path.join(repo.snapshots_dir, a.id + ".json"), "r+b").truncate(10)
+    with pytest.raises(IntegrityError):
+        repo.load_ref(a.id)                 # an id's bad manifest is not read as a prefix
+    b = _snapshot(repo, write_images(str(tmp_path / "b"), {"a.img": b"b"}))
+
+    def no_listing(prefix):
+        raise AssertionError(f"listed {prefix}")
+    monkeypatch.setattr(repo.backend, "list", no_listing)
+    assert repo.load_ref(b.id).id == b.id
+
+
 def test_rm_then_gc_frees_only_unreferenced_chunks(repo, tmp_path):
     shared = random.Random(5).randbytes(CHUNK_SIZE)
     a = _snapshot(repo, write_images(str(tmp_path / "a"), {"x.img": shared + b"A" * 100}))

@@ -1,4 +1,4 @@
-"""A store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, GCS interop), by boto3.
+"""A store in an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, GCS interop), by botocore.
 
     s3://BUCKET/PREFIX  ->  objects PREFIX/config, PREFIX/packs/<xx>/<id>, PREFIX/index/<id>,
                             PREFIX/snapshots/<id>.json, PREFIX/locks/<id>, PREFIX/seq/<n>
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import os
 import secrets
@@ -41,6 +42,7 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Expir
            "InvalidToken", "AllAccessDisabled", "403"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 SEQ = "seq/"                # claims of commit sequence numbers (next_seq)
+CONFIG = "config"           # written once (put if_absent), never replaced
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -59,15 +61,24 @@ _client_lock = threading.Lock()
 _sessions: dict[tuple, object] = {}
 
 
-def _session(boto3):
-    """One boto3 session a process tree for each set of AWS_* variables: a client made
-    from a session that made one before (a forked worker's, from its parent's) takes
-    ~5 ms instead of ~80 (the service model and credentials are loaded once). Use under
-    _client_lock."""
+def _new_client(config):
+    """An S3 client from the process tree's botocore session for the AWS_* variables now
+    (one session a set): a client made from a session that made one before (a forked
+    worker's, from its parent's) takes ~8 ms instead of ~60 (the service model and
+    credentials are loaded once). botocore alone: boto3 would add ~15 ms of imports and
+    ~15 ms to a first client for nothing used here. Once a session made its first client,
+    what is in memory then goes out of the collector's sight (gc.freeze): a forked
+    worker's first full collection would walk it all, ~20 ms a worker on a 2-core host.
+    Use under _client_lock."""
+    import botocore.session
     key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-    if key not in _sessions:
-        _sessions[key] = boto3.session.Session()
-    return _sessions[key]
+    made = key in _sessions
+    if not made:
+        _sessions[key] = botocore.session.Session()
+    client = _sessions[key].create_client("s3", config=config)
+    if not made:
+        gc.freeze()
+    return client
 
 
 def _concurrency() -> int:
@@ -77,6 +88,8 @@ def _concurrency() -> int:
 
 class S3Backend(Backend):
     batches_puts = True
+    LIST_PAGE = 1000                        # keys a LIST answers at most (S3's own limit)
+
     def __init__(self, url: str, cache=None):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_url(self.url)
@@ -92,6 +105,7 @@ class S3Backend(Backend):
         self.bad_indexes: dict[str, str] = {}           # pack id -> why its index was refused
         self._bundled: dict[str, packs.Pack] = {}       # pack id -> its index, from a bundle
         self._bundles: dict[str, set[str]] = {}         # bundle id -> the packs it holds
+        self._config: bytes | None = None               # the config, as check_bucket read it
 
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
@@ -102,14 +116,13 @@ class S3Backend(Backend):
         return self._client
 
     def _connect(self) -> None:
-        import boto3
         from botocore.config import Config
         retries = os.environ.get("GPUSNAP_S3_RETRIES", "8")
         config = Config(retries={"mode": "standard",
                                  "max_attempts": int(retries) if retries.isdigit() else 8},
                         max_pool_connections=_concurrency() + 4,
                         connect_timeout=5, read_timeout=60)
-        self._client = _session(boto3).client("s3", config=config)
+        self._client = _new_client(config)
         self._pid = os.getpid()
 
     @staticmethod
@@ -149,6 +162,8 @@ class S3Backend(Backend):
 
     def get(self, name: str) -> bytes:
         cid = packs.chunk_id_of(name)
+        if name == CONFIG and self._config is not None:
+            return self._config
         if cid is None:
             return self._body(name)
         return self._read_chunk(name, cid)
@@ -183,6 +198,8 @@ class S3Backend(Backend):
                     return False
             self._put_pack([(cid, data)])
             return True
+        if name == CONFIG:
+            self._config = None
         kw = {"IfNoneMatch": "*"} if if_absent else {}
         try:
             self._call("put_object", name, Key=self.key(name), Body=bytes(data), **kw)
@@ -241,6 +258,8 @@ class S3Backend(Backend):
             self._loaded()
             with self._index_lock:
                 return self._table.size(cid)
+        if name == CONFIG and self._config is not None:
+            return len(self._config)
         with self._index_lock:
             if self._index is not None and name in self._index:
                 return self._index[name]
@@ -264,17 +283,17 @@ class S3Backend(Backend):
             yield name, size
 
     def list_meta(self, prefix: str) -> Iterator[tuple[str, int, object]]:
-        """(name, size, last modified by the server's clock) under prefix."""
-        import botocore.exceptions as bx
-        paginator = self.client().get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.key(prefix)):
-                for obj in page.get("Contents", []):
-                    yield obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"]
-        except bx.ClientError as exc:
-            raise translate(exc, self.url, prefix) from None
-        except (bx.BotoCoreError, OSError) as exc:
-            raise StoreUnavailable(f"object store {self.url} did not answer: {exc}") from None
+        """(name, size, last modified by the server's clock) under prefix, a page of up to
+        LIST_PAGE at a time (a loop of its own: botocore's paginator loads a model first,
+        ~8 ms of the first listing of every process)."""
+        kw = {"Prefix": self.key(prefix), "MaxKeys": self.LIST_PAGE}
+        while True:
+            page = self._call("list_objects_v2", prefix, **kw)
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"]
+            if not page.get("IsTruncated"):
+                return
+            kw["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, name: str) -> None:
         if self.size(name) is None:
@@ -330,6 +349,8 @@ class S3Backend(Backend):
             self._index.update(listing)
 
     def _note(self, name: str, size: int | None) -> None:
+        if name == CONFIG:
+            self._config = None
         with self._index_lock:
             if name.startswith(packs.INDEX) and size is None:
                 self._table.drop(name[len(packs.INDEX):])
@@ -588,8 +609,15 @@ class S3Backend(Backend):
         return object_lock(self, exclusive=exclusive, timeout=timeout)
 
     def check_bucket(self) -> None:
-        """Fail early and clearly on a missing bucket or refused credentials."""
-        self._call("head_bucket", "")
+        """Fail early and clearly on a missing bucket or refused credentials, by reading
+        the store's config: its GET says both (NoSuchBucket, a 403), and a NoSuchKey that
+        the bucket holds no store yet. Opening the store then takes the config's
+        existence and bytes from here: one request where a HEAD of the bucket, a HEAD and
+        a GET of the config were three."""
+        try:
+            self._config = self._body(CONFIG)
+        except Missing:
+            self._config = None
 
 
 def translate(exc, url: str, name: str) -> Exception:
