@@ -548,6 +548,14 @@ def summarise(row: dict, card_name: str) -> str:
     return "\n".join(head + body) + "\n"
 
 
+def _by_via(runs: list[dict]) -> dict[str, list[dict]]:
+    """A mode's runs by front door (a run's "via": cli, daemon; cli where none is said)."""
+    out: dict[str, list[dict]] = {}
+    for r in runs:
+        out.setdefault(r.get("via", "cli"), []).append(r)
+    return dict(sorted(out.items()))
+
+
 def _modes(row: dict, fn, runs: str | None = None) -> list[list[str]]:
     """A line per mode; with runs (the key of its list of runs), a line per mode and
     front door (a run's "via": cli, daemon) where the runs went through more than one."""
@@ -559,13 +567,12 @@ def _modes(row: dict, fn, runs: str | None = None) -> list[list[str]]:
         if "error" in x:
             lines.append([mode, f"failed: {x['error'][:300]}"])
             continue
-        vias = sorted({r.get("via", "cli") for r in x[runs]}) if runs else []
-        if len(vias) < 2:
+        doors = _by_via(x[runs]) if runs else {}
+        if len(doors) < 2:
             lines.append([mode, *fn(x)])
             continue
-        for via in vias:
-            part = {**x, runs: [r for r in x[runs] if r.get("via", "cli") == via]}
-            lines.append([f"{mode} ({via})", *fn(part)])
+        for via, part in doors.items():
+            lines.append([f"{mode} ({via})", *fn({**x, runs: part})])
     return lines
 
 
@@ -576,10 +583,9 @@ def _sum_switch(row: dict) -> list[str]:
                                        ", ".join(_f(c) for c in x["cold_s"])], "switches"))
     floor = (row.get("transparent") or {}).get("floor")
     if floor:
-        done = row["transparent"]["switches"]
-        vias = sorted({r.get("via", "cli") for r in done})
-        gap = ", ".join(f"{_m([r for r in done if r.get('via', 'cli') == v], 'total') - _m(floor, 'total'):+.2f} s"
-                        + (f" ({v})" if len(vias) > 1 else "") for v in vias)
+        doors = _by_via(row["transparent"]["switches"])
+        gap = ", ".join(f"{_m(part, 'total') - _m(floor, 'total'):+.2f} s"
+                        + (f" ({via})" if len(doors) > 1 else "") for via, part in doors.items())
         out += ["", f"Driver floor (same run, by hand: lock {_f(_m(floor, 'lock_s'))} + checkpoint "
                 f"{_f(_m(floor, 'checkpoint_s'))} of the running server, restore {_f(_m(floor, 'restore_s'))} "
                 f"+ unlock {_f(_m(floor, 'unlock_s'))} of the parked one = {_f(_m(floor, 'driver_s'))} s; "

@@ -62,6 +62,7 @@ from dump_probe import NullSink  # noqa: E402
 from gpusnap.criu import pageserver, runner  # noqa: E402
 from gpusnap.criu.argv import CriuOptions  # noqa: E402
 from gpusnap.criu.locate import find_criu  # noqa: E402
+from gpusnap.imagefile.protobuf import decode_fields  # noqa: E402
 
 SOCKET_NAME = "streamer-capture.sock"
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -77,18 +78,11 @@ def parse_request(buf: bytes) -> tuple[str, int] | None:
     (size,) = struct.unpack_from("=I", buf)
     if len(buf) < 4 + size:
         return None
-    msg = buf[4:4 + size]
-    if not msg or msg[0] != 0x0A:          # field 1, length-delimited
+    msg = bytes(buf[4:4 + size])
+    name = decode_fields(msg).get(1) if msg else None      # field 1: the image's name
+    if not isinstance(name, bytes):
         raise ValueError(f"not an img_streamer_request_entry: {msg[:16]!r}")
-    n, shift, i = 0, 0, 1
-    while True:
-        b = msg[i]
-        n |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            break
-        shift += 7
-    return msg[i:i + n].decode(), 4 + size
+    return name.decode(), 4 + size
 
 
 class CaptureServer:
