@@ -59,7 +59,7 @@ class Ctx:
 
     def __init__(self, args):
         self.args, self.work = args, args.work
-        self.store = os.path.join(args.work, f"store-{args.row}")
+        self.store = getattr(args, "store", None) or os.path.join(args.work, f"store-{args.row}")
         self.env = {"GPUSNAP_STATE_DIR": os.path.join(args.work, f"state-{args.row}")}
         self.budget = Budget(args.budget)
         self.card = card(args)
@@ -378,31 +378,50 @@ def _tp_round_trip(ctx: Ctx, srv, order: str | None, want: list[int]) -> dict:
 # ---- (d) a 30B-class server on one GPU ------------------------------------------------------
 
 def b30_needs(size: str, mode: str = "transparent", compress: str = "fast") -> dict:
-    """Bytes the row writes: the weights file, the store (transparent: the weights again;
-    random normal bf16 in 64 MiB: zstd -1, the store's default, keeps 100% of it, level 1
-    78%, measured on the CPU), CRIU's images in gpusnap's tmpfs and the process's own
-    host copy of its GPU memory while checkpointed (both in RAM; the SDK drops the
-    weights first). compress: GPUSNAP_COMPRESS's value (fast, none, or a level). Pure."""
+    """Bytes the row needs: disk for the weights file and the store (transparent: the
+    weights again; random normal bf16 in 64 MiB: zstd -1, the store's default, keeps 100%
+    of it, level 1 78%, measured on the CPU; sdk: the image without its weights), RAM for
+    the process's host copy of its GPU memory while checkpointed (pages stream from CRIU
+    into the store: no images in a tmpfs; the SDK drops the weights first). compress:
+    GPUSNAP_COMPRESS's value (fast, none, or a level). Pure."""
     from tests.workloads.tp_server import shard_bytes
     w = shard_bytes(size, 1)
     if mode == "sdk":
-        return {"weights": w, "disk": w + (8 << 30), "ram": 16 << 30}
+        return {"weights": w, "disk": w + (4 << 30), "ram": 16 << 30}
     store = w if compress in ("fast", "none") or compress.startswith("-") else int(w * 0.8)
-    return {"weights": w, "disk": w + store + (4 << 30), "ram": 2 * w + (8 << 30)}
+    return {"weights": w, "store": store, "disk": w + store + (4 << 30), "ram": w + (8 << 30)}
+
+
+def b30_disk_plan(need: dict, free: int, model_there: bool) -> bool | None:
+    """Whether the row must drop the weights file once the server has loaded it (so one
+    disk holds the store where it could not hold both: the one-GPU machine's 64 GiB), or
+    None where even that does not fit. Pure."""
+    have = free + (need["weights"] if model_there else 0)      # the file is counted in need
+    if have >= need["disk"]:
+        return False
+    if "store" in need and have >= need["weights"] + (4 << 30) and \
+            have >= need["store"] + (4 << 30):
+        return True
+    return None
 
 
 def row_b30(ctx: Ctx) -> dict:
     """One H200, a ~60 GB bf16 server: cold start, then --mode transparent (weights in the
-    image) or sdk (weights read back from their file) dump -> restore -> first token."""
+    image) or sdk (weights read back from their file) dump -> restore -> first token.
+    Transparent on a disk too small for the weights file and the store together: the
+    file is removed once the server has loaded it (the next run makes it again)."""
     import shutil
     a = ctx.args
     need = b30_needs(a.size, a.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
     free = shutil.disk_usage(ctx.work).free
     model_there = os.path.exists(os.path.join(ctx.work, "models", a.size, "model.safetensors"))
-    disk = need["disk"] - (need["weights"] if model_there else 0)
-    if free < disk:
+    if os.stat(ctx.work).st_dev != os.stat(os.path.dirname(ctx.store) or ".").st_dev:
+        need = dict(need, disk=need["weights"] + (2 << 30))     # the store lives elsewhere
+        need.pop("store", None)
+    drop = b30_disk_plan(need, free, model_there)
+    if drop is None:
         raise SystemExit(f"b30: {free / 1e9:.0f} GB free under {ctx.work}, the row needs "
-                         f"{disk / 1e9:.0f} GB (weights {need['weights'] / 1e9:.0f} GB and a store of "
+                         f"{need['disk'] / 1e9:.0f} GB (weights {need['weights'] / 1e9:.0f} GB and a store of "
                          f"about as much): remove older models/stores there, use the two-GPU "
                          f"machine (128 GiB disk), or GPUSNAP_COMPRESS=1 (a fifth smaller store)")
     model = llm_model(ctx, a.size)
@@ -410,6 +429,10 @@ def row_b30(ctx: Ctx) -> dict:
     srv = start_llm(ctx, model, f"b30-{a.mode}", 18204, a.mode == "sdk")
     row["cold_s"], row["load_s"] = srv["cold_s"], srv["info"].get("load_s")
     note(row="b30", step="cold", cold_s=srv["cold_s"])
+    if drop:
+        os.unlink(os.path.join(model, "model.safetensors"))
+        row["weights_file_dropped"] = True
+        note(row="b30", step="weights file removed after the cold start: the store needs its room")
     try:
         ctx.budget.check("b30 dump")
         snap, row["dump_s"] = timed(ctx.gs, "dump", "--pid", str(srv["pid"]), "--name", f"b30-{a.mode}")
@@ -716,6 +739,8 @@ def parse(argv=None):
                     "no GPU needed")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds the row may take")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
+    ap.add_argument("--store", help="the row's store (default WORK/store-ROW); b30 --mode sdk on "
+                    "the one-GPU machine: /dev/shm/..., its disk holding the weights file")
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS")
                     or os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--from", dest="source", help="estimate: where the tp row's JSON is (default --out)")

@@ -101,6 +101,17 @@ def test_b30_needs_more_disk_than_the_one_gpu_machine_has():
     assert breadth.b30_needs("30b", "sdk")["disk"] < need["disk"]
 
 
+def test_b30_drops_the_weights_file_only_where_that_makes_the_store_fit():
+    need = breadth.b30_needs("30b")
+    gib = 2**30
+    assert breadth.b30_disk_plan(need, 128 * gib, model_there=False) is False
+    # the one-GPU machine: the file made (57 GiB) and ~7 GiB left
+    assert breadth.b30_disk_plan(need, 7 * gib, model_there=True) is True
+    assert breadth.b30_disk_plan(need, 1 * gib, model_there=True) is None
+    assert breadth.b30_disk_plan(breadth.b30_needs("30b", "sdk"), 7 * gib, model_there=True) is False
+    assert breadth.b30_disk_plan(breadth.b30_needs("30b", "sdk"), 1 * gib, model_there=True) is None
+
+
 def test_runs_through_two_front_doors_get_a_line_each():
     def run(via, total):
         return {"via": via, "total": total, "resume_s": total - 0.1, "first_token_s": 0.1,

@@ -46,7 +46,6 @@ def _config(size: str):
 
 def make(size: str, out: str, seed: int = 0) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
     os.makedirs(out, exist_ok=True)
     config = _config(size)
@@ -65,11 +64,38 @@ def make(size: str, out: str, seed: int = 0) -> None:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    # rotary buffers were left empty by to_empty: recompute them the way the model does.
-    model = model.cpu()
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if "rotary" not in k}
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    # rotary buffers were left empty by to_empty: from_pretrained recomputes them.
+    state = {k: v for k, v in model.state_dict().items() if "rotary" not in k}
+    write_safetensors(os.path.join(out, "model.safetensors"), state)
     config.save_pretrained(out)
+
+
+def write_safetensors(path: str, state: dict) -> None:
+    """The safetensors file of state ({name: bf16 tensor} on any device), one tensor in
+    host memory at a time: a 30B model's 61 GB would not fit twice in a 128 GiB host (as
+    model.cpu() + save_file need). The format: the header's length (8 bytes, little
+    endian), the JSON header padded to 8 bytes, the tensors' bytes in the header's order."""
+    import torch
+    names = sorted(state)
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        t = state[name]
+        if t.dtype != torch.bfloat16:
+            raise ValueError(f"{name}: {t.dtype}, only bf16 is written here")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name in names:
+            t = state[name].detach().contiguous().view(torch.int16).cpu()
+            f.write(memoryview(t.numpy()).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load(model_dir: str):
