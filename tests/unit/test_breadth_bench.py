@@ -129,3 +129,25 @@ def test_runs_through_two_front_doors_get_a_line_each():
               "transparent": {"cold_s": [9.0, 9.5], "switches": switches, "floor": floor}}
     md = breadth.summarise(switch, "NVIDIA H200")
     assert "transparent (daemon)" in md and "+0.38 s (cli), +0.08 s (daemon) from it" in md
+
+
+def test_diffusion_sizes_sdxl_on_the_gpu_tiny_on_the_cpu(tmp_path, capsys):
+    assert breadth.main(["diffusion", "--dry-run", "--work", str(tmp_path)]) in (0, 1)
+    p = json.loads(capsys.readouterr().out)
+    assert p["size"] == "sdxl" and 5.2e9 < p["weights_bytes"] < 5.4e9    # SDXL's UNet + VAE, bf16
+    assert p["disk_bytes"] < 64 * 2**30 and p["ram_bytes"] < 128 * 2**30  # one H200's machine
+    breadth.main(["diffusion", "--dry-run", "--cpu", "--work", str(tmp_path)])
+    p = json.loads(capsys.readouterr().out)
+    assert p["size"] == "tiny" and p["weights_bytes"] < 10e6
+    with pytest.raises(SystemExit, match="no size 'sd3'"):
+        breadth.main(["diffusion", "--dry-run", "--size", "sd3", "--work", str(tmp_path)])
+
+
+def test_diffusion_table_says_whether_the_image_was_the_same():
+    def row(same, deterministic=True):
+        run = {"total": 1.0, "dump_s": 2.0, "bytes_logical": 3e9, "bytes_out_of_image": None,
+               "same_answer": same}
+        return {"row": "diffusion", "size": "sdxl", "weights_bytes": 5.3e9,
+                "transparent": {"cold_s": 8.0, "deterministic": deterministic, "restore": [run]}}
+    assert "| transparent | 8.00 | 1.00 | 2.00 | 3.00 |  | yes |" in breadth.summarise(row(True), "x")
+    assert "| no (nor twice before the dump) |" in breadth.summarise(row(False, False), "x")
