@@ -1,10 +1,10 @@
 """A restore reports success only for a tree that runs.
 
-The restored tree is looked at once CRIU is done, and again after a short settle window
-once CUDA runs (and SDK agents have read their weights back): a process that dies at its
-first step (a write to a pipe nobody reads any more, a file gone since the dump) has died
-by then. The window adds to time to first token, so it is short: GPUSNAP_SETTLE_MS,
-100 ms by default (0: look once, without waiting).
+The restored tree is looked at once CRIU is done, and again once it has run for a short
+settle window since CUDA was unlocked (SDK agents read their weights back inside it): a
+process that dies at its first step (a write to a pipe nobody reads any more, a file gone
+since the dump) has died by then. What the window still has to wait adds to time to first
+token, so it is short: GPUSNAP_SETTLE_MS, 100 ms by default (0: look once, without waiting).
 """
 
 from __future__ import annotations
@@ -40,12 +40,19 @@ def check_tree(root: int, pids: list[int], when: str, notes: list[str] = ()) -> 
                                hint=f"{said}the snapshot is unchanged")
 
 
-def settle_and_check(root: int, pids: list[int], stages: Stages, notes: list[str] = ()) -> None:
-    """check_tree() after the settle window (stage 'settle')."""
+def settle_and_check(root: int, pids: list[int], stages: Stages, notes: list[str] = (),
+                     running_since: float | None = None) -> None:
+    """check_tree() once the tree has run for the settle window (stage 'settle'):
+    running_since (time.monotonic()) is when it was let run last (CRIU's restore done,
+    or CUDA unlocked); a tree that has run that long already (an SDK agent reading its
+    weights back, say) is looked at without waiting."""
     seconds = settle_seconds()
     with stages.stage("settle"):
-        time.sleep(seconds)
-        check_tree(root, pids, f"{seconds * 1000:.0f} ms after the restore", notes)
+        ran = time.monotonic() - running_since if running_since is not None else 0.0
+        if ran < seconds:
+            time.sleep(seconds - ran)
+            ran = seconds
+        check_tree(root, pids, f"{ran * 1000:.0f} ms after it ran again", notes)
 
 
 def settle_and_check_container(engine, restored: dict, stages: Stages) -> None:

@@ -53,6 +53,23 @@ def test_a_live_tree_passes_after_the_settle_window(monkeypatch):
         proc.wait()
 
 
+def test_the_window_counts_from_when_the_tree_ran_again(monkeypatch):
+    """A tree that has run for the window already (an SDK agent read its weights back)
+    is looked at without waiting; one that ran for part of it waits for the rest."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monkeypatch.setenv("GPUSNAP_SETTLE_MS", "2000")
+        stages = Stages()
+        alive.settle_and_check(proc.pid, [proc.pid], stages, running_since=time.monotonic() - 10)
+        assert stages.seconds["settle"] < 1.0
+        stages = Stages()
+        alive.settle_and_check(proc.pid, [proc.pid], stages, running_since=time.monotonic() - 1.5)
+        assert 0.4 <= stages.seconds["settle"] < 1.9
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_tree_that_dies_within_the_window_fails(monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c",
                              "import time; time.sleep(0.2); raise SystemExit(2)"])
@@ -61,7 +78,7 @@ def test_a_tree_that_dies_within_the_window_fails(monkeypatch):
         monkeypatch.setenv("GPUSNAP_SETTLE_MS", "1500")
         with pytest.raises(RestoredTreeDied) as e:
             alive.settle_and_check(proc.pid, [proc.pid], Stages())
-        assert e.value.message.endswith(f"1500 ms after the restore: root pid {proc.pid} "
+        assert e.value.message.endswith(f"1500 ms after it ran again: root pid {proc.pid} "
                                         f"is a zombie, exited with 2")
     finally:
         proc.wait()

@@ -111,14 +111,16 @@ class ProcessStrategy:
                     root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
             guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
             alive.check_tree(root_pid, m.pids, "once CRIU restored it", m.notes)
+            running = time.monotonic()              # CUDA's threads wait for the unlock
             sdk = standby = None
             if plan.request.standby:                # CUDA and the SDK wait for `gpusnap resume`
-                alive.settle_and_check(root_pid, m.pids, stages, m.notes)
+                alive.settle_and_check(root_pid, m.pids, stages, m.notes, running)
                 standby = _record_standby(plan, root_pid, stages)
             else:
                 _restore_cuda(plan, cuinit, stages)
+                running = time.monotonic() if m.cuda else running
                 sdk = agent_steps.resume(m, stages) # SDK: the server reads its weights back
-                alive.settle_and_check(root_pid, m.pids, stages, m.notes)
+                alive.settle_and_check(root_pid, m.pids, stages, m.notes, running)
             if pages:
                 pages.done()
             return {"pid": root_pid, "snapshot": m.id, "timings": stages.to_dict(),
