@@ -16,11 +16,14 @@ cpu       tensors in host memory: parallel pread(2) straight into the tensor.
 The pinned buffers are one block taken for the load and given back after it: nothing
 pinned is left for a later checkpoint to copy (_PinnedPool).
 
-Defaults, from benchmarks/results/gds_h200.md (H200, 16 CPUs, 1.7 GB of weights in the
-page cache): pinned 8 threads x 4 MiB windows (11.0 GB/s for one load in a fresh
-process, 14.4 with GPUSNAP_SDK_PIN=register); KvikIO 8 threads x 16 MiB tasks (its
-compatibility mode read 6.6-8.8 GB/s inside the restored server; 24-34 GB/s once its
-bounce buffers exist). From disk (drop_caches) every reader gave the disk's ~1.6-2 GB/s.
+Defaults, from benchmarks/results/gds_h200.md (H200, 16 CPUs, weights in the page
+cache): pinned, 8 threads, the pool registered (mmap + huge pages + cudaHostRegister);
+4 MiB windows below 8 GiB (1.7 GB: 14.4 GB/s for one load in a fresh process against
+11.0 with torch's pinning), 16 MiB from 8 GiB up (16 GB: 35.0 GB/s against 25.2 with
+the old default, torch x 4 MiB; 12 or 16 threads were no faster). KvikIO 8 threads x 16
+MiB tasks (its compatibility mode read 6.6-8.8 GB/s inside the restored server; 24-34
+GB/s once its bounce buffers exist). From disk (drop_caches) every reader gave the
+disk's ~1.6-2 GB/s.
 
 Environment: GPUSNAP_SDK_READER=pinned|kvikio forces a reader; GPUSNAP_SDK_THREADS and
 GPUSNAP_SDK_CHUNK_MB set the workers and the window (task) size; GPUSNAP_SDK_PIN how the
@@ -42,6 +45,7 @@ from .registry import byte_view
 
 DEFAULT_THREADS = 8
 DEFAULT_CHUNK = {"pinned": 4 << 20, "kvikio": 16 << 20}
+BIG_LOAD, BIG_WINDOW = 8 << 30, 16 << 20        # a load this large: pinned windows this large
 GAP = 64 << 10                  # ranges this close are read in one window
 
 
@@ -114,12 +118,18 @@ def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
                 reader = f"pinned (kvikio failed: {type(e).__name__}: {e})"
                 _load_pinned(dev, threads, DEFAULT_CHUNK["pinned"])
         else:
-            chunk = chunk or DEFAULT_CHUNK["pinned"]
+            chunk = chunk or pinned_window(sum(j.length for j in dev))
             _load_pinned(dev, threads, chunk)
         used.append(reader)
     total = sum(j.length for j in jobs)
     return {"reader": "+".join(used) or "none", "bytes": total,
             "seconds": time.perf_counter() - start, "threads": threads, "chunk": chunk}
+
+
+def pinned_window(nbytes: int) -> int:
+    """The pinned reader's window for a load of nbytes: larger windows pay for their
+    larger pinned pool only on large loads (module docstring). Pure."""
+    return BIG_WINDOW if nbytes >= BIG_LOAD else DEFAULT_CHUNK["pinned"]
 
 
 def _pread_into(fd: int, buf, offset: int) -> None:
@@ -198,15 +208,15 @@ class _PinnedPool:
 
     Pinning can cost more than the copies (gds_h200.md: 16 workers x 2 x 64 MiB pinned
     per load took a 1.7 GB load from 9.7 to 1.5 GB/s), so the pool is small (workers x 2
-    x window) and taken once. mode "torch" (the default) is torch.empty(pin_memory=True);
-    "register" maps anonymous memory with transparent huge pages asked for (madvise) and
-    cudaHostRegister()s it: measured faster (14.4 against 11.0 GB/s for one load) but
-    not yet checked end to end through a restore. GPUSNAP_SDK_PIN chooses; register
-    falls back to torch when it fails."""
+    x window) and taken once. mode "register" (the default) maps anonymous memory with
+    transparent huge pages asked for (madvise) and cudaHostRegister()s it: faster than
+    "torch", torch.empty(pin_memory=True) (one load: 14.4 against 11.0 GB/s for 1.7 GB,
+    30.0 against 25.2 for 16 GB). GPUSNAP_SDK_PIN chooses; register falls back to torch
+    when it fails."""
 
     def __init__(self, nbytes: int, mode: str | None = None):
         import torch
-        self.mode = mode or os.environ.get("GPUSNAP_SDK_PIN", "torch")
+        self.mode = mode or os.environ.get("GPUSNAP_SDK_PIN", "register")
         self._map = None
         self._registered = 0
         if self.mode == "register":

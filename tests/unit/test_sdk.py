@@ -409,3 +409,10 @@ def test_enable_hooks_for_servers_that_reload_themselves(tmp_path):
     with pytest.raises(RuntimeError):
         agent.prepare()
     assert calls[-2:] == ["half-asleep", "wake"] and agent.state == "resident"
+
+
+def test_the_pinned_reader_takes_larger_windows_only_for_large_loads():
+    from gpusnap.sdk import loader
+    assert loader.pinned_window(1 << 30) == 4 << 20
+    assert loader.pinned_window(loader.BIG_LOAD - 1) == 4 << 20
+    assert loader.pinned_window(loader.BIG_LOAD) == loader.BIG_WINDOW == 16 << 20
