@@ -69,6 +69,7 @@ class ResumePlan:
     gpu_pairs: list[tuple[str, str]] | None = None
     notes: list[str] = field(default_factory=list)
     cuinit: threading.Thread | None = None   # cuInit, started while the plan is made
+    planned_s: float = 0.0          # how long planning took (stage 'plan' of the resume)
 
 
 def _one_target(pid, container) -> None:
@@ -137,6 +138,7 @@ def execute_suspend(plan: SuspendPlan) -> dict:
 
 def plan_resume(req: ResumeRequest) -> ResumePlan:
     """The parked target's entry and where its GPUs go; refuses early."""
+    started = time.perf_counter()
     _one_target(req.pid, req.container)
     entry = parked.lookup(req.pid, req.container)
     if not entry or entry["state"] not in parked.PARKED:
@@ -150,13 +152,16 @@ def plan_resume(req: ResumeRequest) -> ResumePlan:
     if entry.get("cuda") and (req.gpus or not entry.get("container")):
         move = gpu.plan_remap(CudaFacts.from_json(Fields(entry["cuda"], "parked.cuda")), req.gpus)
         plan.gpu_pairs, plan.notes = move.pairs, move.notes
+    plan.planned_s = time.perf_counter() - started
     return plan
 
 
 def execute_resume(plan: ResumePlan) -> dict:
     """Resume; returns {pid, state, gpu_pairs, sdk, timings, notes}."""
     entry, stages = plan.entry, Stages()
-    cuda = gpu.session(entry["cuda_pids"])
+    stages.seconds["plan"] = plan.planned_s
+    with stages.stage("cuda_state"):
+        cuda = gpu.session(entry["cuda_pids"])
     sdk = None
     try:
         if plan.cuinit:
@@ -174,7 +179,7 @@ def execute_resume(plan: ResumePlan) -> dict:
         if isinstance(exc, GpusnapError) and errors:
             exc.hint = "; ".join(filter(None, [exc.hint, *(e.message for e in errors)]))
         raise
-    with interrupts.shielded():         # it runs: the entry must not say parked
+    with interrupts.shielded(), stages.stage("record"):     # it runs: the entry must not say parked
         parked.forget(entry["pid"])
         if entry["state"] == "standby":
             parked.record_quietly(dict(entry, state="restored", since=time.time()), plan.notes)
