@@ -104,10 +104,14 @@ class PageStream:
         pages images' file entries, the byte counts, and what zero elision dropped
         (elide=False: zero pages stay, as zero chunks that take no space)."""
         self._submit()
+        # the mm images are read while the workers store the last slots
+        ranges = {ident: _anon_private(images_dir, ident) for kind, ident in self.maps
+                  if kind == "pid"} if elide else {}
         self._absorb(self.pool.finish())
         files, total = [], zero_pages.Stats()
         for (kind, ident), pm in sorted(self.maps.items()):
-            entry, stats = self._write_pagemap(images_dir, kind, ident, pm, elide)
+            entry, stats = self._write_pagemap(images_dir, kind, ident, pm,
+                                               ranges.get(ident, []) if kind == "pid" else [])
             files.append(entry)
             total.add(stats)
         self._release()
@@ -127,9 +131,10 @@ class PageStream:
         self.pool.close()
         self._release()
 
-    def _write_pagemap(self, images_dir: str, kind: str, ident: int, pm: _Pagemap, elide: bool):
+    def _write_pagemap(self, images_dir: str, kind: str, ident: int, pm: _Pagemap,
+                       ranges: list[tuple[int, int]]):
+        """ranges: where zero pages may be dropped ([]: nowhere)."""
         pieces = [streamed.Piece(v, n, cid) for seq in range(pm.slots) for v, n, cid in pm.pieces[seq]]
-        ranges = _anon_private(images_dir, ident) if kind == "pid" and elide else []
         try:
             payloads, chunks, stats = streamed.assemble(pm.entries, pieces, ranges, ZERO_ID)
         except ValueError as exc:
