@@ -116,6 +116,8 @@ def _execute(app, repo, plan, planned: float) -> dict:
         app.note(f"{human_bytes(manifest.bytes_logical)} of images, "
                  f"{human_bytes(manifest.bytes_new)} new in the store\n"
                  + timings_table(manifest.timings))
-    out = manifest.to_json()
-    return {key: out[key] for key in ("id", "name", "bytes_logical", "bytes_stored",
-                                      "bytes_new", "timings", "downtime", "sdk", "notes")}
+    # these fields alone (the whole to_json() lists every chunk of the snapshot)
+    return {"id": manifest.id, "name": manifest.name, "bytes_logical": manifest.bytes_logical,
+            "bytes_stored": manifest.bytes_stored, "bytes_new": manifest.bytes_new,
+            "timings": manifest.timings, "downtime": manifest.downtime,
+            "sdk": manifest.sdk.to_json() if manifest.sdk else None, "notes": manifest.notes}

@@ -216,11 +216,14 @@ class _Dump:
     def _attempt(self, req, progress=None):
         stages, cuda = self.stages, self.cuda
         if self.plan.pages == "stream":
-            self.stream = PageStream(self.repo)     # its workers fork before anything is locked
-        self.held_since = self.held_since or time.monotonic()   # downtime starts
+            with stages.stage("page_workers"):
+                self.stream = PageStream(self.repo)     # its workers fork before anything is locked
         cuda_facts = None
         if cuda:
-            cuda_facts = cuda.describe()
+            with stages.stage("cuda_facts"):            # NVML: before the checkpoint frees the GPUs
+                cuda_facts = cuda.describe()
+        self.held_since = self.held_since or time.monotonic()   # downtime starts
+        if cuda:
             with stages.stage("cuda_lock"):
                 cuda.lock_all(req.lock_timeout_ms)
             with stages.stage("cuda_checkpoint"):

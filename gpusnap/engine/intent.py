@@ -216,7 +216,10 @@ class Intent:
         self.update(stage=name)
 
     def _write(self) -> None:
-        paths.replace_file(self.path, self.rec.to_json())
+        # not fsynced: the record is for gpusnap's death while the host runs on (the page
+        # cache serves the guard and the next gpusnap); after the host's death the tree it
+        # names is gone too. Written at every stage, an fsync each cost the dump a disk flush.
+        paths.replace_file(self.path, self.rec.to_json(), fsync=False)
 
     def end(self) -> None:
         """Finished or undone: remove the record, then let the guard go."""

@@ -41,6 +41,11 @@ def write_entry(f: BinaryIO, payload: bytes) -> None:
     f.write(struct.pack("<I", len(payload)) + payload)
 
 
+def write_entries(f: BinaryIO, payloads) -> None:
+    """write_entry of each payload, in one write."""
+    f.write(b"".join(b for payload in payloads for b in (struct.pack("<I", len(payload)), payload)))
+
+
 def _u32(f: BinaryIO) -> int:
     data = f.read(4)
     if len(data) != 4:

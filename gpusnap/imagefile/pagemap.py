@@ -115,9 +115,7 @@ def encode_entry(template: dict, vaddr: int, nr_pages: int) -> bytes:
 def write(f: BinaryIO, raw: RawPagemap, payloads: list[bytes]) -> None:
     """raw's header and head, then the given entry payloads."""
     f.write(raw.magic)
-    image.write_entry(f, raw.head)
-    for payload in payloads:
-        image.write_entry(f, payload)
+    image.write_entries(f, [raw.head, *payloads])
 
 
 def _entry(fields: dict) -> PagemapEntry:

@@ -12,6 +12,7 @@ without a new version; export and import carry them unchanged).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields as dc_fields
 
 from ..errors import ManifestInvalid
@@ -44,12 +45,26 @@ class FileEntry:
         raw = f.raw("chunks")
         if type(raw) is not list:
             raise invalid(f.at("chunks"), "a list", raw)
-        chunks = [_chunk(c, f"{where}.chunks[{i}]") for i, c in enumerate(raw)]
+        chunks = [(c[0], c[1]) if _plain_chunk(c) else _chunk(c, f"{where}.chunks[{i}]")
+                  for i, c in enumerate(raw)]
         total = sum(n for _cid, n in chunks)
         if total != size:
             raise ManifestInvalid(f"{where} ({path}): its chunks add up to {total} "
                                   f"bytes, its size is {size}", hint=HINT)
         return cls(path, size, f.int("mode", 0o600, maximum=0o7777), chunks)
+
+
+_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _plain_chunk(value) -> bool:
+    """value is a good [chunk id, length] pair (what _chunk accepts, checked without
+    naming where: a manifest holds tens of thousands of them); else _chunk says why not."""
+    if type(value) is not list or len(value) != 2:
+        return False
+    cid, n = value
+    return (type(n) is int and 1 <= n <= MAX_CHUNK_BYTES and type(cid) is str
+            and (cid == ZERO_ID or _CHUNK_ID.fullmatch(cid) is not None))
 
 
 def _chunk(value, where: str) -> tuple[str, int]:

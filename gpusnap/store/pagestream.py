@@ -41,6 +41,7 @@ class _Pagemap:
     entries: list[tuple[int, int, int]] = field(default_factory=list)
     pieces: dict[int, list] = field(default_factory=dict)       # slot sequence -> its pieces
     slots: int = 0
+    zeros: bool = False                 # a piece is a run of zero pages
 
 
 class PageStream:
@@ -104,10 +105,16 @@ class PageStream:
         pages images' file entries, the byte counts, and what zero elision dropped
         (elide=False: zero pages stay, as zero chunks that take no space)."""
         self._submit()
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        if elide:       # the mm images: while the workers store the last slots, then the rest
+            self._read_ranges(images_dir, ranges)
         self._absorb(self.pool.finish())
+        if elide:
+            self._read_ranges(images_dir, ranges)
         files, total = [], zero_pages.Stats()
         for (kind, ident), pm in sorted(self.maps.items()):
-            entry, stats = self._write_pagemap(images_dir, kind, ident, pm, elide)
+            entry, stats = self._write_pagemap(images_dir, kind, ident, pm,
+                                               ranges.get(ident, []) if kind == "pid" else [])
             files.append(entry)
             total.add(stats)
         self._release()
@@ -127,9 +134,18 @@ class PageStream:
         self.pool.close()
         self._release()
 
-    def _write_pagemap(self, images_dir: str, kind: str, ident: int, pm: _Pagemap, elide: bool):
+    def _read_ranges(self, images_dir: str, ranges: dict) -> None:
+        """Where each task's zero pages may go (its mm image), for the tasks that have
+        zero pages (a pagemap without any needs none: the image of an LLM server's tree
+        holds thousands of VMAs) and no ranges yet."""
+        for (kind, ident), pm in self.maps.items():
+            if kind == "pid" and pm.zeros and ident not in ranges:
+                ranges[ident] = _anon_private(images_dir, ident)
+
+    def _write_pagemap(self, images_dir: str, kind: str, ident: int, pm: _Pagemap,
+                       ranges: list[tuple[int, int]]):
+        """ranges: where zero pages may be dropped ([]: nowhere)."""
         pieces = [streamed.Piece(v, n, cid) for seq in range(pm.slots) for v, n, cid in pm.pieces[seq]]
-        ranges = _anon_private(images_dir, ident) if kind == "pid" and elide else []
         try:
             payloads, chunks, stats = streamed.assemble(pm.entries, pieces, ranges, ZERO_ID)
         except ValueError as exc:
@@ -178,10 +194,13 @@ class PageStream:
         for (key, seq, slot), (pieces, seconds) in results:
             self.free.append(slot)
             self.clock.add(seconds)
-            self.maps[key].pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
+            pm = self.maps[key]
+            pm.pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
             for _v, _n, cid, size, new in pieces:
                 if cid != ZERO_ID:
                     self.tally.add(cid, size, new)
+                else:
+                    pm.zeros = True
 
     def _release(self) -> None:
         if self.view is None:

@@ -49,7 +49,7 @@ def copy_snapshot(src: Repository, dst: Repository, snap_id: str, progress=None)
         if progress:
             progress(sum(sizes[c] for c in batch))
     dst.backend.refresh("chunks/")
-    lost = [cid for cid in sizes if not dst.has_chunk(cid)]
+    lost = dst.missing_chunks(sizes)
     if lost:
         raise IntegrityError(f"{len(lost)} chunks vanished from {dst.url} before the manifest "
                              "was written (concurrent gc?)")

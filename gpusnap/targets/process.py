@@ -139,6 +139,24 @@ def kill_and_wait(pids: list[int], timeout: float = 30.0, *, reaped: bool = True
     wait_free(pids, timeout, zombie_grace=2.0 if reaped else 0.0)
 
 
+def kill_for_good(pids: list[int], timeout: float = 30.0) -> None:
+    """SIGKILL the pids and wait only until each has taken it: exiting, a zombie or gone
+    (none of them runs again). Its memory is freed after, which is most of a process's
+    death (the CUDA driver's host copy of GPU memory, pinned buffers: a large part of a
+    dump's end on the GPU host); a restore waits for the pids to be free (taken())."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    pending = list(pids)
+    while pending and time.monotonic() < deadline:
+        pending = [pid for pid in pending if not _going(pid)]
+        if pending:
+            time.sleep(0.001)
+
+
 def wait_free(pids: list[int], timeout: float, zombie_grace: float = 2.0) -> None:
     """Wait until the pids are free. Our own children are reaped here; orphans are
     reaped by init, which may take a moment. A zombie whose parent is someone else is

@@ -20,7 +20,8 @@ ID64 = "ab" * 32
 
 
 def stored_json(m: Manifest) -> str:
-    """As Repository.commit writes it."""
+    """In the layout of the manifests in data/ (Repository.commit wrote indent=1 then;
+    it writes compact JSON now, of the same to_json())."""
     return json.dumps(m.to_json(), indent=1, sort_keys=True)
 
 

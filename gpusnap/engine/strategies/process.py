@@ -35,7 +35,8 @@ from ...imagefile import inetsk
 from ...model import Manifest, Target
 from ...store import Repository
 from ...targets import ghosts
-from ...targets.process import kill_and_wait, restored_tree, taken, tree_pids, tree_rss
+from ...targets.process import (kill_and_wait, kill_for_good, restored_tree, taken,
+                                tree_pids, tree_rss)
 from .. import agent_steps, alive, gpu, imagecache, intent, pagepath, parked, workdir
 from ..plans import DumpPlan, DumpRequest, RestorePlan, RestoreRequest
 from ..timing import Stages
@@ -324,8 +325,9 @@ class ProcessDump:
         return images
 
     def finish(self) -> None:
-        """Dead, not reaped: a restore waits for the reaping itself (targets.process.taken)."""
-        kill_and_wait(self.target.pids, reaped=False)
+        """Killed for good, its memory not waited for: a restore waits for the pids to be
+        free itself (targets.process.taken)."""
+        kill_for_good(self.target.pids)
 
     def resume(self) -> None:
         for pid in self.target.pids:

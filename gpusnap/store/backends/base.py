@@ -67,6 +67,10 @@ class Backend:
     def exists(self, name: str) -> bool:
         return self.size(name) is not None
 
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """The names that do not exist (remote backends: from the listing refresh() took)."""
+        return [name for name in names if not self.exists(name)]
+
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
         raise NotImplementedError
 
