@@ -16,8 +16,10 @@
 # Breadth rows (benchmarks/breadth.py; each ends itself 30 s before its limit, BREADTH_ARGS
 # adds options): switch, standby, diffusion (one GPU); tp2sdk (tests/gpu/test_tp_sdk_gpu.py),
 # tp2 (the TP=2 row, the rehearsal of TP=4/8), tp120plan (what TP=8 120B would need), estimate
-# (120B on paper from tp2's numbers), b30make / b30 / b30sdk (30B-class: the two-GPU
-# machine's disk and memory; the one-GPU kind has too little of both).
+# (120B on paper from tp2's numbers), b30make / b30 / b30sdk (30B-class, 61 GB of weights;
+# on the one-GPU kind's 64 GiB disk: b30sdk with BREADTH_ARGS="--store /dev/shm/gpusnap-b30",
+# then b30, which removes the weights file after its cold start to make room for the store;
+# run them last, b30make first).
 # s3row / daemonrow (benchmarks/fleet.py: the 1.3B server restored from an s3:// store on a
 # moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
 # picks the size, 1b by default; each ~2-3 min, give them 280 s). daemonrow: per run the
