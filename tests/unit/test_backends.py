@@ -41,6 +41,15 @@ def test_put_get_size_and_missing(backend):
         backend.get("snapshots/b.json")
 
 
+def test_missing_names_what_is_not_there_in_any_directory(backend):
+    a, b = "chunks/ab/" + "ab" * 32, "chunks/cd/" + "cd" * 32
+    assert backend.put(a, b"x", durable=False)
+    backend.refresh("chunks/")
+    gone = ["chunks/ab/" + "ef" * 32, b, "chunks/ff/" + "ff" * 32]
+    assert sorted(backend.missing([a, *gone])) == sorted(gone)
+    assert backend.missing([]) == []
+
+
 def test_chunks_are_write_once_and_if_absent_keeps_the_first(backend):
     name = "chunks/ab/" + "ab" * 32
     assert backend.put(name, b"one", durable=False)

@@ -223,3 +223,21 @@ def test_the_client_refuses_any_bad_answer_with_agent_error(answer):
         finally:
             t.join(5)
             srv.close()
+
+
+@fuzz
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 2**64 - 1)), max_size=12),
+       st.binary(max_size=6), st.booleans())
+def test_mm_fast_vma_reader_agrees_with_decode_fields(fields, tail, add_tail):
+    """mm's one-loop vma_entry reader gives what decode_fields gives, on any message (one
+    with a longer key or another wire type goes the slow way; bad bytes: ValueError)."""
+    msg = b"".join(protobuf.encode_varint_field(n, v) for n, v in fields) + (tail if add_tail else b"")
+    try:
+        slow = mm._vma_fields_slow(msg)
+    except ValueError:
+        slow = ValueError
+    try:
+        fast = mm._vma_fields(msg)
+    except ValueError:
+        fast = ValueError
+    assert fast == slow

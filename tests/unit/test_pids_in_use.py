@@ -73,3 +73,19 @@ def test_criu_losing_a_pid_to_a_concurrent_restore_is_pid_in_use(tmp_path):
     other = _failure(tmp_path, "(00.041326) Error (criu/cr-restore.c:1482): Can't fork for 4242: "
                                "Resource temporarily unavailable")
     assert type(other) is CriuFailed
+
+
+def test_kill_for_good_returns_once_every_pid_has_taken_the_kill():
+    """A dump's end: SIGKILL, then wait only until each process is exiting, a zombie or
+    gone, not until its pid is free (a restore waits for that itself)."""
+    from gpusnap.targets.process import _going, kill_for_good
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+             for _ in range(3)]
+    try:
+        kill_for_good([p.pid for p in procs], timeout=10)
+        assert all(_going(p.pid) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    kill_for_good([procs[0].pid], timeout=1)        # gone already: nothing to wait for
