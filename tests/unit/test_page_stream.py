@@ -204,3 +204,12 @@ def test_a_quiet_stream_whose_criu_has_exited_ends_instead_of_waiting_forever(mo
         assert time.monotonic() - t < 5 and len(asked) == 3
         theirs.close()
         ours.close()
+
+
+@pytest.mark.parametrize("vaddr,nr_pages,flags", [(0, 0, 0), (0x7F, 0x7F, 1), (0x80, 0x80, 3),
+                                                  (0x7F12_3456_7000, 1 << 22, 0x7F),
+                                                  ((1 << 64) - 4096, (1 << 32) - 1, 1 << 20)])
+def test_streamed_entry_payload_spells_out_encode_entry(vaddr, nr_pages, flags):
+    from gpusnap.imagefile import pagemap, streamed
+    assert streamed.entry_payload(vaddr, nr_pages, flags) == \
+        pagemap.encode_entry({1: 0, 2: 0, 4: flags, 5: 0}, vaddr, nr_pages)
