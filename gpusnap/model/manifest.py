@@ -12,11 +12,10 @@ without a new version; export and import carry them unchanged).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields as dc_fields
 
 from ..errors import ManifestInvalid
-from .fields import HINT, REQUIRED, Fields, hex_str, int_in, invalid, number, pid, string
+from .fields import HEX, HINT, REQUIRED, Fields, hex_str, int_in, invalid, number, pid, string
 from .target import Target
 
 MANIFEST_VERSION = 1
@@ -54,9 +53,6 @@ class FileEntry:
         return cls(path, size, f.int("mode", 0o600, maximum=0o7777), chunks)
 
 
-_CHUNK_ID = re.compile(r"[0-9a-f]{64}")
-
-
 def _plain_chunk(value) -> bool:
     """value is a good [chunk id, length] pair (what _chunk accepts, checked without
     naming where: a manifest holds tens of thousands of them); else _chunk says why not."""
@@ -64,7 +60,7 @@ def _plain_chunk(value) -> bool:
         return False
     cid, n = value
     return (type(n) is int and 1 <= n <= MAX_CHUNK_BYTES and type(cid) is str
-            and (cid == ZERO_ID or _CHUNK_ID.fullmatch(cid) is not None))
+            and (cid == ZERO_ID or (len(cid) == 64 and HEX.fullmatch(cid) is not None)))
 
 
 def _chunk(value, where: str) -> tuple[str, int]:
