@@ -60,7 +60,7 @@ class Ctx:
 
     def __init__(self, args):
         self.args, self.work = args, args.work
-        self.store = getattr(args, "store", None) or os.path.join(args.work, f"store-{args.row}")
+        self.store = store_path(args)
         self.env = {"GPUSNAP_STATE_DIR": os.path.join(args.work, f"state-{args.row}")}
         self.budget = Budget(args.budget)
         self.card = card(args)
@@ -95,6 +95,10 @@ class Ctx:
         if res.returncode != 0:
             raise RuntimeError(f"gpusnap {' '.join(a)}: exit {res.returncode}: {res.stderr[-2000:]}")
         return json.loads(res.stdout)
+
+
+def store_path(args) -> str:
+    return getattr(args, "store", None) or os.path.join(args.work, f"store-{args.row}")
 
 
 def card(args) -> str:
@@ -406,6 +410,20 @@ def b30_disk_plan(need: dict, free: int, model_there: bool) -> bool | None:
     return None
 
 
+def b30_disk(args) -> tuple[dict, int, bool | None]:
+    """(need, free bytes under --work, b30_disk_plan's answer) for this b30 run: a store
+    on another filesystem (--store) leaves the disk the weights file and some slack."""
+    import shutil
+    need = b30_needs(args.size, args.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
+    os.makedirs(args.work, exist_ok=True)
+    free = shutil.disk_usage(args.work).free
+    model_there = os.path.exists(os.path.join(args.work, "models", args.size, "model.safetensors"))
+    if os.stat(args.work).st_dev != os.stat(os.path.dirname(store_path(args)) or ".").st_dev:
+        need = dict(need, disk=need["weights"] + (2 << 30))     # the store lives elsewhere
+        need.pop("store", None)
+    return need, free, b30_disk_plan(need, free, model_there)
+
+
 def row_b30(ctx: Ctx) -> dict:
     """One H200, a ~60 GB bf16 server: cold start, then --mode transparent (weights in the
     image) or sdk (weights read back from their file) dump -> restore -> first token.
@@ -413,13 +431,7 @@ def row_b30(ctx: Ctx) -> dict:
     file is removed once the server has loaded it (the next run makes it again)."""
     import shutil
     a = ctx.args
-    need = b30_needs(a.size, a.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
-    free = shutil.disk_usage(ctx.work).free
-    model_there = os.path.exists(os.path.join(ctx.work, "models", a.size, "model.safetensors"))
-    if os.stat(ctx.work).st_dev != os.stat(os.path.dirname(ctx.store) or ".").st_dev:
-        need = dict(need, disk=need["weights"] + (2 << 30))     # the store lives elsewhere
-        need.pop("store", None)
-    drop = b30_disk_plan(need, free, model_there)
+    need, free, drop = b30_disk(a)
     if drop is None:
         raise SystemExit(f"b30: {free / 1e9:.0f} GB free under {ctx.work}, the row needs "
                          f"{need['disk'] / 1e9:.0f} GB (weights {need['weights'] / 1e9:.0f} GB and a store of "
@@ -712,8 +724,9 @@ def plan(args) -> dict:
         except ValueError as e:
             raise SystemExit(f"tp: {e}") from None
     weights = world * shard_bytes(size, world) if args.row != "diffusion" else diffusion_bytes(size)
+    drop = None
     if args.row == "b30":
-        need = b30_needs(size, args.mode, os.environ.get("GPUSNAP_COMPRESS", "fast"))
+        need, _free, drop = b30_disk(args)
     elif args.row == "diffusion":   # the images hold the weights and the activations' cache
         need = {"weights": weights, "disk": 3 * weights + (8 << 30), "ram": 3 * weights + (8 << 30)}
     else:           # the weights' files, and one snapshot at a time in the store
@@ -724,7 +737,8 @@ def plan(args) -> dict:
     return {"row": args.row, "size": size, "world": world, "runs": args.runs,
             "gpus_needed": world, "gpu_memory_per_gpu": weights // world * (2 if args.row == "switch" else 1),
             **{f"{k}_bytes": v for k, v in need.items()}, "disk_free_bytes": free,
-            "fits": free >= need["disk"], "budget_s": args.budget}
+            "fits": drop is not None if args.row == "b30" else free >= need["disk"],
+            **({"drops_weights_file": drop} if args.row == "b30" else {}), "budget_s": args.budget}
 
 
 def row_estimate(args) -> tuple[dict, str]:
