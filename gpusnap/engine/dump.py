@@ -134,7 +134,6 @@ class _Dump:
     def take_and_commit(self, progress) -> Manifest:
         req, stages = self.plan.request, self.stages
         cuda_facts = self._hold_and_take(req, progress)
-        self.stopped = not req.leave_running
         if req.leave_running:
             self._resume_original()
             self.resumed_at = time.monotonic()
@@ -231,6 +230,10 @@ class _Dump:
         known = cuda.pids if cuda else []
         with stages.stage("cuda_recheck"):
             cudarace.check(self.dumper.pids_now(), known, gpu.cuda_pids)
+        # From here the original may be stopped: an interrupt anywhere after CRIU left it
+        # stopped (its log moved, the stage recorded, on the way out) must resume it, so
+        # the flag is set before, not after; dumper.resume() is a no-op on a running tree.
+        self.stopped = not req.leave_running
         try:
             with stages.stage(self.dumper.stage):
                 self.dumper.dump(self.images, self.logs, req.leave_running,

@@ -102,7 +102,8 @@ class Dumper(Protocol):
         """The snapshot is committed: the original goes."""
 
     def resume(self) -> None:
-        """Undo a dump that stopped the original. Never raises."""
+        """Undo a dump that stopped the original; a no-op where the original runs (an
+        undo calls it whenever the dump may have stopped it). Never raises."""
 
 
 class Strategy(Protocol):

@@ -29,6 +29,8 @@ class World:
         self.next_pid = 100
         self.spawn_after_checkpoints: set[int] = set()
         self.criu_fails: list[str | None] = []     # per dump: None ok, else a log line
+        self.interrupt_on_the_way_out = False       # Ctrl-C once CRIU left the tree stopped
+        self.stopped = False
         self.checkpoints = self.dumps = 0
         self.dumpers: list[FakeDumper] = []
 
@@ -62,6 +64,9 @@ class FakeDumper:
             raise CriuFailed(f"criu dump failed (exit 1): {failure.strip()}")
         with open(os.path.join(images, "inventory.img"), "w") as f:
             f.write(str(w.dumps))
+        w.stopped = not leave_running
+        if w.interrupt_on_the_way_out:
+            raise KeyboardInterrupt
 
     def criu_dir(self, images):
         return images
@@ -70,7 +75,7 @@ class FakeDumper:
         pass
 
     def resume(self):
-        pass
+        self.world.stopped = False
 
 
 class Strategy:
@@ -90,7 +95,7 @@ def run(tmp_path, monkeypatch):
     monkeypatch.setenv("GPUSNAP_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setattr(CudaSession, "describe", lambda s: CudaFacts(pids=list(s.pids)))
 
-    def make(world: World):
+    def make(world: World, leave_running: bool = True):
         real_checkpoint = world.driver.checkpoint
 
         def checkpoint(pid):
@@ -103,7 +108,7 @@ def run(tmp_path, monkeypatch):
         monkeypatch.setattr(dump_mod.gpu, "session", lambda pids: CudaSession(pids, world.driver))
         monkeypatch.setattr(dump_mod.gpu, "cuda_pids", world.cuda_pids)
         target = Target(kind="process", root_pid=1, pids=list(world.pids))
-        plan = DumpPlan(request=DumpRequest(pid=1, leave_running=True), target=target,
+        plan = DumpPlan(request=DumpRequest(pid=1, leave_running=leave_running), target=target,
                         strategy=Strategy(world), criu_path="criu", criu_version="4.2",
                         cuda_pids=world.cuda_pids(world.pids))
         repo = type("Repo", (), {"path": str(tmp_path / "store")})()
@@ -163,3 +168,18 @@ def test_criu_failing_for_another_reason_is_not_retried(run, tmp_path):
     with pytest.raises(CriuFailed, match="socket"):
         d._hold_and_take(d.plan.request)
     assert w.dumps == 1
+
+
+def test_an_interrupt_after_criu_left_the_tree_stopped_resumes_it(run, tmp_path):
+    """The CI failure of stop 24: SIGTERM reached the daemon's dump child after CRIU had
+    left the tree stopped but before the dump returned (its log moved, the stage
+    recorded); the undo did not know the tree was stopped and left it so."""
+    w = World(tmp_path)
+    w.interrupt_on_the_way_out = True
+    d = run(w, leave_running=False)
+    with pytest.raises(KeyboardInterrupt) as info:
+        d._hold_and_take(d.plan.request)
+    assert w.stopped
+    d.undo(info.value)
+    assert not w.stopped
+    assert set(w.driver.states.values()) == {R}     # CUDA restored and unlocked too

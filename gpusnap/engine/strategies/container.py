@@ -245,7 +245,7 @@ class ContainerDump:
         except BaseException:
             # The engine resumes the container when the checkpoint fails; if it stopped
             # it anyway and the images are whole, start it again from them.
-            if not leave_running and self._stopped() and self._images_whole():
+            if not leave_running:
                 self.resume()
             raise
 
@@ -274,7 +274,10 @@ class ContainerDump:
         stopped container that `gpusnap restore` can restore into)."""
 
     def resume(self) -> None:
-        """Never raises: what failed is kept in undo_errors."""
+        """Started again from the images when the checkpoint stopped it and they are
+        whole; else left as it is. Never raises: what failed is kept in undo_errors."""
+        if not (self._stopped() and self._images_whole()):
+            return
         try:
             with interrupts.shielded():     # an undo runs to its end
                 pid = self.engine.resume_from(self.facts, self.images)
