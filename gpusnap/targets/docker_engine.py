@@ -12,7 +12,9 @@ They exist only on an experimental daemon ("experimental": true in daemon.json).
 What docker does not do, and gpusnap does here:
 - docker saves no rootfs changes with a checkpoint: on overlay2 the container's upper
   dir is archived next to the images (rootfs-diff.tar) and unpacked into a new
-  container's upper dir before it starts.
+  container's upper dir before it starts. A container left running is paused (the
+  cgroup freezer, as `docker commit` does) while its upper dir is archived, so that no
+  file is read mid-write; a guard process unpauses it should gpusnap die meanwhile.
 - `start --checkpoint-dir` is refused ("custom checkpointdir is not supported"): a
   restore writes the images into <DockerRootDir>/containers/<id>/checkpoints/<ck>/.
 - two restores of byte-identical dirs at once collide in containerd's content store
@@ -22,19 +24,22 @@ What docker does not do, and gpusnap does here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import time
 
-from .. import sysrun
+from .. import interrupts, sysrun
 from ..errors import ContainerEngineError, GpusnapError
+from ..store import parallel
 from .container_engine import ContainerEngine
 from .devices import apply_node_changes, device_facts, engine_devices, mount_facts
 
 RESTORE_MARKER = "gpusnap-restore"     # also read by hooks/gpusnap-criu-hook
 CHECKPOINT_NAME = "gpusnap"
 _RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+UNPAUSE_WAIT = 30.0     # seconds the guard has to unpause before it is killed
 
 
 class DockerEngine(ContainerEngine):
@@ -165,8 +170,36 @@ class DockerEngine(ContainerEngine):
             self.wait_stopped(cid)
         os.rename(os.path.join(staging, CHECKPOINT_NAME), os.path.join(dest, "checkpoint"))
         os.rmdir(staging)
-        facts["rootfs_diff"] = not ignore_rootfs and self._save_rootfs_diff(
-            cid, os.path.join(dest, "rootfs-diff.tar"))
+        if ignore_rootfs:
+            facts["rootfs_diff"] = False
+            return
+        with self._paused(cid) if leave_running else contextlib.nullcontext():
+            facts["rootfs_diff"] = self._save_rootfs_diff(cid, os.path.join(dest, "rootfs-diff.tar"))
+
+    @contextlib.contextmanager
+    def _paused(self, cid: str):
+        """The container frozen for the block (it runs on after a --leave-running
+        checkpoint and may be writing files). The unpause is the guard's, a forked helper
+        that does it when told to end, or when gpusnap dies (SIGTERM by PDEATHSIG). A
+        container paused already is the user's to unpause: left as it is."""
+        if ((self.inspect(cid) or {}).get("State") or {}).get("Paused"):
+            yield
+            return
+        guard = _start_guard(cid) if parallel.fork_is_safe() else None
+        try:
+            self._call("pause", self.api._post(self.api._url("/containers/{0}/pause", cid)))
+            yield
+        finally:
+            with interrupts.shielded():
+                if guard is not None:
+                    sysrun.end_helper(guard, UNPAUSE_WAIT)
+                else:
+                    self._unpause(self.api, cid)
+
+    @staticmethod
+    def _unpause(api, cid: str) -> None:
+        """Unpause cid; a container not paused (409) or gone (404) is left as it is."""
+        api._post(api._url("/containers/{0}/unpause", cid))
 
     def _upper_dir(self, ref: str) -> str | None:
         info = self.inspect(ref) or {}
@@ -312,3 +345,31 @@ class DockerEngine(ContainerEngine):
         return {"engine": "docker", "id": cid, "name": (info.get("Name") or name).lstrip("/"),
                 "pid": pid, "created": created is not None}
 
+
+
+def _start_guard(cid: str) -> int:
+    """The unpause guard, forked; returns once it listens for SIGTERM (a SIGTERM before
+    that would end it without the unpause)."""
+    r, w = os.pipe()
+    try:
+        pid = sysrun.fork_helper(_unpause_guard, cid, os.getpid(), w)
+        os.close(w)
+        w = -1
+        os.read(r, 1)                       # b"" too when it failed before it was ready
+        return pid
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _unpause_guard(cid: str, parent: int, ready: int) -> None:  # pragma: no cover - helper
+    """In a forked helper: wait until told to end (or gpusnap died), then unpause cid
+    with a client of its own (the parent's connection is not shared across the fork)."""
+    stop = sysrun.stop_on_sigterm(parent)
+    os.write(ready, b"R")
+    os.close(ready)
+    while not stop.wait(1.0):
+        pass
+    import docker
+    DockerEngine._unpause(docker.from_env(timeout=UNPAUSE_WAIT).api, cid)

@@ -277,6 +277,55 @@ def runc_conf():
                 f.write(text)
 
 
+BUSY_WRITER = ("i=0; while :; do i=$((i+1)); echo $i >/tmp/c.t; mv /tmp/c.t /tmp/c; "
+               "echo $i $i $i $i $i $i $i $i >>/tmp/log; done")
+
+
+def test_leave_running_dump_of_a_container_writing_files(box, gpusnap):
+    """A container that writes files all the time (logs, say) is dumped --leave-running
+    again and again: its rootfs changes are archived while it is frozen (docker: paused,
+    then unpaused; podman: its own export), never read mid-write."""
+    name = box.name()
+    sh(box.engine, "run", "-d", "--name", name, IMAGE, "sh", "-c", BUSY_WRITER)
+    box.wait_counter(name, 100)
+    for _ in range(3):
+        rc, snap, err = gpusnap("dump", name, "--leave-running")
+        assert rc == 0, err
+        state = box.inspect(name)["State"]
+        assert state["Running"] and not state["Paused"], state
+    seen = box.counter(name)
+    box.wait_counter(name, seen + 100)
+
+
+def test_dump_killed_while_the_container_is_paused_unpauses_it(box, gpusnap, store, tmp_path):
+    """docker: gpusnap killed with SIGKILL while the container is paused for its rootfs
+    archive: the guard unpauses it; no snapshot appears."""
+    if box.engine != "docker":
+        pytest.skip("podman archives the rootfs inside its own checkpoint")
+    name = box.run()
+    box.exec(name, "head -c 400000000 /dev/urandom >/tmp/big")     # a tar that takes a while
+    env = {**os.environ, "GPUSNAP_STORE": store,
+           "GPUSNAP_STATE_DIR": os.path.join(os.path.dirname(store), "state")}
+    proc = subprocess.Popen([sys.executable, "-m", "gpusnap", "--json", "dump", name,
+                             "--leave-running"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not box.inspect(name)["State"]["Paused"]:
+            assert proc.poll() is None, "the dump ended before it paused the container"
+            assert time.monotonic() < deadline, "the container was never paused"
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while box.inspect(name)["State"]["Paused"]:
+        assert time.monotonic() < deadline, "the container was left paused"
+        time.sleep(0.05)
+    box.wait_counter(name, box.counter(name) + 3)
+    assert gpusnap("ls")[1] == []
+
+
 def test_failed_engine_checkpoint_keeps_the_container_running(box, gpusnap, runc_conf, tmp_path):
     """A CRIU action script that fails at pre-dump (as the gpusnap hook does when it
     cannot checkpoint CUDA) makes the engine's checkpoint fail: gpusnap exits 30, the
