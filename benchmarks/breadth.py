@@ -19,6 +19,13 @@ Models (random weights) are made once under --work/models and reused by later ro
 --daemon (switch, standby): each run goes through both front doors, the plain CLI and the
 CLI forwarding to a gpusnapd started on the row's store (suspend and resume are what it
 runs there), and the table has a line for each.
+The naive baseline (cold_start.py's: the driver's lock + checkpoint by hand, a plain
+`criu dump` into /dev/shm, `criu restore`, the driver's restore + unlock by hand) runs
+after the other modes in standby, diffusion and b30 --mode transparent: --naive-runs
+round trips (default 1, where the other modes run --runs), its images where naive_place
+puts them (--dry-run says where), skipped where the budget has no room for it; its line
+and "x naive" (naive / the mode's time) are in the table. --no-naive leaves it out.
+switch's baseline is the driver's floor by hand; tp has none (TP_NO_NAIVE says why).
 """
 
 from __future__ import annotations
@@ -53,6 +60,13 @@ class Budget:
 
     def left(self) -> float:
         return max(1.0, self.end - time.monotonic())
+
+    def room(self, step: str, seconds: float) -> None:
+        """Raises unless the budget has seconds left for step (a step cut by the step's
+        limit would cost the row its table)."""
+        if self.end - time.monotonic() < seconds:
+            raise TimeoutError(f"{max(0.0, self.end - time.monotonic()):.0f} s left of the row's "
+                               f"{self.seconds:.0f} s budget, {step} takes about {seconds:.0f} s")
 
 
 class Ctx:
@@ -175,12 +189,17 @@ def each_mode(row: dict, fn) -> dict:
     """row[mode] = fn(mode) for transparent and sdk; a mode that fails is recorded as
     such and the other still runs."""
     for mode in ("transparent", "sdk"):
-        try:
-            row[mode] = fn(mode)
-        except Exception as e:  # noqa: BLE001 - the other mode's numbers stand
-            row[mode] = {"error": f"{type(e).__name__}: {e}"}
-            note(row=row["row"], mode=mode, error=row[mode]["error"])
+        guarded(row, mode, lambda: fn(mode))
     return row
+
+
+def guarded(row: dict, mode: str, fn) -> None:
+    """row[mode] = fn(); a failure is recorded there instead and the row goes on."""
+    try:
+        row[mode] = fn()
+    except Exception as e:  # noqa: BLE001 - the other modes' numbers stand
+        row[mode] = {"error": f"{type(e).__name__}: {e}"}
+        note(row=row["row"], mode=mode, error=row[mode]["error"])
 
 
 def stop(pid: int) -> None:
@@ -191,6 +210,118 @@ def timed(fn, *a, **kw):
     t = time.perf_counter()
     out = fn(*a, **kw)
     return out, time.perf_counter() - t
+
+
+# ---- the naive baseline (cold_start.py's naive_dump / naive_restore) ---------------------
+
+NAIVE_SLACK = 2 << 30       # left free beside the naive images
+NAIVE_RAM_MARGIN = 16 << 30  # RAM beside a tmpfs's images and the checkpointed host copy: the
+                             # kernel, CUDA's pinned buffers, the benchmark's own processes
+TP_NO_NAIVE = ("no naive baseline: a plain `criu dump` of the TP tree fails where gpusnap's "
+               "does not: NCCL's deleted /dev/shm segment (33 MiB) is past CRIU's --ghost-limit, "
+               "the ranks' TCP store needs a network lock the GPU machines lack (no iptables), "
+               "and a restore moments later finds NCCL's listeners' ports in TIME_WAIT "
+               "(EADDRINUSE): a baseline that handled these would be gpusnap's own restore")
+
+
+def naive_bytes(row: str, weights: int) -> int:
+    """About what a naive dump of the row's plain server writes (its host copy of device
+    memory and its own memory; measured: an LLM's images are its weights and ~1 GB, a
+    diffusion server's twice its weights, 10.9 GB for SDXL's 5.3). Pure."""
+    return weights * (2 if row == "diffusion" else 1) + NAIVE_SLACK
+
+
+def naive_seconds(images: int) -> float:
+    """About how long one naive round trip of images bytes takes on the H200 machine: the
+    driver's checkpoint 2.3 GB/s, CRIU's write 1.5 (a disk's; a tmpfs is faster), CRIU's
+    restore 1.9, the driver's restore 6.0, and 10 s of the rest. Pure."""
+    return 10.0 + images / 1e9 * (1 / 2.3 + 1 / 1.5 + 1 / 1.9 + 1 / 6.0)
+
+
+def naive_place(images: int, ram: int, places: list[tuple[str, int, bool]]) -> dict:
+    """Where the naive dump's images go: the first of places (directory, free bytes there,
+    whether they are host memory: a tmpfs) that holds them with NAIVE_SLACK to spare; one
+    in host memory only where RAM also holds the checkpointed process's host copy beside
+    them (about as many bytes) and NAIVE_RAM_MARGIN. {dir, in_ram, images_bytes}, dir
+    None and why where no place does. Pure."""
+    why = []
+    for where, free, in_ram in places:
+        if free < images + NAIVE_SLACK:
+            why.append(f"{where}: {free / 1e9:.1f} GB free")
+        elif in_ram and ram < 2 * images + NAIVE_RAM_MARGIN:
+            why.append(f"{where}: in RAM ({ram / 1e9:.0f} GB), beside the checkpointed process's "
+                       f"host copy of about as much and {NAIVE_RAM_MARGIN >> 30} GiB")
+        else:
+            return {"dir": where, "in_ram": in_ram, "images_bytes": images}
+    return {"dir": None, "images_bytes": images,
+            "why": f"no room for {images / 1e9:.1f} GB of images (" + "; ".join(why) + ")"}
+
+
+def naive_where(args, images: int, work_free: int | None = None) -> dict:
+    """naive_place on this host: cold_start.py's /dev/shm directory, else WORK/naive-images.
+    work_free: the bytes free under WORK when the naive dump runs (default: free now)."""
+    import shutil
+
+    import psutil
+
+    from benchmarks.cold_start import NAIVE_IMAGES
+    from gpusnap.engine.workdir import tmpfs_of
+    places = []
+    shm = os.path.dirname(NAIVE_IMAGES)
+    if os.path.isdir(shm):
+        places.append((NAIVE_IMAGES, shutil.disk_usage(shm).free, tmpfs_of(shm) is not None))
+    os.makedirs(args.work, exist_ok=True)
+    free = shutil.disk_usage(args.work).free if work_free is None else work_free
+    places.append((os.path.join(args.work, "naive-images"), free, tmpfs_of(args.work) is not None))
+    return naive_place(images, psutil.virtual_memory().total, places)
+
+
+def with_naive(ctx: Ctx, row: dict, images: int, fn, lead_s: float = 0.0,
+               work_free: int | None = None) -> None:
+    """row["naive"] = fn(images dir) where --naive-runs asks for it, the images have a place
+    (naive_where) and the budget room for lead_s (what fn does first, e.g. a cold start)
+    and the round trips; else why not. Nothing where --no-naive."""
+    runs = ctx.args.naive_runs
+    if not runs:
+        return
+    took = lead_s + runs * naive_seconds(images)
+
+    def run() -> dict:
+        where = naive_where(ctx.args, images, work_free)
+        if where["dir"] is None:
+            note(row=row["row"], mode="naive", skipped=where["why"])
+            return {"skipped": where["why"], **where}
+        ctx.budget.room("the naive baseline", 1.25 * took)
+        return {**where, "runs_asked": runs, "estimate_s": round(took), **fn(where["dir"])}
+    guarded(row, "naive", run)
+
+
+def naive_rounds(ctx: Ctx, srv: dict, probe, images: str, between=None) -> list[dict]:
+    """--naive-runs round trips of cold_start.py's naive baseline on the running server srv
+    (start_server's answer; pid: its root now): naive_dump into images, naive_restore
+    (between(pid) while CUDA is still checkpointed), probe(port), its answer held to the
+    cold start's (same_answer). The server is stopped and the images removed after."""
+    import shutil
+
+    from benchmarks.cold_start import naive_dump, naive_restore
+    pid, runs = srv["pid"], []
+    try:
+        for i in range(ctx.args.naive_runs):
+            ctx.budget.check(f"naive round trip {i}")
+            (pids, cuda), t_dump = timed(naive_dump, pid, images, timeout=ctx.budget.left())
+            if srv.get("proc") is not None and srv["proc"].pid == pid:
+                srv["proc"].wait()          # our child: reap it, so its pid is free
+            wait_gone(pids)
+            size = sum(e.stat().st_size for e in os.scandir(images) if e.is_file())
+            pid, answer, stages = naive_restore(images, cuda, lambda: probe(srv["port"]), between,
+                                                timeout=ctx.budget.left())
+            runs.append({"dump_s": t_dump, "bytes_logical": size, "same_answer": answer == srv["tokens"],
+                         **stages})
+            note(row=ctx.args.row, mode="naive", **runs[-1])
+    finally:
+        stop(pid)
+        shutil.rmtree(images, ignore_errors=True)
+    return runs
 
 
 # ---- (a) switching one GPU between two servers ------------------------------------------
@@ -272,8 +403,37 @@ def _weights(model_dir: str) -> int:
 
 def row_standby(ctx: Ctx) -> dict:
     """restore --standby (CRIU restore, CUDA left checkpointed: no GPU memory), the host
-    memory it holds, then resume to the first token; transparent and SDK."""
-    return llm_row(ctx, "standby", _standby_mode)
+    memory it holds, then resume to the first token; transparent and SDK; then the naive
+    baseline of the plain server (_standby_naive)."""
+    row = llm_row(ctx, "standby", _standby_mode)
+    model = llm_model(ctx, ctx.args.size)
+    with_naive(ctx, row, naive_bytes("standby", row["weights_bytes"]),
+               lambda images: _standby_naive(ctx, model, images), lead_s=_cold(row))
+    return row
+
+
+def _cold(row: dict) -> float:
+    """The transparent mode's cold start (a naive server's start costs about as much), 60 s
+    where it has none."""
+    cold = (row.get("transparent") or {}).get("cold_s")
+    return float(cold) if isinstance(cold, (int, float)) else 60.0
+
+
+def _standby_naive(ctx: Ctx, model: str, images: str) -> dict:
+    """The plain server's naive round trips, shaped as the standby runs: its `criu restore`
+    leaves CUDA checkpointed (what restore --standby does; host and GPU memory are measured
+    then), the driver's restore + unlock by hand is its resume; restore_total: the whole
+    naive restore to first token."""
+    from gpusnap.targets.process import tree_rss
+    srv = start_llm(ctx, model, "standby-naive", 18206)
+
+    def held(pid: int) -> dict:
+        return {"host_memory": tree_rss(tree(pid)), "gpu_memory_while_standby": _gpu_use(pid)}
+    runs = naive_rounds(ctx, srv, first_token, images, held)
+    return {"cold_s": srv["cold_s"], "runs": [
+        dict(r, standby_restore_s=r["criu_restore"], resume_s=r["cuda_restore+unlock"],
+             first_token_s=r["first_token"], restore_total=r["total"],
+             total=r["cuda_restore+unlock"] + r["first_token"]) for r in runs]}
 
 
 def _standby_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
@@ -428,7 +588,10 @@ def row_b30(ctx: Ctx) -> dict:
     """One H200, a ~60 GB bf16 server: cold start, then --mode transparent (weights in the
     image) or sdk (weights read back from their file) dump -> restore -> first token.
     Transparent on a disk too small for the weights file and the store together: the
-    file is removed once the server has loaded it (the next run makes it again)."""
+    file is removed once the server has loaded it (the next run makes it again). Then,
+    transparent only, the naive baseline on the restored server, once the store is gone:
+    its ~62 GB of images where naive_place finds room (on the one-GPU machine the disk:
+    RAM does not hold them beside the checkpointed process's host copy)."""
     import shutil
     a = ctx.args
     need, free, drop = b30_disk(a)
@@ -462,6 +625,10 @@ def row_b30(ctx: Ctx) -> dict:
         row["restore"] = {"restore_cli_s": t_restore, "first_token_s": t_tok, "total": t_restore + t_tok,
                           **res["timings"], "sdk": res.get("sdk")}
         note(row="b30", step="restore", **{k: v for k, v in row["restore"].items() if k != "sdk"})
+        if a.mode == "transparent":
+            shutil.rmtree(ctx.store, ignore_errors=True)    # the naive images may need its room
+            with_naive(ctx, row, snap["bytes_logical"] + NAIVE_SLACK, lambda images: {
+                "runs": naive_rounds(ctx, dict(srv, pid=res["pid"]), first_token, images)})
         stop(res["pid"])
     finally:
         stop(srv["pid"])
@@ -500,11 +667,23 @@ def row_diffusion(ctx: Ctx) -> dict:
             raise RuntimeError(f"making the diffusion model: {r.stderr[-2000:]}")
     row = {"row": "diffusion", "size": a.size, "runs": a.runs,
            "weights_bytes": sum(_weights(os.path.join(model, d)) for d in ("unet", "vae"))}
+    module = "tests.workloads.diffusion_server"
     each_mode(row, lambda mode: _single_server_round_trips(
-        ctx, "tests.workloads.diffusion_server", model, f"diffusion-{mode}", 18205,
-        mode == "sdk", first_image, device))
+        ctx, module, model, f"diffusion-{mode}", 18205, mode == "sdk", first_image, device))
     shutil.rmtree(ctx.store, ignore_errors=True)
+    with_naive(ctx, row, naive_bytes("diffusion", row["weights_bytes"]), lambda images: _single_server_naive(
+        ctx, module, model, "diffusion-naive", 18207, first_image, images, device), lead_s=_cold(row))
     return row
+
+
+def _single_server_naive(ctx: Ctx, module: str, model: str, name: str, port: int, probe,
+                         images: str, extra=()) -> dict:
+    """The plain server's cold start and naive round trips (naive_rounds), shaped as
+    _single_server_round_trips' answer."""
+    srv = start_server(ctx, module, model, name, port, False, probe, extra)
+    deterministic = probe(port) == srv["tokens"]
+    return {"cold_s": srv["cold_s"], "deterministic": deterministic,
+            "restore": naive_rounds(ctx, srv, probe, images)}
 
 
 def _single_server_round_trips(ctx: Ctx, module: str, model: str, name: str, port: int,
@@ -610,12 +789,12 @@ def _modes(row: dict, fn, runs: str | None = None) -> list[list[str]]:
     """A line per mode; with runs (the key of its list of runs), a line per mode and
     front door (a run's "via": cli, daemon) where the runs went through more than one."""
     lines = []
-    for mode in ("transparent", "sdk"):
+    for mode in ("transparent", "sdk", "naive"):
         x = row.get(mode)
         if x is None:
             continue
-        if "error" in x:
-            lines.append([mode, f"failed: {x['error'][:300]}"])
+        if "error" in x or "skipped" in x:
+            lines.append([mode, f"failed: {x['error'][:300]}" if "error" in x else f"skipped: {x['skipped']}"])
             continue
         doors = _by_via(x[runs]) if runs else {}
         if len(doors) < 2:
@@ -624,6 +803,40 @@ def _modes(row: dict, fn, runs: str | None = None) -> list[list[str]]:
         for via, part in doors.items():
             lines.append([f"{mode} ({via})", *fn({**x, runs: part})])
     return lines
+
+
+def _naive(row: dict, headline) -> float | None:
+    """headline(row["naive"]): the naive baseline's time for the table's first column,
+    None where the row has no naive numbers."""
+    x = row.get("naive")
+    if not x or "error" in x or "skipped" in x:
+        return None
+    return headline(x)
+
+
+def _x_naive(naive: float | None, t: float | None) -> list[str]:
+    """The "x naive" cell (naive / the mode's time): none where the row has no naive."""
+    if naive is None:
+        return []
+    return [f"{naive / t:.2f}" if t else ""]
+
+
+def _naive_note(row: dict) -> list[str]:
+    """What the naive line is, where its images went, how many runs."""
+    x = row.get("naive")
+    if not x or "error" in x:
+        return []
+    if "skipped" in x:
+        return ["", f"Naive baseline skipped: {x['skipped']}."]
+    runs = x.get("runs") or x.get("restore") or []
+    where = (f"`criu dump` into {x['dir']} ({'host memory' if x.get('in_ram') else 'disk'})"
+             if x.get("dir") else "`criu dump`")
+    return ["", f"naive: cold_start.py's baseline on the plain server, {len(runs)} run(s)"
+            + (f" (the other modes: {row['runs']} each)" if row.get("runs") else "")
+            + f": the driver's lock + checkpoint by hand, {where}, `criu restore`, the driver's "
+            "restore + unlock by hand, the first answer. x naive: naive / the mode's time."
+            + (" A naive restore answered otherwise than before its dump."
+               if any(r.get("same_answer") is False for r in runs) else "")]
 
 
 def _sum_switch(row: dict) -> list[str]:
@@ -645,14 +858,22 @@ def _sum_switch(row: dict) -> list[str]:
 
 
 def _sum_standby(row: dict) -> list[str]:
-    return table(["mode", "resume to first token", "resume", "first token", "restore --standby",
-                  "host memory GB", "GPU memory while standby GB", "cold start"],
-                 _modes(row, lambda x: [_f(_m(x["runs"], "total")), _f(_m(x["runs"], "resume_s")),
-                                        _f(_m(x["runs"], "first_token_s")),
-                                        _f(_m(x["runs"], "standby_restore_s")),
-                                        _f(_m(x["runs"], "host_memory"), 2, 1e9),
-                                        _f(_m(x["runs"], "gpu_memory_while_standby"), 2, 1e9),
-                                        _f(x["cold_s"])], "runs"))
+    naive = _naive(row, lambda x: _m(x["runs"], "total"))
+    out = table(["mode", "resume to first token", *(["x naive"] if naive is not None else []), "resume",
+                 "first token", "restore --standby", "host memory GB", "GPU memory while standby GB",
+                 "cold start"],
+                _modes(row, lambda x: [_f(_m(x["runs"], "total")), *_x_naive(naive, _m(x["runs"], "total")),
+                                       _f(_m(x["runs"], "resume_s")), _f(_m(x["runs"], "first_token_s")),
+                                       _f(_m(x["runs"], "standby_restore_s")),
+                                       _f(_m(x["runs"], "host_memory"), 2, 1e9),
+                                       _f(_m(x["runs"], "gpu_memory_while_standby"), 2, 1e9),
+                                       _f(x["cold_s"])], "runs"))
+    out += _naive_note(row)
+    if naive is not None:
+        out[-1] += (" Its restore --standby is `criu restore` (CUDA left checkpointed), its resume "
+                    "the driver's restore + unlock; the whole naive restore to first token: "
+                    f"{_f(_m(row['naive']['runs'], 'restore_total'))} s.")
+    return out
 
 
 def _sum_tp(row: dict) -> list[str]:
@@ -664,20 +885,31 @@ def _sum_tp(row: dict) -> list[str]:
                 _f(_m(same, "bytes_out_of_image"), 2, 1e9)]
     return table(["mode", "cold start to first token", "restore to first token",
                   "restore, GPUs reversed", "dump", "images GB", "weights out of image GB"],
-                 _modes(row, cells))
+                 _modes(row, cells)) + ["", f"TP={row['world']}: {TP_NO_NAIVE}."]
 
 
 def _sum_b30(row: dict) -> list[str]:
     r = row.get("restore") or {}
+    naive = _naive(row, lambda x: _m(x["runs"], "total"))
+    lines = [[row["mode"], _f(row.get("cold_s")), _f(row.get("dump_s")),
+              _f(row.get("bytes_logical"), 2, 1e9), _f(row.get("bytes_stored"), 2, 1e9),
+              _f(r.get("total")), *_x_naive(naive, r.get("total")),
+              ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float) and k != "total")]]
+    x = row.get("naive")
+    if naive is not None:
+        runs = x["runs"]
+        lines.append(["naive", "", _f(_m(runs, "dump_s")), _f(_m(runs, "bytes_logical"), 2, 1e9), "",
+                      _f(naive), "1.00", ", ".join(f"{k} {_m(runs, k):.2f}" for k in
+                                                   ("criu_restore", "cuda_restore+unlock", "first_token"))])
+    elif x and "error" in x:
+        lines.append(["naive", f"failed: {x['error'][:300]}"])
     return table(["mode", "cold start", "dump", "images GB", "stored GB", "restore to first token",
-                  "restore stages"],
-                 [[row["mode"], _f(row.get("cold_s")), _f(row.get("dump_s")),
-                   _f(row.get("bytes_logical"), 2, 1e9), _f(row.get("bytes_stored"), 2, 1e9),
-                   _f(r.get("total")), ", ".join(f"{k} {v:.2f}" for k, v in r.items()
-                                                 if isinstance(v, float) and k != "total")]])
+                  *(["x naive"] if naive is not None else []), "restore stages"], lines) + _naive_note(row)
 
 
 def _sum_diffusion(row: dict) -> list[str]:
+    naive = _naive(row, lambda x: _m(x["restore"], "total"))
+
     def same(x):
         runs = x["restore"]
         if not runs:
@@ -685,13 +917,15 @@ def _sum_diffusion(row: dict) -> list[str]:
         ok = all(r.get("same_answer", True) for r in runs)
         return "yes" if ok else "no" + ("" if x.get("deterministic", True) else
                                         " (nor twice before the dump)")
-    return table(["mode", "cold start to first image", "restore to first image", "dump", "images GB",
-                  "weights out of image GB", "same image"],
+    return table(["mode", "cold start to first image", "restore to first image",
+                  *(["x naive"] if naive is not None else []), "dump", "images GB", "weights out of image GB",
+                  "same image"],
                  _modes(row, lambda x: [_f(x["cold_s"]), _f(_m(x["restore"], "total")),
+                                        *_x_naive(naive, _m(x["restore"], "total")),
                                         _f(_m(x["restore"], "dump_s")),
                                         _f(_m(x["restore"], "bytes_logical"), 2, 1e9),
                                         _f(_m(x["restore"], "bytes_out_of_image"), 2, 1e9),
-                                        same(x)]))
+                                        same(x)])) + _naive_note(row)
 
 
 def _sum_estimate(row: dict) -> list[str]:
@@ -738,7 +972,38 @@ def plan(args) -> dict:
             "gpus_needed": world, "gpu_memory_per_gpu": weights // world * (2 if args.row == "switch" else 1),
             **{f"{k}_bytes": v for k, v in need.items()}, "disk_free_bytes": free,
             "fits": drop is not None if args.row == "b30" else free >= need["disk"],
-            **({"drops_weights_file": drop} if args.row == "b30" else {}), "budget_s": args.budget}
+            **({"drops_weights_file": drop} if args.row == "b30" else {}), "budget_s": args.budget,
+            "naive": naive_plan(args, weights, free - need["disk"] if args.row != "b30" else
+                                b30_free_after(free, _file_bytes(os.path.join(args.work, "models", size,
+                                                                              "model.safetensors")),
+                                               need["weights"], drop))}
+
+
+def naive_plan(args, weights: int, work_free: int) -> dict | str:
+    """What the row's naive baseline would do (--dry-run): where its images go (naive_where,
+    work_free: the bytes free under WORK by then), or why the row has none."""
+    if args.row == "switch":
+        return "the driver's floor by hand (lock + checkpoint, restore + unlock) is this row's baseline"
+    if args.row == "tp":
+        return TP_NO_NAIVE
+    if args.row == "b30" and args.mode != "transparent":
+        return "run by b30 --mode transparent (the plain server's baseline)"
+    if not args.naive_runs:
+        return "off (--no-naive)"
+    images = naive_bytes(args.row, weights)
+    return {"runs": args.naive_runs, **naive_where(args, images, work_free),
+            "estimate_s": round(args.naive_runs * naive_seconds(images))}
+
+
+def b30_free_after(free: int, model_file: int, weights: int, drop: bool | None) -> int:
+    """Bytes free under WORK when b30's naive baseline runs, from free now: the row's store
+    is gone by then, the weights file (model_file bytes now, weights once made) is there
+    unless the row drops it. Pure."""
+    return max(0, free + model_file - (0 if drop else weights))
+
+
+def _file_bytes(path: str) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def row_estimate(args) -> tuple[dict, str]:
@@ -788,6 +1053,10 @@ def parse(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
     ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
                     "plain CLI and through gpusnapd")
+    ap.add_argument("--naive-runs", type=int, default=1, help="standby, diffusion, b30 --mode transparent: "
+                    "round trips of the naive baseline, after the other modes (default 1)")
+    ap.add_argument("--no-naive", dest="naive_runs", action="store_const", const=0,
+                    help="leave the naive baseline out (--naive-runs 0)")
     args = ap.parse_args(argv)
     args.size = args.size or (args.cpu and CPU_SIZE.get(args.row)) or DEFAULT_SIZE[args.row]
     args.world = args.world or (8 if args.row == "estimate" else 2)

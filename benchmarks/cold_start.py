@@ -207,10 +207,16 @@ def more_dumps(row, size, snap_id, pid, store, work, runs):
 
 
 # ---- naive baseline ------------------------------------------------------------------
+# What one gets by hand, no gpusnap: the driver's lock + checkpoint of every CUDA process
+# of the tree, a plain `criu dump` into a directory (on /dev/shm: nothing stored, nothing
+# hashed), then a plain `criu restore`, the driver's restore + unlock, the first answer.
+# benchmarks/breadth.py puts the same beside its rows.
 NAIVE_IMAGES = "/dev/shm/gpusnap-bench-naive"
 
 
-def naive_dump(pid, images):
+def naive_dump(pid, images, timeout=None):
+    """The tree of pid dumped by hand into images (emptied first) and killed: (its pids,
+    those holding /dev/nvidia*). timeout: seconds CRIU may take."""
     from gpusnap.criu import runner
     from gpusnap.criu.argv import CriuOptions
     from gpusnap.cuda.session import CudaSession
@@ -223,25 +229,31 @@ def naive_dump(pid, images):
     s = CudaSession(cuda_pids)
     s.lock_all(10_000)
     s.checkpoint_all()
-    runner.dump(pid, images, CriuOptions(), leave="killed")
+    runner.dump(pid, images, CriuOptions(), leave="killed", timeout=timeout)
     return pids, cuda_pids
 
 
-def naive_restore(images, cuda_pids):
+def naive_restore(images, cuda_pids, probe=first_token, between=None, timeout=None):
+    """`criu restore` from images, then the driver's restore + unlock of cuda_pids, then
+    probe() (the first answer): (root pid, answer, seconds of each and their total).
+    between(pid): called while CUDA is still checkpointed (what a standby is), its dict
+    joins the stages and its time counts in none of them."""
     from gpusnap.criu import runner
     from gpusnap.criu.argv import CriuOptions
     from gpusnap.cuda.session import CudaSession
     t0 = time.perf_counter()
-    pid = runner.restore(images, CriuOptions())
+    pid = runner.restore(images, CriuOptions(), timeout=timeout)
     t1 = time.perf_counter()
+    extra = between(pid) if between else {}
+    t2 = time.perf_counter()
     s = CudaSession(cuda_pids)
     s.restore_all(None)
     s.unlock_all()
-    t2 = time.perf_counter()
-    tokens = first_token()
     t3 = time.perf_counter()
-    return pid, tokens, {"criu_restore": t1 - t0, "cuda_restore+unlock": t2 - t1, "first_token": t3 - t2,
-                         "total": t3 - t0}
+    answer = probe()
+    t4 = time.perf_counter()
+    return pid, answer, {"criu_restore": t1 - t0, "cuda_restore+unlock": t3 - t2, "first_token": t4 - t3,
+                         "total": (t1 - t0) + (t4 - t2), **extra}
 
 
 def note(**kw):

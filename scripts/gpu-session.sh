@@ -20,6 +20,14 @@
 # on the one-GPU kind's 64 GiB disk: b30sdk with BREADTH_ARGS="--store /dev/shm/gpusnap-b30",
 # then b30, which removes the weights file after its cold start to make room for the store;
 # run them last, b30make first).
+# standby, diffusion and b30 (transparent) end with the naive baseline (cold_start.py's: the
+# driver by hand, plain `criu dump`/`criu restore`), one round trip (--naive-runs N for more;
+# BREADTH_ARGS=--no-naive leaves it out; `breadth.py ROW --dry-run` says where its images go):
+# about +30 s for standby (a 1.3B server's cold start and 3.9 GB through /dev/shm), +60 s for
+# diffusion (sdxl: a cold start and ~12 GB through /dev/shm), +2.5 min for b30 (~62 GB of
+# images on the disk once the store is gone: 128 GiB of RAM does not hold them beside the
+# checkpointed server; the whole step ~4 min: give it b30:420, in a call of its own). A row
+# whose budget lacks room for its naive step records why and keeps its other numbers.
 # s3row / daemonrow (benchmarks/fleet.py: the 1.3B server restored from an s3:// store on a
 # moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
 # picks the size, 1b by default; each ~2-3 min, give them 280 s). daemonrow: per run the

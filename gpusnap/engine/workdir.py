@@ -70,6 +70,16 @@ def tmpfs_options(path: str) -> str | None:
     return _tmpfs_mounts().get(path)
 
 
+def tmpfs_of(path: str) -> str | None:
+    """The mount point of the tmpfs that path (or the directory it would be made in) lies
+    on, None where it lies on none: bytes written there take host memory."""
+    mounts = _tmpfs_mounts()
+    probe = os.path.abspath(path)
+    while probe != "/" and probe not in mounts:
+        probe = os.path.dirname(probe)
+    return probe if probe in mounts else None
+
+
 def huge_tmpfs(path: str) -> bool:
     """Mount a tmpfs with huge pages at path (root only; once per boot), True when one is
     there. Under a lock: two gpusnaps mounting at once would stack mounts, and the second
@@ -100,12 +110,9 @@ def describe(store_path: str) -> dict:
         return {"path": os.path.join(HUGE_BASE, "gpusnap"), "tmpfs": None, "huge_pages": False,
                 "mounted_on_use": True}
     base = base_dir(store_path, mount=False)    # only looks
-    mounts = _tmpfs_mounts()
-    probe = base
-    while probe != "/" and probe not in mounts:
-        probe = os.path.dirname(probe)
-    options = mounts.get(probe)
-    return {"path": base, "tmpfs": probe if options is not None else None,
+    mount = tmpfs_of(base)
+    options = tmpfs_options(mount) if mount else None
+    return {"path": base, "tmpfs": mount,
             "huge_pages": "huge=always" in (options or "") or "huge=within_size" in (options or ""),
             "mounted_on_use": False}
 

@@ -151,3 +151,152 @@ def test_diffusion_table_says_whether_the_image_was_the_same():
                 "transparent": {"cold_s": 8.0, "deterministic": deterministic, "restore": [run]}}
     assert "| transparent | 8.00 | 1.00 | 2.00 | 3.00 |  | yes |" in breadth.summarise(row(True), "x")
     assert "| no (nor twice before the dump) |" in breadth.summarise(row(False, False), "x")
+
+
+# ---- the naive baseline ----------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def test_naive_images_go_to_ram_only_where_ram_holds_them_beside_the_host_copy():
+    images = breadth.naive_bytes("b30", breadth.b30_needs("30b")["weights"])
+    assert 62e9 < images < 64e9
+    # the one-GPU machine: 128 GiB of RAM, /dev/shm half of it, the disk emptied of the
+    # store (the weights file dropped): the images go to the disk
+    one = breadth.naive_place(images, 126 * GIB, [("/dev/shm/x", 63 * GIB, True), ("/w/naive", 64 * GIB, False)])
+    assert one == {"dir": "/w/naive", "in_ram": False, "images_bytes": images}
+    # the two-GPU machine: 256 GiB of RAM
+    two = breadth.naive_place(images, 252 * GIB, [("/dev/shm/x", 126 * GIB, True), ("/w/naive", 64 * GIB, False)])
+    assert two["dir"] == "/dev/shm/x" and two["in_ram"]
+    # nowhere: why, place by place
+    none = breadth.naive_place(images, 126 * GIB, [("/dev/shm/x", 63 * GIB, True), ("/w/naive", 7 * GIB, False)])
+    assert none["dir"] is None and "/dev/shm/x: in RAM" in none["why"] and "/w/naive: 7.5 GB free" in none["why"]
+    # a small server's images: /dev/shm, as cold_start.py's naive baseline
+    small = breadth.naive_place(breadth.naive_bytes("standby", 2 * 10**9), 126 * GIB,
+                                [("/dev/shm/x", 63 * GIB, True), ("/w/naive", 64 * GIB, False)])
+    assert small["dir"] == "/dev/shm/x"
+    assert breadth.naive_bytes("diffusion", 5.3e9) > 2 * 5.3e9          # images hold a cache as big
+    assert 100 < breadth.naive_seconds(images) < 150 and breadth.naive_seconds(0) == 10
+
+
+def test_b30_free_after_counts_the_weights_file_unless_dropped():
+    w = breadth.b30_needs("30b")["weights"]
+    assert breadth.b30_free_after(7 * GIB, w, w, True) == 7 * GIB + w          # dropped: its room too
+    assert breadth.b30_free_after(70 * GIB, w, w, False) == 70 * GIB           # made, stays
+    assert breadth.b30_free_after(120 * GIB, 0, w, False) == 120 * GIB - w     # to be made, stays
+    assert breadth.b30_free_after(GIB, 0, w, None) == 0
+
+
+def _machine(monkeypatch, ram: int, shm_free: int, work_free: int):
+    """The dry-run's facts of a GPU machine: RAM, /dev/shm (a tmpfs) and the disk's free bytes."""
+    import collections
+    import shutil
+
+    import psutil
+
+    from gpusnap.engine import workdir
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, shm_free if str(p).startswith("/dev/shm")
+                                                              else work_free))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: usage(ram, 0, 0))
+    monkeypatch.setattr(workdir, "tmpfs_of", lambda p: "/dev/shm" if str(p).startswith("/dev/shm") else None)
+
+
+def test_b30_dry_run_says_where_the_naive_images_would_go(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "models" / "30b" / "model.safetensors"
+    model.parent.mkdir(parents=True)
+    with open(model, "wb") as f:                    # the weights file b30make made (sparse)
+        f.truncate(breadth.b30_needs("30b")["weights"])
+    _machine(monkeypatch, ram=126 * GIB, shm_free=63 * GIB, work_free=7 * GIB)
+    assert breadth.main(["b30", "--dry-run", "--work", str(tmp_path)]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["drops_weights_file"] is True
+    assert p["naive"]["dir"] == str(tmp_path / "naive-images") and p["naive"]["in_ram"] is False
+    assert p["naive"]["runs"] == 1 and p["naive"]["estimate_s"] > 100
+    _machine(monkeypatch, ram=252 * GIB, shm_free=126 * GIB, work_free=7 * GIB)
+    breadth.main(["b30", "--dry-run", "--naive-runs", "2", "--work", str(tmp_path)])
+    p = json.loads(capsys.readouterr().out)
+    assert p["naive"]["dir"].startswith("/dev/shm/") and p["naive"]["runs"] == 2
+    for argv, says in ((["--no-naive"], "off"), (["--mode", "sdk"], "b30 --mode transparent")):
+        breadth.main(["b30", "--dry-run", "--work", str(tmp_path), *argv])
+        assert says in json.loads(capsys.readouterr().out)["naive"]
+    breadth.main(["tp", "--dry-run", "--work", str(tmp_path)])
+    assert "ghost-limit" in json.loads(capsys.readouterr().out)["naive"]
+
+
+def _naive_standby(total=0.6):
+    run = {"total": total, "resume_s": total - 0.05, "first_token_s": 0.05, "standby_restore_s": 2.0,
+           "restore_total": total + 2.0, "host_memory": 3e9, "gpu_memory_while_standby": 0,
+           "criu_restore": 2.0, "cuda_restore+unlock": total - 0.05, "first_token": 0.05, "dump_s": 3.0}
+    return {"dir": "/dev/shm/gpusnap-bench-naive", "in_ram": True, "cold_s": 6.0, "runs": [run]}
+
+
+def _standby(naive=None):
+    run = {"total": 0.5, "resume_s": 0.45, "first_token_s": 0.05, "standby_restore_s": 1.0,
+           "host_memory": 3e9, "gpu_memory_while_standby": 0}
+    return {"row": "standby", "size": "1b", "weights_bytes": 2e9, "runs": 3,
+            "transparent": {"cold_s": 5.0, "runs": [run]}, "sdk": {"cold_s": 5.0, "runs": [dict(run, total=0.3)]},
+            **({"naive": naive} if naive else {})}
+
+
+def test_standby_table_has_the_naive_line_and_x_naive_only_with_naive_numbers():
+    md = breadth.summarise(_standby(), "x")
+    assert "x naive" not in md and "naive" not in md
+    md = breadth.summarise(_standby(_naive_standby(0.6)), "x")
+    assert "| mode | resume to first token | x naive | resume |" in md
+    assert "| transparent | 0.50 | 1.20 | 0.45 |" in md and "| sdk | 0.30 | 2.00 |" in md
+    assert "| naive | 0.60 | 1.00 | 0.55 | 0.05 | 2.00 | 3.00 | 0.00 | 6.00 |" in md
+    assert "1 run(s) (the other modes: 3 each)" in md and "/dev/shm/gpusnap-bench-naive (host memory)" in md
+    assert "whole naive restore to first token: 2.60 s" in md
+    skipped = breadth.summarise(_standby({"skipped": "no room for 3 GB"}), "x")
+    assert "| naive | skipped: no room for 3 GB |" in skipped and "x naive" not in skipped
+    failed = breadth.summarise(_standby({"error": "CriuFailed: criu dump failed"}), "x")
+    assert "| naive | failed: CriuFailed: criu dump failed |" in failed and "x naive" not in failed
+
+
+def test_b30_and_diffusion_tables_put_naive_beside_the_transparent_numbers():
+    b30 = {"row": "b30", "size": "30b", "mode": "transparent", "weights_bytes": 61e9, "cold_s": 18.0,
+           "dump_s": 70.0, "bytes_logical": 61.8e9, "bytes_stored": 61e9,
+           "restore": {"total": 15.6, "criu_restore": 0.2, "cuda_restore": 10.1}}
+    md = breadth.summarise(b30, "x")
+    assert "x naive" not in md
+    naive = {"dir": "/w/naive-images", "in_ram": False, "runs": [
+        {"dump_s": 75.0, "bytes_logical": 62e9, "same_answer": True, "criu_restore": 33.0,
+         "cuda_restore+unlock": 10.0, "first_token": 0.05, "total": 43.05}]}
+    md = breadth.summarise(dict(b30, naive=naive), "x")
+    assert "| transparent | 18.00 | 70.00 | 61.80 | 61.00 | 15.60 | 2.76 | criu_restore 0.20" in md
+    assert "| naive |  | 75.00 | 62.00 |  | 43.05 | 1.00 | criu_restore 33.00, cuda_restore+unlock 10.00" in md
+    assert "/w/naive-images (disk)" in md
+    assert "| naive | failed: TimeoutError" in breadth.summarise(dict(b30, naive={"error": "TimeoutError: x"}), "x")
+    run = {"total": 2.0, "dump_s": 2.0, "bytes_logical": 3e9, "bytes_out_of_image": None, "same_answer": True}
+    diffusion = {"row": "diffusion", "size": "sdxl", "weights_bytes": 5.3e9, "runs": 2,
+                 "transparent": {"cold_s": 8.0, "restore": [run]},
+                 "naive": {"dir": "/dev/shm/n", "in_ram": True, "cold_s": 9.0, "deterministic": True,
+                           "restore": [dict(run, total=5.0, bytes_logical=11e9)]}}
+    md = breadth.summarise(diffusion, "x")
+    assert "| transparent | 8.00 | 2.00 | 2.50 | 2.00 | 3.00 |  | yes |" in md
+    assert "| naive | 9.00 | 5.00 | 1.00 | 2.00 | 11.00 |  | yes |" in md
+
+
+def test_tp_table_says_why_it_has_no_naive_line():
+    assert "no naive baseline: a plain `criu dump`" in breadth.summarise(_tp_row(), "x")
+
+
+def test_no_naive_flag_and_naive_runs():
+    assert breadth.parse(["standby"]).naive_runs == 1
+    assert breadth.parse(["standby", "--no-naive"]).naive_runs == 0
+    assert breadth.parse(["diffusion", "--naive-runs", "3"]).naive_runs == 3
+
+
+def test_a_budget_without_room_for_the_naive_step_records_why_and_starts_nothing(tmp_path, monkeypatch):
+    import argparse
+    monkeypatch.setattr(breadth, "naive_where", lambda *a: {"dir": "/dev/shm/n", "in_ram": True})
+    args = argparse.Namespace(work=str(tmp_path), row="standby", budget=5.0, dry_run=True, naive_runs=1)
+    ctx = breadth.Ctx(args)
+    row, started = {"row": "standby"}, []
+    breadth.with_naive(ctx, row, 10**9, started.append)
+    assert not started and "TimeoutError" in row["naive"]["error"] and "budget" in row["naive"]["error"]
+    args.naive_runs = 0
+    row = {"row": "standby"}
+    breadth.with_naive(breadth.Ctx(args), row, 10**9, started.append)
+    assert row == {"row": "standby"} and not started
