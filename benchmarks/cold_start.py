@@ -331,9 +331,11 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
     # "": the default (the uffd page path where the host has userfaultfd); criu: CRIU
     # writes the pages (--pages criu); warm: criu pages from `gpusnap warm`'s image cache;
     # shm: criu pages, images on /dev/shm (4 KiB pages) instead of gpusnap's huge-page
-    # tmpfs; thp: the default with THP=always during restore
+    # tmpfs; thp: the default with THP=always during restore; overlap: the default with
+    # the driver's staging memory placed while its CUDA restore reads it
     criu = {"GPUSNAP_PAGES": "criu"}
     known = {"criu": (criu, None), "warm": (criu, None),
+             "overlap": ({"GPUSNAP_UFFD_OVERLAP": "1"}, None),
              "shm": ({**criu, "GPUSNAP_WORKDIR": "/dev/shm/gpusnap-bench"}, None),
              "thp": ({}, "always")}
     variants = {"": ({}, None), **{v: known[v] for v in args_variants}}
@@ -589,7 +591,9 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--variants", default="warm",
                     help="comma list of extra restore rows: warm (after `gpusnap warm`), shm "
-                         "(images on /dev/shm, 4 KiB pages), thp (THP=always, naive too)")
+                         "(images on /dev/shm, 4 KiB pages), thp (THP=always, naive too), "
+                         "overlap (GPUSNAP_UFFD_OVERLAP=1: staging memory filled during the "
+                         "CUDA restore)")
     ap.add_argument("--sdk", action="store_true",
                     help="also the same server with gpusnap.sdk (weights out of the snapshot)")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")

@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import sysrun
+from ..cuda import staging
 from ..errors import CriuFailed
 from ..imagefile import lazy as lazy_plan
 from ..imagefile import mm, pagemap
@@ -51,6 +52,7 @@ SOCKET_NAME = "lazy-pages.socket"
 _PID = struct.Struct("=i")
 _END = -(1 << 31)                   # after the last descriptor gpusnap is given
 FILLED, FILLED_ACK, DONE = b"F", b"f", b"D"
+LATE, LATE_ACK, CHANGED = b"L", b"l", b"c"      # the late phase (Guard.late), its refusal
 
 
 # ---- images ------------------------------------------------------------------------------
@@ -124,30 +126,36 @@ def fill_items(pages: Pages, files: dict[str, list], zero_id: str) -> list[tuple
     return items
 
 
-def fill_batch(job, batch_index: int) -> int:
-    """Worker: decode each chunk of one batch and place its pieces. Returns bytes placed.
-    A remote store fetches the batch's chunks concurrently (read_blobs reads ahead)."""
-    repo, fds, batches = job
+def fill_batch(job, batch_index: int) -> tuple[int, int]:
+    """Worker: decode each chunk of one batch and place its pieces. Returns (the batch's
+    index, bytes placed). A remote store fetches the batch's chunks concurrently
+    (read_blobs reads ahead). job: (repo, fds, batches, first late batch): a late batch
+    is placed while the tree runs (engine/pagepath.py), where an area gone is skipped."""
+    repo, fds, batches, first_late = job
     items = batches[batch_index]
+    late = batch_index >= first_late
     blobs = repo.read_blobs([cid for cid, _n, _p in items if cid is not None])
-    return sum(place(repo, fds, cid, n, pieces, next(blobs) if cid is not None else None)
-               for cid, n, pieces in items)
+    return batch_index, sum(place(repo, fds, cid, n, pieces,
+                                  next(blobs) if cid is not None else None, gone_ok=late)
+                            for cid, n, pieces in items)
 
 
-def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list, blob=None) -> int:
+def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list, blob=None,
+          gone_ok: bool = False) -> int:
     """Decode one chunk (verified; blob: its stored bytes where read already) and place
     its pieces; a zero chunk as the zero page. Pages already present were placed by the
-    guard for a fault: left as they are. A remote store's cache keeps the chunk."""
+    guard for a fault: left as they are. A remote store's cache keeps the chunk.
+    gone_ok: an area unmapped meanwhile is skipped (uffd.copy)."""
     if cid is None:
         for pid, vaddr, _off, length in pieces:
-            uffd.zeropage(fds[pid], vaddr, length)
+            uffd.zeropage(fds[pid], vaddr, length, gone_ok=gone_ok)
         return 0
     blob = repo.read_blob(cid) if blob is None else blob
     view = repo.codec.decode_view(blob, cid, n, check="frame")
     repo.verified(cid, blob)
     base = uffd.address_of(view.obj)
     for pid, vaddr, off, length in pieces:
-        uffd.copy(fds[pid], vaddr, base + off, length)
+        uffd.copy(fds[pid], vaddr, base + off, length, gone_ok=gone_ok)
     return sum(p[3] for p in pieces)
 
 
@@ -162,17 +170,20 @@ class Guard:
         self.sock = sock
         self.fds: dict[int, int] = {}
         self.pids: list[int] = []
+        self._relay_done = False
 
     @classmethod
-    def start(cls, work: str, repo, items: list[tuple]) -> "Guard":
+    def start(cls, work: str, repo, items: list[tuple],
+              late: dict[int, list[tuple[int, int]]] | None = None) -> "Guard":
         """Fork the guard (before CRIU restore starts, and before any thread does).
-        repo and items (fill_items) let it place a page a task faults on at once."""
+        repo and items (fill_items) let it place a page a task faults on at once. late:
+        the ranges filled while the tree already runs (late())."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         ours, theirs = socket.socketpair()
         try:
             listener.bind(os.path.join(work, SOCKET_NAME))
             listener.listen(1)
-            pid = sysrun.fork_helper(_guard_main, listener, theirs, ours, repo, items)
+            pid = sysrun.fork_helper(_guard_main, listener, theirs, ours, repo, items, late or {})
         finally:
             listener.close()
             theirs.close()
@@ -207,12 +218,38 @@ class Guard:
                 self.fds[pid] = fds[0]
         return self.fds
 
+    def late(self) -> None:
+        """Every page outside the late ranges is in and CRIU restore has returned; the tree
+        is about to be continued while the late ranges (the driver's staging memory) are
+        filled. From here the guard serves a fault outside them as a page the task
+        dropped since (the zero page), and notes a fork or a change to the map within
+        them, which release() then refuses."""
+        self._relayed()
+        self.sock.sendall(LATE)
+        if self.sock.recv(1) != LATE_ACK:
+            raise CriuFailed("the lazy-pages guard went away before the tree was continued")
+
     def release(self) -> None:
         """Every page is in and CRIU restore has returned: close our descriptors, have
         the guard close its own."""
         self._close_fds()
+        self._relayed()
+        self.sock.sendall(FILLED)
+        answer = self.sock.recv(1)
+        if answer == CHANGED:
+            raise CriuFailed("the restored tree forked or changed the memory map of the "
+                             "driver's staging memory while gpusnap filled it",
+                             hint="restore again without GPUSNAP_UFFD_OVERLAP=1 (every page "
+                                  "is then in before the tree runs)")
+        if answer != FILLED_ACK:
+            raise CriuFailed("the lazy-pages guard went away before it released the pages")
+
+    def _relayed(self) -> None:
+        """What the guard relayed after the last descriptor, up to its end mark (once)."""
+        if self._relay_done:
+            return
         self.sock.settimeout(10.0)
-        while True:                     # what the guard relayed after the last descriptor
+        while True:
             msg, fds, _flags, _addr = socket.recv_fds(self.sock, _PID.size, 1)
             for fd in fds:
                 os.close(fd)
@@ -220,9 +257,7 @@ class Guard:
                 raise CriuFailed("the lazy-pages guard went away before it released the pages")
             if _PID.unpack(msg)[0] == _END:
                 break
-        self.sock.sendall(FILLED)
-        if self.sock.recv(1) != FILLED_ACK:
-            raise CriuFailed("the lazy-pages guard went away before it released the pages")
+        self._relay_done = True
 
     def close(self, done: bool) -> None:
         """done: the restore succeeded and was reported; else the guard kills the tree."""
@@ -257,10 +292,14 @@ class _GuardState:
     """The guard's loop (in the guard process): CRIU's connection, the tasks'
     descriptors and gpusnap's socket, on one selector."""
 
-    def __init__(self, gpusnap: socket.socket, repo, items: list[tuple]):
+    def __init__(self, gpusnap: socket.socket, repo, items: list[tuple],
+                 late: dict[int, list[tuple[int, int]]] | None = None):
         self.gpusnap = gpusnap
         self.repo = repo
         self.index = _FaultIndex(items)
+        self.late = late or {}
+        self.late_phase = False
+        self.changed: list[tuple[int, int, int, int]] = []     # (pid, event, start, end)
         self.sel = selectors.DefaultSelector()
         self.sel.register(gpusnap, selectors.EVENT_READ, self._word)
         self.uffds: dict[int, int] = {}          # fd -> pid
@@ -299,21 +338,31 @@ class _GuardState:
         rseq area): the chunk piece that holds the page is placed now (the fill then
         finds it present), a page that held nothing at the dump is mapped as zeros."""
         pid = self.uffds[fd]
-        for address in uffd.read_faults(fd):
+        faults, changes = uffd.read_events(fd)
+        if self.late_phase:
+            self.changed += [(pid, *c) for c in changes if late_change(self.late, pid, *c)]
+        for address in faults:
             piece = self.index.find(pid, address)
-            if piece is None:
-                uffd.zeropage(fd, address & ~(PAGE - 1), PAGE)
+            if piece is None or (self.late_phase and
+                                 not staging.contains(self.late, pid, address, address + 1)):
+                uffd.zeropage(fd, address & ~(PAGE - 1), PAGE, gone_ok=self.late_phase)
             else:
-                place(self.repo, {pid: fd}, *piece)
+                place(self.repo, {pid: fd}, *piece, gone_ok=self.late_phase)
 
     def _word(self, sock) -> None:
         word = sock.recv(1)
+        if word == LATE:
+            self.late_phase = True
+            sock.sendall(LATE_ACK)
+            return
         if word == FILLED:
+            for fd in list(self.uffds):     # what came before the last copy: read first
+                self._faults(fd)
             for fd in list(self.uffds):
                 self.sel.unregister(fd)
                 os.close(fd)
             self.uffds.clear()
-            sock.sendall(FILLED_ACK)
+            sock.sendall(CHANGED if self.changed else FILLED_ACK)
             return
         if word != DONE:                         # gpusnap went away
             _kill(self.pids)
@@ -344,10 +393,23 @@ class _FaultIndex:
         return (cid, n, [piece]) if address < end else None
 
 
+def late_change(late: dict[int, list[tuple[int, int]]], pid: int, event: int, start: int,
+                end: int) -> bool:
+    """Whether a change to pid's memory map, seen while the late ranges are filled, may
+    leave a page of them unfilled or filled wrongly: a fork (the child's copy of an
+    unfilled page would read zeros), a remap (its unfilled pages move where no fill goes)
+    or a remove (a page dropped there must read zeros, not what the fill places next)
+    that meets a late range. An unmap does neither: what is gone cannot be read, and the
+    fill skips it (uffd.copy's gone_ok)."""
+    if event == uffd.EVENT_FORK:
+        return True
+    return event in (uffd.EVENT_REMAP, uffd.EVENT_REMOVE) and staging.contains(late, pid, start, end)
+
+
 def _guard_main(listener: socket.socket, gpusnap: socket.socket, gpusnap_end: socket.socket,
-                repo, items) -> None:
+                repo, items, late) -> None:
     gpusnap_end.close()         # gpusnap's end: its close (or death) must reach us as EOF
-    state = _GuardState(gpusnap, repo, items)
+    state = _GuardState(gpusnap, repo, items, late)
     try:
         state.run(listener)
     except BaseException:   # noqa: BLE001 - whatever went wrong, the tree must not live on

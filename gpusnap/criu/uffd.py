@@ -35,9 +35,10 @@ _COPY = struct.Struct("=QQQQq")
 UFFDIO_ZEROPAGE = 0xC020AA04
 _ZEROPAGE = struct.Struct("=QQQq")
 # struct uffd_msg { u8 event; u8, u16, u32 reserved; union arg (24 bytes) }: for a page
-# fault arg is { u64 flags; u64 address; u32 ptid }, for a fork { u32 ufd }
-_MSG = struct.Struct("=B7xQQ8x")
-EVENT_PAGEFAULT, EVENT_FORK = 0x12, 0x13
+# fault arg is { u64 flags; u64 address; u32 ptid }, for a fork { u32 ufd }, for a remap
+# { u64 from, to, len }, for a remove or an unmap { u64 start, end }
+_MSG = struct.Struct("=B7xQQQ")
+EVENT_PAGEFAULT, EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP = 0x12, 0x13, 0x14, 0x15, 0x16
 
 
 class CopyError(OSError):
@@ -48,7 +49,7 @@ REGISTER_WAIT_S = 30.0
 PAGE_SIZE = 4096
 
 
-def copy(uffd: int, dst: int, src: int, length: int) -> None:
+def copy(uffd: int, dst: int, src: int, length: int, gone_ok: bool = False) -> None:
     """Place length bytes at src (an address in this process) at dst in the target.
 
     CRIU hands the descriptor over before the task's restorer has moved its areas into
@@ -56,7 +57,8 @@ def copy(uffd: int, dst: int, src: int, length: int) -> None:
     there; nothing is written), and the copy is tried again, for REGISTER_WAIT_S at
     most. EAGAIN (the memory map changed meanwhile) goes on from where it stopped.
     EEXIST (a page already present: the guard placed it for a fault, from the same
-    chunk) skips that page."""
+    chunk) skips that page. gone_ok (the tree runs already, so every area was registered
+    long ago): ENOENT means the area is gone (unmapped), and the rest is skipped."""
     done = 0
     deadline = None
     while done < length:
@@ -72,6 +74,8 @@ def copy(uffd: int, dst: int, src: int, length: int) -> None:
             if exc.errno == errno.EEXIST:
                 done += max(copied, 0) + PAGE_SIZE
                 continue
+            if exc.errno == errno.ENOENT and gone_ok:
+                return
             if exc.errno == errno.ENOENT and _wait_registered(deadline := deadline or _deadline()):
                 continue
             raise CopyError(exc.errno, f"UFFDIO_COPY of {length - done} bytes at {dst + done:#x}: "
@@ -116,25 +120,37 @@ def read_faults(fd: int) -> list[int]:
     Other events (fork, remap, remove, unmap) are read, which lets their task go on; a
     fork's new descriptor is closed (its child's faults are then not served: such a
     child is not one CRIU restores)."""
-    out = []
+    return read_events(fd)[0]
+
+
+def read_events(fd: int) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """read_faults', and the changes to the task's memory map among the events read:
+    (event, start, end) of each remap (the range it moved away from), remove, unmap, and
+    (EVENT_FORK, 0, 0) for a fork."""
+    faults, changes = [], []
     while True:
         try:
             data = os.read(fd, _MSG.size * 64)
         except BlockingIOError:
-            return out
+            return faults, changes
         if not data:
-            return out
+            return faults, changes
         for i in range(0, len(data) - _MSG.size + 1, _MSG.size):
-            event, a, b = _MSG.unpack_from(data, i)
+            event, a, b, c = _MSG.unpack_from(data, i)
             if event == EVENT_PAGEFAULT:
-                out.append(b)
+                faults.append(b)
             elif event == EVENT_FORK:
                 os.close(a & 0xFFFFFFFF)
+                changes.append((event, 0, 0))
+            elif event == EVENT_REMAP:
+                changes.append((event, a, a + c))
+            elif event in (EVENT_REMOVE, EVENT_UNMAP):
+                changes.append((event, a, b))
 
 
-def zeropage(uffd: int, start: int, length: int) -> None:
+def zeropage(uffd: int, start: int, length: int, gone_ok: bool = False) -> None:
     """Map the zero page over [start, start+length) in the target (EEXIST: already
-    there, fine: something placed it first)."""
+    there, fine: something placed it first; gone_ok: as for copy())."""
     deadline = None
     while True:
         arg = bytearray(_ZEROPAGE.pack(start, length, 0, 0))
@@ -142,7 +158,7 @@ def zeropage(uffd: int, start: int, length: int) -> None:
             fcntl.ioctl(uffd, UFFDIO_ZEROPAGE, arg, True)
             return
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            if exc.errno == errno.EEXIST or (exc.errno == errno.ENOENT and gone_ok):
                 return
             if exc.errno in (errno.ENOENT, errno.EAGAIN) and _wait_registered(deadline := deadline or _deadline()):
                 continue

@@ -31,6 +31,7 @@ from typing import Callable
 
 from .. import VERSION, interrupts
 from ..criu import pageserver
+from ..cuda import staging
 from ..criu.runner import log_errors
 from ..criu.locate import find_criu
 from ..errors import ContainerEngineError, CriuFailed, GpusnapError, Interrupted, UsageError
@@ -223,10 +224,13 @@ class _Dump:
                 cuda_facts = cuda.describe()
         self.held_since = self.held_since or time.monotonic()   # downtime starts
         if cuda:
+            mapped = staging.snapshot(cuda.pids)       # /proc/PID/maps: ~1 ms a pid
             with stages.stage("cuda_lock"):
                 cuda.lock_all(req.lock_timeout_ms)
             with stages.stage("cuda_checkpoint"):
                 cuda.checkpoint_all()
+            if cuda_facts is not None:                  # where the device memory went
+                cuda_facts.staging = staging.gained(mapped)
         known = cuda.pids if cuda else []
         with stages.stage("cuda_recheck"):
             cudarace.check(self.dumper.pids_now(), known, gpu.cuda_pids)

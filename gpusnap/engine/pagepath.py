@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..criu import lazy
+from ..cuda import staging
 from ..criu import runner as criu_runner
 from ..errors import CriuFailed, UsageError
 from ..imagefile import core
@@ -70,11 +71,16 @@ class Fill:
     workers: int = 0
     mode: str = ""
     notes: list[str] = field(default_factory=list)
+    late_bytes: int = 0             # placed while the tree ran (GPUSNAP_UFFD_OVERLAP)
+    early_seconds: float | None = None
 
     def to_dict(self) -> dict:
         gbps = self.bytes / self.seconds / 1e9 if self.seconds else None
-        return {"bytes": self.bytes, "seconds": round(self.seconds, 4), "workers": self.workers,
-                "mode": self.mode, "gb_per_s": round(gbps, 2) if gbps else None}
+        out = {"bytes": self.bytes, "seconds": round(self.seconds, 4), "workers": self.workers,
+               "mode": self.mode, "gb_per_s": round(gbps, 2) if gbps else None}
+        if self.late_bytes:
+            out.update(late_bytes=self.late_bytes, early_seconds=round(self.early_seconds or 0, 4))
+        return out
 
 
 @dataclass
@@ -130,18 +136,65 @@ def prepare(repo, m, images: str, progress=None) -> Prepared:
     return Prepared(images, pages.tasks, items, _stopped_at_dump(images))
 
 
+OVERLAP_ENV = "GPUSNAP_UFFD_OVERLAP"
+TEST_LATE_ENV = "GPUSNAP_TEST_LATE"     # "largest": each pid's largest run is late (CPU tests)
+
+
+def late_ranges(m, items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
+    """What the fill places after the tree is continued (GPUSNAP_UFFD_OVERLAP=1): the
+    driver's staging memory of each CUDA pid (cuda/staging.py), which its CUDA restore
+    reads while the rest is filled; {} otherwise, and for a snapshot that did not record it."""
+    if os.environ.get(OVERLAP_ENV) != "1":
+        return {}
+    if os.environ.get(TEST_LATE_ENV) == "largest":
+        return _largest_runs(items)
+    if not m.cuda:
+        return {}
+    ranges = m.cuda.staging_ranges()
+    return {pid: spans for pid, spans in ranges.items() if pid in m.cuda.pids}
+
+
+def _largest_runs(items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
+    """Each pid's largest run of contiguous lazy pages (the stand-in for staging memory
+    in tests without a GPU)."""
+    by_pid: dict[int, list[tuple[int, int]]] = {}
+    for _cid, _n, pieces in items:
+        for pid, vaddr, _off, length in pieces:
+            by_pid.setdefault(pid, []).append((vaddr, vaddr + length))
+    out = {}
+    for pid, spans in by_pid.items():
+        runs: list[list[int]] = []
+        for start, end in sorted(spans):
+            if runs and start <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], end)
+            else:
+                runs.append([start, end])
+        start, end = max(runs, key=lambda r: r[1] - r[0])
+        out[pid] = [(start, end)]
+    return out
+
+
 class UffdPages:
-    """One restore's uffd page path (strategies/process.py runs it in place of CRIU's)."""
+    """One restore's uffd page path (strategies/process.py runs it in place of CRIU's).
+
+    With late ranges (late_ranges()), the fill runs in two parts on the same workers:
+    everything else first, the tasks stopped; then the tree is continued (its CUDA
+    restore needs it running) while the workers place the late ranges, which only the
+    driver reads, and the guard serves any page a task faults on (finish_late())."""
 
     def __init__(self):
         self.guard: lazy.Guard | None = None
         self.fill = Fill()
+        self.filling: _Filling | None = None
 
     def restore(self, plan, repo, work: str, prep: Prepared, stages, progress):
-        """Up to a restored, filled, continued tree: (root pid, the cuInit thread or None).
-        cuInit starts once the fill's workers are forked (no thread may run before)."""
+        """Up to a restored, filled (all but the late ranges), continued tree: (root pid,
+        the cuInit thread or None). cuInit starts once the fill's workers are forked (no
+        thread may run before)."""
         m = plan.manifest
-        self.guard = lazy.Guard.start(work, repo, prep.items)
+        late = late_ranges(m, prep.items)
+        early, later = staging.split_items(prep.items, late)
+        self.guard = lazy.Guard.start(work, repo, prep.items, late if later else None)
         opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
         cuinit: list = []
         running = criu_runner.start_restore(prep.images, opts, work_dir=work, criu=plan.criu_path)
@@ -149,9 +202,11 @@ class UffdPages:
             with stages.stage("criu_restore"):      # until every task's userfaultfd is here
                 fds = self.guard.receive(prep.tasks, alive=lambda: not running.exited())
             with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
-                self.fill = _fill(repo, fds, prep.items, progress,
-                                  lambda: m.cuda and cuinit.append(gpu.init_in_background()))
+                self.filling = _Filling(repo, fds, early, later, progress,
+                                        lambda: m.cuda and cuinit.append(gpu.init_in_background()))
+                self.filling.wait_early()
         except BaseException as exc:
+            self.stop_filling()
             if isinstance(exc, CriuFailed):
                 _raise_criu_failure(running)    # CRIU's own error, where it failed first
             running.proc.kill()                 # CRIU waits on tasks nobody serves now
@@ -159,11 +214,39 @@ class UffdPages:
             raise
         with stages.stage("criu_finish"):
             root = criu_runner.finish_restore(running)
-            self.guard.release()
+            if self.filling.pending:
+                self.guard.late()
+            else:
+                self.fill = self.filling.result()
+                self.filling = None
+                self.guard.release()
         for pid in self.guard.pids:
             if pid not in prep.stopped:
                 _continue(pid)
         return root, (cuinit[0] if cuinit else None)
+
+    @property
+    def pending(self) -> bool:
+        """Late ranges are still being placed (finish_late() has not run)."""
+        return self.filling is not None
+
+    def finish_late(self, stages) -> None:
+        """Wait for the late ranges to be in, then release the descriptors (the guard
+        refuses when the tree forked or remapped them meanwhile: lazy.late_change)."""
+        if self.filling is None:
+            return
+        with stages.stage("uffd_fill_late"):
+            try:
+                self.fill = self.filling.finish()
+            finally:
+                self.filling = None
+            self.guard.release()
+
+    def stop_filling(self) -> None:
+        """The fill's workers stop (a failure); nothing once the fill is done."""
+        if self.filling is not None:
+            self.filling.stop()
+            self.filling = None
 
     def done(self) -> None:
         """The restore succeeded and is reported: the guard lets the tree be."""
@@ -172,7 +255,9 @@ class UffdPages:
             self.guard = None
 
     def abort(self) -> None:
-        """The restore failed: the guard kills whatever CRIU restored, then goes."""
+        """The restore failed: the workers stop, the guard kills whatever CRIU
+        restored, then goes."""
+        self.stop_filling()
         if self.guard:
             self.guard.close(done=False)
             self.guard = None
@@ -189,26 +274,87 @@ def _raise_criu_failure(running) -> None:
         criu_runner.finish_restore(running)     # raises CRIU's failure, with its log's errors
 
 
-def _fill(repo, fds: dict[int, int], items: list, progress, on_forked) -> Fill:
-    batches = parallel.batches(items, lambda it: it[1])
-    workers = parallel.workers()
-    repo.prepare_reads()
-    started = time.perf_counter()
-    mode, results = parallel.run(lazy.fill_batch, (repo, fds, batches), len(batches), workers)
-    placed, first = 0, True
-    try:
-        for n in results:
-            placed += n
-            if first:
-                on_forked()
-                first = False
-            if progress:
-                progress(n)
-    finally:
-        results.close()
-    if first:
-        on_forked()
-    return Fill(bytes=placed, seconds=time.perf_counter() - started, workers=workers, mode=mode)
+class _Filling:
+    """One parallel run of the fill over the early batches, then the late ones: worker
+    k takes batches k, k+W, ... (store/parallel.py), so every worker places its early
+    share first. wait_early() returns once every early batch is in; finish() once all
+    are. The workers go on by themselves meanwhile (their results are a few bytes each)."""
+
+    def __init__(self, repo, fds: dict[int, int], early: list, late: list, progress, on_forked):
+        size = lambda it: it[1]     # noqa: E731
+        first, rest = parallel.batches(early, size), parallel.batches(late, size)
+        if rest and not first:      # the workers fork at the first wait: before cuInit's thread
+            first, rest = rest[:1], rest[1:]
+        self.first_late = len(first)
+        self.early_left = len(first)
+        self.late_left = len(rest)
+        self.progress, self.on_forked = progress, on_forked
+        self.workers = parallel.workers()
+        self.placed = 0
+        self.late_bytes = sum(it[1] for it in late)
+        repo.prepare_reads()
+        self.started = time.perf_counter()
+        self.early_s = 0.0
+        self.mode, self.results = parallel.run(
+            lazy.fill_batch, (repo, fds, first + rest, len(first)), len(first) + len(rest),
+            self.workers)
+        self.forked = False
+
+    @property
+    def pending(self) -> bool:
+        return self.late_left > 0
+
+    def wait_early(self) -> None:
+        try:
+            while self.early_left:
+                self._one(next(self.results))
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            self._forked()
+        self.early_s = time.perf_counter() - self.started
+        if not self.late_left:
+            self._drain()
+
+    def finish(self) -> Fill:
+        try:
+            while self.late_left:
+                self._one(next(self.results))
+            self._drain()
+        except BaseException:
+            self.stop()
+            raise
+        return self.result()
+
+    def result(self) -> Fill:
+        return Fill(bytes=self.placed, seconds=time.perf_counter() - self.started,
+                    workers=self.workers, mode=self.mode, late_bytes=self.late_bytes,
+                    early_seconds=self.early_s if self.late_bytes else None)
+
+    def stop(self) -> None:
+        """The workers go (SIGTERM) and are reaped."""
+        self.results.close()
+
+    def _one(self, got) -> None:
+        index, n = got
+        self._forked()
+        self.placed += n
+        if index < self.first_late:
+            self.early_left -= 1
+        else:
+            self.late_left -= 1
+        if self.progress:
+            self.progress(n)
+
+    def _drain(self) -> None:
+        for _ in self.results:          # the generator's end: the workers' "done"s
+            pass
+
+    def _forked(self) -> None:
+        if not self.forked:
+            self.forked = True
+            self.on_forked()
 
 
 def _stopped_at_dump(images: str) -> set[int]:

@@ -130,12 +130,20 @@ class CudaFacts:
     cuda_driver_version: int | None = None
     gpus: list[dict] = field(default_factory=list)             # cuda.discover.GpuInfo as JSON
     used_memory: dict[str, int] = field(default_factory=dict)  # GPU uuid -> bytes
+    # pid -> [[start, end], ...]: host memory the checkpoint added (cuda/staging.py)
+    staging: dict[str, list[list[int]]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"pids": list(self.pids), "states": dict(self.states),
-                "driver_version": self.driver_version,
-                "cuda_driver_version": self.cuda_driver_version,
-                "gpus": list(self.gpus), "used_memory": dict(self.used_memory)}
+        out = {"pids": list(self.pids), "states": dict(self.states),
+               "driver_version": self.driver_version,
+               "cuda_driver_version": self.cuda_driver_version,
+               "gpus": list(self.gpus), "used_memory": dict(self.used_memory)}
+        if self.staging:
+            out["staging"] = {k: [list(r) for r in v] for k, v in self.staging.items()}
+        return out
+
+    def staging_ranges(self) -> dict[int, list[tuple[int, int]]]:
+        return {int(k): [(s, e) for s, e in v] for k, v in self.staging.items()}
 
     @classmethod
     def from_json(cls, f: Fields) -> "CudaFacts":
@@ -143,7 +151,30 @@ class CudaFacts:
                    driver_version=f.str("driver_version", None),
                    cuda_driver_version=f.int("cuda_driver_version", None),
                    gpus=f.list("gpus", _gpu, list),
-                   used_memory=f.mapping("used_memory", lambda v, w: int_in(v, w), dict))
+                   used_memory=f.mapping("used_memory", lambda v, w: int_in(v, w), dict),
+                   staging=_staging(f))
+
+
+def _staging(f: Fields) -> dict[str, list[list[int]]]:
+    out = f.mapping("staging", _ranges, dict)
+    for key in out:
+        pid(int(key) if key.isdigit() else key, f"{f.at('staging')}.{key}")
+    return out
+
+
+def _ranges(value, where: str) -> list[list[int]]:
+    if type(value) is not list:
+        raise invalid(where, "a list", value)
+    return [_range(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _range(value, where: str) -> list[int]:
+    if type(value) is not list or len(value) != 2:
+        raise invalid(where, "[start, end]", value)
+    start, end = (int_in(v, where, 0, (1 << 64) - 1) for v in value)
+    if start >= end or start % 4096 or end % 4096:
+        raise invalid(where, "page-aligned [start, end) with start < end")
+    return [start, end]
 
 
 @dataclass

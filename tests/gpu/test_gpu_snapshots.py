@@ -28,7 +28,7 @@ def _state(pid: int) -> str:
     return get_driver().get_state(pid).name
 
 
-def _roundtrip(holder, gpusnap, *extra_restore):
+def _roundtrip(holder, gpusnap, *extra_restore, env=None):
     before = holder.check()
     assert before["intact"]
     rc, snap, err = gpusnap("dump", "--pid", str(holder.pid))
@@ -37,7 +37,7 @@ def _roundtrip(holder, gpusnap, *extra_restore):
     pid = holder.pid
     holder.stop()                       # reap: gpusnap killed it after the commit
     wait_pids_free([pid])
-    rc, res, err = gpusnap("restore", snap["id"], *extra_restore)
+    rc, res, err = gpusnap("restore", snap["id"], *extra_restore, env=env)
     assert rc == 0, err
     assert res["pid"] == pid
     holder.pid = pid
@@ -60,6 +60,18 @@ def test_2gib_of_gpu_data_survives_dump_and_restore(start_holder, gpusnap):
         with open(os.path.join(out, "gpu_stages.json"), "w") as f:
             json.dump({"card": host_gpus().gpus[0].name, "gib": 2.0, "bytes_logical": snap["bytes_logical"],
                        "bytes_new": snap["bytes_new"], "stages": stages}, f, indent=1)
+    holder.stop()
+
+
+def test_staging_memory_filled_during_the_cuda_restore(start_holder, gpusnap):
+    """GPUSNAP_UFFD_OVERLAP=1: the dump recorded where the driver put the device memory;
+    the restore places it while the driver's restore reads it, and the data, graphs and
+    cuBLAS come back as without it."""
+    holder = start_holder(gib=2.0, mode="graphs")
+    snap, res = _roundtrip(holder, gpusnap, "--pages", "uffd", env={"GPUSNAP_UFFD_OVERLAP": "1"})
+    assert res["fill"].get("late_bytes", 0) >= 1 << 30, (res["fill"], res["notes"])
+    assert "uffd_fill_late" in res["timings"], res["timings"]
+    assert holder.check()["graphs_ok"]
     holder.stop()
 
 

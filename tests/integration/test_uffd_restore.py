@@ -4,6 +4,7 @@ the restored tree may be left (the guard kills it), and the snapshot restores fi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,31 +83,44 @@ def test_kill_9_during_the_fill_leaves_no_restored_tree(workload, gpusnap, store
     """A chunk of the pages becomes a FIFO: the worker that opens it waits there, the
     fill is under way, and gpusnap is killed. The guard must kill the tree."""
     w, snap = _dump(workload, gpusnap)
-    from gpusnap.store import Repository
-    repo = Repository.open(store, create=False)
-    m = repo.load(snap["id"])
-    pages = [f for f in m.files if f.path.startswith("pages-")]
     # A chunk from the middle of the root's data (the biggest pages image): lazy, so the
     # fill reads it; and no restorer faults on it while CRIU runs.
-    biggest = max(pages, key=lambda f: f.size)
-    stored = [c for c, n in biggest.chunks if c != "zero"]
-    cid = stored[len(stored) // 2]
-    path = repo.chunk_path(cid)
-    os.rename(path, path + ".real")
-    os.mkfifo(path, 0o600)
-    proc = _restore_cli(store, snap["id"])
-    try:
+    with _fifo_chunk(store, snap["id"], lambda stored: stored[len(stored) // 2]):
+        proc = _restore_cli(store, snap["id"])
         assert _wait(lambda: _alive([w.pid])), "CRIU never restored the tree"
         time.sleep(0.5)                       # the fill runs into the FIFO meanwhile
-        proc.kill()
-        proc.wait()
-        assert _wait(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
+        _kill_and_see_the_tree_go(proc, w)
+    _restores_again(w, gpusnap, snap)
+
+
+@contextlib.contextmanager
+def _fifo_chunk(store: str, snap_id: str, pick):
+    """A stored chunk of the biggest pages image (pick(its chunk ids) says which) becomes
+    a FIFO: the fill's worker that opens it waits there until the block ends."""
+    from gpusnap.store import Repository
+    repo = Repository.open(store, create=False)
+    m = repo.load(snap_id)
+    biggest = max((f for f in m.files if f.path.startswith("pages-")), key=lambda f: f.size)
+    path = repo.chunk_path(pick([c for c, n in biggest.chunks if c != "zero"]))
+    os.rename(path, path + ".real")
+    os.mkfifo(path, 0o600)
+    try:
+        yield path
     finally:
         _unblock(path)
         os.unlink(path)
         os.rename(path + ".real", path)
+
+
+def _kill_and_see_the_tree_go(proc, w) -> None:
+    proc.kill()
+    proc.wait()
+    assert _wait(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
+
+
+def _restores_again(w, gpusnap, snap, env=None) -> None:
     wait_pids_free(w.pids)
-    rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd")
+    rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd", env=env)
     assert rc == 0, err
     assert w.report()["data_ok"]
     w.kill_all()
@@ -141,3 +155,37 @@ def _unblock(fifo: str) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+OVERLAP = {"GPUSNAP_UFFD_OVERLAP": "1", "GPUSNAP_TEST_LATE": "largest"}
+
+
+def test_late_ranges_filled_while_the_tree_runs(workload, gpusnap):
+    """GPUSNAP_UFFD_OVERLAP: the late ranges (a CUDA pid's staging memory; here each
+    pid's largest run of pages, as the test hook makes them) are placed after the tree
+    is continued, its threads running and faulting on them meanwhile: every page comes
+    back, and the restore reports only once all are in."""
+    w, snap = _dump(workload, gpusnap)
+    rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd", env=OVERLAP)
+    assert rc == 0, err
+    assert res["fill"]["late_bytes"] >= 32 << 20, res["fill"]
+    assert "uffd_fill_late" in res["timings"], res["timings"]
+    report = w.report()
+    assert report["data_ok"] and report["zeros_ok"] and report["children_ok"], report
+    assert report["threads_moving"]
+    w.kill_all()
+
+
+def test_kill_9_during_the_late_fill_leaves_no_restored_tree(workload, gpusnap, store):
+    """gpusnap killed while the late ranges are placed, the tree running: the guard
+    kills the tree (its tasks wait on any page not placed, they never read zeros)."""
+    w, snap = _dump(workload, gpusnap)
+    with _fifo_chunk(store, snap["id"], lambda stored: stored[-2]):     # in the root's largest run
+        proc = _restore_cli(store, snap["id"], env=OVERLAP)
+        running = lambda: any(psutil.Process(p).status() != psutil.STATUS_STOPPED  # noqa: E731
+                              for p in _alive(w.pids))
+        assert _wait(running), "the tree was never continued"
+        time.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()
+        _kill_and_see_the_tree_go(proc, w)
+    _restores_again(w, gpusnap, snap, env=OVERLAP)

@@ -16,6 +16,7 @@ restore failed, or that died right after, is killed, not left half alive.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from ... import interrupts
 from ...criu import netlock, timewait
 from ...criu import runner as criu_runner
 from ...criu.argv import CriuOptions
-from ...errors import (CriuFailed, ImageError, OutsideDescriptors, PidInUse, RestoredTreeDied,
+from ...errors import (CriuFailed, CudaFailed, ImageError, OutsideDescriptors, PidInUse, RestoredTreeDied,
                        TargetNotFound, UsageError)
 from ...imagefile import inetsk
 from ...model import Manifest, Target
@@ -97,28 +98,22 @@ class ProcessStrategy:
         pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
         root_pid = None
         try:
-            with repo.shared_lock(), repo.prefetch(m, _small_images(m)) as ahead:
-                # rm and gc (which drop caches) wait for CRIU; a remote store's packs come
-                # ahead of the reads, several at once
-                if ahead:
-                    plan.notes.append(f"{ahead.packs} packs ({ahead.bytes / 1e9:.2f} GB) "
-                                      f"fetched ahead from the store while restoring")
-                agent_steps.prepare_socket_dirs(m)  # SDK: CRIU re-binds the agent's socket there
+            with contextlib.ExitStack() as reading:
+                root_pid, cuinit = _pages_in(plan, repo, work, stages, progress, pages, reading)
+                if not (pages and pages.pending):
+                    reading.close()                 # else: once the late fill is in
+                guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
+                alive.check_tree(root_pid, m.pids, "once CRIU restored it", m.notes)
+                running = time.monotonic()          # CUDA's threads wait for the unlock
+                sdk = standby = None
+                if not plan.request.standby:
+                    _restore_cuda(plan, cuinit, stages, pages)
                 if pages:
-                    prep = _prepared(plan, repo, work, stages, progress)
-                    _make_room(plan, prep.images, stages)
-                    root_pid, cuinit = pages.restore(plan, repo, work, prep, stages, progress)
-                else:
-                    root_pid, cuinit = _criu_pages(plan, repo, work, stages, progress)
-            guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
-            alive.check_tree(root_pid, m.pids, "once CRIU restored it", m.notes)
-            running = time.monotonic()              # CUDA's threads wait for the unlock
-            sdk = standby = None
+                    pages.finish_late(stages)       # every page in, before the tree is ours
             if plan.request.standby:                # CUDA and the SDK wait for `gpusnap resume`
                 alive.settle_and_check(root_pid, m.pids, stages, m.notes, running)
                 standby = _record_standby(plan, root_pid, stages)
             else:
-                _restore_cuda(plan, cuinit, stages)
                 running = time.monotonic() if m.cuda else running
                 sdk = agent_steps.resume(m, stages) # SDK: the server reads its weights back
                 alive.settle_and_check(root_pid, m.pids, stages, m.notes, running)
@@ -136,6 +131,27 @@ class ProcessStrategy:
         finally:
             workdir.remove(work)
             guard.end()
+
+
+def _pages_in(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress,
+              pages: pagepath.UffdPages | None, reading: contextlib.ExitStack):
+    """CRIU restores the tree and its pages come in (all, or all but the late ranges:
+    pagepath.py), under the store's shared lock, which reading holds. (root, cuInit)."""
+    m = plan.manifest
+    # rm and gc (which drop caches) wait for CRIU and the fill; a remote store's packs
+    # come ahead of the reads, several at once
+    reading.enter_context(repo.shared_lock())
+    ahead = reading.enter_context(repo.prefetch(m, _small_images(m)))
+    if ahead:
+        plan.notes.append(f"{ahead.packs} packs ({ahead.bytes / 1e9:.2f} GB) "
+                          f"fetched ahead from the store while restoring")
+    agent_steps.prepare_socket_dirs(m)      # SDK: CRIU re-binds the agent's socket there
+    if not pages:
+        return _criu_pages(plan, repo, work, stages, progress)
+    reading.callback(pages.stop_filling)    # on a failure: before the unlock
+    prep = _prepared(plan, repo, work, stages, progress)
+    _make_room(plan, prep.images, stages)
+    return pages.restore(plan, repo, work, prep, stages, progress)
 
 
 def _small_images(m: Manifest) -> list[str]:
@@ -240,7 +256,11 @@ def _record_standby(plan: RestorePlan, root_pid: int, stages: Stages) -> dict:
     return {"host_memory": tree_rss(pids), "cuda_pids": list(m.cuda.pids)}
 
 
-def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: Stages) -> None:
+def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: Stages,
+                  pages: pagepath.UffdPages | None = None) -> None:
+    """CUDA restore + unlock. pages with late ranges pending: the driver's restore reads
+    its staging memory while the fill places it; all of it is in before the unlock. A
+    driver that refuses to restore from memory still being filled gets it whole, once."""
     cuda_pids = list(plan.manifest.cuda.pids) if plan.manifest.cuda else []
     if not cuda_pids:
         return
@@ -249,7 +269,18 @@ def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: St
     with stages.stage("cuda_state"):            # each pid's state, as the driver says
         cuda = gpu.session(cuda_pids)
     with stages.stage("cuda_restore"):
-        cuda.restore_all(plan.gpu_pairs)
+        try:
+            cuda.restore_all(plan.gpu_pairs)
+        except CudaFailed as exc:
+            if not (pages and pages.pending):
+                raise
+            pages.finish_late(stages)
+            plan.notes.append(f"CUDA restore during the fill failed ({exc.message}); "
+                              f"restored again once every page was in")
+            cuda = gpu.session(cuda_pids)
+            cuda.restore_all(plan.gpu_pairs)
+    if pages:
+        pages.finish_late(stages)
     with stages.stage("cuda_unlock"):
         cuda.unlock_all()
 
