@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from .. import interrupts
 from ..criu import lazy
 from ..criu import runner as criu_runner
 from ..errors import CriuFailed, UsageError
@@ -144,14 +145,19 @@ class UffdPages:
         self.guard = lazy.Guard.start(work, repo, prep.items)
         opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
         cuinit: list = []
-        running = criu_runner.start_restore(prep.images, opts, work_dir=work, criu=plan.criu_path)
+        running = None
         try:
+            with interrupts.held():             # a CRIU started is a CRIU stopped below
+                running = criu_runner.start_restore(prep.images, opts, work_dir=work,
+                                                    criu=plan.criu_path)
             with stages.stage("criu_restore"):      # until every task's userfaultfd is here
                 fds = self.guard.receive(prep.tasks, alive=lambda: not running.exited())
             with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
                 self.fill = _fill(repo, fds, prep.items, progress,
                                   lambda: m.cuda and cuinit.append(gpu.init_in_background()))
         except BaseException as exc:
+            if running is None:
+                raise
             if isinstance(exc, CriuFailed):
                 _raise_criu_failure(running)    # CRIU's own error, where it failed first
             running.proc.kill()                 # CRIU waits on tasks nobody serves now

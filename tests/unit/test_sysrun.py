@@ -25,14 +25,15 @@ def test_ctrl_c_lets_the_child_finish_then_is_raised(tmp_path):
 
 def interrupted_at_the_start(monkeypatch):
     """A Ctrl-C that lands while the child is being started (fork done, exec awaited):
-    Popen returns into a KeyboardInterrupt."""
-    real = subprocess.Popen
+    Popen returns into a KeyboardInterrupt. The list of the children started."""
+    real, started = subprocess.Popen, []
 
     def popen(*args, **kwargs):
-        proc = real(*args, **kwargs)
+        started.append(real(*args, **kwargs))
         os.kill(os.getpid(), signal.SIGINT)
-        return proc
+        return started[-1]
     monkeypatch.setattr(sysrun.subprocess, "Popen", popen)
+    return started
 
 
 def test_ctrl_c_while_the_child_starts_still_waits_for_it(tmp_path, monkeypatch):
