@@ -131,11 +131,13 @@ class ProcessStrategy:
         except BaseException as exc:
             _undo_restore(repo, work, root_pid, m.pids, exc)
             if pages:
-                pages.abort()
+                with interrupts.shielded():     # the lazy-pages guard goes, reaped
+                    pages.abort()
             raise
         finally:
-            workdir.remove(work)
-            guard.end()
+            with interrupts.shielded():         # a second Ctrl-C must not cut the clean-up short
+                workdir.remove(work)
+                guard.end()
 
 
 def _small_images(m: Manifest) -> list[str]:
