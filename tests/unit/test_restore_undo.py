@@ -99,3 +99,23 @@ def test_a_second_signal_does_not_cut_a_container_restores_clean_up(
     assert strategy.engine.removed == ["c0ffee"]
     assert len(second_ctrl_c_at_the_clean_up) == 1
     assert not os.path.exists(second_ctrl_c_at_the_clean_up[0])
+
+
+def test_an_interrupt_while_the_intent_is_recorded_still_ends_it(tmp_path, monkeypatch):
+    """SIGTERM while for_restore wrote the record and forked its guard: the restore
+    keeps it before the signal is raised, and ends it (else its guard 'recovers' a
+    restore that never started: a note in gpusnap ps)."""
+    monkeypatch.setenv("GPUSNAP_WORKDIR", str(tmp_path / "work"))
+    guard = Guard()
+
+    def for_restore(snapshot, pids, work):
+        os.kill(os.getpid(), signal.SIGINT)
+        return guard
+    monkeypatch.setattr(intent, "for_restore", for_restore)
+    m = types.SimpleNamespace(id="ab" * 8, pids=[4242], files=[], sdk=None, cuda=None, notes=[])
+    plan = types.SimpleNamespace(manifest=m, page_path="criu", notes=[],
+                                 request=types.SimpleNamespace(standby=False))
+    with pytest.raises(KeyboardInterrupt):
+        process.ProcessStrategy().restore(plan, _repo(tmp_path), None)
+    assert guard.ended
+    assert os.listdir(tmp_path / "work") == []

@@ -88,15 +88,15 @@ class ProcessStrategy:
         """pages in (CRIU's or gpusnap's page path) -> CUDA restore + unlock -> SDK resume."""
         m = plan.manifest
         work = workdir.make(repo.path, "restore-")
-        try:                                        # gpusnap killed: the tree goes too
-            guard = intent.for_restore(m.id, m.pids, work)
-        except BaseException:
-            workdir.remove(work)
-            raise
-        stages = Stages(guard.stage)
+        stages = Stages()
         pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
-        root_pid = None
+        root_pid, guard = None, intent.NONE
         try:
+            # gpusnap killed: the tree goes too; the record and its guard are kept before
+            # a signal is raised, so that the clean-up below ends them
+            with interrupts.held():
+                guard = intent.for_restore(m.id, m.pids, work)
+            stages.listener = guard.stage
             with repo.shared_lock(), repo.prefetch(m, _small_images(m)) as ahead:
                 # rm and gc (which drop caches) wait for CRIU; a remote store's packs come
                 # ahead of the reads, several at once
