@@ -186,7 +186,8 @@ def test_an_interrupt_after_criu_left_the_tree_stopped_resumes_it(run, tmp_path)
 
 
 class Recorded:
-    """An intent record with its guard (engine/intent.py), as for_dump returns it."""
+    """An intent record with its guard (engine/intent.py), as for_dump and for_restore
+    return it."""
     ended = False
 
     def stage(self, name):

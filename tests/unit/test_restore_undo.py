@@ -15,6 +15,7 @@ import pytest
 from gpusnap.engine import intent, workdir
 from gpusnap.engine.strategies import container, process
 from gpusnap.errors import CriuFailed, CudaFailed
+from tests.unit.test_dump_retry import Recorded
 
 
 @pytest.fixture
@@ -45,19 +46,9 @@ def _repo(tmp_path):
                                  prefetch=lambda m, first=(): contextlib.nullcontext())
 
 
-class Guard:
-    ended = False
-
-    def stage(self, name):
-        pass
-
-    def end(self):
-        self.ended = True
-
-
 def test_a_second_signal_does_not_cut_a_process_restores_clean_up(
         tmp_path, monkeypatch, second_ctrl_c_at_the_clean_up):
-    guard = Guard()
+    guard = Recorded()
     monkeypatch.setattr(intent, "for_restore", lambda snapshot, pids, work: guard)
 
     def criu_fails(plan, repo, work, stages, progress):
@@ -106,7 +97,7 @@ def test_an_interrupt_while_the_intent_is_recorded_still_ends_it(tmp_path, monke
     keeps it before the signal is raised, and ends it (else its guard 'recovers' a
     restore that never started: a note in gpusnap ps)."""
     monkeypatch.setenv("GPUSNAP_WORKDIR", str(tmp_path / "work"))
-    guard = Guard()
+    guard = Recorded()
 
     def for_restore(snapshot, pids, work):
         os.kill(os.getpid(), signal.SIGINT)
