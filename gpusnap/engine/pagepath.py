@@ -142,7 +142,8 @@ class UffdPages:
         """Up to a restored, filled, continued tree: (root pid, the cuInit thread or None).
         cuInit starts once the fill's workers are forked (no thread may run before)."""
         m = plan.manifest
-        self.guard = lazy.Guard.start(work, repo, prep.items)
+        with interrupts.held():                 # kept before a signal is raised: abort() ends it
+            self.guard = lazy.Guard.start(work, repo, prep.items)
         opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
         cuinit: list = []
         running = None

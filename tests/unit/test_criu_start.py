@@ -6,6 +6,8 @@ the undo looked for it). A shell stands in for CRIU."""
 
 from __future__ import annotations
 
+import os
+import signal
 import types
 
 import pytest
@@ -63,3 +65,21 @@ def test_an_interrupt_while_a_lazy_restore_starts_stops_criu(tmp_path, monkeypat
         for proc in started:
             proc.kill()
             proc.wait()
+
+
+def test_an_interrupt_while_the_lazy_pages_guard_starts_still_has_it_closed(tmp_path, monkeypatch):
+    """The guard is forked and listening: the page path keeps it before the signal is
+    raised, so that the restore's undo (abort) closes it and reaps it."""
+    guard = _Guard()
+
+    def start(work, repo, items):
+        os.kill(os.getpid(), signal.SIGINT)
+        return guard
+    monkeypatch.setattr(lazy.Guard, "start", start)
+    plan = types.SimpleNamespace(manifest=types.SimpleNamespace(cuda=None),
+                                 criu_options=CriuOptions(), criu_path="criu")
+    pages = pagepath.UffdPages()
+    with pytest.raises(KeyboardInterrupt):
+        pages.restore(plan, None, str(tmp_path), pagepath.Prepared(str(tmp_path), 1, [], set()),
+                      Stages(), None)
+    assert pages.guard is guard
