@@ -53,9 +53,12 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float | 
     A Ctrl-C or SIGTERM that arrives meanwhile is held until the child has finished, then
     raised (gpusnap.interrupts.held): the child is never cut short by one (a CRIU dump
     killed with its parasite inside the target can leave the target broken). A timeout
-    still kills the child (subprocess.TimeoutExpired).
+    still kills the child (subprocess.TimeoutExpired). Held from before the fork: one that
+    lands while the child starts (Popen waits for its exec) would otherwise leave it
+    running, unwaited, beside gpusnap's undo.
     """
-    return begin(argv, env=env, cwd=cwd, input=input, pass_fds=pass_fds).wait(timeout)
+    with interrupts.held():
+        return begin(argv, env=env, cwd=cwd, input=input, pass_fds=pass_fds).wait(timeout)
 
 
 class Running:
@@ -115,7 +118,9 @@ def begin(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None
           own_group: bool = False) -> Running:
     """Start argv (clean environment, no shell, ignoring SIGINT) for a caller that works
     while it runs; Running.wait() collects it as run() does. Starts no thread.
-    own_group: in a process group of its own (Running.wait_group)."""
+    own_group: in a process group of its own (Running.wait_group). An interrupt that
+    lands while the child starts loses it: a caller that must wait for the child calls
+    begin() in interrupts.held() and keeps the Running before the block ends."""
     proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, text=True, errors="replace",
                             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -108,6 +108,21 @@ def write_images(path, files: dict[str, bytes]) -> str:
     return path
 
 
+# Bodies of CRIU wrappers (GPUSNAP_CRIU scripts that set $REAL, the real CRIU, and $MARK):
+# they touch $MARK where the test acts (a signal, kill -9) and wait there until it has
+# (release(mark)), at most 60 s; a fixed pause there was a deadline that a loaded host
+# could miss, letting the operation run on past the point the test aims at.
+AT_MARK = ('touch "$MARK"; i=0; while [ ! -e "$MARK.go" ] && [ $i -lt 600 ]; do sleep 0.05; '
+           'i=$((i+1)); done')
+BEFORE_CRIU = AT_MARK + '; exec "$REAL" "$@"'
+AFTER_CRIU = '"$REAL" "$@"; rc=$?; ' + AT_MARK + '; exit $rc'
+
+
+def release(mark: str) -> None:
+    """A CRIU wrapper waiting at mark goes on (AT_MARK)."""
+    open(mark + ".go", "w").close()
+
+
 def wait_pids_free(pids, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):

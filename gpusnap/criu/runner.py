@@ -7,7 +7,7 @@ import re
 import socket
 from typing import Callable
 
-from .. import sysrun
+from .. import interrupts, sysrun
 from ..errors import CriuFailed, GpusnapError, PidInUse
 from .argv import CriuOptions, dump_argv, restore_argv
 from .locate import find_criu
@@ -85,15 +85,19 @@ def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, lo
         end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _PS_BUFFER)
         end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _PS_BUFFER)
     with ours:
+        running = None
         try:
-            running = sysrun.begin(dump_argv(criu, pid, images_dir, opts, leave=leave,
-                                             ps_socket=theirs.fileno()),
-                                   pass_fds=(theirs.fileno(),), own_group=True)
-        finally:
-            theirs.close()
-        try:
+            try:
+                with interrupts.held():     # a CRIU started is a CRIU waited for (sysrun.begin)
+                    running = sysrun.begin(dump_argv(criu, pid, images_dir, opts, leave=leave,
+                                                     ps_socket=theirs.fileno()),
+                                           pass_fds=(theirs.fileno(),), own_group=True)
+            finally:
+                theirs.close()
             page_server(ours, lambda: not running.exited())
         except BaseException as exc:
+            if running is None:
+                raise
             ours.shutdown(socket.SHUT_RDWR)
             res = running.wait_group(timeout)
             if isinstance(exc, CriuFailed) and not res.ok:
@@ -106,13 +110,17 @@ def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
             timeout: float | None = None, criu: str | None = None) -> int:
     """CRIU restore, detached; the restored root pid. Log and pidfile go to work_dir
     (default: images_dir). criu: the CRIU to run (default: find_criu's)."""
-    return finish_restore(start_restore(images_dir, opts, work_dir=work_dir, criu=criu), timeout=timeout)
+    with interrupts.held():         # a CRIU started is a CRIU waited for (sysrun.begin)
+        running = start_restore(images_dir, opts, work_dir=work_dir, criu=criu)
+        res = running.wait(timeout)
+    return _restored(running, res)
 
 
 def start_restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
                   criu: str | None = None) -> sysrun.Running:
     """CRIU restore started, for a caller that works while it runs (the uffd page path
-    serves its tasks' memory meanwhile); finish_restore() collects it."""
+    serves its tasks' memory meanwhile); finish_restore() collects it. Call it in
+    interrupts.held() and keep what it returns before the block ends (sysrun.begin)."""
     criu = criu or find_criu()[0]
     out_dir = work_dir or images_dir
     pidfile = os.path.join(out_dir, "restored.pid")
@@ -124,7 +132,10 @@ def start_restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = 
 
 
 def finish_restore(running: sysrun.Running, timeout: float | None = None) -> int:
-    res = running.wait(timeout)
+    return _restored(running, running.wait(timeout))
+
+
+def _restored(running: sysrun.Running, res: sysrun.Result) -> int:
     if not res.ok:
         raise _fail("restore", res, os.path.join(running.out_dir, "restore.log"))
     return int(restored_pid(running.out_dir))

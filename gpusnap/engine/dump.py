@@ -125,8 +125,11 @@ class _Dump:
         self.logs = os.path.join(self.work, "logs")
 
     def start(self) -> None:
-        # the guard resumes or finishes the target if gpusnap dies (engine/intent.py)
-        self.intent = intent.for_dump(self.plan, self.repo.url, self.work, self.dumper, self.cuda)
+        # the guard resumes or finishes the target if gpusnap dies (engine/intent.py); kept
+        # before a signal is raised, so that execute() ends the record and its guard
+        with interrupts.held():
+            self.intent = intent.for_dump(self.plan, self.repo.url, self.work, self.dumper,
+                                          self.cuda)
         self.stages.listener = self.intent.stage
         os.makedirs(self.images)
         os.makedirs(self.logs)

@@ -18,9 +18,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from .. import interrupts
 from ..criu import lazy
-from ..cuda import staging
 from ..criu import runner as criu_runner
+from ..cuda import staging
 from ..errors import CriuFailed, UsageError
 from ..imagefile import core
 from ..model import FileEntry
@@ -194,11 +195,15 @@ class UffdPages:
         m = plan.manifest
         late = late_ranges(m, prep.items)
         early, later = staging.split_items(prep.items, late)
-        self.guard = lazy.Guard.start(work, repo, prep.items, late if later else None)
+        with interrupts.held():                 # kept before a signal is raised: abort() ends it
+            self.guard = lazy.Guard.start(work, repo, prep.items, late if later else None)
         opts = dataclasses.replace(plan.criu_options, lazy_pages=True, leave_stopped=True)
         cuinit: list = []
-        running = criu_runner.start_restore(prep.images, opts, work_dir=work, criu=plan.criu_path)
+        running = None
         try:
+            with interrupts.held():             # a CRIU started is a CRIU stopped below
+                running = criu_runner.start_restore(prep.images, opts, work_dir=work,
+                                                    criu=plan.criu_path)
             with stages.stage("criu_restore"):      # until every task's userfaultfd is here
                 fds = self.guard.receive(prep.tasks, alive=lambda: not running.exited())
             with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
@@ -207,6 +212,8 @@ class UffdPages:
                 self.filling.wait_early()
         except BaseException as exc:
             self.stop_filling()
+            if running is None:
+                raise
             if isinstance(exc, CriuFailed):
                 _raise_criu_failure(running)    # CRIU's own error, where it failed first
             running.proc.kill()                 # CRIU waits on tasks nobody serves now

@@ -4,7 +4,7 @@ Suspend (no CRIU), every check before anything is touched (plan_suspend):
     SDK agents drop their weights   <- they read them back
     cuda lock                       <- unlock
     cuda checkpoint                 <- cuda restore (device memory back from host memory)
-    the entry in the state dir      (engine/parked.py; a write that fails undoes the rest)
+    the entry in the state dir      <- the entry it replaced, or none (engine/parked.py)
 
 Resume (of a suspended target, or of a standby left by `restore --standby`):
     cuda restore (same GPUs, or --gpu: gpusnap.remap)   <- checkpoint again
@@ -111,6 +111,7 @@ def execute_suspend(plan: SuspendPlan) -> dict:
                          f"them", hint="gpusnap suspends only processes it finds running")
     sdk = agent_steps.DumpAgents(target, ask=plan.strategy.sdk_agents,
                                  required=plan.collective_pids)
+    recorded, replaced = False, None
     try:
         sdk.prepare(stages)             # SDK: before the lock; failure -> transparent
         facts = cuda.describe()
@@ -119,6 +120,11 @@ def execute_suspend(plan: SuspendPlan) -> dict:
         with stages.stage("cuda_checkpoint"):
             cuda.checkpoint_all()
         with stages.stage("record"):
+            # set before the write: an interrupt once the entry is in place (its directory
+            # synced, the stage recorded) must take it back, or it says suspended while
+            # the target runs; the entry it replaces (a 'restored' one) comes back
+            replaced = parked.lookup(target.root_pid)
+            recorded = True
             entry = parked.record({
                 "pid": target.root_pid, "pids": target.pids, "state": "suspended",
                 "kind": target.kind, "name": target.name, "container": target.container or None,
@@ -129,6 +135,8 @@ def execute_suspend(plan: SuspendPlan) -> dict:
         with interrupts.shielded():
             cuda.rollback()
             undo_errors = [e.message for e in cuda.errors] + sdk.undo()
+            if recorded:
+                parked.put_back(target.root_pid, replaced, undo_errors)
         if isinstance(exc, GpusnapError) and undo_errors:
             exc.hint = "; ".join(filter(None, [exc.hint, *undo_errors]))
         raise

@@ -53,6 +53,18 @@ def record_quietly(entry: dict, notes: list[str]) -> None:
         notes.append(f"not listed by gpusnap ps: {getattr(e, 'message', e)}")
 
 
+def put_back(pid: int, entry: dict | None, notes: list[str]) -> None:
+    """Undo a record() of pid's entry: the entry it replaced is written again, or, where
+    there was none, pid's entry goes. Never raises: a failure is a note."""
+    if entry is not None:
+        record_quietly(entry, notes)
+        return
+    try:
+        forget(pid)
+    except (OSError, GpusnapError) as e:
+        notes.append(f"gpusnap ps may list pid {pid} as parked: {getattr(e, 'message', e)}")
+
+
 def forget(pid: int) -> None:
     try:
         os.unlink(os.path.join(state_dir(), f"{pid}.json"))

@@ -54,9 +54,10 @@ class Daemon:
         with open(self.log.name) as f:
             return f.read()
 
-    def cli(self, *args: str) -> subprocess.Popen:
+    def cli(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "gpusnap", "--json", *args], cwd=REPO,
-                                env={**os.environ, "GPUSNAP_STORE": self.store, **self.env},
+                                env={**os.environ, "GPUSNAP_STORE": self.store, **self.env,
+                                     **(env or {})},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def stop(self) -> int:
@@ -100,6 +101,15 @@ def _wait_stopped(pid: int, timeout: float = 60) -> None:
     while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
         assert time.monotonic() < deadline, "the dump never stopped the target"
         time.sleep(0.01)
+
+
+def _paused_at_the_commit(tmp_path) -> dict:
+    """The env of a dump that waits at its commit (GPUSNAP_TEST_PAUSE, engine/intent.py)
+    for the signal that the test sends once CRIU has left the tree stopped: wherever that
+    signal lands after CRIU (the log moved, pages_finish, ingest, the pause), it lands
+    before the snapshot is committed. Without the pause the rest of the dump takes about
+    0.1 s, less than a loaded host may take to send it."""
+    return {"GPUSNAP_TEST_PAUSE": f"commit:{tmp_path / 'paused'}"}
 
 
 def _assert_running(w) -> None:
@@ -221,10 +231,10 @@ def test_non_root_peers_are_refused_or_read_only(workload, gpusnap, daemon):
     assert code == 0, body                                              # no access to the socket at all
 
 
-def test_daemon_killed_mid_dump_leaves_the_target_running(workload, daemon, store):
+def test_daemon_killed_mid_dump_leaves_the_target_running(workload, daemon, store, tmp_path):
     d = daemon()
     w = workload("--mib", "768", "--children", "1")
-    dump = d.cli("dump", "--pid", str(w.pid))
+    dump = d.cli("dump", "--pid", str(w.pid), env=_paused_at_the_commit(tmp_path))
     _wait_stopped(w.pid)
     os.kill(d.proc.pid, signal.SIGKILL)                 # mid-ingest: CRIU left the tree stopped
     rc, out, err = _done(dump)
@@ -240,10 +250,10 @@ def test_daemon_killed_mid_dump_leaves_the_target_running(workload, daemon, stor
 
 
 @pytest.mark.parametrize("how", ["disconnect", "ctrl-c"])
-def test_cancelled_dump_is_undone(workload, daemon, how):
+def test_cancelled_dump_is_undone(workload, daemon, how, tmp_path):
     d = daemon()
     w = workload("--mib", "768", "--children", "1")
-    dump = d.cli("dump", "--pid", str(w.pid))
+    dump = d.cli("dump", "--pid", str(w.pid), env=_paused_at_the_commit(tmp_path))
     _wait_stopped(w.pid)
     dump.send_signal(signal.SIGKILL if how == "disconnect" else signal.SIGINT)
     rc, out, err = _done(dump)
@@ -257,10 +267,10 @@ def test_cancelled_dump_is_undone(workload, daemon, how):
     assert Client(d.socket).request("GET", "/v1/snapshots")[1] == []
 
 
-def test_sigterm_interrupts_operations_in_flight_and_stops(workload, daemon):
+def test_sigterm_interrupts_operations_in_flight_and_stops(workload, daemon, tmp_path):
     d = daemon()
     w = workload("--mib", "768")
-    dump = d.cli("dump", "--pid", str(w.pid))
+    dump = d.cli("dump", "--pid", str(w.pid), env=_paused_at_the_commit(tmp_path))
     _wait_stopped(w.pid)
     d.proc.send_signal(signal.SIGTERM)
     rc, out, err = _done(dump)

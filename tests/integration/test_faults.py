@@ -27,7 +27,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, wait_pids_free
+from conftest import AFTER_CRIU, BEFORE_CRIU, REPO, release, wait_pids_free
 
 pytestmark = [pytest.mark.root]
 
@@ -307,8 +307,6 @@ def test_truncated_manifest_is_reported_and_refused(workload, gpusnap, store):
 
 # ---- signals ------------------------------------------------------------------------------------------
 
-BEFORE_CRIU = 'touch "$MARK"; sleep 1; exec "$REAL" "$@"'
-AFTER_CRIU = '"$REAL" "$@"; rc=$?; touch "$MARK"; sleep 1; exit $rc'
 CRIU_DONE = '"$REAL" "$@"; rc=$?; touch "$MARK"; exit $rc'
 
 
@@ -325,6 +323,7 @@ def test_signal_during_criu_dump(workload, gpusnap, store, tmp_path, sig, stage)
     _wait_file(mark, proc)
     time.sleep(0.1)
     proc.send_signal(sig)
+    release(mark)
     rc, out, err = _finish(proc)
     assert rc == 130, err
     assert out["error"] == "Interrupted"
@@ -371,7 +370,7 @@ def test_signal_while_pages_stream(workload, gpusnap, store, tmp_path, sig):
     assert rc == 0, err
     assert "pages_finish" in first["timings"], "the default dump streams its pages"
     shm = _shm_entries()
-    fake = _fake_criu(tmp_path, BEFORE_CRIU.replace("sleep 1; ", ""))
+    fake = _fake_criu(tmp_path, 'touch "$MARK"; exec "$REAL" "$@"')
     proc = _start_cli(store, "dump", "--pid", str(w.pid), env={"GPUSNAP_CRIU": fake})
     _wait_file(mark, proc)
     time.sleep(first["timings"]["criu_dump"] / 3)
@@ -393,13 +392,14 @@ def test_signal_during_criu_restore(workload, gpusnap, store, tmp_path, sig):
     wait_pids_free(w.pids)
     fake = _fake_criu(tmp_path, 'exec "$REAL" "$@"')
     fake_text = open(fake).read().replace(
-        '  *) exec "$REAL" "$@";;', '  restore) touch "$MARK"; sleep 1; exec "$REAL" "$@";;\n  *) exec "$REAL" "$@";;')
+        '  *) exec "$REAL" "$@";;', f'  restore) {BEFORE_CRIU};;\n  *) exec "$REAL" "$@";;')
     open(fake, "w").write(fake_text)
     shm = _shm_entries()
     proc = _start_cli(store, "restore", snap["id"], env={"GPUSNAP_CRIU": fake})
     _wait_file(str(tmp_path / "mark"), proc)
     time.sleep(0.1)
     proc.send_signal(sig)
+    release(str(tmp_path / "mark"))
     rc, out, err = _finish(proc)
     assert rc == 130 and out["error"] == "Interrupted", err
     wait_pids_free(w.pids)

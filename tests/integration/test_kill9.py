@@ -4,7 +4,8 @@ The promise (engine/intent.py): whatever happens to gpusnap, a dumped target run
 unless its snapshot was committed (then it ends as documented: killed, or running with
 --leave-running); a restore that never reported success leaves no tree; no work dir is
 left. Stages are hit with a CRIU wrapper that pauses around the real CRIU (as in
-test_faults.py) and with GPUSNAP_TEST_PAUSE=STAGE:FILE for gpusnap's own stages.
+test_faults.py: it waits there until gpusnap is killed) and with GPUSNAP_TEST_PAUSE=STAGE:FILE for
+gpusnap's own stages.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, wait_pids_free
+from conftest import AFTER_CRIU, BEFORE_CRIU, REPO, release, wait_pids_free
 
 pytestmark = [pytest.mark.root]
-
-BEFORE_CRIU = 'touch "$MARK"; sleep 1; exec "$REAL" "$@"'
-AFTER_CRIU = '"$REAL" "$@"; rc=$?; touch "$MARK"; sleep 1; exit $rc'
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +70,7 @@ def _kill9_at(proc: subprocess.Popen, mark: str) -> None:
     _at_mark(proc, mark)
     proc.kill()
     proc.communicate()
+    release(mark)           # a CRIU wrapper waiting there goes on
 
 
 def _intents() -> list[str]:

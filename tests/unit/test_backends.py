@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 
@@ -167,6 +168,45 @@ def test_a_dead_holders_lock_expires(s3_env, monkeypatch):
 
 def _lock_objects(backend) -> dict:
     return {n: m for n, _s, m in backend.list_meta("locks/")}
+
+
+def test_an_interrupt_as_the_lock_object_is_written_leaves_none(s3_env, monkeypatch):
+    """A Ctrl-C landing once the server stored the lock object (the request done, its
+    answer being read): else the object holds the lock for its TTL, and every other node's
+    exclusive lock (gc, rm; or, left by gc, every dump) is refused meanwhile."""
+    backend = for_location(f"s3://{s3_env}/cut")
+    real = backend.put
+
+    def put(name, data, **kwargs):
+        real(name, data, **kwargs)
+        if name.startswith("locks/"):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(backend, "put", put)
+    with pytest.raises(KeyboardInterrupt):
+        with backend.lock(exclusive=True, timeout=5):
+            pass
+    assert _lock_objects(backend) == {}
+
+
+def test_a_second_signal_does_not_cut_the_locks_release(s3_env, monkeypatch):
+    """The first interrupt unwinds the holder; a second one while the helper is ended
+    must not leave the lock object to its TTL."""
+    from gpusnap.store.backends import objlock
+    backend = for_location(f"s3://{s3_env}/release")
+    real = objlock._start_refresher
+
+    def start_refresher(*args):
+        stop = real(*args)
+
+        def stop_after_a_second_signal():
+            os.kill(os.getpid(), signal.SIGINT)
+            stop()
+        return stop_after_a_second_signal
+    monkeypatch.setattr(objlock, "_start_refresher", start_refresher)
+    with pytest.raises(KeyboardInterrupt):
+        with backend.lock(exclusive=False, timeout=5):
+            raise KeyboardInterrupt     # the first
+    assert _lock_objects(backend) == {}
 
 
 def test_a_held_lock_is_rewritten_by_a_helper_that_is_gone_before_its_object(s3_env, monkeypatch):

@@ -111,7 +111,7 @@ def run(tmp_path, monkeypatch):
         plan = DumpPlan(request=DumpRequest(pid=1, leave_running=leave_running), target=target,
                         strategy=Strategy(world), criu_path="criu", criu_version="4.2",
                         cuda_pids=world.cuda_pids(world.pids))
-        repo = type("Repo", (), {"path": str(tmp_path / "store")})()
+        repo = type("Repo", (), {"path": str(tmp_path / "store"), "url": str(tmp_path / "store")})()
         os.makedirs(repo.path, exist_ok=True)
         d = dump_mod._Dump(plan, repo)
         os.makedirs(d.images)
@@ -183,3 +183,32 @@ def test_an_interrupt_after_criu_left_the_tree_stopped_resumes_it(run, tmp_path)
     d.undo(info.value)
     assert not w.stopped
     assert set(w.driver.states.values()) == {R}     # CUDA restored and unlocked too
+
+
+class Recorded:
+    """An intent record with its guard (engine/intent.py), as for_dump and for_restore
+    return it."""
+    ended = False
+
+    def stage(self, name):
+        pass
+
+    def end(self):
+        self.ended = True
+
+
+def test_an_interrupt_while_the_intent_is_recorded_still_ends_it(run, tmp_path, monkeypatch):
+    """SIGTERM while for_dump wrote the record and forked its guard: unless the dump
+    keeps it before the signal is raised, nothing ends it, and the guard 'recovers' a
+    dump that never touched the target (a note in gpusnap ps, the target SIGCONT'd)."""
+    import signal
+    recorded = Recorded()
+
+    def for_dump(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return recorded
+    monkeypatch.setattr(dump_mod.intent, "for_dump", for_dump)
+    d = run(World(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        dump_mod.execute(d.plan, d.repo)
+    assert recorded.ended

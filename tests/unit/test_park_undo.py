@@ -88,3 +88,26 @@ def test_a_standby_resumed_is_listed_as_restored(pids, monkeypatch):
     assert park.execute_resume(plan)["was"] == "standby"
     assert driver.states == {p: R for p in pids}
     assert [(e["pid"], e["state"]) for e in parked.entries()] == [(pids[0], "restored")]
+
+
+def test_an_interrupt_once_the_entry_is_written_takes_it_back(pids, monkeypatch):
+    """A Ctrl-C (or the daemon's SIGTERM) landing after the entry was renamed into place
+    (its directory's fsync, the stage recorded): CUDA was rolled back, so the entry must
+    not be left saying 'suspended', and the entry that was there before comes back."""
+    driver = FakeDriver({p: R for p in pids})
+    _use(monkeypatch, driver)
+    parked.record({"pid": pids[0], "pids": pids, "state": "restored", "kind": "process"})
+    real = parked.record
+
+    def record_then_interrupt(entry):
+        real(entry)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(parked, "record", record_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        park.execute_suspend(_plan(pids))
+    assert driver.states == {p: R for p in pids}
+    assert [(e["pid"], e["state"]) for e in parked.entries()] == [(pids[0], "restored")]
+    parked.forget(pids[0])
+    with pytest.raises(KeyboardInterrupt):
+        park.execute_suspend(_plan(pids))
+    assert parked.entries() == []

@@ -23,6 +23,29 @@ def test_ctrl_c_lets_the_child_finish_then_is_raised(tmp_path):
     assert time.monotonic() - start >= 0.6
 
 
+def interrupted_at_the_start(monkeypatch):
+    """A Ctrl-C that lands while the child is being started (fork done, exec awaited):
+    Popen returns into a KeyboardInterrupt. The list of the children started."""
+    real, started = subprocess.Popen, []
+
+    def popen(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGINT)
+        return started[-1]
+    monkeypatch.setattr(sysrun.subprocess, "Popen", popen)
+    return started
+
+
+def test_ctrl_c_while_the_child_starts_still_waits_for_it(tmp_path, monkeypatch):
+    """Else a CRIU dump goes on after gpusnap's undo resumed the tree, and leaves it
+    stopped; or a CRIU restore, after the undo looked for the tree to kill."""
+    interrupted_at_the_start(monkeypatch)
+    done = tmp_path / "done"
+    with pytest.raises(KeyboardInterrupt):
+        sysrun.run(["sh", "-c", f"sleep 0.3; touch {done}"])
+    assert done.exists(), "the child ran to its end before the interrupt was raised"
+
+
 def test_timeout_still_kills_the_child(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         sysrun.run(["sh", "-c", f"sleep 5; touch {tmp_path / 'late'}"], timeout=0.3)

@@ -159,7 +159,8 @@ class ContainerStrategy:
                     self._undo_restore(restored)
             raise
         finally:
-            workdir.remove(work)
+            with interrupts.shielded():         # a second Ctrl-C must not cut the clean-up short
+                workdir.remove(work)
 
     def _undo_restore(self, restored: dict) -> None:
         if restored.get("created"):

@@ -89,15 +89,15 @@ class ProcessStrategy:
         """pages in (CRIU's or gpusnap's page path) -> CUDA restore + unlock -> SDK resume."""
         m = plan.manifest
         work = workdir.make(repo.path, "restore-")
-        try:                                        # gpusnap killed: the tree goes too
-            guard = intent.for_restore(m.id, m.pids, work)
-        except BaseException:
-            workdir.remove(work)
-            raise
-        stages = Stages(guard.stage)
+        stages = Stages()
         pages = pagepath.UffdPages() if plan.page_path == "uffd" else None
-        root_pid = None
+        root_pid, guard = None, intent.NONE
         try:
+            # gpusnap killed: the tree goes too; the record and its guard are kept before
+            # a signal is raised, so that the clean-up below ends them
+            with interrupts.held():
+                guard = intent.for_restore(m.id, m.pids, work)
+            stages.listener = guard.stage
             with contextlib.ExitStack() as reading:
                 root_pid, cuinit = _pages_in(plan, repo, work, stages, progress, pages, reading)
                 if not (pages and pages.pending):
@@ -126,11 +126,13 @@ class ProcessStrategy:
         except BaseException as exc:
             _undo_restore(repo, work, root_pid, m.pids, exc)
             if pages:
-                pages.abort()
+                with interrupts.shielded():     # the lazy-pages guard goes, reaped
+                    pages.abort()
             raise
         finally:
-            workdir.remove(work)
-            guard.end()
+            with interrupts.shielded():         # a second Ctrl-C must not cut the clean-up short
+                workdir.remove(work)
+                guard.end()
 
 
 def _pages_in(plan: RestorePlan, repo: Repository, work: str, stages: Stages, progress,

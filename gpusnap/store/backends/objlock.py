@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from ... import sysrun
+from ... import interrupts, sysrun
 from ...errors import StoreLocked
 from .. import parallel
 from .base import Missing
@@ -53,30 +53,34 @@ def object_lock(backend, *, exclusive: bool, timeout: float) -> Iterator[None]:
     deadline = time.monotonic() + timeout
     body = json.dumps({"exclusive": exclusive, "host": socket.gethostname(),
                        "pid": os.getpid()}).encode()
-    while True:
-        name = PREFIX + secrets.token_hex(16)
-        backend.put(name, body)
-        try:
-            conflict = _conflict(backend, name, exclusive)
-        except BaseException:
-            backend.delete_many([name])
-            raise
-        if not conflict:
-            break
-        backend.delete_many([name])
-        if time.monotonic() >= deadline:
-            kind = "exclusive" if exclusive else "shared"
-            raise StoreLocked(f"could not take the {kind} store lock within {timeout:.0f}s "
-                              f"(held by {conflict})",
-                              hint="another gpusnap rm/gc or dump is running on some node; a lock "
-                                   f"of a node that died expires after {ttl():.0f}s")
-        time.sleep(random.uniform(0.1, 0.6))
-    stop_refresher = _start_refresher(backend, name, body)
+    name = stop_refresher = None
     try:
+        while True:
+            # named before the put: one cut short may have written the object all the same
+            name = PREFIX + secrets.token_hex(16)
+            backend.put(name, body)
+            conflict = _conflict(backend, name, exclusive)
+            if not conflict:
+                break
+            backend.delete_many([name])
+            name = None
+            if time.monotonic() >= deadline:
+                kind = "exclusive" if exclusive else "shared"
+                raise StoreLocked(f"could not take the {kind} store lock within {timeout:.0f}s "
+                                  f"(held by {conflict})",
+                                  hint="another gpusnap rm/gc or dump is running on some node; a "
+                                       f"lock of a node that died expires after {ttl():.0f}s")
+            time.sleep(random.uniform(0.1, 0.6))
+        with interrupts.held():             # the helper is kept before a signal is raised
+            stop_refresher = _start_refresher(backend, name, body)
         yield
     finally:
-        stop_refresher()                    # no rewrite lands after the delete
-        backend.delete_many([name])
+        # a second Ctrl-C must not leave the object to hold the lock for its TTL
+        with interrupts.shielded():
+            if stop_refresher:
+                stop_refresher()            # no rewrite lands after the delete
+            if name:
+                backend.delete_many([name])
 
 
 def _start_refresher(backend, name: str, body: bytes) -> Callable[[], None]:
