@@ -52,7 +52,7 @@ class _Guard:
 def test_an_interrupt_while_a_lazy_restore_starts_stops_criu(tmp_path, monkeypatch):
     """The uffd path: CRIU waits on tasks nobody serves, so it is killed, and reaped."""
     monkeypatch.setattr(runner, "restore_argv", lambda *a: ["sh", "-c", "exec sleep 30"])
-    monkeypatch.setattr(lazy.Guard, "start", lambda work, repo, items: _Guard())
+    monkeypatch.setattr(lazy.Guard, "start", lambda work, repo, items, late=None: _Guard())
     started = interrupted_at_the_start(monkeypatch)
     plan = types.SimpleNamespace(manifest=types.SimpleNamespace(cuda=None),
                                  criu_options=CriuOptions(), criu_path="criu")
@@ -72,7 +72,7 @@ def test_an_interrupt_while_the_lazy_pages_guard_starts_still_has_it_closed(tmp_
     raised, so that the restore's undo (abort) closes it and reaps it."""
     guard = _Guard()
 
-    def start(work, repo, items):
+    def start(work, repo, items, late=None):
         os.kill(os.getpid(), signal.SIGINT)
         return guard
     monkeypatch.setattr(lazy.Guard, "start", start)
