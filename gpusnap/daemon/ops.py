@@ -73,12 +73,18 @@ def spawn(kind: str, fn: Callable[..., Any], *args, env: dict[str, str] | None =
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:                                # pragma: no cover - runs in the child
-        try:
-            _child_main(fn, args, env, [w for _, w in pipes], parent, setup)
-        finally:
-            os._exit(70)
+    # Ctrl-C and SIGTERM (a cancel) wait until the child has its own handlers: before,
+    # the daemon's (asyncio's wakeup fd) would take them, as if sent to the daemon
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pid = os.fork()
+        if pid == 0:                            # pragma: no cover - runs in the child
+            try:
+                _child_main(fn, args, env, [w for _, w in pipes], parent, setup, blocked)
+            finally:
+                os._exit(70)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     for _, w in pipes:
         os.close(w)
     child = Child(op_id=f"{kind}-{next(_ids)}-{pid}", kind=kind, pid=pid, started=time.monotonic())
@@ -90,7 +96,8 @@ def _sigterm(signum, frame):
     raise Interrupted("terminated by SIGTERM; every change to the target was undone")
 
 
-def _child_main(fn, args, env, writers: list[int], parent: int, setup) -> None:  # pragma: no cover
+def _child_main(fn, args, env, writers: list[int], parent: int, setup,
+                mask: set) -> None:  # pragma: no cover
     out_w, err_w, res_w = writers
     sysrun.die_with_parent(signal.SIGINT)
     signal.set_wakeup_fd(-1)
@@ -108,6 +115,7 @@ def _child_main(fn, args, env, writers: list[int], parent: int, setup) -> None: 
     os.environ.update(env or {})
     code = 1
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)   # a cancel already sent: raised here
         if os.getppid() != parent:              # the daemon died before prctl took
             raise Interrupted()
         if setup:
