@@ -298,7 +298,7 @@ class _Filling:
         self.progress, self.on_forked = progress, on_forked
         self.workers = parallel.workers()
         self.placed = 0
-        self.late_bytes = sum(it[1] for it in late)
+        self.late_bytes = sum(p[3] for it in late for p in it[2])
         repo.prepare_reads()
         self.started = time.perf_counter()
         self.early_s = 0.0
