@@ -134,6 +134,8 @@ def fill_batch(job, batch_index: int) -> tuple[int, int]:
     repo, fds, batches, first_late = job
     items = batches[batch_index]
     late = batch_index >= first_late
+    if late and os.environ.get("GPUSNAP_TEST_LATE_DELAY_MS", "").isdigit():   # tests: a slow fill
+        time.sleep(int(os.environ["GPUSNAP_TEST_LATE_DELAY_MS"]) / 1000)
     blobs = repo.read_blobs([cid for cid, _n, _p in items if cid is not None])
     return batch_index, sum(place(repo, fds, cid, n, pieces,
                                   next(blobs) if cid is not None else None, gone_ok=late)

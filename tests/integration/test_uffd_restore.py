@@ -189,3 +189,29 @@ def test_kill_9_during_the_late_fill_leaves_no_restored_tree(workload, gpusnap, 
         assert proc.poll() is None, proc.communicate()
         _kill_and_see_the_tree_go(proc, w)
     _restores_again(w, gpusnap, snap, env=OVERLAP)
+
+
+def test_a_task_reading_its_memory_during_the_late_fill_reads_it_right(workload, gpusnap, store):
+    """The root checks its data (a SHA-256 over all of it) as soon as it runs again,
+    while the late ranges are still being placed (slowly: each late batch waits 150 ms
+    first): the pages it reads ahead of the fill are placed by the guard for its faults;
+    the checksum is the dump's."""
+    w = workload("--mib", "256", "--children", "1")
+    rc, snap, err = gpusnap("dump", "--pid", str(w.pid))
+    assert rc == 0, err
+    w.reap()
+    wait_pids_free(w.pids)
+    report = os.path.join(w.state, "report.json")
+    proc = _restore_cli(store, snap["id"], env={**OVERLAP, "GPUSNAP_TEST_LATE_DELAY_MS": "150"})
+    assert _wait(lambda: _alive([w.pid]) and
+                 psutil.Process(w.pid).status() != psutil.STATUS_STOPPED), "never continued"
+    os.kill(w.pid, signal.SIGUSR1)              # reads everything: faults on the late pages
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    fill = json.loads(out)["fill"]
+    assert fill["late_bytes"] >= 128 << 20, fill
+    assert _wait(lambda: os.path.exists(report))
+    with open(report) as f:
+        got = json.load(f)
+    assert got["data_ok"], got
+    w.kill_all()
