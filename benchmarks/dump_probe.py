@@ -16,6 +16,9 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
               bf16 to write, slower to decode at restore)
 - second:     the same data dumped again into that store (every chunk known)
 - staged:     `gpusnap dump --pages staged` into a fresh store on disk
+- twice:      the driver alone: lock + checkpoint, restore + unlock, two rounds (does the
+              first checkpoint pay for first-touching its staging memory?)
+- NAME_thp:   row NAME with THP=always (e.g. naive_thp, stream_thp, twice_thp)
 
 and floors: the disk's write rate with fsync (16 writers) and tmpfs's. Each gpusnap row
 shows its stream_* timings: seconds the receiver read CRIU's pages (recv) and waited for a
@@ -155,9 +158,37 @@ def gpusnap_dump(pid: int, store: str, pages: str = "stream", *more: str) -> dic
             "downtime": got.get("downtime"), **got["timings"]}
 
 
+def checkpoint_twice(pid: int) -> dict:
+    """The driver alone, two rounds: lock + checkpoint, restore + unlock, twice. Whether
+    a process's first checkpoint pays for its staging memory's first touch (the switch
+    row's first suspend took 6.5 s more than its second)."""
+    from gpusnap.cuda.session import CudaSession
+    out = {}
+    for i in (1, 2):
+        s = CudaSession([pid])
+        t0 = time.perf_counter()
+        s.lock_all(10_000)
+        s.checkpoint_all()
+        t1 = time.perf_counter()
+        s.restore_all(None)
+        s.unlock_all()
+        t2 = time.perf_counter()
+        out.update({f"checkpoint_{i}": t1 - t0, f"restore_{i}": t2 - t1})
+    out["s"] = sum(out.values())
+    return out
+
+
 def run_row(name: str, gib: float, work: str, store: str) -> dict:
+    """One row on a fresh holder; a name ending in _thp runs with THP=always (anonymous
+    memory in huge pages: the driver's staging memory faults in 2 MiB at a time)."""
+    if name.endswith("_thp"):
+        from cold_start import thp_mode
+        with thp_mode("always"):
+            return run_row(name[:-len("_thp")], gib, work, store)
     proc, pid, cuda = start(gib, work)
     try:
+        if name == "twice":
+            return checkpoint_twice(pid) if cuda else {"s": 0.0}
         if name == "naive":
             return by_hand(pid, cuda, os.path.join(SHM, "images"))
         if name == "null":
@@ -197,7 +228,7 @@ def table(rows: dict, floors: dict, card: str, gib: float) -> str:
         crit = m.get("criu_dump", 0)
         gb = m.get("bytes", 0) / 1e9
         out.append(f"| {name} | {m['s']:.2f} | {m.get('cuda_checkpoint', 0):.2f} | {crit:.2f} | "
-                   f"{gb:.2f} | {gb / crit if crit else 0:.2f} | {gb / m['s']:.2f} |")
+                   f"{gb:.2f} | {gb / crit if crit else 0:.2f} | {gb / m['s'] if m['s'] else 0:.2f} |")
     out += ["", "Stages and stream timings (medians):", ""]
     for name, runs in rows.items():
         keys = [k for k in runs[0] if k not in ("s", "bytes") and
