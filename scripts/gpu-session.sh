@@ -12,7 +12,11 @@
 # dumprace (the parallel CUDA stages and the CUDA-child-mid-dump tests alone),
 # commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp),
 # dumpprobe (benchmarks/dump_probe.py: where a dump's time goes, 8 GiB on the GPU; PROBE_ARGS
-# replaces its options).
+# replaces its options: --rows twice,twice_thp,naive,naive_thp asks whether a first
+# checkpoint pays for first-touching the driver's staging memory, and what huge pages do).
+# The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
+# COLD_ARGS='--runs 3 --variants overlap' on cold1b / cold8b puts it beside the default;
+# gputests runs its GPU test (test_staging_memory_filled_during_the_cuda_restore).
 # Breadth rows (benchmarks/breadth.py; each ends itself 30 s before its limit, BREADTH_ARGS
 # adds options): switch, standby, diffusion (one GPU); tp2sdk (tests/gpu/test_tp_sdk_gpu.py),
 # tp2 (the TP=2 row, the rehearsal of TP=4/8), tp120plan (what TP=8 120B would need), estimate
