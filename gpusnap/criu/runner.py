@@ -107,11 +107,16 @@ def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, lo
 
 
 def restore(images_dir: str, opts: CriuOptions, *, work_dir: str | None = None,
-            timeout: float | None = None, criu: str | None = None) -> int:
+            timeout: float | None = None, criu: str | None = None,
+            started: Callable[[], None] | None = None) -> int:
     """CRIU restore, detached; the restored root pid. Log and pidfile go to work_dir
-    (default: images_dir). criu: the CRIU to run (default: find_criu's)."""
+    (default: images_dir). criu: the CRIU to run (default: find_criu's). started(): called
+    once CRIU runs (a thread may start then: none may run while a child is forked, whose
+    pre-exec step runs Python)."""
     with interrupts.held():         # a CRIU started is a CRIU waited for (sysrun.begin)
         running = start_restore(images_dir, opts, work_dir=work_dir, criu=criu)
+        if started:
+            started()
         res = running.wait(timeout)
     return _restored(running, res)
 

@@ -184,11 +184,14 @@ def _criu_pages(plan: RestorePlan, repo: Repository, work: str, stages: Stages, 
     """CRIU's page path: every image materialised, CRIU writes the pages. (root, cuInit)."""
     images = _images(plan, repo, work, stages, progress)
     _make_room(plan, images, stages)
-    # after materialise: it forks its workers
-    cuinit = gpu.init_in_background() if plan.manifest.cuda else None
+    # cuInit's thread once CRIU is forked (and materialise's workers before it): a fork
+    # while another thread runs in libcuda could leave the child stuck before its exec
+    cuinit: list = []
     with stages.stage("criu_restore"):
-        root = criu_runner.restore(images, plan.criu_options, work_dir=work, criu=plan.criu_path)
-    return root, cuinit
+        root = criu_runner.restore(images, plan.criu_options, work_dir=work, criu=plan.criu_path,
+                                   started=lambda: plan.manifest.cuda and
+                                   cuinit.append(gpu.init_in_background()))
+    return root, (cuinit[0] if cuinit else None)
 
 
 def _make_room(plan: RestorePlan, images: str, stages: Stages) -> None:
