@@ -115,9 +115,11 @@ class Holder:
 class Bench:
     """One run's workload, environment and what to stop at the end."""
 
-    def __init__(self, workload, work: str, stack: contextlib.ExitStack, deadline: float | None = None):
+    def __init__(self, workload, work: str, stack: contextlib.ExitStack, deadline: float | None = None,
+                 s3_variants: list[str] = ()):
         self.w, self.work, self.stack = workload, work, stack
         self.deadline = deadline            # time.monotonic() by which the row must be done
+        self.s3_variants = list(s3_variants)    # extra empty-cache rows of the s3 row
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("GPUSNAP_SOCKET", "GPUSNAP_STORE", "GPUSNAP_CACHE")}
         self.local = os.path.join(work, "fleet-store")
@@ -191,7 +193,7 @@ def s3_row(b: Bench, runs: int) -> dict:
     for i in range(runs):
         row["s3_warm_cache"].append(b.restore(snap["id"], url, {**s3env, "GPUSNAP_CACHE": cache}))
         note(step="restore_s3_warm_cache", **row["s3_warm_cache"][-1])
-    for name in S3_VARIANTS_ASKED:
+    for name in b.s3_variants:
         key = f"s3_empty_cache_{name}"
         row[key] = []
         for i in range(runs):
@@ -207,7 +209,6 @@ def s3_row(b: Bench, runs: int) -> dict:
 # or with the driver's staging memory placed during the CUDA restore
 S3_VARIANTS = {"c4": {"GPUSNAP_S3_CONCURRENCY": "4"}, "c8": {"GPUSNAP_S3_CONCURRENCY": "8"},
                "overlap": {"GPUSNAP_UFFD_OVERLAP": "1"}}
-S3_VARIANTS_ASKED: list[str] = []
 
 
 def daemon_row(b: Bench, runs: int) -> dict:
@@ -358,8 +359,8 @@ def main(argv=None) -> str:
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS") or
                     os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
-    S3_VARIANTS_ASKED[:] = [v for v in args.s3_variants.split(",") if v]
-    unknown = set(S3_VARIANTS_ASKED) - set(S3_VARIANTS)
+    s3_variants = [v for v in args.s3_variants.split(",") if v]
+    unknown = set(s3_variants) - set(S3_VARIANTS)
     if unknown:
         ap.error(f"--s3-variants: unknown {', '.join(sorted(unknown))}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # run the cleanups below
@@ -380,7 +381,7 @@ def main(argv=None) -> str:
         result["workload"] = workload.label
         try:
             with contextlib.ExitStack() as stack:
-                result[row] = ROWS[row](Bench(workload, work, stack, deadline), args.runs)
+                result[row] = ROWS[row](Bench(workload, work, stack, deadline, s3_variants), args.runs)
         except Exception as exc:  # noqa: BLE001 - the other row stands; say what broke
             failed = True
             result[row] = {"error": f"{type(exc).__name__}: {exc}"}

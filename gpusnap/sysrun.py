@@ -171,6 +171,25 @@ def fork_helper(fn, *args) -> int:
         os._exit(code)
 
 
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def fork_held() -> tuple[int, set]:
+    """os.fork() with Ctrl-C and SIGTERM blocked across it: (pid, the mask before). The
+    parent has its mask back on return; the child keeps them blocked until it has its
+    own handlers, then sets the mask returned (a signal sent meanwhile is raised then),
+    so that the parent's handler never runs in the child."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return pid, blocked
+
+
 def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
     """In a forked helper: sig when the process that forked it dies (PR_SET_PDEATHSIG), so
     that it never outlives a gpusnap or gpusnapd killed with SIGKILL. parent (its pid,

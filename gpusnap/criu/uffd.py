@@ -115,18 +115,12 @@ def next_handoff(conn: socket.socket) -> tuple[int, int | None] | None:
     return value, fds[0]
 
 
-def read_faults(fd: int) -> list[int]:
-    """The addresses of the page faults waiting on fd (non-blocking, as CRIU opens it).
-    Other events (fork, remap, remove, unmap) are read, which lets their task go on; a
-    fork's new descriptor is closed (its child's faults are then not served: such a
-    child is not one CRIU restores)."""
-    return read_events(fd)[0]
-
-
 def read_events(fd: int) -> tuple[list[int], list[tuple[int, int, int]]]:
-    """read_faults', and the changes to the task's memory map among the events read:
-    (event, start, end) of each remap (the range it moved away from), remove, unmap, and
-    (EVENT_FORK, 0, 0) for a fork."""
+    """The events waiting on fd (non-blocking, as CRIU opens it), read, which lets their
+    task go on: the addresses of the page faults, and the changes to the task's memory
+    map: (event, start, end) of each remap (the range it moved away from), remove, unmap,
+    and (EVENT_FORK, 0, 0) for a fork, whose new descriptor is closed (its child's faults
+    are then not served: such a child is not one CRIU restores)."""
     faults, changes = [], []
     while True:
         try:

@@ -12,7 +12,6 @@ restore reports success, whatever a manifest says they are.
 from __future__ import annotations
 
 MIN_BYTES = 2 << 20          # smaller additions are the driver's own bookkeeping, not staging
-PAGE = 4096
 
 
 def anon_ranges(pid: int) -> list[tuple[int, int]]:

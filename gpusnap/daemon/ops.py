@@ -75,16 +75,12 @@ def spawn(kind: str, fn: Callable[..., Any], *args, env: dict[str, str] | None =
     parent = os.getpid()
     # Ctrl-C and SIGTERM (a cancel) wait until the child has its own handlers: before,
     # the daemon's (asyncio's wakeup fd) would take them, as if sent to the daemon
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        pid = os.fork()
-        if pid == 0:                            # pragma: no cover - runs in the child
-            try:
-                _child_main(fn, args, env, [w for _, w in pipes], parent, setup, blocked)
-            finally:
-                os._exit(70)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    pid, blocked = sysrun.fork_held()
+    if pid == 0:                                # pragma: no cover - runs in the child
+        try:
+            _child_main(fn, args, env, [w for _, w in pipes], parent, setup, blocked)
+        finally:
+            os._exit(70)
     for _, w in pipes:
         os.close(w)
     child = Child(op_id=f"{kind}-{next(_ids)}-{pid}", kind=kind, pid=pid, started=time.monotonic())

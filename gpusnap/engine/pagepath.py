@@ -318,8 +318,7 @@ class _Filling:
         except BaseException:
             self.stop()
             raise
-        finally:
-            self._forked()
+        self._forked()                  # no batch at all: cuInit's thread starts here
         self.early_s = time.perf_counter() - self.started
         if not self.late_left:
             self._drain()

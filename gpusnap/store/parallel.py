@@ -115,20 +115,13 @@ def _worker(fn, job, mine, fd: int) -> None:
         pickle.dump("done", out)
 
 
-_HELD = {signal.SIGINT, signal.SIGTERM}
-
-
 def _spawn(body: Callable[[], object]) -> int:
     """Fork a worker that runs body and exits; its pid. Ctrl-C and SIGTERM are blocked
-    across the fork until the worker has its own handlers, so gpusnap's handler never
-    runs in a worker (it would go on as a second gpusnap)."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _as_worker(body, blocked)       # never returns
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    across the fork until the worker has its own handlers (sysrun.fork_held), so
+    gpusnap's handler never runs in a worker (it would go on as a second gpusnap)."""
+    pid, blocked = sysrun.fork_held()
+    if pid == 0:
+        _as_worker(body, blocked)           # never returns
     return pid
 
 

@@ -282,8 +282,7 @@ def _restore_cuda(plan: RestorePlan, cuinit: threading.Thread | None, stages: St
             pages.finish_late(stages)
             plan.notes.append(f"CUDA restore during the fill failed ({exc.message}); "
                               f"restored again once every page was in")
-            cuda = gpu.session(cuda_pids)
-            cuda.restore_all(plan.gpu_pairs)
+            cuda.restore_all(plan.gpu_pairs)    # the pids still checkpointed (session.py)
     if pages:
         pages.finish_late(stages)
     with stages.stage("cuda_unlock"):

@@ -219,16 +219,10 @@ def _by_dir(names: Iterable[str]) -> dict[str, list[str]]:
 
 
 def _fsync_dirs(paths: list[str]) -> None:
-    """fsync_dir of each path, on up to SYNC_THREADS threads (each takes a slice)."""
-    n = min(SYNC_THREADS, len(paths))
-    if n <= 1:
+    """fsync_dir of each path, on up to SYNC_THREADS threads."""
+    if len(paths) <= 1:
         for path in paths:
             fsutil.fsync_dir(path)
         return
-    with ThreadPoolExecutor(n) as pool:
-        list(pool.map(_fsync_each, [paths[i::n] for i in range(n)]))    # raises a slice's OSError
-
-
-def _fsync_each(paths: list[str]) -> None:
-    for path in paths:
-        fsutil.fsync_dir(path)
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(paths))) as pool:
+        list(pool.map(fsutil.fsync_dir, paths))     # raises the first OSError
