@@ -10,7 +10,9 @@ would kill it.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -42,8 +44,27 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# How a child starts ignoring SIGINT with no Python between fork and exec (a preexec_fn
+# runs in a child forked beside other threads, which CPython documents as unsafe: a lock
+# one of them held stays held there). A disposition set to "ignore" survives exec, and
+# sh's trap sets it before sh execs the command in its place.
+_IGNORING_SIGINT = ["/bin/sh", "-c", 'trap "" INT; exec "$0" "$@"']
+
+
+def _resolved(program: str, path: str, cwd: str | None) -> str:
+    """program as an absolute path, or the error Popen would raise for it: sh would only
+    print 'not found' and exit 127."""
+    if "/" not in program:
+        found = shutil.which(program, path=path)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        program = found
+    full = os.path.join(cwd or os.getcwd(), program)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if not os.access(full, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+    return os.path.abspath(full)
 
 
 def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,
@@ -116,15 +137,17 @@ class Running:
 def begin(argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
           input: str | None = None, pass_fds: tuple[int, ...] = (),
           own_group: bool = False) -> Running:
-    """Start argv (clean environment, no shell, ignoring SIGINT) for a caller that works
+    """Start argv (clean environment, no shell parsing, ignoring SIGINT) for a caller that works
     while it runs; Running.wait() collects it as run() does. Starts no thread.
     own_group: in a process group of its own (Running.wait_group). An interrupt that
     lands while the child starts loses it: a caller that must wait for the child calls
     begin() in interrupts.held() and keeps the Running before the block ends."""
-    proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, text=True, errors="replace",
+    env = clean_env(env)
+    program = _resolved(argv[0], env["PATH"], cwd)
+    proc = subprocess.Popen([*_IGNORING_SIGINT, program, *argv[1:]], env=env, cwd=cwd,
+                            text=True, errors="replace",
                             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_ignore_sigint, pass_fds=pass_fds,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds,
                             process_group=0 if own_group else None)
     return Running(proc, argv, input, own_group)
 

@@ -26,6 +26,19 @@ def criu_usable() -> bool:
         return False
 
 
+def pytest_report_header(config):
+    """Free disk where the tests write: a CI run that ran out of it (ENOSPC) says so first."""
+    import tempfile
+    lines = []
+    for path in (tempfile.gettempdir(), "/var/lib", "/dev/shm"):
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            continue
+        lines.append(f"{path} {st.f_bavail * st.f_frsize / 2**30:.1f} GiB free")
+    return "disk: " + ", ".join(lines)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_root = pytest.mark.skip(reason="needs root and CRIU >= 4.1 (make setup)")
     usable = None

@@ -71,3 +71,46 @@ def test_die_with_parent_signals_at_once_when_that_parent_is_gone_already():
         sysrun.die_with_parent(signal.SIGTERM, parent=os.getppid())
         os._exit(0)
     assert os.WEXITSTATUS(os.waitpid(pid, 0)[1]) == 0
+
+
+def _ignored(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+
+
+def test_the_child_ignores_sigint_from_its_exec_on_with_no_python_in_between():
+    """The disposition is set by a trampoline that execs the program in its place (no
+    preexec_fn: Python in a child forked beside threads can hang on a lock one held)."""
+    running = sysrun.begin(["sleep", "5"])
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{running.pid}/exe").endswith("sh"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _ignored(running.pid) & (1 << (signal.SIGINT - 1))
+        assert open(f"/proc/{running.pid}/cmdline").read().split("\0")[:2] == [
+            sysrun.shutil.which("sleep"), "5"]
+        os.kill(running.pid, signal.SIGINT)
+        assert running.exit_code(0.3) is None, "SIGINT ignored"
+    finally:
+        running.proc.kill()
+        running.wait()
+
+
+@pytest.mark.parametrize("program, error", [
+    ("gpusnap-no-such-program", FileNotFoundError),
+    ("./no-such-file", FileNotFoundError),
+    ("./not-executable", PermissionError),
+])
+def test_a_program_that_cannot_run_raises_as_popen_would(program, error, tmp_path):
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    (tmp_path / "not-executable").chmod(0o644)
+    with pytest.raises(error):
+        sysrun.begin([program], cwd=str(tmp_path))
+
+
+def test_a_relative_program_runs_from_cwd(tmp_path):
+    script = tmp_path / "hello"
+    script.write_text("#!/bin/sh\necho hello \"$@\"\n")
+    script.chmod(0o755)
+    assert sysrun.run(["./hello", "a b"], cwd=str(tmp_path)).stdout == "hello a b\n"
