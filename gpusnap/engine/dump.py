@@ -29,7 +29,7 @@ import socket
 import time
 from typing import Callable
 
-from .. import VERSION, interrupts
+from .. import VERSION, interrupts, testpause
 from ..criu import pageserver
 from ..cuda import staging
 from ..criu.runner import log_errors
@@ -165,6 +165,7 @@ class _Dump:
 
     def _serve(self, progress):
         """CRIU's page stream into self.stream (criu/pageserver.py)."""
+        progress = _pause_after_first(progress, "pages_stream")
         return lambda sock, alive: pageserver.serve(sock, self.stream, progress, alive)
 
     def _ingest_streamed(self, progress):
@@ -341,3 +342,19 @@ class _Dump:
 
 def _what(exc: BaseException) -> str:
     return "interrupt" if isinstance(exc, (KeyboardInterrupt, Interrupted)) else "error"
+
+
+def _pause_after_first(progress, point: str):
+    """progress, unless GPUSNAP_TEST_PAUSE names point (testpause.py): then it also waits
+    there the first time it is called (a fault test's signal lands mid-stream)."""
+    if not testpause.wanted(point):
+        return progress
+    first = [True]
+
+    def step(n: int) -> None:
+        if progress:
+            progress(n)
+        if first:
+            first.clear()
+            testpause.pause(point)
+    return step

@@ -31,7 +31,7 @@ a pid is signalled only while it is the process recorded (its start time).
 DIR is STATE_DIR/intents (engine/parked.py: /run/gpusnap/state, or GPUSNAP_STATE_DIR).
 Only a process tree gets a record: a container's checkpoint is its engine's own.
 GPUSNAP_TEST_PAUSE=STAGE:FILE (for the fault matrix) makes a gpusnap that records STAGE
-create FILE and wait there, to be killed.
+create FILE and wait there, to be killed (testpause.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
-from .. import paths, sysrun
+from .. import paths, sysrun, testpause
 from ..errors import GpusnapError
 
 OPS = ("dump", "restore")
@@ -209,7 +209,7 @@ class Intent:
             setattr(self.rec, key, value)
         self._write()
         if "stage" in facts:
-            _pause_for_tests(facts["stage"])
+            testpause.pause(facts["stage"])
 
     def stage(self, name: str) -> None:
         """engine.timing.Stages' listener: the stage the operation enters."""
@@ -273,14 +273,6 @@ def for_dump(plan, store: str, work: str, dumper, cuda) -> Intent | _NoIntent:
 def for_restore(snapshot: str, pids: list[int], work: str) -> Intent:
     """A restore's record; the restored root follows once CRIU reports it."""
     return Intent.begin("restore", work, snapshot=snapshot, pids=list(pids))
-
-
-def _pause_for_tests(stage: str) -> None:
-    want, _, mark = os.environ.get("GPUSNAP_TEST_PAUSE", "").partition(":")
-    if want == stage and mark:
-        with open(mark, "w"):
-            pass
-        time.sleep(120)
 
 
 # ---- the guard -------------------------------------------------------------------------

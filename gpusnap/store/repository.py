@@ -20,9 +20,11 @@ import os
 import re
 import secrets
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from .. import testpause
 from ..errors import (AmbiguousSnapshot, IntegrityError, ManifestInvalid, SnapshotNotFound,
                       StoreError, UsageError)
 from ..model import MANIFEST_VERSION, FileEntry, Manifest
@@ -91,6 +93,7 @@ def _now() -> str:
 def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
     """In a worker: read each span of the batch, store it as a chunk if new."""
     repo, paths, batches = job
+    _pause_before_second_batch()
     out, fds = [], {}
     pending = {} if repo.backend.batches_puts else None
     try:
@@ -108,6 +111,20 @@ def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
         for fd in fds.values():
             os.close(fd)
     return out
+
+
+_first_batch_by: int | None = None      # the worker process that took a batch already
+
+
+def _pause_before_second_batch() -> None:
+    """GPUSNAP_TEST_PAUSE=ingest_batch (testpause.py): a forked worker that has stored its
+    first batch waits before the next one, so the batches after it are still queued."""
+    global _first_batch_by
+    if not testpause.wanted("ingest_batch") or threading.current_thread() is not threading.main_thread():
+        return          # unset, or a thread (parallel.py's fallback): never paused
+    if _first_batch_by == os.getpid():
+        testpause.pause("ingest_batch")
+    _first_batch_by = os.getpid()
 
 
 def _verify_batch(job, batch_index: int) -> list[dict]:

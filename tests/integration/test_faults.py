@@ -307,76 +307,52 @@ def test_truncated_manifest_is_reported_and_refused(workload, gpusnap, store):
 
 # ---- signals ------------------------------------------------------------------------------------------
 
-CRIU_DONE = '"$REAL" "$@"; rc=$?; touch "$MARK"; exit $rc'
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("stage", ["before_criu", "after_criu"])
-def test_signal_during_criu_dump(workload, gpusnap, store, tmp_path, sig, stage):
-    """The signal lands while gpusnap waits for CRIU: CRIU is let finish (never killed
-    with its parasite inside the target), then everything is undone."""
-    fake = _fake_criu(tmp_path, BEFORE_CRIU if stage == "before_criu" else AFTER_CRIU)
-    mark = str(tmp_path / "mark")
-    w = workload("--mib", "32", "--children", "1", "--threads", "1")
-    shm = _shm_entries()
-    proc = _start_cli(store, "dump", "--pid", str(w.pid), env={"GPUSNAP_CRIU": fake})
-    _wait_file(mark, proc)
-    time.sleep(0.1)
-    proc.send_signal(sig)
-    release(mark)
-    rc, out, err = _finish(proc)
-    assert rc == 130, err
-    assert out["error"] == "Interrupted"
-    _assert_running_and_healthy(w, children=1, threads=1)
-    _assert_no_trace(gpusnap, store, shm)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_ingest(workload, gpusnap, store, tmp_path, sig):
-    """A big tree, so that ingest takes a while: the signal is sent a third into it
-    (timed from a first dump into another store). Staged pages: CRIU writes pages
-    images, ingested after it exits."""
-    fake = _fake_criu(tmp_path, CRIU_DONE)
+    """The signal lands mid-ingest: every ingest worker stored its first batch of chunks
+    and waits before its next (GPUSNAP_TEST_PAUSE=ingest_batch), the rest are queued.
+    Staged pages: CRIU writes pages images, ingested after it exits. The queued batches
+    are dropped, not written: the workers are stopped, not waited for."""
+    from gpusnap.store.parallel import BATCH_BYTES, workers
     mark = str(tmp_path / "mark")
-    w = workload("--mib", "768", "--children", "1")
-    rc, first, err = gpusnap("--store", str(tmp_path / "calibrate"), "dump", "--pid", str(w.pid),
-                             "--leave-running", "--pages", "staged")
-    assert rc == 0, err
-    t = first["timings"]
-    delay = t.get("zero_elide", 0) + t["ingest"] / 3
-    assert t["ingest"] > 0.3, f"ingest too quick to aim a signal at: {t}"
+    mib = 768
+    w = workload("--mib", str(mib), "--children", "1")
     shm = _shm_entries()
-    proc = _start_cli(store, "dump", "--pid", str(w.pid), "--pages", "staged", env={"GPUSNAP_CRIU": fake})
+    proc = _start_cli(store, "dump", "--pid", str(w.pid), "--pages", "staged",
+                      env={"GPUSNAP_TEST_PAUSE": f"ingest_batch:{mark}"})
     _wait_file(mark, proc)
-    time.sleep(delay)
+    assert _states(w.pids) == {psutil.STATUS_STOPPED}, "held by the dump until its commit"
     proc.send_signal(sig)
     started = time.monotonic()
     rc, out, err = _finish(proc)
     assert rc == 130, err
-    assert time.monotonic() - started < t["ingest"] / 2, "queued chunks are dropped, not written"
+    assert out["error"] == "Interrupted"
+    assert time.monotonic() - started < 60, "a paused worker waits 120 s: stopped, not waited for"
+    stored = sum(e.stat().st_size for d in os.scandir(os.path.join(store, "chunks")) if d.is_dir()
+                 for e in os.scandir(d.path))
+    assert stored <= (workers() + 1) * (BATCH_BYTES + (1 << 20)) < mib << 20, \
+        f"{stored} bytes of chunks: only the first batches were stored"
     _assert_running_and_healthy(w, children=1)
     _assert_no_trace(gpusnap, store, shm)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_while_pages_stream(workload, gpusnap, store, tmp_path, sig):
-    """The signal lands while CRIU streams the pages to gpusnap (the default path): the
-    stream is cut, CRIU fails on its own and lets the tree go on; gpusnap undoes the rest
-    and leaves no trace. Timed a third into the CRIU stage of a first dump."""
+    """The signal lands while CRIU streams the pages to gpusnap (the default path): gpusnap
+    waits once CRIU's first pages have come in (GPUSNAP_TEST_PAUSE=pages_stream), CRIU
+    holding the tree with the rest unsent. The stream is cut, CRIU fails on its own and
+    lets the tree go on; gpusnap undoes the rest and leaves no trace."""
     mark = str(tmp_path / "mark")
     w = workload("--mib", "768", "--children", "1")
-    rc, first, err = gpusnap("--store", str(tmp_path / "calibrate"), "dump", "--pid", str(w.pid),
-                             "--leave-running")
-    assert rc == 0, err
-    assert "pages_finish" in first["timings"], "the default dump streams its pages"
     shm = _shm_entries()
-    fake = _fake_criu(tmp_path, 'touch "$MARK"; exec "$REAL" "$@"')
-    proc = _start_cli(store, "dump", "--pid", str(w.pid), env={"GPUSNAP_CRIU": fake})
+    proc = _start_cli(store, "dump", "--pid", str(w.pid),
+                      env={"GPUSNAP_TEST_PAUSE": f"pages_stream:{mark}"})
     _wait_file(mark, proc)
-    time.sleep(first["timings"]["criu_dump"] / 3)
     proc.send_signal(sig)
+    started = time.monotonic()
     rc, out, err = _finish(proc)
     assert rc == 130 and out["error"] == "Interrupted", err
+    assert time.monotonic() - started < 60, "the stream is cut at once, not after the 120 s pause"
     _assert_running_and_healthy(w, children=1)
     _assert_no_trace(gpusnap, store, shm)
 
