@@ -308,6 +308,27 @@ def test_truncated_manifest_is_reported_and_refused(workload, gpusnap, store):
 # ---- signals ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stage", ["before_criu", "after_criu"])
+def test_signal_during_criu_dump(workload, gpusnap, store, tmp_path, sig, stage):
+    """The signal lands while gpusnap waits for CRIU: CRIU is let finish (never killed
+    with its parasite inside the target), then everything is undone."""
+    fake = _fake_criu(tmp_path, BEFORE_CRIU if stage == "before_criu" else AFTER_CRIU)
+    mark = str(tmp_path / "mark")
+    w = workload("--mib", "32", "--children", "1", "--threads", "1")
+    shm = _shm_entries()
+    proc = _start_cli(store, "dump", "--pid", str(w.pid), env={"GPUSNAP_CRIU": fake})
+    _wait_file(mark, proc)
+    time.sleep(0.1)
+    proc.send_signal(sig)
+    release(mark)
+    rc, out, err = _finish(proc)
+    assert rc == 130, err
+    assert out["error"] == "Interrupted"
+    _assert_running_and_healthy(w, children=1, threads=1)
+    _assert_no_trace(gpusnap, store, shm)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_during_ingest(workload, gpusnap, store, tmp_path, sig):
     """The signal lands mid-ingest: every ingest worker stored its first batch of chunks
     and waits before its next (GPUSNAP_TEST_PAUSE=ingest_batch), the rest are queued.
