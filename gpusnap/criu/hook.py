@@ -285,6 +285,18 @@ def _describe(e: BaseException) -> str:
     return f"{getattr(e, 'message', e)!s}" + (f" ({hint})" if hint else "")
 
 
+def _guard_argv(*args: str) -> list[str]:
+    """This interpreter, isolated, running main() of this very module: the hook may have
+    found gpusnap through a path its script added (examples/kubernetes/install-node.sh
+    puts the source in /opt/gpusnap/src, render_script's source), which `-I -m` alone
+    would not search."""
+    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    boot = (f"import sys\nsource = {source!r}\n"
+            f"if source not in sys.path:\n    sys.path.insert(0, source)\n"
+            f"from gpusnap.criu.hook import main\nsys.exit(main())\n")
+    return [sys.executable, "-I", "-c", boot, "--guard", *args]
+
+
 def spawn_guard(path: str, criu: int) -> None:
     """A detached run of this module that undoes pre-dump once CRIU has exited, if the
     processes survived the dump. A new process, not a fork: this one has initialised CUDA."""
@@ -294,8 +306,7 @@ def spawn_guard(path: str, criu: int) -> None:
     except (AttributeError, OSError):
         pidfd = -1
     try:
-        sysrun.spawn_detached([sys.executable, "-I", "-m", __name__, "--guard", path, str(criu),
-                               str(pidfd)], env={"PATH": GUARD_PATH},
+        sysrun.spawn_detached(_guard_argv(path, str(criu), str(pidfd)), env={"PATH": GUARD_PATH},
                               pass_fds=(pidfd,) if pidfd >= 0 else ())
     finally:
         if pidfd >= 0:

@@ -21,6 +21,7 @@ import time
 import uuid
 
 import pytest
+from conftest import hook_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +32,6 @@ WORKLOAD = "i=0; while :; do i=$((i+1)); echo $i >/tmp/c.t; mv /tmp/c.t /tmp/c; 
 ENV = {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:"
        + os.environ.get("PATH", "")}
 RUNC_CONF = "/etc/criu/runc.conf"
-HOOK_CONFIG = "/etc/gpusnap/config.yaml"
 HOOK_SCRIPT = "/usr/local/lib/gpusnap/gpusnap-criu-hook"
 ENGINES = ["docker", "podman"]
 
@@ -358,12 +358,11 @@ def hook(runc_conf, tmp_path):
     """gpusnap hooks install into the real runc.conf, logging to a file of this test
     (through /etc/gpusnap/config.yaml, put back afterwards)."""
     log = tmp_path / "hook.log"
-    old_cfg = open(HOOK_CONFIG).read() if os.path.exists(HOOK_CONFIG) else None
-    made_dir = not os.path.isdir(os.path.dirname(HOOK_CONFIG))
-    os.makedirs(os.path.dirname(HOOK_CONFIG), exist_ok=True)
-    with open(HOOK_CONFIG, "w") as f:
-        f.write(f"# test config\nlog: {log}\nremap: {{}}\n")
-    os.chmod(HOOK_CONFIG, 0o644)
+    with hook_config(f"# test config\nlog: {log}\nremap: {{}}\n"):
+        yield from _installed_hook(runc_conf, log)
+
+
+def _installed_hook(runc_conf, log):
     had_script = os.path.exists(HOOK_SCRIPT)
     res = subprocess.run([sys.executable, "-m", "gpusnap", "--json", "hooks", "install"],
                          cwd=REPO, capture_output=True, text=True, env=ENV)
@@ -384,13 +383,6 @@ def hook(runc_conf, tmp_path):
     subprocess.run([sys.executable, "-m", "gpusnap", "hooks", "uninstall",
                     *([] if not had_script else ["--keep-script"])],
                    cwd=REPO, capture_output=True, text=True, env=ENV)
-    if old_cfg is None:
-        os.unlink(HOOK_CONFIG)
-        if made_dir:
-            os.rmdir(os.path.dirname(HOOK_CONFIG))
-    else:
-        with open(HOOK_CONFIG, "w") as f:
-            f.write(old_cfg)
 
 
 def _wait_for(fn, timeout=10.0):

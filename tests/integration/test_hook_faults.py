@@ -1,0 +1,124 @@
+"""The CRIU action script's guard (gpusnap.criu.hook) for real: a detached process that
+must come up, hold the state, and wait for CRIU and the pre-dump hook, whatever stops
+them. CRIU is a stand-in process here (what the guard sees of CRIU is its pid); the
+CUDA side is the unit tests' fake driver in the hook's own process. The guard itself
+runs the real module, so where it reaches CUDA (no GPU here) it logs that it tried.
+
+Root only: the hook's state directory is /run/gpusnap-hook, its config
+/etc/gpusnap/config.yaml (put back afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+from conftest import hook_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the hook's state dir is root's")]
+
+
+@pytest.fixture
+def log(tmp_path):
+    """The hook and its guard log to a file of this test."""
+    path = tmp_path / "hook.log"
+    with hook_config(f"log: {path}\n"):
+        yield path
+
+
+def _text(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _wait_for(fn, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _guards(state: str) -> list[int]:
+    """Pids of guard processes started for this state file."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"--guard" in argv and state.encode() in argv:
+                found.append(int(name))
+    return found
+
+
+@pytest.fixture
+def guards():
+    """Kills, at the end, the guards a test's state files started (by pid)."""
+    states: list[str] = []
+    yield states
+    for state in states:
+        for pid in _guards(state):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        try:
+            os.unlink(state)
+        except FileNotFoundError:
+            pass
+
+
+def _node_python(tmp_path) -> str:
+    """A Python with gpusnap's dependencies but without gpusnap, as on a node prepared by
+    examples/kubernetes/install-node.sh (the hook script adds gpusnap's source to its
+    path). The dependencies come through a .pth naming this environment's site, whose
+    own .pth files (the checkout's editable install) are not run (test_hook_from_wheel)."""
+    venv = tmp_path / "node-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "zz-test-deps.pth"), "w") as f:
+        f.write(sysconfig.get_path("purelib") + "\n")
+    assert subprocess.run([python, "-I", "-c", "import gpusnap"], cwd="/",
+                          capture_output=True).returncode != 0
+    return python
+
+
+def test_guard_runs_where_gpusnap_comes_from_the_hook_scripts_source_path(log, guards, tmp_path):
+    """render_script(python, source): the hook finds gpusnap through the path its script
+    adds, and so must the guard it starts (it did `python -I -m gpusnap.criu.hook`, which
+    could not import gpusnap there: it died at once, and a --leave-running dump left CUDA
+    checkpointed for good)."""
+    from gpusnap.criu import hook as h
+    from gpusnap.criu.hook_install import render_script
+    python = _node_python(tmp_path)
+    criu = subprocess.Popen(["sleep", "1"])
+    try:
+        state = h.state_path(criu.pid)
+        guards.append(state)
+        h.write_state(state, {"criu": criu.pid, "init": 999999, "pids": {"999999": 12345},
+                              "initial": {"999999": "RUNNING"}})
+        script = render_script(python, REPO).replace(
+            "from gpusnap.criu.hook import main  # noqa: E402\n\nsys.exit(main())\n",
+            f"from gpusnap.criu import hook\nhook.spawn_guard({state!r}, {criu.pid})\n")
+        assert "spawn_guard" in script
+        res = subprocess.run([python, "-I", "-c", script], cwd="/", capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        criu.wait()
+        _wait_for(lambda: "nothing to undo" in _text(log))
+        assert "FAILED" not in _text(log)
+        assert not os.path.exists(state)
+    finally:
+        if criu.poll() is None:
+            criu.kill()
+            criu.wait()
