@@ -507,8 +507,9 @@ def test_hook_runs_under_runc_through_the_annotation(container_host, tmp_path, g
 
 def test_hook_guard_waits_for_criu_then_looks_at_the_processes(container_host, hook):
     """The guard pre-dump leaves behind, for real (a detached run of the hook module, the
-    CRIU pid by pidfd), with a stand-in for CRIU and a dumped process that is gone: it
-    must wait for the stand-in to exit, then find nothing to undo (no CUDA needed)."""
+    CRIU pid and the hook's by pidfd), with a stand-in for CRIU, a pre-dump hook that has
+    exited and a dumped process that is gone: it must wait for the stand-in to exit, then
+    find nothing to undo (no CUDA needed)."""
     from gpusnap.criu import hook as h
     criu = subprocess.Popen(["sleep", "1"])
     try:
@@ -516,7 +517,9 @@ def test_hook_guard_waits_for_criu_then_looks_at_the_processes(container_host, h
         h.write_state(state, {"criu": criu.pid, "init": 999999,
                               "pids": {"999999": 12345}, "initial": {"999999": "RUNNING"}})
         started = time.monotonic()
-        h.spawn_guard(state, criu.pid)
+        subprocess.run([sys.executable, "-c", "import sys\nfrom gpusnap.criu import hook\n"
+                        "hook.spawn_guard(sys.argv[1], int(sys.argv[2]))", state,
+                        str(criu.pid)], cwd=REPO, check=True, timeout=60)
         time.sleep(0.3)
         assert "guard:" not in hook["log"].read_text() if hook["log"].exists() else True
         criu.wait()

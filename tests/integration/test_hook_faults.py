@@ -122,3 +122,70 @@ def test_guard_runs_where_gpusnap_comes_from_the_hook_scripts_source_path(log, g
         if criu.poll() is None:
             criu.kill()
             criu.wait()
+
+
+# pre-dump in a process of its own, as CRIU runs it, with CRIU's pid given and a fake
+# driver whose checkpoint marks the file MARK and then hangs (where the test kills it)
+PRE_DUMP = """
+import sys, time, types
+sys.path.insert(0, sys.argv[1])
+from gpusnap.criu import hook
+from gpusnap.cuda.driver import CudaState
+from gpusnap.cuda.session import CudaSession
+criu, target, mark = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+class Driver:
+    states = {target: CudaState.RUNNING}
+    def get_state(self, pid):
+        return self.states[pid]
+    def lock(self, pid, timeout_ms=0):
+        self.states[pid] = CudaState.LOCKED
+    def checkpoint(self, pid):
+        open(mark, "w").close()
+        time.sleep(600)
+
+driver = Driver()
+hook._cuda = lambda: types.SimpleNamespace(
+    CudaState=CudaState, get_driver=lambda: driver, cuda_pids=lambda pids, d=None: list(pids),
+    CudaSession=lambda pids, d=None: CudaSession(pids, driver))
+hook.tree_pids = lambda init: [target]
+hook.holds_nvidia_fd = lambda pid: True
+hook.criu_pid = lambda: criu
+sys.exit(hook.pre_dump(target, {}, hook.Log(hook.load_config()[0]["log"], "pre-dump")))
+"""
+
+
+def test_guard_is_up_before_the_first_lock_and_waits_for_criu_and_the_hook(log, guards, tmp_path):
+    """pre-dump killed with SIGKILL in the middle of the CUDA checkpoint (the process
+    locked: nothing of it will undo that), CRIU killed too: the guard was started before
+    the lock, and once both are gone it restores the process, which outlived them. (It
+    used to start only after the checkpoint: a hook killed before that left the process
+    locked for good.) No GPU here: the guard's try shows in the log as a CUDA failure."""
+    from gpusnap.criu import hook as h
+    criu = subprocess.Popen(["sleep", "600"])
+    target = subprocess.Popen(["sleep", "600"])      # the container's CUDA process
+    mark = tmp_path / "checkpointing"
+    proc = subprocess.Popen([sys.executable, "-c", PRE_DUMP, REPO, str(criu.pid),
+                             str(target.pid), str(mark)], cwd="/")
+    state = f"{h.STATE_DIR}/{criu.pid}-{h.starttime(criu.pid)}.json"
+    guards.append(state)
+    try:
+        _wait_for(lambda: mark.exists() or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, _text(log)
+        assert _guards(state), "a guard is up while the process is locked"
+        assert os.path.exists(state)
+        criu.kill()
+        criu.wait()
+        time.sleep(0.5)
+        assert "guard:" not in _text(log), "the guard waits for the hook too"
+        proc.kill()
+        proc.wait()
+        _wait_for(lambda: "guard:" in _text(log))
+        assert f"guard: restoring CUDA for [{target.pid}]" in _text(log), _text(log)
+        _wait_for(lambda: not _guards(state))
+        assert not os.path.exists(state)
+    finally:
+        for p in (proc, criu, target):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

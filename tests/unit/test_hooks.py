@@ -183,8 +183,31 @@ def test_pre_dump_failure_rolls_back_and_fails_closed(hook, monkeypatch):
     spawned = _setup(hook, monkeypatch, driver, [11, 12])
     assert hook.pre_dump(11, {}, hook.test_log) == 1
     assert driver.states == {11: R, 12: R}, "every pid back where it started"
-    assert spawned == []
+    (path, criu), = spawned                 # started before the first lock: it stays
+    assert json.load(open(path))["initial"] == {"11": "RUNNING", "12": "RUNNING"}
     assert "FAILED, dump aborted" in hook.log_lines[-1]
+
+
+def test_pre_dump_fails_closed_when_its_guard_does_not_come_up(hook, monkeypatch):
+    """The real guard, started for real, refusing the state file (this test's state dir is
+    not the one it trusts): pre-dump must not lock anything, must fail and must leave no
+    state file (it went on with no guard at all, and the dump with it)."""
+    import subprocess
+    driver = FakeDriver({11: R})
+    # the real starttime and spawn_guard, and a live stand-in for CRIU
+    monkeypatch.setattr(hook, "_cuda", lambda: fake_cuda(driver))
+    monkeypatch.setattr(hook, "tree_pids", lambda init: [11])
+    monkeypatch.setattr(hook, "holds_nvidia_fd", lambda pid: True)
+    criu = subprocess.Popen(["sleep", "30"])
+    monkeypatch.setattr(hook, "criu_pid", lambda: criu.pid)
+    try:
+        assert hook.pre_dump(11, {}, hook.test_log) == 1
+    finally:
+        criu.kill()
+        criu.wait()
+    assert driver.calls == [] and driver.states == {11: R}
+    assert os.listdir(hook.STATE_DIR) == []
+    assert "did not start" in hook.log_lines[-1]
 
 
 def test_guard_undoes_what_pre_dump_did_when_the_processes_survive(hook, monkeypatch):
@@ -193,7 +216,7 @@ def test_guard_undoes_what_pre_dump_did_when_the_processes_survive(hook, monkeyp
     hook.pre_dump(11, {}, hook.test_log)
     path, criu = spawned[0]
     monkeypatch.setattr(hook, "wait_exit", lambda *a: True)
-    assert hook.guard(path, criu, -1, {}, hook.test_log) == 0
+    assert hook.guard(path, criu, -1, 0, -1, -1, {}, hook.test_log) == 0
     assert driver.states == {11: R, 12: C}, "12 was not ours to restore"
     assert not os.path.exists(path)
     assert "CUDA restored and unlocked" in hook.log_lines[-1]
@@ -206,12 +229,12 @@ def test_guard_leaves_killed_processes_alone(hook, monkeypatch):
     path, criu = spawned[0]
     monkeypatch.setattr(hook, "wait_exit", lambda *a: True)
     monkeypatch.setattr(hook, "starttime", lambda pid: None)       # gone: the dump killed it
-    assert hook.guard(path, criu, -1, {}, hook.test_log) == 0
+    assert hook.guard(path, criu, -1, 0, -1, -1, {}, hook.test_log) == 0
     assert driver.states == {11: C} and [c[0] for c in driver.calls] == ["lock", "checkpoint"]
 
 
 def test_guard_refuses_a_state_file_elsewhere(hook, tmp_path):
-    assert hook.guard(str(tmp_path / "x.json"), 1, -1, {}, hook.test_log) == 2
+    assert hook.guard(str(tmp_path / "x.json"), 1, -1, 0, -1, -1, {}, hook.test_log) == 2
 
 
 def test_post_resume_restores_with_the_configured_remap(hook, monkeypatch):
