@@ -206,8 +206,9 @@ def secure_state_dir() -> str:
     return private_dir(STATE_DIR, "hook state directory")
 
 
-def state_path(criu: int) -> str:
-    return os.path.join(secure_state_dir(), f"{criu}-{starttime(criu) or 0}.json")
+def state_path(criu: int, start: int | None = None) -> str:
+    start = starttime(criu) if start is None else start
+    return os.path.join(secure_state_dir(), f"{criu}-{start or 0}.json")
 
 
 def write_state(path: str, data: dict) -> None:
@@ -254,6 +255,8 @@ def _cuda():
 
 
 def pre_dump(init: int, cfg: dict, log) -> int:
+    criu = criu_pid()                   # first: CRIU may die while CUDA is looked at
+    criu_start = starttime(criu)
     candidates = [p for p in tree_pids(init) if holds_nvidia_fd(p)]
     if not candidates:
         log(f"init={init} no /dev/nvidia* in the tree: nothing to do")
@@ -263,18 +266,17 @@ def pre_dump(init: int, cfg: dict, log) -> int:
     if not pids:
         log(f"init={init} /dev/nvidia* open but no CUDA context: nothing to do")
         return 0
-    criu = criu_pid()
     clean_stale_states()
     session, path, armed = None, None, False
     try:
         session = cuda.CudaSession(pids)
         # the guard first, holding every pid's starting state: whatever stops this hook
         # from here on (an error, a kill -9, CRIU killed), the pids are brought back
-        path = state_path(criu)
-        write_state(path, {"criu": criu, "init": init,
+        path = state_path(criu, criu_start)
+        write_state(path, {"criu": criu, "criu_start": criu_start, "init": init,
                            "pids": {str(p): starttime(p) for p in pids},
                            "initial": {str(p): session.initial[p].name for p in pids}})
-        spawn_guard(path, criu)
+        spawn_guard(path, criu, criu_start)
         armed = True
         session.lock_all(int(cfg.get("lock_timeout_ms", 10_000)))
         session.checkpoint_all()
@@ -300,9 +302,12 @@ def _describe(e: BaseException) -> str:
 
 
 def _pidfd(pid: int) -> int:
-    """A pidfd of pid; -1 where the kernel has none (the guard then polls start times)."""
+    """A pidfd of pid; -1 where the kernel has none (the guard then polls start times).
+    ProcessLookupError if pid is gone."""
     try:
         return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise
     except (AttributeError, OSError):
         return -1
 
@@ -319,16 +324,25 @@ def _guard_argv(*args: str) -> list[str]:
     return [sys.executable, "-I", "-c", boot, "--guard", *args]
 
 
-def spawn_guard(path: str, criu: int) -> None:
+def spawn_guard(path: str, criu: int, criu_start: int | None = None) -> None:
     """A detached run of this module that undoes pre-dump once CRIU and this hook have
     both exited, if the processes outlived them. A new process, not a fork: this one
     initialises CUDA. Returns once the guard has read the state file and holds both by
-    pidfd (it says so on a pipe); HookError if it did not come up (then it is killed)."""
+    pidfd (it says so on a pipe); HookError if CRIU is gone already (its pid would be
+    another process's or nobody's: the guard waited on it for hours, while nothing would
+    dump the tree or undo the lock) or the guard did not come up (then it is killed).
+    criu_start: CRIU's start time when the hook began."""
     from .. import interrupts, sysrun
+    criu_start = starttime(criu) if criu_start is None else criu_start
     fds: list[int] = []
     try:
-        criu_fd = _pidfd(criu)
+        try:
+            criu_fd = _pidfd(criu)
+        except ProcessLookupError:
+            raise HookError(f"criu {criu} has exited: not dumping") from None
         fds.append(criu_fd)
+        if criu_start is None or starttime(criu) != criu_start:    # a zombie, or reused
+            raise HookError(f"criu {criu} has exited: not dumping")
         hook_fd = _pidfd(os.getpid())
         fds.append(hook_fd)
         ready_r, ready_w = os.pipe()
@@ -376,7 +390,7 @@ def wait_exit(pid: int, start: int | None, pidfd: int, timeout: float) -> bool:
         poller.register(pidfd, select.POLLIN)
         return bool(poller.poll(max(0, int(timeout * 1000))))
     while time.monotonic() < deadline:
-        if starttime(pid) != start:
+        if start is None or starttime(pid) != start:
             return True
         time.sleep(0.02)
     return False
@@ -409,7 +423,7 @@ def guard(path: str, criu: int, criu_fd: int, hook: int, hook_fd: int, ready: in
     if state.get("criu") != criu:
         log(f"guard: state file {path} is not criu {criu}'s")
         return 2
-    criu_start, hook_start = starttime(criu), starttime(hook)
+    criu_start, hook_start = state.get("criu_start", starttime(criu)), starttime(hook)
     if ready >= 0:
         os.write(ready, b"armed")
         os.close(ready)

@@ -84,7 +84,8 @@ def _node_python(tmp_path) -> str:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=120)
     python = str(venv / "bin" / "python")
-    site = subprocess.run([python, "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+    site = subprocess.run([python, "-I", "-c",
+                           "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
     with open(os.path.join(site, "zz-test-deps.pth"), "w") as f:
         f.write(sysconfig.get_path("purelib") + "\n")
@@ -155,21 +156,41 @@ sys.exit(hook.pre_dump(target, {}, hook.Log(hook.load_config()[0]["log"], "pre-d
 """
 
 
-def test_guard_is_up_before_the_first_lock_and_waits_for_criu_and_the_hook(log, guards, tmp_path):
+@pytest.fixture
+def pre_dump(guards, tmp_path):
+    """start(criu): PRE_DUMP run for a new process standing in for the container's CUDA
+    process, with CRIU's pid criu; (the hook's Popen, the target's, the mark, the state
+    file's path). Every process started here is killed at the end."""
+    from gpusnap.criu import hook as h
+    procs = []
+
+    def start(criu: int):
+        target = subprocess.Popen(["sleep", "600"])
+        procs.append(target)
+        mark = tmp_path / "checkpointing"
+        proc = subprocess.Popen([sys.executable, "-c", PRE_DUMP, REPO, str(criu),
+                                 str(target.pid), str(mark)], cwd="/")
+        procs.append(proc)
+        state = f"{h.STATE_DIR}/{criu}-{h.starttime(criu) or 0}.json"
+        guards.append(state)
+        return proc, target, mark, state
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_guard_is_up_before_the_first_lock_and_waits_for_criu_and_the_hook(log, pre_dump):
     """pre-dump killed with SIGKILL in the middle of the CUDA checkpoint (the process
     locked: nothing of it will undo that), CRIU killed too: the guard was started before
     the lock, and once both are gone it restores the process, which outlived them. (It
     used to start only after the checkpoint: a hook killed before that left the process
     locked for good.) No GPU here: the guard's try shows in the log as a CUDA failure."""
-    from gpusnap.criu import hook as h
     criu = subprocess.Popen(["sleep", "600"])
-    target = subprocess.Popen(["sleep", "600"])      # the container's CUDA process
-    mark = tmp_path / "checkpointing"
-    proc = subprocess.Popen([sys.executable, "-c", PRE_DUMP, REPO, str(criu.pid),
-                             str(target.pid), str(mark)], cwd="/")
-    state = f"{h.STATE_DIR}/{criu.pid}-{h.starttime(criu.pid)}.json"
-    guards.append(state)
     try:
+        proc, target, mark, state = pre_dump(criu.pid)
         _wait_for(lambda: mark.exists() or proc.poll() is not None, timeout=60)
         assert proc.poll() is None, _text(log)
         assert _guards(state), "a guard is up while the process is locked"
@@ -185,7 +206,20 @@ def test_guard_is_up_before_the_first_lock_and_waits_for_criu_and_the_hook(log, 
         _wait_for(lambda: not _guards(state))
         assert not os.path.exists(state)
     finally:
-        for p in (proc, criu, target):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if criu.poll() is None:
+            criu.kill()
+            criu.wait()
+
+
+def test_pre_dump_after_criu_has_gone_locks_nothing_and_fails(log, pre_dump):
+    """CRIU killed and reaped before pre-dump got to its guard (CRIU's pid names nobody,
+    or another process): pre-dump must lock nothing and exit 1. It used to go on: the
+    guard, with no pidfd of CRIU to poll, watched the pid's start time for a change
+    that never came, for 6 hours, while the tree it locked ran on locked."""
+    criu = subprocess.Popen(["true"])
+    criu.wait()
+    proc, target, mark, state = pre_dump(criu.pid)
+    assert proc.wait(timeout=30) == 1
+    assert not mark.exists(), "nothing was locked"
+    assert f"criu {criu.pid} has exited" in _text(log), _text(log)
+    assert not _guards(state) and not os.path.exists(state)

@@ -154,7 +154,8 @@ def _setup(hook, monkeypatch, driver, tree):
     monkeypatch.setattr(hook, "criu_pid", lambda: 4242)
     monkeypatch.setattr(hook, "starttime", lambda pid: 1000 + pid)
     spawned = []
-    monkeypatch.setattr(hook, "spawn_guard", lambda path, criu: spawned.append((path, criu)))
+    monkeypatch.setattr(hook, "spawn_guard",
+                        lambda path, criu, start=None: spawned.append((path, criu)))
     return spawned
 
 
@@ -235,6 +236,19 @@ def test_guard_leaves_killed_processes_alone(hook, monkeypatch):
 
 def test_guard_refuses_a_state_file_elsewhere(hook, tmp_path):
     assert hook.guard(str(tmp_path / "x.json"), 1, -1, 0, -1, -1, {}, hook.test_log) == 2
+
+
+def test_guard_without_pidfds_sees_a_process_gone_before_it_looked(hook):
+    """Without pidfds (kernels before 5.3) the guard watches start times: a CRIU that
+    had exited before the guard first looked (start time None) counts as exited (it
+    was waited for until the timeout, 6 hours)."""
+    import subprocess
+    import time
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    started = time.monotonic()
+    assert hook.wait_exit(gone.pid, hook.starttime(gone.pid), -1, 5) is True
+    assert time.monotonic() - started < 1
 
 
 def test_post_resume_restores_with_the_configured_remap(hook, monkeypatch):
