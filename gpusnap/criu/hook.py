@@ -232,13 +232,14 @@ def unlink_state(path: str) -> None:
 
 
 def clean_stale_states() -> None:
-    """State files of CRIU runs that are over (their criu pid is gone or reused)."""
+    """State files of CRIU runs that are over (their criu pid is gone or reused), and
+    their temp files (replace_file's, of a hook killed while it wrote one)."""
     try:
         names = os.listdir(secure_state_dir())
     except OSError:
         return
     for name in names:
-        m = re.fullmatch(r"([0-9]+)-([0-9]+)\.json", name)
+        m = re.fullmatch(r"([0-9]+)-([0-9]+)\.json(\.tmp-[0-9]+-[0-9a-f]+)?", name)
         if m and str(starttime(int(m.group(1))) or 0) != m.group(2):
             try:
                 os.unlink(os.path.join(STATE_DIR, name))

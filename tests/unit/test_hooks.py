@@ -251,6 +251,21 @@ def test_guard_without_pidfds_sees_a_process_gone_before_it_looked(hook):
     assert time.monotonic() - started < 1
 
 
+def test_stale_state_files_go_with_their_temp_files(hook):
+    """A hook killed while it wrote its state file leaves the temp file: it goes with the
+    run's state files once that CRIU is gone (it stayed in /run/gpusnap-hook for good)."""
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    d = hook.secure_state_dir()
+    live = f"{os.getpid()}-{hook.starttime(os.getpid())}.json"
+    kept = [live, f"{live}.tmp-77-00ff00ff", "unrelated"]
+    for name in kept + [f"{gone.pid}-123.json", f"{gone.pid}-123.json.tmp-{gone.pid}-0a1b2c3d"]:
+        open(os.path.join(d, name), "w").close()
+    hook.clean_stale_states()
+    assert sorted(os.listdir(d)) == sorted(kept)
+
+
 def test_post_resume_restores_with_the_configured_remap(hook, monkeypatch):
     driver = FakeDriver({21: C, 22: R})
     _setup(hook, monkeypatch, driver, [20, 21, 22])
