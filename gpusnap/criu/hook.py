@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import time
 
@@ -138,13 +139,14 @@ class Log:
     def __call__(self, msg: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
         line = f"{stamp} {self.prefix} {msg}\n".encode("utf-8", "replace")
-        try:
+        try:            # never through a link, nor blocked by a FIFO left there
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError:
             return
         try:
-            os.write(fd, line)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, line)
         finally:
             os.close(fd)
 

@@ -223,3 +223,20 @@ def test_pre_dump_after_criu_has_gone_locks_nothing_and_fails(log, pre_dump):
     assert not mark.exists(), "nothing was locked"
     assert f"criu {criu.pid} has exited" in _text(log), _text(log)
     assert not _guards(state) and not os.path.exists(state)
+
+
+def test_a_fifo_at_the_log_path_does_not_hang_the_hook(tmp_path):
+    """The log is opened O_NOFOLLOW (a link there is refused); a FIFO there, which whoever
+    can write the log's directory can leave, blocked the open for good: every action hung
+    (pre-dump after its lock, with CRIU and the guard waiting on it). The hook goes on
+    without its log line."""
+    fifo = tmp_path / "hook.log"
+    os.mkfifo(fifo)
+    env = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-dump",
+           "CRTOOLS_INIT_PID": str(os.getpid())}
+    with hook_config(f"log: {fifo}\n"):
+        res = subprocess.run([sys.executable, "-c",
+                              "import sys\nsys.path.insert(0, sys.argv[1])\n"
+                              "from gpusnap.criu.hook import main\nsys.exit(main())", REPO],
+                             env=env, cwd="/", capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
