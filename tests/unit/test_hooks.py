@@ -397,3 +397,19 @@ def test_install_refuses_a_python_that_cannot_import_gpusnap_isolated(tmp_path):
     with pytest.raises(UsageError, match="cannot"):
         hook_install.install(str(tmp_path / "c.conf"), str(tmp_path / "h"), python="/bin/false")
     assert os.listdir(tmp_path) == []
+
+
+@root_only
+def test_install_that_cannot_write_the_config_leaves_no_script(tmp_path):
+    """The config cannot be read or written (here: its path is a directory): install
+    fails and takes back the script it had just written (it stayed, named by nothing)."""
+    conf = tmp_path / "criu" / "runc.conf"
+    conf.mkdir(parents=True)
+    script = tmp_path / "lib" / "gpusnap-criu-hook"
+    with pytest.raises(OSError):
+        hook_install.install(str(conf), str(script))
+    assert not script.exists() and os.listdir(script.parent) == []
+    script.write_text("#!/bin/sh\n# the user's own\n")      # one that was there stays
+    with pytest.raises(OSError):
+        hook_install.install(str(conf), str(script))
+    assert script.exists()
