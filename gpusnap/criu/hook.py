@@ -327,6 +327,19 @@ def _guard_argv(*args: str) -> list[str]:
     return [sys.executable, "-I", "-c", boot, "--guard", *args]
 
 
+def _open_std_fds() -> None:
+    """/dev/null on each of descriptors 0-2 that is closed, so that the descriptors
+    handed to the guard are none of them (its start puts /dev/null on all three). CRIU
+    runs action scripts with stdin closed: pre-dump's pidfd of CRIU was 0, the guard
+    polled /dev/null in its place, saw CRIU "exit" at once and undid pre-dump while
+    CRIU was still dumping."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor: fd
+
+
 def spawn_guard(path: str, criu: int, criu_start: int | None = None) -> None:
     """A detached run of this module that undoes pre-dump once CRIU and this hook have
     both exited, if the processes outlived them. A new process, not a fork: this one
@@ -337,6 +350,7 @@ def spawn_guard(path: str, criu: int, criu_start: int | None = None) -> None:
     criu_start: CRIU's start time when the hook began."""
     from .. import interrupts, sysrun
     criu_start = starttime(criu) if criu_start is None else criu_start
+    _open_std_fds()
     fds: list[int] = []
     try:
         try:
