@@ -377,8 +377,8 @@ def spawn_guard(path: str, criu: int, criu_start: int | None = None) -> None:
                     os.kill(pid, 9)
                 except OSError:
                     pass
-                raise HookError("the guard that undoes this hook did not start "
-                                "(see its line in the log)")
+                raise HookError("the guard that undoes this hook did not come up (the "
+                                "log has its line if it got as far as logging)")
     finally:
         for fd in fds:
             if fd >= 0:

@@ -208,7 +208,7 @@ def test_pre_dump_fails_closed_when_its_guard_does_not_come_up(hook, monkeypatch
         criu.wait()
     assert driver.calls == [] and driver.states == {11: R}
     assert os.listdir(hook.STATE_DIR) == []
-    assert "did not start" in hook.log_lines[-1]
+    assert "did not come up" in hook.log_lines[-1]
 
 
 def test_guard_undoes_what_pre_dump_did_when_the_processes_survive(hook, monkeypatch):
