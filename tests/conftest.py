@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -134,6 +135,31 @@ AFTER_CRIU = '"$REAL" "$@"; rc=$?; ' + AT_MARK + '; exit $rc'
 def release(mark: str) -> None:
     """A CRIU wrapper waiting at mark goes on (AT_MARK)."""
     open(mark + ".go", "w").close()
+
+
+HOOK_CONFIG = "/etc/gpusnap/config.yaml"
+
+
+@contextlib.contextmanager
+def hook_config(text: str):
+    """/etc/gpusnap/config.yaml (what the CRIU action script and its guard read) holds
+    text for the block; what was there is put back."""
+    old = open(HOOK_CONFIG).read() if os.path.exists(HOOK_CONFIG) else None
+    made_dir = not os.path.isdir(os.path.dirname(HOOK_CONFIG))
+    os.makedirs(os.path.dirname(HOOK_CONFIG), exist_ok=True)
+    with open(HOOK_CONFIG, "w") as f:
+        f.write(text)
+    os.chmod(HOOK_CONFIG, 0o644)
+    try:
+        yield HOOK_CONFIG
+    finally:
+        if old is None:
+            os.unlink(HOOK_CONFIG)
+            if made_dir:
+                os.rmdir(os.path.dirname(HOOK_CONFIG))
+        else:
+            with open(HOOK_CONFIG, "w") as f:
+                f.write(old)
 
 
 def wait_pids_free(pids, timeout: float = 20) -> None:

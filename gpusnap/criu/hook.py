@@ -12,16 +12,18 @@ What it does, by CRTOOLS_SCRIPT_ACTION (CRIU runs it once per action):
   pre-dump      before CRIU seizes the tree: lock + checkpoint CUDA for every process
                 of the tree under CRTOOLS_INIT_PID that holds a /dev/nvidia* descriptor
                 (a process gpusnap already checkpointed holds none and is skipped).
-                Then starts a guard process that waits for CRIU to exit: if the dumped
+                Before the first lock it starts a guard process, and goes on only once
+                the guard has read the pids' starting states and holds CRIU and this
+                hook by pidfd; the guard waits for both to exit: if the dumped
                 processes are still alive then (--leave-running, or the dump failed and
                 CRIU resumed them; CRIU fires network-unlock after post-dump in both
-                cases, never when the tree is killed), it restores and unlocks them,
-                undoing exactly what this hook did. (Not at post-dump or
-                network-unlock themselves: CRIU runs them while it still holds the
-                tasks seized and frozen, and a CUDA restore needs them running; the
-                guard also covers a dump that fails before network-unlock could fire.)
-                Any error here: undo, exit 1, so CRIU aborts the dump and the
-                container keeps running.
+                cases, never when the tree is killed; or this hook or CRIU was killed
+                mid-way), it restores and unlocks them, undoing exactly what this hook
+                did. (Not at post-dump or network-unlock themselves: CRIU runs them
+                while it still holds the tasks seized and frozen, and a CUDA restore
+                needs them running; the guard also covers a dump that fails before
+                network-unlock could fire.) Any error here: undo, exit 1, so CRIU
+                aborts the dump and the container keeps running.
   pre-resume    remembers whether gpusnap itself drives this restore (it leaves a
                 `gpusnap-restore` file in the image dir; gpusnap then restores CUDA
                 with its own --gpu choice).
@@ -49,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 import time
 
@@ -60,6 +63,7 @@ DEFAULT_LOG = "/var/log/gpusnap-hook.log"
 STATE_DIR = "/run/gpusnap-hook"          # root-only: checked before every use (secure_state_dir)
 RESTORE_MARKER = "gpusnap-restore"      # written by gpusnap's container restores
 GUARD_TIMEOUT_S = 6 * 3600
+GUARD_ARM_TIMEOUT_S = 60               # for the guard to start and say it holds the state
 GUARD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 ACTIONS = {"pre-dump", "post-dump", "network-lock", "network-unlock", "pre-restore",
@@ -135,13 +139,14 @@ class Log:
     def __call__(self, msg: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
         line = f"{stamp} {self.prefix} {msg}\n".encode("utf-8", "replace")
-        try:
+        try:            # never through a link, nor blocked by a FIFO left there
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError:
             return
         try:
-            os.write(fd, line)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.write(fd, line)
         finally:
             os.close(fd)
 
@@ -203,8 +208,9 @@ def secure_state_dir() -> str:
     return private_dir(STATE_DIR, "hook state directory")
 
 
-def state_path(criu: int) -> str:
-    return os.path.join(secure_state_dir(), f"{criu}-{starttime(criu) or 0}.json")
+def state_path(criu: int, start: int | None = None) -> str:
+    start = starttime(criu) if start is None else start
+    return os.path.join(secure_state_dir(), f"{criu}-{start or 0}.json")
 
 
 def write_state(path: str, data: dict) -> None:
@@ -220,14 +226,22 @@ def read_state(path: str) -> dict:
         return {}
 
 
+def unlink_state(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def clean_stale_states() -> None:
-    """State files of CRIU runs that are over (their criu pid is gone or reused)."""
+    """State files of CRIU runs that are over (their criu pid is gone or reused), and
+    their temp files (replace_file's, of a hook killed while it wrote one)."""
     try:
         names = os.listdir(secure_state_dir())
     except OSError:
         return
     for name in names:
-        m = re.fullmatch(r"([0-9]+)-([0-9]+)\.json", name)
+        m = re.fullmatch(r"([0-9]+)-([0-9]+)\.json(\.tmp-[0-9]+-[0-9a-f]+)?", name)
         if m and str(starttime(int(m.group(1))) or 0) != m.group(2):
             try:
                 os.unlink(os.path.join(STATE_DIR, name))
@@ -244,6 +258,8 @@ def _cuda():
 
 
 def pre_dump(init: int, cfg: dict, log) -> int:
+    criu = criu_pid()                   # first: CRIU may die while CUDA is looked at
+    criu_start = starttime(criu)
     candidates = [p for p in tree_pids(init) if holds_nvidia_fd(p)]
     if not candidates:
         log(f"init={init} no /dev/nvidia* in the tree: nothing to do")
@@ -253,23 +269,26 @@ def pre_dump(init: int, cfg: dict, log) -> int:
     if not pids:
         log(f"init={init} /dev/nvidia* open but no CUDA context: nothing to do")
         return 0
-    criu = criu_pid()
     clean_stale_states()
-    session = None
+    session, path, armed = None, None, False
     try:
         session = cuda.CudaSession(pids)
+        # the guard first, holding every pid's starting state: whatever stops this hook
+        # from here on (an error, a kill -9, CRIU killed), the pids are brought back
+        path = state_path(criu, criu_start)
+        write_state(path, {"criu": criu, "criu_start": criu_start, "init": init,
+                           "pids": {str(p): starttime(p) for p in pids},
+                           "initial": {str(p): session.initial[p].name for p in pids}})
+        spawn_guard(path, criu, criu_start)
+        armed = True
         session.lock_all(int(cfg.get("lock_timeout_ms", 10_000)))
         session.checkpoint_all()
         changed = {str(p): session.initial[p].name for p in pids
                    if session.initial[p] != session.state[p]}
-        path = state_path(criu)
-        write_state(path, {"criu": criu, "init": init,
-                           "pids": {str(p): starttime(p) for p in pids},
-                           "initial": changed})
-        if changed:
-            spawn_guard(path, criu)
     except BaseException as e:
         errors = session.rollback() if session else []
+        if path and not armed:
+            unlink_state(path)
         log(f"init={init} FAILED, dump aborted: {_describe(e)}; rolled back"
             + (f" with errors: {'; '.join(map(str, errors))}" if errors else ""))
         return 1
@@ -285,60 +304,147 @@ def _describe(e: BaseException) -> str:
     return f"{getattr(e, 'message', e)!s}" + (f" ({hint})" if hint else "")
 
 
-def spawn_guard(path: str, criu: int) -> None:
-    """A detached run of this module that undoes pre-dump once CRIU has exited, if the
-    processes survived the dump. A new process, not a fork: this one has initialised CUDA."""
-    from .. import sysrun
+def _pidfd(pid: int) -> int:
+    """A pidfd of pid; -1 where the kernel has none (the guard then polls start times).
+    ProcessLookupError if pid is gone."""
     try:
-        pidfd = os.pidfd_open(criu)
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise
     except (AttributeError, OSError):
-        pidfd = -1
+        return -1
+
+
+def _guard_argv(*args: str) -> list[str]:
+    """This interpreter, isolated, running main() of this very module: the hook may have
+    found gpusnap through a path its script added (examples/kubernetes/install-node.sh
+    puts the source in /opt/gpusnap/src, render_script's source), which `-I -m` alone
+    would not search."""
+    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    boot = (f"import sys\nsource = {source!r}\n"
+            f"if source not in sys.path:\n    sys.path.insert(0, source)\n"
+            f"from gpusnap.criu.hook import main\nsys.exit(main())\n")
+    return [sys.executable, "-I", "-c", boot, "--guard", *args]
+
+
+def _open_std_fds() -> None:
+    """/dev/null on each of descriptors 0-2 that is closed, so that the descriptors
+    handed to the guard are none of them (its start puts /dev/null on all three). CRIU
+    runs action scripts with stdin closed: pre-dump's pidfd of CRIU was 0, the guard
+    polled /dev/null in its place, saw CRIU "exit" at once and undid pre-dump while
+    CRIU was still dumping."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)     # the lowest free descriptor: fd
+
+
+def spawn_guard(path: str, criu: int, criu_start: int | None = None) -> None:
+    """A detached run of this module that undoes pre-dump once CRIU and this hook have
+    both exited, if the processes outlived them. A new process, not a fork: this one
+    initialises CUDA. Returns once the guard has read the state file and holds both by
+    pidfd (it says so on a pipe); HookError if CRIU is gone already (its pid would be
+    another process's or nobody's: the guard waited on it for hours, while nothing would
+    dump the tree or undo the lock) or the guard did not come up (then it is killed).
+    criu_start: CRIU's start time when the hook began."""
+    from .. import interrupts, sysrun
+    criu_start = starttime(criu) if criu_start is None else criu_start
+    _open_std_fds()
+    fds: list[int] = []
     try:
-        sysrun.spawn_detached([sys.executable, "-I", "-m", __name__, "--guard", path, str(criu),
-                               str(pidfd)], env={"PATH": GUARD_PATH},
-                              pass_fds=(pidfd,) if pidfd >= 0 else ())
+        try:
+            criu_fd = _pidfd(criu)
+        except ProcessLookupError:
+            raise HookError(f"criu {criu} has exited: not dumping") from None
+        fds.append(criu_fd)
+        if criu_start is None or starttime(criu) != criu_start:    # a zombie, or reused
+            raise HookError(f"criu {criu} has exited: not dumping")
+        hook_fd = _pidfd(os.getpid())
+        fds.append(hook_fd)
+        ready_r, ready_w = os.pipe()
+        fds += [ready_r, ready_w]
+        with interrupts.held():
+            pid = sysrun.spawn_detached(
+                _guard_argv(path, str(criu), str(criu_fd), str(os.getpid()), str(hook_fd),
+                            str(ready_w)),
+                env={"PATH": GUARD_PATH},
+                pass_fds=tuple(fd for fd in (criu_fd, hook_fd, ready_w) if fd >= 0))
+            os.close(ready_w)
+            fds.remove(ready_w)
+            if not _armed(ready_r, GUARD_ARM_TIMEOUT_S):
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+                raise HookError("the guard that undoes this hook did not come up (the "
+                                "log has its line if it got as far as logging)")
     finally:
-        if pidfd >= 0:
-            os.close(pidfd)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
 
-def wait_exit(criu: int, start: int | None, pidfd: int, timeout: float) -> bool:
+def _armed(fd: int, timeout: float) -> bool:
+    """Whether the guard wrote its word on fd within timeout (EOF: it exited first)."""
+    import select
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(int(timeout * 1000)):
+        return False
+    try:
+        return os.read(fd, 16) == b"armed"
+    except OSError:
+        return False
+
+
+def wait_exit(pid: int, start: int | None, pidfd: int, timeout: float) -> bool:
+    """Whether pid (which started at start) exited within timeout."""
     deadline = time.monotonic() + timeout
     if pidfd >= 0:
         import select
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(int(timeout * 1000)))
+        return bool(poller.poll(max(0, int(timeout * 1000))))
     while time.monotonic() < deadline:
-        if starttime(criu) != start:
+        if start is None or starttime(pid) != start:
             return True
         time.sleep(0.02)
     return False
 
 
-def _survivors(path: str, criu: int, pidfd: int, log) -> dict[int, str] | None:
-    """The processes pre-dump changed that are still alive once CRIU has exited, with
-    the CUDA state each started in (the state file is consumed); None if CRIU did not
-    exit in time."""
-    state = read_state(path)
-    if not wait_exit(criu, starttime(criu), pidfd, GUARD_TIMEOUT_S):
-        log(f"guard: criu {criu} still running after {GUARD_TIMEOUT_S} s; giving up")
+def _survivors(path: str, state: dict, criu: int, criu_start: int | None, criu_fd: int,
+               hook: int, hook_start: int | None, hook_fd: int, log) -> dict[int, str] | None:
+    """The processes pre-dump may have changed that are still alive once CRIU and the
+    pre-dump hook have both exited, with the CUDA state each started in (the state
+    file is consumed); None if they did not exit in time."""
+    deadline = time.monotonic() + GUARD_TIMEOUT_S
+    if not (wait_exit(criu, criu_start, criu_fd, GUARD_TIMEOUT_S)
+            and wait_exit(hook, hook_start, hook_fd, deadline - time.monotonic())):
+        log(f"guard: criu {criu} or hook {hook} still running after {GUARD_TIMEOUT_S} s; "
+            f"giving up")
         return None
-    state = read_state(path) or state
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    unlink_state(path)
     initial = state.get("initial") or {}
     return {int(p): initial[p] for p, start in (state.get("pids") or {}).items()
             if p in initial and start is not None and starttime(int(p)) == start}
 
 
-def guard(path: str, criu: int, pidfd: int, cfg: dict, log) -> int:
+def guard(path: str, criu: int, criu_fd: int, hook: int, hook_fd: int, ready: int,
+          cfg: dict, log) -> int:
     if os.path.dirname(os.path.realpath(path)) != os.path.realpath(STATE_DIR):
         log(f"guard: refusing state file {path}")
         return 2
-    alive = _survivors(path, criu, pidfd, log)
+    secure_state_dir()
+    state = read_state(path)
+    if state.get("criu") != criu:
+        log(f"guard: state file {path} is not criu {criu}'s")
+        return 2
+    criu_start, hook_start = state.get("criu_start", starttime(criu)), starttime(hook)
+    if ready >= 0:
+        os.write(ready, b"armed")
+        os.close(ready)
+    alive = _survivors(path, state, criu, criu_start, criu_fd, hook, hook_start, hook_fd, log)
     if alive is None:
         return 1
     if not alive:
@@ -413,10 +519,12 @@ def post_resume(init: int, cfg: dict, log) -> int:
 # ---- entry -----------------------------------------------------------------------------
 
 def _run_guard(argv: list[str]) -> int:
+    """argv: --guard STATE CRIU CRIU_PIDFD HOOK HOOK_PIDFD READY_FD"""
     cfg, _ = load_config()
     log = Log(cfg.get("log", DEFAULT_LOG), "guard")
     try:
-        return guard(argv[2], int(argv[3]), int(argv[4]), cfg, log)
+        path, *numbers = argv[1:]
+        return guard(path, *map(int, numbers), cfg, log)
     except Exception as e:  # noqa: BLE001
         log(f"guard: FAILED: {e!r}")
         return 1
@@ -450,8 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     """What CRIU runs for each action (the `gpusnap-criu-hook` console script). Fails
     closed (exit 1) at pre-dump and post-resume only; any other action exits 0."""
     argv = sys.argv if argv is None else argv
-    if len(argv) == 5 and argv[1] == "--guard":
-        return _run_guard(argv)
+    if len(argv) == 8 and argv[1] == "--guard":
+        return _run_guard(argv[1:])
     action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
     if action not in ACTIONS:
         return 0

@@ -21,6 +21,7 @@ import re
 import stat
 import sys
 
+from .. import interrupts
 from ..errors import InsecureStore, UsageError
 from ..paths import replace_file, writable_by_others
 
@@ -132,18 +133,26 @@ def install(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,
     check_destinations([script, config])
     text = render_script(interpreter)
     changed, backup = [], None
+    created = not os.path.lexists(script)
     if _read(script) != text or _mode(script, 0) != 0o755:
         _write(script, text, 0o755)
         changed.append(script)
-    old = _read(config)
-    new = add_line(old, script)
-    if new is not None:
-        mode = _mode(config, 0o644)
-        if old is not None:
-            backup = config + ".bak"
-            _write(backup, old, mode)
-        _write(config, new, mode)
-        changed.append(config)
+    try:
+        old = _read(config)
+        new = add_line(old, script)
+        if new is not None:
+            mode = _mode(config, 0o644)
+            if old is not None:
+                backup = config + ".bak"
+                _write(backup, old, mode)
+            _write(config, new, mode)
+            changed.append(config)
+    except BaseException:
+        if created and script in changed and config not in changed:
+            # a script no config names: the one this call wrote goes again
+            with interrupts.shielded():
+                os.unlink(script)
+        raise
     return {"script": script, "config": config, "backup": backup, "changed": changed}
 
 

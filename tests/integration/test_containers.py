@@ -21,6 +21,7 @@ import time
 import uuid
 
 import pytest
+from conftest import hook_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +32,6 @@ WORKLOAD = "i=0; while :; do i=$((i+1)); echo $i >/tmp/c.t; mv /tmp/c.t /tmp/c; 
 ENV = {**os.environ, "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:"
        + os.environ.get("PATH", "")}
 RUNC_CONF = "/etc/criu/runc.conf"
-HOOK_CONFIG = "/etc/gpusnap/config.yaml"
 HOOK_SCRIPT = "/usr/local/lib/gpusnap/gpusnap-criu-hook"
 ENGINES = ["docker", "podman"]
 
@@ -358,12 +358,11 @@ def hook(runc_conf, tmp_path):
     """gpusnap hooks install into the real runc.conf, logging to a file of this test
     (through /etc/gpusnap/config.yaml, put back afterwards)."""
     log = tmp_path / "hook.log"
-    old_cfg = open(HOOK_CONFIG).read() if os.path.exists(HOOK_CONFIG) else None
-    made_dir = not os.path.isdir(os.path.dirname(HOOK_CONFIG))
-    os.makedirs(os.path.dirname(HOOK_CONFIG), exist_ok=True)
-    with open(HOOK_CONFIG, "w") as f:
-        f.write(f"# test config\nlog: {log}\nremap: {{}}\n")
-    os.chmod(HOOK_CONFIG, 0o644)
+    with hook_config(f"# test config\nlog: {log}\nremap: {{}}\n"):
+        yield from _installed_hook(runc_conf, log)
+
+
+def _installed_hook(runc_conf, log):
     had_script = os.path.exists(HOOK_SCRIPT)
     res = subprocess.run([sys.executable, "-m", "gpusnap", "--json", "hooks", "install"],
                          cwd=REPO, capture_output=True, text=True, env=ENV)
@@ -384,13 +383,6 @@ def hook(runc_conf, tmp_path):
     subprocess.run([sys.executable, "-m", "gpusnap", "hooks", "uninstall",
                     *([] if not had_script else ["--keep-script"])],
                    cwd=REPO, capture_output=True, text=True, env=ENV)
-    if old_cfg is None:
-        os.unlink(HOOK_CONFIG)
-        if made_dir:
-            os.rmdir(os.path.dirname(HOOK_CONFIG))
-    else:
-        with open(HOOK_CONFIG, "w") as f:
-            f.write(old_cfg)
 
 
 def _wait_for(fn, timeout=10.0):
@@ -513,10 +505,74 @@ def test_hook_runs_under_runc_through_the_annotation(container_host, tmp_path, g
     assert rc == 0 and not conf.exists() and not script.exists()
 
 
+# An action script that runs the hook's guard for real at pre-dump, with the container's
+# init as the process it would restore, and logs each action where the guard logs.
+GUARD_PROBE = """#!{python} -I
+import os, sys
+sys.path.insert(0, {repo!r})
+from gpusnap.criu import hook as h
+action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
+h.Log(h.load_config()[0]["log"], action)("probe")
+if action == "pre-dump":
+    init = int(os.environ["CRTOOLS_INIT_PID"])
+    criu = h.criu_pid()
+    path = h.state_path(criu)
+    h.write_state(path, {{"criu": criu, "init": init, "pids": {{str(init): h.starttime(init)}},
+                         "initial": {{str(init): "RUNNING"}}}})
+    h.spawn_guard(path, criu)
+"""
+
+
+def test_hook_guard_under_criu_waits_for_criu_to_exit(container_host, tmp_path):
+    """Under runc's own CRIU, which runs action scripts with stdin closed: the guard's
+    pidfd of CRIU was opened as fd 0, which the guard's start replaced with /dev/null;
+    the guard saw CRIU "exit" at once and restored the container's CUDA while CRIU was
+    still dumping it. Now it must act only once CRIU has exited: after a plain checkpoint
+    it finds the container gone; after --leave-running it tries the restore (no GPU here:
+    it logs a CUDA failure) only after the dump's last action."""
+    log = tmp_path / "hook.log"
+    probe = tmp_path / "probe"
+    probe.write_text(GUARD_PROBE.format(python=sys.executable, repo=REPO))
+    probe.chmod(0o755)
+    conf = tmp_path / "criu.conf"
+    conf.write_text(f"action-script {probe}\n")
+    bundle = tmp_path / "bundle"
+    _runc_bundle(bundle, str(conf))
+    cid = f"gs-{uuid.uuid4().hex[:8]}"
+
+    def guard_line() -> str:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return next((ln for ln in lines if "action=guard" in ln), "")
+
+    with hook_config(f"log: {log}\n"):
+        try:
+            subprocess.run(["runc", "run", "-d", "--bundle", str(bundle), cid], env=ENV,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True, timeout=60)
+            time.sleep(0.5)
+            init = json.loads(sh("runc", "state", cid).stdout)["pid"]
+            sh("runc", "checkpoint", "--leave-running", "--image-path",
+               str(tmp_path / "images1"), cid)
+            _wait_for(guard_line)
+            lines = log.read_text().splitlines()
+            assert f"restoring CUDA for [{init}]" in guard_line(), lines
+            last = max(i for i, ln in enumerate(lines) if "action=network-unlock" in ln)
+            assert lines.index(guard_line()) > last, lines
+            log.unlink()
+            sh("runc", "checkpoint", "--image-path", str(tmp_path / "images2"), cid)
+            _wait_for(guard_line)
+            assert "nothing to undo" in guard_line(), log.read_text()
+        finally:
+            sh("runc", "kill", cid, "KILL", check=False)
+            time.sleep(0.2)
+            sh("runc", "delete", "-f", cid, check=False)
+
+
 def test_hook_guard_waits_for_criu_then_looks_at_the_processes(container_host, hook):
     """The guard pre-dump leaves behind, for real (a detached run of the hook module, the
-    CRIU pid by pidfd), with a stand-in for CRIU and a dumped process that is gone: it
-    must wait for the stand-in to exit, then find nothing to undo (no CUDA needed)."""
+    CRIU pid and the hook's by pidfd), with a stand-in for CRIU, a pre-dump hook that has
+    exited and a dumped process that is gone: it must wait for the stand-in to exit, then
+    find nothing to undo (no CUDA needed)."""
     from gpusnap.criu import hook as h
     criu = subprocess.Popen(["sleep", "1"])
     try:
@@ -524,7 +580,9 @@ def test_hook_guard_waits_for_criu_then_looks_at_the_processes(container_host, h
         h.write_state(state, {"criu": criu.pid, "init": 999999,
                               "pids": {"999999": 12345}, "initial": {"999999": "RUNNING"}})
         started = time.monotonic()
-        h.spawn_guard(state, criu.pid)
+        subprocess.run([sys.executable, "-c", "import sys\nfrom gpusnap.criu import hook\n"
+                        "hook.spawn_guard(sys.argv[1], int(sys.argv[2]))", state,
+                        str(criu.pid)], cwd=REPO, check=True, timeout=60)
         time.sleep(0.3)
         assert "guard:" not in hook["log"].read_text() if hook["log"].exists() else True
         criu.wait()

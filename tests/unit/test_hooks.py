@@ -154,7 +154,8 @@ def _setup(hook, monkeypatch, driver, tree):
     monkeypatch.setattr(hook, "criu_pid", lambda: 4242)
     monkeypatch.setattr(hook, "starttime", lambda pid: 1000 + pid)
     spawned = []
-    monkeypatch.setattr(hook, "spawn_guard", lambda path, criu: spawned.append((path, criu)))
+    monkeypatch.setattr(hook, "spawn_guard",
+                        lambda path, criu, start=None: spawned.append((path, criu)))
     return spawned
 
 
@@ -183,8 +184,31 @@ def test_pre_dump_failure_rolls_back_and_fails_closed(hook, monkeypatch):
     spawned = _setup(hook, monkeypatch, driver, [11, 12])
     assert hook.pre_dump(11, {}, hook.test_log) == 1
     assert driver.states == {11: R, 12: R}, "every pid back where it started"
-    assert spawned == []
+    (path, criu), = spawned                 # started before the first lock: it stays
+    assert json.load(open(path))["initial"] == {"11": "RUNNING", "12": "RUNNING"}
     assert "FAILED, dump aborted" in hook.log_lines[-1]
+
+
+def test_pre_dump_fails_closed_when_its_guard_does_not_come_up(hook, monkeypatch):
+    """The real guard, started for real, refusing the state file (this test's state dir is
+    not the one it trusts): pre-dump must not lock anything, must fail and must leave no
+    state file (it went on with no guard at all, and the dump with it)."""
+    import subprocess
+    driver = FakeDriver({11: R})
+    # the real starttime and spawn_guard, and a live stand-in for CRIU
+    monkeypatch.setattr(hook, "_cuda", lambda: fake_cuda(driver))
+    monkeypatch.setattr(hook, "tree_pids", lambda init: [11])
+    monkeypatch.setattr(hook, "holds_nvidia_fd", lambda pid: True)
+    criu = subprocess.Popen(["sleep", "30"])
+    monkeypatch.setattr(hook, "criu_pid", lambda: criu.pid)
+    try:
+        assert hook.pre_dump(11, {}, hook.test_log) == 1
+    finally:
+        criu.kill()
+        criu.wait()
+    assert driver.calls == [] and driver.states == {11: R}
+    assert os.listdir(hook.STATE_DIR) == []
+    assert "did not come up" in hook.log_lines[-1]
 
 
 def test_guard_undoes_what_pre_dump_did_when_the_processes_survive(hook, monkeypatch):
@@ -193,7 +217,7 @@ def test_guard_undoes_what_pre_dump_did_when_the_processes_survive(hook, monkeyp
     hook.pre_dump(11, {}, hook.test_log)
     path, criu = spawned[0]
     monkeypatch.setattr(hook, "wait_exit", lambda *a: True)
-    assert hook.guard(path, criu, -1, {}, hook.test_log) == 0
+    assert hook.guard(path, criu, -1, 0, -1, -1, {}, hook.test_log) == 0
     assert driver.states == {11: R, 12: C}, "12 was not ours to restore"
     assert not os.path.exists(path)
     assert "CUDA restored and unlocked" in hook.log_lines[-1]
@@ -206,12 +230,40 @@ def test_guard_leaves_killed_processes_alone(hook, monkeypatch):
     path, criu = spawned[0]
     monkeypatch.setattr(hook, "wait_exit", lambda *a: True)
     monkeypatch.setattr(hook, "starttime", lambda pid: None)       # gone: the dump killed it
-    assert hook.guard(path, criu, -1, {}, hook.test_log) == 0
+    assert hook.guard(path, criu, -1, 0, -1, -1, {}, hook.test_log) == 0
     assert driver.states == {11: C} and [c[0] for c in driver.calls] == ["lock", "checkpoint"]
 
 
 def test_guard_refuses_a_state_file_elsewhere(hook, tmp_path):
-    assert hook.guard(str(tmp_path / "x.json"), 1, -1, {}, hook.test_log) == 2
+    assert hook.guard(str(tmp_path / "x.json"), 1, -1, 0, -1, -1, {}, hook.test_log) == 2
+
+
+def test_guard_without_pidfds_sees_a_process_gone_before_it_looked(hook):
+    """Without pidfds (kernels before 5.3) the guard watches start times: a CRIU that
+    had exited before the guard first looked (start time None) counts as exited (it
+    was waited for until the timeout, 6 hours)."""
+    import subprocess
+    import time
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    started = time.monotonic()
+    assert hook.wait_exit(gone.pid, hook.starttime(gone.pid), -1, 5) is True
+    assert time.monotonic() - started < 1
+
+
+def test_stale_state_files_go_with_their_temp_files(hook):
+    """A hook killed while it wrote its state file leaves the temp file: it goes with the
+    run's state files once that CRIU is gone (it stayed in /run/gpusnap-hook for good)."""
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    d = hook.secure_state_dir()
+    live = f"{os.getpid()}-{hook.starttime(os.getpid())}.json"
+    kept = [live, f"{live}.tmp-77-00ff00ff", "unrelated"]
+    for name in kept + [f"{gone.pid}-123.json", f"{gone.pid}-123.json.tmp-{gone.pid}-0a1b2c3d"]:
+        open(os.path.join(d, name), "w").close()
+    hook.clean_stale_states()
+    assert sorted(os.listdir(d)) == sorted(kept)
 
 
 def test_post_resume_restores_with_the_configured_remap(hook, monkeypatch):
@@ -345,3 +397,19 @@ def test_install_refuses_a_python_that_cannot_import_gpusnap_isolated(tmp_path):
     with pytest.raises(UsageError, match="cannot"):
         hook_install.install(str(tmp_path / "c.conf"), str(tmp_path / "h"), python="/bin/false")
     assert os.listdir(tmp_path) == []
+
+
+@root_only
+def test_install_that_cannot_write_the_config_leaves_no_script(tmp_path):
+    """The config cannot be read or written (here: its path is a directory): install
+    fails and takes back the script it had just written (it stayed, named by nothing)."""
+    conf = tmp_path / "criu" / "runc.conf"
+    conf.mkdir(parents=True)
+    script = tmp_path / "lib" / "gpusnap-criu-hook"
+    with pytest.raises(OSError):
+        hook_install.install(str(conf), str(script))
+    assert not script.exists() and os.listdir(script.parent) == []
+    script.write_text("#!/bin/sh\n# the user's own\n")      # one that was there stays
+    with pytest.raises(OSError):
+        hook_install.install(str(conf), str(script))
+    assert script.exists()
