@@ -132,6 +132,17 @@ BEFORE_CRIU = AT_MARK + '; exec "$REAL" "$@"'
 AFTER_CRIU = '"$REAL" "$@"; rc=$?; ' + AT_MARK + '; exit $rc'
 
 
+def path_without_network_lock_tools() -> str | None:
+    """PATH less the directories holding iptables-restore or nft (what the GPU machines
+    lack); None where CRIU would go with them."""
+    from gpusnap.criu.locate import find_criu
+    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not any(os.path.exists(os.path.join(d, t)) for t in ("iptables-restore", "nft"))]
+    if os.path.dirname(find_criu()[0]) not in keep and not os.environ.get("GPUSNAP_CRIU"):
+        return None
+    return os.pathsep.join(keep)
+
+
 def release(mark: str) -> None:
     """A CRIU wrapper waiting at mark goes on (AT_MARK)."""
     open(mark + ".go", "w").close()

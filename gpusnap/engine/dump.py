@@ -275,7 +275,8 @@ class _Dump:
         return Manifest(
             id=self.repo.new_snapshot_id(), name=req.name, target=copy.deepcopy(target),
             pids=target.pids, criu_version=plan.criu_version,
-            criu=CriuFacts(shell_job=plan.criu_options.shell_job),
+            criu=CriuFacts(shell_job=plan.criu_options.shell_job,
+                           stopped=sorted(self.dumper.stopped_for_criu)),
             kernel=platform.release(), host=socket.gethostname(),
             gpusnap_version=VERSION, files=files, logs=log_files,
             bytes_logical=counts["bytes_logical"],

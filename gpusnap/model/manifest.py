@@ -104,15 +104,18 @@ def file_list(value, where: str) -> list[FileEntry]:
 
 @dataclass
 class CriuFacts:
-    """CRIU options restore must repeat."""
+    """CRIU options restore must repeat. stopped: the pids gpusnap stopped before CRIU
+    dumped them (no network lock: criu/netlock.py), which CRIU recorded stopped and a
+    restore continues."""
     shell_job: bool = False
+    stopped: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"shell_job": self.shell_job}
+        return {"shell_job": self.shell_job, **({"stopped": self.stopped} if self.stopped else {})}
 
     @classmethod
     def from_json(cls, f: Fields) -> "CriuFacts":
-        return cls(shell_job=f.bool("shell_job", False))
+        return cls(shell_job=f.bool("shell_job", False), stopped=f.list("stopped", pid, []))
 
 
 def _gpu(value, where: str) -> dict:

@@ -127,10 +127,11 @@ def _going(pid: int) -> bool:
         return True                     # gone meanwhile: as good as reaped
 
 
-def _sigkill(pids: list[int]) -> None:
+def send(pids: list[int], sig: int) -> None:
+    """sig to each pid still there."""
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
@@ -139,7 +140,7 @@ def kill_and_wait(pids: list[int], timeout: float = 30.0, *, reaped: bool = True
     """SIGKILL the pids and wait until their pids are free again, or (reaped=False)
     only until they are dead: zombies whose reaping is up to their parent (init reaps
     an orphan late: 1.6 s seen on the GPU host) and which hold no memory any more."""
-    _sigkill(pids)
+    send(pids, signal.SIGKILL)
     wait_free(pids, timeout, zombie_grace=2.0 if reaped else 0.0)
 
 
@@ -148,7 +149,7 @@ def kill_for_good(pids: list[int], timeout: float = 30.0) -> None:
     (none of them runs again). Its memory is freed after, which is most of a process's
     death (the CUDA driver's host copy of GPU memory, pinned buffers: a large part of a
     dump's end on the GPU host); a restore waits for the pids to be free (taken())."""
-    _sigkill(pids)
+    send(pids, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     pending = list(pids)
     while pending and time.monotonic() < deadline:

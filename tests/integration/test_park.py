@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from conftest import libz_path, wait_pids_free
+from conftest import libz_path, path_without_network_lock_tools, wait_pids_free
 
 pytestmark = [pytest.mark.root]
 
@@ -115,24 +115,13 @@ def test_two_rank_gloo_job_survives_dump_and_restore(tmp_path, gpusnap):
         tp.stop()
 
 
-def _path_without_network_lock_tools() -> str | None:
-    """PATH less the directories holding iptables-restore or nft (what the GPU machines
-    lack); None where CRIU would go with them."""
-    from gpusnap.criu.locate import find_criu
-    keep = [d for d in os.environ.get("PATH", "").split(os.pathsep)
-            if d and not any(os.path.exists(os.path.join(d, t)) for t in ("iptables-restore", "nft"))]
-    if os.path.dirname(find_criu()[0]) not in keep and not os.environ.get("GPUSNAP_CRIU"):
-        return None
-    return os.pathsep.join(keep)
-
-
 def test_two_rank_job_without_iptables_skips_the_network_lock(tmp_path, gpusnap):
     """A host with neither iptables nor nftables (the GPU machines): CRIU cannot lock the
     two ranks' loopback TCP connections, which are all between processes of the tree, so
     gpusnap tells it to skip the lock (both ends are frozen) on dump and restore."""
     pytest.importorskip("torch.distributed")
     from tests.workloads.tp_allreduce import TensorParallel
-    path = _path_without_network_lock_tools()
+    path = path_without_network_lock_tools()
     if path is None:
         pytest.skip("CRIU sits beside iptables here")
     env = {"PATH": path}
@@ -155,7 +144,7 @@ def test_two_rank_job_without_iptables_skips_the_network_lock(tmp_path, gpusnap)
 
 def test_a_tree_talking_to_the_outside_without_iptables_is_refused_untouched(sleeper, gpusnap):
     import socket
-    path = _path_without_network_lock_tools()
+    path = path_without_network_lock_tools()
     if path is None:
         pytest.skip("CRIU sits beside iptables here")
     srv = socket.create_server(("127.0.0.1", 0))

@@ -55,3 +55,37 @@ def test_established_sees_both_ends_of_a_loopback_connection_in_this_process():
     finally:
         for s in (cli, peer, srv):
             s.close()
+
+
+PROC_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:9C41 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 1001 1 0 20 4 30 10 -1
+   1: 0100007F:A1B2 0100007F:9C41 01 00040000:0001F000 01:00000014 00000000     0        0 1002 1 0 20 4 30 10 -1
+   2: 0100007F:A1B3 0100007F:9C42 01 00020000:00000000 04:000000C8 00000000     0        0 1003 1 0 20 4 30 10 -1
+   3: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2000 1 0 20 4 30 10 -1
+   4: garbage
+"""
+
+
+def test_queues_reads_the_sockets_asked_for():
+    q = netlock.queues(PROC_TCP, {1001, 1002, 1003, 9999})
+    assert q == {1001: netlock.Queue("01", 0, 0, 0),
+                 1002: netlock.Queue("01", 0x40000, 0x1F000, 1),
+                 1003: netlock.Queue("01", 0x20000, 0, 4)}
+
+
+def test_settled_wants_no_unacked_data_and_queues_that_held_still():
+    q = netlock.queues(PROC_TCP, {1001, 1003})
+    assert netlock.settled(q, dict(q)), "idle, and a full window (probe timer): settled"
+    moving = {**q, 1001: netlock.Queue("01", 10, 0, 0)}
+    assert not netlock.settled(q, moving)
+    waiting = netlock.queues(PROC_TCP, {1001, 1002})
+    assert not netlock.settled(waiting, dict(waiting)), "1002's data waits for its ACK"
+
+
+def test_socket_inodes_of_this_process():
+    import os
+    import socket
+    with socket.socket() as s:
+        inode = os.fstat(s.fileno()).st_ino
+        assert inode in netlock.socket_inodes([os.getpid()])

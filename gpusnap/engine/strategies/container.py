@@ -235,6 +235,7 @@ class ContainerDump:
         self.cuda = cuda
         self.images: str | None = None
         self.undo_errors: list[str] = []
+        self.stopped_for_criu: list[int] = []   # never: the engine's CRIU locks the netns
 
     def dump(self, images: str, logs: str, leave_running: bool, pages=None) -> None:
         self.images = images

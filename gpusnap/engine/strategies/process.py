@@ -36,7 +36,7 @@ from ...imagefile import inetsk
 from ...model import Manifest, Target
 from ...store import Repository
 from ...targets import ghosts
-from ...targets.process import (kill_and_wait, kill_for_good, restored_tree, taken,
+from ...targets.process import (kill_and_wait, kill_for_good, restored_tree, send, taken,
                                 tree_pids, tree_rss)
 from .. import agent_steps, alive, gpu, imagecache, intent, pagepath, parked, workdir
 from ..plans import DumpPlan, DumpRequest, RestorePlan, RestoreRequest
@@ -100,6 +100,7 @@ class ProcessStrategy:
             stages.listener = guard.stage
             with contextlib.ExitStack() as reading:
                 root_pid, cuinit = _pages_in(plan, repo, work, stages, progress, pages, reading)
+                _continue_stopped(root_pid, m)      # before CUDA's restore, which waits for them
                 if not (pages and pages.pending):
                     reading.close()                 # else: once the late fill is in
                 guard.update(root=root_pid, root_started=intent.started(root_pid) or 0.0)
@@ -154,6 +155,19 @@ def _pages_in(plan: RestorePlan, repo: Repository, work: str, stages: Stages, pr
     prep = _prepared(plan, repo, work, stages, progress)
     _make_room(plan, prep.images, stages)
     return pages.restore(plan, repo, work, prep, stages, progress)
+
+
+def _continue_stopped(root: int, m: Manifest) -> None:
+    """SIGCONT to the restored tasks that gpusnap stopped before CRIU dumped them (no
+    network lock: criu/netlock.py), and to those only: pids of the restored tree, not
+    any pid a manifest names."""
+    if not m.criu.stopped:
+        return
+    try:
+        ours = set(tree_pids(root))
+    except psutil.NoSuchProcess:
+        return                              # gone: alive.check_tree says so
+    send([p for p in m.criu.stopped if p in ours], signal.SIGCONT)
 
 
 def _small_images(m: Manifest) -> list[str]:
@@ -317,11 +331,18 @@ class ProcessDump:
         self.criu = plan.criu_path
         self.undo_errors: list[str] = []
         self.stopped_before = {pid for pid in self.target.pids if _status(pid) == psutil.STATUS_STOPPED}
+        self.stopped_for_criu: list[int] = []   # stopped by gpusnap, not by the user
 
     def dump(self, images: str, logs: str, leave_running: bool, pages=None) -> None:
-        """pages: serves CRIU's page stream (criu/runner.py), else pages images are written."""
+        """pages: serves CRIU's page stream (criu/runner.py), else pages images are written.
+        No network lock here (--network-lock skip): the tree is stopped first and its TCP
+        connections settle (criu/netlock.py); CRIU records those tasks stopped, and
+        self.stopped_for_criu (the manifest's criu.stopped) tells a restore to continue them."""
         leave = "running" if leave_running else "stopped"
         try:
+            if self.options.network_lock == "skip":
+                # recorded as they are stopped: an interrupt in between still continues them
+                netlock.quiesce(self.target.pids, self.stopped_before, into=self.stopped_for_criu)
             criu_runner.dump(self.target.root_pid, images, self.options, leave=leave,
                              criu=self.criu, page_server=pages)
             if not leave_running:
@@ -332,10 +353,15 @@ class ProcessDump:
             if not leave_running:
                 self._refresh_pids()
                 self.resume()
+            else:                           # running again, bar what gpusnap stopped
+                send(self.stopped_for_criu, signal.SIGCONT)
             root = self.target.root_pid
             if isinstance(exc, CriuFailed) and _status(root) in (None, psutil.STATUS_ZOMBIE):
                 raise TargetNotFound(f"process {root} exited during the dump") from None
             raise
+        else:
+            if leave_running:               # CRIU let them go on in the state it found: stopped
+                send(self.stopped_for_criu, signal.SIGCONT)
         finally:
             if os.path.exists(os.path.join(images, "dump.log")):
                 shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
@@ -365,13 +391,7 @@ class ProcessDump:
         kill_for_good(self.target.pids)
 
     def resume(self) -> None:
-        for pid in self.target.pids:
-            if pid in self.stopped_before:
-                continue
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        send([pid for pid in self.target.pids if pid not in self.stopped_before], signal.SIGCONT)
 
 
 def _status(pid: int) -> str | None:
