@@ -177,14 +177,15 @@ def _stopped(pid: int) -> bool:
 
 
 def quiesce(pids: list[int], already_stopped: set[int], into: list[int], tries: int = 6,
-            timeout: float = 5.0, step: float = 0.005) -> None:
+            timeout: float = 5.0, step: float = 0.005) -> str:
     """SIGSTOP the pids not stopped already, wait for them to stop and for their TCP
     connections to settle (settled(), twice in a row). A connection that settles with
     data its peer has no room for (a full window) cannot be restored without a lock
     (CRIU sends such data on restore, before the peer's socket exists: EPIPE), so the
     tree is continued and tried again a moment later. The pids it stops go into `into`
     before they are stopped (their undo is SIGCONT). CriuFailed, with them stopped, if
-    the connections do not settle, or after `tries` full windows."""
+    the connections do not settle, or after `tries` full windows. Returns a note for the
+    snapshot: how long the last try took to settle, and how many tries."""
     for attempt in range(tries):
         if attempt:
             send(into, signal.SIGCONT)
@@ -198,10 +199,13 @@ def quiesce(pids: list[int], already_stopped: set[int], into: list[int], tries: 
                 os.kill(pid, signal.SIGSTOP)
             except ProcessLookupError:
                 into.remove(pid)
+        t0 = time.monotonic()
         now = _settle(pids, into, timeout, step)
         full = sorted(i for i, q in now.items() if q.state == ESTABLISHED and q.tx)
         if not full:
-            return
+            return (f"no network lock on this host: the tree was stopped before CRIU and its "
+                    f"{len(now)} TCP sockets settled in {(time.monotonic() - t0) * 1000:.0f} ms"
+                    + (f" (try {attempt + 1}: full windows before)" if attempt else ""))
     raise CriuFailed(
         f"pids {pids}: TCP connections of the tree hold data their peer had no room for "
         f"(sockets {full[:4]}), at each of {tries} tries; with no network lock on this host "

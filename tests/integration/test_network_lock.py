@@ -86,6 +86,7 @@ def test_bursts_round_trip_without_the_lock(tmp_path, gpusnap, no_lock_path):
             rc, out, err = gpusnap("inspect", snap["id"])
             assert rc == 0, err
             assert sorted(out["criu"]["stopped"]) == sorted(s.pids)
+            assert any("TCP sockets settled" in n for n in out["notes"]), out["notes"]
             rc, out, err = gpusnap("restore", snap["id"], env=no_lock_path)
             assert rc == 0, err
             assert all(psutil.Process(p).status() != psutil.STATUS_STOPPED for p in s.pids)

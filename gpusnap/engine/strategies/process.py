@@ -332,6 +332,7 @@ class ProcessDump:
         self.undo_errors: list[str] = []
         self.stopped_before = {pid for pid in self.target.pids if _status(pid) == psutil.STATUS_STOPPED}
         self.stopped_for_criu: list[int] = []   # stopped by gpusnap, not by the user
+        self.notes = plan.notes                 # the snapshot's
 
     def dump(self, images: str, logs: str, leave_running: bool, pages=None) -> None:
         """pages: serves CRIU's page stream (criu/runner.py), else pages images are written.
@@ -342,7 +343,8 @@ class ProcessDump:
         try:
             if self.options.network_lock == "skip":
                 # recorded as they are stopped: an interrupt in between still continues them
-                netlock.quiesce(self.target.pids, self.stopped_before, into=self.stopped_for_criu)
+                self.notes.append(netlock.quiesce(self.target.pids, self.stopped_before,
+                                                  into=self.stopped_for_criu))
             criu_runner.dump(self.target.root_pid, images, self.options, leave=leave,
                              criu=self.criu, page_server=pages)
             if not leave_running:
