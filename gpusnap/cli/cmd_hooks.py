@@ -43,4 +43,7 @@ def uninstall(app, config, script, keep_script):
     """Take the hook out of --config and delete --script."""
     from ..criu.hook_install import uninstall as do_uninstall
     report = do_uninstall(config=config, script=script, remove_script=not keep_script)
-    app.emit(report, "changed: " + (", ".join(report["changed"]) or "nothing (not installed)"))
+    text = "changed: " + (", ".join(report["changed"]) or "nothing (not installed)")
+    if report["still_named_by"] and not keep_script:
+        text += f"\nkept {script}: still named by {', '.join(report['still_named_by'])}"
+    app.emit(report, text)

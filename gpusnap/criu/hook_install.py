@@ -7,7 +7,9 @@
                for docker, podman and runc itself; crun reads /etc/criu/crun.conf first,
                then runc.conf). An existing config file is copied to FILE.bak before it is
                changed; a second install changes nothing.
-    uninstall: the line goes (a file left empty goes too); the script goes.
+    uninstall: the line goes (a file left empty goes too); the script goes, unless another
+               CRIU config beside it or in /etc/criu (runc.conf, crun.conf,
+               default.conf) still names it.
 
 Both destinations must be directories only root can change. Every file is written to a
 new temp name (O_EXCL, O_NOFOLLOW) and renamed into place with its mode, so a link left
@@ -175,10 +177,25 @@ def uninstall(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT,
             else:
                 os.unlink(config)
             changed.append(config)
-    if remove_script and os.path.lexists(script):
+    still = _other_configs_naming(config, script)
+    if remove_script and not still and os.path.lexists(script):
         os.unlink(script)
         changed.append(script)
-    return {"script": script, "config": config, "changed": changed}
+    return {"script": script, "config": config, "changed": changed, "still_named_by": still}
+
+
+CONFIG_NAMES = ("runc.conf", "crun.conf", "default.conf")     # what runc, crun and CRIU read
+
+
+def _other_configs_naming(config: str, script: str) -> list[str]:
+    """The CRIU configs beside config, and in /etc/criu, other than config, whose
+    action-script line names script (examples/kubernetes/install-node.sh adds it to
+    crun.conf too): the script stays for them, else their checkpoints would fail."""
+    places = {os.path.join(d, name) for d in (os.path.dirname(os.path.abspath(config)), "/etc/criu")
+              for name in CONFIG_NAMES}
+    return sorted(p for p in places
+                  if os.path.realpath(p) != os.path.realpath(config)
+                  and add_line(_read(p), script) is None)
 
 
 def installed(config: str = DEFAULT_CONFIG, script: str = DEFAULT_SCRIPT) -> bool:

@@ -336,6 +336,22 @@ def test_install_into_no_file_creates_it_and_uninstall_removes_it(tmp_path):
     assert not conf.exists() and not script.exists()
 
 
+@root_only
+def test_uninstall_keeps_the_script_another_config_still_names(tmp_path):
+    """install-node.sh puts the line in crun.conf too: taking it out of runc.conf alone
+    must not delete what crun's checkpoints still run."""
+    (tmp_path / "criu").mkdir()
+    runc, crun = tmp_path / "criu" / "runc.conf", tmp_path / "criu" / "crun.conf"
+    script = tmp_path / "lib" / "gpusnap-criu-hook"
+    hook_install.install(str(runc), str(script))
+    hook_install.install(str(crun), str(script))
+    out = hook_install.uninstall(str(runc), str(script))
+    assert script.exists() and out["still_named_by"] == [str(crun)]
+    assert out["changed"] == [str(runc)]
+    out = hook_install.uninstall(str(crun), str(script))
+    assert not script.exists() and out["still_named_by"] == []
+
+
 def test_an_existing_line_in_another_spelling_counts():
     text = 'action-script = "/usr/local/lib/gpusnap/gpusnap-criu-hook"\n'
     assert hook_install.add_line(text, hook_install.DEFAULT_SCRIPT) is None
