@@ -343,8 +343,8 @@ class ProcessDump:
         try:
             if self.options.network_lock == "skip":
                 # recorded as they are stopped: an interrupt in between still continues them
-                self.notes.append(netlock.quiesce(self.target.pids, self.stopped_before,
-                                                  into=self.stopped_for_criu))
+                self.notes.append(netlock.quiesce(self.pids_now() or self.target.pids,
+                                                  self.stopped_before, into=self.stopped_for_criu))
             criu_runner.dump(self.target.root_pid, images, self.options, leave=leave,
                              criu=self.criu, page_server=pages)
             if not leave_running:
