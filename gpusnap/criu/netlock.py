@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import CriuFailed
+from ..targets import fds
 from ..targets.process import send
 
 Endpoint = tuple[str, int]
@@ -140,23 +141,6 @@ def settled(before: dict[int, Queue], now: dict[int, Queue]) -> bool:
                                      for q in now.values())
 
 
-def socket_inodes(pids: list[int]) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            names = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for name in names:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                out.add(int(link[8:-1]))
-    return out
-
-
 def _read_queues(pid: int, inodes: set[int]) -> dict[int, Queue]:
     out = {}
     for name in ("tcp", "tcp6"):
@@ -169,11 +153,8 @@ def _read_queues(pid: int, inodes: set[int]) -> dict[int, Queue]:
 
 
 def _stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return True                     # gone: nothing of it moves
+    fields = fds.stat_fields(pid)
+    return not fields or fields[0] in ("T", "t")     # gone: nothing of it moves
 
 
 def quiesce(pids: list[int], already_stopped: set[int], into: list[int], tries: int = 6,
@@ -220,7 +201,7 @@ def _settle(pids: list[int], stopped: list[int], timeout: float, step: float) ->
         if time.monotonic() > deadline:
             raise CriuFailed(f"pids {stopped} did not stop within {timeout:g} s of SIGSTOP")
         time.sleep(step)
-    inodes = socket_inodes(pids)
+    inodes = fds.socket_inodes(pids)
     before, calm = None, 0
     while True:
         now = _read_queues(pids[0], inodes)

@@ -38,6 +38,7 @@ from ..model import Manifest, SdkAgent, SdkRecord, WeightFile
 from ..sdk import protocol
 from ..sdk.protocol import AgentError, request
 from ..sdk.safetensors import identity_changes
+from ..targets import fds
 
 PREPARE_TIMEOUT_S = 30.0
 
@@ -47,21 +48,6 @@ def resume_timeout() -> float:
         return float(os.environ.get("GPUSNAP_SDK_RESUME_TIMEOUT", "600"))
     except ValueError:
         return 600.0
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    out = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                out.add(int(link[8:-1]))
-    except OSError:
-        pass
-    return out
 
 
 def parse_net_unix(text: str) -> list[tuple[int, int, str]]:
@@ -85,7 +71,7 @@ def find_agents(pids: list[int]) -> dict[int, str]:
     """pid -> socket path, for each pid that listens on its own agent-<pid>.sock."""
     found = {}
     for pid in pids:
-        inodes = _socket_inodes(pid)
+        inodes = fds.socket_inodes([pid])
         if not inodes:
             continue
         try:

@@ -108,6 +108,12 @@ def links(pid: int) -> dict[int, str]:
     return out
 
 
+def socket_inodes(pids: list[int]) -> set[int]:
+    """The inodes of the sockets the pids hold (socket:[N] links)."""
+    return {int(link[8:-1]) for pid in pids for link in links(pid).values()
+            if link.startswith("socket:[")}
+
+
 def stat_fields(pid: int) -> list[str] | None:
     """/proc/PID/stat from its third field on (state), None if it is gone: fields[n] is
     field n + 3 of proc(5)."""

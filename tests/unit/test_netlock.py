@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from gpusnap.criu import netlock
+from gpusnap.targets import fds
 from gpusnap.criu.argv import CriuOptions, dump_argv, restore_argv
 from gpusnap.errors import CriuFailed
 
@@ -88,4 +89,4 @@ def test_socket_inodes_of_this_process():
     import socket
     with socket.socket() as s:
         inode = os.fstat(s.fileno()).st_ino
-        assert inode in netlock.socket_inodes([os.getpid()])
+        assert inode in fds.socket_inodes([os.getpid()])

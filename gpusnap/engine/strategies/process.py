@@ -355,16 +355,13 @@ class ProcessDump:
             if not leave_running:
                 self._refresh_pids()
                 self.resume()
-            else:                           # running again, bar what gpusnap stopped
-                send(self.stopped_for_criu, signal.SIGCONT)
             root = self.target.root_pid
             if isinstance(exc, CriuFailed) and _status(root) in (None, psutil.STATUS_ZOMBIE):
                 raise TargetNotFound(f"process {root} exited during the dump") from None
             raise
-        else:
+        finally:
             if leave_running:               # CRIU let them go on in the state it found: stopped
                 send(self.stopped_for_criu, signal.SIGCONT)
-        finally:
             if os.path.exists(os.path.join(images, "dump.log")):
                 shutil.move(os.path.join(images, "dump.log"), os.path.join(logs, "dump.log"))
 
