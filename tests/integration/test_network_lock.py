@@ -31,7 +31,8 @@ class Stream:
                           *(["--burst"] if burst else [])], stdin=subprocess.DEVNULL,
                          stdout=log, stderr=log, start_new_session=True, cwd=REPO)
         deadline = time.monotonic() + 30
-        while not os.path.exists(os.path.join(d, "pid")):
+        while not all(os.path.exists(os.path.join(d, name))
+                      for name in ("pid", "status-parent.json", "status-child.json")):
             assert time.monotonic() < deadline, "the stream did not start"
             time.sleep(0.05)
         self.pid = int(open(os.path.join(d, "pid")).read())

@@ -5,7 +5,8 @@ misplaced data after a round trip says so, one that stalled stops counting.
     python -m tests.workloads.tcp_stream --dir D [--burst]
 
 --burst: 16 blocks of 256 KiB, then 50 ms idle (as a collective between steps); else
-without a pause (the receive window stays full). D/pid holds the parent's pid once
+without a pause, to receivers that read 64 KiB every 10 ms (the windows stay full:
+whenever the tree is stopped, each sender holds data its peer has no room for). D/pid holds the parent's pid once
 both run; D/status-parent.json and D/status-child.json (blocks received, ok: every
 block in order and whole) are rewritten every 50 ms.
 """
@@ -24,10 +25,12 @@ BLOCK = 256 * 1024
 PAD = bytes(range(256)) * ((BLOCK - 32) // 256) + bytes(range((BLOCK - 32) % 256))
 
 
-def _receive(sock: socket.socket, got: dict) -> None:
+def _receive(sock: socket.socket, got: dict, slow: bool) -> None:
     buf, n = b"", 0
     while True:
-        data = sock.recv(1 << 20)
+        if slow:
+            time.sleep(0.01)
+        data = sock.recv(64 << 10 if slow else 1 << 20)
         if not data:
             return
         buf += data
@@ -50,7 +53,7 @@ def _report(path: str, got: dict) -> None:
 
 def _stream(sock: socket.socket, who: str, d: str, burst: bool) -> None:
     got = {"blocks": 0, "ok": True}
-    threading.Thread(target=_receive, args=(sock, got), daemon=True).start()
+    threading.Thread(target=_receive, args=(sock, got, not burst), daemon=True).start()
     threading.Thread(target=_report, args=(os.path.join(d, f"status-{who}.json"), got),
                      daemon=True).start()
     n = 0
