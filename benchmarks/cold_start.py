@@ -184,13 +184,13 @@ def floor_disk(path):
 
 
 # ---- dumps ---------------------------------------------------------------------------
-def more_dumps(row, size, snap_id, pid, store, work, runs):
+def more_dumps(row, size, snap_id, pid, store, work, runs, staged=True):
     """First dumps of the (restored) server into fresh stores until there are `runs` of
-    them, then one with --pages staged; each time the server comes back from snap_id.
-    Leaves the last restored server's pid in row["_pid"]."""
+    them, then one with --pages staged (unless not staged); each time the server comes
+    back from snap_id. Leaves the last restored server's pid in row["_pid"]."""
     row["dump_runs"] = [{"s": row["dump_s"], "stages": row["dump_stages"]}]
     fresh = os.path.join(work, "fresh-store")
-    for pages in ["stream"] * (runs - 1) + ["staged"]:
+    for pages in ["stream"] * (runs - 1) + (["staged"] if staged else []):
         shutil.rmtree(fresh, ignore_errors=True)
         pids = tree(pid)
         t = time.perf_counter()
@@ -284,7 +284,7 @@ def thp_mode(mode):
             f.write(old)
 
 
-def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
+def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, staged=True):
     model_dir = os.path.join(work, "models", size)
     state = os.path.join(work, "state")
     row = {"size": size}
@@ -367,7 +367,7 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False):
                                if isinstance(v, (int, float))}})
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
         restores[label] = out
-    more_dumps(row, size, snap["id"], res["pid"], store, work, runs)
+    more_dumps(row, size, snap["id"], res["pid"], store, work, runs, staged)
     t = time.perf_counter()
     second = gpusnap("dump", "--pid", str(row.pop("_pid")), "--name", f"llm-{size}-2", store=store)
     row["second_dump_s"] = time.perf_counter() - t
@@ -596,6 +596,8 @@ def main(argv=None):
                          "CUDA restore)")
     ap.add_argument("--sdk", action="store_true",
                     help="also the same server with gpusnap.sdk (weights out of the snapshot)")
+    ap.add_argument("--no-staged", dest="staged", action="store_false",
+                    help="leave out the `dump --pages staged` row (39 s for the 8b)")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
@@ -610,7 +612,8 @@ def main(argv=None):
     rows = []
     for size in args.sizes.split(","):
         variants = [v for v in args.variants.split(",") if v]
-        rows.append(bench_size(size, args.runs, args.work, store, variants, args.sdk))
+        rows.append(bench_size(size, args.runs, args.work, store, variants, args.sdk,
+                               args.staged))
         print(summarise(rows, floors, card), flush=True)
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
     os.makedirs(args.out, exist_ok=True)

@@ -44,6 +44,10 @@ SETTINGS = [
             "container engine, docker or podman (unset: whichever knows the name)"),
     Setting("lock_timeout", "GPUSNAP_LOCK_TIMEOUT", 10.0, "dump --lock-timeout",
             "seconds to wait for CUDA work in flight before locking"),
+    Setting("huge_pages", "GPUSNAP_HUGE_PAGES", "auto", None,
+            "auto: the host's THP mode is 'always' while the CUDA driver checkpoints (where "
+            "it is 'madvise'), so the device memory it moves lands in 2 MiB pages; off: "
+            "leave the mode alone"),
     Setting("socket", "GPUSNAP_SOCKET", "/run/gpusnap/gpusnapd.sock", None,
             "the API socket of gpusnapd, the daemon: the CLI runs its commands there "
             "when one answers (set empty: standalone)"),

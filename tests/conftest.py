@@ -40,6 +40,15 @@ def pytest_report_header(config):
     return "disk: " + ", ".join(lines)
 
 
+@pytest.fixture(autouse=True)
+def _host_thp_left_alone(request, monkeypatch):
+    """Unit tests drive CudaSession with fake drivers: its checkpoint stage would switch
+    the host's THP mode (cuda/hugepages.py) for nothing; test_hugepages.py tests that on
+    a stand-in file. GPU tests keep the default."""
+    if os.sep + "unit" + os.sep in str(request.node.fspath):
+        monkeypatch.setenv("GPUSNAP_HUGE_PAGES", "off")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_root = pytest.mark.skip(reason="needs root and CRIU >= 4.1 (make setup)")
     usable = None

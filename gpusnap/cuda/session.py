@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from gpusnap import interrupts
+from gpusnap.cuda import hugepages
 from gpusnap.cuda.driver import CudaDriver, CudaState, get_driver
 from gpusnap.errors import CudaFailed, GpusnapError
 from gpusnap.model import CudaFacts
@@ -72,6 +73,7 @@ class CudaSession:
         self.timings: dict[str, float] = {}
         self.errors: list[GpusnapError] = []
         self.rollback_interrupted = False
+        self.huge_pages = False
         self._released: set[int] = set()
 
     def __enter__(self) -> CudaSession:
@@ -89,9 +91,12 @@ class CudaSession:
                     lambda pid: self.driver.lock(pid, timeout_ms))
 
     def checkpoint_all(self) -> None:
+        """Checkpoint every locked pid, with the host's huge pages on for the driver's
+        staging memory meanwhile (hugepages.py; self.huge_pages says whether they were)."""
         self._require("checkpoint", CudaState.RUNNING, "lock it first")
-        self._stage("checkpoint", CudaState.LOCKED, CudaState.CHECKPOINTED,
-                    self.driver.checkpoint)
+        with hugepages.window() as self.huge_pages:
+            self._stage("checkpoint", CudaState.LOCKED, CudaState.CHECKPOINTED,
+                        self.driver.checkpoint)
 
     def restore_all(self, pairs: list[tuple[str, str]] | None = None) -> None:
         """pairs: (snapshot GPU UUID, host GPU UUID) for every GPU, or None to restore

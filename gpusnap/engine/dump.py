@@ -31,7 +31,7 @@ from typing import Callable
 
 from .. import VERSION, interrupts, testpause
 from ..criu import pageserver
-from ..cuda import staging
+from ..cuda import hugepages, staging
 from ..criu.runner import log_errors
 from ..criu.locate import find_criu
 from ..errors import ContainerEngineError, CriuFailed, GpusnapError, Interrupted, UsageError
@@ -284,7 +284,8 @@ class _Dump:
             bytes_new=counts["bytes_new"] + log_counts["bytes_new"],
             cuda=cuda_facts, leave_running=req.leave_running,
             zero_pages_dropped=zero_stats.pages_dropped if zero_stats else None,
-            sdk=self.sdk.record(), notes=[*plan.notes, *self.sdk.notes])
+            sdk=self.sdk.record(),
+            notes=[*plan.notes, *self.sdk.notes, *hugepages.notes(self.cuda)])
 
     def finish(self) -> None:
         """The snapshot is committed: the original goes (unless --leave-running)."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from .. import interrupts
+from ..cuda import hugepages
 from ..errors import CudaFailed, GpusnapError, NoCudaProcess, NotParked, UsageError
 from ..model import Target
 from ..model.fields import Fields
@@ -141,7 +142,7 @@ def execute_suspend(plan: SuspendPlan) -> dict:
             exc.hint = "; ".join(filter(None, [exc.hint, *undo_errors]))
         raise
     return dict(entry, host_memory=tree_rss(target.pids), timings=stages.to_dict(),
-                notes=sdk.notes)
+                notes=[*sdk.notes, *hugepages.notes(cuda)])
 
 
 def plan_resume(req: ResumeRequest) -> ResumePlan:
