@@ -1,11 +1,13 @@
-"""zstd levels on bf16 model weights: stored size against compress and decode speed, one core.
+"""`dump --compress` levels on bf16 model weights: stored size against compress and decode
+speed, one core.
 
     python benchmarks/compress_levels.py [--mib 4] [--out benchmarks/results]
 
 Weights like a transformer's (normal(0, 0.02) as bf16, what tests/workloads/llm_server.py
-makes), one chunk-sized buffer, each level: ratio, compress GB/s, decompress GB/s (the
-restore's decode, with the frame checksum gpusnap writes). Prints a table and writes
-OUT/compress_levels_cpu.md.
+makes), each level through gpusnap's own codec (gpusnap.store.codec), 1 MiB chunks as a
+dump stores them: ratio, compress GB/s, decode GB/s (what a restore's fill does: into a
+reused buffer, verified by the frame checksum). bf16 is the byte-plane transform. Prints a
+table and writes OUT/compress_levels_cpu.md.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import platform
 import random
 import time
 
-import zstandard
+import sys
 
-LEVELS = [("1 (the old default)", 1), ("3", 3), ("fast (-1, the default)", -1), ("-5", -5),
-          ("none", -(1 << 17))]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpusnap.store import codec  # noqa: E402
+
+LEVELS = [("1 (the old default)", 1), ("3", 3), ("fast (-1, the default)", codec.FAST), ("-5", -5),
+          ("none", codec.NO_COMPRESSION), ("bf16 (byte planes, level 1)", codec.BF16)]
+CHUNK = 1 << 20
 
 
 def bf16_weights(mib: int) -> bytes:
@@ -44,15 +50,22 @@ def main() -> None:
     args = ap.parse_args()
     data = bf16_weights(args.mib)
     lines = [f"# zstd levels on bf16 weights — {platform.node()} ({os.cpu_count()} cores), one core", "",
-             f"{len(data) >> 20} MiB of normal(0, 0.02) bf16 values, frames with content checksums. "
+             f"{len(data) >> 20} MiB of normal(0, 0.02) bf16 values in 1 MiB chunks, through "
+             "gpusnap.store.codec (frames with content checksums; decode into a reused buffer). "
              "`python benchmarks/compress_levels.py`.", "",
              "| level | stored / plain | compress GB/s | decompress GB/s |", "|---|---|---|---|"]
+    chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
+    ids = [codec.chunk_id(c) for c in chunks]
+    out = memoryview(bytearray(CHUNK))
     for label, level in LEVELS:
-        c = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-        d = zstandard.ZstdDecompressor()
-        blob = c.compress(data)
-        lines.append(f"| {label} | {len(blob) / len(data):.3f} | {rate(lambda: c.compress(data), len(data), 5):.2f} | "
-                     f"{rate(lambda: d.decompress(blob), len(data), 20):.2f} |")
+        blobs = [codec.compress(c, level) for c in chunks]
+
+        def decode():
+            for blob, cid, c in zip(blobs, ids, chunks):
+                codec.PLAIN.decode_view(blob, cid, len(c), out[:len(c)], check="frame")
+        lines.append(f"| {label} | {sum(map(len, blobs)) / len(data):.3f} | "
+                     f"{rate(lambda: [codec.compress(c, level) for c in chunks], len(data), 5):.2f} | "
+                     f"{rate(decode, len(data), 20):.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)

@@ -39,7 +39,7 @@ SETTINGS = [
     Setting("threads", "GPUSNAP_THREADS", None, None,
             "worker processes for ingest, materialise, verify (unset: the CPUs, at most 16)"),
     Setting("compress", "GPUSNAP_COMPRESS", "fast", "dump --compress",
-            "zstd level of new chunks: fast, 1-19, or none"),
+            "zstd level of new chunks: fast, 1-19, bf16 (byte planes), or none"),
     Setting("engine", "GPUSNAP_ENGINE", None, "dump --engine",
             "container engine, docker or podman (unset: whichever knows the name)"),
     Setting("lock_timeout", "GPUSNAP_LOCK_TIMEOUT", 10.0, "dump --lock-timeout",

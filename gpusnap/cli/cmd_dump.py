@@ -13,21 +13,24 @@ def _valid_name(ctx, param, name):
 
 
 class CompressLevel(click.ParamType):
-    """A zstd level 1-19, fast (zstd's fast mode: matches, no entropy coding) or none
-    (zstd's fastest level: near raw, for incompressible data)."""
-    name = "LEVEL|fast|none"
+    """A zstd level 1-19, fast (zstd's fast mode: matches, no entropy coding), bf16 (byte
+    planes, store/codec.py) or none (zstd's fastest level: near raw, for incompressible
+    data)."""
+    name = "LEVEL|fast|bf16|none"
 
     def convert(self, value, param, ctx):
-        from ..store.codec import FAST, NO_COMPRESSION
+        from ..store.codec import BF16, FAST, NO_COMPRESSION
         if isinstance(value, int):
             return value
         if str(value).lower() == "none":
             return NO_COMPRESSION
+        if str(value).lower() == "bf16":
+            return BF16
         if str(value).lower() == "fast":
             return FAST
         if str(value).isdigit() and 1 <= int(value) <= 19:
             return int(value)
-        self.fail(f"{value!r} is not a zstd level 1-19, fast or none", param, ctx)
+        self.fail(f"{value!r} is not a zstd level 1-19, fast, bf16 or none", param, ctx)
 
 
 @click.command("dump")
@@ -44,7 +47,8 @@ class CompressLevel(click.ParamType):
 @click.option("--compress", envvar="GPUSNAP_COMPRESS", type=CompressLevel(), default="fast",
               show_default=True, help="zstd level of the chunks this dump adds: fast (decodes "
               "~7x faster than level 1 on model weights, which level 1 makes ~20% smaller), "
-              "1-19, or none.")
+              "1-19, bf16 (byte planes: bf16 weights ~32% smaller, for a slow disk or object "
+              "store), or none.")
 @click.option("--keep", is_flag=True, help="Keep the work dir (CRIU images and logs) and print "
               "where; it stays until you remove it (on a tmpfs it holds memory).")
 @click.option("--tcp-established/--no-tcp-established", default=True, show_default=True,

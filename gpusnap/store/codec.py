@@ -62,19 +62,68 @@ FAST = -1
 DEFAULT_LEVEL = FAST
 NO_COMPRESSION = -(1 << 17)     # zstd's fastest level, near raw: chunk files stay zstd frames
 
+# bf16 byte planes (`dump --compress bf16`): a chunk's even bytes, then its odd bytes, in
+# one level-1 zstd frame. In little-endian bf16 the odd byte holds the sign and 7 of the 8
+# exponent bits, which weights use few of: its plane shrinks to about a third, while the
+# even plane (mantissa) goes in raw blocks. bf16 weights store ~32% smaller against ~22%
+# for level 1 as they are, and decode about as fast as level 1 (half the bytes pass the
+# entropy decoder, all of them the interleave: benchmarks/results/compress_levels_cpu.md),
+# a seventh of fast mode: for a slow disk or object store, not the default. The frame follows a 12-byte zstd skippable frame naming the transform, so a
+# reader that does not know it fails (the size does not match), never reads planes as data.
+BF16 = 1 << 20                  # not a zstd level: the planes transform at PLANES_LEVEL
+PLANES_LEVEL = 1
+PLANES_HEAD = b"\x5e\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"bf16"
+
+
+def _head(blob) -> tuple[bool, memoryview]:
+    """(whether blob holds byte planes, its zstd frame)."""
+    view = memoryview(blob)
+    if bytes(view[:len(PLANES_HEAD)]) == PLANES_HEAD:
+        return True, view[len(PLANES_HEAD):]
+    return False, view
+
+
+def _to_planes(data) -> bytes:
+    """data's even bytes, then its odd bytes (bytes' own strided slicing: a memoryview's
+    is ~15 times slower)."""
+    data = data if isinstance(data, bytes) else bytes(data)
+    return data[0::2] + data[1::2]
+
+
+def _from_planes(planes: memoryview, out: memoryview) -> None:
+    """Interleave planes back into out, through this thread's bytearray (a bytearray's
+    strided assignment is C's loop; a memoryview's is ~15 times slower), then one copy."""
+    size = len(planes)
+    buf = getattr(_local, "interleave", None)
+    if buf is None or len(buf) != size:
+        buf = _local.interleave = bytearray(size)
+    half = size // 2
+    buf[0::2] = planes[:half]
+    buf[1::2] = planes[half:]
+    out[:size] = buf
+
 
 def has_frame_checksum(blob) -> bool:
-    """Whether a zstd frame declares a content checksum (Frame_Header_Descriptor bit 2)."""
+    """Whether a chunk's zstd frame declares a content checksum (Frame_Header_Descriptor
+    bit 2)."""
+    blob = _head(blob)[1]
     return len(blob) > 4 and bytes(blob[:4]) == b"\x28\xb5\x2f\xfd" and bool(blob[4] & 0x04)
 
 
 def compress(data, level: int = DEFAULT_LEVEL) -> bytes:
+    """A chunk's stored bytes: one zstd frame at level, or with level BF16 (and an even
+    size) PLANES_HEAD and a frame of its byte planes."""
+    planes = level == BF16 and len(data) % 2 == 0
+    if level == BF16:
+        level = PLANES_LEVEL
     cctx = getattr(_local, "cctx", None)
     if cctx is None or getattr(_local, "level", None) != level:
         cctx = _local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True,
                                                       write_checksum=True)
         _local.level = level
-    return cctx.compress(data)
+    if not planes:
+        return cctx.compress(data)
+    return PLANES_HEAD + cctx.compress(_to_planes(data))
 
 
 def decompress_bounded(blob, limit: int, what: str) -> bytes:
@@ -96,9 +145,14 @@ def decompress_bounded(blob, limit: int, what: str) -> bytes:
 
 
 def _decompress(blob, expected_id: str, size: int) -> bytes:
-    data = decompress_bounded(blob, size, f"chunk {expected_id[:16]}")
+    planes, frame = _head(blob)
+    data = decompress_bounded(frame, size, f"chunk {expected_id[:16]}")
     if len(data) != size:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
+    if planes:
+        out = bytearray(size)
+        _from_planes(memoryview(data), memoryview(out))
+        return bytes(out)
     return data
 
 
@@ -123,11 +177,13 @@ def _decompress_into_scratch(blob, expected_id: str, size: int,
         dctx = _local.dctx = zstandard.ZstdDecompressor()
     if out is None:
         out = scratch(size)
+    planes, frame = _head(blob)
+    into = scratch(size, "planes") if planes else out
     got = 0
     try:
-        with dctx.stream_reader(blob) as reader:
+        with dctx.stream_reader(frame) as reader:
             while got < size:
-                n = reader.readinto(out[got:])
+                n = reader.readinto(into[got:])
                 if not n:
                     break
                 got += n
@@ -136,6 +192,8 @@ def _decompress_into_scratch(blob, expected_id: str, size: int,
         raise IntegrityError(f"chunk {expected_id[:16]} does not decompress: {exc}") from None
     if got != size or extra:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
+    if planes:
+        _from_planes(into, out)
     return out
 
 

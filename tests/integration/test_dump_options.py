@@ -43,3 +43,21 @@ def test_compress_none_keep_and_criu_options(workload, gpusnap, store):
 def test_bad_compress_level_is_a_usage_error(gpusnap):
     rc, out, err = gpusnap("dump", "--pid", "1", "--compress", "30")
     assert rc == 2 and out["exit_code"] == 2
+
+
+@pytest.mark.parametrize("pages", ["uffd", "criu"])
+def test_compress_bf16_restores_on_both_page_paths(workload, gpusnap, pages):
+    """Byte-plane chunks (store/codec.py) go through the uffd fill and CRIU's own page
+    path alike; verify re-derives every id from them."""
+    w = workload("--mib", "16")
+    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--compress", "bf16")
+    assert rc == 0, err
+    w.reap()
+    wait_pids_free(w.pids)
+    rc, ver, err = gpusnap("verify", out["id"])
+    assert rc == 0, err
+    rc, res, err = gpusnap("restore", out["id"], "--pages", pages)
+    assert rc == 0, err
+    assert res["page_path"] == pages
+    assert w.report()["data_ok"]
+    w.kill_all()
