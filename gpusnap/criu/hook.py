@@ -44,6 +44,8 @@ shell is ever run.
     lock_timeout_ms: 10000              # wait for CUDA calls in flight at pre-dump
     remap:                              # restore onto other GPUs: every GPU the
       GPU-1f0e...: GPU-9c3a...          #   process had, old UUID: new UUID
+    huge_pages: auto                    # off: leave the host's THP mode alone while
+                                        #   the driver checkpoints (cuda/hugepages.py)
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import stat
 import sys
 import time
 
+from ..cuda import hugepages
 from ..cuda.discover import holds_nvidia_fd, touches_nvidia
 from ..paths import private_dir, replace_file
 
@@ -80,7 +83,8 @@ class HookError(Exception):
 
 def parse_config(text: str) -> dict:
     """config.yaml's settings, checked: log (an absolute path), lock_timeout_ms (a
-    number), remap (a mapping of GPU UUIDs). Other keys are ignored."""
+    number), remap (a mapping of GPU UUIDs), huge_pages (auto or off). Other keys are
+    ignored."""
     import yaml
     try:
         cfg = yaml.safe_load(text)
@@ -97,6 +101,9 @@ def parse_config(text: str) -> dict:
     log = cfg.get("log")
     if log is not None and not (isinstance(log, str) and os.path.isabs(log)):
         raise HookError("log must be an absolute path")
+    huge = cfg.get("huge_pages")
+    if huge is not None and str(huge).strip().lower() not in ("auto", "true", *hugepages.OFF):
+        raise HookError("huge_pages must be auto or off")
     remap = cfg.get("remap")
     if remap is None and "remap" in cfg:
         cfg["remap"] = remap = {}
@@ -272,7 +279,7 @@ def pre_dump(init: int, cfg: dict, log) -> int:
     clean_stale_states()
     session, path, armed = None, None, False
     try:
-        session = cuda.CudaSession(pids)
+        session = cuda.CudaSession(pids, huge_pages=hugepages.wanted(cfg.get("huge_pages", "auto")))
         # the guard first, holding every pid's starting state: whatever stops this hook
         # from here on (an error, a kill -9, CRIU killed), the pids are brought back
         path = state_path(criu, criu_start)

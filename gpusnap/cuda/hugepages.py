@@ -39,10 +39,17 @@ MODES = ("always", "madvise", "never")
 GUARD_WAIT = 10.0       # seconds the holder waits for its helper to put the mode back
 
 
+OFF = ("off", "0", "no", "false")
+
+
+def wanted(value) -> bool:
+    """A huge_pages setting ("auto", "off"; YAML may give False): on unless off."""
+    return str(value).strip().lower() not in OFF
+
+
 def enabled() -> bool:
-    """GPUSNAP_HUGE_PAGES: on unless "off" (or "0", "no", "false")."""
-    return os.environ.get("GPUSNAP_HUGE_PAGES", "auto").strip().lower() not in (
-        "off", "0", "no", "false")
+    """GPUSNAP_HUGE_PAGES (the CLI exports the config's huge_pages there): on unless off."""
+    return wanted(os.environ.get("GPUSNAP_HUGE_PAGES", "auto"))
 
 
 def notes(session) -> list[str]:
@@ -168,13 +175,13 @@ def _guard(d: _Dir, pipe_r: int, users: int) -> None:
 
 
 @contextlib.contextmanager
-def window(sysfs: str = THP_ENABLED, state_dir: str | None = None):
-    """THP "always" for the body (see the module's doc); yields whether it switched.
-    Never raises for THP's sake: a host where the mode cannot be read or written runs
-    the body with the mode as it is."""
+def window(sysfs: str = THP_ENABLED, state_dir: str | None = None, on: bool | None = None):
+    """THP "always" for the body (see the module's doc); yields whether it switched. on:
+    whether to (None: enabled() decides). Never raises for THP's sake: a host where the
+    mode cannot be read or written runs the body with the mode as it is."""
     users = None
     d = _Dir(state_dir or _state_dir(), sysfs)
-    if enabled():
+    if enabled() if on is None else on:
         try:
             paths.private_dir(os.path.dirname(d.path), "state directory")
             paths.private_dir(d.path, "huge-page state directory")

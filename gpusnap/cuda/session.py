@@ -59,8 +59,11 @@ class CudaSession:
     one of them back as it found it. As a context manager it rolls back on any
     exception, KeyboardInterrupt included, and lets the exception propagate."""
 
-    def __init__(self, pids, driver: CudaDriver | None = None):
+    def __init__(self, pids, driver: CudaDriver | None = None, huge_pages: bool | None = None):
+        """huge_pages: whether checkpoint_all switches the host's THP mode (hugepages.py;
+        None: GPUSNAP_HUGE_PAGES decides)."""
         self.pids = list(dict.fromkeys(pids))
+        self._thp = huge_pages
         self.driver = driver or get_driver()
         self.initial: dict[int, CudaState] = {}
         for pid in self.pids:
@@ -94,7 +97,7 @@ class CudaSession:
         """Checkpoint every locked pid, with the host's huge pages on for the driver's
         staging memory meanwhile (hugepages.py; self.huge_pages says whether they were)."""
         self._require("checkpoint", CudaState.RUNNING, "lock it first")
-        with hugepages.window() as self.huge_pages:
+        with hugepages.window(on=self._thp) as self.huge_pages:
             self._stage("checkpoint", CudaState.LOCKED, CudaState.CHECKPOINTED,
                         self.driver.checkpoint)
 

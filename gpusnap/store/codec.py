@@ -68,8 +68,9 @@ NO_COMPRESSION = -(1 << 17)     # zstd's fastest level, near raw: chunk files st
 # even plane (mantissa) goes in raw blocks. bf16 weights store ~32% smaller against ~22%
 # for level 1 as they are, and decode about as fast as level 1 (half the bytes pass the
 # entropy decoder, all of them the interleave: benchmarks/results/compress_levels_cpu.md),
-# a seventh of fast mode: for a slow disk or object store, not the default. The frame follows a 12-byte zstd skippable frame naming the transform, so a
-# reader that does not know it fails (the size does not match), never reads planes as data.
+# a seventh of fast mode: for a slow disk or object store, not the default. The frame
+# follows a 12-byte zstd skippable frame naming the transform, so a reader that does not
+# know it fails (the size does not match), never reads planes as data.
 BF16 = 1 << 20                  # not a zstd level: the planes transform at PLANES_LEVEL
 PLANES_LEVEL = 1
 PLANES_HEAD = b"\x5e\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"bf16"

@@ -69,7 +69,7 @@ class FakeDriver:
 def fake_cuda(driver):
     return types.SimpleNamespace(
         CudaState=CudaState, get_driver=lambda: driver,
-        CudaSession=lambda pids, d=None: CudaSession(pids, driver),
+        CudaSession=lambda pids, d=None, huge_pages=None: CudaSession(pids, driver, huge_pages=False),
         cuda_pids=lambda pids, d=None: [p for p in pids if p in driver.states])
 
 
@@ -100,8 +100,11 @@ remap:
         "GPU-a": "GPU-b", "GPU-c": "GPU-d"}
     assert h.parse_config("remap: {}\n") == {"remap": {}}
     assert h.parse_config("") == {}
+    assert h.parse_config("huge_pages: off\n") == {"huge_pages": False}     # YAML's off
+    assert h.parse_config("huge_pages: auto\n") == {"huge_pages": "auto"}
     for bad in ("  indented: first\nx: [\n", "just words\n", "remap: GPU-a\n",
-                "lock_timeout_ms: soon\n", "log: relative.log\n", "remap: {a: [b]}\n"):
+                "lock_timeout_ms: soon\n", "log: relative.log\n", "remap: {a: [b]}\n",
+                "huge_pages: sometimes\n"):
         with pytest.raises(h.HookError):
             h.parse_config(bad)
 

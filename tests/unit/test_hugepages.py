@@ -4,6 +4,7 @@ sysfs knob; the locks, the helper process and SIGKILL are real."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -177,3 +178,35 @@ def test_notes_only_when_switched():
     assert "THP" in hugepages.notes(S())[0]
     S.huge_pages = False
     assert hugepages.notes(S()) == [] and hugepages.notes(None) == []
+
+
+@pytest.mark.parametrize("choice, env, want", [(None, "auto", True), (None, "off", False),
+                                               (False, "auto", False), (True, "off", True)])
+def test_a_session_passes_its_choice_to_the_window(monkeypatch, choice, env, want):
+    """CudaSession(huge_pages=...) decides over GPUSNAP_HUGE_PAGES (the CRIU hook passes
+    its config's value and reads no environment for it)."""
+    from gpusnap.cuda.driver import CudaState
+    from gpusnap.cuda.session import CudaSession
+
+    class Driver:
+        states = {7: CudaState.LOCKED}
+
+        def get_state(self, pid):
+            return self.states[pid]
+
+        def checkpoint(self, pid):
+            self.states[pid] = CudaState.CHECKPOINTED
+
+    seen = []
+
+    @contextlib.contextmanager
+    def window(on=None):
+        seen.append(hugepages.enabled() if on is None else on)
+        yield seen[-1]
+
+    monkeypatch.setenv("GPUSNAP_HUGE_PAGES", env)
+    monkeypatch.setattr(hugepages, "window", window)
+    s = CudaSession([7], Driver(), huge_pages=choice)
+    s.checkpoint_all()
+    assert seen == [want] and s.huge_pages is want
+    assert hugepages.wanted(False) is False and hugepages.wanted("auto") is True
