@@ -342,10 +342,12 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, stag
     # writes the pages (--pages criu); warm: criu pages from `gpusnap warm`'s image cache;
     # shm: criu pages, images on /dev/shm (4 KiB pages) instead of gpusnap's huge-page
     # tmpfs; thp: the default with THP=always during restore; overlap: the default with
-    # the driver's staging memory placed while its CUDA restore reads it
+    # the driver's staging memory placed while its CUDA restore reads it; stagingthp: the
+    # default with the staging memory written in huge pages (GPUSNAP_STAGING_THP)
     criu = {"GPUSNAP_PAGES": "criu"}
     known = {"criu": (criu, None), "warm": (criu, None),
              "overlap": ({"GPUSNAP_UFFD_OVERLAP": "1"}, None),
+             "stagingthp": ({"GPUSNAP_STAGING_THP": "1"}, None),
              "shm": ({**criu, "GPUSNAP_WORKDIR": "/dev/shm/gpusnap-bench"}, None),
              "thp": ({}, "always")}
     variants = {"": ({}, None), **{v: known[v] for v in args_variants}}
@@ -603,7 +605,8 @@ def main(argv=None):
                     help="comma list of extra restore rows: warm (after `gpusnap warm`), shm "
                          "(images on /dev/shm, 4 KiB pages), thp (THP=always, naive too), "
                          "overlap (GPUSNAP_UFFD_OVERLAP=1: staging memory filled during the "
-                         "CUDA restore)")
+                         "CUDA restore), stagingthp (GPUSNAP_STAGING_THP=1: staging memory "
+                         "written in huge pages)")
     ap.add_argument("--sdk", action="store_true",
                     help="also the same server with gpusnap.sdk (weights out of the snapshot)")
     ap.add_argument("--no-staged", dest="staged", action="store_false",

@@ -14,6 +14,7 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
 - stream:     `gpusnap dump` into a store on --work's disk (durable)
 - stream_l1:  the same with `--compress 1` (zstd with entropy coding: ~22% fewer bytes of
               bf16 to write, slower to decode at restore)
+- stream_bf16: the same with `--compress bf16` (byte planes: ~32% fewer bytes of bf16)
 - second:     the same data dumped again into that store (every chunk known)
 - staged:     `gpusnap dump --pages staged` into a fresh store on disk
 - twice:      the driver alone: lock + checkpoint, restore + unlock, two rounds (does the
@@ -204,12 +205,13 @@ def run_row(name: str, gib: float, work: str, store: str) -> dict:
         if name in ("stream", "staged"):
             shutil.rmtree(store, ignore_errors=True)
             return gpusnap_dump(pid, store, "stream" if name == "stream" else "staged")
-        if name == "stream_l1":
-            shutil.rmtree(store + "-l1", ignore_errors=True)
+        if name in ("stream_l1", "stream_bf16"):
+            level = name.split("_")[1].lstrip("l")
+            shutil.rmtree(store + "-" + level, ignore_errors=True)
             try:
-                return gpusnap_dump(pid, store + "-l1", "stream", "--compress", "1")
+                return gpusnap_dump(pid, store + "-" + level, "stream", "--compress", level)
             finally:
-                shutil.rmtree(store + "-l1", ignore_errors=True)
+                shutil.rmtree(store + "-" + level, ignore_errors=True)
         if name == "second":
             return gpusnap_dump(pid, store)
         raise ValueError(name)

@@ -13,9 +13,13 @@
 # commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp),
 # dumpprobe (benchmarks/dump_probe.py: where a dump's time goes, 8 GiB on the GPU; PROBE_ARGS
 # replaces its options: --rows twice,twice_thp,naive,naive_thp asks whether a first
-# checkpoint pays for first-touching the driver's staging memory, and what huge pages do).
+# checkpoint pays for first-touching the driver's staging memory, and what huge pages do;
+# --rows naive,stream,stream_bf16,second puts `--compress bf16` beside the default),
+# thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
+# process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
-# COLD_ARGS='--runs 3 --variants overlap' on cold1b / cold8b puts it beside the default;
+# COLD_ARGS='--runs 3 --variants overlap' on cold1b / cold8b puts it beside the default
+# (--variants stagingthp: the staging memory written in huge pages, GPUSNAP_STAGING_THP);
 # gputests runs its GPU test (test_staging_memory_filled_during_the_cuda_restore).
 # Breadth rows (benchmarks/breadth.py; each ends itself 30 s before its limit, BREADTH_ARGS
 # adds options): switch, standby, diffusion (one GPU); tp2sdk (tests/gpu/test_tp_sdk_gpu.py),
@@ -123,6 +127,7 @@ for spec in "$@"; do
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
+        thpfill)  step "$name" "$limit" python3 benchmarks/thp_fill_probe.py --gib 8 --workers 16 --runs 2 --out "$OUT" ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
         switch|standby|diffusion)
                   breadth "$name" "$limit" "$name" ;;

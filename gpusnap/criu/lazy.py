@@ -32,6 +32,8 @@ away, so a killed restore leaves no restored tree behind.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import errno
 import io
 import os
 import selectors
@@ -129,17 +131,89 @@ def fill_items(pages: Pages, files: dict[str, list], zero_id: str) -> list[tuple
 def fill_batch(job, batch_index: int) -> tuple[int, int]:
     """Worker: decode each chunk of one batch and place its pieces. Returns (the batch's
     index, bytes placed). A remote store fetches the batch's chunks concurrently
-    (read_blobs reads ahead). job: (repo, fds, batches, first late batch): a late batch
-    is placed while the tree runs (engine/pagepath.py), where an area gone is skipped."""
-    repo, fds, batches, first_late = job
+    (read_blobs reads ahead). job: (repo, fds, batches, first late batch, [first, end)
+    of the direct batches): a late batch is placed while the tree runs (engine/pagepath.py),
+    where an area gone is skipped; a direct batch is written into areas taken out of the
+    userfaultfd (unregister_spans) with process_vm_writev."""
+    repo, fds, batches, first_late, direct = job
     items = batches[batch_index]
     late = batch_index >= first_late
     if late and os.environ.get("GPUSNAP_TEST_LATE_DELAY_MS", "").isdigit():   # tests: a slow fill
         time.sleep(int(os.environ["GPUSNAP_TEST_LATE_DELAY_MS"]) / 1000)
+    put = place_direct if direct[0] <= batch_index < direct[1] else place
     blobs = repo.read_blobs([cid for cid, _n, _p in items if cid is not None])
-    return batch_index, sum(place(repo, fds, cid, n, pieces,
-                                  next(blobs) if cid is not None else None, gone_ok=late)
+    return batch_index, sum(put(repo, fds, cid, n, pieces,
+                                next(blobs) if cid is not None else None, gone_ok=late)
                             for cid, n, pieces in items)
+
+
+def place_direct(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list, blob=None,
+                 gone_ok: bool = False) -> int:
+    """place() for pieces in areas no longer registered (unregister_spans): written with
+    process_vm_writev, faulted in as the host's THP mode says (huge pages in gpusnap's
+    window: cuda/hugepages.py). A zero chunk is left alone: an untouched page of a fresh
+    anonymous area reads as zeros."""
+    if cid is None:
+        return 0
+    base = _decoded(repo, cid, n, blob)
+    for pid, vaddr, off, length in pieces:
+        vm_write(pid, vaddr, base + off, length)
+    return sum(p[3] for p in pieces)
+
+
+def _decoded(repo, cid: str, n: int, blob=None) -> int:
+    """The address of chunk cid decoded (verified) in this worker's scratch buffer, valid
+    until its next decode; a remote store's cache keeps the chunk."""
+    blob = repo.read_blob(cid) if blob is None else blob
+    view = repo.codec.decode_view(blob, cid, n, check="frame")
+    repo.verified(cid, blob)
+    return uffd.address_of(view.obj)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = None
+
+
+def vm_write(pid: int, dst: int, src: int, length: int) -> None:
+    """length bytes at src (this process) to dst in pid (process_vm_writev, until all are
+    written); OSError if the kernel refuses (EFAULT: not mapped there)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.process_vm_writev.restype = ctypes.c_ssize_t
+    done = 0
+    while done < length:
+        local = _IoVec(src + done, length - done)
+        remote = _IoVec(dst + done, length - done)
+        got = _libc.process_vm_writev(ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
+                                      ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))
+        if got <= 0:
+            err = ctypes.get_errno() or errno.EFAULT
+            raise OSError(err, f"process_vm_writev of {length - done} bytes at {dst + done:#x} "
+                               f"in pid {pid}: {os.strerror(err)}")
+        done += got
+
+
+def unregister_spans(fds: dict[int, int], spans: dict[int, list[tuple[int, int]]]) \
+        -> dict[int, list[tuple[int, int]]]:
+    """Take spans (pid -> [start, end) ranges, page-aligned) out of each pid's
+    userfaultfd; returns those that were (a span the kernel refuses stays with the uffd
+    fill). The caller writes every page of them before the tree runs (place_direct)."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for pid, ranges in spans.items():
+        fd = fds.get(pid)
+        for start, end in ranges:
+            if fd is None or start % uffd.PAGE_SIZE or end % uffd.PAGE_SIZE or end <= start:
+                continue
+            try:
+                uffd.unregister(fd, start, end - start)
+            except OSError:
+                continue
+            out.setdefault(pid, []).append((start, end))
+    return out
 
 
 def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list, blob=None,
@@ -152,10 +226,7 @@ def place(repo, fds: dict[int, int], cid: str | None, n: int, pieces: list, blob
         for pid, vaddr, _off, length in pieces:
             uffd.zeropage(fds[pid], vaddr, length, gone_ok=gone_ok)
         return 0
-    blob = repo.read_blob(cid) if blob is None else blob
-    view = repo.codec.decode_view(blob, cid, n, check="frame")
-    repo.verified(cid, blob)
-    base = uffd.address_of(view.obj)
+    base = _decoded(repo, cid, n, blob)
     for pid, vaddr, off, length in pieces:
         uffd.copy(fds[pid], vaddr, base + off, length, gone_ok=gone_ok)
     return sum(p[3] for p in pieces)

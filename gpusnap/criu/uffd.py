@@ -34,6 +34,9 @@ _COPY = struct.Struct("=QQQQq")
 # _IOWR(0xAA, 0x04, struct uffdio_zeropage { u64 start, len; u64 mode; s64 zeropage; })
 UFFDIO_ZEROPAGE = 0xC020AA04
 _ZEROPAGE = struct.Struct("=QQQq")
+# _IOR(0xAA, 0x01, struct uffdio_range { u64 start, len; })
+UFFDIO_UNREGISTER = 0x8010AA01
+_RANGE = struct.Struct("=QQ")
 # struct uffd_msg { u8 event; u8, u16, u32 reserved; union arg (24 bytes) }: for a page
 # fault arg is { u64 flags; u64 address; u32 ptid }, for a fork { u32 ufd }, for a remap
 # { u64 from, to, len }, for a remove or an unmap { u64 start, end }
@@ -80,6 +83,26 @@ def copy(uffd: int, dst: int, src: int, length: int, gone_ok: bool = False) -> N
                 continue
             raise CopyError(exc.errno, f"UFFDIO_COPY of {length - done} bytes at {dst + done:#x}: "
                                        f"{exc.strerror}") from None
+
+
+UNREGISTER_WAIT_S = 2.0
+
+
+def unregister(uffd: int, start: int, length: int) -> None:
+    """Take [start, start + length) of the target out of the descriptor: from now on a
+    page missing there is an ordinary zero-filled fault, so the caller must write every
+    page of it before the target runs. CRIU hands the descriptor over before the task's
+    restorer has registered its areas (see copy()): EINVAL is tried again for
+    UNREGISTER_WAIT_S, then raised (OSError), as is any other refusal."""
+    deadline = time.monotonic() + UNREGISTER_WAIT_S
+    while True:
+        try:
+            fcntl.ioctl(uffd, UFFDIO_UNREGISTER, _RANGE.pack(start, length))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or time.monotonic() > deadline:
+                raise
+            time.sleep(0.0005)
 
 
 def _deadline() -> float:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import threading
 
 from gpusnap import paths
@@ -158,19 +159,32 @@ class _Dir:
                 self.put_back()
 
 
-def _guard(d: _Dir, pipe_r: int, users: int) -> None:
-    """The helper: wait for the holder's pipe to close (done, or dead), then leave. It
-    keeps no other descriptor of the holder's: another helper's pipe, or a client's
-    socket, held here would wait for this helper."""
+class _HolderGone(Exception):
+    pass
+
+
+def _holder_gone(signum, frame):
+    raise _HolderGone
+
+
+def _guard(d: _Dir, pipe_r: int, users: int, holder: int) -> None:
+    """The helper: wait until the holder says it is done (a byte on the pipe) or dies
+    (SIGTERM through PR_SET_PDEATHSIG, or the pipe's end: a child the holder forked
+    meanwhile may keep the pipe open), then leave. It keeps no other descriptor of the
+    holder's: a client's socket held here would wait for this helper."""
     keep = sorted({0, 1, 2, pipe_r, users})
     for low, high in zip(keep, keep[1:] + [os.sysconf("SC_OPEN_MAX")]):
         os.closerange(low + 1, high)
-    while True:
+    signal.signal(signal.SIGTERM, _holder_gone)
+    try:
         try:
-            if not os.read(pipe_r, 64):
-                break
-        except InterruptedError:
-            continue
+            from gpusnap import sysrun
+            sysrun.die_with_parent(signal.SIGTERM, holder)
+            os.read(pipe_r, 64)         # b"L": done; b"": every writer gone
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except _HolderGone:
+        pass
     d.leave(users)
 
 
@@ -200,6 +214,8 @@ def window(sysfs: str = THP_ENABLED, state_dir: str | None = None, on: bool | No
                 d.leave(users)
         else:
             os.close(users)             # the helper's copy keeps the share
+            with contextlib.suppress(OSError):
+                os.write(pipe_w, b"L")
             os.close(pipe_w)
             _wait(guard)
 
@@ -212,7 +228,7 @@ def _start_guard(d: _Dir, users: int) -> tuple[int | None, int | None]:
     from gpusnap import sysrun
     pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = sysrun.fork_helper(_guard, d, pipe_r, users)
+        pid = sysrun.fork_helper(_guard, d, pipe_r, users, os.getpid())
     except OSError:
         os.close(pipe_r)
         os.close(pipe_w)

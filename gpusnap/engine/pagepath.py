@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .. import interrupts
 from ..criu import lazy
 from ..criu import runner as criu_runner
-from ..cuda import staging
+from ..cuda import hugepages, staging
 from ..errors import CriuFailed, UsageError
 from ..imagefile import core
 from ..model import FileEntry
@@ -74,6 +74,8 @@ class Fill:
     notes: list[str] = field(default_factory=list)
     late_bytes: int = 0             # placed while the tree ran (GPUSNAP_UFFD_OVERLAP)
     early_seconds: float | None = None
+    direct_bytes: int = 0           # written outside the uffd, in huge pages (GPUSNAP_STAGING_THP)
+    huge_pages: bool = False        # the host's THP mode was 'always' meanwhile
 
     def to_dict(self) -> dict:
         gbps = self.bytes / self.seconds / 1e9 if self.seconds else None
@@ -81,6 +83,8 @@ class Fill:
                "mode": self.mode, "gb_per_s": round(gbps, 2) if gbps else None}
         if self.late_bytes:
             out.update(late_bytes=self.late_bytes, early_seconds=round(self.early_seconds or 0, 4))
+        if self.direct_bytes:
+            out.update(direct_bytes=self.direct_bytes, huge_pages=self.huge_pages)
         return out
 
 
@@ -138,7 +142,18 @@ def prepare(repo, m, images: str, progress=None) -> Prepared:
 
 
 OVERLAP_ENV = "GPUSNAP_UFFD_OVERLAP"
+STAGING_THP_ENV = "GPUSNAP_STAGING_THP"
 TEST_LATE_ENV = "GPUSNAP_TEST_LATE"     # "largest": each pid's largest run is late (CPU tests)
+
+
+def huge_ranges(m, items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
+    """What the fill writes in huge pages (GPUSNAP_STAGING_THP=1, not with the overlap):
+    the driver's staging memory of each CUDA pid, which its CUDA restore reads faster from
+    2 MiB pages (H200, 8 GiB: 2.16 -> 1.27 s, benchmarks/results/dump_probe_h200_thp.md);
+    the fill's UFFDIO_COPY places 4 KiB pages. {} otherwise."""
+    if os.environ.get(STAGING_THP_ENV) != "1" or os.environ.get(OVERLAP_ENV) == "1":
+        return {}
+    return _staging(m, items)
 
 
 def late_ranges(m, items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
@@ -147,6 +162,12 @@ def late_ranges(m, items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
     reads while the rest is filled; {} otherwise, and for a snapshot that did not record it."""
     if os.environ.get(OVERLAP_ENV) != "1":
         return {}
+    return _staging(m, items)
+
+
+def _staging(m, items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
+    """The staging ranges the manifest records for its CUDA pids (in CPU tests, each
+    pid's largest run of pages: GPUSNAP_TEST_LATE=largest)."""
     if os.environ.get(TEST_LATE_ENV) == "largest":
         return _largest_runs(items)
     if not m.cuda:
@@ -206,9 +227,14 @@ class UffdPages:
                                                     criu=plan.criu_path)
             with stages.stage("criu_restore"):      # until every task's userfaultfd is here
                 fds = self.guard.receive(prep.tasks, alive=lambda: not running.exited())
-            with stages.stage("uffd_fill"):         # CRIU waits on the tasks meanwhile
+            direct: list = []
+            huge = huge_ranges(m, prep.items)
+            if huge:                                # out of the uffd: written, in huge pages
+                early, direct = staging.split_items(early, lazy.unregister_spans(fds, huge))
+            with stages.stage("uffd_fill"), hugepages.window(on=bool(direct)) as switched:
                 self.filling = _Filling(repo, fds, early, later, progress,
-                                        lambda: m.cuda and cuinit.append(gpu.init_in_background()))
+                                        lambda: m.cuda and cuinit.append(gpu.init_in_background()),
+                                        direct)
                 self.filling.wait_early()
         except BaseException as exc:
             self.stop_filling()
@@ -225,6 +251,7 @@ class UffdPages:
                 self.guard.late()
             else:
                 self.fill = self.filling.result()
+                self.fill.huge_pages = switched
                 self.filling = None
                 self.guard.release()
         for pid in self.guard.pids:
@@ -287,11 +314,16 @@ class _Filling:
     share first. wait_early() returns once every early batch is in; finish() once all
     are. The workers go on by themselves meanwhile (their results are a few bytes each)."""
 
-    def __init__(self, repo, fds: dict[int, int], early: list, late: list, progress, on_forked):
+    def __init__(self, repo, fds: dict[int, int], early: list, late: list, progress, on_forked,
+                 direct: list = ()):
         size = lambda it: it[1]     # noqa: E731
         first, rest = parallel.batches(early, size), parallel.batches(late, size)
         if rest and not first:      # the workers fork at the first wait: before cuInit's thread
             first, rest = rest[:1], rest[1:]
+        direct_batches = parallel.batches(list(direct), size) if direct else []
+        span = (len(first), len(first) + len(direct_batches))
+        first = first + direct_batches  # placed before the tree runs, like the early ones
+        self.direct_bytes = sum(p[3] for it in direct for p in it[2] if it[0] is not None)
         self.first_late = len(first)
         self.early_left = len(first)
         self.late_left = len(rest)
@@ -303,7 +335,7 @@ class _Filling:
         self.started = time.perf_counter()
         self.early_s = 0.0
         self.mode, self.results = parallel.run(
-            lazy.fill_batch, (repo, fds, first + rest, len(first)), len(first) + len(rest),
+            lazy.fill_batch, (repo, fds, first + rest, len(first), span), len(first) + len(rest),
             self.workers)
         self.forked = False
 
@@ -336,7 +368,8 @@ class _Filling:
     def result(self) -> Fill:
         return Fill(bytes=self.placed, seconds=time.perf_counter() - self.started,
                     workers=self.workers, mode=self.mode, late_bytes=self.late_bytes,
-                    early_seconds=self.early_s if self.late_bytes else None)
+                    early_seconds=self.early_s if self.late_bytes else None,
+                    direct_bytes=self.direct_bytes)
 
     def stop(self) -> None:
         """The workers go (SIGTERM) and are reaped."""

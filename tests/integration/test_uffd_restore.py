@@ -215,3 +215,43 @@ def test_a_task_reading_its_memory_during_the_late_fill_reads_it_right(workload,
         got = json.load(f)
     assert got["data_ok"], got
     w.kill_all()
+
+
+STAGING_THP = {"GPUSNAP_STAGING_THP": "1", "GPUSNAP_TEST_LATE": "largest"}
+
+
+def _huge_bytes(pid: int) -> int:
+    """AnonHugePages of all of pid's mappings."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_staging_thp_writes_the_largest_runs_in_huge_pages(workload, gpusnap):
+    """GPUSNAP_STAGING_THP: the staging ranges (here each pid's largest run of pages, as
+    the test hook makes them) leave the userfaultfd and are written with
+    process_vm_writev in gpusnap's huge-page window, before the tree runs: every page
+    comes back, in 2 MiB pages where the host's THP mode allows them."""
+    from gpusnap.cuda import hugepages
+    w, snap = _dump(workload, gpusnap)
+    rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd", env=STAGING_THP)
+    assert rc == 0, err
+    assert res["fill"]["direct_bytes"] >= 32 << 20, res["fill"]
+    report = w.report()
+    assert report["data_ok"] and report["zeros_ok"] and report["children_ok"], report
+    if hugepages.read_mode() in ("madvise", "always") and os.geteuid() == 0:
+        assert res["fill"]["huge_pages"] or hugepages.read_mode() == "always", res["fill"]
+        assert _huge_bytes(w.pid) >= 16 << 20
+    w.kill_all()
+
+
+def test_kill_9_during_the_staging_thp_fill_leaves_no_restored_tree(workload, gpusnap, store):
+    """gpusnap killed while it writes the ranges it took out of the userfaultfd (pages
+    there would read as zeros): the tree never runs, the guard kills it."""
+    w, snap = _dump(workload, gpusnap)
+    with _fifo_chunk(store, snap["id"], lambda stored: stored[-2]):     # in the root's largest run
+        proc = _restore_cli(store, snap["id"], env=STAGING_THP)
+        time.sleep(1.5)
+        assert proc.poll() is None, proc.communicate()
+        assert all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in _alive(w.pids))
+        _kill_and_see_the_tree_go(proc, w)
+    _restores_again(w, gpusnap, snap, env=STAGING_THP)

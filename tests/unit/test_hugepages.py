@@ -210,3 +210,21 @@ def test_a_session_passes_its_choice_to_the_window(monkeypatch, choice, env, wan
     s.checkpoint_all()
     assert seen == [want] and s.huge_pages is want
     assert hugepages.wanted(False) is False and hugepages.wanted("auto") is True
+
+
+def test_a_child_forked_inside_the_window_does_not_hold_it_open(knob):
+    """The fill's workers fork inside the window and inherit the helper's pipe: the
+    holder's "done" ends the window at once, not their exit."""
+    path, state, mode, window = knob
+    with window():
+        child = os.fork()
+        if child == 0:
+            time.sleep(5)
+            os._exit(0)
+        t = time.monotonic()
+    try:
+        assert time.monotonic() - t < 2             # the window's end did not wait for it
+        assert path.read_text() == "madvise"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
