@@ -12,6 +12,8 @@ another process's anonymous memory, in huge pages or not, each on a fresh target
                   registered with a userfaultfd (what a restore's fill does today)
 - writev_4k:      process_vm_writev from the workers (faults in 4 KiB pages)
 - writev_thp:     the same into memory the target madvised MADV_HUGEPAGE (faults in 2 MiB)
+- writev_window:  the same into memory not madvised, in gpusnap's huge-page window (THP
+                  `always` meanwhile: cuda/hugepages.py), what GPUSNAP_STAGING_THP does
 - collapse:       writev_4k, then process_madvise(MADV_COLLAPSE) over the range from the
                   workers (the kernel copies each 2 MiB into a huge page): its own seconds
 - each row says how much of the range ended in huge pages (AnonHugePages of smaps)
@@ -184,6 +186,11 @@ def run_row(name: str, gib: float, workers: int) -> dict:
     try:
         if name == "uffd_4k":
             out = {"write_s": in_workers(workers, copy_share, pid, addr, size, fd)}
+        elif name == "writev_window":
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            from gpusnap.cuda import hugepages
+            with hugepages.window(on=True):
+                out = {"write_s": in_workers(workers, write_share, pid, addr, size)}
         else:
             out = {"write_s": in_workers(workers, write_share, pid, addr, size)}
         if name == "collapse":
@@ -202,7 +209,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gib", type=float, default=2)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--rows", default="uffd_4k,writev_4k,writev_thp,collapse")
+    ap.add_argument("--rows", default="uffd_4k,writev_4k,writev_thp,writev_window,collapse")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip()
