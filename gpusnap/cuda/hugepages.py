@@ -14,10 +14,11 @@ Several gpusnaps may checkpoint at once (gpusnapd, the CRIU hook of several cont
 DIR/saved holds the mode to put back, written by the first to enter and put back by the
 last to leave. Each holder keeps a shared flock on DIR/users; whoever then gets it
 exclusively (under DIR/mutex) is the last. A helper process forked at entry (its own
-session) holds that lock with the holder and leaves for it when the holder closes its
-pipe or dies, so a gpusnap killed with SIGKILL mid-checkpoint still puts the mode back;
-where no helper could be forked, the next entry finds DIR/saved with no holder and puts
-that mode back first. DIR is STATE_DIR/thp (GPUSNAP_STATE_DIR, default /run/gpusnap/state:
+session) holds that lock with the holder and leaves for it when the holder says it is
+done or dies, so a gpusnap killed with SIGKILL mid-checkpoint still puts the mode back;
+where no helper could be forked (another thread runs, or gpusnap died between switching
+and forking it), the next entry finds DIR/saved with no holder and puts that mode back
+first. DIR is STATE_DIR/thp (GPUSNAP_STATE_DIR, default /run/gpusnap/state:
 tmpfs, gone at reboot as the mode itself is).
 
 GPUSNAP_HUGE_PAGES=off (or the config's `huge_pages: off`) leaves the host's mode alone.
@@ -30,6 +31,7 @@ import fcntl
 import os
 import signal
 import threading
+import time
 
 from gpusnap import paths
 from gpusnap.errors import GpusnapError
@@ -238,7 +240,6 @@ def _start_guard(d: _Dir, users: int) -> tuple[int | None, int | None]:
 
 
 def _wait(pid: int) -> None:
-    import time
     deadline = time.monotonic() + GUARD_WAIT
     while True:
         try:
