@@ -231,7 +231,7 @@ class UffdPages:
             huge = huge_ranges(m, prep.items)
             if huge:                                # out of the uffd: written, in huge pages
                 early, direct = staging.split_items(early, lazy.unregister_spans(fds, huge))
-            with stages.stage("uffd_fill"), hugepages.window(on=bool(direct)) as switched:
+            with stages.stage("uffd_fill"), hugepages.window(on=None if direct else False) as switched:
                 self.filling = _Filling(repo, fds, early, later, progress,
                                         lambda: m.cuda and cuinit.append(gpu.init_in_background()),
                                         direct)
