@@ -29,7 +29,8 @@ What it does, by CRTOOLS_SCRIPT_ACTION (CRIU runs it once per action):
                 with its own --gpu choice).
   post-resume   the tasks run again: restore + unlock CUDA for the checkpointed
                 processes of the tree, with the remap of /etc/gpusnap/config.yaml.
-                (CRIU ignores this action's exit code; failures are logged.)
+                (CRIU ignores this action's exit code; failures are logged, and the
+                tree is killed: its CUDA calls would wait for good.)
   network-unlock  after a dump: says that the guard will restore CUDA.
   others        logged only.
 
@@ -53,6 +54,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import sys
 import time
@@ -194,6 +196,18 @@ def tree_pids(root: int) -> list[int]:
         return [root]
 
 
+def kill_tree(root: int) -> list[int]:
+    """SIGKILL root and its descendants; the pids signalled."""
+    out = []
+    for pid in tree_pids(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 def criu_pid() -> int:
     """CRIU runs the script through `sh -c`, which may or may not exec it."""
     pid = os.getppid()
@@ -279,7 +293,8 @@ def pre_dump(init: int, cfg: dict, log) -> int:
     clean_stale_states()
     session, path, armed = None, None, False
     try:
-        session = cuda.CudaSession(pids, huge_pages=hugepages.wanted(cfg.get("huge_pages", "auto")))
+        session = cuda.CudaSession(pids, huge_pages=hugepages.wanted(cfg.get("huge_pages", "auto")),
+                                   thp_state=hugepages.DEFAULT_DIR)
         # the guard first, holding every pid's starting state: whatever stops this hook
         # from here on (an error, a kill -9, CRIU killed), the pids are brought back
         path = state_path(criu, criu_start)
@@ -516,7 +531,12 @@ def post_resume(init: int, cfg: dict, log) -> int:
         session.restore_all(pairs)
         session.unlock_all()
     except BaseException as e:
-        log(f"init={init} CUDA restore FAILED: {_describe(e)}")
+        # the tasks run on, but every CUDA call of theirs would wait for good: a restored
+        # tree that cannot run is not left looking alive (the checkpoint stays as it was)
+        killed = kill_tree(init)
+        log(f"init={init} CUDA restore FAILED: {_describe(e)}; the restored tree is "
+            f"killed ({len(killed)} processes): it cannot run without its GPU state; the "
+            f"checkpoint is as it was")
         return 1
     log(f"init={init} cuda pids {pids}: restored{' with remap' if pairs else ''} and unlocked "
         f"in {sum(session.timings.values()) * 1000:.0f} ms")

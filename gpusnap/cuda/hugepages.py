@@ -83,6 +83,9 @@ def _write_mode(path: str, mode: str) -> None:
         f.write(mode)
 
 
+DEFAULT_DIR = os.path.join(DEFAULT_STATE_DIR, "thp")     # the CRIU hook's (it reads no env)
+
+
 def _state_dir() -> str:
     return os.path.join(os.environ.get("GPUSNAP_STATE_DIR") or DEFAULT_STATE_DIR, "thp")
 

@@ -59,11 +59,13 @@ class CudaSession:
     one of them back as it found it. As a context manager it rolls back on any
     exception, KeyboardInterrupt included, and lets the exception propagate."""
 
-    def __init__(self, pids, driver: CudaDriver | None = None, huge_pages: bool | None = None):
+    def __init__(self, pids, driver: CudaDriver | None = None, huge_pages: bool | None = None,
+                 thp_state: str | None = None):
         """huge_pages: whether checkpoint_all switches the host's THP mode (hugepages.py;
-        None: GPUSNAP_HUGE_PAGES decides)."""
+        None: GPUSNAP_HUGE_PAGES decides); thp_state: its state directory (None: under
+        GPUSNAP_STATE_DIR)."""
         self.pids = list(dict.fromkeys(pids))
-        self._thp = huge_pages
+        self._thp, self._thp_state = huge_pages, thp_state
         self.driver = driver or get_driver()
         self.initial: dict[int, CudaState] = {}
         for pid in self.pids:
@@ -97,7 +99,7 @@ class CudaSession:
         """Checkpoint every locked pid, with the host's huge pages on for the driver's
         staging memory meanwhile (hugepages.py; self.huge_pages says whether they were)."""
         self._require("checkpoint", CudaState.RUNNING, "lock it first")
-        with hugepages.window(on=self._thp) as self.huge_pages:
+        with hugepages.window(state_dir=self._thp_state, on=self._thp) as self.huge_pages:
             self._stage("checkpoint", CudaState.LOCKED, CudaState.CHECKPOINTED,
                         self.driver.checkpoint)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
 import types
 
@@ -69,7 +70,7 @@ class FakeDriver:
 def fake_cuda(driver):
     return types.SimpleNamespace(
         CudaState=CudaState, get_driver=lambda: driver,
-        CudaSession=lambda pids, d=None, huge_pages=None: CudaSession(pids, driver, huge_pages=False),
+        CudaSession=lambda pids, d=None, **thp: CudaSession(pids, driver, huge_pages=False),
         cuda_pids=lambda pids, d=None: [p for p in pids if p in driver.states])
 
 
@@ -276,6 +277,19 @@ def test_post_resume_restores_with_the_configured_remap(hook, monkeypatch):
     assert hook.post_resume(20, cfg, hook.test_log) == 0
     assert driver.states == {21: R, 22: R}
     assert ("restore", 21, [("GPU-a", "GPU-b")]) in driver.calls
+
+
+def test_post_resume_failure_kills_the_restored_tree(hook, monkeypatch):
+    """A tree whose CUDA state did not come back would hang in its first CUDA call while
+    the engine shows it running: it is killed, and the hook says why."""
+    driver = FakeDriver({21: C, 22: C}, fail={("restore", 22)})
+    _setup(hook, monkeypatch, driver, [20, 21, 22])
+    monkeypatch.setenv("GPUSNAP_CUDA_PARALLEL", "0")
+    killed = []
+    monkeypatch.setattr(hook.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    assert hook.post_resume(20, {"remap": {"GPU-a": "GPU-x"}}, hook.test_log) == 1
+    assert killed == [(20, signal.SIGKILL), (21, signal.SIGKILL), (22, signal.SIGKILL)]
+    assert "CUDA restore FAILED" in hook.log_lines[-1] and "killed (3 processes)" in hook.log_lines[-1]
 
 
 def test_post_resume_leaves_gpusnap_restores_to_gpusnap(hook, monkeypatch, tmp_path):
