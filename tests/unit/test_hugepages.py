@@ -197,18 +197,19 @@ def test_a_session_passes_its_choice_to_the_window(monkeypatch, choice, env, wan
         def checkpoint(self, pid):
             self.states[pid] = CudaState.CHECKPOINTED
 
-    seen = []
+    seen, dirs = [], []
 
     @contextlib.contextmanager
-    def window(on=None):
+    def window(state_dir=None, on=None):
         seen.append(hugepages.enabled() if on is None else on)
+        dirs.append(state_dir)
         yield seen[-1]
 
     monkeypatch.setenv("GPUSNAP_HUGE_PAGES", env)
     monkeypatch.setattr(hugepages, "window", window)
-    s = CudaSession([7], Driver(), huge_pages=choice)
+    s = CudaSession([7], Driver(), huge_pages=choice, thp_state="/run/x/thp")
     s.checkpoint_all()
-    assert seen == [want] and s.huge_pages is want
+    assert seen == [want] and s.huge_pages is want and dirs == ["/run/x/thp"]
     assert hugepages.wanted(False) is False and hugepages.wanted("auto") is True
 
 
