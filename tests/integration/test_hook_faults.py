@@ -148,7 +148,7 @@ class Driver:
 driver = Driver()
 hook._cuda = lambda: types.SimpleNamespace(
     CudaState=CudaState, get_driver=lambda: driver, cuda_pids=lambda pids, d=None: list(pids),
-    CudaSession=lambda pids, d=None: CudaSession(pids, driver))
+    CudaSession=lambda pids, d=None, **thp: CudaSession(pids, driver, huge_pages=False))
 hook.tree_pids = lambda init: [target]
 hook.holds_nvidia_fd = lambda pid: True
 hook.criu_pid = lambda: criu
