@@ -51,8 +51,8 @@ def _alive(pids) -> list[int]:
         try:
             if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
-        except psutil.NoSuchProcess:
-            pass
+        except (psutil.NoSuchProcess, FileNotFoundError):   # psutil 7.2 lets the latter out
+            pass                                            # for a pid exiting meanwhile
     return out
 
 
