@@ -74,23 +74,27 @@ def intent_dir(create: bool = True) -> str:
 def started(pid: int | None) -> float | None:
     """pid's start time (seconds since the epoch), None when it is gone."""
     import psutil
+
+    from ..targets.process import GONE
     if not pid:
         return None
     try:
         return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
+    except GONE:
         return None
 
 
 def same_process(pid: int | None, when: float | None) -> bool:
     """pid is alive (not a zombie) and is the process recorded as started at when."""
     import psutil
+
+    from ..targets.process import GONE
     now = started(pid)
     if now is None or when is None or abs(now - when) >= 0.05:
         return False
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    except GONE:
         return False
 
 

@@ -32,7 +32,7 @@ from ..errors import CudaFailed, GpusnapError, NoCudaProcess, NotParked, UsageEr
 from ..model import Target
 from ..model.fields import Fields
 from ..model.manifest import CudaFacts, SdkRecord
-from ..targets.process import tree_pids, tree_rss
+from ..targets.process import GONE, tree_pids, tree_rss
 from . import agent_steps, gpu, parked, strategies
 from .plans import DumpRequest, Strategy
 from .timing import Stages
@@ -209,5 +209,5 @@ def ps() -> list[dict]:
 def _live_tree(pid: int) -> list[int]:
     try:
         return tree_pids(pid)
-    except psutil.NoSuchProcess:
+    except GONE:
         return []

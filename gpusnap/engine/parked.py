@@ -20,6 +20,7 @@ import psutil
 
 from ..errors import GpusnapError
 from ..paths import private_dir, replace_file
+from ..targets.process import GONE
 
 DEFAULT_DIR = "/run/gpusnap/state"
 PARKED = ("suspended", "standby")
@@ -33,7 +34,7 @@ def started(pid: int) -> float | None:
     """The process's start time (psutil), None when it is gone."""
     try:
         return psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
+    except GONE:
         return None
 
 

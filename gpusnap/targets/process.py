@@ -17,6 +17,9 @@ def tree_pids(root_pid: int) -> list[int]:
     return [root_pid] + sorted(p.pid for p in proc.children(recursive=True))
 
 
+# what psutil raises for a pid that is gone: 7.2 lets FileNotFoundError out for one that
+# exits while it reads /proc/PID (NoSuchProcess otherwise)
+GONE = (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError)
 PF_KTHREAD = 0x00200000       # /proc/PID/stat flags: a kernel thread
 
 
@@ -43,7 +46,7 @@ def resolve(pid: int) -> Target:
         cmdline = proc.cmdline()
         name = proc.name()
         shell_job = os.getsid(pid) != pid
-    except (psutil.NoSuchProcess, ProcessLookupError):
+    except GONE:
         raise TargetNotFound(f"no process {pid}") from None
     if os.getpid() in pids:
         raise UsageError(f"process {pid} is an ancestor of gpusnap; start it in its own session")
@@ -56,7 +59,7 @@ def restored_tree(root_pid: int, recorded: list[int]) -> list[int]:
     no pid outside it even if the snapshot recorded it (someone else may hold it now)."""
     try:
         return tree_pids(root_pid)
-    except psutil.NoSuchProcess:
+    except GONE:
         return [root_pid] if root_pid in recorded else []
 
 
@@ -95,7 +98,7 @@ def tree_rss(pids: list[int]) -> int:
     for pid in pids:
         try:
             total += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:
+        except GONE:
             continue
     return total
 
@@ -177,7 +180,7 @@ def wait_free(pids: list[int], timeout: float, zombie_grace: float = 2.0) -> Non
                     if (proc.ppid() != 1 or not zombie_grace) and time.monotonic() >= zombie_deadline:
                         continue
                 still.append(pid)
-            except (psutil.NoSuchProcess, ChildProcessError):
+            except (*GONE, ChildProcessError):
                 pass
         pending = still
         if pending:

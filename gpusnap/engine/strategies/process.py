@@ -36,7 +36,7 @@ from ...imagefile import inetsk
 from ...model import Manifest, Target
 from ...store import Repository
 from ...targets import ghosts
-from ...targets.process import (kill_and_wait, kill_for_good, restored_tree, send, taken,
+from ...targets.process import (GONE, kill_and_wait, kill_for_good, restored_tree, send, taken,
                                 tree_pids, tree_rss)
 from .. import agent_steps, alive, gpu, imagecache, intent, pagepath, parked, workdir
 from ..plans import DumpPlan, DumpRequest, RestorePlan, RestoreRequest
@@ -165,7 +165,7 @@ def _continue_stopped(root: int, m: Manifest) -> None:
         return
     try:
         ours = set(tree_pids(root))
-    except psutil.NoSuchProcess:
+    except GONE:
         return                              # gone: alive.check_tree says so
     send([p for p in m.criu.stopped if p in ours], signal.SIGCONT)
 
@@ -378,7 +378,7 @@ class ProcessDump:
         """The tree's pids as they are now ([] once its root is gone)."""
         try:
             return tree_pids(self.target.root_pid)
-        except psutil.NoSuchProcess:
+        except GONE:
             return []
 
     def criu_dir(self, images: str) -> str:
@@ -397,5 +397,5 @@ def _status(pid: int) -> str | None:
     """psutil's status of pid, or None when it is gone."""
     try:
         return psutil.Process(pid).status()
-    except psutil.NoSuchProcess:
+    except GONE:
         return None
