@@ -245,6 +245,21 @@ def stop_on_sigterm(parent: int):
     return stop
 
 
+def reap(pid: int, timeout: float) -> bool:
+    """Wait up to timeout seconds for a child of this process to exit and reap it;
+    whether it is gone (False: still running when the time was up)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+    except ChildProcessError:
+        return True
+
+
 def end_helper(pid: int, wait: float) -> None:
     """SIGTERM a forked helper (fork_helper) and reap it; SIGKILL when it takes longer
     than wait seconds to go."""
@@ -252,12 +267,5 @@ def end_helper(pid: int, wait: float) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    deadline = time.monotonic() + wait
-    try:
-        while time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-            time.sleep(0.005)
-    except ChildProcessError:
-        return
-    kill_child(pid)
+    if not reap(pid, wait):
+        kill_child(pid)

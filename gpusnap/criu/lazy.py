@@ -341,24 +341,12 @@ class Guard:
         except OSError:
             pass
         self.sock.close()
-        _reap(self.pid)
+        sysrun.reap(self.pid, 10.0)
 
     def _close_fds(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-
-
-def _reap(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if got or time.monotonic() > deadline:
-            return
-        time.sleep(0.005)
 
 
 class _GuardState:

@@ -31,9 +31,8 @@ import fcntl
 import os
 import signal
 import threading
-import time
 
-from gpusnap import paths
+from gpusnap import paths, sysrun
 from gpusnap.errors import GpusnapError
 
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -183,7 +182,6 @@ def _guard(d: _Dir, pipe_r: int, users: int, holder: int) -> None:
     signal.signal(signal.SIGTERM, _holder_gone)
     try:
         try:
-            from gpusnap import sysrun
             sysrun.die_with_parent(signal.SIGTERM, holder)
             os.read(pipe_r, 64)         # b"L": done; b"": every writer gone
         finally:
@@ -222,7 +220,7 @@ def window(sysfs: str = THP_ENABLED, state_dir: str | None = None, on: bool | No
             with contextlib.suppress(OSError):
                 os.write(pipe_w, b"L")
             os.close(pipe_w)
-            _wait(guard)
+            sysrun.reap(guard, GUARD_WAIT)  # one still at it puts the mode back on its own
 
 
 def _start_guard(d: _Dir, users: int) -> tuple[int | None, int | None]:
@@ -230,7 +228,6 @@ def _start_guard(d: _Dir, users: int) -> tuple[int | None, int | None]:
     there could inherit a lock held, and leave() then runs here)."""
     if threading.active_count() > 1:
         return None, None
-    from gpusnap import sysrun
     pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = sysrun.fork_helper(_guard, d, pipe_r, users, os.getpid())
@@ -242,13 +239,3 @@ def _start_guard(d: _Dir, users: int) -> tuple[int | None, int | None]:
     return pid, pipe_w
 
 
-def _wait(pid: int) -> None:
-    deadline = time.monotonic() + GUARD_WAIT
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done or time.monotonic() > deadline:
-            return          # a helper still at it puts the mode back on its own
-        time.sleep(0.002)
