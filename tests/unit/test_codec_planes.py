@@ -85,6 +85,17 @@ def test_a_corrupt_planes_chunk_is_refused(weights):
         codec.PLAIN.decode_view(bytes(blob), cid, len(weights), check="frame")
 
 
+def test_a_planes_chunk_of_odd_size_is_refused():
+    """compress() never writes one; a forged chunk is an IntegrityError, not a crash."""
+    data = b"abc"
+    blob = codec.PLANES_HEAD + zstandard.ZstdCompressor(write_checksum=True).compress(data)
+    cid = codec.chunk_id(data)
+    with pytest.raises(IntegrityError, match="odd size"):
+        codec.PLAIN.decode(blob, cid, len(data))
+    with pytest.raises(IntegrityError, match="odd size"):
+        codec.PLAIN.decode_view(blob, cid, len(data), check="frame")
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.binary(min_size=0, max_size=9000))
 def test_planes_round_trip_any_bytes(data):
