@@ -197,15 +197,11 @@ def tree_pids(root: int) -> list[int]:
 
 
 def kill_tree(root: int) -> list[int]:
-    """SIGKILL root and its descendants; the pids signalled."""
-    out = []
-    for pid in tree_pids(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-            out.append(pid)
-        except OSError:
-            pass
-    return out
+    """SIGKILL root and its descendants; their pids."""
+    from ..targets.process import send
+    pids = tree_pids(root)
+    send(pids, signal.SIGKILL)
+    return pids
 
 
 def criu_pid() -> int:
