@@ -375,14 +375,15 @@ def _driver_floor(ctx: Ctx, running: dict, parked: dict) -> list[dict]:
     """The same switch through the driver API alone, in this process: lock + checkpoint
     the running server, restore + unlock the parked one (gpusnap parked it: its CUDA
     state is checkpointed), first token. No CLI, no state records."""
-    from benchmarks.cold_start import hand_checkpoint
     from gpusnap.cuda.session import CudaSession
     out = []
     for i in range(2 * ctx.args.runs):
         ctx.budget.check(f"driver floor {i}")
-        s_out, s_in = CudaSession([running["pid"]]), CudaSession([parked["pid"]])
+        # by hand: the host's THP mode as it is (gpusnap's own switch off)
+        s_out = CudaSession([running["pid"]], huge_pages=False)
+        s_in = CudaSession([parked["pid"]])
         _, t_lock = timed(s_out.lock_all, 10_000)
-        _, t_ckpt = timed(hand_checkpoint, s_out)       # the host's THP mode as it is
+        _, t_ckpt = timed(s_out.checkpoint_all)
         _, t_rest = timed(s_in.restore_all, None)
         _, t_unl = timed(s_in.unlock_all)
         tokens, t_tok = timed(first_token, parked["port"])

@@ -226,21 +226,11 @@ def naive_dump(pid, images, timeout=None):
     cuda_pids = [p for p in pids if any(os.readlink(f"/proc/{p}/fd/{fd}").startswith("/dev/nvidia")
                                         for fd in os.listdir(f"/proc/{p}/fd")
                                         if os.path.exists(f"/proc/{p}/fd/{fd}"))]
-    s = CudaSession(cuda_pids)
+    s = CudaSession(cuda_pids, huge_pages=False)    # by hand: the host's THP mode as it is
     s.lock_all(10_000)
-    hand_checkpoint(s)
+    s.checkpoint_all()
     runner.dump(pid, images, CriuOptions(), leave="killed", timeout=timeout)
     return pids, cuda_pids
-
-
-def hand_checkpoint(session):
-    """session.checkpoint_all() as a user calling the driver by hand gets it: with the
-    host's THP mode as it is (gpusnap switches it to 'always' meanwhile: cuda/hugepages.py)."""
-    os.environ["GPUSNAP_HUGE_PAGES"] = "off"
-    try:
-        session.checkpoint_all()
-    finally:
-        del os.environ["GPUSNAP_HUGE_PAGES"]
 
 
 def naive_restore(images, cuda_pids, probe=first_token, between=None, timeout=None):

@@ -130,10 +130,9 @@ def by_hand(pid: int, cuda: bool, images: str, sink=None) -> dict:
     t0 = time.perf_counter()
     if cuda:
         from gpusnap.cuda.session import CudaSession
-        s = CudaSession([pid])
+        s = CudaSession([pid], huge_pages=False)    # by hand: the host's THP mode as it is
         s.lock_all(10_000)
-        from cold_start import hand_checkpoint
-        hand_checkpoint(s)
+        s.checkpoint_all()
     t1 = time.perf_counter()
     serve = (lambda sock, alive: pageserver.serve(sock, sink, alive=alive)) if sink else None
     runner.dump(pid, images, CriuOptions(), leave="killed", page_server=serve)
@@ -164,14 +163,13 @@ def checkpoint_twice(pid: int) -> dict:
     """The driver alone, two rounds: lock + checkpoint, restore + unlock, twice. Whether
     a process's first checkpoint pays for its staging memory's first touch (the switch
     row's first suspend took 6.5 s more than its second)."""
-    from cold_start import hand_checkpoint
     from gpusnap.cuda.session import CudaSession
     out = {}
     for i in (1, 2):
-        s = CudaSession([pid])
+        s = CudaSession([pid], huge_pages=False)    # the driver alone: the host's THP mode
         t0 = time.perf_counter()
         s.lock_all(10_000)
-        hand_checkpoint(s)          # the driver alone: the host's THP mode as it is
+        s.checkpoint_all()
         t1 = time.perf_counter()
         s.restore_all(None)
         s.unlock_all()
