@@ -182,6 +182,16 @@ def hook_config(text: str):
                 f.write(old)
 
 
+def wait_until(cond, timeout: float = 30.0) -> bool:
+    """Whether cond() came true within timeout seconds (asked every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def wait_pids_free(pids, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):

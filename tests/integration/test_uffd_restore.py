@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, wait_pids_free
+from conftest import REPO, wait_pids_free, wait_until
 
 pytestmark = [pytest.mark.root]
 
@@ -34,15 +34,6 @@ def _dump(workload, gpusnap, *args):
     w.reap()
     wait_pids_free(w.pids)
     return w, snap
-
-
-def _wait(cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _alive(pids) -> list[int]:
@@ -87,7 +78,7 @@ def test_kill_9_during_the_fill_leaves_no_restored_tree(workload, gpusnap, store
     # fill reads it; and no restorer faults on it while CRIU runs.
     with _fifo_chunk(store, snap["id"], lambda stored: stored[len(stored) // 2]):
         proc = _restore_cli(store, snap["id"])
-        assert _wait(lambda: _alive([w.pid])), "CRIU never restored the tree"
+        assert wait_until(lambda: _alive([w.pid])), "CRIU never restored the tree"
         time.sleep(0.5)                       # the fill runs into the FIFO meanwhile
         _kill_and_see_the_tree_go(proc, w)
     _restores_again(w, gpusnap, snap)
@@ -115,7 +106,7 @@ def _fifo_chunk(store: str, snap_id: str, pick):
 def _kill_and_see_the_tree_go(proc, w) -> None:
     proc.kill()
     proc.wait()
-    assert _wait(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
+    assert wait_until(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
 
 
 def _restores_again(w, gpusnap, snap, env=None) -> None:
@@ -135,11 +126,11 @@ def test_kill_9_after_the_fill_before_the_tree_runs(workload, gpusnap, store, tm
     fake.chmod(0o755)
     w, snap = _dump(workload, gpusnap)
     proc = _restore_cli(store, snap["id"], env={"GPUSNAP_CRIU": str(fake)})
-    assert _wait(lambda: len(_alive(w.pids)) == 3), "CRIU never restored the tree"
+    assert wait_until(lambda: len(_alive(w.pids)) == 3), "CRIU never restored the tree"
     time.sleep(1.0)
     proc.kill()
     proc.wait()
-    assert _wait(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
+    assert wait_until(lambda: not _alive(w.pids), timeout=10), f"left alive: {_alive(w.pids)}"
     wait_pids_free(w.pids)
     rc, res, err = gpusnap("restore", snap["id"])
     assert rc == 0, err
@@ -184,7 +175,7 @@ def test_kill_9_during_the_late_fill_leaves_no_restored_tree(workload, gpusnap, 
         proc = _restore_cli(store, snap["id"], env=OVERLAP)
         running = lambda: any(psutil.Process(p).status() != psutil.STATUS_STOPPED  # noqa: E731
                               for p in _alive(w.pids))
-        assert _wait(running), "the tree was never continued"
+        assert wait_until(running), "the tree was never continued"
         time.sleep(0.3)
         assert proc.poll() is None, proc.communicate()
         _kill_and_see_the_tree_go(proc, w)
@@ -203,14 +194,14 @@ def test_a_task_reading_its_memory_during_the_late_fill_reads_it_right(workload,
     wait_pids_free(w.pids)
     report = os.path.join(w.state, "report.json")
     proc = _restore_cli(store, snap["id"], env={**OVERLAP, "GPUSNAP_TEST_LATE_DELAY_MS": "150"})
-    assert _wait(lambda: _alive([w.pid]) and
+    assert wait_until(lambda: _alive([w.pid]) and
                  psutil.Process(w.pid).status() != psutil.STATUS_STOPPED), "never continued"
     os.kill(w.pid, signal.SIGUSR1)              # reads everything: faults on the late pages
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     fill = json.loads(out)["fill"]
     assert fill["late_bytes"] >= 128 << 20, fill
-    assert _wait(lambda: os.path.exists(report))
+    assert wait_until(lambda: os.path.exists(report))
     with open(report) as f:
         got = json.load(f)
     assert got["data_ok"], got

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from gpusnap.cuda import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,26 +118,17 @@ def _holder(path, state, ready):
     return subprocess.Popen([sys.executable, "-c", code])
 
 
-def _until(cond, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_a_holder_killed_with_sigkill_has_its_helper_put_the_mode_back(knob, tmp_path):
     path, state, mode, window = knob
     ready = tmp_path / "ready"
     proc = _holder(path, state, ready)
     try:
-        assert _until(ready.exists) and ready.read_text() == "True"
+        assert wait_until(ready.exists, 10) and ready.read_text() == "True"
         assert path.read_text() == "always"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _until(lambda: path.read_text() == "madvise")
-        assert _until(lambda: not (state / "thp" / "saved").exists())
+        assert wait_until(lambda: path.read_text() == "madvise", 10)
+        assert wait_until(lambda: not (state / "thp" / "saved").exists(), 10)
     finally:
         proc.kill()
         proc.wait()
@@ -149,7 +141,7 @@ def test_a_killed_holder_does_not_end_another_holders_window(knob, tmp_path):
         assert switched
         proc = _holder(path, state, ready)
         try:
-            assert _until(ready.exists)
+            assert wait_until(ready.exists, 10)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             time.sleep(0.3)                     # its helper has left by now
