@@ -333,11 +333,13 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, stag
     # shm: criu pages, images on /dev/shm (4 KiB pages) instead of gpusnap's huge-page
     # tmpfs; thp: the default with THP=always during restore; overlap: the default with
     # the driver's staging memory placed while its CUDA restore reads it; stagingthp: the
-    # default with the staging memory written in huge pages (GPUSNAP_STAGING_THP)
+    # default with the staging memory written in huge pages (GPUSNAP_STAGING_THP);
+    # nostagingthp: with it off
     criu = {"GPUSNAP_PAGES": "criu"}
     known = {"criu": (criu, None), "warm": (criu, None),
              "overlap": ({"GPUSNAP_UFFD_OVERLAP": "1"}, None),
              "stagingthp": ({"GPUSNAP_STAGING_THP": "1"}, None),
+             "nostagingthp": ({"GPUSNAP_STAGING_THP": "0"}, None),
              "shm": ({**criu, "GPUSNAP_WORKDIR": "/dev/shm/gpusnap-bench"}, None),
              "thp": ({}, "always")}
     variants = {"": ({}, None), **{v: known[v] for v in args_variants}}
@@ -596,7 +598,7 @@ def main(argv=None):
                          "(images on /dev/shm, 4 KiB pages), thp (THP=always, naive too), "
                          "overlap (GPUSNAP_UFFD_OVERLAP=1: staging memory filled during the "
                          "CUDA restore), stagingthp (GPUSNAP_STAGING_THP=1: staging memory "
-                         "written in huge pages)")
+                         "written in huge pages), nostagingthp (GPUSNAP_STAGING_THP=0)")
     ap.add_argument("--sdk", action="store_true",
                     help="also the same server with gpusnap.sdk (weights out of the snapshot)")
     ap.add_argument("--no-staged", dest="staged", action="store_false",

@@ -146,12 +146,33 @@ STAGING_THP_ENV = "GPUSNAP_STAGING_THP"
 TEST_LATE_ENV = "GPUSNAP_TEST_LATE"     # "largest": each pid's largest run is late (CPU tests)
 
 
+def staging_thp_wanted(setting: str | None, huge_pages: bool, thp_mode: str | None) -> bool:
+    """Whether the fill writes the staging memory in huge pages. setting: GPUSNAP_STAGING_THP
+    ("1": yes; "auto": where huge pages are on (GPUSNAP_HUGE_PAGES) and the host's THP mode
+    gives them: 'madvise', which the window switches, or 'always'; unset, "0", "off": no).
+    Off by default: on the H200 (benchmarks/results/cold_start_h200_8b_stagingthp.md,
+    cold_start_h200_1b_stagingthp.md) the 8B server's median restore to first token went
+    5.82 -> 5.09 s over 3 runs, but a node's first restore with it was the slowest of its
+    variant (8B 5.58 s against 4.93 s without; 1.3B 2.88 s against 2.2 s: the fill into
+    fresh huge pages took 1.09 s instead of 0.3 s), and a fleet node's first restore is the
+    one that counts."""
+    value = (setting or "off").strip().lower()
+    if value in hugepages.OFF:
+        return False
+    if value == "auto":
+        return huge_pages and thp_mode in ("madvise", "always")
+    return True
+
+
 def huge_ranges(m, items: list[tuple]) -> dict[int, list[tuple[int, int]]]:
-    """What the fill writes in huge pages (GPUSNAP_STAGING_THP=1, not with the overlap):
+    """What the fill writes in huge pages (staging_thp_wanted(), not with the overlap):
     the driver's staging memory of each CUDA pid, which its CUDA restore reads faster from
     2 MiB pages (H200, 8 GiB: 2.16 -> 1.27 s, benchmarks/results/dump_probe_h200_thp.md);
     the fill's UFFDIO_COPY places 4 KiB pages. {} otherwise."""
-    if os.environ.get(STAGING_THP_ENV) != "1" or os.environ.get(OVERLAP_ENV) == "1":
+    if os.environ.get(OVERLAP_ENV) == "1":
+        return {}
+    if not staging_thp_wanted(os.environ.get(STAGING_THP_ENV), hugepages.enabled(),
+                              hugepages.read_mode()):
         return {}
     return _staging(m, items)
 

@@ -111,6 +111,12 @@ def has_frame_checksum(blob) -> bool:
     return len(blob) > 4 and bytes(blob[:4]) == b"\x28\xb5\x2f\xfd" and bool(blob[4] & 0x04)
 
 
+def compresses(level: int) -> bool:
+    """Whether chunks at level cost real CPU to encode (BF16, zstd levels >= 1), not
+    fast mode's or no compression's near-memcpy pace."""
+    return level == BF16 or level >= 1
+
+
 def compress(data, level: int = DEFAULT_LEVEL) -> bytes:
     """A chunk's stored bytes: one zstd frame at level, or with level BF16 (and an even
     size) PLANES_HEAD and a frame of its byte planes."""

@@ -29,7 +29,7 @@ from ..imagefile import mm, streamed, zero_pages
 from ..imagefile.pagemap import PAGE_SIZE
 from ..model import FileEntry
 from ..model.manifest import ZERO_ID
-from . import chunker, parallel
+from . import chunker, codec, parallel
 from .tally import Tally
 
 SLOT_BYTES = 16 << 20
@@ -50,7 +50,7 @@ class PageStream:
 
     def __init__(self, repo, workers: int | None = None):
         self.repo = repo
-        n = workers or parallel.workers()
+        n = workers or parallel.stream_workers(codec.compresses(repo.compress_level))
         slots = n * 3 // 2 + 2
         self.shm = mmap.mmap(-1, slots * SLOT_BYTES)        # shared with the workers
         self.view = memoryview(self.shm)

@@ -53,6 +53,19 @@ def workers() -> int:
     return max(2, min(16, os.cpu_count() or 2))
 
 
+def stream_workers(compressing: bool) -> int:
+    """Worker processes for a dump's page stream: workers(), or with a codec that spends
+    CPU on each chunk (compressing: `--compress bf16` or a zstd level >= 1) twice the CPUs
+    (at most 32), so that some compress while others wait on the disk. H200, 8 GiB of bf16,
+    `--compress bf16`: CRIU's stage wrote at 0.73 of the disk's fsync floor with 16 workers,
+    0.94 with 32 (benchmarks/results/dump_probe_h200_bf16*.md). GPUSNAP_THREADS decides
+    where set."""
+    explicit = os.environ.get("GPUSNAP_THREADS")
+    if not compressing or (explicit and explicit.isdigit() and int(explicit) > 0):
+        return workers()
+    return max(2, min(32, 2 * (os.cpu_count() or 1)))
+
+
 def batches(items: list, size, limit: int | None = None) -> list[list]:
     """items cut into consecutive batches of about limit bytes (default BATCH_BYTES;
     size(item) says how many bytes an item stands for)."""

@@ -90,3 +90,15 @@ def test_manifest_staging_round_trips_and_is_checked():
                 {"5": [[0, 4096, 1]]}, {"0": [[0, 4096]]}):
         with pytest.raises(ManifestInvalid):
             CudaFacts.from_json(Fields({"pids": [5], "staging": bad}, "cuda"))
+
+
+def test_staging_thp_is_asked_for_and_auto_follows_huge_pages_and_the_host():
+    from gpusnap.engine.pagepath import staging_thp_wanted
+    for off in (None, "", "0", "off", "no", "false", " OFF "):
+        assert not staging_thp_wanted(off, True, "madvise")        # off unless asked for
+    for mode in ("madvise", "always"):
+        assert staging_thp_wanted("auto", True, mode)
+    assert not staging_thp_wanted("auto", True, "never")           # nothing would be huge
+    assert not staging_thp_wanted("auto", True, None)              # mode unreadable
+    assert not staging_thp_wanted("auto", False, "madvise")        # GPUSNAP_HUGE_PAGES=off
+    assert staging_thp_wanted("1", False, "never")                 # asked for: as asked
