@@ -143,22 +143,28 @@ def floor_memcpy(gib=4, threads=8):
     return out
 
 
-def floor_disk_write(directory, gib=4, writers=8, sync=True):
+def floor_disk_write(directory, gib=4, writers=8, sync=True, direct=False):
     """GB/s of writing gib GiB of incompressible data, split over writers files written
-    at once, each fsynced (sync): what a durable store on this disk can take at most."""
+    at once, each fsynced (sync): what a durable store on this disk can take at most.
+    direct: through O_DIRECT (no page cache; whether the disk takes more that way)."""
     import concurrent.futures
-    block = os.urandom(16 << 20)
+    import mmap
+    block = mmap.mmap(-1, 16 << 20)         # page-aligned, as O_DIRECT wants
+    block.write(os.urandom(16 << 20))
     per = int(gib * (1 << 30)) // writers
 
     def one(i):
         path = os.path.join(directory, f"floor-write-{i}")
-        with open(path, "wb") as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
             for _ in range(per // len(block)):
-                f.write(block)
-            f.flush()
+                os.write(fd, block)
             if sync:
-                os.fsync(f.fileno())
-        os.unlink(path)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(path)
     os.makedirs(directory, exist_ok=True)
     t = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(writers) as pool:

@@ -181,7 +181,14 @@ def checkpoint_twice(pid: int) -> dict:
 
 def run_row(name: str, gib: float, work: str, store: str) -> dict:
     """One row on a fresh holder; a name ending in _thp runs with THP=always (anonymous
-    memory in huge pages: the driver's staging memory faults in 2 MiB at a time)."""
+    memory in huge pages: the driver's staging memory faults in 2 MiB at a time), one
+    ending in _direct with GPUSNAP_DIRECT_IO=1 (stream_direct, stream_bf16_direct)."""
+    if name.endswith("_direct"):        # chunk files written with O_DIRECT (GPUSNAP_DIRECT_IO)
+        os.environ["GPUSNAP_DIRECT_IO"] = "1"
+        try:
+            return run_row(name[:-len("_direct")], gib, work, store)
+        finally:
+            del os.environ["GPUSNAP_DIRECT_IO"]
     if name.endswith("_thp"):
         from cold_start import thp_mode
         with thp_mode("always"):
@@ -263,6 +270,11 @@ def main(argv=None):
     from cold_start import floor_disk_write
     floors = {"tmpfs_write": floor_disk_write(SHM, gib=args.gib, writers=16, sync=False),
               "disk_write_fsync": floor_disk_write(args.work, gib=min(args.gib, 4), writers=16)}
+    try:        # whether the disk takes more without the page cache (O_DIRECT)
+        floors["disk_write_direct"] = floor_disk_write(args.work, gib=min(args.gib, 4),
+                                                       writers=16, direct=True)
+    except OSError as exc:          # a filesystem without O_DIRECT (tmpfs): no floor
+        print(json.dumps({"disk_write_direct": f"not measured: {exc}"}), flush=True)
     print(json.dumps({"floors": floors}), flush=True)
     store = os.path.join(args.work, "store")
     rows: dict[str, list] = {}

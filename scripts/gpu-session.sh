@@ -14,7 +14,9 @@
 # dumpprobe (benchmarks/dump_probe.py: where a dump's time goes, 8 GiB on the GPU; PROBE_ARGS
 # replaces its options: --rows twice,twice_thp,naive,naive_thp asks whether a first
 # checkpoint pays for first-touching the driver's staging memory, and what huge pages do;
-# --rows naive,stream,stream_bf16,second puts `--compress bf16` beside the default),
+# --rows naive,stream,stream_bf16,second puts `--compress bf16` beside the default; a row
+# name ending in _direct (stream_direct, stream_bf16_direct) writes the chunk files with
+# O_DIRECT, GPUSNAP_DIRECT_IO=1; the floors then include disk_write_direct),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):

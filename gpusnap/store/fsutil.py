@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import signal
 import stat
@@ -30,11 +31,13 @@ def write_renamed(path: str, tmp_dir: str, data) -> None:
     write_renamed_many([(path, data)], tmp_dir, fsync=False)
 
 
-def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: bool) -> None:
+def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: bool,
+                       direct: bool = False) -> None:
     """write_renamed of each (path, data); with fsync, each file's data is on disk before
     its name appears (every file is written and its writeback started first, then each
     is fsynced and renamed: the disk works on all of them at once). The directories
-    holding the new names are not fsynced here."""
+    holding the new names are not fsynced here. direct: the data goes to the disk with
+    O_DIRECT, past the page cache (where tmp_dir's filesystem takes it; else as usual)."""
     tmps = []
     try:
         for path, data in items:
@@ -42,7 +45,15 @@ def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: b
             tmp = os.path.join(tmp_dir, f"{os.path.basename(path)}.{os.getpid()}."
                                         f"{threading.get_ident()}")
             tmps.append(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            fd = _open_direct(tmp, flags, tmp_dir) if direct else None
+            if fd is not None:
+                try:
+                    _write_direct(fd, data)
+                finally:
+                    os.close(fd)
+                continue
+            fd = os.open(tmp, flags, 0o600)
             with open(fd, "wb", closefd=True) as f:
                 f.write(data)
                 f.flush()
@@ -69,6 +80,48 @@ def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: b
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
+
+
+DIRECT_ALIGN = 4096                 # O_DIRECT's unit: a multiple of any disk's logical block
+_no_direct: set[str] = set()        # tmp dirs whose filesystem refused O_DIRECT
+_aligned = threading.local()
+
+
+def _open_direct(path: str, flags: int, tmp_dir: str) -> int | None:
+    """path opened with O_DIRECT, or None where the filesystem refuses it (tmpfs: EINVAL;
+    then not asked again for tmp_dir)."""
+    if tmp_dir in _no_direct:
+        return None
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _no_direct.add(tmp_dir)
+        return None
+
+
+def _write_direct(fd: int, data) -> None:
+    """data into fd (opened O_DIRECT) from this thread's page-aligned buffer, zero-padded
+    to DIRECT_ALIGN; the file is then cut back to data's length."""
+    size = len(data)
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    buf = getattr(_aligned, "buf", None)
+    if buf is None or len(buf) < padded:
+        buf = _aligned.buf = mmap.mmap(-1, max(padded, 1 << 20))
+    buf[:size] = data
+    buf[size:padded] = bytes(padded - size)
+    view, done = memoryview(buf), 0
+    try:
+        while done < padded:
+            n = os.write(fd, view[done:padded])
+            if n <= 0 or (n % DIRECT_ALIGN and done + n < padded):
+                raise OSError(errno.EIO, "short O_DIRECT write")
+            done += n
+    finally:
+        view.release()
+    if padded != size:
+        os.ftruncate(fd, size)
 
 
 def _start_writeback(fd: int) -> None:

@@ -22,6 +22,9 @@ from ..lock import store_lock
 from .base import Backend, Missing
 
 
+DIRECT_IO_ENV = "GPUSNAP_DIRECT_IO"
+
+
 class LocalBackend(Backend):
     batches_puts = True         # a batch's chunks are fsynced together (put_many)
 
@@ -29,6 +32,8 @@ class LocalBackend(Backend):
         self.path = os.path.abspath(path)
         self.url = self.path
         self.tmp_dir = os.path.join(self.path, "tmp")
+        # chunks written past the page cache (experimental; see fsutil.write_renamed_many)
+        self.direct = os.environ.get(DIRECT_IO_ENV) == "1"
 
     def _path(self, name: str) -> str:
         return os.path.join(self.path, *name.split("/"))
@@ -81,7 +86,7 @@ class LocalBackend(Backend):
         after sync()."""
         try:
             fsutil.write_renamed_many([(self._path(n), d) for n, d in items], self.tmp_dir,
-                                      fsync=True)
+                                      fsync=True, direct=self.direct)
         except OSError as exc:
             fsutil.raise_os_error(exc, exc.filename or self.path)
 
