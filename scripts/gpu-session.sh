@@ -17,6 +17,9 @@
 # --rows naive,stream,stream_bf16,second puts `--compress bf16` beside the default; a row
 # name ending in _direct (stream_direct, stream_bf16_direct) writes the chunk files with
 # O_DIRECT, GPUSNAP_DIRECT_IO=1; the floors then include disk_write_direct),
+# seedprobe (benchmarks/seed_probe.py server: how much of an LLM server's first snapshot
+# a store seeded with its weights file would already hold; SEED_SIZE picks the size, 1b
+# by default; ~1-2 min for the 1b),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
@@ -129,6 +132,7 @@ for spec in "$@"; do
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
+        seedprobe) step "$name" "$limit" python3 benchmarks/seed_probe.py server --size "${SEED_SIZE:-1b}" --pages --out "$OUT" ;;
         thpfill)  step "$name" "$limit" python3 benchmarks/thp_fill_probe.py --gib 8 --workers 16 --runs 2 --out "$OUT" ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
         switch|standby|diffusion)
