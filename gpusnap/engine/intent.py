@@ -72,16 +72,10 @@ def intent_dir(create: bool = True) -> str:
 
 
 def started(pid: int | None) -> float | None:
-    """pid's start time (seconds since the epoch), None when it is gone."""
-    import psutil
-
-    from ..targets.process import GONE
-    if not pid:
-        return None
-    try:
-        return psutil.Process(pid).create_time()
-    except GONE:
-        return None
+    """targets.process.started, imported when first needed (the CLI imports this module
+    at every start; psutil with it would cost each command)."""
+    from ..targets.process import started as start_time
+    return start_time(pid)
 
 
 def same_process(pid: int | None, when: float | None) -> bool:

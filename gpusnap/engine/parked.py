@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import os
 
-import psutil
-
 from ..errors import GpusnapError
 from ..paths import private_dir, replace_file
-from ..targets.process import GONE
+from ..targets.process import started
 
 DEFAULT_DIR = "/run/gpusnap/state"
 PARKED = ("suspended", "standby")
@@ -28,14 +26,6 @@ PARKED = ("suspended", "standby")
 
 def state_dir() -> str:
     return private_dir(os.environ.get("GPUSNAP_STATE_DIR") or DEFAULT_DIR, "state directory")
-
-
-def started(pid: int) -> float | None:
-    """The process's start time (psutil), None when it is gone."""
-    try:
-        return psutil.Process(pid).create_time()
-    except GONE:
-        return None
 
 
 def record(entry: dict) -> dict:

@@ -23,6 +23,16 @@ GONE = (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError)
 PF_KTHREAD = 0x00200000       # /proc/PID/stat flags: a kernel thread
 
 
+def started(pid: int | None) -> float | None:
+    """pid's start time (seconds since the epoch), None when it is gone (or no pid)."""
+    if not pid:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except GONE:
+        return None
+
+
 def is_kernel_thread(pid: int) -> bool:
     """True for a kernel thread (kthreadd, workers): nothing there for CRIU to dump."""
     from .fds import stat_fields
