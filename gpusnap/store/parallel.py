@@ -44,13 +44,16 @@ from ..errors import GpusnapError
 BATCH_BYTES = 16 << 20      # what a worker takes at once, and the step progress moves in
 
 
+def _threads_set() -> int | None:
+    """GPUSNAP_THREADS where it is a positive count, else None."""
+    explicit = os.environ.get("GPUSNAP_THREADS")
+    return int(explicit) if explicit and explicit.isdigit() and int(explicit) > 0 else None
+
+
 def workers() -> int:
     """Worker processes for ingest, materialise, verify and the page stream:
     GPUSNAP_THREADS, else the CPUs (at most 16)."""
-    explicit = os.environ.get("GPUSNAP_THREADS")
-    if explicit and explicit.isdigit() and int(explicit) > 0:
-        return int(explicit)
-    return max(2, min(16, os.cpu_count() or 2))
+    return _threads_set() or max(2, min(16, os.cpu_count() or 2))
 
 
 def stream_workers(compressing: bool) -> int:
@@ -60,8 +63,7 @@ def stream_workers(compressing: bool) -> int:
     `--compress bf16`: CRIU's stage wrote at 0.73 of the disk's fsync floor with 16 workers,
     0.94 with 32 (benchmarks/results/dump_probe_h200_bf16*.md). GPUSNAP_THREADS decides
     where set."""
-    explicit = os.environ.get("GPUSNAP_THREADS")
-    if not compressing or (explicit and explicit.isdigit() and int(explicit) > 0):
+    if not compressing or _threads_set():
         return workers()
     return max(2, min(32, 2 * (os.cpu_count() or 1)))
 
