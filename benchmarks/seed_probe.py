@@ -40,6 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from cold_start import gpusnap  # noqa: E402  (gpusnap CLI --json, raising on failure)
+
 PAGE = 4096
 
 
@@ -197,7 +199,7 @@ def cpu(args) -> dict:
                 raise SystemExit("the holder died")
             time.sleep(0.05)
         store = os.path.join(work, "store")
-        snap = cli(store, "dump", "--pid", str(proc.pid), "--leave-running")
+        snap = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", store=store)
     finally:
         proc.kill()
         proc.wait()
@@ -218,21 +220,13 @@ def server(args) -> dict:
     proc, _t, _tokens, _info = cold_start.start_server(model_dir, os.path.join(work, "state"))
     store = os.path.join(work, "store")
     try:
-        snap = cli(store, "dump", "--pid", str(proc.pid), "--leave-running")
+        snap = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", store=store)
     finally:
         cold_start.kill_tree(cold_start.tree(proc.pid))
         proc.wait()
     row = probe(store, snap["id"], [os.path.join(model_dir, "model.safetensors")], args.pages)
     row.update(size=args.size, dump_bytes_new=snap["bytes_new"], dump_s=snap["timings"])
     return row
-
-
-def cli(store: str, *args: str) -> dict:
-    res = subprocess.run([sys.executable, "-m", "gpusnap", "--json", "--store", store, *args],
-                         cwd=REPO, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"gpusnap {args}: {res.stderr[-2000:]}")
-    return json.loads(res.stdout)
 
 
 def main(argv=None):
