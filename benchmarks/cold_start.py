@@ -190,21 +190,25 @@ def floor_disk(path):
 
 
 # ---- dumps ---------------------------------------------------------------------------
-def more_dumps(row, size, snap_id, pid, store, work, runs, staged=True):
+def more_dumps(row, size, snap_id, pid, store, work, runs, staged=True, compress=None):
     """First dumps of the (restored) server into fresh stores until there are `runs` of
-    them, then one with --pages staged (unless not staged); each time the server comes
-    back from snap_id. Leaves the last restored server's pid in row["_pid"]."""
+    them, then one with --pages staged (unless not staged), then `runs` with --compress
+    compress (where given); each time the server comes back from snap_id. Leaves the last
+    restored server's pid in row["_pid"]."""
     row["dump_runs"] = [{"s": row["dump_s"], "stages": row["dump_stages"]}]
     fresh = os.path.join(work, "fresh-store")
-    for pages in ["stream"] * (runs - 1) + (["staged"] if staged else []):
+    for pages in (["stream"] * (runs - 1) + (["staged"] if staged else [])
+                  + ([f"compress:{compress}"] * runs if compress else [])):
         shutil.rmtree(fresh, ignore_errors=True)
         pids = tree(pid)
+        opts = ["--compress", compress] if pages.startswith("compress:") else ["--pages", pages]
         t = time.perf_counter()
-        out = gpusnap("dump", "--pid", str(pid), "--pages", pages, store=fresh)
+        out = gpusnap("dump", "--pid", str(pid), *opts, store=fresh)
         took = time.perf_counter() - t
         wait_gone(pids)
         run = {"s": took, "stages": out["timings"], "pages": pages, "downtime": out.get("downtime")}
-        (row["dump_runs"] if pages == "stream" else row.setdefault("dump_staged", [])).append(run)
+        key = {"stream": "dump_runs", "staged": "dump_staged"}.get(pages, "dump_compress")
+        row.setdefault(key, []).append(run)
         note(size=size, step=f"dump_{pages}", **run)
         shutil.rmtree(fresh, ignore_errors=True)
         pid = gpusnap("restore", snap_id, store=store)["pid"]
@@ -290,7 +294,8 @@ def thp_mode(mode):
             f.write(old)
 
 
-def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, staged=True):
+def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, staged=True,
+               compress=None):
     model_dir = os.path.join(work, "models", size)
     state = os.path.join(work, "state")
     row = {"size": size}
@@ -377,7 +382,7 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, stag
                                if isinstance(v, (int, float))}})
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
         restores[label] = out
-    more_dumps(row, size, snap["id"], res["pid"], store, work, runs, staged)
+    more_dumps(row, size, snap["id"], res["pid"], store, work, runs, staged, compress)
     t = time.perf_counter()
     second = gpusnap("dump", "--pid", str(row.pop("_pid")), "--name", f"llm-{size}-2", store=store)
     row["second_dump_s"] = time.perf_counter() - t
@@ -582,7 +587,15 @@ def summarise_dumps(rows) -> list[str]:
                      f"{f(first / naive if naive else None)} | {f(r['bytes_logical'] / 1e9 / first)} | "
                      f"{f(down)} | {f(second)} | {f(second / first if second else None)} |")
     for r in rows:
-        for run in r.get("dump_runs", []) + r.get("dump_staged", []):
+        comp = r.get("dump_compress")
+        if comp:
+            first, naive = med([x["s"] for x in comp]), med(r.get("naive_dump_s") or [])
+            lines.append(f"- {r['size']} `dump --compress {comp[0]['pages'].split(':', 1)[1]}` "
+                         f"into an empty store, median of {len(comp)}: {first:.2f} s"
+                         + (f" ({first / naive:.2f} of the naive dump)" if naive else "")
+                         + "; runs " + ", ".join(f"{x['s']:.2f}" for x in comp))
+    for r in rows:
+        for run in r.get("dump_runs", []) + r.get("dump_staged", []) + r.get("dump_compress", []):
             lines.append(f"- {r['size']} dump ({run.get('pages', 'stream')}, {run['s']:.2f} s): " +
                          ", ".join(f"{k} {v:.3f}" for k, v in run["stages"].items()
                                    if isinstance(v, (int, float))))
@@ -609,6 +622,9 @@ def main(argv=None):
                     help="also the same server with gpusnap.sdk (weights out of the snapshot)")
     ap.add_argument("--no-staged", dest="staged", action="store_false",
                     help="leave out the `dump --pages staged` row (39 s for the 8b)")
+    ap.add_argument("--dump-compress", default=None, metavar="CODEC",
+                    help="also `runs` first dumps with `dump --compress CODEC` (e.g. bf16) "
+                         "into empty stores, beside the default's")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
@@ -624,7 +640,7 @@ def main(argv=None):
     for size in args.sizes.split(","):
         variants = [v for v in args.variants.split(",") if v]
         rows.append(bench_size(size, args.runs, args.work, store, variants, args.sdk,
-                               args.staged))
+                               args.staged, args.dump_compress))
         print(summarise(rows, floors, card), flush=True)
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
     os.makedirs(args.out, exist_ok=True)

@@ -206,9 +206,11 @@ def s3_row(b: Bench, runs: int) -> dict:
 
 
 # extra empty-cache rows (--s3-variants): the same restore with fewer requests in flight,
-# or with the driver's staging memory placed during the CUDA restore
+# or with the driver's staging memory placed during the CUDA restore, or with one (the
+# behaviour before several) or eight prefetch helper processes
 S3_VARIANTS = {"c4": {"GPUSNAP_S3_CONCURRENCY": "4"}, "c8": {"GPUSNAP_S3_CONCURRENCY": "8"},
-               "overlap": {"GPUSNAP_UFFD_OVERLAP": "1"}}
+               "overlap": {"GPUSNAP_UFFD_OVERLAP": "1"},
+               "p1": {"GPUSNAP_S3_PREFETCH_PROCS": "1"}, "p8": {"GPUSNAP_S3_PREFETCH_PROCS": "8"}}
 
 
 def daemon_row(b: Bench, runs: int) -> dict:

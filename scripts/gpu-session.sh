@@ -45,7 +45,9 @@
 # moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
 # picks the size, 1b by default; each ~2-3 min, give them 280 s; FLEET_ARGS adds options:
 # --s3-variants c4,c8,overlap adds empty-cache rows with 4 / 8 requests in flight and with
-# the overlap, ~15 s a row and run). daemonrow: per run the
+# the overlap, p1,p8 with one / eight prefetch helper processes, ~15 s a row and run);
+# s3pull (benchmarks/s3_pull_probe.py: a snapshot's packs pulled from moto by plain GETs
+# and by the prefetch helpers, 1-8 processes; PULL_MIB, 2048 by default; ~1 min). daemonrow: per run the
 # CLI with no warm cache, then `gpusnap warm` through the daemon and a restore through it,
 # then the CLI finding that cache; stages of each in $OUT/fleet_<card>_1b_daemon.md; it
 # starts no run that would not end 40 s before its limit (240 s: ~100 s of it is building
@@ -147,6 +149,7 @@ for spec in "$@"; do
                   step "$name" "$limit" python3 -m tests.workloads.llm_server make --size 30b --out /tmp/gpusnap-bench/models/30b ;;
         b30)      breadth "$name" "$limit" b30 --mode transparent ;;
         b30sdk)   breadth "$name" "$limit" b30 --mode sdk ;;
+        s3pull)   step "$name" "$limit" python3 benchmarks/s3_pull_probe.py --mib "${PULL_MIB:-2048}" --runs 2 --out "$OUT" ;;
         s3row)    step "$name" "$limit" python3 benchmarks/fleet.py --rows s3 --size "${FLEET_SIZE:-1b}" --runs 3 --out "$OUT" ${FLEET_ARGS:-} ;;
         daemonrow) step "$name" "$limit" python3 benchmarks/fleet.py --rows daemon --size "${FLEET_SIZE:-1b}" --runs 3 \
                       --budget $((limit > 90 ? limit - 40 : limit)) --out "$OUT" ;;

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import psutil
+import pytest
 from conftest import commit_snapshot, write_images
 from s3server import s3_env, s3_server  # noqa: F401
 
@@ -101,11 +102,31 @@ def _snapshot(url, tmp_path, mib=48):
         return commit_snapshot(repo, src), src
 
 
-def test_a_snapshots_packs_come_into_the_cache_once_each(s3_env, s3_server, tmp_path, monkeypatch):
-    url = f"s3://{s3_env}/ahead"
+def test_helper_processes_default_to_one_for_four_cpus(monkeypatch):
+    monkeypatch.delenv("GPUSNAP_S3_PREFETCH_PROCS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert prefetch.procs(packs=100, workers=16) == 4
+    assert prefetch.procs(packs=2, workers=16) == 2
+    assert prefetch.procs(packs=100, workers=3) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert prefetch.procs(packs=100, workers=16) == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    assert prefetch.procs(packs=100, workers=16) == 8
+    for bad in ("0", "x", ""):
+        monkeypatch.setenv("GPUSNAP_S3_PREFETCH_PROCS", bad)
+        assert prefetch.procs(packs=100, workers=16) == 8
+    monkeypatch.setenv("GPUSNAP_S3_PREFETCH_PROCS", "5")
+    assert prefetch.procs(packs=100, workers=16) == 5
+
+
+@pytest.mark.parametrize("procs", ["1", "3"])
+def test_a_snapshots_packs_come_into_the_cache_once_each(s3_env, s3_server, tmp_path, monkeypatch,
+                                                         procs):
+    url = f"s3://{s3_env}/ahead{procs}"
     snap, src = _snapshot(url, tmp_path)
     proxy = ProxyProcess(s3_server.port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("GPUSNAP_S3_PREFETCH_PROCS", procs)
     try:
         node = Repository.open(url, cache=str(tmp_path / "empty"), create=False)
         cids = [cid for f in snap.files for cid, _n in f.chunks]
@@ -113,15 +134,16 @@ def test_a_snapshots_packs_come_into_the_cache_once_each(s3_env, s3_server, tmp_
         before = _children() - {proxy.proc.pid}
         with node.shared_lock():
             locked = _children() - {proxy.proc.pid}
-            with node.prefetch(node.load(snap.id), ["core-1.img"]):
-                assert _children() - locked, "no prefetch helper runs"
+            with node.prefetch(node.load(snap.id), ["core-1.img"]) as ahead:
+                helpers = _children() - locked - {proxy.proc.pid}
+                assert len(helpers) == int(procs) == len(ahead.pids), helpers
                 deadline = time.monotonic() + 60
                 while not all(os.path.exists(node.chunk_path(c)) for c in cids):
                     assert time.monotonic() < deadline, "the helper did not fetch every chunk"
                     time.sleep(0.05)
-                gets = [line for line in proxy.lines() if re.match(r"GET \S*/ahead/packs/", line)]
+                gets = [line for line in proxy.lines() if re.match(rf"GET \S*/ahead{procs}/packs/", line)]
                 node.materialise(node.load(snap.id), str(tmp_path / "out"))
-                after = [line for line in proxy.lines() if re.match(r"GET \S*/ahead/packs/", line)]
+                after = [line for line in proxy.lines() if re.match(rf"GET \S*/ahead{procs}/packs/", line)]
         assert _children() - {proxy.proc.pid} == before
     finally:
         proxy.close()
@@ -131,11 +153,13 @@ def test_a_snapshots_packs_come_into_the_cache_once_each(s3_env, s3_server, tmp_
         assert a.read() == b.read()
 
 
+@pytest.mark.parametrize("procs", ["1", "2"])
 def test_a_helper_stopped_midway_goes_and_leaves_no_temp_file(s3_env, s3_server, tmp_path,
-                                                              monkeypatch):
-    url = f"s3://{s3_env}/stopped"
+                                                              monkeypatch, procs):
+    url = f"s3://{s3_env}/stopped{procs}"
     snap, _src = _snapshot(url, tmp_path, mib=96)
-    monkeypatch.setenv("GPUSNAP_S3_CONCURRENCY", "1")
+    monkeypatch.setenv("GPUSNAP_S3_CONCURRENCY", procs)
+    monkeypatch.setenv("GPUSNAP_S3_PREFETCH_PROCS", procs)
     node = Repository.open(url, cache=str(tmp_path / "empty"), create=False)
     before = _children()
     t = time.monotonic()

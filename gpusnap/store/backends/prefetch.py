@@ -9,17 +9,25 @@ while the others wait on its lock. The helper fetches the packs in that order,
 there, or waits on the pack's lock while the helper fetches it, or fetches the pack
 itself when it comes first (the helper then skips it).
 
-The helper is a forked process (a thread would stop the store's worker processes from
-forking: parallel.py) in its own session, ended by the restore with SIGTERM: it finishes
-the packs in flight (a chunk enters the cache whole or not at all) and starts no other.
-It gets SIGTERM too when the process that started it dies. Its failures are its own: a
-read that needs a pack the helper could not fetch fetches it and reports what fails.
+The helpers are forked processes (a thread would stop the store's worker processes from
+forking: parallel.py), each in its own session, ended by the restore with SIGTERM: each
+finishes the packs in flight (a chunk enters the cache whole or not at all) and starts no
+other. They get SIGTERM too when the process that started them dies. Their failures are
+their own: a read that needs a pack a helper could not fetch fetches it and reports what
+fails.
+
+Several processes, the packs dealt out in turn (helper i takes packs i, i+n, ...: each
+still comes in about the order the restore reads it), the `workers` requests in flight
+shared among them: one process's GIL holds a pull to what one core does between the
+requests (the client's parsing, the pack's hash, the cache's writes), well below what
+a server on the same network gives (GPUSNAP_S3_PREFETCH_PROCS; procs() says the default).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -50,36 +58,57 @@ def order(names: Iterable[str], pack_of: Callable[[str], object | None],
     return out
 
 
-class Prefetch:
-    """A running helper (start()); stop() ends it and reaps it."""
+def procs(packs: int, workers: int) -> int:
+    """How many helper processes: GPUSNAP_S3_PREFETCH_PROCS where set, else one for
+    every 4 CPUs, at most 8; never more than the packs, nor than the requests in flight."""
+    value = os.environ.get("GPUSNAP_S3_PREFETCH_PROCS", "")
+    n = int(value) if value.isdigit() and int(value) > 0 else \
+        min(8, max(1, (os.cpu_count() or 1) // 4))
+    return max(1, min(n, packs, workers))
 
-    def __init__(self, pid: int, packs: int, nbytes: int):
-        self.pid = pid
+
+class Prefetch:
+    """Running helpers (start()); stop() ends them and reaps them."""
+
+    def __init__(self, pids: list[int], packs: int, nbytes: int):
+        self.pids = pids
         self.packs = packs
         self.bytes = nbytes
 
     def stop(self, finish: bool = False) -> None:
-        """SIGTERM: it finishes its packs in flight, within STOP_WAIT, else SIGKILL.
-        finish: first wait for it to fetch them all (interrupted: stopped as above)."""
-        if finish:
-            try:
-                os.waitpid(self.pid, 0)
-                return
-            except ChildProcessError:
-                return
-            except BaseException:
-                sysrun.end_helper(self.pid, STOP_WAIT)
-                raise
-        sysrun.end_helper(self.pid, STOP_WAIT)
+        """SIGTERM: each finishes its packs in flight, within STOP_WAIT, else SIGKILL.
+        finish: first wait for them to fetch them all (interrupted: stopped as above)."""
+        left = list(self.pids)
+        try:
+            while finish and left:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(left[0], 0)
+                left.pop(0)
+        finally:
+            for pid in left:                # all told first: they finish at once
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            for pid in left:
+                sysrun.end_helper(pid, STOP_WAIT)
 
 
 def start(fetch: Callable[[object], None], packs: list, workers: int) -> Prefetch | None:
-    """fetch(pack) of each of packs, workers at a time, in a helper process; None when
-    there is nothing to fetch, or where forking is not safe (another thread runs)."""
+    """fetch(pack) of each of packs, workers at a time, in helper processes (procs());
+    None when there is nothing to fetch, or where forking is not safe (another thread
+    runs)."""
     if not packs or not parallel.fork_is_safe():
         return None
-    return Prefetch(sysrun.fork_helper(_main, fetch, packs, max(1, workers), os.getpid()),
-                    len(packs), sum(p.size for p in packs))
+    workers = max(1, workers)
+    n = procs(len(packs), workers)
+    pids: list[int] = []
+    try:
+        for i in range(n):
+            share = workers // n + (i < workers % n)
+            pids.append(sysrun.fork_helper(_main, fetch, packs[i::n], share, os.getpid()))
+    except BaseException:
+        Prefetch(pids, 0, 0).stop()
+        raise
+    return Prefetch(pids, len(packs), sum(p.size for p in packs))
 
 
 def _main(fetch: Callable[[object], None], packs: list, workers: int, parent: int) -> None:
