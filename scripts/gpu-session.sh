@@ -73,6 +73,12 @@ SITE=/tmp/gpusnap-site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
     $(ls .whl/*.whl .whl/kvikio/*.whl 2>/dev/null) \
     >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
+# Byte-compiled as pip leaves an install (what the CLI imports from there: the S3 client;
+# moto's server is left as it is): where the machine's environment says not to write
+# bytecode, every gpusnap run against an s3:// store would compile botocore first.
+echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-}" >>"$OUT/pip.log"
+python3 -m compileall -q -j 0 "$SITE"/botocore "$SITE"/boto3 "$SITE"/s3transfer "$SITE"/jmespath \
+    "$SITE"/dateutil "$SITE"/zstandard "$PWD"/gpusnap >>"$OUT/pip.log" 2>&1 || true
 # The machine's Python (itself a venv holding torch) finds gpusnap (this tree) and the
 # wheels above through a .pth file in its own site-packages: the CRIU hook runs isolated
 # (python -I), so PYTHONPATH would not reach it. The machine is thrown away afterwards.

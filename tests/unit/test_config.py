@@ -76,7 +76,7 @@ def test_every_environment_variable_is_documented():
         for name in files:
             if name.endswith(".py"):
                 with open(os.path.join(base, name)) as f:
-                    used |= set(re.findall(r"\b(GPUSNAP_[A-Z_]+|CRTOOLS_[A-Z_]+)\b", f.read()))
+                    used |= set(re.findall(r"\b(GPUSNAP_[A-Z0-9_]+|CRTOOLS_[A-Z0-9_]+)\b", f.read()))
     used |= {s.env for s in config.SETTINGS}
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
