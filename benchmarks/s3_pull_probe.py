@@ -120,6 +120,8 @@ def main(argv=None) -> str:
         rows = [("get_1p_16t", lambda: raw_get(server, bucket, keys, 1, 16)),
                 ("get_4p_4t", lambda: raw_get(server, bucket, keys, 4, 4)),
                 ("get_8p_4t", lambda: raw_get(server, bucket, keys, 8, 4))]
+        rows.append(("prefetch_p4_split", lambda: _prefetch(url, snap.id, args.work, 4, 16,
+                                                            results, split=args.work)))
         for procs, conc in ((1, 16), (2, 16), (4, 16), (8, 16), (8, 32)):
             name = f"prefetch_p{procs}" + (f"_c{conc}" if conc != 16 else "")
             rows.append((name, lambda procs=procs, conc=conc: _prefetch(url, snap.id, args.work,
@@ -136,9 +138,17 @@ def main(argv=None) -> str:
              f"{os.cpu_count()} CPUs.", "",
              "| row | s | GB/s |", "|---|---|---|"]
     for name, xs in results.items():
+        if name.startswith("split_"):
+            continue
         s = statistics.median(xs)
         unit = "-" if name == "open_s" else f"{nbytes / 1e9 / s:.2f}"
         lines.append(f"| {name} | {s:.3f} | {unit} |")
+    split = {k[len("split_"):]: statistics.median(v) for k, v in results.items()
+             if k.startswith("split_")}
+    if split:
+        lines += ["", "prefetch_p4_split: where the helpers' threads spent their time "
+                  "(thread-seconds, all helpers, median run): " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in split.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
@@ -148,9 +158,46 @@ def main(argv=None) -> str:
     return path
 
 
+def _timed(counts: dict, key: str, fn):
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            counts[key] = counts.get(key, 0.0) + time.perf_counter() - t
+    return wrapper
+
+
+def _split_main(out_dir: str):
+    """prefetch._main that counts, in each helper, the thread-seconds of the GET (body
+    read), the pack's hash and the cache's writes, into out_dir/split-PID."""
+    import hashlib
+    import json
+
+    from gpusnap.store import cache as chunk_cache
+    from gpusnap.store.backends import prefetch, s3
+    main = prefetch._main
+
+    def run(fetch, packs, workers, parent):
+        counts: dict = {}
+        s3.S3Backend._body = _timed(counts, "get", s3.S3Backend._body)
+        chunk_cache.ChunkCache.put = _timed(counts, "cache_put", chunk_cache.ChunkCache.put)
+        real = hashlib.sha256
+        s3.hashlib = type("H", (), {"sha256": staticmethod(_timed(counts, "sha256", real))})
+        t = time.perf_counter()
+        try:
+            main(fetch, packs, workers, parent)
+        finally:
+            counts["wall"] = time.perf_counter() - t
+            with open(os.path.join(out_dir, f"split-{os.getpid()}"), "w") as f:
+                json.dump(counts, f)
+    return run
+
+
 def _prefetch(url: str, snap_id: str, work: str, procs: int, conc: int,
-              results: dict) -> float:
+              results: dict, split: str | None = None) -> float:
     from gpusnap.store import Repository
+    from gpusnap.store.backends import prefetch
     os.environ["GPUSNAP_S3_PREFETCH_PROCS"] = str(procs)
     os.environ["GPUSNAP_S3_CONCURRENCY"] = str(conc)
     cache = os.path.join(work, "cache-pull")
@@ -161,9 +208,29 @@ def _prefetch(url: str, snap_id: str, work: str, procs: int, conc: int,
     repo.prepare_reads()
     t1 = time.perf_counter()
     results.setdefault("open_s", []).append(t1 - t0)
-    with repo.prefetch(m, finish=True) as ahead:
-        assert ahead is not None and len(ahead.pids) == min(procs, ahead.packs)
-    return time.perf_counter() - t1
+    real_main = prefetch._main
+    if split:
+        for name in os.listdir(split):
+            if name.startswith("split-"):
+                os.unlink(os.path.join(split, name))
+        prefetch._main = _split_main(split)
+    try:
+        with repo.prefetch(m, finish=True) as ahead:
+            assert ahead is not None and len(ahead.pids) == min(procs, ahead.packs)
+    finally:
+        prefetch._main = real_main
+    took = time.perf_counter() - t1
+    if split:
+        import json
+        total: dict = {}
+        for name in os.listdir(split):
+            if name.startswith("split-"):
+                with open(os.path.join(split, name)) as f:
+                    for k, v in json.load(f).items():
+                        total[k] = total.get(k, 0.0) + v
+        for k, v in total.items():
+            results.setdefault(f"split_{k}", []).append(v)
+    return took
 
 
 if __name__ == "__main__":
