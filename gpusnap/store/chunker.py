@@ -56,6 +56,13 @@ def _content_defined(path: str, size: int, region_starts: list[int]) -> list[tup
                                  size // PAGE)
 
 
+def run_spans(run: memoryview) -> list[tuple[int, int]]:
+    """Where a run of whole pages (one region) is cut: (offset, length) in bytes. The
+    page stream cuts each run of non-zero pages so; a seed cuts each tensor so."""
+    heads = page_heads(run)
+    return spans_from_candidates(page_cut_candidates(heads), [0], len(heads))
+
+
 def page_heads(view: memoryview) -> list[int]:
     """The first 8 bytes of each page of view (whole pages), as integers."""
     with view.cast("Q") as words:

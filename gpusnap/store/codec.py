@@ -238,10 +238,11 @@ class PlainCodec:
             raise IntegrityError(f"chunk {cid[:16]} does not match its hash")
         return out
 
-    def seal(self, snap_id: str, data: bytes) -> bytes:
+    def seal(self, snap_id: str, data: bytes, kind: str = "snapshot") -> bytes:
+        """A record's bytes as stored: a manifest (kind "snapshot") or a seed record."""
         return data
 
-    def unseal(self, snap_id: str, blob: bytes) -> bytes:
+    def unseal(self, snap_id: str, blob: bytes, kind: str = "snapshot") -> bytes:
         return blob
 
 
@@ -330,12 +331,14 @@ class EncryptedCodec(PlainCodec):
             return _decompress_into_scratch(plain, cid, size, out)
         return super().decode_view(plain, cid, size, out)
 
-    def seal(self, snap_id: str, data: bytes) -> bytes:
-        return self._encrypt(compress(data), b"snapshot:" + snap_id.encode())
+    def seal(self, snap_id: str, data: bytes, kind: str = "snapshot") -> bytes:
+        # the kind in the aad: a seed record renamed to a manifest fails authentication
+        return self._encrypt(compress(data), f"{kind}:{snap_id}".encode())
 
-    def unseal(self, snap_id: str, blob: bytes) -> bytes:
-        sealed = self._decrypt(blob, b"snapshot:" + snap_id.encode(), f"manifest of snapshot {snap_id}")
-        return decompress_bounded(sealed, MAX_MANIFEST, f"manifest of snapshot {snap_id}")
+    def unseal(self, snap_id: str, blob: bytes, kind: str = "snapshot") -> bytes:
+        what = f"manifest of snapshot {snap_id}" if kind == "snapshot" else f"{kind} record {snap_id}"
+        sealed = self._decrypt(blob, f"{kind}:{snap_id}".encode(), what)
+        return decompress_bounded(sealed, MAX_MANIFEST, what)
 
 
 def for_config(config: dict, key: bytes | None, where: str) -> PlainCodec:

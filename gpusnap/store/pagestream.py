@@ -268,7 +268,7 @@ def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[st
                 pieces.append((at, count, ZERO_ID, 0, 0))
                 continue
             run = region[start * PAGE_SIZE:(start + count) * PAGE_SIZE]
-            for c_off, c_len in clock.timed("w_cut", _spans, run):
+            for c_off, c_len in clock.timed("w_cut", chunker.run_spans, run):
                 cid, stored, new = clock.timed("w_chunk", repo._put_chunk,
                                                run[c_off:c_off + c_len], pending)
                 pieces.append((at + c_off, c_len // PAGE_SIZE, cid, stored, new))
@@ -305,9 +305,3 @@ def _regions(parts: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append([vaddr, pages])
     return [(v, n) for v, n in out]
-
-
-def _spans(run: memoryview) -> list[tuple[int, int]]:
-    """Where the chunker cuts a run of nonzero pages: (offset, length) in bytes."""
-    heads = chunker.page_heads(run)
-    return chunker.spans_from_candidates(chunker.page_cut_candidates(heads), [0], len(heads))

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 from .. import testpause
 from ..errors import (AmbiguousSnapshot, IntegrityError, ManifestInvalid, SnapshotNotFound,
                       StoreError, UsageError)
-from ..model import MANIFEST_VERSION, FileEntry, Manifest
+from ..model import MANIFEST_VERSION, FileEntry, Manifest, Seed
 from . import backends, chunker, codec, keyfile, materialise, parallel
 from .backends.base import Backend, Missing, chunk_name
 from .tally import Tally
@@ -84,6 +84,30 @@ def manifest_bytes(data: dict) -> bytes:
     indented one, as gpusnap wrote before, reads the same; compact is written by json's
     C encoder, several times faster for a snapshot's tens of thousands of chunks)."""
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _loading(ids: list[str], load: Callable) -> tuple[list, dict[str, IntegrityError]]:
+    """load(id) of each: what loads, and why each other one does not."""
+    good, bad = [], {}
+    for rid in ids:
+        try:
+            good.append(load(rid))
+        except IntegrityError as exc:
+            bad[rid] = exc
+    return good, bad
+
+
+def _all_loaded(scanned: tuple[list, dict[str, IntegrityError]], what: str, path: str,
+                remedy: str) -> list:
+    """The records of a scan (manifests or seeds), or the first one's error that does not
+    load, saying that gc deletes nothing then and how to fix it."""
+    good, bad = scanned
+    if bad:
+        rid, exc = next(iter(bad.items()))
+        exc.hint = (f"gc deletes nothing while {what} cannot be read ({len(bad)} now): put "
+                    f"back a good copy of {path.format(rid)}, or `{remedy.format(rid)}`")
+        raise exc
+    return good
 
 
 def _now() -> str:
@@ -358,13 +382,25 @@ class Repository:
                 if stat.S_ISREG(st.st_mode):
                     files.append((os.path.relpath(full, src), full, st))
         files.sort()
+        chunks, tally = self.ingest_spans(
+            [full for _rel, full, _st in files],
+            [chunker.boundaries(full, st.st_size) for _rel, full, st in files], progress)
+        entries = [FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode), chunks[index])
+                   for index, (rel, _full, st) in enumerate(files)]
+        logical = sum(st.st_size for _rel, _full, st in files)
+        return entries, {"bytes_logical": logical, "bytes_stored": tally.stored, "bytes_new": tally.new}
+
+    def ingest_spans(self, paths: list[str], spans: list[list[tuple[int, int]]],
+                     progress: Progress | None = None) -> tuple[list[list[tuple[str, int]]], Tally]:
+        """Each (offset, length) span of each file stored as a chunk if new, on worker
+        processes: ([(chunk id, length), ...] a file, the byte counts). Durable as for
+        ingest_dir."""
         self.backend.refresh("chunks/")         # one listing instead of a lookup a chunk
-        spans = [(index, off, n) for index, (_rel, full, st) in enumerate(files)
-                 for off, n in chunker.boundaries(full, st.st_size)]
-        batches = parallel.batches(spans, lambda span: span[2])
-        _mode, results = parallel.run(_ingest_batch, (self, [f[1] for f in files], batches),
+        items = [(index, off, n) for index, file_spans in enumerate(spans) for off, n in file_spans]
+        batches = parallel.batches(items, lambda span: span[2])
+        _mode, results = parallel.run(_ingest_batch, (self, paths, batches),
                                       len(batches), parallel.workers(), ordered=True)
-        chunks: list[list[tuple[str, int]]] = [[] for _ in files]
+        chunks: list[list[tuple[str, int]]] = [[] for _ in paths]
         tally = Tally()
         try:
             for batch, outcome in zip(batches, results):
@@ -375,10 +411,61 @@ class Repository:
                     progress(sum(n for _i, _o, n in batch))
         finally:
             results.close()
-        entries = [FileEntry(rel, st.st_size, stat.S_IMODE(st.st_mode), chunks[index])
-                   for index, (rel, _full, st) in enumerate(files)]
-        logical = sum(st.st_size for _rel, _full, st in files)
-        return entries, {"bytes_logical": logical, "bytes_stored": tally.stored, "bytes_new": tally.new}
+        return chunks, tally
+
+    # ---- seeds (store/seed.py) --------------------------------------------------------
+    def add_seed(self, paths: list[str], name: str | None = None,
+                 progress: Progress | None = None) -> tuple[Seed, Tally]:
+        """Store each weights file's tensors as a dump's page stream would cut them, then
+        record them (seeds/<id>.json) so gc keeps them: the chunks durable first, their
+        names, then the record, as commit() does for a manifest. Under the shared lock."""
+        from . import seed as cutting
+        spans = [cutting.spans(p) for p in paths]          # every file checked before a write
+        chunks, tally = self.ingest_spans(paths, spans, progress)
+        entries = [FileEntry(os.path.basename(p), sum(n for _c, n in cs), 0o600, cs)
+                   for p, cs in zip(paths, chunks)]
+        record = Seed(id=secrets.token_hex(8), files=entries, created=_now(), name=name,
+                      sources=[os.path.abspath(p) for p in paths])
+        data = record.to_json()
+        Seed.from_json(data)                    # what is written must load
+        self.backend.refresh("chunks/")
+        names = record.chunk_sizes()
+        if self.missing_chunks(names):
+            raise IntegrityError("chunks of the seed vanished before it was recorded (concurrent gc?)")
+        self.backend.sync(self.chunk_name(c) for c in names)
+        self.backend.put(f"seeds/{record.id}.json",
+                         self.codec.seal(record.id, json.dumps(data, separators=(",", ":")).encode(),
+                                         kind="seed"))
+        return record, tally
+
+    def seed_ids(self) -> list[str]:
+        return sorted(n[len("seeds/"):-5] for n, _size in self.backend.list("seeds/")
+                      if n.endswith(".json") and "/" not in n[len("seeds/"):])
+
+    def load_seed(self, seed_id: str) -> Seed:
+        try:
+            raw = self.backend.get(f"seeds/{seed_id}.json")
+        except Missing:
+            raise UsageError(f"no seed {seed_id}", hint="`gpusnap seed ls` lists them") from None
+        return self._record(Seed, raw, seed_id, "seed", f"seed record {seed_id}")
+
+    def seeds(self) -> tuple[list[Seed], dict[str, IntegrityError]]:
+        """Every seed record that loads (oldest first), and why each other one does not."""
+        good, bad = _loading(self.seed_ids(), self.load_seed)
+        return sorted(good, key=lambda s: (s.created, s.id)), bad
+
+    def remove_seeds(self, seed_ids: Iterable[str]) -> list[str]:
+        """Their chunks go at the next gc, but for those a snapshot or another seed uses."""
+        removed = []
+        for sid in seed_ids:
+            if not re.fullmatch(r"[0-9a-f]{16}", sid):
+                raise UsageError(f"no seed {sid}", hint="`gpusnap seed ls` lists them")
+            try:
+                self.backend.delete(f"seeds/{sid}.json")
+            except Missing:
+                raise UsageError(f"no seed {sid}", hint="`gpusnap seed ls` lists them") from None
+            removed.append(sid)
+        return removed
 
     def new_snapshot_id(self) -> str:
         return secrets.token_hex(8)
@@ -436,28 +523,27 @@ class Repository:
     def load(self, snap_id: str) -> Manifest:
         """The snapshot's manifest, validated: IntegrityError when it does not parse,
         ManifestInvalid (an IntegrityError) when it parses but is malformed."""
-        raw = self.manifest_blob(snap_id)
+        return self._record(Manifest, self.manifest_blob(snap_id), snap_id, "snapshot",
+                            f"manifest of snapshot {snap_id}")
+
+    def _record(self, cls, raw: bytes, rid: str, kind: str, what: str):
+        """A manifest or seed record from its stored bytes (unsealed as kind), validated,
+        naming itself rid."""
         try:
-            data = json.loads(self.codec.unseal(snap_id, raw))
+            data = json.loads(self.codec.unseal(rid, raw, kind=kind))
         except ValueError:
-            raise IntegrityError(f"manifest of snapshot {snap_id} is unreadable (truncated?)") from None
+            raise IntegrityError(f"{what} is unreadable (truncated?)") from None
         try:
-            manifest = Manifest.from_json(data)
+            record = cls.from_json(data)
         except ManifestInvalid as exc:
-            raise ManifestInvalid(f"manifest of snapshot {snap_id} is invalid: {exc.message}",
-                                  hint=exc.hint) from None
-        if manifest.id != snap_id:
-            raise ManifestInvalid(f"manifest of snapshot {snap_id} names itself {manifest.id}")
-        return manifest
+            raise ManifestInvalid(f"{what} is invalid: {exc.message}", hint=exc.hint) from None
+        if record.id != rid:
+            raise ManifestInvalid(f"{what} names itself {record.id}")
+        return record
 
     def scan(self) -> tuple[list[Manifest], dict[str, IntegrityError]]:
         """Every manifest that loads (oldest first), and why each other one does not."""
-        good, bad = [], {}
-        for sid in self.snapshot_ids():
-            try:
-                good.append(self.load(sid))
-            except IntegrityError as exc:
-                bad[sid] = exc
+        good, bad = _loading(self.snapshot_ids(), self.load)
         return sorted(good, key=sequence_key), bad
 
     def manifests(self) -> list[Manifest]:
@@ -564,20 +650,16 @@ class Repository:
     def gc_plan(self, without: Iterable[str] = ()) -> dict:
         """Chunks no manifest references (those that go: in an s3 store, the chunks of
         packs no live chunk is in; "kept": how many others stay), the objects that deleting
-        them means, and stale temp files. Pure reading. Refuses
-        (IntegrityError) while a manifest does not load: which chunks it needs is unknown.
+        them means, and stale temp files; a seed's chunks count as used. Pure reading.
+        Refuses (IntegrityError) while a manifest or a seed record does not load: which
+        chunks it needs is unknown.
         without: snapshots to count as removed already (forget --dry-run)."""
         live: set[str] = set()
-        good, bad = self.scan()
-        if bad:
-            sid, exc = next(iter(bad.items()))
-            exc.hint = (f"gc deletes nothing while a manifest cannot be read ({len(bad)} now): "
-                        f"put back a good copy of snapshots/{sid}.json, or `gpusnap rm {sid}`")
-            raise exc
         gone = set(without)
-        for m in good:
-            if m.id not in gone:
-                live.update(m.chunk_sizes())
+        good = _all_loaded(self.scan(), "a manifest", "snapshots/{}.json", "gpusnap rm {}")
+        seeds = _all_loaded(self.seeds(), "a seed record", "seeds/{}.json", "gpusnap seed rm {}")
+        for record in [m for m in good if m.id not in gone] + seeds:
+            live.update(record.chunk_sizes())
         self.backend.check_private()        # no symlink to follow out of the store
         dead = {name: size for name, size in self.backend.list("chunks/")
                 if name.rsplit("/", 1)[-1] not in live}

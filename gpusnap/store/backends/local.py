@@ -76,6 +76,7 @@ class LocalBackend(Backend):
         if if_absent and os.path.lexists(path):
             return False
         if durable:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)    # seeds/: made at first use
             fsutil.write_atomic(path, data)
             return True
         self.put_many([(name, data)])

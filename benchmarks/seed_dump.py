@@ -1,0 +1,136 @@
+"""A server's first dump into an empty store against one into a store seeded with its
+weights file (`gpusnap seed add`), same run, alternating: wall seconds and bytes written.
+
+    python benchmarks/seed_dump.py cpu --mib 1024 --runs 3 [--out DIR]
+    python benchmarks/seed_dump.py server --size 8b --runs 3 [--out DIR]     (GPU machine)
+
+cpu: tests/workloads/weightholder.py (a synthetic safetensors file's tensors read into anonymous
+memory, each from a page start) stands in for the server. server: the LLM server of
+tests/workloads (cold_start.py's). Each run dumps the same live process with
+--leave-running into a fresh empty store and into a fresh store seeded just before (the
+seeding timed apart: it is done when the model lands on the node, not at the dump).
+Prints a table; writes DIR/seed_dump_<what>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (REPO, os.path.dirname(os.path.abspath(__file__))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from cold_start import gpusnap  # noqa: E402
+
+
+def _holder(work: str, mib: int):
+    import seed_probe
+    weights = os.path.join(work, "model.safetensors")
+    seed_probe.make_safetensors(weights, mib)
+    state = os.path.join(work, "holder", "ready")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.workloads.weightholder", weights,
+                             "--state", os.path.dirname(state)], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(state):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the holder did not start")
+        time.sleep(0.05)
+    return proc, weights, lambda: (proc.kill(), proc.wait())
+
+
+def _server(work: str, size: str):
+    import cold_start
+    model_dir = os.path.join(work, "models", size)
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        r = cold_start.sh([sys.executable, "-m", "tests.workloads.llm_server", "make", "--size",
+                           size, "--out", model_dir], cwd=REPO)
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+    proc, _t, _tokens, _info = cold_start.start_server(model_dir, os.path.join(work, "state"))
+    return proc, os.path.join(model_dir, "model.safetensors"), \
+        lambda: (cold_start.kill_tree(cold_start.tree(proc.pid)), proc.wait())
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["cpu", "server"])
+    ap.add_argument("--mib", type=int, default=1024, help="cpu: the weights file's size")
+    ap.add_argument("--size", default="1b", help="server: the LLM server's size")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/gpusnap-seed-dump")
+    ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS") or
+                    os.path.join(REPO, "benchmarks", "results"))
+    args = ap.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    proc, weights, stop = (_holder(args.work, args.mib) if args.what == "cpu"
+                           else _server(args.work, args.size))
+    rows: dict[str, list[dict]] = {"empty": [], "seeded": []}
+    seeds: list[dict] = []
+    try:
+        for run in range(args.runs):
+            for kind in ("empty", "seeded"):
+                store = os.path.join(args.work, f"store-{kind}")
+                shutil.rmtree(store, ignore_errors=True)
+                if kind == "seeded":
+                    t = time.perf_counter()
+                    seed = gpusnap("seed", "add", weights, store=store)
+                    seed["wall_s"] = time.perf_counter() - t
+                    seeds.append(seed)
+                t = time.perf_counter()
+                snap = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", store=store)
+                rows[kind].append({"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
+                                   "bytes_logical": snap["bytes_logical"],
+                                   "timings": snap.get("timings", {})})
+                print(json.dumps({"run": run, "kind": kind, **rows[kind][-1]}), flush=True)
+                shutil.rmtree(store, ignore_errors=True)
+    finally:
+        stop()
+    card = "CPU host" if args.what == "cpu" else _card()
+    what = f"cpu_{args.mib}mib" if args.what == "cpu" else f"{_tag(card)}_{args.size}"
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    e, s = rows["empty"], rows["seeded"]
+    lines = [f"# First dump into an empty store vs a seeded one — {card}", "",
+             f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
+             f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
+             f"--leave-running, medians of {args.runs}; weights {os.path.getsize(weights) / 1e9:.2f} GB.", "",
+             "| store | dump s | GB written (bytes_new) | image GB |", "|---|---|---|---|",
+             f"| empty | {med([r['s'] for r in e]):.2f} | {med([r['bytes_new'] for r in e]) / 1e9:.2f} | "
+             f"{e[0]['bytes_logical'] / 1e9:.2f} |",
+             f"| seeded with the weights file | {med([r['s'] for r in s]):.2f} | "
+             f"{med([r['bytes_new'] for r in s]) / 1e9:.2f} | {s[0]['bytes_logical'] / 1e9:.2f} |", "",
+             f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
+             f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks.",
+             "Runs (s): empty " + ", ".join(f"{r['s']:.2f}" for r in e) + "; seeded "
+             + ", ".join(f"{r['s']:.2f}" for r in s)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"seed_dump_{what}")
+    with open(base + ".json", "w") as f:
+        json.dump({"card": card, "rows": rows, "seeds": seeds}, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    return base + ".md"
+
+
+def _card() -> str:
+    import torch
+    return torch.cuda.get_device_name(0)
+
+
+def _tag(card: str) -> str:
+    return "h200" if "H200" in card else card.replace(" ", "_").lower()
+
+
+if __name__ == "__main__":
+    main()
