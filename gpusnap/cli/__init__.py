@@ -29,7 +29,7 @@ class LazyGroup(click.Group):
         "verify": "Re-hash every chunk of one or all snapshots.",
         "warm": "Keep snapshots' images prepared on this host, so restores skip materialising them.",
         "rm": "Remove snapshots (their chunks go at the next gc).",
-        "gc": "Delete chunks no snapshot uses.",
+        "gc": "Delete chunks no snapshot or seed uses.",
         "forget": "Keep the newest N snapshots of each name, remove the rest, then gc.",
         "seed": "Store a model's weights ahead of its server's first dump (the dump writes the rest).",
         "export": "Write a snapshot and its chunks to one file.",

@@ -4,7 +4,7 @@ from .context import human_bytes
 
 
 def prune(repo, dry_run: bool, forget: list[str] = ()) -> dict:
-    """Remove the forget snapshots, then delete every chunk no snapshot uses (the caller
+    """Remove the forget snapshots, then delete every chunk no snapshot or seed uses (the caller
     holds the exclusive lock); with dry_run, only say what that would free."""
     from ..engine import imagecache
     plan = repo.gc_plan(without=forget)
@@ -28,7 +28,7 @@ def freed_text(report: dict) -> str:
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted, delete nothing.")
 @click.pass_obj
 def command(app, dry_run):
-    """Delete chunks that no snapshot references (under the exclusive store lock), and what
+    """Delete chunks that no snapshot or seed references (under the exclusive store lock), and what
     killed gpusnaps left: their work dirs, agent sockets, failed logs beyond the newest 20."""
     from ..engine import workdir
     repo = app.repo(create=False)
