@@ -433,10 +433,13 @@ def _settle_restore(rec: Record) -> str:
 
 def wait_for_workers(work: str, timeout: float = CRIU_WAIT) -> None:
     """Wait while a process still works in work (a CRIU finishing its dump or restore:
-    its command line names the images there)."""
+    its command line names the images there). Idle means idle at two looks 0.1 s apart:
+    a process in execve (a wrapper exec'ing CRIU) shows no command line for a moment, and
+    one look that fell there let a restore's guard settle before CRIU had run (test_kill9)."""
     import psutil
     deadline = time.monotonic() + timeout
     prefix = work.rstrip("/") + "/"
+    idle = 0
     while time.monotonic() < deadline:
         busy = False
         for proc in psutil.process_iter(["cmdline"]):
@@ -444,9 +447,10 @@ def wait_for_workers(work: str, timeout: float = CRIU_WAIT) -> None:
             if proc.pid != os.getpid() and any(a == work or a.startswith(prefix) for a in args):
                 busy = True
                 break
-        if not busy:
+        idle = 0 if busy else idle + 1
+        if idle >= 2:
             return
-        time.sleep(0.05)
+        time.sleep(0.1 if idle else 0.05)
 
 
 def remove_work(work: str) -> bool:
