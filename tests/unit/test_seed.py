@@ -175,7 +175,16 @@ def test_the_cli_adds_lists_and_removes_seeds(tmp_path):
     assert rc == 0 and {s["id"] for s in listed["seeds"]} == {out["id"], again["id"]}
     rc, removed, _ = cli("seed", "rm", out["id"])
     assert rc == 0 and removed["removed"] == [out["id"]]
-    rc, failed, _ = cli("seed", "add", str(tmp_path))
+    shards = tmp_path / "model"
+    shards.mkdir()
+    for i in range(2):
+        _safetensors(str(shards / f"model-0000{i + 1}-of-00002.safetensors"), [PAGE * 8], seed=i)
+    rc, both, err = cli("seed", "add", str(shards))     # a directory: its shards
+    assert rc == 0, err
+    assert both["files"] == sorted(str(p) for p in shards.iterdir()) and both["bytes_seeded"] == PAGE * 16
+    rc, failed, _ = cli("seed", "add", str(tmp_path / "store"))     # no .safetensors under it
+    assert rc == 2 and "no .safetensors" in failed["message"]
+    rc, failed, _ = cli("seed", "add", str(tmp_path / "missing.safetensors"))
     assert rc == 2
     rc, failed, _ = cli("seed", "rm", out["id"])
     assert rc == 2 and "no seed" in failed["message"]
