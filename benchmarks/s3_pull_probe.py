@@ -112,10 +112,9 @@ def main(argv=None) -> str:
             snap = commit_snapshot(repo, src)
         shutil.rmtree(src)
         shutil.rmtree(os.path.join(args.work, "cache-dump"))
-        keys = [o["Key"] for page in server.client().get_paginator("list_objects_v2").paginate(
+        listed = [o for page in server.client().get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix="probe/packs/") for o in page.get("Contents", [])]
-        nbytes = sum(o["Size"] for page in server.client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix="probe/packs/") for o in page.get("Contents", []))
+        keys, nbytes = [o["Key"] for o in listed], sum(o["Size"] for o in listed)
         print(f"{len(keys)} packs, {nbytes / 1e9:.2f} GB", flush=True)
         rows = [("get_1p_16t", lambda: raw_get(server, bucket, keys, 1, 16)),
                 ("get_4p_4t", lambda: raw_get(server, bucket, keys, 4, 4)),

@@ -29,7 +29,7 @@ def add(app, paths, name):
     repo = app.repo()
     total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     with repo.shared_lock(), app.progress("seed", total) as progress:
-        record, tally = repo.add_seed(list(files), name=name, progress=progress)
+        record, tally = repo.add_seed(files, name=name, progress=progress)
     report = {"id": record.id, "name": record.name, "files": list(record.sources),
               "chunks": len(record.chunk_sizes()), "bytes_seeded": record.bytes_seeded,
               "bytes_stored": tally.stored, "bytes_new": tally.new,

@@ -45,4 +45,3 @@ class Seed:
     @property
     def bytes_seeded(self) -> int:
         return sum(entry.size for entry in self.files)
-

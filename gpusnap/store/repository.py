@@ -110,6 +110,10 @@ def _all_loaded(scanned: tuple[list, dict[str, IntegrityError]], what: str, path
     return good
 
 
+def _no_seed(seed_id: str) -> UsageError:
+    return UsageError(f"no seed {seed_id}", hint="`gpusnap seed ls` lists them")
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -428,25 +432,18 @@ class Repository:
                       sources=[os.path.abspath(p) for p in paths])
         data = record.to_json()
         Seed.from_json(data)                    # what is written must load
-        self.backend.refresh("chunks/")
-        names = record.chunk_sizes()
-        if self.missing_chunks(names):
-            raise IntegrityError("chunks of the seed vanished before it was recorded (concurrent gc?)")
-        self.backend.sync(self.chunk_name(c) for c in names)
-        self.backend.put(f"seeds/{record.id}.json",
-                         self.codec.seal(record.id, json.dumps(data, separators=(",", ":")).encode(),
-                                         kind="seed"))
+        self._publish("seeds/", "seed", record.id, data, record.chunk_sizes(),
+                      "the seed was recorded")
         return record, tally
 
     def seed_ids(self) -> list[str]:
-        return sorted(n[len("seeds/"):-5] for n, _size in self.backend.list("seeds/")
-                      if n.endswith(".json") and "/" not in n[len("seeds/"):])
+        return self._record_ids("seeds/")
 
     def load_seed(self, seed_id: str) -> Seed:
         try:
             raw = self.backend.get(f"seeds/{seed_id}.json")
         except Missing:
-            raise UsageError(f"no seed {seed_id}", hint="`gpusnap seed ls` lists them") from None
+            raise _no_seed(seed_id) from None
         return self._record(Seed, raw, seed_id, "seed", f"seed record {seed_id}")
 
     def seeds(self) -> tuple[list[Seed], dict[str, IntegrityError]]:
@@ -459,11 +456,11 @@ class Repository:
         removed = []
         for sid in seed_ids:
             if not re.fullmatch(r"[0-9a-f]{16}", sid):
-                raise UsageError(f"no seed {sid}", hint="`gpusnap seed ls` lists them")
+                raise _no_seed(sid)
             try:
                 self.backend.delete(f"seeds/{sid}.json")
             except Missing:
-                raise UsageError(f"no seed {sid}", hint="`gpusnap seed ls` lists them") from None
+                raise _no_seed(sid) from None
             removed.append(sid)
         return removed
 
@@ -483,15 +480,20 @@ class Repository:
         manifest.seq = self._next_seq()
         data = manifest.to_json()
         Manifest.from_json(data)                # what is written must load
+        self._publish("snapshots/", "snapshot", manifest.id, data, manifest.chunk_sizes(), "commit")
+        return manifest.id
+
+    def _publish(self, prefix: str, kind: str, rid: str, data: dict, chunks: dict[str, int],
+                 when: str) -> None:
+        """Write a record (a manifest, or a seed record) at prefix<rid>.json, sealed as
+        kind, once every chunk it names is durable (their directories fsynced here, their
+        bytes as they were written); IntegrityError when one vanished before `when`."""
         self.backend.refresh("chunks/")
-        chunks = manifest.chunk_sizes()
         missing = self.missing_chunks(chunks)
         if missing:
-            raise IntegrityError(f"{len(missing)} chunks vanished before commit (concurrent gc?)")
+            raise IntegrityError(f"{len(missing)} chunks vanished before {when} (concurrent gc?)")
         self.backend.sync(self.chunk_name(c) for c in chunks)
-        self.backend.put(f"snapshots/{manifest.id}.json",
-                         self.codec.seal(manifest.id, manifest_bytes(data)))
-        return manifest.id
+        self.backend.put(f"{prefix}{rid}.json", self.codec.seal(rid, manifest_bytes(data), kind=kind))
 
     def _next_seq(self) -> int:
         """The next number of the store's commit sequence: strictly increasing, so
@@ -510,8 +512,12 @@ class Repository:
 
     # ---- snapshots -----------------------------------------------------------------
     def snapshot_ids(self) -> list[str]:
-        return sorted(n[len("snapshots/"):-5] for n, _size in self.backend.list("snapshots/")
-                      if n.endswith(".json") and "/" not in n[len("snapshots/"):])
+        return self._record_ids("snapshots/")
+
+    def _record_ids(self, prefix: str) -> list[str]:
+        """The ids of the records <prefix><id>.json (temp files and deeper names left out)."""
+        return sorted(n[len(prefix):-5] for n, _size in self.backend.list(prefix)
+                      if n.endswith(".json") and "/" not in n[len(prefix):])
 
     def manifest_blob(self, snap_id: str) -> bytes:
         """A manifest file's bytes as stored (sealed in an encrypted store)."""

@@ -82,4 +82,4 @@ def spans(path: str) -> list[tuple[int, int]]:
 
 def _bad(path: str, why: str) -> UsageError:
     return UsageError(f"{path} is not a safetensors file: {why}",
-                           hint="a seed is made from a model's .safetensors weight files")
+                      hint="a seed is made from a model's .safetensors weight files")
