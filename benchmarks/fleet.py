@@ -157,7 +157,7 @@ class Bench:
         self.w.answer()
         t2 = time.perf_counter()
         return {"total": t2 - t0, "restore_cli": t1 - t0, "answer": t2 - t1, "via": res.get("via"),
-                "command": res.get("command_s", 0.0),
+                "command": res.get("command_s", 0.0), "store_open": res.get("store_open_s", 0.0),
                 **{k: v for k, v in res.get("timings", {}).items() if isinstance(v, (int, float))}}
 
     def local_snapshot(self) -> str:
@@ -300,6 +300,14 @@ def render(result: dict) -> str:
                            ("s3_warm_cache", "s3://, warm chunk cache (second restore on a node)"),
                            *extra):
             lines.append(f"| {label} | {total(s3[key]):.2f} | {total(s3[key]) / local:.2f} |")
+        rows = [("local directory", s3["local"]),
+                *((label, s3[key]) for key, label in (("s3_empty_cache", "s3://, empty cache"),
+                                                      ("s3_warm_cache", "s3://, warm cache"))),
+                *((k[len("s3_"):], s3[k]) for k, _label in extra)]
+        opened = "; ".join(f"{label} {med([x.get('store_open', 0.0) for x in xs]):.3f}"
+                           for label, xs in rows)
+        lines += ["", "Stages (medians, s; plan includes opening the store: " + opened + "):",
+                  "", *stage_table(rows, "store")]
         lines += ["", f"Target: s3 into an empty cache within 1.5x of local: "
                   f"{'met' if total(s3['s3_empty_cache']) <= 1.5 * local else 'not met'}. "
                   f"Dump into s3 {s3['dump_s3_s']:.2f} s ({s3['bytes_logical'] / 1e9:.2f} GB "
@@ -312,24 +320,29 @@ def render(result: dict) -> str:
 
 FRONT_DOORS = (("cli", "CLI (no warm cache)"), ("daemon", "CLI -> gpusnapd (prefetched)"),
                ("cli_warm", "CLI (warm cache)"))
-NOT_STAGES = {"total", "restore_cli", "answer", "via", "command"}
+NOT_STAGES = {"total", "restore_cli", "answer", "via", "command", "store_open"}
 
 
-def daemon_table(d: dict) -> list[str]:
-    """Medians per front door: to first token, the restore command, each stage, what of
-    the restore command no stage covers (in): the command's own steps outside stages,
-    and (out) interpreter start, imports, click, the round trip to the daemon."""
-    stages = sorted({k for key, _ in FRONT_DOORS for x in d[key] for k in x} - NOT_STAGES)
-    lines = ["## Restore through gpusnapd vs the standalone CLI", "",
-             "| front door | to first token s | restore command s | " + " | ".join(stages)
+def stage_table(rows: list[tuple[str, list[dict]]], what: str) -> list[str]:
+    """Medians per row: to first token, the restore command, each stage, what of the
+    restore command no stage covers (in): the command's own steps outside stages, and
+    (out) interpreter start, imports, click, the round trip to a daemon."""
+    stages = sorted({k for _label, xs in rows for x in xs for k in x} - NOT_STAGES)
+    lines = [f"| {what} | to first token s | restore command s | " + " | ".join(stages)
              + " | other in | other out |", "|---" * (len(stages) + 5) + "|"]
-    for key, label in FRONT_DOORS:
-        xs = d[key]
+    for label, xs in rows:
         cells = [med([x.get(s, 0.0) for x in xs]) for s in stages]
         inside = med([x["command"] - sum(x.get(s, 0.0) for s in stages) for x in xs])
         outside = med([x["restore_cli"] - x["command"] for x in xs])
         lines.append(f"| {label} (n={len(xs)}) | {total(xs):.2f} | {med([x['restore_cli'] for x in xs]):.2f} | "
                      + " | ".join(f"{c:.3f}" for c in cells) + f" | {inside:.3f} | {outside:.3f} |")
+    return lines
+
+
+def daemon_table(d: dict) -> list[str]:
+    """The daemon row: stage_table of each front door, then what it adds up to."""
+    lines = ["## Restore through gpusnapd vs the standalone CLI", "",
+             *stage_table([(label, d[key]) for key, label in FRONT_DOORS], "front door")]
     cli, via, warm = total(d["cli"]), total(d["daemon"]), total(d["cli_warm"])
     return lines + ["", f"Daemon faster than the CLI by {cli - via:.2f} s (target >= 0.3 s: "
                     f"{'met' if cli - via >= 0.3 else 'not met'}); than the CLI with the same warm "

@@ -35,6 +35,7 @@ def command(app, snapshot, gpus, name, devices, pages, keep, standby):
     from ..engine import restore, workdir
     started = time.perf_counter()
     repo = app.repo(create=False)
+    opened = time.perf_counter() - started     # of plan: an s3 store's client and config
     req = restore.RestoreRequest(snapshot=snapshot, gpus=gpus.split(",") if gpus else None,
                                  name=name, devices=list(devices) or None, pages=pages,
                                  standby=standby)
@@ -52,6 +53,7 @@ def command(app, snapshot, gpus, name, devices, pages, keep, standby):
                 app.note(f"work dir kept at {path}")
     result["timings"] = {"plan": round(planned, 4), **result["timings"]}
     result["command_s"] = round(time.perf_counter() - started, 4)   # all of it, in this process
+    result["store_open_s"] = round(opened, 4)
     container = result.get("container")
     text = (f"{container['name']} {container['id'][:12]} {result['pid']}" if container
             else str(result["pid"]))

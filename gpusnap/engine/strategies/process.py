@@ -143,8 +143,11 @@ def _pages_in(plan: RestorePlan, repo: Repository, work: str, stages: Stages, pr
     m = plan.manifest
     # rm and gc (which drop caches) wait for CRIU and the fill; a remote store's packs
     # come ahead of the reads, several at once
-    reading.enter_context(repo.shared_lock())
-    ahead = reading.enter_context(repo.prefetch(m, _small_images(m)))
+    held = contextlib.ExitStack()
+    reading.enter_context(_released_as(stages, "store_release", held))
+    with stages.stage("store_lock"):
+        held.enter_context(repo.shared_lock())
+        ahead = held.enter_context(repo.prefetch(m, _small_images(m)))
     if ahead:
         plan.notes.append(f"{ahead.packs} packs ({ahead.bytes / 1e9:.2f} GB) "
                           f"fetched ahead from the store while restoring")
@@ -155,6 +158,17 @@ def _pages_in(plan: RestorePlan, repo: Repository, work: str, stages: Stages, pr
     prep = _prepared(plan, repo, work, stages, progress)
     _make_room(plan, prep.images, stages)
     return pages.restore(plan, repo, work, prep, stages, progress)
+
+
+@contextlib.contextmanager
+def _released_as(stages: Stages, name: str, held: contextlib.ExitStack):
+    """held's exits (the store's lock, the prefetch: an s3 store's requests and helper
+    processes) timed as stage name."""
+    try:
+        yield
+    finally:
+        with stages.stage(name):
+            held.close()
 
 
 def _continue_stopped(root: int, m: Manifest) -> None:
