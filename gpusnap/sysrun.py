@@ -174,8 +174,12 @@ def fork_helper(fn, *args) -> int:
     For a helper that must outlive gpusnap (criu/lazy.py's guard): a new session keeps
     it out of a Ctrl-C or a kill of gpusnap's process group, and it ignores SIGINT and
     SIGHUP. It leaves through os._exit: nothing of gpusnap's runs twice. Fork only where
-    no other thread runs (the child would inherit their locks held)."""
-    pid = os.fork()
+    no other thread runs (the child would inherit their locks held).
+    A SIGTERM that comes before the helper has its handlers ends it (SIG_DFL): forked
+    unheld, it could meet the parent's handler of the moment (interrupts.held()'s, which
+    only notes it), and a helper ended at once, as a store lock released right after it
+    was taken ends its refresher, ran on until end_helper's SIGKILL 30 s later."""
+    pid, blocked = fork_held()
     if pid:
         return pid
     code = 0
@@ -184,6 +188,7 @@ def fork_helper(fn, *args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         fn(*args)
     except BaseException:       # noqa: BLE001 - the helper's exit code says it failed
         code = 1

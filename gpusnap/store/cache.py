@@ -1,7 +1,11 @@
 """The local pull-through cache of a remote store's chunks.
 
+    <cache dir>/<store key>/packs/<xx>/<id>    a pack of the store as stored, whole: its
+                                               chunks are read out of it by offset, where
+                                               the store's index says (backends/packs.py)
     <cache dir>/<store key>/chunks/<xx>/<id>   a chunk as stored (compressed; encrypted in
-                                               an encrypted store)
+                                               an encrypted store), where it came alone (a
+                                               range read of a pack too large to keep)
     <cache dir>/<store key>/index/<pack id>    index objects of the store's packs, and
                    index/bundle-<id>           bundles (they never change: each is read
                                                from the store once a node)
@@ -12,15 +16,18 @@
                                                (a chunk is written beside its name, then
                                                renamed to it)
 
-(<store key>: 16 hex digits of the sha256 of the store's URL.) A chunk enters the cache
-when a decode checked it against its id (a restore or verify that read it from the
-store), when this node made it (a dump), or with the rest of its pack, once the pack's
-bytes matched the pack's id (a restore reads a chunk's neighbours next); every read from
-the cache is checked again by the decode, like any read. The bytes are the
-stored encoding, so an encrypted store's cache is as opaque as the bucket.
+(<store key>: 16 hex digits of the sha256 of the store's URL.) A pack enters the cache
+whole once its bytes matched the pack's id (a restore reads a chunk's neighbours next),
+or when this node made it (a dump); a chunk alone when a decode checked it against its
+id. Every read from the cache is checked again by the decode, like any read. The bytes
+are the stored encoding, so an encrypted store's cache is as opaque as the bucket.
+Why packs whole: a 1.3B server's snapshot is ~10,000 chunks in ~120 packs, and a file
+each cost a create, a rename and later an open and a read each (on the H200 host the
+prefetch helpers spent 4.4 thread-seconds a GB writing chunk files, against 5.4 in the
+GETs themselves: s3_pull_h200_1024mib_split.md).
 
 Bounded by max_bytes (--cache-size): least recently used first out (a hit bumps the
-file's mtime). Each process keeps a running total from one scan when it opens the cache
+file's mtime, a pack's once a process). Each process keeps a running total from one scan when it opens the cache
 and evicts to 90 % of the bound when a write takes it over; a write that meets a full
 disk evicts and tries once more, then gives up quietly (the cache is an optimisation:
 restores still work, straight from the store).
@@ -66,6 +73,7 @@ class ChunkCache:
     def __init__(self, root: str, max_bytes: int = DEFAULT_SIZE):
         self.root = root
         self.chunks = os.path.join(root, "chunks")
+        self.packs = os.path.join(root, "packs")
         self.tmp = os.path.join(root, "tmp")
         self.index = os.path.join(root, "index")
         self.locks = os.path.join(root, "packlocks")
@@ -73,12 +81,13 @@ class ChunkCache:
         self._total: int | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._touched: set[str] = set()     # packs whose mtime this process bumped
 
     def open(self) -> "ChunkCache":
         """Create the cache directories (owner-only) and refuse one others can open."""
         old = os.umask(0o077)
         try:
-            for d in (self.root, self.chunks, self.tmp, self.index, self.locks):
+            for d in (self.root, self.chunks, self.packs, self.tmp, self.index, self.locks):
                 os.makedirs(d, mode=0o700, exist_ok=True)
         finally:
             os.umask(old)
@@ -104,9 +113,43 @@ class ChunkCache:
     def has(self, cid: str) -> bool:
         return os.path.exists(self.path(cid))
 
+    def pack_path(self, pack_id: str) -> str:
+        return os.path.join(self.packs, pack_id[:2], pack_id)
+
+    def has_pack(self, pack_id: str) -> bool:
+        return os.path.exists(self.pack_path(pack_id))
+
+    def get_range(self, pack_id: str, offset: int, length: int) -> bytes | None:
+        """length bytes at offset of a kept pack (a chunk of it); None when the pack is
+        not here (or shorter: then it is no pack of ours)."""
+        path = self.pack_path(pack_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            return None
+        if pack_id not in self._touched:
+            self._touched.add(pack_id)
+            with contextlib.suppress(OSError):
+                os.utime(path)              # most recently used
+        return data
+
+    def put_pack(self, pack_id: str, data) -> bool:
+        """Keep a pack whose bytes matched its id; False when it could not be kept."""
+        return self._keep(self.pack_path(pack_id), data)
+
     def put(self, cid: str, blob) -> bool:
         """Keep a verified chunk; False when it could not be kept (disk full)."""
-        path = self.path(cid)
+        return self._keep(self.path(cid), blob)
+
+    def _keep(self, path: str, blob) -> bool:
         if os.path.exists(path):
             return True
         for attempt in (0, 1):
@@ -167,17 +210,18 @@ class ChunkCache:
         return self._total
 
     def _entries(self) -> Iterator[tuple[str, int, float]]:
-        for dirpath, _dirs, names in os.walk(self.chunks):
-            for n in names:
-                p = os.path.join(dirpath, n)
-                try:
-                    st = os.stat(p)
-                except FileNotFoundError:
-                    continue
-                yield p, st.st_size, st.st_mtime
+        for top in (self.chunks, self.packs):
+            for dirpath, _dirs, names in os.walk(top):
+                for n in names:
+                    p = os.path.join(dirpath, n)
+                    try:
+                        st = os.stat(p)
+                    except FileNotFoundError:
+                        continue
+                    yield p, st.st_size, st.st_mtime
 
     def evict(self, target: int) -> int:
-        """Remove least recently used chunks until the cache holds at most target bytes.
+        """Remove least recently used chunks and packs until the cache holds at most target bytes.
         Returns the bytes freed."""
         entries = sorted(self._entries(), key=lambda e: e[2])
         total = sum(size for _p, size, _t in entries)

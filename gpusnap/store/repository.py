@@ -336,10 +336,13 @@ class Repository:
         if keep:
             keep(self.chunk_name(cid), blob)
 
-    def prepare_reads(self) -> None:
+    def prepare_reads(self, cids: Iterable[str] | None = None) -> None:
         """Load where the store's chunks are before workers fork to read them (an s3
-        store: one listing and the index objects not seen yet, instead of one a worker)."""
-        self.backend.refresh("chunks/")
+        store: one listing and the index objects not seen yet, instead of one a worker).
+        cids: the chunks to be read (none listed again when the backend knows them all);
+        None: a fresh listing."""
+        self.backend.prepare_reads(None if cids is None else
+                                   [self.chunk_name(c) for c in cids if c != codec.ZERO_ID])
 
     @contextlib.contextmanager
     def prefetch(self, manifest: Manifest, first: Iterable[str] = (), *, finish: bool = False):
@@ -612,7 +615,7 @@ class Repository:
         only: per path, the byte ranges to write (the rest stays a hole: the uffd page
         path places those pages itself). Any mismatch raises IntegrityError; the caller
         removes dest. Statistics in self.last_materialise."""
-        self.prepare_reads()
+        self.prepare_reads(cid for f in getattr(manifest, which) for cid, _n in f.chunks)
         self.last_materialise = materialise.write_files(self, getattr(manifest, which), dest,
                                                         parallel.workers(), progress, only)
 

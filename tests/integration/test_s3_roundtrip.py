@@ -96,5 +96,5 @@ def test_warm_brings_a_snapshots_chunks_into_an_empty_cache(workload, s3_server,
     rc, warmed, err = _done(_node(s3_server, store, str(empty), "warm", "tree", "--pages", "uffd"))
     assert rc == 0 and warmed[0]["id"] == dumped["id"], err
     chunks = sum(os.path.getsize(os.path.join(d, f)) for d, _s, fs in os.walk(empty)
-                 for f in fs if "/chunks/" in os.path.join(d, f))
+                 for f in fs if "/packs/" in os.path.join(d, f) or "/chunks/" in os.path.join(d, f))
     assert chunks >= 0.95 * dumped["bytes_stored"], (chunks, dumped["bytes_stored"])

@@ -225,3 +225,17 @@ def test_a_held_lock_is_rewritten_by_a_helper_that_is_gone_before_its_object(s3_
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in helpers)
     assert _lock_objects(backend) == {}
+
+
+def test_a_lock_let_go_at_once_ends_its_refresher_at_once(s3_env):
+    """The refresher's SIGTERM can come as soon as it is forked, under interrupts.held()
+    (whose handler only notes a signal): the helper must still go, not run on until
+    end_helper's SIGKILL, REFRESH_STOP_WAIT (30 s) later."""
+    from gpusnap.store.backends import objlock
+    backend = for_location(f"s3://{s3_env}/quick")
+    for _ in range(3):
+        started = time.monotonic()
+        with backend.lock(exclusive=False, timeout=5):
+            pass
+        assert time.monotonic() - started < objlock.REFRESH_STOP_WAIT / 3
+    assert _lock_objects(backend) == {}

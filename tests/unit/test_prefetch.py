@@ -138,7 +138,7 @@ def test_a_snapshots_packs_come_into_the_cache_once_each(s3_env, s3_server, tmp_
                 helpers = _children() - locked - {proxy.proc.pid}
                 assert len(helpers) == int(procs) == len(ahead.pids), helpers
                 deadline = time.monotonic() + 60
-                while not all(os.path.exists(node.chunk_path(c)) for c in cids):
+                while not all(node.backend.in_cache(c) for c in cids):
                     assert time.monotonic() < deadline, "the helper did not fetch every chunk"
                     time.sleep(0.05)
                 gets = [line for line in proxy.lines() if re.match(rf"GET \S*/ahead{procs}/packs/", line)]
@@ -207,4 +207,4 @@ def test_finish_waits_for_every_chunk(s3_env, s3_server, tmp_path):
     with node.prefetch(node.load(snap.id), finish=True):
         pass
     assert _children() == before
-    assert all(os.path.exists(node.chunk_path(cid)) for f in snap.files for cid, _n in f.chunks)
+    assert all(node.backend.in_cache(cid) for f in snap.files for cid, _n in f.chunks)

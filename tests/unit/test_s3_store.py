@@ -55,6 +55,32 @@ def test_round_trip_into_an_empty_cache_and_dedup(s3_env, tmp_path):
     assert node_b.verify()["bad"] == []
 
 
+def test_a_restore_lists_the_packs_once_and_still_finds_a_chunk_stored_after(s3_env, tmp_path,
+                                                                             monkeypatch):
+    """The prefetch, materialise and the fill each ask for the snapshot's chunks before
+    their workers fork: index/ is listed (and its indexes decoded) once while the table
+    knows them all; a snapshot whose chunks came later lists again, and reads right."""
+    url = f"s3://{s3_env}/once"
+    first = _dump(Repository.open(url, cache=str(tmp_path / "a")), _images(tmp_path, mib=2))
+    node = Repository.open(url, cache=str(tmp_path / "b"), create=False)
+    listings = []
+    real = node.backend._refresh_packs
+    monkeypatch.setattr(node.backend, "_refresh_packs", lambda: listings.append(1) or real())
+    m = node.load(first["id"])
+    cids = [cid for f in m.files for cid, _n in f.chunks]
+    for _ in range(3):
+        node.prepare_reads(cids)
+    assert len(listings) == 1
+    later = _dump(Repository.open(url, cache=str(tmp_path / "a")),
+                  _images(tmp_path, mib=2, seed=b"b"))
+    with node.shared_lock():
+        node.materialise(node.load(later["id"]), str(tmp_path / "out"))
+    assert len(listings) == 2
+    _same_tree(str(tmp_path / "img-b"), str(tmp_path / "out"))
+    node.prepare_reads()                    # no chunks named: a fresh listing
+    assert len(listings) == 3
+
+
 def test_an_encrypted_store_shows_no_plain_hash_and_no_key(s3_env, s3_server, tmp_path):
     key = tmp_path / "key"
     key.write_text(os.urandom(32).hex() + "\n")

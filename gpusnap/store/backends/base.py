@@ -94,6 +94,12 @@ class Backend:
         """Take a fresh listing of prefix for size()/exists() to answer from (remote
         backends: one LIST instead of a HEAD per object). Local: nothing to do."""
 
+    def prepare_reads(self, names: list[str] | None = None) -> None:
+        """Before workers fork to read chunks: know where they are. names: the chunks to
+        be read (a remote backend that knows where each is already lists nothing);
+        None: all of them, freshly listed."""
+        self.refresh("chunks/")
+
     def stale_temps(self) -> list[str]:
         """Leftovers of interrupted writes that gc may remove (under the exclusive lock)."""
         return []

@@ -196,6 +196,10 @@ class PackTable:
             else:
                 self.where.pop(cid, None)
 
+    def holders(self, cid: str) -> list[tuple[Pack, int, int]]:
+        """Every pack holding chunk cid, with the chunk's offset and length in it."""
+        return [(self.packs[p], *self.packs[p].chunks[cid]) for p in self.where.get(cid, ())]
+
     def locate(self, cid: str) -> tuple[Pack, int, int] | None:
         """A pack holding chunk cid, with the chunk's offset and length in it."""
         holders = self.where.get(cid)

@@ -16,8 +16,9 @@ botocore's standard retry mode (GPUSNAP_S3_RETRIES attempts, default 8).
 
 Reads of chunks go through the node's pull-through cache (store/cache.py) when there is
 one: a miss fetches the chunk's whole pack once (a lock file per pack in the cache keeps
-the restore's other workers waiting for it rather than fetching it too) and keeps all of
-its chunks; the Repository tells this backend which chunks it verified (verified()).
+the restore's other workers waiting for it rather than fetching it too) and keeps it
+whole, its chunks read out of it by offset; the Repository tells this backend which
+chunks it verified (verified()): one read by range is kept alone.
 """
 
 from __future__ import annotations
@@ -187,7 +188,28 @@ class S3Backend(Backend):
 
     def _cached(self, name: str) -> bytes | None:
         cid = packs.chunk_id_of(name) if self.cache is not None else None
-        return self.cache.get(cid) if cid else None
+        return self._from_cache(cid) if cid else None
+
+    def _from_cache(self, cid: str) -> bytes | None:
+        """A chunk's stored bytes from the cache: kept alone, or out of a kept pack that
+        holds it."""
+        hit = self.cache.get(cid)
+        if hit is None:
+            for pack, off, n in self._holders(cid):
+                hit = self.cache.get_range(pack.id, off, n)
+                if hit is not None:
+                    break
+        return hit
+
+    def in_cache(self, cid: str) -> bool:
+        return self.cache.has(cid) or any(self.cache.has_pack(p.id) for p, _o, _n in self._holders(cid))
+
+    def _holders(self, cid: str) -> list[tuple[packs.Pack, int, int]]:
+        """Where the loaded table has chunk cid: (pack, offset, length) of each pack."""
+        if not self._table_loaded:
+            return []
+        with self._index_lock:
+            return self._table.holders(cid)
 
     def put(self, name: str, data, *, durable: bool = True, if_absent: bool = False) -> bool:
         cid = packs.chunk_id_of(name)
@@ -241,9 +263,7 @@ class S3Backend(Backend):
             self._table.add(pack)
         if self.cache is not None:          # made here: as good as verified
             self.cache.put_index(pack.id, index)
-            view = memoryview(data)
-            for cid, (off, n) in pack.chunks.items():
-                self.cache.put(cid, view[off:off + n])
+            self.cache.put_pack(pack.id, data)
 
     def claim(self, name: str, size: int) -> int | None:
         with self._index_lock:
@@ -365,10 +385,22 @@ class S3Backend(Backend):
                     self._index[name] = size
 
     def verified(self, name: str, blob) -> None:
-        """A chunk's stored bytes that a decode just checked: keep them in the cache."""
+        """A chunk's stored bytes that a decode just checked: keep them in the cache
+        (where no kept pack holds them already)."""
         cid = packs.chunk_id_of(name) if self.cache is not None else None
-        if cid and not self.cache.has(cid):
+        if cid and not self.in_cache(cid):
             self.cache.put(cid, blob)
+
+    def prepare_reads(self, names: list[str] | None = None) -> None:
+        """A restore asks three times (the prefetch, materialise, the fill) for the same
+        chunks: the listing of index/ (and its decode) is taken once, while every chunk
+        named is in the table loaded. A chunk read that the table lacks lists again
+        (_read_chunk), as before."""
+        if names is not None and self._table_loaded:
+            with self._index_lock:
+                if all(self._table.locate(cid) for cid in map(packs.chunk_id_of, names) if cid):
+                    return
+        self.refresh("chunks/")
 
     # ---- packs: the index, and reads ------------------------------------------------------
     def _loaded(self) -> packs.PackTable:
@@ -499,11 +531,11 @@ class S3Backend(Backend):
     def _read_chunk(self, name: str, cid: str) -> bytes:
         """A chunk's stored bytes: from the cache, else with its whole pack (checked
         against the pack id, then every chunk of it kept in the cache), else by range."""
+        table = self._loaded()
         if self.cache is not None:
-            hit = self.cache.get(cid)
+            hit = self._from_cache(cid)
             if hit is not None:
                 return hit
-        table = self._loaded()
         with self._index_lock:
             found = table.locate(cid)
         if found is None:
@@ -519,7 +551,7 @@ class S3Backend(Backend):
                 return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") \
                     if n else b""
             with self.cache.pack_lock(pack.id):
-                hit = self.cache.get(cid)
+                hit = self.cache.get_range(pack.id, off, n)
                 if hit is not None:         # another process fetched the pack meanwhile
                     return hit
                 return self._fetch_pack(pack)[off:off + n]
@@ -532,7 +564,8 @@ class S3Backend(Backend):
         nothing to fetch. Up to half the cache's size; packs read by range are left out."""
         if self.cache is None or self._cache_full:
             return None
-        table = self._loaded()
+        self.prepare_reads(names)
+        table = self._table
         whole = min(packs.RANGE_OVER, self.cache.max_bytes // 4)
 
         def pack_of(name: str):
@@ -541,7 +574,8 @@ class S3Backend(Backend):
             return found[0] if found else None
 
         def wanted(pack, name: str) -> bool:
-            return pack.size <= whole and not self.cache.has(packs.chunk_id_of(name))
+            return pack.size <= whole and not self.cache.has_pack(pack.id) and \
+                not self.cache.has(packs.chunk_id_of(name))
 
         ahead = prefetch.order(names, pack_of, wanted, self.cache.max_bytes // 2)
         return prefetch.start(self._prefetch_pack, ahead, _concurrency())
@@ -550,19 +584,16 @@ class S3Backend(Backend):
         """In the prefetch helper: pack into the cache, unless a reader fetched it first."""
         with self.cache.pack_lock(pack.id):
             first = next(iter(pack.chunks), None)
-            if first is not None and not self.cache.has(first):
+            if not self.cache.has_pack(pack.id) and not (first and self.cache.has(first)):
                 self._fetch_pack(pack)
 
     def _fetch_pack(self, pack: packs.Pack) -> bytes:
-        """A whole pack; when it matches its id, every chunk of it into the cache (a disk
-        that fills turns later reads into range GETs)."""
+        """A whole pack; when it matches its id, into the cache (a disk that fills turns
+        later reads into range GETs)."""
         data = self._body(packs.pack_name(pack.id))
         if len(data) == pack.size and hashlib.sha256(data).hexdigest() == pack.id:
-            view = memoryview(data)
-            for cid, (off, n) in pack.chunks.items():
-                if not self.cache.put(cid, view[off:off + n]):
-                    self._cache_full = True
-                    break
+            if not self.cache.put_pack(pack.id, data):
+                self._cache_full = True
         return data
 
     def stale_temps(self) -> list[str]:
