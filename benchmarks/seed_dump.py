@@ -6,7 +6,10 @@ weights file (`gpusnap seed add`), same run, alternating: wall seconds and bytes
 
 cpu: tests/workloads/weightholder.py (a synthetic safetensors file's tensors read into anonymous
 memory, each from a page start) stands in for the server. server: the LLM server of
-tests/workloads (cold_start.py's). Each run dumps the same live process with
+tests/workloads (cold_start.py's). Each run then also dumps it by hand (the naive
+baseline of issue 13, as cold_start.py's, but leaving it running like the rows beside it:
+the driver's lock + checkpoint, `criu dump --leave-running` into /dev/shm, the driver's
+restore + unlock; nothing stored, nothing durable). Each run dumps the same live process with
 --leave-running into a fresh empty store and into a fresh store seeded just before (the
 seeding timed apart: it is done when the model lands on the node, not at the dump).
 Prints a table; writes DIR/seed_dump_<what>.md and .json.
@@ -67,6 +70,8 @@ def main(argv=None) -> str:
     ap.add_argument("--mib", type=int, default=1024, help="cpu: the weights file's size")
     ap.add_argument("--size", default="1b", help="server: the LLM server's size")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-naive", dest="naive", action="store_false",
+                    help="leave out the dump by hand")
     ap.add_argument("--work", default="/tmp/gpusnap-seed-dump")
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS") or
                     os.path.join(REPO, "benchmarks", "results"))
@@ -74,7 +79,7 @@ def main(argv=None) -> str:
     os.makedirs(args.work, exist_ok=True)
     proc, weights, stop = (_holder(args.work, args.mib) if args.what == "cpu"
                            else _server(args.work, args.size))
-    rows: dict[str, list[dict]] = {"empty": [], "seeded": []}
+    rows: dict[str, list[dict]] = {"empty": [], "seeded": [], "naive": []}
     seeds: list[dict] = []
     try:
         for run in range(args.runs):
@@ -93,6 +98,9 @@ def main(argv=None) -> str:
                                    "timings": snap.get("timings", {})})
                 print(json.dumps({"run": run, "kind": kind, **rows[kind][-1]}), flush=True)
                 shutil.rmtree(store, ignore_errors=True)
+            if args.naive:
+                rows["naive"].append(_naive(proc.pid))
+                print(json.dumps({"run": run, "kind": "naive", **rows["naive"][-1]}), flush=True)
     finally:
         stop()
     card = "CPU host" if args.what == "cpu" else _card()
@@ -107,11 +115,16 @@ def main(argv=None) -> str:
              f"| empty | {med([r['s'] for r in e]):.2f} | {med([r['bytes_new'] for r in e]) / 1e9:.2f} | "
              f"{e[0]['bytes_logical'] / 1e9:.2f} |",
              f"| seeded with the weights file | {med([r['s'] for r in s]):.2f} | "
-             f"{med([r['bytes_new'] for r in s]) / 1e9:.2f} | {s[0]['bytes_logical'] / 1e9:.2f} |", "",
+             f"{med([r['bytes_new'] for r in s]) / 1e9:.2f} | {s[0]['bytes_logical'] / 1e9:.2f} |",
+             *([f"| by hand (naive: driver + `criu dump --leave-running` into /dev/shm) | "
+                f"{med([r['s'] for r in rows['naive']]):.2f} | - | "
+                f"{med([r['bytes'] for r in rows['naive']]) / 1e9:.2f} |"] if rows["naive"] else []),
+             "",
              f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
              f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks.",
              "Runs (s): empty " + ", ".join(f"{r['s']:.2f}" for r in e) + "; seeded "
-             + ", ".join(f"{r['s']:.2f}" for r in s)]
+             + ", ".join(f"{r['s']:.2f}" for r in s)
+             + ("; naive " + ", ".join(f"{r['s']:.2f}" for r in rows["naive"]) if rows["naive"] else "")]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
@@ -121,6 +134,34 @@ def main(argv=None) -> str:
     with open(base + ".md", "w") as f:
         f.write(text)
     return base + ".md"
+
+
+def _naive(pid: int) -> dict:
+    """pid's tree dumped by hand and left running (benchmarks/cold_start.py's naive dump,
+    less the kill): {"s": wall seconds, "bytes": images written}."""
+    from cold_start import NAIVE_IMAGES, tree
+
+    from gpusnap.criu import runner
+    from gpusnap.criu.argv import CriuOptions
+    from gpusnap.cuda.session import CudaSession
+    shutil.rmtree(NAIVE_IMAGES, ignore_errors=True)
+    os.makedirs(NAIVE_IMAGES)
+    t = time.perf_counter()
+    cuda_pids = [p for p in tree(pid) if any(
+        os.readlink(f"/proc/{p}/fd/{fd}").startswith("/dev/nvidia")
+        for fd in os.listdir(f"/proc/{p}/fd") if os.path.exists(f"/proc/{p}/fd/{fd}"))]
+    s = CudaSession(cuda_pids, huge_pages=False) if cuda_pids else None    # THP as it is
+    if s:
+        s.lock_all(10_000)
+        s.checkpoint_all()
+    runner.dump(pid, NAIVE_IMAGES, CriuOptions(), leave="running")
+    if s:
+        s.restore_all()
+        s.unlock_all()
+    wall = time.perf_counter() - t
+    size = sum(os.path.getsize(os.path.join(NAIVE_IMAGES, n)) for n in os.listdir(NAIVE_IMAGES))
+    shutil.rmtree(NAIVE_IMAGES, ignore_errors=True)
+    return {"s": wall, "bytes": size}
 
 
 def _card() -> str:
