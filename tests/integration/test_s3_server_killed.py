@@ -61,8 +61,10 @@ def _kill_when(server, ready, proc: subprocess.Popen) -> None:
     server.proc.wait(10)
 
 
-def _chunks_cached(path) -> int:
-    return sum(len(fs) for d, _s, fs in os.walk(path) if f"{os.sep}chunks{os.sep}" in d)
+def _cached(path) -> int:
+    """Packs (and chunks kept alone) in the cache at path."""
+    return sum(len(fs) for d, _s, fs in os.walk(path)
+               if f"{os.sep}packs{os.sep}" in d or f"{os.sep}chunks{os.sep}" in d)
 
 
 def _workdir_left(tmp_path) -> list[str]:
@@ -81,7 +83,7 @@ def test_server_killed_mid_restore_then_mid_dump(workload, servers, tmp_path):
     assert (tmp_path / "work").is_dir()         # the work dir checked below is the one used
     w.kill_all()
     restore = _start(server, tmp_path, str(tmp_path / "c1"), "restore", json.loads(out)["id"])
-    _kill_when(server, lambda: _chunks_cached(tmp_path / "c1") >= 8, restore)
+    _kill_when(server, lambda: _cached(tmp_path / "c1") >= 1, restore)
     out, err = restore.communicate(timeout=120)
     assert restore.returncode == StoreUnavailable.exit_code, (restore.returncode, err)
     assert "did not answer" in out + err
