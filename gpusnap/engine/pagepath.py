@@ -352,7 +352,7 @@ class _Filling:
         self.workers = parallel.workers()
         self.placed = 0
         self.late_bytes = sum(p[3] for it in late for p in it[2])
-        repo.prepare_reads(it[0] for it in first + rest if it[0] is not None)
+        repo.prepare_reads(it[0] for it in (*early, *late, *direct) if it[0] is not None)
         self.started = time.perf_counter()
         self.early_s = 0.0
         self.mode, self.results = parallel.run(

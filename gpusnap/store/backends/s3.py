@@ -398,7 +398,7 @@ class S3Backend(Backend):
         (_read_chunk), as before."""
         if names is not None and self._table_loaded:
             with self._index_lock:
-                if all(self._table.locate(cid) for cid in map(packs.chunk_id_of, names) if cid):
+                if all(cid and self._table.locate(cid) for cid in map(packs.chunk_id_of, names)):
                     return
         self.refresh("chunks/")
 
