@@ -165,8 +165,7 @@ def _decoded(repo, cid: str, n: int, blob=None) -> int:
     """The address of chunk cid decoded (verified) in this worker's scratch buffer, valid
     until its next decode; a remote store's cache keeps the chunk."""
     blob = repo.read_blob(cid) if blob is None else blob
-    view = repo.codec.decode_view(blob, cid, n, check="frame")
-    repo.verified(cid, blob)
+    view, _blob = repo.decode_chunk(blob, cid, n, check="frame")
     return uffd.address_of(view.obj)
 
 

@@ -19,7 +19,9 @@
 (<store key>: 16 hex digits of the sha256 of the store's URL.) A pack enters the cache
 whole once its bytes matched the pack's id (a restore reads a chunk's neighbours next),
 or when this node made it (a dump); a chunk alone when a decode checked it against its
-id. Every read from the cache is checked again by the decode, like any read. The bytes
+id. Every read from the cache is checked again by the decode, like any read, and what
+fails there is dropped and read from the store once more (Repository.decode_chunk): the
+cache is not fsynced, so a host's crash can leave a torn file in it. The bytes
 are the stored encoding, so an encrypted store's cache is as opaque as the bucket.
 Why packs whole: a 1.3B server's snapshot is ~10,000 chunks in ~120 packs, and a file
 each cost a create, a rename and later an open and a read each (on the H200 host the
@@ -133,13 +135,24 @@ class ChunkCache:
             return None
         finally:
             os.close(fd)
-        if len(data) != length:
+        if len(data) != length:             # torn (the cache is not fsynced): not ours
+            self.drop_pack(pack_id)
             return None
         if pack_id not in self._touched:
             self._touched.add(pack_id)
             with contextlib.suppress(OSError):
                 os.utime(path)              # most recently used
         return data
+
+    def drop(self, cid: str) -> None:
+        """Forget a chunk kept alone (one whose bytes failed their check)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(cid))
+
+    def drop_pack(self, pack_id: str) -> None:
+        """Forget a kept pack (torn, or a chunk of it failed its check)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.pack_path(pack_id))
 
     def put_pack(self, pack_id: str, data) -> bool:
         """Keep a pack whose bytes matched its id; False when it could not be kept."""

@@ -140,8 +140,7 @@ def _fill(job, batch_index: int) -> tuple[int, float, float]:
         fd, view = _view(paths[index])
         _reserve(fd, off, n, paths[index])
         with view[off:off + n] as out:
-            repo.codec.decode_view(blob, cid, n, out, check="frame")
-        repo.verified(cid, blob)
+            repo.decode_chunk(blob, cid, n, out, check="frame")
         read_s += read - started
         decode_s += time.perf_counter() - read
         done += n

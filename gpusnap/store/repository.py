@@ -161,9 +161,7 @@ def _verify_batch(job, batch_index: int) -> list[dict]:
     bad = []
     for cid, n in batches[batch_index]:
         try:
-            blob = repo.read_blob(cid)
-            repo.codec.decode_view(blob, cid, n)
-            repo.verified(cid, blob)
+            repo.decode_chunk(repo.read_blob(cid), cid, n)
         except IntegrityError as exc:
             bad.append({"chunk": cid, "error": exc.message})
     return bad
@@ -329,6 +327,24 @@ class Repository:
             yield from self.backend.get_many([self.chunk_name(c) for c in cids])
         except Missing as exc:
             raise IntegrityError(f"chunk {str(exc)[-64:][:16]} is missing from the store") from None
+
+    def decode_chunk(self, blob, cid: str, size: int, out: memoryview | None = None,
+                     check: str = "id") -> tuple[memoryview, bytes]:
+        """codec.decode_view of chunk cid's stored bytes, then verified(): (the plain
+        bytes, the stored bytes that passed). Bytes that fail the check and may have come
+        from a remote store's cache (not fsynced: a host's crash can leave a torn file
+        there) are read once more from the store itself (backend.reread); only what fails
+        then is an IntegrityError."""
+        try:
+            view = self.codec.decode_view(blob, cid, size, out, check=check)
+        except IntegrityError:
+            reread = getattr(self.backend, "reread", None)
+            blob = reread(self.chunk_name(cid)) if reread else None
+            if blob is None:
+                raise
+            view = self.codec.decode_view(blob, cid, size, out, check=check)
+        self.verified(cid, blob)
+        return view, blob
 
     def verified(self, cid: str, blob) -> None:
         """blob decoded to chunk cid: a remote store's cache may keep it."""

@@ -42,7 +42,7 @@ def copy_snapshot(src: Repository, dst: Repository, snap_id: str, progress=None)
     for batch in parallel.batches(missing, lambda cid: sizes[cid]):
         items = []
         for cid, blob in zip(batch, src.read_blobs(batch)):
-            src.codec.decode_view(blob, cid, sizes[cid])        # IntegrityError if bad
+            _plain, blob = src.decode_chunk(blob, cid, sizes[cid])     # IntegrityError if bad
             items.append((Repository.chunk_name(cid), blob))
             copied += len(blob)
         dst.backend.put_many(items)

@@ -201,6 +201,22 @@ class S3Backend(Backend):
                     break
         return hit
 
+    def reread(self, name: str) -> bytes | None:
+        """A chunk whose stored bytes failed their check: its copies in the cache go (kept
+        alone, and the packs that hold it), and its bytes come from the store, by range.
+        None where there is no cache (they came from the store already)."""
+        cid = packs.chunk_id_of(name)
+        if cid is None or self.cache is None:
+            return None
+        self.cache.drop(cid)
+        holders = self._holders(cid)
+        for pack, _off, _n in holders:
+            self.cache.drop_pack(pack.id)
+        if not holders:
+            return None
+        pack, off, n = holders[0]
+        return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") if n else b""
+
     def in_cache(self, cid: str) -> bool:
         return self.cache.has(cid) or any(self.cache.has_pack(p.id) for p, _o, _n in self._holders(cid))
 
