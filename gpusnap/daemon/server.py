@@ -327,7 +327,7 @@ async def _serve(cfg: Config, ready=None) -> None:
     with DaemonWorkdir(cfg.socket, cfg.store.path) as work:
         daemon.workdir = work
         daemon.gpus.start()                     # first: no thread, no NVML, no CUDA yet
-        api.warm_imports()
+        api.warm_imports(cfg.store.path)
         gc.freeze()                             # children's GC leaves the daemon's objects (and pages) alone
         runner = web.AppRunner(daemon.app(), handler_cancellation=True, access_log=None)
         await runner.setup()

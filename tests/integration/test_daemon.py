@@ -17,6 +17,7 @@ import pytest
 from gpusnap.daemon.client import Client, Unreachable
 
 from conftest import REPO, wait_pids_free
+from s3server import s3_env, s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.root]
 
@@ -146,6 +147,26 @@ def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon):
     assert code == 404 and out["error"] == "SnapshotNotFound", out
     assert w.report()["data_ok"]
     assert d.status()["operations"] == [] and d.status()["workdir_entries"] == []
+
+
+def test_a_daemon_on_an_s3_store_dumps_and_restores(workload, s3_env, socket_dir, tmp_path,
+                                                    monkeypatch):
+    """gpusnapd serving an s3:// store (its client library loaded once in the daemon:
+    api.warm_imports), the CLI forwarding to it."""
+    monkeypatch.setenv("GPUSNAP_CACHE", str(tmp_path / "cache"))
+    d = Daemon(f"s3://{s3_env}/viad", socket_dir)
+    try:
+        w = workload("--mib", "32", "--children", "1", "--threads", "1")
+        rc, out, err = _done(d.cli("dump", "--pid", str(w.pid), "--name", "s3d"))
+        assert rc == 0 and out["via"] == "daemon", err
+        w.reap()
+        wait_pids_free(w.pids)
+        rc, out, err = _done(d.cli("restore", "s3d"))
+        assert rc == 0 and out["via"] == "daemon" and out["pid"] == w.pid, err
+        assert w.report()["data_ok"]
+        _kill_restored(w)
+    finally:
+        assert d.stop() == 0, d.logs()
 
 
 def test_the_config_files_socket_sends_the_cli_to_the_daemon(workload, gpusnap, daemon, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from gpusnap.daemon import api, gpufacts
 from gpusnap.daemon.logs import JsonLines
 from gpusnap.daemon.metrics import Metrics
+from s3server import s3_env, s3_server  # noqa: F401
 
 
 def test_command_of_finds_the_subcommand_and_store_past_global_options():
@@ -75,3 +76,14 @@ def test_a_restore_plans_with_the_gpus_it_was_given_once():
     move = gpu.plan_remap(facts, None)
     assert move.host == given and move.pairs is None
     assert gpu._given is None, "used once: the next plan asks NVML"
+
+
+def test_the_daemon_loads_an_s3_stores_client_library_once_for_its_children(s3_env):
+    """Each operation's child makes its client from the session the daemon made (no
+    request sent): no import of botocore and no first client per restore."""
+    from gpusnap.store.backends import s3
+    s3._sessions.clear()
+    api.warm_imports(f"s3://{s3_env}/warm")
+    assert len(s3._sessions) == 1
+    api.warm_imports("/a/local/store")
+    assert len(s3._sessions) == 1
