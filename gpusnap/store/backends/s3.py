@@ -218,6 +218,7 @@ class S3Backend(Backend):
         return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") if n else b""
 
     def in_cache(self, cid: str) -> bool:
+        """Whether the cache holds chunk cid: alone, or in a kept pack."""
         return self.cache.has(cid) or any(self.cache.has_pack(p.id) for p, _o, _n in self._holders(cid))
 
     def _holders(self, cid: str) -> list[tuple[packs.Pack, int, int]]:
@@ -546,7 +547,7 @@ class S3Backend(Backend):
 
     def _read_chunk(self, name: str, cid: str) -> bytes:
         """A chunk's stored bytes: from the cache, else with its whole pack (checked
-        against the pack id, then every chunk of it kept in the cache), else by range."""
+        against the pack id, then kept in the cache whole), else by range."""
         table = self._loaded()
         if self.cache is not None:
             hit = self._from_cache(cid)
