@@ -107,6 +107,7 @@ class S3Backend(Backend):
         self._bundled: dict[str, packs.Pack] = {}       # pack id -> its index, from a bundle
         self._bundles: dict[str, set[str]] = {}         # bundle id -> the packs it holds
         self._config: bytes | None = None               # the config, as check_bucket read it
+        self._served: set[str] = set()                  # chunks the cache served, not verified yet
 
     # ---- plumbing --------------------------------------------------------------------
     def client(self):
@@ -191,14 +192,16 @@ class S3Backend(Backend):
         return self._from_cache(cid) if cid else None
 
     def _from_cache(self, cid: str) -> bytes | None:
-        """A chunk's stored bytes from the cache: kept alone, or out of a kept pack that
-        holds it."""
-        hit = self.cache.get(cid)
-        if hit is None:
-            for pack, off, n in self._holders(cid):
-                hit = self.cache.get_range(pack.id, off, n)
-                if hit is not None:
-                    break
+        """A chunk's stored bytes from the cache: out of a kept pack that holds it, or
+        kept alone. Noted as served from the cache: verified() has nothing to keep."""
+        for pack, off, n in self._holders(cid):
+            hit = self.cache.get_range(pack.id, off, n)
+            if hit is not None:
+                break
+        else:
+            hit = self.cache.get(cid)
+        if hit is not None:
+            self._served.add(cid)
         return hit
 
     def reread(self, name: str) -> bytes | None:
@@ -405,7 +408,10 @@ class S3Backend(Backend):
         """A chunk's stored bytes that a decode just checked: keep them in the cache
         (where no kept pack holds them already)."""
         cid = packs.chunk_id_of(name) if self.cache is not None else None
-        if cid and not self.in_cache(cid):
+        if not cid or cid in self._served:
+            self._served.discard(cid)
+            return
+        if not self.in_cache(cid):
             self.cache.put(cid, blob)
 
     def prepare_reads(self, names: list[str] | None = None) -> None:
