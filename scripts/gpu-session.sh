@@ -46,7 +46,8 @@
 # whose budget lacks room for its naive step records why and keeps its other numbers.
 # s3row / daemonrow (benchmarks/fleet.py: the 1.3B server restored from an s3:// store on a
 # moto server on 127.0.0.1 vs a local store; through gpusnapd vs the plain CLI; FLEET_SIZE
-# picks the size, 1b by default; each ~2-3 min, give them 280 s; FLEET_ARGS adds options:
+# picks the size, 1b by default, FLEET_RUNS the s3 row's runs (3; 5 took 192 s); each ~2-3
+# min, give them 280 s; FLEET_ARGS adds options:
 # --server rclone: `rclone serve s3` instead of moto, carried by scripts/gpu-rclone-wheels.sh;
 # --s3-variants c4,c8,overlap adds empty-cache rows with 4 / 8 requests in flight and with
 # the overlap, p1,p8 with one / eight prefetch helper processes, ~15 s a row and run);
@@ -166,7 +167,7 @@ for spec in "$@"; do
         b30)      breadth "$name" "$limit" b30 --mode transparent ;;
         b30sdk)   breadth "$name" "$limit" b30 --mode sdk ;;
         s3pull)   step "$name" "$limit" python3 benchmarks/s3_pull_probe.py --mib "${PULL_MIB:-2048}" --runs 2 --out "$OUT" ;;
-        s3row)    step "$name" "$limit" python3 benchmarks/fleet.py --rows s3 --size "${FLEET_SIZE:-1b}" --runs 3 --out "$OUT" ${FLEET_ARGS:-} ;;
+        s3row)    step "$name" "$limit" python3 benchmarks/fleet.py --rows s3 --size "${FLEET_SIZE:-1b}" --runs "${FLEET_RUNS:-3}" --out "$OUT" ${FLEET_ARGS:-} ;;
         daemonrow) step "$name" "$limit" python3 benchmarks/fleet.py --rows daemon --size "${FLEET_SIZE:-1b}" --runs 3 \
                       --budget $((limit > 90 ? limit - 40 : limit)) --out "$OUT" ;;
         *) echo "unknown step $name"; exit 2 ;;
