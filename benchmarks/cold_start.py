@@ -224,9 +224,10 @@ def more_dumps(row, size, snap_id, pid, store, work, runs, staged=True, compress
 NAIVE_IMAGES = "/dev/shm/gpusnap-bench-naive"
 
 
-def naive_dump(pid, images, timeout=None):
-    """The tree of pid dumped by hand into images (emptied first) and killed: (its pids,
-    those holding /dev/nvidia*). timeout: seconds CRIU may take."""
+def naive_dump(pid, images, timeout=None, leave="killed"):
+    """The tree of pid dumped by hand into images (emptied first) and killed (leave=
+    "running": left running, its CUDA restored and unlocked after CRIU): (its pids, those
+    holding /dev/nvidia*). timeout: seconds CRIU may take."""
     from gpusnap.criu import runner
     from gpusnap.criu.argv import CriuOptions
     from gpusnap.cuda.session import CudaSession
@@ -239,7 +240,10 @@ def naive_dump(pid, images, timeout=None):
     s = CudaSession(cuda_pids, huge_pages=False)    # by hand: the host's THP mode as it is
     s.lock_all(10_000)
     s.checkpoint_all()
-    runner.dump(pid, images, CriuOptions(), leave="killed", timeout=timeout)
+    runner.dump(pid, images, CriuOptions(), leave=leave, timeout=timeout)
+    if leave == "running":
+        s.restore_all()
+        s.unlock_all()
     return pids, cuda_pids
 
 

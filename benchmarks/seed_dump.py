@@ -139,25 +139,9 @@ def main(argv=None) -> str:
 def _naive(pid: int) -> dict:
     """pid's tree dumped by hand and left running (benchmarks/cold_start.py's naive dump,
     less the kill): {"s": wall seconds, "bytes": images written}."""
-    from cold_start import NAIVE_IMAGES, tree
-
-    from gpusnap.criu import runner
-    from gpusnap.criu.argv import CriuOptions
-    from gpusnap.cuda.session import CudaSession
-    shutil.rmtree(NAIVE_IMAGES, ignore_errors=True)
-    os.makedirs(NAIVE_IMAGES)
+    from cold_start import NAIVE_IMAGES, naive_dump
     t = time.perf_counter()
-    cuda_pids = [p for p in tree(pid) if any(
-        os.readlink(f"/proc/{p}/fd/{fd}").startswith("/dev/nvidia")
-        for fd in os.listdir(f"/proc/{p}/fd") if os.path.exists(f"/proc/{p}/fd/{fd}"))]
-    s = CudaSession(cuda_pids, huge_pages=False) if cuda_pids else None    # THP as it is
-    if s:
-        s.lock_all(10_000)
-        s.checkpoint_all()
-    runner.dump(pid, NAIVE_IMAGES, CriuOptions(), leave="running")
-    if s:
-        s.restore_all()
-        s.unlock_all()
+    naive_dump(pid, NAIVE_IMAGES, leave="running")
     wall = time.perf_counter() - t
     size = sum(os.path.getsize(os.path.join(NAIVE_IMAGES, n)) for n in os.listdir(NAIVE_IMAGES))
     shutil.rmtree(NAIVE_IMAGES, ignore_errors=True)
