@@ -29,10 +29,10 @@ prefetch helpers spent 4.4 thread-seconds a GB writing chunk files, against 5.4 
 GETs themselves: s3_pull_h200_1024mib_split.md).
 
 Bounded by max_bytes (--cache-size): least recently used first out (a hit bumps the
-file's mtime, a pack's once a process). Each process keeps a running total from one scan when it opens the cache
-and evicts to 90 % of the bound when a write takes it over; a write that meets a full
-disk evicts and tries once more, then gives up quietly (the cache is an optimisation:
-restores still work, straight from the store).
+file's mtime, a pack's once a process). Each process keeps a running total from one scan
+when it opens the cache and evicts to 90 % of the bound when a write takes it over; a
+write that meets a full disk evicts and tries once more, then gives up quietly (the cache
+is an optimisation: restores still work, straight from the store).
 """
 
 from __future__ import annotations
@@ -234,8 +234,8 @@ class ChunkCache:
                     yield p, st.st_size, st.st_mtime
 
     def evict(self, target: int) -> int:
-        """Remove least recently used chunks and packs until the cache holds at most target bytes.
-        Returns the bytes freed."""
+        """Remove least recently used chunks and packs until the cache holds at most
+        target bytes. Returns the bytes freed."""
         entries = sorted(self._entries(), key=lambda e: e[2])
         total = sum(size for _p, size, _t in entries)
         freed = 0

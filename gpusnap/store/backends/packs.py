@@ -202,12 +202,8 @@ class PackTable:
 
     def locate(self, cid: str) -> tuple[Pack, int, int] | None:
         """A pack holding chunk cid, with the chunk's offset and length in it."""
-        holders = self.where.get(cid)
-        if not holders:
-            return None
-        pack = self.packs[holders[0]]
-        off, n = pack.chunks[cid]
-        return pack, off, n
+        found = self.holders(cid)
+        return found[0] if found else None
 
     def size(self, cid: str) -> int | None:
         found = self.locate(cid)

@@ -217,8 +217,7 @@ class S3Backend(Backend):
             self.cache.drop_pack(pack.id)
         if not holders:
             return None
-        pack, off, n = holders[0]
-        return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") if n else b""
+        return self._range(*holders[0])
 
     def in_cache(self, cid: str) -> bool:
         """Whether the cache holds chunk cid: alone, or in a kept pack."""
@@ -571,8 +570,7 @@ class S3Backend(Backend):
         try:
             if self.cache is None or self._cache_full or \
                     pack.size > min(packs.RANGE_OVER, self.cache.max_bytes // 4):
-                return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") \
-                    if n else b""
+                return self._range(pack, off, n)
             with self.cache.pack_lock(pack.id):
                 hit = self.cache.get_range(pack.id, off, n)
                 if hit is not None:         # another process fetched the pack meanwhile
@@ -580,6 +578,10 @@ class S3Backend(Backend):
                 return self._fetch_pack(pack)[off:off + n]
         except Missing:
             raise Missing(name) from None
+
+    def _range(self, pack: packs.Pack, off: int, n: int) -> bytes:
+        """n bytes at off of a pack, by a range GET (none for an empty chunk)."""
+        return self._body(packs.pack_name(pack.id), Range=f"bytes={off}-{off + n - 1}") if n else b""
 
     def prefetch(self, names: list[str]) -> prefetch.Prefetch | None:
         """Start fetching the packs that hold names into the cache, in the order of names,
@@ -597,8 +599,7 @@ class S3Backend(Backend):
             return found[0] if found else None
 
         def wanted(pack, name: str) -> bool:
-            return pack.size <= whole and not self.cache.has_pack(pack.id) and \
-                not self.cache.has(packs.chunk_id_of(name))
+            return pack.size <= whole and not self.in_cache(packs.chunk_id_of(name))
 
         ahead = prefetch.order(names, pack_of, wanted, self.cache.max_bytes // 2)
         return prefetch.start(self._prefetch_pack, ahead, _concurrency())
