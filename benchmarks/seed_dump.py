@@ -10,8 +10,12 @@ tests/workloads (cold_start.py's). Each run then also dumps it by hand (the naiv
 baseline of issue 13, as cold_start.py's, but leaving it running like the rows beside it:
 the driver's lock + checkpoint, `criu dump --leave-running` into /dev/shm, the driver's
 restore + unlock; nothing stored, nothing durable). Each run dumps the same live process with
---leave-running into a fresh empty store and into a fresh store seeded just before (the
-seeding timed apart: it is done when the model lands on the node, not at the dump).
+--leave-running into a fresh empty store, then once more into that store (the second dump
+of a server, little changed: the chunks of the first are there), and into a fresh store
+seeded just before (the seeding timed apart: it is done when the model lands on the node,
+not at the dump). Before each timed dump the disk's writeback of what came before is
+waited for (sync, not timed): a dump is measured against a quiet disk, as on a node
+that did not just write gigabytes, and not against the last run's writeback.
 Prints a table; writes DIR/seed_dump_<what>.md and .json.
 """
 
@@ -39,6 +43,8 @@ def _holder(work: str, mib: int):
     weights = os.path.join(work, "model.safetensors")
     seed_probe.make_safetensors(weights, mib)
     state = os.path.join(work, "holder", "ready")
+    if os.path.exists(state):       # an earlier run's: the new holder is not ready yet
+        os.unlink(state)
     proc = subprocess.Popen([sys.executable, "-m", "tests.workloads.weightholder", weights,
                              "--state", os.path.dirname(state)], cwd=REPO,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -79,7 +85,7 @@ def main(argv=None) -> str:
     os.makedirs(args.work, exist_ok=True)
     proc, weights, stop = (_holder(args.work, args.mib) if args.what == "cpu"
                            else _server(args.work, args.size))
-    rows: dict[str, list[dict]] = {"empty": [], "seeded": [], "naive": []}
+    rows: dict[str, list[dict]] = {"empty": [], "second": [], "seeded": [], "naive": []}
     seeds: list[dict] = []
     try:
         for run in range(args.runs):
@@ -91,14 +97,12 @@ def main(argv=None) -> str:
                     seed = gpusnap("seed", "add", weights, store=store)
                     seed["wall_s"] = time.perf_counter() - t
                     seeds.append(seed)
-                t = time.perf_counter()
-                snap = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", store=store)
-                rows[kind].append({"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
-                                   "bytes_logical": snap["bytes_logical"],
-                                   "timings": snap.get("timings", {})})
-                print(json.dumps({"run": run, "kind": kind, **rows[kind][-1]}), flush=True)
+                for row in (kind, "second") if kind == "empty" else (kind,):
+                    rows[row].append(_dump(proc.pid, store))
+                    print(json.dumps({"run": run, "kind": row, **rows[row][-1]}), flush=True)
                 shutil.rmtree(store, ignore_errors=True)
             if args.naive:
+                os.sync()
                 rows["naive"].append(_naive(proc.pid))
                 print(json.dumps({"run": run, "kind": "naive", **rows["naive"][-1]}), flush=True)
     finally:
@@ -106,23 +110,29 @@ def main(argv=None) -> str:
     card = "CPU host" if args.what == "cpu" else _card()
     what = f"cpu_{args.mib}mib" if args.what == "cpu" else f"{_tag(card)}_{args.size}"
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    e, s = rows["empty"], rows["seeded"]
+    e, s, again = rows["empty"], rows["seeded"], rows["second"]
     lines = [f"# First dump into an empty store vs a seeded one — {card}", "",
              f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
              f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
              f"--leave-running, medians of {args.runs}; weights {os.path.getsize(weights) / 1e9:.2f} GB.", "",
-             "| store | dump s | GB written (bytes_new) | image GB |", "|---|---|---|---|",
-             f"| empty | {med([r['s'] for r in e]):.2f} | {med([r['bytes_new'] for r in e]) / 1e9:.2f} | "
-             f"{e[0]['bytes_logical'] / 1e9:.2f} |",
-             f"| seeded with the weights file | {med([r['s'] for r in s]):.2f} | "
-             f"{med([r['bytes_new'] for r in s]) / 1e9:.2f} | {s[0]['bytes_logical'] / 1e9:.2f} |",
+             "| store | dump s | GB written (bytes_new) | image GB | image GB/s | downtime s |",
+             "|---|---|---|---|---|---|",
+             _row("empty", e), _row("the same store again (second dump)", again),
+             _row("seeded with the weights file", s),
              *([f"| by hand (naive: driver + `criu dump --leave-running` into /dev/shm) | "
                 f"{med([r['s'] for r in rows['naive']]):.2f} | - | "
-                f"{med([r['bytes'] for r in rows['naive']]) / 1e9:.2f} |"] if rows["naive"] else []),
+                f"{med([r['bytes'] for r in rows['naive']]) / 1e9:.2f} | - | - |"] if rows["naive"] else []),
+             "",
+             f"Second dump / first: {med([r['s'] for r in again]) / med([r['s'] for r in e]):.2f}"
+             + (f"; seeded / naive: {med([r['s'] for r in s]) / med([r['s'] for r in rows['naive']]):.2f}"
+                if rows["naive"] else "") + ".",
+             "Stages, medians (s): " + "; ".join(f"{name}: {_stages(rs)}" for name, rs in
+                                                (("empty", e), ("second", again), ("seeded", s))),
              "",
              f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
              f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks.",
-             "Runs (s): empty " + ", ".join(f"{r['s']:.2f}" for r in e) + "; seeded "
+             "Runs (s): empty " + ", ".join(f"{r['s']:.2f}" for r in e) + "; second "
+             + ", ".join(f"{r['s']:.2f}" for r in again) + "; seeded "
              + ", ".join(f"{r['s']:.2f}" for r in s)
              + ("; naive " + ", ".join(f"{r['s']:.2f}" for r in rows["naive"]) if rows["naive"] else "")]
     text = "\n".join(lines) + "\n"
@@ -134,6 +144,34 @@ def main(argv=None) -> str:
     with open(base + ".md", "w") as f:
         f.write(text)
     return base + ".md"
+
+
+def _dump(pid: int, store: str) -> dict:
+    """`gpusnap dump --leave-running` of pid into store, after a sync (not timed)."""
+    os.sync()
+    t = time.perf_counter()
+    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store)
+    return {"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
+            "bytes_logical": snap["bytes_logical"], "downtime": snap.get("downtime"),
+            "timings": snap.get("timings", {})}
+
+
+STAGES = ("cuda_checkpoint", "criu_dump", "cuda_restore", "pages_finish", "commit")
+
+
+def _stages(runs: list[dict]) -> str:
+    """The larger stages' medians, as `gpusnap dump --json` timed them."""
+    return ", ".join(f"{k} {statistics.median([r['timings'].get(k, 0.0) for r in runs]):.2f}"
+                     for k in STAGES)
+
+
+def _row(name: str, runs: list[dict]) -> str:
+    med = statistics.median
+    wall = med([r["s"] for r in runs])
+    down = [r["downtime"] for r in runs if r.get("downtime") is not None]
+    return (f"| {name} | {wall:.2f} | {med([r['bytes_new'] for r in runs]) / 1e9:.2f} | "
+            f"{runs[0]['bytes_logical'] / 1e9:.2f} | {runs[0]['bytes_logical'] / 1e9 / wall:.2f} | "
+            f"{med(down) if down else float('nan'):.2f} |")
 
 
 def _naive(pid: int) -> dict:

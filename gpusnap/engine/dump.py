@@ -10,6 +10,11 @@ Ctrl-C and SIGTERM included):
     ingest, commit       (the store: nothing visible until the manifest is written)
     then: kill the target, or (--leave-running) resume it
 
+With --leave-running and the page stream, the original's CUDA is restored and unlocked on a
+thread of its own while the stream's last slots and the other images are stored (the
+driver's restore and the store's finish share nothing); the commit waits for it, so that the
+manifest's downtime is the real one and a failed restore still commits nothing.
+
 Without --leave-running the original is left stopped rather than killed, so a dump that
 fails after the images are taken (disk full, say) still resumes it: the target dies only
 once its snapshot is committed.
@@ -21,12 +26,14 @@ whose undo starts the container again from the images just taken.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
 import shutil
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from .. import VERSION, interrupts, testpause
@@ -118,6 +125,7 @@ class _Dump:
         self.stream: PageStream | None = None
         self.held_since: float | None = None     # downtime: from the CUDA lock or CRIU's freeze
         self.resumed_at: float | None = None
+        self.resuming: tuple[Future, Stages] | None = None     # --leave-running: on its thread
         self.snapshot: str | None = None
         self.intent = intent.NONE
         self.work = workdir.make(repo.path, "dump-")
@@ -139,8 +147,7 @@ class _Dump:
         req, stages = self.plan.request, self.stages
         cuda_facts = self._hold_and_take(req, progress)
         if req.leave_running:
-            self._resume_original()
-            self.resumed_at = time.monotonic()
+            self._start_resuming(background=self.stream is not None)
         if self.stream:
             files, counts, zero_stats = self._ingest_streamed(progress)
         else:
@@ -148,6 +155,10 @@ class _Dump:
         with stages.stage("ingest_logs"):
             log_files, log_counts = self.repo.ingest_dir(self.logs)
         manifest = self._manifest(files, counts, log_files, log_counts, cuda_facts, zero_stats)
+        if self.resuming:                   # while the original's CUDA is restored
+            with stages.stage("commit_sync"):
+                self.repo.sync_ahead(manifest)
+        self._resumed()                     # raises what the original's resume raised
         self.snapshot = manifest.id
         self.intent.update(snapshot=manifest.id)
         with stages.stage("commit"):
@@ -261,14 +272,49 @@ class _Dump:
             return None
         return round((self.resumed_at or time.monotonic()) - self.held_since, 4)
 
-    def _resume_original(self) -> None:
+    def _start_resuming(self, background: bool) -> None:
+        """--leave-running: the original runs again (_resume_original). background (the
+        streamed path, whose last steps are light): on a thread of its own while the
+        caller stores the rest, and _resumed() waits for it; its stages are timed apart
+        (the intent record's stage stays the caller's) and added by _resumed(). A staged
+        ingest hashes gigabytes in forked workers, which no running thread may share a
+        fork with (store/parallel.py): there it runs first, as before."""
+        if not background:
+            self._resume_original(self.stages)
+            return
+        stages = Stages()
+        pool = ThreadPoolExecutor(1, "gpusnap-resume")
+        try:
+            self.resuming = (pool.submit(self._resume_original, stages), stages)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _resumed(self, quiet: bool = False) -> None:
+        """Wait for _start_resuming's thread, if one runs; its failure is raised (quiet:
+        dropped, as undo() then restores what it left)."""
+        if self.resuming is None:
+            return
+        future, stages = self.resuming
+        try:
+            with interrupts.shielded() if quiet else contextlib.nullcontext():
+                future.result()
+        except Exception:   # noqa: BLE001 - quiet: rollback() sees the states it left
+            if not quiet:
+                raise
+        finally:
+            if future.done():
+                self.resuming = None
+                self.stages.seconds.update(stages.seconds)
+
+    def _resume_original(self, stages: Stages) -> None:
         """--leave-running: CUDA and the SDK agents run again once the images are taken."""
         if self.cuda:
-            with self.stages.stage("cuda_restore"):
+            with stages.stage("cuda_restore"):
                 self.cuda.restore_all(None)
-            with self.stages.stage("cuda_unlock"):
+            with stages.stage("cuda_unlock"):
                 self.cuda.unlock_all()
-        self.sdk.resume(self.stages)        # SDK: the original reads its weights back
+        self.sdk.resume(stages)             # SDK: the original reads its weights back
+        self.resumed_at = time.monotonic()
 
     def _manifest(self, files, counts, log_files, log_counts, cuda_facts, zero_stats) -> Manifest:
         plan, req, target = self.plan, self.plan.request, self.plan.target
@@ -321,6 +367,7 @@ class _Dump:
         """Bring the target back to where it started (resumed, CUDA restored and
         unlocked, SDK weights read back) and say in exc's hint what could not be."""
         sdk_errors: list[str] = []
+        self._resumed(quiet=True)           # a resume under way ends first
         with interrupts.shielded():
             self._drop_stream()
             if self.stopped:

@@ -502,6 +502,12 @@ class Repository:
         self._publish("snapshots/", "snapshot", manifest.id, data, manifest.chunk_sizes(), "commit")
         return manifest.id
 
+    def sync_ahead(self, manifest: Manifest) -> None:
+        """What commit() makes durable, done ahead of it by a caller with time to spare
+        (a dump waiting for its original's CUDA restore): the directories of the
+        manifest's chunks are fsynced, and commit() then finds them clean."""
+        self.backend.sync(self.chunk_name(c) for c in manifest.chunk_sizes())
+
     def _publish(self, prefix: str, kind: str, rid: str, data: dict, chunks: dict[str, int],
                  when: str) -> None:
         """Write a record (a manifest, or a seed record) at prefix<rid>.json, sealed as

@@ -212,3 +212,52 @@ def test_an_interrupt_while_the_intent_is_recorded_still_ends_it(run, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         dump_mod.execute(d.plan, d.repo)
     assert recorded.ended
+
+
+def test_leave_running_resumes_the_original_on_its_own_thread(run, tmp_path):
+    """The streamed --leave-running dump: the original's CUDA is restored and unlocked on
+    a thread while the store finishes; _resumed() waits for it, and its stages count."""
+    import threading
+    w = World(tmp_path)
+    seen = []
+    real_restore = w.driver.restore
+    w.driver.restore = lambda pid, pairs=None: (seen.append(threading.current_thread().name),
+                                                real_restore(pid, pairs))
+    d = run(w)
+    d._hold_and_take(d.plan.request)
+    d._start_resuming(background=True)
+    d._resumed()
+    assert w.driver.states == {10: R}
+    assert seen and seen[0].startswith("gpusnap-resume")
+    assert {"cuda_restore", "cuda_unlock"} <= set(d.stages.seconds)
+    assert d.resumed_at is not None and d.resuming is None
+
+
+def test_a_failed_background_resume_is_raised_before_the_commit(run, tmp_path):
+    w = World(tmp_path)
+    w.driver.before[("restore", 10)] = CriuFailed("the driver said no")
+    d = run(w)
+    d._hold_and_take(d.plan.request)
+    d._start_resuming(background=True)
+    with pytest.raises(CriuFailed, match="said no") as info:
+        d._resumed()
+    d.undo(info.value)                              # what execute() does
+    assert w.driver.states == {10: R}               # rollback restored what the thread left
+
+
+def test_a_failure_while_resuming_waits_for_it_and_leaves_everything_running(run, tmp_path):
+    """The store fails (or Ctrl-C comes) while the thread restores: undo() waits for the
+    thread before it rolls back, so the two never drive the same pid at once."""
+    import threading
+    w = World(tmp_path)
+    gate = threading.Event()
+    real_restore = w.driver.restore
+    w.driver.restore = lambda pid, pairs=None: (gate.wait(5), real_restore(pid, pairs))
+    d = run(w)
+    d._hold_and_take(d.plan.request)
+    d._start_resuming(background=True)
+    threading.Timer(0.2, gate.set).start()
+    d.undo(KeyboardInterrupt())
+    assert d.resuming is None
+    assert w.driver.states == {10: R}
+    assert [op for op, _ in w.driver.calls].count("restore") == 1
