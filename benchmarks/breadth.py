@@ -363,24 +363,26 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
             note(row="switch", mode=mode, **runs[-1])
             running, parked = parked, running
         out["switches"] = runs
-        if not sdk:
+        if not sdk:     # an even number of switches each: running and parked as they were
             out["floor"] = _driver_floor(ctx, running, parked)
+            out["floor_thp"] = _driver_floor(ctx, running, parked, huge_pages=True)
         return out
     finally:
         for s in servers:
             stop(s["pid"])
 
 
-def _driver_floor(ctx: Ctx, running: dict, parked: dict) -> list[dict]:
+def _driver_floor(ctx: Ctx, running: dict, parked: dict, huge_pages: bool = False) -> list[dict]:
     """The same switch through the driver API alone, in this process: lock + checkpoint
     the running server, restore + unlock the parked one (gpusnap parked it: its CUDA
-    state is checkpointed), first token. No CLI, no state records."""
+    state is checkpointed), first token. No CLI, no state records. huge_pages: the
+    checkpoint inside gpusnap's huge-page window (cuda/hugepages.py), as gpusnap's own
+    suspend does; else the host's THP mode as it is (the floor the issue names)."""
     from gpusnap.cuda.session import CudaSession
     out = []
     for i in range(2 * ctx.args.runs):
         ctx.budget.check(f"driver floor {i}")
-        # by hand: the host's THP mode as it is (gpusnap's own switch off)
-        s_out = CudaSession([running["pid"]], huge_pages=False)
+        s_out = CudaSession([running["pid"]], huge_pages=huge_pages)
         s_in = CudaSession([parked["pid"]])
         _, t_lock = timed(s_out.lock_all, 10_000)
         _, t_ckpt = timed(s_out.checkpoint_all)
@@ -391,7 +393,7 @@ def _driver_floor(ctx: Ctx, running: dict, parked: dict) -> list[dict]:
         out.append({"lock_s": t_lock, "checkpoint_s": t_ckpt, "restore_s": t_rest, "unlock_s": t_unl,
                     "driver_s": t_lock + t_ckpt + t_rest + t_unl, "first_token_s": t_tok,
                     "total": t_lock + t_ckpt + t_rest + t_unl + t_tok})
-        note(row="switch", mode="driver_floor", **out[-1])
+        note(row="switch", mode="driver_floor_thp" if huge_pages else "driver_floor", **out[-1])
         running, parked = parked, running
     return out
 
@@ -856,6 +858,15 @@ def _sum_switch(row: dict) -> list[str]:
                 f"+ unlock {_f(_m(floor, 'unlock_s'))} of the parked one = {_f(_m(floor, 'driver_s'))} s; "
                 f"to its first token {_f(_m(floor, 'total'))} s). Transparent gpusnap is "
                 f"{gap} from it."]
+    thp = (row.get("transparent") or {}).get("floor_thp")
+    if thp:
+        doors = _by_via(row["transparent"]["switches"])
+        gap = ", ".join(f"{_m(part, 'total') - _m(thp, 'total'):+.2f} s"
+                        + (f" ({via})" if len(doors) > 1 else "") for via, part in doors.items())
+        out += ["", f"The same by hand with gpusnap's huge-page window around the checkpoint "
+                f"(cuda/hugepages.py, as gpusnap's suspend has it): checkpoint {_f(_m(thp, 'checkpoint_s'))} "
+                f"+ restore {_f(_m(thp, 'restore_s'))}, to first token {_f(_m(thp, 'total'))} s; "
+                f"transparent gpusnap is {gap} from that."]
     return out
 
 

@@ -129,6 +129,9 @@ def test_runs_through_two_front_doors_get_a_line_each():
               "transparent": {"cold_s": [9.0, 9.5], "switches": switches, "floor": floor}}
     md = breadth.summarise(switch, "NVIDIA H200")
     assert "transparent (daemon)" in md and "+0.38 s (cli), +0.08 s (daemon) from it" in md
+    switch["transparent"]["floor_thp"] = [{**floor[0], "checkpoint_s": 2.5, "total": 3.77}]
+    md = breadth.summarise(switch, "NVIDIA H200")
+    assert "huge-page window" in md and "+0.78 s (cli), +0.48 s (daemon) from that" in md
 
 
 def test_diffusion_sizes_sdxl_on_the_gpu_tiny_on_the_cpu(tmp_path, capsys):
