@@ -76,6 +76,9 @@ def main(argv=None) -> str:
     ap.add_argument("--mib", type=int, default=1024, help="cpu: the weights file's size")
     ap.add_argument("--size", default="1b", help="server: the LLM server's size")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--fsync", default="auto",
+                    help="GPUSNAP_FSYNC of gpusnap's dumps, a comma list: each mode's rows in turn "
+                         "(auto: one journal commit a batch of chunks on ext4/XFS; each: an fsync a chunk)")
     ap.add_argument("--no-naive", dest="naive", action="store_false",
                     help="leave out the dump by hand")
     ap.add_argument("--work", default="/tmp/gpusnap-seed-dump")
@@ -85,11 +88,13 @@ def main(argv=None) -> str:
     os.makedirs(args.work, exist_ok=True)
     proc, weights, stop = (_holder(args.work, args.mib) if args.what == "cpu"
                            else _server(args.work, args.size))
-    rows: dict[str, list[dict]] = {"empty": [], "second": [], "seeded": [], "naive": []}
+    modes = [m.strip() for m in args.fsync.split(",") if m.strip()]
+    rows: dict[str, list[dict]] = {_key(k, m): [] for m in modes for k in ("empty", "second", "seeded")}
+    rows["naive"] = []
     seeds: list[dict] = []
     try:
         for run in range(args.runs):
-            for kind in ("empty", "seeded"):
+            for mode, kind in [(m, k) for m in modes for k in ("empty", "seeded")]:
                 store = os.path.join(args.work, f"store-{kind}")
                 shutil.rmtree(store, ignore_errors=True)
                 if kind == "seeded":
@@ -98,8 +103,9 @@ def main(argv=None) -> str:
                     seed["wall_s"] = time.perf_counter() - t
                     seeds.append(seed)
                 for row in (kind, "second") if kind == "empty" else (kind,):
-                    rows[row].append(_dump(proc.pid, store))
-                    print(json.dumps({"run": run, "kind": row, **rows[row][-1]}), flush=True)
+                    rows[_key(row, mode)].append(_dump(proc.pid, store, mode))
+                    print(json.dumps({"run": run, "kind": row, "fsync": mode,
+                                      **rows[_key(row, mode)][-1]}), flush=True)
                 shutil.rmtree(store, ignore_errors=True)
             if args.naive:
                 os.sync()
@@ -110,15 +116,18 @@ def main(argv=None) -> str:
     card = "CPU host" if args.what == "cpu" else _card()
     what = f"cpu_{args.mib}mib" if args.what == "cpu" else f"{_tag(card)}_{args.size}"
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    e, s, again = rows["empty"], rows["seeded"], rows["second"]
+    e, s, again = (rows[_key(k, modes[0])] for k in ("empty", "seeded", "second"))
+    tag = (lambda m: f" (GPUSNAP_FSYNC={m})") if len(modes) > 1 else (lambda m: "")
     lines = [f"# First dump into an empty store vs a seeded one — {card}", "",
              f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
              f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
              f"--leave-running, medians of {args.runs}; weights {os.path.getsize(weights) / 1e9:.2f} GB.", "",
              "| store | dump s | GB written (bytes_new) | image GB | image GB/s | downtime s |",
              "|---|---|---|---|---|---|",
-             _row("empty", e), _row("the same store again (second dump)", again),
-             _row("seeded with the weights file", s),
+             *[line for m in modes for line in (
+                 _row("empty" + tag(m), rows[_key("empty", m)]),
+                 _row("the same store again (second dump)" + tag(m), rows[_key("second", m)]),
+                 _row("seeded with the weights file" + tag(m), rows[_key("seeded", m)]))],
              *([f"| by hand (naive: driver + `criu dump --leave-running` into /dev/shm) | "
                 f"{med([r['s'] for r in rows['naive']]):.2f} | - | "
                 f"{med([r['bytes'] for r in rows['naive']]) / 1e9:.2f} | - | - |"] if rows["naive"] else []),
@@ -126,14 +135,13 @@ def main(argv=None) -> str:
              f"Second dump / first: {med([r['s'] for r in again]) / med([r['s'] for r in e]):.2f}"
              + (f"; seeded / naive: {med([r['s'] for r in s]) / med([r['s'] for r in rows['naive']]):.2f}"
                 if rows["naive"] else "") + ".",
-             "Stages, medians (s): " + "; ".join(f"{name}: {_stages(rs)}" for name, rs in
-                                                (("empty", e), ("second", again), ("seeded", s))),
+             "Stages, medians (s): " + "; ".join(f"{k}{tag(m)}: {_stages(rows[_key(k, m)])}"
+                                                for m in modes for k in ("empty", "second", "seeded")),
              "",
              f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
              f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks.",
-             "Runs (s): empty " + ", ".join(f"{r['s']:.2f}" for r in e) + "; second "
-             + ", ".join(f"{r['s']:.2f}" for r in again) + "; seeded "
-             + ", ".join(f"{r['s']:.2f}" for r in s)
+             "Runs (s): " + "; ".join(f"{k}{tag(m)} " + ", ".join(f"{r['s']:.2f}" for r in rows[_key(k, m)])
+                                      for m in modes for k in ("empty", "second", "seeded"))
              + ("; naive " + ", ".join(f"{r['s']:.2f}" for r in rows["naive"]) if rows["naive"] else "")]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -146,11 +154,17 @@ def main(argv=None) -> str:
     return base + ".md"
 
 
-def _dump(pid: int, store: str) -> dict:
+def _key(kind: str, mode: str) -> str:
+    """rows' key: the kind alone for the default mode (auto), else kind@mode."""
+    return kind if mode == "auto" else f"{kind}@{mode}"
+
+
+def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
     """`gpusnap dump --leave-running` of pid into store, after a sync (not timed)."""
     os.sync()
     t = time.perf_counter()
-    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store)
+    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store,
+                   env={"GPUSNAP_FSYNC": fsync})
     return {"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
             "bytes_logical": snap["bytes_logical"], "downtime": snap.get("downtime"),
             "timings": snap.get("timings", {})}

@@ -150,7 +150,9 @@ for spec in "$@"; do
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
-        seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ;;
+        seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED_ARGS:-} ;;
+        fsyncprobe) step "$name" "$limit" python3 benchmarks/fsync_probe.py --out "$OUT" \
+                  --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" ;;
         seedprobe) step "$name" "$limit" python3 benchmarks/seed_probe.py server --size "${SEED_SIZE:-1b}" --pages --out "$OUT" ;;
         thpfill)  step "$name" "$limit" python3 benchmarks/thp_fill_probe.py --gib 8 --workers 16 --runs 2 --out "$OUT" ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;

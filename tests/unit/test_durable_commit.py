@@ -43,15 +43,50 @@ def _images(tmp_path, seed: int, n: int = 3) -> str:
                         {"pages-1.img": rnd.randbytes(n * CHUNK_SIZE + 77)})
 
 
-def test_each_chunk_is_fsynced_before_its_name_appears(tmp_path, record):
+class _Libc:
+    """fsutil's libc, with each waited-for writeback recorded as ('wait', path)."""
+
+    def __init__(self, real, calls):
+        self.real, self.calls = real, calls
+
+    def sync_file_range(self, fd, offset, nbytes, flags):
+        if flags == 7:                  # WAIT_BEFORE | WRITE | WAIT_AFTER
+            self.calls.append(("wait", os.readlink(f"/proc/self/fd/{fd}")))
+        return self.real.sync_file_range(fd, offset, nbytes, flags)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("mode", ["each", "auto"])
+def test_each_chunk_is_durable_before_its_name_appears(tmp_path, record, monkeypatch, mode):
+    """each: the chunk's own fsync. auto (batch, ext4/XFS): its writeback waited for, then
+    one fsync of a new unnamed file in the store's tmp/ (a journal commit newer than every
+    allocation of the batch, and the disk's cache flushed) before any rename."""
+    monkeypatch.setenv("GPUSNAP_FSYNC", mode)
+    if mode == "auto" and not fsutil.batch_fsync(str(tmp_path)):
+        pytest.skip("batch fsync needs ext4 or XFS under the test's tmp dir")
+    monkeypatch.setattr(fsutil, "_libc", _Libc(fsutil._libc, record))
     repo = Repository.open(str(tmp_path / "store"))
     record.clear()
-    m = commit_snapshot(repo, _images(tmp_path, 1))
+    m = commit_snapshot(repo, _images(tmp_path, 1, n=40))
     chunks = {repo.chunk_path(c) for c in m.chunk_sizes()}
     assert len(chunks) >= 3
+    commits = 0
     for i, call in enumerate(record):
-        if call[0] == "rename" and call[2] in chunks:
+        if call[0] == "fsync" and "/#" in call[1]:
+            commits += 1
+        if call[0] != "rename" or call[2] not in chunks:
+            continue
+        if mode == "each":
             assert ("fsync", call[1]) in record[:i], f"{call[2]} renamed before its fsync"
+            continue
+        waited = record.index(("wait", call[1]))
+        assert waited < i, f"{call[2]} renamed before its writeback was waited for"
+        assert any(c[0] == "fsync" and c[1].startswith(os.path.join(repo.path, "tmp", "#"))
+                   for c in record[waited:i]), f"{call[2]} renamed before a journal commit"
+    if mode == "auto":                  # fewer flushes than chunks: the point of it
+        assert 0 < commits < len(chunks)
 
 
 def test_commit_fsyncs_every_chunk_directory_before_the_manifest(tmp_path, record):

@@ -1,0 +1,106 @@
+"""How fast chunks become durable on this disk: an fsync a chunk against one journal commit
+a batch (store/fsutil.py write_renamed_many, GPUSNAP_FSYNC=each | auto).
+
+    python benchmarks/fsync_probe.py [--dir /tmp] [--mib 2048] [--workers 16] [--runs 3] [--out DIR]
+
+W forked writers (a dump's page-stream workers) each write their share of MIB in batches of
+16 chunks of 1 MiB (a 16 MiB slot's chunks), durable before their names appear, as a dump's
+workers do; the modes alternate, a sync between runs. Prints GB/s per mode (medians) and
+writes DIR/fsync_probe_<card>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from gpusnap.store import fsutil  # noqa: E402
+
+CHUNK = 1 << 20
+BATCH = 16
+
+
+def _writer(root: str, tmp: str, worker: int, batches: int) -> None:
+    data = bytearray(os.urandom(CHUNK))
+    for b in range(batches):
+        items = []
+        for i in range(BATCH):
+            data[:8] = (worker << 40 | b << 8 | i).to_bytes(8, "little")    # each chunk its own
+            items.append((os.path.join(root, f"{worker:02x}", f"{b}-{i}"), bytes(data)))
+        fsutil.write_renamed_many(items, tmp, fsync=True)
+
+
+def one(where: str, mode: str, mib: int, workers: int) -> float:
+    """Seconds for W writers to store mib MiB durably in mode."""
+    root, tmp = os.path.join(where, "chunks"), os.path.join(where, "tmp")
+    shutil.rmtree(where, ignore_errors=True)
+    os.makedirs(tmp)
+    os.sync()
+    batches = max(1, mib // (BATCH * workers))
+    os.environ[fsutil.FSYNC_ENV] = mode
+    t = time.perf_counter()
+    pids = []
+    for w in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _writer(root, tmp, w, batches)
+                os._exit(0)
+            except BaseException:   # noqa: BLE001 - a child reports by its status
+                os._exit(1)
+        pids.append(pid)
+    bad = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+    seconds = time.perf_counter() - t
+    if bad:
+        raise SystemExit(f"{len(bad)} writers failed")
+    shutil.rmtree(where, ignore_errors=True)
+    return seconds
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--mib", type=int, default=2048)
+    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--card", default=os.environ.get("GPUSNAP_CARD", "CPU host"))
+    ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS") or
+                    os.path.join(REPO, "benchmarks", "results"))
+    args = ap.parse_args(argv)
+    where = os.path.join(args.dir, "gpusnap-fsync-probe")
+    modes = ("each", "auto")
+    secs: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.runs):
+        for m in modes:
+            secs[m].append(one(where, m, args.mib, args.workers))
+    gb = (args.mib // (BATCH * args.workers)) * BATCH * args.workers * CHUNK / 1e9
+    fs = fsutil.fs_type(args.dir)
+    lines = [f"# Durable chunk writes: an fsync a chunk vs one journal commit a batch — {args.card}", "",
+             f"`benchmarks/fsync_probe.py {' '.join(argv or sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M')}; "
+             f"{args.dir} (statfs f_type {fs:#x}; batch mode: "
+             f"{'yes' if fsutil.batch_fsync(os.path.join(args.dir)) else 'no'}), {args.workers} writers, "
+             f"{gb:.2f} GB in 1 MiB chunks, {BATCH} a batch; medians of {args.runs}.", "",
+             "| GPUSNAP_FSYNC | s | GB/s |", "|---|---|---|",
+             *[f"| {m} | {statistics.median(secs[m]):.2f} | {gb / statistics.median(secs[m]):.2f} |"
+               for m in modes], "",
+             "Runs (s): " + "; ".join(f"{m} " + ", ".join(f"{x:.2f}" for x in secs[m]) for m in modes)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    tag = "h200" if "H200" in args.card else args.card.replace(" ", "_").lower()
+    path = os.path.join(args.out, f"fsync_probe_{tag}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+if __name__ == "__main__":
+    main()
