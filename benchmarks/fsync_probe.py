@@ -1,11 +1,13 @@
 """How fast chunks become durable on this disk: an fsync a chunk against one journal commit
-a batch (store/fsutil.py write_renamed_many, GPUSNAP_FSYNC=each | auto).
+a batch (store/fsutil.py write_renamed_many, GPUSNAP_FSYNC=each | auto), each with its
+temp files in one shared tmp/ and beside their final names (beside=True, the local
+store's way since this probe).
 
     python benchmarks/fsync_probe.py [--dir /tmp] [--mib 2048] [--workers 16] [--runs 3] [--out DIR]
 
 W forked writers (a dump's page-stream workers) each write their share of MIB in batches of
-16 chunks of 1 MiB (a 16 MiB slot's chunks), durable before their names appear, as a dump's
-workers do; the modes alternate, a sync between runs. Prints GB/s per mode (medians) and
+16 chunks of 1 MiB (a 16 MiB slot's chunks) spread over 256 directories, durable before
+their names appear, as a dump's workers do; the modes alternate, a sync between runs. Prints GB/s per mode (medians) and
 writes DIR/fsync_probe_<card>.md.
 """
 
@@ -28,17 +30,18 @@ CHUNK = 1 << 20
 BATCH = 16
 
 
-def _writer(root: str, tmp: str, worker: int, batches: int) -> None:
+def _writer(root: str, tmp: str, worker: int, batches: int, beside: bool) -> None:
     data = bytearray(os.urandom(CHUNK))
     for b in range(batches):
         items = []
         for i in range(BATCH):
             data[:8] = (worker << 40 | b << 8 | i).to_bytes(8, "little")    # each chunk its own
-            items.append((os.path.join(root, f"{worker:02x}", f"{b}-{i}"), bytes(data)))
-        fsutil.write_renamed_many(items, tmp, fsync=True)
+            spread = (worker * 7919 + b * BATCH + i) * 2654435761 % 256     # chunks/xx, as a store
+            items.append((os.path.join(root, f"{spread:02x}", f"{worker}-{b}-{i}"), bytes(data)))
+        fsutil.write_renamed_many(items, tmp, fsync=True, beside=beside)
 
 
-def one(where: str, mode: str, mib: int, workers: int) -> float:
+def one(where: str, mode: str, mib: int, workers: int, beside: bool = False) -> float:
     """Seconds for W writers to store mib MiB durably in mode."""
     root, tmp = os.path.join(where, "chunks"), os.path.join(where, "tmp")
     shutil.rmtree(where, ignore_errors=True)
@@ -52,7 +55,7 @@ def one(where: str, mode: str, mib: int, workers: int) -> float:
         pid = os.fork()
         if pid == 0:
             try:
-                _writer(root, tmp, w, batches)
+                _writer(root, tmp, w, batches, beside)
                 os._exit(0)
             except BaseException:   # noqa: BLE001 - a child reports by its status
                 os._exit(1)
@@ -76,11 +79,11 @@ def main(argv=None) -> str:
                     os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
     where = os.path.join(args.dir, "gpusnap-fsync-probe")
-    modes = ("each", "auto")
+    modes = ("each", "auto", "each beside", "auto beside")
     secs: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.runs):
         for m in modes:
-            secs[m].append(one(where, m, args.mib, args.workers))
+            secs[m].append(one(where, m.split()[0], args.mib, args.workers, m.endswith("beside")))
     gb = (args.mib // (BATCH * args.workers)) * BATCH * args.workers * CHUNK / 1e9
     fs = fsutil.fs_type(args.dir)
     lines = [f"# Durable chunk writes: an fsync a chunk vs one journal commit a batch — {args.card}", "",
@@ -88,8 +91,9 @@ def main(argv=None) -> str:
              f"{args.dir} (statfs f_type {fs:#x}; batch mode: "
              f"{'yes' if fsutil.batch_fsync(os.path.join(args.dir)) else 'no'}), {args.workers} writers, "
              f"{gb:.2f} GB in 1 MiB chunks, {BATCH} a batch; medians of {args.runs}.", "",
-             "| GPUSNAP_FSYNC | s | GB/s |", "|---|---|---|",
-             *[f"| {m} | {statistics.median(secs[m]):.2f} | {gb / statistics.median(secs[m]):.2f} |"
+             "| GPUSNAP_FSYNC | temp files | s | GB/s |", "|---|---|---|---|",
+             *[f"| {m.split()[0]} | {'beside their names' if m.endswith('beside') else 'one shared tmp/'} | "
+               f"{statistics.median(secs[m]):.2f} | {gb / statistics.median(secs[m]):.2f} |"
                for m in modes], "",
              "Runs (s): " + "; ".join(f"{m} " + ", ".join(f"{x:.2f}" for x in secs[m]) for m in modes)]
     text = "\n".join(lines) + "\n"

@@ -31,8 +31,11 @@ def write_renamed(path: str, tmp_dir: str, data) -> None:
     write_renamed_many([(path, data)], tmp_dir, fsync=False)
 
 
+TEMP_PREFIX = ".tmp-"      # beside=True: a temp file's name in its final directory
+
+
 def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: bool,
-                       direct: bool = False) -> None:
+                       direct: bool = False, beside: bool = False) -> None:
     """write_renamed of each (path, data); with fsync, each file's data is on disk before
     its name appears (every file is written and its writeback started first, then all
     are made durable and renamed: the disk works on all of them at once). The
@@ -46,15 +49,20 @@ def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: b
     allocation of the batch and flushes the disk's cache, which the batch's completed
     writes were in (git's core.fsyncMethod=batch, the same reasoning). Elsewhere, and
     with GPUSNAP_FSYNC=each, every file is fsynced: on a disk whose cache flush is slow
-    (a VM's virtual disk), that is one flush per chunk."""
+    (a VM's virtual disk), that is one flush per chunk.
+
+    beside: each temp file is named TEMP_PREFIX... in its final directory rather than in
+    tmp_dir, so the rename stays in one directory: a rename between directories takes
+    the filesystem's one rename lock (s_vfs_rename_mutex), which many writers then queue
+    on, as they do on tmp_dir's own lock for every create and rename out. A killed
+    writer's leftover there is the caller's to find (LocalBackend.stale_temps)."""
     tmps = []
     try:
         for path, data in items:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            tmp = os.path.join(tmp_dir, f"{os.path.basename(path)}.{os.getpid()}."
-                                        f"{threading.get_ident()}")
+            tmp = _temp_name(path, tmp_dir, beside)
             tmps.append(tmp)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
             fd = _open_direct(tmp, flags, tmp_dir) if direct else None
             if fd is not None:
                 try:
@@ -85,6 +93,13 @@ def write_renamed_many(items: list[tuple[str, bytes]], tmp_dir: str, *, fsync: b
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
+
+
+def _temp_name(path: str, tmp_dir: str, beside: bool) -> str:
+    """path's temp name for this thread: in tmp_dir, or (beside) TEMP_PREFIX... beside it."""
+    name = f"{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}"
+    return os.path.join(os.path.dirname(path), TEMP_PREFIX + name) if beside \
+        else os.path.join(tmp_dir, name)
 
 
 DIRECT_ALIGN = 4096                 # O_DIRECT's unit: a multiple of any disk's logical block

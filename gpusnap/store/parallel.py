@@ -186,6 +186,8 @@ def _collect(children: dict, ordered: bool):
             for key, _ in selector.select():
                 try:
                     message = pickle.load(key.fileobj)
+                except errors.Interrupted:
+                    raise               # SIGTERM while a message came in: stop the workers
                 except Exception:       # noqa: BLE001 - EOF, or a message cut short
                     message = None
                 if message == "done":

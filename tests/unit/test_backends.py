@@ -146,8 +146,11 @@ def test_a_failed_put_leaves_no_object(location, tmp_path, request):
         assert backend.get(name) == b"retried"
         proxy.close()
         return
-    os.rmdir(os.path.join(location, "tmp"))
-    open(os.path.join(location, "tmp"), "w").close()    # temp files cannot be made
+    import threading
+    from gpusnap.store import fsutil
+    temp = os.path.join(location, "chunks", "ee", f"{fsutil.TEMP_PREFIX}{'e' * 64}."
+                                                  f"{os.getpid()}.{threading.get_ident()}")
+    os.makedirs(temp)               # the temp file (beside its name) cannot be made
     with pytest.raises(StoreError):
         backend.put(name, b"data", durable=False)
     assert backend.size(name) is None

@@ -124,3 +124,40 @@ def test_a_failed_batch_leaves_no_temp_file(tmp_path, monkeypatch):
         fsutil.write_renamed_many(items, str(tmp_path / "tmp"), fsync=True)
     assert os.listdir(tmp_path / "tmp") == []
     assert sorted(os.listdir(tmp_path / "d")) == ["n0", "n1"]
+
+
+def test_a_failed_batch_written_beside_leaves_no_temp_file(tmp_path, monkeypatch):
+    """beside=True (the local store's chunks): temp files sit in the final directory, under
+    fsutil.TEMP_PREFIX, and go on failure as in tmp/."""
+    items = [(str(tmp_path / "d" / f"n{i}"), b"x" * 100) for i in range(5)]
+    real_rename, seen = os.rename, []
+
+    def rename(src, dst):
+        assert os.path.dirname(src) == os.path.dirname(dst)     # one directory: no rename lock
+        assert os.path.basename(src).startswith(fsutil.TEMP_PREFIX)
+        seen.append(dst)
+        if len(seen) == 3:
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        fsutil.write_renamed_many(items, str(tmp_path / "tmp"), fsync=True, beside=True)
+    assert os.listdir(tmp_path / "tmp") == []
+    assert sorted(os.listdir(tmp_path / "d")) == ["n0", "n1"]
+
+
+def test_a_killed_writers_temp_beside_a_chunk_is_no_chunk_and_gc_removes_it(tmp_path):
+    repo = Repository.open(str(tmp_path / "store"))
+    m = commit_snapshot(repo, _images(tmp_path, 1))
+    cid = next(iter(m.chunk_sizes()))
+    left = os.path.join(os.path.dirname(repo.chunk_path(cid)), f"{fsutil.TEMP_PREFIX}{cid}.1.2")
+    with open(left, "wb") as f:
+        f.write(b"half a chunk")
+    assert all(fsutil.TEMP_PREFIX not in n for n, _s in repo.backend.list("chunks/"))
+    plan = repo.gc_plan()
+    assert plan["chunks"] == [] or cid not in plan["chunks"]
+    assert f"chunks/{cid[:2]}/{os.path.basename(left)}" in plan["temps"]
+    repo.gc_execute(plan)
+    assert not os.path.exists(left) and os.path.exists(repo.chunk_path(cid))

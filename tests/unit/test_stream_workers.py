@@ -28,3 +28,32 @@ def test_gpusnap_threads_decides_where_set(monkeypatch):
     assert parallel.stream_workers(False) == 5
     monkeypatch.setenv("GPUSNAP_THREADS", "zero")           # not a count: the default
     assert parallel.stream_workers(True) == 32
+
+
+def _slow(job, i):
+    import time
+    time.sleep(job)
+    return i
+
+
+def test_sigterm_while_a_result_comes_in_stops_the_workers(monkeypatch):
+    """The CI hang of stop 29: SIGTERM (Interrupted, under the CLI) raised while the
+    parent read a worker's result was taken for a message cut short; the parent then
+    waited for that worker, which went on with its batches and blocked on its full pipe."""
+    import time
+
+    import pytest
+
+    from gpusnap.errors import Interrupted
+    calls = []
+
+    def load(f):
+        calls.append(f)
+        raise Interrupted("interrupted")
+    monkeypatch.setattr(parallel.pickle, "load", load)
+    mode, results = parallel.run(_slow, 0.05, 40, 2)
+    assert mode == "processes"
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        list(results)
+    assert calls and time.monotonic() - started < 1.5     # stopped, not 20 batches waited for

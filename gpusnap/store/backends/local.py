@@ -87,7 +87,7 @@ class LocalBackend(Backend):
         after sync()."""
         try:
             fsutil.write_renamed_many([(self._path(n), d) for n, d in items], self.tmp_dir,
-                                      fsync=True, direct=self.direct)
+                                      fsync=True, direct=self.direct, beside=True)
         except OSError as exc:
             fsutil.raise_os_error(exc, exc.filename or self.path)
 
@@ -106,6 +106,8 @@ class LocalBackend(Backend):
                 dirs[:] = []
                 continue
             for n in names:
+                if n.startswith(fsutil.TEMP_PREFIX):    # a write under way (put_many)
+                    continue
                 name = n if rel == "." else f"{rel}/{n}"
                 if name.startswith(prefix):
                     try:
@@ -167,13 +169,19 @@ class LocalBackend(Backend):
     def stale_temps(self) -> list[str]:
         # Only files: a directory here is a dump or restore work dir (when /dev/shm is
         # unusable) that a restore may still be reading after it dropped its lock.
-        try:
-            names = os.listdir(self.tmp_dir)
-        except FileNotFoundError:
-            return []
-        return [f"tmp/{n}" for n in names
-                if os.path.isfile(os.path.join(self.tmp_dir, n))
-                and not os.path.islink(os.path.join(self.tmp_dir, n))]
+        # A chunk's temp file is written beside its name (put_many): chunks/xx/.tmp-*.
+        out = []
+        for top, pick in (("tmp", lambda n: True),
+                          *((f"chunks/{d}", lambda n: n.startswith(fsutil.TEMP_PREFIX))
+                            for d in _subdirs(os.path.join(self.path, "chunks")))):
+            try:
+                names = os.listdir(self._path(top))
+            except FileNotFoundError:
+                continue
+            out += [f"{top}/{n}" for n in names if pick(n)
+                    and os.path.isfile(os.path.join(self._path(top), n))
+                    and not os.path.islink(os.path.join(self._path(top), n))]
+        return out
 
     def lock(self, *, exclusive: bool, timeout: float):
         return store_lock(os.path.join(self.path, "lock"), exclusive=exclusive, timeout=timeout)
@@ -213,6 +221,14 @@ class LocalBackend(Backend):
 
 
 SYNC_THREADS = 8
+
+
+def _subdirs(path: str) -> list[str]:
+    """The directories directly in path (no link followed); [] when path is missing."""
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
 
 
 def _by_dir(names: Iterable[str]) -> dict[str, list[str]]:
