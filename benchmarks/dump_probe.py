@@ -9,6 +9,8 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
 - naive:      CUDA lock + checkpoint, `criu dump` into /dev/shm (what a user runs by hand)
 - null:       CUDA lock + checkpoint, `criu dump --page-server` into a sink that throws the
               pages away: the ceiling of CRIU and its socket, nothing stored
+- null_splice: the same, the pages never read into gpusnap (spliced to /dev/null): CRIU's
+              own pace; null against it is what the receiver's copy costs
 - stream_shm: `gpusnap dump` (pages streamed) into a store on /dev/shm: the workers
               (zero pages, chunking, SHA-256, zstd) without a disk
 - stream:     `gpusnap dump` into a store on --work's disk (durable)
@@ -120,6 +122,16 @@ class NullSink:
         pass
 
 
+class SpliceSink(NullSink):
+    """A PageSink that passes over every page without reading it (fill.skip: spliced to
+    /dev/null): the pace of CRIU's own side of the stream, no copy into gpusnap."""
+
+    def add(self, kind, ident, vaddr, nr_pages, flags, fill):
+        if fill:
+            fill.skip(nr_pages * 4096)
+            self.bytes += nr_pages * 4096
+
+
 def by_hand(pid: int, cuda: bool, images: str, sink=None) -> dict:
     """CUDA lock + checkpoint, then CRIU: into images, or its pages to sink."""
     from gpusnap.criu import pageserver, runner
@@ -201,6 +213,8 @@ def run_row(name: str, gib: float, work: str, store: str) -> dict:
             return by_hand(pid, cuda, os.path.join(SHM, "images"))
         if name == "null":
             return by_hand(pid, cuda, os.path.join(work, "null-images"), NullSink())
+        if name == "null_splice":
+            return by_hand(pid, cuda, os.path.join(work, "null-images"), SpliceSink())
         if name == "stream_shm":
             shutil.rmtree(os.path.join(SHM, "store"), ignore_errors=True)
             try:

@@ -25,6 +25,9 @@ ends the stream with CriuFailed.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
 import socket
 import struct
 from typing import Callable, Protocol
@@ -51,7 +54,9 @@ class PageSink(Protocol):
     def add(self, kind: str, ident: int, vaddr: int, nr_pages: int, flags: int,
             fill: Fill | None) -> None:
         """One entry; fill (None unless the entry is present) reads its pages, in order,
-        into the views it is given: nr_pages * PAGE_SIZE bytes in all."""
+        into the views it is given: nr_pages * PAGE_SIZE bytes in all. fill.skip(n)
+        passes over the next n bytes without reading them into memory (splice to
+        /dev/null): for a sink that has the pages another way."""
 
     def close(self) -> None: ...
 
@@ -115,6 +120,14 @@ def _add(sock, sink: PageSink, kind: str, ident: int, vaddr: int, nr_pages: int,
         _read_into(sock, view, alive)
         taken += len(view)
 
+    def skip(n: int) -> None:
+        nonlocal taken
+        if taken + n > want:
+            raise CriuFailed("page sink skipped more bytes than the entry holds")
+        _drain(sock, n, alive)
+        taken += n
+
+    fill.skip = skip        # type: ignore[attr-defined]
     sink.add(kind, ident, vaddr, nr_pages, flags, fill)
     if taken != want:
         raise CriuFailed(f"page sink read {taken} of an entry's {want} bytes")
@@ -135,6 +148,35 @@ def _read_into(sock: socket.socket, view: memoryview, alive=None) -> None:
         if n == 0:
             raise CriuFailed("CRIU's page stream ended in the middle of an entry's pages")
         got += n
+
+
+_DRAIN: list = []          # [pipe read end, pipe write end, /dev/null], made at first use
+
+
+def _drain(sock: socket.socket, n: int, alive=None) -> None:
+    """n bytes of the stream passed over: spliced into a pipe and from it to /dev/null, so
+    they are never copied into this process."""
+    if not _DRAIN:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)     # fewer, larger moves
+        except OSError:
+            pass            # above /proc/sys/fs/pipe-max-size: the default size works
+        _DRAIN.extend([r, w, os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)])
+    r, w, null = _DRAIN
+    while n:
+        try:
+            got = os.splice(sock.fileno(), w, n, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            if not select.select([sock], [], [], WAKE)[0] and alive is not None and not alive():
+                raise CriuFailed("CRIU exited before its page stream was complete") from None
+            continue
+        if got == 0:
+            raise CriuFailed("CRIU's page stream ended in the middle of an entry's pages")
+        left = got
+        while left:
+            left -= os.splice(r, null, left, flags=os.SPLICE_F_MOVE)
+        n -= got
 
 
 def _read_exact(sock: socket.socket, n: int, alive=None, allow_eof: bool = False) -> bytes | None:

@@ -213,3 +213,43 @@ def test_streamed_entry_payload_spells_out_encode_entry(vaddr, nr_pages, flags):
     from gpusnap.imagefile import pagemap, streamed
     assert streamed.entry_payload(vaddr, nr_pages, flags) == \
         pagemap.encode_entry({1: 0, 2: 0, 4: flags, 5: 0}, vaddr, nr_pages)
+
+
+@pytest.mark.parametrize("alive", [None, lambda: True], ids=["blocking", "timeout"])
+def test_a_sink_may_skip_an_entrys_pages_and_the_stream_stays_in_step(alive):
+    """fill.skip(n) passes over n bytes (spliced to /dev/null): the pages after it, and the
+    next entries, still arrive intact (benchmarks/dump_probe.py's null_splice row)."""
+    rnd = random.Random(11)
+    areas = [(0x10000, rnd.randbytes(300 * P)), (0x900000, rnd.randbytes(40 * P))]
+    got = {}
+
+    class Sink:
+        def open(self, *a): pass
+
+        def add(self, kind, ident, vaddr, nr_pages, flags, fill):
+            n = nr_pages * P
+            if vaddr == 0x10000:                # the first piece: skip half, read half
+                fill.skip(n // 2)
+                buf = bytearray(n - n // 2)
+                fill(memoryview(buf))
+                got[vaddr] = bytes(buf)
+            else:
+                buf = bytearray(n)
+                fill(memoryview(buf))
+                got[vaddr] = bytes(buf)
+
+        def close(self): pass
+
+    ours, theirs = socket.socketpair()
+    client = threading.Thread(target=send_like_criu, args=(theirs, {5: areas}))
+    client.start()
+    try:
+        pageserver.serve(ours, Sink(), alive=alive)
+    finally:
+        client.join()
+        ours.close()
+        theirs.close()
+    first = areas[0][1][:256 * P]
+    assert got[0x10000] == first[128 * P:]
+    assert got[0x10000 + 256 * P] == areas[0][1][256 * P:]      # the next piece, read in full
+    assert got[0x900000] == areas[1][1]
