@@ -70,7 +70,25 @@ def human_bytes(n: int) -> str:
     return str(n)
 
 
+STREAM_STEPS = (("w_zero", "finding zero pages"), ("w_cut", "cutting"),
+                ("w_chunk", "hashing and compressing"), ("w_write", "writing"))
+BESIDE = ("cuda_restore", "cuda_unlock", "sdk_resume")   # dump --leave-running: on a thread
+
+
 def timings_table(timings: dict[str, float]) -> str:
-    rows = [f"  {stage:<18} {secs:8.3f} s" for stage, secs in timings.items()]
-    rows.append(f"  {'total':<18} {sum(timings.values()):8.3f} s")
+    """The stages' wall seconds and their sum; a dump's page-stream figures (stream_*:
+    the receiver's seconds inside criu_dump, the workers' summed seconds, their count)
+    on lines of their own, in neither."""
+    stages = {k: v for k, v in timings.items() if not k.startswith("stream_")}
+    rows = [f"  {stage:<18} {secs:8.3f} s" for stage, secs in stages.items()]
+    rows.append(f"  {'total':<18} {sum(stages.values()):8.3f} s")
+    if "commit_sync" in stages and any(k in stages for k in BESIDE):
+        rows.append("  (" + ", ".join(k for k in BESIDE if k in stages) + " ran at the same "
+                    "time as pages_finish, ingest and commit_sync; the total adds both)")
+    if "stream_recv" in timings:
+        rows.append(f"  page stream, inside criu_dump: reading {timings['stream_recv']:.3f} s, "
+                    f"waiting for a free slot {timings.get('stream_slot_wait', 0.0):.3f} s")
+        rows.append(f"  {int(timings.get('stream_workers', 0))} workers, summed: "
+                    + ", ".join(f"{what} {timings.get('stream_' + key, 0.0):.3f} s"
+                                for key, what in STREAM_STEPS))
     return "\n".join(rows)

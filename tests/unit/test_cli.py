@@ -104,3 +104,16 @@ def test_progress_bars_start_no_thread(monkeypatch):
     with app.progress("x", 10) as update:
         update(5)
         assert threading.active_count() == 1
+
+
+def test_the_timings_table_keeps_page_stream_figures_out_of_the_total():
+    """stream_* are the receiver's seconds inside criu_dump, workers' summed seconds and
+    their count: not stages (the demo's total once added 16 workers as 16 s)."""
+    from gpusnap.cli.context import timings_table
+    text = timings_table({"plan": 0.5, "criu_dump": 1.0, "pages_finish": 0.25, "commit_sync": 0.25,
+                          "cuda_restore": 0.5, "commit": 0.5, "stream_recv": 0.4,
+                          "stream_w_write": 30.0, "stream_workers": 16})
+    assert "total                 3.000 s" in text
+    assert "16 workers, summed:" in text and "writing 30.000 s" in text
+    assert "cuda_restore ran at the same time as pages_finish" in text
+    assert "stream_workers" not in text
