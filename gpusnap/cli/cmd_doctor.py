@@ -18,13 +18,14 @@ def _settings(ctx: click.Context) -> list[dict]:
 @click.command("doctor")
 @click.pass_context
 def command(ctx):
-    """Check CRIU, kernel features, privileges, the NVIDIA driver and container engines,
-    and show each setting with its source (flag > env > config file > default).
+    """Check CRIU, kernel features, privileges, the NVIDIA driver, container engines and
+    how the store makes chunks durable (its filesystem), and show each setting with its
+    source (flag > env > config file > default).
 
     Changes nothing on the host.
     """
-    from ..engine.doctor import Check, run_checks
-    checks = run_checks()
+    from ..engine.doctor import Check, run_checks, store_writes
+    checks = run_checks() + [store_writes(ctx.obj.store)]
     checks += [Check(f"setting {row['setting']}", "ok", f"{row['value']} ({row['source']})")
                for row in _settings(ctx)]
     lines = []

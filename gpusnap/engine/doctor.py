@@ -145,6 +145,36 @@ def _engines() -> list[Check]:
     return out
 
 
+FS_NAMES = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
+            0x6969: "nfs", 0x2FC12FC1: "zfs", 0x794C7630: "overlayfs"}
+
+
+def store_writes(store: str) -> Check:
+    """How a dump makes the store's new chunks durable there: one journal commit a batch
+    (ext4, XFS), an fsync a chunk (elsewhere, or GPUSNAP_FSYNC=each); a store on tmpfs
+    loses every snapshot at reboot. An s3:// store: each object is durable when its PUT
+    returns. Asks the filesystem (statfs) of the store, or of the directory it will be
+    made in; creates nothing."""
+    from ..store import fsutil
+    if store.startswith("s3://"):
+        return Check("store writes", "ok", f"{store}: each object durable once its PUT returns")
+    where = os.path.abspath(store)
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    kind = fsutil.fs_type(where)
+    name = FS_NAMES.get(kind, f"filesystem {kind:#x}" if kind is not None else "an unknown filesystem")
+    if name == "tmpfs":
+        return Check("store writes", "warn", f"{store} is on tmpfs: its snapshots go at reboot",
+                     "point --store (GPUSNAP_STORE) at a disk")
+    if os.environ.get(fsutil.FSYNC_ENV, "auto").strip().lower() == "each":
+        how = f"an fsync a chunk ({fsutil.FSYNC_ENV}=each)"
+    elif kind in fsutil.JOURNALED:
+        how = "a batch of new chunks made durable by one journal commit"
+    else:
+        how = "an fsync a chunk (batch commits only on ext4 and XFS)"
+    return Check("store writes", "ok", f"{store} on {name}: {how}")
+
+
 def _recoveries() -> list[Check]:
     """What guards and gpusnap starts did after a gpusnap died mid-operation."""
     from .intent import notes

@@ -155,7 +155,7 @@ def _start_writeback(fd: int) -> None:
 
 
 FSYNC_ENV = "GPUSNAP_FSYNC"                 # auto (batch where safe) | each
-_JOURNALED = {0xEF53: "ext4", 0x58465342: "xfs"}    # statfs f_type: one commit covers all
+JOURNALED = {0xEF53: "ext4", 0x58465342: "xfs"}    # statfs f_type: one commit covers all
 _SFR_WAIT = 1 | 2 | 4           # SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER
 _batch_dirs: dict[str, bool] = {}
 
@@ -198,7 +198,7 @@ def batch_fsync(tmp_dir: str) -> bool:
         return False
     known = _batch_dirs.get(tmp_dir)
     if known is None:
-        known = _batch_dirs[tmp_dir] = fs_type(tmp_dir) in _JOURNALED and \
+        known = _batch_dirs[tmp_dir] = fs_type(tmp_dir) in JOURNALED and \
             hasattr(_libc, "sync_file_range") and hasattr(os, "O_TMPFILE")
     return known
 

@@ -30,3 +30,20 @@ def test_describe_follows_gpusnap_workdir(monkeypatch, tmp_path):
     monkeypatch.setattr(workdir, "huge_tmpfs", _no_mount)
     where = workdir.describe("/store")
     assert where["path"] == str(tmp_path) and not where["mounted_on_use"]
+
+
+def test_doctor_says_how_the_store_makes_chunks_durable(tmp_path, monkeypatch):
+    """Asks the filesystem of the store, or of the directory it will be made in; makes
+    nothing."""
+    from gpusnap.store import fsutil
+    store = tmp_path / "not" / "yet"
+    check = doctor.store_writes(str(store))
+    assert not (tmp_path / "not").exists()
+    if fsutil.fs_type(str(tmp_path)) == 0xEF53:
+        assert check.status == "ok" and "one journal commit" in check.detail
+    monkeypatch.setenv("GPUSNAP_FSYNC", "each")
+    assert "GPUSNAP_FSYNC=each" in doctor.store_writes(str(store)).detail
+    assert doctor.store_writes("s3://bucket/p").status == "ok"
+    if os.path.isdir("/dev/shm") and fsutil.fs_type("/dev/shm") == 0x01021994:
+        shm = doctor.store_writes("/dev/shm/gpusnap-store")
+        assert shm.status == "warn" and "reboot" in shm.detail
