@@ -848,26 +848,28 @@ def _sum_switch(row: dict) -> list[str]:
                 _modes(row, lambda x: [_f(_m(x["switches"], "total")), _f(_m(x["switches"], "suspend_s")),
                                        _f(_m(x["switches"], "resume_s")), _f(_m(x["switches"], "first_token_s")),
                                        ", ".join(_f(c) for c in x["cold_s"])], "switches"))
-    floor = (row.get("transparent") or {}).get("floor")
+    floors = row.get("transparent") or {}
+    floor, thp = floors.get("floor"), floors.get("floor_thp")
     if floor:
-        doors = _by_via(row["transparent"]["switches"])
-        gap = ", ".join(f"{_m(part, 'total') - _m(floor, 'total'):+.2f} s"
-                        + (f" ({via})" if len(doors) > 1 else "") for via, part in doors.items())
         out += ["", f"Driver floor (same run, by hand: lock {_f(_m(floor, 'lock_s'))} + checkpoint "
                 f"{_f(_m(floor, 'checkpoint_s'))} of the running server, restore {_f(_m(floor, 'restore_s'))} "
                 f"+ unlock {_f(_m(floor, 'unlock_s'))} of the parked one = {_f(_m(floor, 'driver_s'))} s; "
                 f"to its first token {_f(_m(floor, 'total'))} s). Transparent gpusnap is "
-                f"{gap} from it."]
-    thp = (row.get("transparent") or {}).get("floor_thp")
+                f"{_gap(row, floor)} from it."]
     if thp:
-        doors = _by_via(row["transparent"]["switches"])
-        gap = ", ".join(f"{_m(part, 'total') - _m(thp, 'total'):+.2f} s"
-                        + (f" ({via})" if len(doors) > 1 else "") for via, part in doors.items())
         out += ["", f"The same by hand with gpusnap's huge-page window around the checkpoint "
                 f"(cuda/hugepages.py, as gpusnap's suspend has it): checkpoint {_f(_m(thp, 'checkpoint_s'))} "
                 f"+ restore {_f(_m(thp, 'restore_s'))}, to first token {_f(_m(thp, 'total'))} s; "
-                f"transparent gpusnap is {gap} from that."]
+                f"transparent gpusnap is {_gap(row, thp)} from that."]
     return out
+
+
+def _gap(row: dict, floor: list[dict]) -> str:
+    """The transparent switches' median total less floor's, per front door ("+0.38 s (cli),
+    +0.08 s (daemon)"; no door named where there is one)."""
+    doors = _by_via(row["transparent"]["switches"])
+    return ", ".join(f"{_m(part, 'total') - _m(floor, 'total'):+.2f} s"
+                     + (f" ({via})" if len(doors) > 1 else "") for via, part in doors.items())
 
 
 def _sum_standby(row: dict) -> list[str]:
