@@ -24,46 +24,38 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from gpusnap.store import fsutil  # noqa: E402
+from gpusnap.store import fsutil, parallel  # noqa: E402
 
 CHUNK = 1 << 20
 BATCH = 16
 
 
-def _writer(root: str, tmp: str, worker: int, batches: int, beside: bool) -> None:
+def _batch(job, b: int) -> None:
+    """Batch b: BATCH new 1 MiB chunks, each its own, spread over chunks/xx as a store's."""
+    root, tmp, beside = job
     data = bytearray(os.urandom(CHUNK))
-    for b in range(batches):
-        items = []
-        for i in range(BATCH):
-            data[:8] = (worker << 40 | b << 8 | i).to_bytes(8, "little")    # each chunk its own
-            spread = (worker * 7919 + b * BATCH + i) * 2654435761 % 256     # chunks/xx, as a store
-            items.append((os.path.join(root, f"{spread:02x}", f"{worker}-{b}-{i}"), bytes(data)))
-        fsutil.write_renamed_many(items, tmp, fsync=True, beside=beside)
+    items = []
+    for i in range(BATCH):
+        data[:8] = (b << 8 | i).to_bytes(8, "little")
+        spread = (b * BATCH + i) * 2654435761 % 256
+        items.append((os.path.join(root, f"{spread:02x}", f"{b}-{i}"), bytes(data)))
+    fsutil.write_renamed_many(items, tmp, fsync=True, beside=beside)
 
 
 def one(where: str, mode: str, mib: int, workers: int, beside: bool = False) -> float:
-    """Seconds for W writers to store mib MiB durably in mode."""
+    """Seconds for W forked writers (store/parallel.py, as a dump's) to store mib MiB
+    durably in mode."""
     root, tmp = os.path.join(where, "chunks"), os.path.join(where, "tmp")
     shutil.rmtree(where, ignore_errors=True)
     os.makedirs(tmp)
     os.sync()
-    batches = max(1, mib // (BATCH * workers))
+    batches = max(1, mib // (BATCH * workers)) * workers
     os.environ[fsutil.FSYNC_ENV] = mode
     t = time.perf_counter()
-    pids = []
-    for w in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _writer(root, tmp, w, batches, beside)
-                os._exit(0)
-            except BaseException:   # noqa: BLE001 - a child reports by its status
-                os._exit(1)
-        pids.append(pid)
-    bad = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+    _mode, results = parallel.run(_batch, (root, tmp, beside), batches, workers)
+    for _ in results:
+        pass
     seconds = time.perf_counter() - t
-    if bad:
-        raise SystemExit(f"{len(bad)} writers failed")
     shutil.rmtree(where, ignore_errors=True)
     return seconds
 

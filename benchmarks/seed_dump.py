@@ -89,7 +89,7 @@ def main(argv=None) -> str:
     proc, weights, stop = (_holder(args.work, args.mib) if args.what == "cpu"
                            else _server(args.work, args.size))
     modes = [m.strip() for m in args.fsync.split(",") if m.strip()]
-    rows: dict[str, list[dict]] = {_key(k, m): [] for m in modes for k in ("empty", "second", "seeded")}
+    rows: dict[str, list[dict]] = {_key(k, m): [] for m in modes for k in KINDS}
     rows["naive"] = []
     seeds: list[dict] = []
     try:
@@ -136,12 +136,12 @@ def main(argv=None) -> str:
              + (f"; seeded / naive: {med([r['s'] for r in s]) / med([r['s'] for r in rows['naive']]):.2f}"
                 if rows["naive"] else "") + ".",
              "Stages, medians (s): " + "; ".join(f"{k}{tag(m)}: {_stages(rows[_key(k, m)])}"
-                                                for m in modes for k in ("empty", "second", "seeded")),
+                                                for m in modes for k in KINDS),
              "",
              f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
              f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks.",
              "Runs (s): " + "; ".join(f"{k}{tag(m)} " + ", ".join(f"{r['s']:.2f}" for r in rows[_key(k, m)])
-                                      for m in modes for k in ("empty", "second", "seeded"))
+                                      for m in modes for k in KINDS)
              + ("; naive " + ", ".join(f"{r['s']:.2f}" for r in rows["naive"]) if rows["naive"] else "")]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -152,6 +152,9 @@ def main(argv=None) -> str:
     with open(base + ".md", "w") as f:
         f.write(text)
     return base + ".md"
+
+
+KINDS = ("empty", "second", "seeded")      # gpusnap's rows, each fsync mode's
 
 
 def _key(kind: str, mode: str) -> str:

@@ -44,6 +44,8 @@ WAKE = 0.5                              # seconds of a quiet stream before CRIU 
 MAX_ENTRY_PAGES = 1 << 20               # 4 GiB in one entry: far beyond CRIU's pipe-sized pieces
 
 Fill = Callable[[memoryview], None]
+CRIU_GONE = "CRIU exited before its page stream was complete"
+CUT_MID_ENTRY = "CRIU's page stream ended in the middle of an entry's pages"
 
 
 class PageSink(Protocol):
@@ -146,7 +148,7 @@ def _read_into(sock: socket.socket, view: memoryview, alive=None) -> None:
     while got < len(view):
         n = _recv(sock, view[got:], alive)
         if n == 0:
-            raise CriuFailed("CRIU's page stream ended in the middle of an entry's pages")
+            raise CriuFailed(CUT_MID_ENTRY)
         got += n
 
 
@@ -169,10 +171,10 @@ def _drain(sock: socket.socket, n: int, alive=None) -> None:
             got = os.splice(sock.fileno(), w, n, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             if not select.select([sock], [], [], WAKE)[0] and alive is not None and not alive():
-                raise CriuFailed("CRIU exited before its page stream was complete") from None
+                raise CriuFailed(CRIU_GONE) from None
             continue
         if got == 0:
-            raise CriuFailed("CRIU's page stream ended in the middle of an entry's pages")
+            raise CriuFailed(CUT_MID_ENTRY)
         left = got
         while left:
             left -= os.splice(r, null, left, flags=os.SPLICE_F_MOVE)
@@ -201,4 +203,4 @@ def _recv(sock: socket.socket, view: memoryview, alive) -> int:
             return sock.recv_into(view, len(view), socket.MSG_WAITALL)
         except TimeoutError:
             if alive is not None and not alive():
-                raise CriuFailed("CRIU exited before its page stream was complete") from None
+                raise CriuFailed(CRIU_GONE) from None

@@ -145,8 +145,8 @@ def _engines() -> list[Check]:
     return out
 
 
-FS_NAMES = {0xEF53: "ext4", 0x58465342: "xfs", 0x9123683E: "btrfs", 0x01021994: "tmpfs",
-            0x6969: "nfs", 0x2FC12FC1: "zfs", 0x794C7630: "overlayfs"}
+OTHER_FS = {0x9123683E: "btrfs", 0x01021994: "tmpfs", 0x6969: "nfs", 0x2FC12FC1: "zfs",
+            0x794C7630: "overlayfs"}      # statfs f_type -> name, beside fsutil.JOURNALED
 
 
 def store_writes(store: str) -> Check:
@@ -162,13 +162,14 @@ def store_writes(store: str) -> Check:
     while not os.path.exists(where) and os.path.dirname(where) != where:
         where = os.path.dirname(where)
     kind = fsutil.fs_type(where)
-    name = FS_NAMES.get(kind, f"filesystem {kind:#x}" if kind is not None else "an unknown filesystem")
+    name = {**fsutil.JOURNALED, **OTHER_FS}.get(
+        kind, f"filesystem {kind:#x}" if kind is not None else "an unknown filesystem")
     if name == "tmpfs":
         return Check("store writes", "warn", f"{store} is on tmpfs: its snapshots go at reboot",
                      "point --store (GPUSNAP_STORE) at a disk")
-    if os.environ.get(fsutil.FSYNC_ENV, "auto").strip().lower() == "each":
+    if fsutil.fsync_each():
         how = f"an fsync a chunk ({fsutil.FSYNC_ENV}=each)"
-    elif kind in fsutil.JOURNALED:
+    elif fsutil.batch_fsync(where):         # the writers' own test
         how = "a batch of new chunks made durable by one journal commit"
     else:
         how = "an fsync a chunk (batch commits only on ext4 and XFS)"

@@ -191,10 +191,15 @@ def _make_durable(paths: list[str], tmp_dir: str) -> None:
             os.close(fd)
 
 
+def fsync_each() -> bool:
+    """GPUSNAP_FSYNC=each: one fsync a file, wherever the files are."""
+    return os.environ.get(FSYNC_ENV, "auto").strip().lower() == "each"
+
+
 def batch_fsync(tmp_dir: str) -> bool:
     """Whether a batch of files written in tmp_dir is made durable by one journal commit
     (write_renamed_many): tmp_dir is on ext4 or XFS and GPUSNAP_FSYNC is not "each"."""
-    if os.environ.get(FSYNC_ENV, "auto").strip().lower() == "each":
+    if fsync_each():
         return False
     known = _batch_dirs.get(tmp_dir)
     if known is None:

@@ -170,18 +170,20 @@ class LocalBackend(Backend):
         # Only files: a directory here is a dump or restore work dir (when /dev/shm is
         # unusable) that a restore may still be reading after it dropped its lock.
         # A chunk's temp file is written beside its name (put_many): chunks/xx/.tmp-*.
-        out = []
-        for top, pick in (("tmp", lambda n: True),
-                          *((f"chunks/{d}", lambda n: n.startswith(fsutil.TEMP_PREFIX))
-                            for d in _subdirs(os.path.join(self.path, "chunks")))):
-            try:
-                names = os.listdir(self._path(top))
-            except FileNotFoundError:
-                continue
-            out += [f"{top}/{n}" for n in names if pick(n)
-                    and os.path.isfile(os.path.join(self._path(top), n))
-                    and not os.path.islink(os.path.join(self._path(top), n))]
+        out = self._files_in("tmp")
+        for d in _subdirs(self._path("chunks")):
+            out += self._files_in(f"chunks/{d}", fsutil.TEMP_PREFIX)
         return out
+
+    def _files_in(self, top: str, prefix: str = "") -> list[str]:
+        """The regular files (no link) directly in top whose names start with prefix."""
+        try:
+            names = os.listdir(self._path(top))
+        except FileNotFoundError:
+            return []
+        return [f"{top}/{n}" for n in names if n.startswith(prefix)
+                and os.path.isfile(os.path.join(self._path(top), n))
+                and not os.path.islink(os.path.join(self._path(top), n))]
 
     def lock(self, *, exclusive: bool, timeout: float):
         return store_lock(os.path.join(self.path, "lock"), exclusive=exclusive, timeout=timeout)
