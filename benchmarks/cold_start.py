@@ -224,6 +224,13 @@ def more_dumps(row, size, snap_id, pid, store, work, runs, staged=True, compress
 NAIVE_IMAGES = "/dev/shm/gpusnap-bench-naive"
 
 
+def holding_gpu(pids):
+    """Those of pids with a /dev/nvidia* open (the CUDA processes of a tree)."""
+    return [p for p in pids if any(os.readlink(f"/proc/{p}/fd/{fd}").startswith("/dev/nvidia")
+                                   for fd in os.listdir(f"/proc/{p}/fd")
+                                   if os.path.exists(f"/proc/{p}/fd/{fd}"))]
+
+
 def naive_dump(pid, images, timeout=None, leave="killed"):
     """The tree of pid dumped by hand into images (emptied first) and killed (leave=
     "running": left running, its CUDA restored and unlocked after CRIU): (its pids, those
@@ -234,9 +241,7 @@ def naive_dump(pid, images, timeout=None, leave="killed"):
     shutil.rmtree(images, ignore_errors=True)
     os.makedirs(images)
     pids = tree(pid)
-    cuda_pids = [p for p in pids if any(os.readlink(f"/proc/{p}/fd/{fd}").startswith("/dev/nvidia")
-                                        for fd in os.listdir(f"/proc/{p}/fd")
-                                        if os.path.exists(f"/proc/{p}/fd/{fd}"))]
+    cuda_pids = holding_gpu(pids)
     s = CudaSession(cuda_pids, huge_pages=False)    # by hand: the host's THP mode as it is
     s.lock_all(10_000)
     s.checkpoint_all()

@@ -80,7 +80,9 @@ def main(argv=None) -> str:
                     help="GPUSNAP_FSYNC of gpusnap's dumps, a comma list: each mode's rows in turn "
                          "(auto: one journal commit a batch of chunks on ext4/XFS; each: an fsync a chunk)")
     ap.add_argument("--no-naive", dest="naive", action="store_false",
-                    help="leave out the dump by hand")
+                    help="leave out the dump by hand and the floor")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="only the dump by hand and the floor (no gpusnap dumps)")
     ap.add_argument("--work", default="/tmp/gpusnap-seed-dump")
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS") or
                     os.path.join(REPO, "benchmarks", "results"))
@@ -90,11 +92,12 @@ def main(argv=None) -> str:
                            else _server(args.work, args.size))
     modes = [m.strip() for m in args.fsync.split(",") if m.strip()]
     rows: dict[str, list[dict]] = {_key(k, m): [] for m in modes for k in KINDS}
-    rows["naive"] = []
+    rows["naive"], rows["floor"] = [], []
     seeds: list[dict] = []
     try:
         for run in range(args.runs):
-            for mode, kind in [(m, k) for m in modes for k in ("empty", "seeded")]:
+            for mode, kind in [(m, k) for m in modes for k in ("empty", "seeded")
+                               if not args.baselines_only]:
                 store = os.path.join(args.work, f"store-{kind}")
                 shutil.rmtree(store, ignore_errors=True)
                 if kind == "seeded":
@@ -110,42 +113,14 @@ def main(argv=None) -> str:
             if args.naive:
                 os.sync()
                 rows["naive"].append(_naive(proc.pid))
-                print(json.dumps({"run": run, "kind": "naive", **rows["naive"][-1]}), flush=True)
+                rows["floor"].append(_floor(proc.pid))
+                for kind in ("naive", "floor"):
+                    print(json.dumps({"run": run, "kind": kind, **rows[kind][-1]}), flush=True)
     finally:
         stop()
     card = "CPU host" if args.what == "cpu" else _card()
     what = f"cpu_{args.mib}mib" if args.what == "cpu" else f"{_tag(card)}_{args.size}"
-    med = lambda xs: statistics.median(xs)  # noqa: E731
-    e, s, again = (rows[_key(k, modes[0])] for k in ("empty", "seeded", "second"))
-    tag = (lambda m: f" (GPUSNAP_FSYNC={m})") if len(modes) > 1 else (lambda m: "")
-    lines = [f"# First dump into an empty store vs a seeded one — {card}", "",
-             f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
-             f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
-             f"--leave-running, medians of {args.runs}; weights {os.path.getsize(weights) / 1e9:.2f} GB.", "",
-             "| store | dump s | GB written (bytes_new) | image GB | image GB/s | image GB/s past the driver | downtime s |",
-             "|---|---|---|---|---|---|---|",
-             *[line for m in modes for line in (
-                 _row("empty" + tag(m), rows[_key("empty", m)]),
-                 _row("the same store again (second dump)" + tag(m), rows[_key("second", m)]),
-                 _row("seeded with the weights file" + tag(m), rows[_key("seeded", m)]))],
-             *([f"| by hand (naive: driver + `criu dump --leave-running` into /dev/shm) | "
-                f"{med([r['s'] for r in rows['naive']]):.2f} | - | "
-                f"{med([r['bytes'] for r in rows['naive']]) / 1e9:.2f} | - | - | - |"] if rows["naive"] else []),
-             "",
-             "Image GB/s past the driver: the image's bytes over the stages that move them into "
-             "the store (criu_dump with the page stream, pages_finish, commit), the driver's "
-             "checkpoint and restore of the original left out.",
-             f"Second dump / first: {med([r['s'] for r in again]) / med([r['s'] for r in e]):.2f}"
-             + (f"; seeded / naive: {med([r['s'] for r in s]) / med([r['s'] for r in rows['naive']]):.2f}"
-                if rows["naive"] else "") + ".",
-             "Stages, medians (s): " + "; ".join(f"{k}{tag(m)}: {_stages(rows[_key(k, m)])}"
-                                                for m in modes for k in KINDS),
-             "",
-             f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
-             f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks.",
-             "Runs (s): " + "; ".join(f"{k}{tag(m)} " + ", ".join(f"{r['s']:.2f}" for r in rows[_key(k, m)])
-                                      for m in modes for k in KINDS)
-             + ("; naive " + ", ".join(f"{r['s']:.2f}" for r in rows["naive"]) if rows["naive"] else "")]
+    lines = _table(args, argv, card, rows, modes, seeds, os.path.getsize(weights))
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
@@ -155,6 +130,49 @@ def main(argv=None) -> str:
     with open(base + ".md", "w") as f:
         f.write(text)
     return base + ".md"
+
+
+def _table(args, argv, card: str, rows: dict, modes: list[str], seeds: list[dict],
+           weights_bytes: int) -> list[str]:
+    med = statistics.median
+    tag = (lambda m: f" (GPUSNAP_FSYNC={m})") if len(modes) > 1 else (lambda m: "")
+    ours = [(k, m) for m in modes for k in KINDS if rows[_key(k, m)]]
+    names = {"empty": "empty", "second": "the same store again (second dump)",
+             "seeded": "seeded with the weights file"}
+    e, again, s = (rows[_key(k, modes[0])] for k in ("empty", "second", "seeded"))
+    naive = rows["naive"]
+    ratios = ([f"Second dump / first: {med([r['s'] for r in again]) / med([r['s'] for r in e]):.2f}"]
+              if e else []) + ([f"seeded / naive: {med([r['s'] for r in s]) / med([r['s'] for r in naive]):.2f}"]
+                               if s and naive else [])
+    return [f"# First dump into an empty store vs a seeded one — {card}", "",
+            f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
+            f"--leave-running, medians of {args.runs}; weights {weights_bytes / 1e9:.2f} GB.", "",
+            "| store | dump s | GB written (bytes_new) | image GB | image GB/s | image GB/s past the driver | downtime s |",
+            "|---|---|---|---|---|---|---|",
+            *[_row(names[k] + tag(m), rows[_key(k, m)]) for k, m in ours],
+            *([f"| by hand (naive: driver + `criu dump --leave-running` into /dev/shm) | "
+               f"{med([r['s'] for r in naive]):.2f} | - | "
+               f"{med([r['bytes'] for r in naive]) / 1e9:.2f} | - | - | - |",
+               _row("floor: the driver (huge-page window) + `criu dump --leave-running`, "
+                    "its pages spliced to /dev/null; nothing stored", rows["floor"])]
+              if naive else []),
+            "",
+            "Image GB/s past the driver: the image's bytes over the stages that move them into "
+            "the store (criu_dump with the page stream, pages_finish, commit; for the floor, "
+            "criu_dump), the driver's checkpoint and restore of the original left out.",
+            "; ".join(ratios) + ("." if ratios else ""),
+            "Stages, medians (s): " + "; ".join(
+                [f"{k}{tag(m)}: {_stages(rows[_key(k, m)])}" for k, m in ours]
+                + ([f"floor: {_stages(rows['floor'])}"] if rows["floor"] else [])),
+            "",
+            *([f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
+               f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks."]
+              if seeds else []),
+            "Runs (s): " + "; ".join(
+                [f"{k}{tag(m)} " + ", ".join(f"{r['s']:.2f}" for r in rows[_key(k, m)]) for k, m in ours]
+                + [f"{k} " + ", ".join(f"{r['s']:.2f}" for r in rows[k])
+                   for k in ("naive", "floor") if rows[k]])]
 
 
 KINDS = ("empty", "second", "seeded")      # gpusnap's rows, each fsync mode's
@@ -208,6 +226,41 @@ def _naive(pid: int) -> dict:
     size = sum(os.path.getsize(os.path.join(NAIVE_IMAGES, n)) for n in os.listdir(NAIVE_IMAGES))
     shutil.rmtree(NAIVE_IMAGES, ignore_errors=True)
     return {"s": wall, "bytes": size}
+
+
+def _floor(pid: int) -> dict:
+    """What no dump that keeps pid's tree running goes under, the store left out: the
+    driver's lock + checkpoint (in gpusnap's huge-page window, as gpusnap's own dump),
+    `criu dump --leave-running` sending its pages over the page-server socket to a sink
+    that splices them to /dev/null (CRIU's own pace: nothing copied into a process,
+    nothing stored), the driver's restore + unlock. A row as _dump's (bytes_logical: the
+    pages alone)."""
+    from cold_start import holding_gpu, tree
+    from dump_probe import SpliceSink
+    from gpusnap.criu import pageserver, runner
+    from gpusnap.criu.argv import CriuOptions
+    from gpusnap.cuda.session import CudaSession
+    images = FLOOR_IMAGES
+    shutil.rmtree(images, ignore_errors=True)
+    os.makedirs(images)
+    session, sink = CudaSession(holding_gpu(tree(pid)), huge_pages=True), SpliceSink()
+    os.sync()
+    t0 = time.perf_counter()
+    session.lock_all(10_000)
+    session.checkpoint_all()
+    t1 = time.perf_counter()
+    runner.dump(pid, images, CriuOptions(), leave="running",
+                page_server=lambda sock, alive: pageserver.serve(sock, sink, alive=alive))
+    t2 = time.perf_counter()
+    session.restore_all()
+    session.unlock_all()
+    t3 = time.perf_counter()
+    shutil.rmtree(images, ignore_errors=True)
+    return {"s": t3 - t0, "bytes_new": 0, "bytes_logical": sink.bytes, "downtime": t3 - t0,
+            "timings": {"cuda_checkpoint": t1 - t0, "criu_dump": t2 - t1, "cuda_restore": t3 - t2}}
+
+
+FLOOR_IMAGES = "/dev/shm/gpusnap-bench-floor"
 
 
 def _card() -> str:
