@@ -22,6 +22,8 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
 - twice:      the driver alone: lock + checkpoint, restore + unlock, two rounds (does the
               first checkpoint pay for first-touching its staging memory?)
 - NAME_thp:   row NAME with THP=always (e.g. naive_thp, stream_thp, twice_thp)
+- NAME_cN:    row NAME with GPUSNAP_STREAM_COPIERS=N (second_c0: the receiver copies every
+              page itself, as before the copy threads)
 
 and floors: the disk's write rate with fsync (16 writers) and tmpfs's. Each gpusnap row
 shows its stream_* timings: seconds the receiver read CRIU's pages (recv) and waited for a
@@ -201,6 +203,13 @@ def run_row(name: str, gib: float, work: str, store: str) -> dict:
             return run_row(name[:-len("_direct")], gib, work, store)
         finally:
             del os.environ["GPUSNAP_DIRECT_IO"]
+    head, _, copiers = name.rpartition("_c")
+    if head and copiers.isdigit():      # stream_c0: GPUSNAP_STREAM_COPIERS=0 (the receiver copies)
+        os.environ["GPUSNAP_STREAM_COPIERS"] = copiers
+        try:
+            return run_row(head, gib, work, store)
+        finally:
+            del os.environ["GPUSNAP_STREAM_COPIERS"]
     if name.endswith("_thp"):
         from cold_start import thp_mode
         with thp_mode("always"):

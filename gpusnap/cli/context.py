@@ -86,8 +86,11 @@ def timings_table(timings: dict[str, float]) -> str:
         rows.append("  (" + ", ".join(k for k in BESIDE if k in stages) + " ran at the same "
                     "time as pages_finish, ingest and commit_sync; the total adds both)")
     if "stream_recv" in timings:
-        rows.append(f"  page stream, inside criu_dump: reading {timings['stream_recv']:.3f} s, "
-                    f"waiting for a free slot {timings.get('stream_slot_wait', 0.0):.3f} s")
+        copiers = int(timings.get("stream_copiers", 0))
+        rows.append(f"  page stream, inside criu_dump: reading {timings['stream_recv']:.3f} s"
+                    + (f" ({copiers} copy threads; waiting for their last copies "
+                       f"{timings.get('stream_copy_wait', 0.0):.3f} s)" if copiers else "")
+                    + f", waiting for a free slot {timings.get('stream_slot_wait', 0.0):.3f} s")
         rows.append(f"  {int(timings.get('stream_workers', 0))} workers, summed: "
                     + ", ".join(f"{what} {timings.get('stream_' + key, 0.0):.3f} s"
                                 for key, what in STREAM_STEPS))

@@ -58,7 +58,10 @@ class PageSink(Protocol):
         """One entry; fill (None unless the entry is present) reads its pages, in order,
         into the views it is given: nr_pages * PAGE_SIZE bytes in all. fill.skip(n)
         passes over the next n bytes without reading them into memory (splice to
-        /dev/null): for a sink that has the pages another way."""
+        /dev/null): for a sink that has the pages another way. fill.splice(fd, n) moves
+        the next n bytes into the pipe fd (splice: the kernel passes the pages' references
+        on, nothing is copied), for a sink whose own threads read them from there; it
+        blocks while the pipe is full."""
 
     def close(self) -> None: ...
 
@@ -129,7 +132,15 @@ def _add(sock, sink: PageSink, kind: str, ident: int, vaddr: int, nr_pages: int,
         _drain(sock, n, alive)
         taken += n
 
+    def splice(fd: int, n: int) -> None:
+        nonlocal taken
+        if taken + n > want:
+            raise CriuFailed("page sink moved more bytes than the entry holds")
+        _splice_into(sock, fd, n, alive)
+        taken += n
+
     fill.skip = skip        # type: ignore[attr-defined]
+    fill.splice = splice    # type: ignore[attr-defined]
     sink.add(kind, ident, vaddr, nr_pages, flags, fill)
     if taken != want:
         raise CriuFailed(f"page sink read {taken} of an entry's {want} bytes")
@@ -178,6 +189,24 @@ def _drain(sock: socket.socket, n: int, alive=None) -> None:
         left = got
         while left:
             left -= os.splice(r, null, left, flags=os.SPLICE_F_MOVE)
+        n -= got
+
+
+def _splice_into(sock: socket.socket, fd: int, n: int, alive=None) -> None:
+    """n bytes of the stream moved into the pipe fd. Non-blocking on both ends: a quiet
+    socket is waited on as _recv waits (a CRIU that exited ends it), a full pipe until
+    its reader makes room."""
+    while n:
+        try:
+            got = os.splice(sock.fileno(), fd, n, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            if not select.select([], [fd], [], 0)[1]:
+                select.select([], [fd], [], WAKE)           # the pipe is full: its reader's turn
+            elif not select.select([sock], [], [], WAKE)[0] and alive is not None and not alive():
+                raise CriuFailed(CRIU_GONE) from None
+            continue
+        if got == 0:
+            raise CriuFailed(CUT_MID_ENTRY)
         n -= got
 
 

@@ -29,7 +29,7 @@ from ..imagefile import mm, streamed, zero_pages
 from ..imagefile.pagemap import PAGE_SIZE
 from ..model import FileEntry
 from ..model.manifest import ZERO_ID
-from . import chunker, codec, parallel
+from . import chunker, codec, parallel, pipecopy
 from .tally import Tally
 
 SLOT_BYTES = 16 << 20
@@ -63,9 +63,12 @@ class PageStream:
         # where the time went: seconds the receiver spent reading CRIU's pages and waiting
         # for a free slot or worker; worker-seconds finding zero pages, cutting, hashing and
         # compressing (with the store's lookups), writing and fsyncing
-        self.clock = _Clock(("recv", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"))
+        self.clock = _Clock(("recv", "copy_wait", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"))
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         self.pool = parallel.Stream(_slot_work, (repo, self.shm), n)
+        self.copiers = pipecopy.threads()   # after the fork: the workers hold no pipe of it
+        self.copier = pipecopy.PipeCopier(self.copiers) if self.copiers else None
+        self.fill = self.copier.copy if self.copier else (lambda fill, view: fill(view))
 
     # ---- PageSink ----
     def open(self, kind: str, ident: int) -> None:
@@ -88,7 +91,7 @@ class PageStream:
             slot, used, parts = self.slot
             n = min(left, SLOT_BYTES - used)
             base = slot * SLOT_BYTES + used
-            self.clock.timed("recv", fill, self.view[base:base + n])
+            self.clock.timed("recv", self.fill, fill, self.view[base:base + n])
             parts.append((vaddr, n // PAGE_SIZE))
             self.slot[1] = used + n
             vaddr += n
@@ -108,6 +111,7 @@ class PageStream:
         ranges: dict[int, list[tuple[int, int]]] = {}
         if elide:       # the mm images: while the workers store the last slots, then the rest
             self._read_ranges(images_dir, ranges)
+        self._end_copier()
         self._absorb(self.pool.finish())
         if elide:
             self._read_ranges(images_dir, ranges)
@@ -127,12 +131,19 @@ class PageStream:
         number of workers: what a dump's --json reports as stream_*."""
         out = {f"stream_{k}": round(v, 4) for k, v in self.clock.seconds.items()}
         out["stream_workers"] = self.workers
+        out["stream_copiers"] = self.copiers
         return out
 
     def abort(self) -> None:
-        """Stop the workers (chunks they stored stay, unreferenced, for gc)."""
+        """Stop the copier and the workers (chunks they stored stay, unreferenced, for gc)."""
+        self._end_copier()
         self.pool.close()
         self._release()
+
+    def _end_copier(self) -> None:
+        if self.copier is not None:
+            self.copier.close()
+            self.copier = None
 
     def _read_ranges(self, images_dir: str, ranges: dict) -> None:
         """Where each task's zero pages may go (its mm image), for the tasks that have
@@ -174,6 +185,8 @@ class PageStream:
         starts the next slot, so that chunks do not depend on where slots begin."""
         if self.slot is None:
             return
+        if self.copier is not None:         # the slot's last pieces may still be landing
+            self.clock.timed("copy_wait", self.copier.wait)
         slot, used, parts = self.slot
         tail: list = []
         cut = _carry_from(self.view[slot * SLOT_BYTES:slot * SLOT_BYTES + used]) if carry else used

@@ -250,3 +250,89 @@ def test_a_sink_may_skip_an_entrys_pages_and_the_stream_stays_in_step(alive):
     assert got[0x10000] == first[128 * P:]
     assert got[0x10000 + 256 * P] == areas[0][1][256 * P:]      # the next piece, read in full
     assert got[0x900000] == areas[1][1]
+
+
+def _copying_sink(copier, got):
+    class Sink:
+        def open(self, *a): pass
+
+        def add(self, kind, ident, vaddr, nr_pages, flags, fill):
+            buf = bytearray(nr_pages * P)
+            copier.copy(fill, memoryview(buf))
+            got[vaddr] = buf
+
+        def close(self):
+            copier.wait()
+    return Sink()
+
+
+@pytest.mark.parametrize("threads,pipe", [(1, 16 * P), (3, 16 * P), (4, 512 * P)])
+def test_copy_threads_keep_the_stream_in_order(monkeypatch, threads, pipe):
+    """Pieces spliced into a few pipes and read out by threads land where they belong,
+    with pipes smaller than an entry (each piece at most a pipe) and entries smaller than
+    the copier's threshold read by the receiver in between."""
+    from gpusnap.store import pipecopy
+    monkeypatch.setattr(pipecopy, "PIPE_BYTES", pipe)
+    monkeypatch.setattr(pipecopy, "SMALL", 8 * P)
+    rnd = random.Random(threads)
+    areas = [(0x100000 * (i + 1), rnd.randbytes(rnd.choice([1, 5, 40, 255]) * P)) for i in range(30)]
+    got: dict = {}
+    copier = pipecopy.PipeCopier(threads)
+    ours, theirs = socket.socketpair()
+    client = threading.Thread(target=send_like_criu, args=(theirs, {5: areas}))
+    client.start()
+    try:
+        pageserver.serve(ours, _copying_sink(copier, got))
+    finally:
+        client.join()
+        copier.close()
+        ours.close()
+        theirs.close()
+    want = {v + off: data[off:off + 256 * P] for v, data in areas for off in range(0, len(data), 256 * P)}
+    assert {k: bytes(v) for k, v in got.items()} == want
+
+
+@pytest.mark.parametrize("criu_exits", [False, True], ids=["socket closed", "criu gone, socket held"])
+def test_a_stream_cut_mid_piece_ends_and_closing_frees_the_waiting_copy_thread(monkeypatch, criu_exits):
+    """CRIU's stream stops inside a piece a copy thread is already reading: the receiver
+    fails (CRIU's end closed, or CRIU found gone while something holds its end) and
+    close() ends the thread that waits on its pipe (it sees the pipe's end)."""
+    from gpusnap.store import pipecopy
+    monkeypatch.setattr(pageserver, "WAKE", 0.05)
+    copier = pipecopy.PipeCopier(2)
+    ours, theirs = socket.socketpair()
+    psi = pageserver.PSI
+
+    def criu():
+        theirs.sendall(psi.pack(pageserver.OPEN2, 0, 0, 7 << 8 | 1))
+        assert theirs.recv(1) == b"\0"
+        theirs.sendall(psi.pack(pagemap.PE_PRESENT << 16 | pageserver.ADD_F, 64, 0x1000, 7 << 8 | 1)
+                       + bytes(20 * P))
+        if not criu_exits:
+            theirs.shutdown(socket.SHUT_WR)
+    client = threading.Thread(target=criu)
+    client.start()
+    t = time.monotonic()
+    with pytest.raises(CriuFailed, match="ended in the middle" if not criu_exits else "CRIU exited"):
+        pageserver.serve(ours, _copying_sink(copier, {}), alive=client.is_alive)
+    copier.close()
+    client.join()
+    assert time.monotonic() - t < 5
+    assert not [th for th in threading.enumerate() if th.name.startswith("gpusnap-copy")]
+    ours.close()
+    theirs.close()
+
+
+def test_copy_threads_come_from_gpusnap_stream_copiers(monkeypatch, tmp_path):
+    from gpusnap.store import pipecopy
+    monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "0")
+    assert pipecopy.threads() == 0
+    sink = PageStream(Repository.open(str(tmp_path / "store")), workers=1)
+    try:
+        assert sink.copier is None and sink.timings()["stream_copiers"] == 0
+    finally:
+        sink.abort()
+    monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "3")
+    assert pipecopy.threads() == 3
+    monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "many")
+    assert pipecopy.threads() == max(0, min(pipecopy.DEFAULT_THREADS, (os.cpu_count() or 1) - 1))
