@@ -67,7 +67,12 @@ class PageStream:
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         self.pool = parallel.Stream(_slot_work, (repo, self.shm), n)
         self.copiers = pipecopy.threads()   # after the fork: the workers hold no pipe of it
-        self.copier = pipecopy.PipeCopier(self.copiers) if self.copiers else None
+        try:
+            self.copier = pipecopy.PipeCopier(self.copiers) if self.copiers else None
+        except BaseException:
+            self.pool.close()
+            self._release()
+            raise
         self.fill = self.copier.copy if self.copier else (lambda fill, view: fill(view))
 
     # ---- PageSink ----
@@ -141,9 +146,9 @@ class PageStream:
         self._release()
 
     def _end_copier(self) -> None:
-        if self.copier is not None:
-            self.copier.close()
-            self.copier = None
+        copier, self.copier = self.copier, None
+        if copier is not None:
+            copier.close()
 
     def _read_ranges(self, images_dir: str, ranges: dict) -> None:
         """Where each task's zero pages may go (its mm image), for the tasks that have

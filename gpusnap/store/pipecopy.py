@@ -26,6 +26,7 @@ import fcntl
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from .. import interrupts
 from ..errors import CriuFailed
 
 DEFAULT_THREADS = 4
@@ -81,15 +82,18 @@ class PipeCopier:
             self._settle(i)
 
     def close(self) -> None:
-        """The threads end and the pipes close. A reader still waiting on its pipe (the
-        stream broke mid-piece) sees the pipe's end, fails, and is not waited on for more."""
-        for _r, w in self.pipes:
-            os.close(w)
-        self.pipes = [(r, -1) for r, _w in self.pipes]
-        self.pool.shutdown(wait=True)
-        for r, _w in self.pipes:
-            os.close(r)
-        self.pipes = []
+        """The threads end and the pipes close; again: nothing. A reader still waiting on
+        its pipe (the stream broke mid-piece) sees the pipe's end and fails (its error is
+        dropped: the stream's own is the one that counts). Ctrl-C and SIGTERM wait for the
+        end of it (a few reads at most): a thread left reading a pipe whose write end this
+        process still held would never end, nor would the process at exit."""
+        with interrupts.held():
+            pipes, self.pipes = self.pipes, []
+            for _r, w in pipes:
+                os.close(w)
+            self.pool.shutdown(wait=True)
+            for r, _w in pipes:
+                os.close(r)
 
     def _settle(self, i: int) -> None:
         future, self.pending[i] = self.pending[i], None

@@ -104,7 +104,13 @@ def _memory(entries, data: bytes) -> dict[int, bytes]:
             for e, off in pagemap.present_offsets(entries) for i in range(e.nr_pages)}
 
 
-def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copiers", ["0", "3"])
+def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch, copiers):
+    """With and without copy threads (pieces smaller than a slot, so a slot's last
+    copies are waited for before it is cut and handed on)."""
+    monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", copiers)
+    monkeypatch.setattr("gpusnap.store.pipecopy.SMALL", 4 * P)
+    monkeypatch.setattr("gpusnap.store.pipecopy.PIPE_BYTES", 16 * P)
     monkeypatch.setattr("gpusnap.store.pagestream.SLOT_BYTES", 64 * P)
     rnd = random.Random(5)
     a = b"".join(rnd.randbytes(P) if rnd.random() < 0.7 else bytes(P) for _ in range(700))
@@ -336,3 +342,29 @@ def test_copy_threads_come_from_gpusnap_stream_copiers(monkeypatch, tmp_path):
     assert pipecopy.threads() == 3
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "many")
     assert pipecopy.threads() == max(0, min(pipecopy.DEFAULT_THREADS, (os.cpu_count() or 1) - 1))
+
+
+def test_closing_a_copier_twice_or_under_sigterm_is_safe(monkeypatch):
+    """A SIGTERM that lands while the copier closes waits for the end of it (then goes to
+    the handler), and the undo's second close() finds nothing left to close: no EBADF
+    (gpusnapd's SIGTERM test caught one)."""
+    import signal
+    from gpusnap.store import pipecopy
+    copier = pipecopy.PipeCopier(2)
+    got = []
+    old = signal.signal(signal.SIGTERM, lambda *a: got.append("handled"))
+    real = copier.pool.shutdown
+
+    def shutdown(wait=True):
+        if not got:
+            os.kill(os.getpid(), signal.SIGTERM)      # mid-close, the first time
+            time.sleep(0.05)
+            assert got == []                           # held until the close is done
+        real(wait=wait)
+    monkeypatch.setattr(copier.pool, "shutdown", shutdown)
+    try:
+        copier.close()
+        assert got == ["handled"] and copier.pipes == []
+        copier.close()
+    finally:
+        signal.signal(signal.SIGTERM, old)
