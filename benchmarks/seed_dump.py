@@ -16,7 +16,8 @@ seeded just before (the seeding timed apart: it is done when the model lands on 
 not at the dump). Before each timed dump the disk's writeback of what came before is
 waited for (sync, not timed): a dump is measured against a quiet disk, as on a node
 that did not just write gigabytes, and not against the last run's writeback.
-Prints a table; writes DIR/seed_dump_<what>.md and .json.
+Prints a table; writes DIR/seed_dump_<what>.md and .json, again after each run (a step cut
+off at its time limit leaves the runs it finished).
 """
 
 from __future__ import annotations
@@ -94,6 +95,21 @@ def main(argv=None) -> str:
     rows: dict[str, list[dict]] = {_key(k, m): [] for m in modes for k in KINDS}
     rows["naive"], rows["floor"] = [], []
     seeds: list[dict] = []
+    card = "CPU host" if args.what == "cpu" else _card()
+    what = f"cpu_{args.mib}mib" if args.what == "cpu" else f"{_tag(card)}_{args.size}"
+    base = os.path.join(args.out, f"seed_dump_{what}")
+    os.makedirs(args.out, exist_ok=True)
+
+    def write(runs: int) -> str:
+        """The table and the JSON of the runs so far: a step cut off at its time limit
+        leaves the runs it finished."""
+        text = "\n".join(_table(runs, argv, card, rows, modes, seeds, os.path.getsize(weights))) + "\n"
+        with open(base + ".json", "w") as f:
+            json.dump({"card": card, "rows": rows, "seeds": seeds, "runs": runs}, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(text)
+        return text
+    text = ""
     try:
         for run in range(args.runs):
             for mode, kind in [(m, k) for m in modes for k in ("empty", "seeded")
@@ -116,23 +132,14 @@ def main(argv=None) -> str:
                 rows["floor"].append(_floor(proc.pid))
                 for kind in ("naive", "floor"):
                     print(json.dumps({"run": run, "kind": kind, **rows[kind][-1]}), flush=True)
+            text = write(run + 1)
     finally:
         stop()
-    card = "CPU host" if args.what == "cpu" else _card()
-    what = f"cpu_{args.mib}mib" if args.what == "cpu" else f"{_tag(card)}_{args.size}"
-    lines = _table(args, argv, card, rows, modes, seeds, os.path.getsize(weights))
-    text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"seed_dump_{what}")
-    with open(base + ".json", "w") as f:
-        json.dump({"card": card, "rows": rows, "seeds": seeds}, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(text)
     return base + ".md"
 
 
-def _table(args, argv, card: str, rows: dict, modes: list[str], seeds: list[dict],
+def _table(runs: int, argv, card: str, rows: dict, modes: list[str], seeds: list[dict],
            weights_bytes: int) -> list[str]:
     med = statistics.median
     tag = (lambda m: f" (GPUSNAP_FSYNC={m})") if len(modes) > 1 else (lambda m: "")
@@ -147,7 +154,7 @@ def _table(args, argv, card: str, rows: dict, modes: list[str], seeds: list[dict
     return [f"# First dump into an empty store vs a seeded one — {card}", "",
             f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
             f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
-            f"--leave-running, medians of {args.runs}; weights {weights_bytes / 1e9:.2f} GB.", "",
+            f"--leave-running, medians of {runs}; weights {weights_bytes / 1e9:.2f} GB.", "",
             "| store | dump s | GB written (bytes_new) | image GB | image GB/s | image GB/s past the driver | downtime s |",
             "|---|---|---|---|---|---|---|",
             *[_row(names[k] + tag(m), rows[_key(k, m)]) for k, m in ours],

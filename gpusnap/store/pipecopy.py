@@ -14,9 +14,11 @@ every byte off the socket itself, in order; only where they land is done elsewhe
     copier.close()            the threads end; pipes closed (also on failure: a reader
                               blocked on a pipe sees its end)
 
-One pipe per thread, each piece at most a pipe's size, so a piece's splice never waits for
-its own reader; a pipe is used again only after its last piece was read. Small pieces are
-read by the receiver itself (a splice and a hand-over cost more than their copy).
+One pipe per thread, each piece at most a pipe's size, so a piece's splice seldom waits for
+its reader (pages the socket holds in parts take more of a pipe's slots), and where it does
+the reader already runs: a piece's read is handed out before its splice. A pipe is used
+again only after its last piece was read. Small pieces are read by the receiver itself (a
+splice and a hand-over cost more than their copy).
 GPUSNAP_STREAM_COPIERS sets the threads (0: the receiver copies everything itself).
 """
 
