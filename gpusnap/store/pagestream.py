@@ -73,7 +73,8 @@ class PageStream:
             self.pool.close()
             self._release()
             raise
-        self.fill = self.copier.copy if self.copier else (lambda fill, view: fill(view))
+        # how an entry's pages reach a slot: by the copier's threads, or read here
+        self.receive = self.copier.copy if self.copier else (lambda fill, view: fill(view))
 
     # ---- PageSink ----
     def open(self, kind: str, ident: int) -> None:
@@ -96,7 +97,7 @@ class PageStream:
             slot, used, parts = self.slot
             n = min(left, SLOT_BYTES - used)
             base = slot * SLOT_BYTES + used
-            self.clock.timed("recv", self.fill, fill, self.view[base:base + n])
+            self.clock.timed("recv", self.receive, fill, self.view[base:base + n])
             parts.append((vaddr, n // PAGE_SIZE))
             self.slot[1] = used + n
             vaddr += n
