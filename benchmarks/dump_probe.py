@@ -134,8 +134,12 @@ class SpliceSink(NullSink):
             self.bytes += nr_pages * 4096
 
 
-def by_hand(pid: int, cuda: bool, images: str, sink=None) -> dict:
-    """CUDA lock + checkpoint, then CRIU: into images, or its pages to sink."""
+def by_hand(pid: int, cuda: bool, images: str, sink=None, leave: str = "killed",
+            huge_pages: bool = False, cuda_pids: list[int] | None = None) -> dict:
+    """CUDA lock + checkpoint of cuda_pids (default: pid; huge_pages: in gpusnap's
+    huge-page window, else the host's THP mode as it is), then CRIU: into images, or its
+    pages to sink. leave="running": CRIU leaves the tree running and the driver's restore
+    + unlock follow (cuda_restore)."""
     from gpusnap.criu import pageserver, runner
     from gpusnap.criu.argv import CriuOptions
     shutil.rmtree(images, ignore_errors=True)
@@ -144,14 +148,20 @@ def by_hand(pid: int, cuda: bool, images: str, sink=None) -> dict:
     t0 = time.perf_counter()
     if cuda:
         from gpusnap.cuda.session import CudaSession
-        s = CudaSession([pid], huge_pages=False)    # by hand: the host's THP mode as it is
+        s = CudaSession(cuda_pids if cuda_pids is not None else [pid], huge_pages=huge_pages)
         s.lock_all(10_000)
         s.checkpoint_all()
     t1 = time.perf_counter()
     serve = (lambda sock, alive: pageserver.serve(sock, sink, alive=alive)) if sink else None
-    runner.dump(pid, images, CriuOptions(), leave="killed", page_server=serve)
+    runner.dump(pid, images, CriuOptions(), leave=leave, page_server=serve)
     t2 = time.perf_counter()
-    out.update(s=t2 - t0, cuda_checkpoint=t1 - t0, criu_dump=t2 - t1)
+    if cuda and leave == "running":
+        s.restore_all()
+        s.unlock_all()
+    t3 = time.perf_counter()
+    out.update(s=t3 - t0, cuda_checkpoint=t1 - t0, criu_dump=t2 - t1)
+    if leave == "running":
+        out["cuda_restore"] = t3 - t2
     if sink:
         out["bytes"] = sink.bytes
     else:

@@ -243,28 +243,13 @@ def _floor(pid: int) -> dict:
     nothing stored), the driver's restore + unlock. A row as _dump's (bytes_logical: the
     pages alone)."""
     from cold_start import holding_gpu, tree
-    from dump_probe import SpliceSink
-    from gpusnap.criu import pageserver, runner
-    from gpusnap.criu.argv import CriuOptions
-    from gpusnap.cuda.session import CudaSession
-    images = FLOOR_IMAGES
-    shutil.rmtree(images, ignore_errors=True)
-    os.makedirs(images)
-    session, sink = CudaSession(holding_gpu(tree(pid)), huge_pages=True), SpliceSink()
+    from dump_probe import SpliceSink, by_hand
+    pids = holding_gpu(tree(pid))
     os.sync()
-    t0 = time.perf_counter()
-    session.lock_all(10_000)
-    session.checkpoint_all()
-    t1 = time.perf_counter()
-    runner.dump(pid, images, CriuOptions(), leave="running",
-                page_server=lambda sock, alive: pageserver.serve(sock, sink, alive=alive))
-    t2 = time.perf_counter()
-    session.restore_all()
-    session.unlock_all()
-    t3 = time.perf_counter()
-    shutil.rmtree(images, ignore_errors=True)
-    return {"s": t3 - t0, "bytes_new": 0, "bytes_logical": sink.bytes, "downtime": t3 - t0,
-            "timings": {"cuda_checkpoint": t1 - t0, "criu_dump": t2 - t1, "cuda_restore": t3 - t2}}
+    r = by_hand(pid, bool(pids), FLOOR_IMAGES, SpliceSink(), leave="running", huge_pages=True,
+                cuda_pids=pids)
+    return {"s": r["s"], "bytes_new": 0, "bytes_logical": r["bytes"], "downtime": r["s"],
+            "timings": {k: r[k] for k in ("cuda_checkpoint", "criu_dump", "cuda_restore")}}
 
 
 FLOOR_IMAGES = "/dev/shm/gpusnap-bench-floor"

@@ -13,6 +13,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpusnap.criu import pageserver
 from gpusnap.errors import CriuFailed
@@ -272,32 +274,6 @@ def _copying_sink(copier, got):
     return Sink()
 
 
-@pytest.mark.parametrize("threads,pipe", [(1, 16 * P), (3, 16 * P), (4, 512 * P)])
-def test_copy_threads_keep_the_stream_in_order(monkeypatch, threads, pipe):
-    """Pieces spliced into a few pipes and read out by threads land where they belong,
-    with pipes smaller than an entry (each piece at most a pipe) and entries smaller than
-    the copier's threshold read by the receiver in between."""
-    from gpusnap.store import pipecopy
-    monkeypatch.setattr(pipecopy, "PIPE_BYTES", pipe)
-    monkeypatch.setattr(pipecopy, "SMALL", 8 * P)
-    rnd = random.Random(threads)
-    areas = [(0x100000 * (i + 1), rnd.randbytes(rnd.choice([1, 5, 40, 255]) * P)) for i in range(30)]
-    got: dict = {}
-    copier = pipecopy.PipeCopier(threads)
-    ours, theirs = socket.socketpair()
-    client = threading.Thread(target=send_like_criu, args=(theirs, {5: areas}))
-    client.start()
-    try:
-        pageserver.serve(ours, _copying_sink(copier, got))
-    finally:
-        client.join()
-        copier.close()
-        ours.close()
-        theirs.close()
-    want = {v + off: data[off:off + 256 * P] for v, data in areas for off in range(0, len(data), 256 * P)}
-    assert {k: bytes(v) for k, v in got.items()} == want
-
-
 @pytest.mark.parametrize("criu_exits", [False, True], ids=["socket closed", "criu gone, socket held"])
 def test_a_stream_cut_mid_piece_ends_and_closing_frees_the_waiting_copy_thread(monkeypatch, criu_exits):
     """CRIU's stream stops inside a piece a copy thread is already reading: the receiver
@@ -368,3 +344,36 @@ def test_closing_a_copier_twice_or_under_sigterm_is_safe(monkeypatch):
         copier.close()
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@settings(max_examples=25, deadline=None)
+@given(threads=st.integers(1, 5), pipe_pages=st.sampled_from([1, 3, 16, 64]),
+       small_pages=st.integers(0, 8), split=st.sampled_from([1, 7, 64, 256]),
+       sizes=st.lists(st.integers(1, 300), min_size=1, max_size=12), seed=st.integers(0, 99))
+def test_any_split_of_the_stream_over_copy_threads_lands_every_byte_in_place(
+        threads, pipe_pages, small_pages, split, sizes, seed):
+    """Whatever the threads, the pipe size (pieces), the size under which the reader
+    copies itself, and how CRIU cuts its entries: every entry's bytes land where they
+    belong, and the stream stays in step for the next entry."""
+    from gpusnap.store import pipecopy
+    rnd = random.Random(seed)
+    areas = [(0x1000000 * (i + 1), rnd.randbytes(n * P)) for i, n in enumerate(sizes)]
+    got: dict = {}
+    old = pipecopy.PIPE_BYTES, pipecopy.SMALL
+    pipecopy.PIPE_BYTES, pipecopy.SMALL = pipe_pages * P, small_pages * P
+    try:
+        copier = pipecopy.PipeCopier(threads)
+    finally:
+        pipecopy.PIPE_BYTES, pipecopy.SMALL = old
+    ours, theirs = socket.socketpair()
+    client = threading.Thread(target=send_like_criu, args=(theirs, {5: areas}, split))
+    client.start()
+    try:
+        pageserver.serve(ours, _copying_sink(copier, got))
+    finally:
+        client.join()
+        copier.close()
+        ours.close()
+        theirs.close()
+    want = {v + off: data[off:off + split * P] for v, data in areas for off in range(0, len(data), split * P)}
+    assert {k: bytes(v) for k, v in got.items()} == want
