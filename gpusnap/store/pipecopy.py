@@ -32,16 +32,17 @@ from .. import interrupts
 from ..errors import CriuFailed
 
 DEFAULT_THREADS = 4
+MAX_THREADS = 32                # a pipe (two descriptors) each: H200, 8 were no faster than 4
 PIPE_BYTES = 1 << 20            # /proc/sys/fs/pipe-max-size's default: anyone may size a pipe so
 SMALL = 64 << 10                # below this a piece is read by the receiver
 
 
 def threads() -> int:
-    """GPUSNAP_STREAM_COPIERS where it is a count >= 0, else DEFAULT_THREADS (at most
-    the CPUs less one)."""
+    """GPUSNAP_STREAM_COPIERS where it is a count >= 0 (at most MAX_THREADS), else
+    DEFAULT_THREADS (at most the CPUs less one)."""
     raw = os.environ.get("GPUSNAP_STREAM_COPIERS", "")
     if raw.strip().isdigit():
-        return int(raw)
+        return min(int(raw), MAX_THREADS)
     return max(0, min(DEFAULT_THREADS, (os.cpu_count() or 1) - 1))
 
 

@@ -316,6 +316,8 @@ def test_copy_threads_come_from_gpusnap_stream_copiers(monkeypatch, tmp_path):
         sink.abort()
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "3")
     assert pipecopy.threads() == 3
+    monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "100000")
+    assert pipecopy.threads() == pipecopy.MAX_THREADS
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "many")
     assert pipecopy.threads() == max(0, min(pipecopy.DEFAULT_THREADS, (os.cpu_count() or 1) - 1))
 
