@@ -34,6 +34,7 @@ compressing, writing and fsyncing. Writes OUT/dump_probe_<card>.md/.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -203,23 +204,28 @@ def checkpoint_twice(pid: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """The environment variable name set to value for the block (the rows' gpusnap
+    subprocesses inherit it)."""
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
+
+
 def run_row(name: str, gib: float, work: str, store: str) -> dict:
     """One row on a fresh holder; a name ending in _thp runs with THP=always (anonymous
     memory in huge pages: the driver's staging memory faults in 2 MiB at a time), one
     ending in _direct with GPUSNAP_DIRECT_IO=1 (stream_direct, stream_bf16_direct)."""
     if name.endswith("_direct"):        # chunk files written with O_DIRECT (GPUSNAP_DIRECT_IO)
-        os.environ["GPUSNAP_DIRECT_IO"] = "1"
-        try:
+        with _env("GPUSNAP_DIRECT_IO", "1"):
             return run_row(name[:-len("_direct")], gib, work, store)
-        finally:
-            del os.environ["GPUSNAP_DIRECT_IO"]
     head, _, copiers = name.rpartition("_c")
     if head and copiers.isdigit():      # stream_c0: GPUSNAP_STREAM_COPIERS=0 (the receiver copies)
-        os.environ["GPUSNAP_STREAM_COPIERS"] = copiers
-        try:
+        with _env("GPUSNAP_STREAM_COPIERS", copiers):
             return run_row(head, gib, work, store)
-        finally:
-            del os.environ["GPUSNAP_STREAM_COPIERS"]
     if name.endswith("_thp"):
         from cold_start import thp_mode
         with thp_mode("always"):

@@ -29,6 +29,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .. import interrupts
+from ..criu.pageserver import CUT_MID_ENTRY
 from ..errors import CriuFailed
 
 DEFAULT_THREADS = 4
@@ -124,5 +125,5 @@ def _read_exactly(fd: int, view: memoryview) -> None:
     while got < len(view):
         n = os.readv(fd, [view[got:]])
         if n == 0:
-            raise CriuFailed("CRIU's page stream ended in the middle of an entry's pages")
+            raise CriuFailed(CUT_MID_ENTRY)
         got += n
