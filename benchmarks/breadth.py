@@ -340,6 +340,36 @@ def llm_row(ctx: Ctx, name: str, mode_fn) -> dict:
     return each_mode(row, lambda mode: mode_fn(ctx, model, mode == "sdk"))
 
 
+def _switch_ways(ctx: Ctx) -> list[tuple[str, dict, str]]:
+    """(via, env, how) of each way a switch is made: how is "pair" (`suspend A` then
+    `resume B`, two commands), "switch" (`gpusnap switch A B`: B's resume overlaps A's
+    suspend where B fits beside A) or "sequential" (`switch --sequential`). With --daemon
+    every way goes through gpusnapd, and the plain CLI's pair is kept for comparison."""
+    doors = ctx.doors()
+    via, env = doors[-1]
+    ways = [(via, env, how) for how in ("pair", "switch", "sequential")]
+    return ([(*doors[0], "pair")] if len(doors) > 1 else []) + ways
+
+
+def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict) -> tuple[dict, dict]:
+    """One switch from running to parked, made how; (the runs' record, the resume's answer)."""
+    if how == "pair":
+        out, t_out = timed(ctx.gs, "suspend", str(running["pid"]), env=env)
+        res, t_in = timed(ctx.gs, "resume", str(parked["pid"]), env=env)
+        return {"suspend_s": t_out, "resume_s": t_in, "command_s": t_out + t_in,
+                **_prefixed("suspend_", out["timings"])}, res
+    extra = ["--sequential"] if how == "sequential" else []
+    both, t = timed(ctx.gs, "switch", str(running["pid"]), str(parked["pid"]), *extra, env=env)
+    res = both["in"]
+    return {"suspend_s": both["timings"]["suspend"], "resume_s": both["timings"]["resume"],
+            "command_s": t, "overlapped": both["overlapped"], "reason": both["reason"],
+            **_prefixed("suspend_", both["out"]["timings"])}, res
+
+
+def _prefixed(prefix: str, timings: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in timings.items()}
+
+
 def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
     mode = "sdk" if sdk else "transparent"
     servers = []
@@ -349,51 +379,70 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
         out = {"cold_s": [s["cold_s"] for s in servers]}
         ctx.gs("suspend", str(servers[1]["pid"]))
         runs, running, parked = [], servers[0], servers[1]
-        doors = ctx.doors()
-        for i in range(2 * ctx.args.runs * len(doors)):
-            via, env = doors[i % len(doors)]
+        ways = _switch_ways(ctx)
+        for i in range(2 * ctx.args.runs * len(ways)):
+            via, env, how = ways[i % len(ways)]
             ctx.budget.check(f"{mode} switch {i}")
-            _, t_out = timed(ctx.gs, "suspend", str(running["pid"]), env=env)
-            res, t_in = timed(ctx.gs, "resume", str(parked["pid"]), env=env)
+            rec, res = _switch_once(ctx, how, env, running, parked)
             tokens, t_tok = timed(first_token, parked["port"])
             assert tokens == parked["tokens"], (tokens, parked["tokens"])
             assert res.get("via", via) == via, res
-            runs.append({"via": via, "suspend_s": t_out, "resume_s": t_in, "first_token_s": t_tok,
-                         "total": t_out + t_in + t_tok, **{f"resume_{k}": v for k, v in res["timings"].items()}})
+            sdk_read = (res.get("sdk") or {}).get("read_seconds")
+            runs.append({"via": via, "how": how, "way": f"{via}, {how}", **rec, "first_token_s": t_tok,
+                         "total": rec["command_s"] + t_tok, "resume_sdk_read_s": sdk_read,
+                         **_prefixed("resume_", res["timings"])})
             note(row="switch", mode=mode, **runs[-1])
             running, parked = parked, running
         out["switches"] = runs
         if not sdk:     # an even number of switches each: running and parked as they were
             out["floor"] = _driver_floor(ctx, running, parked)
-            out["floor_thp"] = _driver_floor(ctx, running, parked, huge_pages=True)
+            out["floor_overlapped"] = _driver_floor(ctx, running, parked, overlapped=True)
+            if getattr(ctx.args, "floor_thp", False):
+                out["floor_thp"] = _driver_floor(ctx, running, parked, huge_pages=True)
         return out
     finally:
         for s in servers:
             stop(s["pid"])
 
 
-def _driver_floor(ctx: Ctx, running: dict, parked: dict, huge_pages: bool = False) -> list[dict]:
+def _driver_floor(ctx: Ctx, running: dict, parked: dict, huge_pages: bool = False,
+                  overlapped: bool = False) -> list[dict]:
     """The same switch through the driver API alone, in this process: lock + checkpoint
     the running server, restore + unlock the parked one (gpusnap parked it: its CUDA
     state is checkpointed), first token. No CLI, no state records. huge_pages: the
     checkpoint inside gpusnap's huge-page window (cuda/hugepages.py), as gpusnap's own
-    suspend does; else the host's THP mode as it is (the floor the issue names)."""
+    suspend does; else the host's THP mode as it is (the floor the issue names).
+    overlapped: the parked one's restore + unlock on a thread while the running one is
+    locked and checkpointed (what `gpusnap switch` does where both fit)."""
+    import threading
+
     from gpusnap.cuda.session import CudaSession
     out = []
     for i in range(2 * ctx.args.runs):
         ctx.budget.check(f"driver floor {i}")
         s_out = CudaSession([running["pid"]], huge_pages=huge_pages)
         s_in = CudaSession([parked["pid"]])
-        _, t_lock = timed(s_out.lock_all, 10_000)
-        _, t_ckpt = timed(s_out.checkpoint_all)
-        _, t_rest = timed(s_in.restore_all, None)
-        _, t_unl = timed(s_in.unlock_all)
+        t = {}
+
+        def bring_in():
+            _, t["restore_s"] = timed(s_in.restore_all, None)
+            _, t["unlock_s"] = timed(s_in.unlock_all)
+        began = time.perf_counter()
+        worker = threading.Thread(target=bring_in) if overlapped else None
+        if worker:
+            worker.start()
+        _, t["lock_s"] = timed(s_out.lock_all, 10_000)
+        _, t["checkpoint_s"] = timed(s_out.checkpoint_all)
+        if worker:
+            worker.join()
+        else:
+            bring_in()
+        driver_s = time.perf_counter() - began
         tokens, t_tok = timed(first_token, parked["port"])
         assert tokens == parked["tokens"]
-        out.append({"lock_s": t_lock, "checkpoint_s": t_ckpt, "restore_s": t_rest, "unlock_s": t_unl,
-                    "driver_s": t_lock + t_ckpt + t_rest + t_unl, "first_token_s": t_tok,
-                    "total": t_lock + t_ckpt + t_rest + t_unl + t_tok})
-        note(row="switch", mode="driver_floor_thp" if huge_pages else "driver_floor", **out[-1])
+        out.append({**t, "driver_s": driver_s, "first_token_s": t_tok, "total": driver_s + t_tok})
+        note(row="switch", mode="driver_floor" + ("_overlapped" if overlapped else "")
+             + ("_thp" if huge_pages else ""), **out[-1])
         running, parked = parked, running
     return out
 
@@ -782,10 +831,11 @@ def summarise(row: dict, card_name: str) -> str:
 
 
 def _by_via(runs: list[dict]) -> dict[str, list[dict]]:
-    """A mode's runs by front door (a run's "via": cli, daemon; cli where none is said)."""
+    """A mode's runs by front door (a run's "via": cli, daemon; cli where none is said), or
+    by its "way" where it has one (switch: the door and how the switch was made)."""
     out: dict[str, list[dict]] = {}
     for r in runs:
-        out.setdefault(r.get("via", "cli"), []).append(r)
+        out.setdefault(r.get("way") or r.get("via", "cli"), []).append(r)
     return dict(sorted(out.items()))
 
 
@@ -849,13 +899,18 @@ def _sum_switch(row: dict) -> list[str]:
                                        _f(_m(x["switches"], "resume_s")), _f(_m(x["switches"], "first_token_s")),
                                        ", ".join(_f(c) for c in x["cold_s"])], "switches"))
     floors = row.get("transparent") or {}
-    floor, thp = floors.get("floor"), floors.get("floor_thp")
+    floor, thp, both = floors.get("floor"), floors.get("floor_thp"), floors.get("floor_overlapped")
     if floor:
         out += ["", f"Driver floor (same run, by hand: lock {_f(_m(floor, 'lock_s'))} + checkpoint "
                 f"{_f(_m(floor, 'checkpoint_s'))} of the running server, restore {_f(_m(floor, 'restore_s'))} "
                 f"+ unlock {_f(_m(floor, 'unlock_s'))} of the parked one = {_f(_m(floor, 'driver_s'))} s; "
                 f"to its first token {_f(_m(floor, 'total'))} s). Transparent gpusnap is "
                 f"{_gap(row, floor)} from it."]
+    if both:
+        out += ["", f"The driver's floor overlapped by hand (restore + unlock of the parked one on a "
+                f"thread while the running one is locked and checkpointed, as `gpusnap switch` does "
+                f"where both fit): {_f(_m(both, 'driver_s'))} s, to first token {_f(_m(both, 'total'))} s; "
+                f"transparent gpusnap is {_gap(row, both)} from that."]
     if thp:
         out += ["", f"The same by hand with gpusnap's huge-page window around the checkpoint "
                 f"(cuda/hugepages.py, as gpusnap's suspend has it): checkpoint {_f(_m(thp, 'checkpoint_s'))} "
@@ -1068,6 +1123,8 @@ def parse(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
     ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
                     "plain CLI and through gpusnapd")
+    ap.add_argument("--floor-thp", action="store_true", help="switch: the driver's floor also with "
+                    "gpusnap's huge-page window around the checkpoint")
     ap.add_argument("--naive-runs", type=int, default=1, help="standby, diffusion, b30 --mode transparent: "
                     "round trips of the naive baseline, after the other modes (default 1)")
     ap.add_argument("--no-naive", dest="naive_runs", action="store_const", const=0,

@@ -23,6 +23,7 @@ class LazyGroup(click.Group):
         "restore": "Restore a snapshot; prints the restored root pid (container: name id pid).",
         "suspend": "Park a process tree or container in place: its GPU memory to host memory.",
         "resume": "Bring a suspended target or a standby back onto a GPU (--gpu: another one).",
+        "switch": "Give a GPU from one target to a parked one: suspend OUT, resume IN, all or nothing.",
         "ps": "List what gpusnap holds: suspended targets, standbys, restored trees.",
         "ls": "List snapshots.",
         "inspect": "Show everything recorded about a snapshot.",

@@ -4,13 +4,22 @@ from .context import human_bytes, timings_table
 from .target_arg import split_target
 
 
+def suspend_options(fn):
+    """The options of a suspend (here and in `gpusnap switch`, for its OUT)."""
+    for option in reversed([
+            click.option("--engine", type=click.Choice(["docker", "podman"]),
+                         help="Container engine (default: detect)."),
+            click.option("--lock-timeout", type=float, default=10.0, show_default=True,
+                         help="Seconds to wait for CUDA work in flight before locking."),
+            click.option("--force", is_flag=True, help="Suspend a NCCL job that may use CUDA "
+                         "IPC peer memory anyway (the driver may not bring it back).")]):
+        fn = option(fn)
+    return fn
+
+
 @click.command("suspend")
 @click.argument("target", metavar="PID|CONTAINER")
-@click.option("--engine", type=click.Choice(["docker", "podman"]), help="Container engine (default: detect).")
-@click.option("--lock-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for CUDA work in flight before locking.")
-@click.option("--force", is_flag=True, help="Suspend a NCCL job that may use CUDA IPC peer "
-              "memory anyway (the driver may not bring it back).")
+@suspend_options
 @click.pass_obj
 def command(app, target, engine, lock_timeout, force):
     """Park PID (its process tree) or CONTAINER in place: its GPU memory moves to host

@@ -13,7 +13,7 @@ from typing import Iterator
 # and resume are what a standby pool or a GPU switch waits on: through the daemon they
 # skip the interpreter's imports and libcuda's load.
 FORWARDED = {"dump", "restore", "ls", "inspect", "verify", "warm", "rm", "gc",
-             "suspend", "resume", "ps"}
+             "suspend", "resume", "switch", "ps"}
 
 
 def command_of(argv: list[str]) -> tuple[str | None, str | None]:

@@ -118,7 +118,7 @@ class Daemon:
         if self.stopping:
             raise web.HTTPServiceUnavailable(text="gpusnapd is shutting down")
         setup = None
-        if kind in ("restore", "resume"):       # plan with the helper's GPU facts
+        if kind in ("restore", "resume", "switch"):       # plan with the helper's GPU facts
             gpus = await self.gpus.ask()
             setup = (lambda: api.use_host_gpus(gpus)) if gpus else None
         child = ops.spawn(kind, fn, *args, env=env, setup=setup)

@@ -17,6 +17,12 @@ def cuda_pids(pids: list[int]) -> list[int]:
     return discover.cuda_pids(pids)
 
 
+def used_memory(pids: list[int]) -> dict[str, int]:
+    """Device memory the pids hold now, per GPU UUID (NVML)."""
+    from ..cuda import discover
+    return discover.host_gpus().used_memory(pids)
+
+
 def refuse_nccl_ipc(pids: list[int], what: str, ask_agents: bool = True) -> list[int]:
     """NcclPeerMemory if a pid is a NCCL rank that may use CUDA IPC (cuda/nccl.py),
     unless its SDK agent promises to tear its communicators down before the lock. Returns
@@ -85,15 +91,20 @@ class GpuMove:
 
 
 def plan_remap(cuda_facts: CudaFacts, choice: list[str] | None,
-               visible_minors: set[int] | None = None) -> GpuMove:
+               visible_minors: set[int] | None = None,
+               freed: dict[str, int] | None = None) -> GpuMove:
     """gpusnap.remap over the snapshot's GPUs and this host's; refuses early.
     visible_minors: only the snapshot GPUs with these minor numbers (a container sees
-    only the GPUs whose nodes it has); none of them known: all."""
+    only the GPUs whose nodes it has); none of them known: all. freed: device memory
+    (per host GPU UUID) that will be free by the time the restore runs."""
     from ..remap import plan_remap as plan
     snapshot = cuda_facts.gpus
     if visible_minors:
         snapshot = [g for g in snapshot
                     if g.get("minor") is None or g["minor"] in visible_minors] or snapshot
     host = _host_gpus()
+    if freed:
+        host = [dict(g, memory_free=int(g.get("memory_free") or 0) + freed.get(g["uuid"], 0))
+                for g in host]
     p = plan(snapshot, host, choice, cuda_facts.used_memory)
     return GpuMove(p.pairs, list(p.notes), snapshot, host)

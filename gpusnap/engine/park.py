@@ -61,6 +61,7 @@ class ResumeRequest:
     pid: int | None = None
     container: str | None = None
     gpus: list[str] | None = None
+    freed: dict[str, int] | None = None     # device memory freed before it runs, per GPU UUID
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ResumePlan:
     request: ResumeRequest
     entry: dict                     # the state dir's entry of the parked target
     gpu_pairs: list[tuple[str, str]] | None = None
+    move: gpu.GpuMove | None = None         # the GPUs it was planned with
     notes: list[str] = field(default_factory=list)
     cuinit: threading.Thread | None = None   # cuInit, started while the plan is made
     planned_s: float = 0.0          # how long planning took (stage 'plan' of the resume)
@@ -148,21 +150,28 @@ def execute_suspend(plan: SuspendPlan) -> dict:
 def plan_resume(req: ResumeRequest) -> ResumePlan:
     """The parked target's entry and where its GPUs go; refuses early."""
     started = time.perf_counter()
-    _one_target(req.pid, req.container)
-    entry = parked.lookup(req.pid, req.container)
-    if not entry or entry["state"] not in parked.PARKED:
-        raise NotParked(f"gpusnap holds nothing parked for {req.container or req.pid}",
-                        hint="gpusnap ps lists what it holds")
+    entry = parked_entry(req)
     # cuInit (a restore needs it in gpusnap's process) overlaps planning's NVML queries
     plan = ResumePlan(req, entry, cuinit=gpu.init_in_background() if entry.get("cuda_pids") else None)
     if entry.get("container") and req.gpus:
         raise UsageError("a container keeps its GPU device nodes: it resumes on its own GPUs",
                          hint="dump it and restore with --gpu to move it")
     if entry.get("cuda") and (req.gpus or not entry.get("container")):
-        move = gpu.plan_remap(CudaFacts.from_json(Fields(entry["cuda"], "parked.cuda")), req.gpus)
-        plan.gpu_pairs, plan.notes = move.pairs, move.notes
+        move = gpu.plan_remap(CudaFacts.from_json(Fields(entry["cuda"], "parked.cuda")), req.gpus,
+                              freed=req.freed)
+        plan.gpu_pairs, plan.notes, plan.move = move.pairs, move.notes, move
     plan.planned_s = time.perf_counter() - started
     return plan
+
+
+def parked_entry(req: ResumeRequest) -> dict:
+    """The state dir's entry of the parked target req names (NotParked: none)."""
+    _one_target(req.pid, req.container)
+    entry = parked.lookup(req.pid, req.container)
+    if not entry or entry["state"] not in parked.PARKED:
+        raise NotParked(f"gpusnap holds nothing parked for {req.container or req.pid}",
+                        hint="gpusnap ps lists what it holds")
+    return entry
 
 
 def execute_resume(plan: ResumePlan) -> dict:

@@ -195,3 +195,35 @@ def test_tp2_suspend_and_resume_in_place(tensor_parallel, gpusnap):
         import json
         with open(os.path.join(os.environ["GPUSNAP_RESULTS"], "tp2_park.json"), "w") as f:
             json.dump({"resume_timings": out["timings"]}, f, indent=1)
+
+
+def test_switch_overlapped_and_in_turn_and_a_refusal_touches_nothing(start_holder, gpusnap):
+    a = start_holder(gib=2.0, mode="graphs")
+    b = start_holder(gib=1.0, mode="graphs")
+    sums = {a.pid: a.check()["checksum"], b.pid: b.check()["checksum"]}
+    rc, _, err = gpusnap("suspend", str(b.pid))
+    assert rc == 0, err
+
+    rc, out, err = gpusnap("switch", str(a.pid), str(b.pid))
+    assert rc == 0, err
+    assert out["overlapped"], out["reason"]           # 3 GiB: they fit side by side
+    assert _state(a.pid) == "CHECKPOINTED" and _state(b.pid) == "RUNNING"
+    assert not _gpu_use(a.pid) and _gpu_use(b.pid)
+    after = b.check()
+    assert after["intact"] and after["graphs_ok"] and after["checksum"] == sums[b.pid]
+    assert [(r["pid"], r["state"]) for r in gpusnap("ps")[1]] == [(a.pid, "suspended")]
+
+    rc, _, err = gpusnap("switch", str(b.pid), str(a.pid), "--gpu", "99")
+    assert rc == 22, err                              # refused when planned: nothing touched
+    assert _state(a.pid) == "CHECKPOINTED" and _state(b.pid) == "RUNNING"
+
+    rc, out, err = gpusnap("switch", str(b.pid), str(a.pid), "--sequential")
+    assert rc == 0, err
+    assert not out["overlapped"] and "--sequential" in out["reason"]
+    assert set(out["timings"]) >= {"suspend", "resume", "switch"}
+    assert _state(a.pid) == "RUNNING" and _state(b.pid) == "CHECKPOINTED"
+    after = a.check()
+    assert after["intact"] and after["graphs_ok"] and after["checksum"] == sums[a.pid]
+    rc, _, err = gpusnap("resume", str(b.pid))
+    assert rc == 0, err
+    assert b.check()["checksum"] == sums[b.pid]

@@ -132,6 +132,13 @@ def test_runs_through_two_front_doors_get_a_line_each():
     switch["transparent"]["floor_thp"] = [{**floor[0], "checkpoint_s": 2.5, "total": 3.77}]
     md = breadth.summarise(switch, "NVIDIA H200")
     assert "huge-page window" in md and "+0.78 s (cli), +0.48 s (daemon) from that" in md
+    # gpusnap switch: a line per door and way; the overlapped floor beside the sequential one
+    switches.append({"via": "daemon", "way": "daemon, switch", "suspend_s": 2.8, "resume_s": 1.3,
+                     "first_token_s": 0.05, "total": 2.95})
+    switch["transparent"]["floor_overlapped"] = [{**floor[0], "driver_s": 2.92, "total": 2.97}]
+    md = breadth.summarise(switch, "NVIDIA H200")
+    assert "| transparent (daemon, switch) | 2.95 |" in md
+    assert "overlapped by hand" in md and "-0.02 s (daemon, switch) from that" in md
 
 
 def test_diffusion_sizes_sdxl_on_the_gpu_tiny_on_the_cpu(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""What gpusnap holds (engine/parked.py, `gpusnap ps`), and suspend/resume refusals that
-need no CUDA: real processes, a private state directory."""
+"""What gpusnap holds (engine/parked.py, `gpusnap ps`), and suspend/resume/switch refusals
+that need no CUDA: real processes, a private state directory, nothing touched."""
 
 from __future__ import annotations
 
@@ -100,3 +100,26 @@ def test_suspend_of_a_process_without_cuda_is_refused(state, sleeper, capsys):
     assert parked.entries() == []
     code, err = run(capsys, "suspend", "999999999")
     assert code == 5
+
+
+def test_in_must_be_parked_and_nothing_is_touched(state, sleeper, capsys):
+    a, b = sleeper(), sleeper()
+    code, err = run(capsys, "switch", str(a.pid), str(b.pid))
+    assert code == 25 and err["error"] == "NotParked", err
+    parked.record(_entry(b.pid, "restored"))                # running: not parked
+    code, err = run(capsys, "switch", str(a.pid), str(b.pid))
+    assert code == 25
+    assert [(e["pid"], e["state"]) for e in parked.entries()] == [(b.pid, "restored")]
+
+
+def test_out_needs_cuda_and_in_stays_parked(state, sleeper, capsys):
+    a, b = sleeper(), sleeper()
+    parked.record(_entry(b.pid))
+    code, err = run(capsys, "switch", str(a.pid), str(b.pid))
+    assert code == 24 and err["error"] == "NoCudaProcess", err
+    assert [(e["pid"], e["state"]) for e in parked.entries()] == [(b.pid, "suspended")]
+    code, err = run(capsys, "switch", "999999999", str(b.pid))
+    assert code == 5
+    code, err = run(capsys, "switch", str(b.pid), str(b.pid))
+    assert code == 2 and "same one" in err["message"]
+    assert [(e["pid"], e["state"]) for e in parked.entries()] == [(b.pid, "suspended")]
