@@ -281,7 +281,11 @@ def resume_agents(sdk: SdkRecord | None, pids: list[int], stages) -> dict | None
         raise AgentFailed("the restored server did not read its weights back: "
                           + "; ".join(errors.values()))
     total = sum(r.get("bytes", 0) for r in replies.values())
-    secs = max((r.get("read_seconds") or 0) for r in replies.values()) if replies else 0
-    return {"bytes": total, "read_seconds": secs,
+
+    def slowest(key: str) -> float:
+        return max((r.get(key) or 0) for r in replies.values()) if replies else 0
+    secs = slowest("read_seconds")
+    return {"bytes": total, "read_seconds": secs, "alloc_seconds": slowest("alloc_seconds"),
+            "verify_seconds": slowest("verify_seconds"), "seconds": slowest("seconds"),
             "gbps": round(total / secs / 1e9, 3) if secs else None,
             "readers": sorted({r.get("reader", "?") for r in replies.values()})}
