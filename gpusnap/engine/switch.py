@@ -18,6 +18,10 @@ Undo (each half undoes itself first, as suspend and resume always do):
     OUT's suspend fails   IN, if its resume went through meanwhile, is suspended again
     IN's resume fails     (IN is parked as it was) OUT is resumed
 An undo that fails is named in the error's hint with what to run by hand.
+
+With a second thread running, OUT's checkpoint sets the huge-page mode without forking
+its guard (cuda/hugepages.py): a gpusnap killed with SIGKILL mid-checkpoint leaves the
+mode to the next checkpoint on the host to put back.
 """
 
 from __future__ import annotations

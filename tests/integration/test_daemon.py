@@ -393,7 +393,7 @@ def test_the_cli_that_talks_to_the_daemon_stays_thin(gpusnap, daemon):
 
 def test_suspend_resume_and_ps_go_through_the_daemon_with_the_cli_s_answers(workload, gpusnap, daemon):
     """What a standby pool and a GPU switch call: the same rows, errors and exit codes
-    through the daemon as standalone (no CUDA here: suspend's refusal is the answer)."""
+    through the daemon as standalone (no CUDA here: the refusals are the answers)."""
     d = daemon()
     w = workload("--mib", "8")
     rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--name", "parked")
@@ -406,9 +406,10 @@ def test_suspend_resume_and_ps_go_through_the_daemon_with_the_cli_s_answers(work
     through = gpusnap("ps", env=d.env)
     assert through[0] == alone[0] == 0 and through[1] == alone[1], (alone, through)
     assert any(row["pid"] == w.pid for row in through[1]), through
-    for command in ("suspend", "resume"):
-        alone = gpusnap(command, str(w.pid), env={"GPUSNAP_SOCKET": ""})
-        through = gpusnap(command, str(w.pid), env=d.env)
+    for command in (("suspend", str(w.pid)), ("resume", str(w.pid)),
+                    ("switch", str(w.pid), str(os.getpid()))):
+        alone = gpusnap(*command, env={"GPUSNAP_SOCKET": ""})
+        through = gpusnap(*command, env=d.env)
         assert through[0] == alone[0] != 0, (command, alone, through)
         assert through[1]["error"] == alone[1]["error"], (command, alone, through)
     report = w.report()
