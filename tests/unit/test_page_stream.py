@@ -331,15 +331,15 @@ def test_closing_a_copier_twice_or_under_sigterm_is_safe(monkeypatch):
     copier = pipecopy.PipeCopier(2)
     got = []
     old = signal.signal(signal.SIGTERM, lambda *a: got.append("handled"))
-    real = copier.pool.shutdown
+    real = copier._join
 
-    def shutdown(wait=True):
+    def join():
         if not got:
             os.kill(os.getpid(), signal.SIGTERM)      # mid-close, the first time
             time.sleep(0.05)
             assert got == []                           # held until the close is done
-        real(wait=wait)
-    monkeypatch.setattr(copier.pool, "shutdown", shutdown)
+        real()
+    monkeypatch.setattr(copier, "_join", join)
     try:
         copier.close()
         assert got == ["handled"] and copier.pipes == []
@@ -379,3 +379,31 @@ def test_any_split_of_the_stream_over_copy_threads_lands_every_byte_in_place(
         theirs.close()
     want = {v + off: data[off:off + split * P] for v, data in areas for off in range(0, len(data), split * P)}
     assert {k: bytes(v) for k, v in got.items()} == want
+
+
+def test_a_copy_thread_that_fails_fails_the_stream_and_nothing_waits_on_it():
+    """A thread's read fails (here: a read-only destination): the receiver's next copy or
+    wait raises it, the pipe it no longer reads is drained so no splice into it sticks, and
+    close() ends every thread."""
+    from gpusnap.store import pipecopy
+    copier = pipecopy.PipeCopier(2)
+
+    class Fill:
+        def __call__(self, view):
+            view[:] = bytes(len(view))
+
+        def splice(self, fd, n):
+            data, off = bytes(n), 0
+            while off < n:
+                off += os.write(fd, data[off:])
+    t = time.monotonic()
+    with pytest.raises(BufferError):
+        copier.copy(Fill(), memoryview(bytes(4 * copier.piece)))    # read-only: cannot land
+        for _ in range(4):
+            copier.copy(Fill(), memoryview(bytearray(8 * copier.piece)))
+        copier.wait()
+    with pytest.raises(BufferError):
+        copier.wait()
+    copier.close()
+    assert time.monotonic() - t < 5
+    assert not [th for th in threading.enumerate() if th.name.startswith("gpusnap-copy")]
