@@ -360,7 +360,8 @@ def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict) -> 
     both, t = timed(ctx.gs, "switch", str(running["pid"]), str(parked["pid"]), *extra, env=env)
     res = dict(both["in"], via=both.get("via"))
     return {"suspend_s": both["timings"]["suspend"], "resume_s": both["timings"]["resume"],
-            "command_s": t, "overlapped": both["overlapped"], "reason": both["reason"],
+            "command_s": t, "plan_s": both["timings"].get("plan"), "overlapped": both["overlapped"],
+            "reason": both["reason"],
             **_prefixed("suspend_", both["out"]["timings"])}, res
 
 

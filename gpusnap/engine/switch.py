@@ -61,12 +61,14 @@ def plan_switch(req: SwitchRequest) -> SwitchPlan:
     entry = park.parked_entry(req.into)
     if req.out.pid == entry["pid"] or (req.out.container and req.out.container == req.into.container):
         raise UsageError("switch needs two targets: OUT and IN name the same one")
+    try:        # first: its cuInit (on a thread) overlaps the suspend's planning
+        r_plan, tight = park.plan_resume(req.into), None
+    except GpuMismatch as e:
+        r_plan, tight = None, e
     s_plan = park.plan_suspend(req.out)
     if s_plan.target.root_pid == entry["pid"]:
         raise UsageError("switch needs two targets: OUT and IN name the same one")
-    try:
-        r_plan = park.plan_resume(req.into)
-    except GpuMismatch:
+    if tight is not None:
         # no room beside OUT: plan as if OUT's memory were free (it will be); a plan that
         # fails even so is refused here, with nothing touched
         freed = gpu.used_memory(s_plan.cuda_pids)
