@@ -31,6 +31,7 @@ switch's baseline is the driver's floor by hand; tp has none (TP_NO_NAIVE says w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -203,7 +204,16 @@ def guarded(row: dict, mode: str, fn) -> None:
 
 
 def stop(pid: int) -> None:
-    kill_tree(tree(pid))
+    """SIGKILL pid's tree and reap what of it is this process's child (a server started
+    here: unreaped, its zombie would hold kill_tree's wait for a minute)."""
+    pids = tree(pid)
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    for p in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(p, 0)
+    kill_tree(pids)
 
 
 def timed(fn, *a, **kw):
