@@ -17,9 +17,9 @@ every byte off the socket itself, in order; only where they land is done elsewhe
 Each thread owns a pipe and a queue: a piece (at most a pipe's size) is queued to the next
 thread in turn, then spliced into its pipe, and the thread reads the pipe into the piece's
 place, its queue's pieces in order. The pipe is the only flow control: the receiver waits
-only where a pipe is full, never on a thread (the handing out is a queue's put, nothing
-per piece to wait on, which kept the receiver at ~12 GB/s on an H200 with futures). wait()
-queues a marker behind each busy thread's pieces and waits for them. Small pieces are
+only where a pipe is full, never on a thread per piece (a queue's put; an H200 measured
+the same stream as with a future per piece, created and waited on: dump_probe_h200_queues.md).
+wait() queues a marker behind each busy thread's pieces and waits for them. Small pieces are
 read by the receiver itself (a splice and a hand-over cost more than their copy).
 GPUSNAP_STREAM_COPIERS sets the threads (0: the receiver copies everything itself).
 """
