@@ -31,7 +31,6 @@ switch's baseline is the driver's floor by hand; tp has none (TP_NO_NAIVE says w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -204,16 +203,7 @@ def guarded(row: dict, mode: str, fn) -> None:
 
 
 def stop(pid: int) -> None:
-    """SIGKILL pid's tree and reap what of it is this process's child (a server started
-    here: unreaped, its zombie would hold kill_tree's wait for a minute)."""
-    pids = tree(pid)
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-    for p in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(p, 0)
-    kill_tree(pids)
+    kill_tree(tree(pid))
 
 
 def timed(fn, *a, **kw):
@@ -408,7 +398,7 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
         if not sdk:     # an even number of switches each: running and parked as they were
             out["floor"] = _driver_floor(ctx, running, parked)
             out["floor_overlapped"] = _driver_floor(ctx, running, parked, overlapped=True)
-            if getattr(ctx.args, "floor_thp", False):
+            if not getattr(ctx.args, "no_floor_thp", False):
                 out["floor_thp"] = _driver_floor(ctx, running, parked, huge_pages=True)
         return out
     finally:
@@ -1134,8 +1124,9 @@ def parse(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
     ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
                     "plain CLI and through gpusnapd")
-    ap.add_argument("--floor-thp", action="store_true", help="switch: the driver's floor also with "
-                    "gpusnap's huge-page window around the checkpoint")
+    ap.add_argument("--no-floor-thp", action="store_true", help="switch: leave out the driver's "
+                    "floor with gpusnap's huge-page window around the checkpoint (gpusnap's own "
+                    "suspend has it; the floor the issue names, the host's THP mode as it is, stays)")
     ap.add_argument("--naive-runs", type=int, default=1, help="standby, diffusion, b30 --mode transparent: "
                     "round trips of the naive baseline, after the other modes (default 1)")
     ap.add_argument("--no-naive", dest="naive_runs", action="store_const", const=0,

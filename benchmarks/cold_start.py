@@ -76,10 +76,18 @@ def tree(pid):
 
 
 def kill_tree(pids):
+    """SIGKILL the pids and wait until they are gone; those that are this process's
+    children are reaped (a server started here: unreaped, its zombie would hold the wait
+    for its whole minute)."""
     for p in pids:
         try:
             os.kill(p, 9)
         except ProcessLookupError:
+            pass
+    for p in pids:
+        try:
+            os.waitpid(p, 0)
+        except ChildProcessError:
             pass
     wait_gone(pids)
 
