@@ -24,6 +24,8 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
 - NAME_thp:   row NAME with THP=always (e.g. naive_thp, stream_thp, twice_thp)
 - NAME_cN:    row NAME with GPUSNAP_STREAM_COPIERS=N (second_c0: the receiver copies every
               page itself, as before the copy threads)
+- NAME_bN:    row NAME with GPUSNAP_PS_BUFFER_MB=N, the page stream's socket buffers
+              (second_b4: 4 MiB asked, at the host's cap, as before; null_splice_b4 too)
 
 and floors: the disk's write rate with fsync (16 writers) and tmpfs's. Each gpusnap row
 shows its stream_* timings: seconds the receiver read CRIU's pages (recv) and waited for a
@@ -225,6 +227,10 @@ def run_row(name: str, gib: float, work: str, store: str) -> dict:
     head, _, copiers = name.rpartition("_c")
     if head and copiers.isdigit():      # stream_c0: GPUSNAP_STREAM_COPIERS=0 (the receiver copies)
         with _env("GPUSNAP_STREAM_COPIERS", copiers):
+            return run_row(head, gib, work, store)
+    head, _, mib = name.rpartition("_b")
+    if head and mib.isdigit():          # second_b4: GPUSNAP_PS_BUFFER_MB=4 (the socket as before)
+        with _env("GPUSNAP_PS_BUFFER_MB", mib):
             return run_row(head, gib, work, store)
     if name.endswith("_thp"):
         from cold_start import thp_mode

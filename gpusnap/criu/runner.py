@@ -17,7 +17,7 @@ _PID_TAKEN = re.compile(r"Can't fork for (\d+): File exists")
 # Error lines that do not say why CRIU failed: a limit it could not raise and went on
 # without, and the summaries it prints after the cause.
 _AFTERMATH = re.compile(r"RLIMIT_NOFILE|Dumping FAILED|Restoring FAILED")
-_PS_BUFFER = 4 << 20        # socket buffers of the page stream
+PS_BUFFER_MB = 64           # socket buffers of the page stream (GPUSNAP_PS_BUFFER_MB)
 
 
 def log_errors(log_path: str, limit: int = 5) -> list[str]:
@@ -72,6 +72,20 @@ def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped"
         raise _fail("dump", res, log)
 
 
+def _size_buffers(sock: socket.socket) -> None:
+    """The page stream's socket buffers: large enough for CRIU to send its next entries
+    while gpusnap still copies the last ones (else the two take turns). SO_SNDBUFFORCE
+    (root: past net.core.wmem_max, 208 KiB on a stock kernel), else what the cap allows.
+    GPUSNAP_PS_BUFFER_MB sets the size (4: what gpusnap asked for before, at the cap)."""
+    raw = os.environ.get("GPUSNAP_PS_BUFFER_MB", "")
+    size = (int(raw) if raw.strip().isdigit() and 0 < int(raw) <= 1024 else PS_BUFFER_MB) << 20
+    for force, plain in ((32, socket.SO_SNDBUF), (33, socket.SO_RCVBUF)):   # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force if size > 4 << 20 else plain, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, log) -> sysrun.Result:
     """CRIU dump with its pages sent to page_server over a socket pair. When serving
     fails (the store, an interrupt), the socket is shut: CRIU's next send fails, so it
@@ -81,9 +95,8 @@ def _dump_streaming(criu, pid, images_dir, opts, leave, page_server, timeout, lo
     holding its end of the socket must not keep gpusnap waiting; what CRIU left in its
     process group is killed once it has failed."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    for end in (ours, theirs):      # fewer, larger hand-offs (capped by net.core.wmem_max)
-        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _PS_BUFFER)
-        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _PS_BUFFER)
+    for end in (ours, theirs):
+        _size_buffers(end)
     with ours:
         running = None
         try:

@@ -83,3 +83,26 @@ def test_an_interrupt_while_the_lazy_pages_guard_starts_still_has_it_closed(tmp_
         pages.restore(plan, None, str(tmp_path), pagepath.Prepared(str(tmp_path), 1, [], set()),
                       Stages(), None)
     assert pages.guard is guard
+
+
+def test_the_page_stream_socket_is_sized_past_the_host_cap_where_root_may(monkeypatch):
+    """CRIU's send of a batch must not wait for gpusnap's receive of the one before:
+    64 MiB buffers by default (past net.core.wmem_max as root), the old 4 MiB ask when
+    GPUSNAP_PS_BUFFER_MB says so, the default for nonsense."""
+    import socket
+    with open("/proc/sys/net/core/wmem_max") as f:
+        cap = int(f.read())
+
+    def sized(env: str | None) -> int:
+        if env is None:
+            monkeypatch.delenv("GPUSNAP_PS_BUFFER_MB", raising=False)
+        else:
+            monkeypatch.setenv("GPUSNAP_PS_BUFFER_MB", env)
+        a, b = socket.socketpair()
+        with a, b:
+            runner._size_buffers(a)
+            return a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if os.geteuid() == 0:
+        assert sized(None) >= 64 << 20                  # the kernel doubles what it is given
+        assert sized("many") >= 64 << 20
+    assert sized("4") <= 2 * max(cap, 4 << 20)
