@@ -25,7 +25,7 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
 - NAME_cN:    row NAME with GPUSNAP_STREAM_COPIERS=N (second_c0: the receiver copies every
               page itself, as before the copy threads)
 - NAME_bN:    row NAME with GPUSNAP_PS_BUFFER_MB=N, the page stream's socket buffers
-              (second_b4: 4 MiB asked, at the host's cap, as before; null_splice_b4 too)
+              (second_b64: 64 MiB, past the host's cap; the default asks 4, capped)
 
 and floors: the disk's write rate with fsync (16 writers) and tmpfs's. Each gpusnap row
 shows its stream_* timings: seconds the receiver read CRIU's pages (recv) and waited for a
@@ -229,7 +229,7 @@ def run_row(name: str, gib: float, work: str, store: str) -> dict:
         with _env("GPUSNAP_STREAM_COPIERS", copiers):
             return run_row(head, gib, work, store)
     head, _, mib = name.rpartition("_b")
-    if head and mib.isdigit():          # second_b4: GPUSNAP_PS_BUFFER_MB=4 (the socket as before)
+    if head and mib.isdigit():          # second_b64: GPUSNAP_PS_BUFFER_MB=64 (past the host's cap)
         with _env("GPUSNAP_PS_BUFFER_MB", mib):
             return run_row(head, gib, work, store)
     if name.endswith("_thp"):

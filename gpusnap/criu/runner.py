@@ -17,7 +17,7 @@ _PID_TAKEN = re.compile(r"Can't fork for (\d+): File exists")
 # Error lines that do not say why CRIU failed: a limit it could not raise and went on
 # without, and the summaries it prints after the cause.
 _AFTERMATH = re.compile(r"RLIMIT_NOFILE|Dumping FAILED|Restoring FAILED")
-PS_BUFFER_MB = 64           # socket buffers of the page stream (GPUSNAP_PS_BUFFER_MB)
+PS_BUFFER_MB = 4            # socket buffers of the page stream (GPUSNAP_PS_BUFFER_MB)
 
 
 def log_errors(log_path: str, limit: int = 5) -> list[str]:
@@ -73,10 +73,11 @@ def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped"
 
 
 def _size_buffers(sock: socket.socket) -> None:
-    """The page stream's socket buffers: large enough for CRIU to send its next entries
-    while gpusnap still copies the last ones (else the two take turns). SO_SNDBUFFORCE
-    (root: past net.core.wmem_max, 208 KiB on a stock kernel), else what the cap allows.
-    GPUSNAP_PS_BUFFER_MB sets the size (4: what gpusnap asked for before, at the cap)."""
+    """The page stream's socket buffers, GPUSNAP_PS_BUFFER_MB (default 4, asked plainly:
+    capped by net.core.wmem_max, 208 KiB on a stock kernel). Above 4, SO_SNDBUFFORCE (root:
+    past the cap), else what the cap allows: large enough for CRIU to send its next batches
+    while gpusnap still copies the last ones, where at the cap the two may take turns
+    (docs/design.md; the default stays until the GPU machine has measured it)."""
     raw = os.environ.get("GPUSNAP_PS_BUFFER_MB", "")
     size = (int(raw) if raw.strip().isdigit() and 0 < int(raw) <= 1024 else PS_BUFFER_MB) << 20
     for force, plain in ((32, socket.SO_SNDBUF), (33, socket.SO_RCVBUF)):   # SO_*BUFFORCE
