@@ -234,9 +234,8 @@ NAIVE_IMAGES = "/dev/shm/gpusnap-bench-naive"
 
 def holding_gpu(pids):
     """Those of pids with a /dev/nvidia* open (the CUDA processes of a tree)."""
-    return [p for p in pids if any(os.readlink(f"/proc/{p}/fd/{fd}").startswith("/dev/nvidia")
-                                   for fd in os.listdir(f"/proc/{p}/fd")
-                                   if os.path.exists(f"/proc/{p}/fd/{fd}"))]
+    from gpusnap.cuda.discover import holds_nvidia_fd
+    return [p for p in pids if holds_nvidia_fd(p)]
 
 
 def naive_dump(pid, images, timeout=None, leave="killed"):

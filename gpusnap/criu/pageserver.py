@@ -178,14 +178,7 @@ def _drain(sock: socket.socket, n: int, alive=None) -> None:
         _DRAIN.extend([r, w, os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)])
     r, w, null = _DRAIN
     while n:
-        try:
-            got = os.splice(sock.fileno(), w, n, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-        except BlockingIOError:
-            if not select.select([sock], [], [], WAKE)[0] and alive is not None and not alive():
-                raise CriuFailed(CRIU_GONE) from None
-            continue
-        if got == 0:
-            raise CriuFailed(CUT_MID_ENTRY)
+        got = _splice_some(sock, w, n, alive)
         left = got
         while left:
             left -= os.splice(r, null, left, flags=os.SPLICE_F_MOVE)
@@ -193,10 +186,16 @@ def _drain(sock: socket.socket, n: int, alive=None) -> None:
 
 
 def _splice_into(sock: socket.socket, fd: int, n: int, alive=None) -> None:
-    """n bytes of the stream moved into the pipe fd. Non-blocking on both ends: a quiet
-    socket is waited on as _recv waits (a CRIU that exited ends it), a full pipe until
-    its reader makes room."""
+    """n bytes of the stream moved into the pipe fd (its reader makes room as it goes)."""
     while n:
+        n -= _splice_some(sock, fd, n, alive)
+
+
+def _splice_some(sock: socket.socket, fd: int, n: int, alive=None) -> int:
+    """Up to n bytes of the stream moved into the pipe fd, at least one; how many.
+    Non-blocking on both ends: a quiet socket is waited on as _recv waits (a CRIU that
+    exited ends it), a full pipe until its reader makes room."""
+    while True:
         try:
             got = os.splice(sock.fileno(), fd, n, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
@@ -207,7 +206,7 @@ def _splice_into(sock: socket.socket, fd: int, n: int, alive=None) -> None:
             continue
         if got == 0:
             raise CriuFailed(CUT_MID_ENTRY)
-        n -= got
+        return got
 
 
 def _read_exact(sock: socket.socket, n: int, alive=None, allow_eof: bool = False) -> bytes | None:

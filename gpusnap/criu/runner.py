@@ -82,7 +82,7 @@ def _size_buffers(sock: socket.socket) -> None:
     size = (int(raw) if raw.strip().isdigit() and 0 < int(raw) <= 1024 else PS_BUFFER_MB) << 20
     for force, plain in ((32, socket.SO_SNDBUF), (33, socket.SO_RCVBUF)):   # SO_*BUFFORCE
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force if size > 4 << 20 else plain, size)
+            sock.setsockopt(socket.SOL_SOCKET, force if size > PS_BUFFER_MB << 20 else plain, size)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
