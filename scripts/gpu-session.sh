@@ -23,6 +23,9 @@
 # seeddump (benchmarks/seed_dump.py server: the LLM server's first dump into an empty store
 # against one into a store seeded with its weights file by `gpusnap seed add`, same run,
 # alternating; SEED_SIZE (8b by default), SEED_RUNS (3); ~5 min for the 8b),
+# sdkread (benchmarks/sdk_read_probe.py: the SDK's weight read in a fresh process against the
+# same process parked and resumed, and the zero-copy read of page-cache pages registered
+# read-only; 16 GiB, SDKREAD_ARGS adds options; ~1.5 min),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
@@ -148,6 +151,7 @@ for spec in "$@"; do
         cold8b)   step "$name" "$limit" python3 benchmarks/cold_start.py --sizes 8b --out "$OUT" ${COLD_ARGS:---runs 2 --sdk} ;;
         dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
+        sdkread)  step "$name" "$limit" python3 benchmarks/sdk_read_probe.py --out "$OUT" ${SDKREAD_ARGS:-} ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED_ARGS:-} ;;

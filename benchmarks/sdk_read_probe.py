@@ -1,0 +1,300 @@
+"""Where an SDK server's resume spends its weight read: fresh process against parked and resumed.
+
+    python benchmarks/sdk_read_probe.py [--gib 16] [--runs 2] [--out DIR]
+
+The switch row (breadth_switch_h200_8b_s17.md) read an 8B server's 16 GB back at ~26 GB/s
+inside a resumed server; benchmarks/gds.py read the same size at ~35 GB/s in a fresh process.
+This probe takes one process through both: it makes a safetensors file of 8B-like tensors
+(32 and 112 MiB, bf16), reads it into GPU tensors with gpusnap.sdk.loader (`fresh`), then,
+per row, drops the tensors as the SDK agent's prepare does, parks itself with `gpusnap
+suspend PID` (lock + checkpoint; the process stays alive), `gpusnap resume PID`, allocates
+the tensors again and reads them with the row's reader:
+
+  parked        the loader as a resume runs it (pinned, its defaults)
+  parked_t16    16 threads
+  parked_c32    32 MiB windows
+  mapped        no host copy: the file mmap'd read-only, each window cudaHostRegister'ed
+                with cudaHostRegisterReadOnly (the page cache's own pages pinned) and
+                copied to the GPU by DMA, then unregistered: needs the device attribute
+                READ_ONLY_HOST_REGISTER_SUPPORTED (printed)
+
+Floors in the same run: parallel pread from the page cache into host memory (8 and 16
+threads), pinned host-to-device. Every read is checked against the file (ends of each
+tensor). Prints a table; writes DIR/sdk_read_probe_<card>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.gds import check_correct, host_read, jobs_for, pinned_h2d, warm  # noqa: E402
+from gpusnap.sdk import loader  # noqa: E402
+
+SIZES = (32 << 20, 112 << 20, 112 << 20, 112 << 20, 32 << 20, 32 << 20, 32 << 20)
+READ_ONLY = 8                   # cudaHostRegisterReadOnly
+ATTR_READ_ONLY_REGISTER = 113   # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
+
+
+def make_file(path: str, gib: int) -> int:
+    """bf16 tensors of SIZES' bytes, random, written one at a time (header first)."""
+    import torch
+    total, sizes = gib << 30, []
+    while sum(sizes) < total:
+        sizes.append(SIZES[len(sizes) % len(SIZES)])
+    header, off = {}, 0
+    for i, n in enumerate(sizes):
+        header[f"t{i}"] = {"dtype": "BF16", "shape": [n // 2], "data_offsets": [off, off + n]}
+        off += n
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for n in sizes:
+            t = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda", generator=g).cpu()
+            f.write(memoryview(t.numpy()))
+    os.rename(path + ".tmp", path)
+    return off
+
+
+def gpusnap(*args: str) -> dict:
+    p = subprocess.run([sys.executable, "-m", "gpusnap", *args, "--json"], capture_output=True,
+                       text=True, timeout=120)
+    if p.returncode:
+        raise RuntimeError(f"gpusnap {' '.join(args)}: rc {p.returncode}: {p.stdout} {p.stderr}")
+    return json.loads(p.stdout)
+
+
+def drop(jobs) -> None:
+    import torch
+    for j in jobs:
+        j.dst.data = torch.empty(0, dtype=j.dst.dtype, device=j.dst.device)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def alloc(jobs) -> float:
+    import torch
+    t = time.perf_counter()
+    for j in jobs:
+        j.dst.data = torch.empty(j.length // j.dst.element_size(), dtype=j.dst.dtype, device="cuda")
+    return time.perf_counter() - t
+
+
+def park() -> dict:
+    pid = str(os.getpid())
+    result: dict = {}
+
+    def both():
+        t = time.perf_counter()
+        result["suspend"] = gpusnap("suspend", pid)
+        result["suspend_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result["resume"] = gpusnap("resume", pid)
+        result["resume_s"] = time.perf_counter() - t
+
+    th = threading.Thread(target=both)      # this thread stays out of CUDA meanwhile
+    th.start()
+    th.join()
+    return result
+
+
+class Mapped:
+    """The zero-copy reader: windows of the page cache pinned in place and DMA'd."""
+
+    def __init__(self):
+        import torch
+        self.rt = torch.cuda.cudart()
+        self.cuda = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        self.cuda.cuDeviceGetAttribute(ctypes.byref(v), ATTR_READ_ONLY_REGISTER, 0)
+        self.supported = bool(v.value)
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mmap.restype = ctypes.c_void_p
+        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_long]
+        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        rt = [ln.split()[-1] for ln in open("/proc/self/maps") if "libcudart" in ln]
+        self.cudart = ctypes.CDLL(rt[0]) if rt else None
+
+    def load(self, jobs, threads: int = 8, window: int = 256 << 20) -> dict:
+        import torch
+        path = jobs[0].path
+        size = os.path.getsize(path)
+        fd = os.open(path, os.O_RDONLY)
+        base = self.libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        os.close(fd)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        wins = [(a, min(window, size - a)) for a in range(0, size, window)]
+        lock = threading.Lock()
+        stats = {"register_s": 0.0, "unregister_s": 0.0, "errors": []}
+        by_win: dict[int, list] = {}
+        for j in jobs:
+            pos = 0
+            while pos < j.length:
+                at = j.offset + pos
+                w = at // window
+                n = min(j.length - pos, (w + 1) * window - at)
+                by_win.setdefault(w, []).append((j.dst.data_ptr() + pos, base + at, n))
+                pos += n
+        todo = list(range(len(wins)))
+        self.cudart.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                                ctypes.c_int, ctypes.c_void_p]
+
+        def worker():
+            torch.cuda.set_device(0)
+            stream = torch.cuda.Stream()
+            prev = None
+            while True:
+                with lock:
+                    if not todo or stats["errors"]:
+                        break
+                    w = todo.pop(0)
+                a, n = wins[w]
+                t = time.perf_counter()
+                err = self.rt.cudaHostRegister(base + a, n, READ_ONLY)
+                r = time.perf_counter() - t
+                if int(getattr(err, "value", err)):
+                    stats["errors"].append(f"cudaHostRegister: {err}")
+                    break
+                for dst, src, k in by_win.get(w, []):
+                    e = self.cudart.cudaMemcpyAsync(dst, src, k, 1, stream.cuda_stream)
+                    if e:
+                        stats["errors"].append(f"cudaMemcpyAsync: {e}")
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                u = 0.0
+                if prev is not None:
+                    prev[1].synchronize()
+                    t = time.perf_counter()
+                    self.rt.cudaHostUnregister(prev[0])
+                    u = time.perf_counter() - t
+                prev = (base + a, ev)
+                with lock:
+                    stats["register_s"] += r
+                    stats["unregister_s"] += u
+            if prev is not None:
+                prev[1].synchronize()
+                self.rt.cudaHostUnregister(prev[0])
+
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=worker) for _ in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        seconds = time.perf_counter() - t0
+        self.libc.munmap(base, size)
+        if stats["errors"]:
+            raise RuntimeError(stats["errors"][0])
+        return {"seconds": seconds, "bytes": sum(j.length for j in jobs),
+                "register_s": round(stats["register_s"], 4), "unregister_s": round(stats["unregister_s"], 4)}
+
+
+def read(jobs, how: str, mapped: Mapped | None) -> dict:
+    import torch
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    if how == "mapped":
+        extra = mapped.load(jobs)
+    else:
+        kw = {"parked_t16": {"threads": 16}, "parked_c32": {"chunk": 32 << 20}}.get(how, {})
+        extra = loader.load(jobs, **kw)
+    torch.cuda.synchronize()
+    s = time.perf_counter() - t
+    n = sum(j.length for j in jobs)
+    return {"seconds": round(s, 4), "gbps": round(n / s / 1e9, 2),
+            **{k: v for k, v in extra.items() if k in ("register_s", "unregister_s", "threads", "chunk")}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gib", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--rows", default="parked,parked_t16,parked_c32,mapped")
+    ap.add_argument("--file", default="/tmp/gpusnap-bench/sdkprobe/model.safetensors")
+    ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS", os.path.join(REPO, "benchmarks", "results")))
+    a = ap.parse_args()
+    import torch
+    torch.cuda.init()
+    card = torch.cuda.get_device_name(0)
+    if not os.path.exists(a.file) or os.path.getsize(a.file) < (a.gib << 30):
+        t = time.perf_counter()
+        make_file(a.file, a.gib)
+        print(f"made {a.file} in {time.perf_counter() - t:.1f} s", flush=True)
+    warm(a.file)
+    jobs = jobs_for(a.file)
+    mapped = Mapped()
+    res = {"card": card, "gib": a.gib, "bytes": sum(j.length for j in jobs), "tensors": len(jobs),
+           "read_only_register_supported": mapped.supported,
+           "floors": {"host_read_8": round(host_read(a.file, 8, 16 << 20, False), 2),
+                      "host_read_16": round(host_read(a.file, 16, 16 << 20, False), 2),
+                      "pinned_h2d": round(pinned_h2d(), 2)},
+           "rows": []}
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
+
+    def row(name, how, parked):
+        r = {"row": name}
+        try:
+            if parked:
+                drop(jobs)
+                p = park()
+                r.update(suspend_s=round(p["suspend_s"], 3), resume_s=round(p["resume_s"], 3))
+                r["alloc_s"] = round(alloc(jobs), 4)
+            r.update(read(jobs, how, mapped))
+            r["correct"] = check_correct(a.file, jobs)
+        except Exception as e:  # noqa: BLE001 - a probe row that fails says why and the next runs
+            r["error"] = f"{type(e).__name__}: {e}"
+        print(json.dumps(r), flush=True)
+        res["rows"].append(r)
+
+    for _ in range(a.runs):
+        row("fresh", "parked", False)
+        if mapped.supported:
+            row("fresh_mapped", "mapped", False)
+    for _ in range(a.runs):
+        for name in a.rows.split(","):
+            if name == "mapped" and not mapped.supported:
+                continue
+            row(name, name, True)
+    os.makedirs(a.out, exist_ok=True)
+    slug = "h200" if "H200" in card else card.split()[-1].lower()
+    with open(os.path.join(a.out, f"sdk_read_probe_{slug}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = [f"# SDK weight read, fresh vs parked — {card}", "",
+             f"{res['bytes'] / 1e9:.2f} GB in {res['tensors']} tensors, page cache warm. Floors: "
+             f"pread 8 threads {res['floors']['host_read_8']} GB/s, 16 threads {res['floors']['host_read_16']}, "
+             f"pinned H2D {res['floors']['pinned_h2d']}. cudaHostRegisterReadOnly supported: "
+             f"{res['read_only_register_supported']}.", "",
+             "| row | runs | GB/s (median) | seconds | correct |", "|---|---|---|---|---|"]
+    by: dict = {}
+    for r in res["rows"]:
+        by.setdefault(r["row"], []).append(r)
+    for name, rs in by.items():
+        ok = [r for r in rs if "gbps" in r]
+        med = f"{statistics.median(r['gbps'] for r in ok):.2f}" if ok else "-"
+        secs = " / ".join(f"{r['seconds']:.3f}" for r in ok) or rs[0].get("error", "")
+        lines.append(f"| {name} | {len(rs)} | {med} | {secs} | {all(r.get('correct') for r in rs)} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, f"sdk_read_probe_{slug}.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
