@@ -24,6 +24,8 @@ for every row and dumped (and so killed) by it. Rows, same run, medians of --run
 - NAME_thp:   row NAME with THP=always (e.g. naive_thp, stream_thp, twice_thp)
 - NAME_cN:    row NAME with GPUSNAP_STREAM_COPIERS=N (second_c0: the receiver copies every
               page itself, as before the copy threads)
+- NAME_sN:    row NAME with GPUSNAP_STREAM_SLOTS=N, the page stream's 16 MiB slots (stream_s128:
+              2 GiB, CRIU runs ahead of workers waiting on the disk; default 1.5 a worker + 2)
 - NAME_bN:    row NAME with GPUSNAP_PS_BUFFER_MB=N, the page stream's socket buffers
               (second_b64: 64 MiB, past the host's cap; the default asks 4, capped)
 
@@ -227,6 +229,10 @@ def run_row(name: str, gib: float, work: str, store: str) -> dict:
     head, _, copiers = name.rpartition("_c")
     if head and copiers.isdigit():      # stream_c0: GPUSNAP_STREAM_COPIERS=0 (the receiver copies)
         with _env("GPUSNAP_STREAM_COPIERS", copiers):
+            return run_row(head, gib, work, store)
+    head, _, slots = name.rpartition("_s")
+    if head and slots.isdigit():        # stream_s128: GPUSNAP_STREAM_SLOTS=128 (2 GiB of slots)
+        with _env("GPUSNAP_STREAM_SLOTS", slots):
             return run_row(head, gib, work, store)
     head, _, mib = name.rpartition("_b")
     if head and mib.isdigit():          # second_b64: GPUSNAP_PS_BUFFER_MB=64 (past the host's cap)

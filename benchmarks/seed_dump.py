@@ -79,7 +79,9 @@ def main(argv=None) -> str:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fsync", default="auto",
                     help="GPUSNAP_FSYNC of gpusnap's dumps, a comma list: each mode's rows in turn "
-                         "(auto: one journal commit a batch of chunks on ext4/XFS; each: an fsync a chunk)")
+                         "(auto: one journal commit a batch of chunks on ext4/XFS; each: an fsync a chunk); "
+                         "MODE:sN also sets GPUSNAP_STREAM_SLOTS=N (auto,auto:s128: the page stream's "
+                         "default slots against 128)")
     ap.add_argument("--no-naive", dest="naive", action="store_false",
                     help="leave out the dump by hand and the floor")
     ap.add_argument("--baselines-only", action="store_true",
@@ -194,8 +196,9 @@ def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
     """`gpusnap dump --leave-running` of pid into store, after a sync (not timed)."""
     os.sync()
     t = time.perf_counter()
-    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store,
-                   env={"GPUSNAP_FSYNC": fsync})
+    mode, _, slots = fsync.partition(":s")
+    env = {"GPUSNAP_FSYNC": mode, **({"GPUSNAP_STREAM_SLOTS": slots} if slots else {})}
+    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store, env=env)
     return {"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
             "bytes_logical": snap["bytes_logical"], "downtime": snap.get("downtime"),
             "timings": snap.get("timings", {})}

@@ -33,6 +33,17 @@ from . import chunker, codec, parallel, pipecopy
 from .tally import Tally
 
 SLOT_BYTES = 16 << 20
+MAX_SLOTS = 256                 # 4 GiB of slots at most (GPUSNAP_STREAM_SLOTS)
+
+
+def slot_count(workers: int) -> int:
+    """Slots of one page stream: GPUSNAP_STREAM_SLOTS where it is a count (2 .. MAX_SLOTS),
+    else 1.5 per worker + 2. More slots let CRIU run ahead of workers that wait on the
+    disk (a first dump's new chunks), at SLOT_BYTES of host memory each."""
+    raw = os.environ.get("GPUSNAP_STREAM_SLOTS", "")
+    if raw.isdigit():
+        return max(2, min(MAX_SLOTS, int(raw)))
+    return workers * 3 // 2 + 2
 
 
 @dataclass
@@ -51,7 +62,7 @@ class PageStream:
     def __init__(self, repo, workers: int | None = None):
         self.repo = repo
         n = workers or parallel.stream_workers(codec.compresses(repo.compress_level))
-        slots = n * 3 // 2 + 2
+        slots = slot_count(n)
         self.shm = mmap.mmap(-1, slots * SLOT_BYTES)        # shared with the workers
         self.view = memoryview(self.shm)
         self.free = list(range(slots))
@@ -65,7 +76,8 @@ class PageStream:
         # compressing (with the store's lookups), writing and fsyncing
         self.clock = _Clock(("recv", "copy_wait", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"))
         repo.backend.refresh("chunks/")                      # one listing, before the fork
-        self.pool = parallel.Stream(_slot_work, (repo, self.shm), n)
+        # a worker holds up to depth slots: every slot can be in a worker's queue
+        self.pool = parallel.Stream(_slot_work, (repo, self.shm), n, depth=max(2, -(-slots // n)))
         self.copiers = pipecopy.threads()   # after the fork: the workers hold no pipe of it
         try:
             self.copier = pipecopy.PipeCopier(self.copiers) if self.copiers else None

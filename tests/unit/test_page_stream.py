@@ -106,11 +106,13 @@ def _memory(entries, data: bytes) -> dict[int, bytes]:
             for e, off in pagemap.present_offsets(entries) for i in range(e.nr_pages)}
 
 
-@pytest.mark.parametrize("copiers", ["0", "3"])
-def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch, copiers):
+@pytest.mark.parametrize("copiers,slots", [("0", ""), ("3", ""), ("3", "40")])
+def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch, copiers, slots):
     """With and without copy threads (pieces smaller than a slot, so a slot's last
-    copies are waited for before it is cut and handed on)."""
+    copies are waited for before it is cut and handed on), and with more slots than
+    the workers' default depth holds (each worker then queues up to 20)."""
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", copiers)
+    monkeypatch.setenv("GPUSNAP_STREAM_SLOTS", slots)
     monkeypatch.setattr("gpusnap.store.pipecopy.SMALL", 4 * P)
     monkeypatch.setattr("gpusnap.store.pipecopy.PIPE_BYTES", 16 * P)
     monkeypatch.setattr("gpusnap.store.pagestream.SLOT_BYTES", 64 * P)
@@ -132,6 +134,13 @@ def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch
     # the same pages again, into the same store: nothing new (chunks dedup across dumps)
     counts2 = stream(tmp_path, maps, vmas, images="again")[3]
     assert counts2["bytes_new"] == 0 and counts2["bytes_logical"] == counts["bytes_logical"]
+
+
+@pytest.mark.parametrize("raw,want", [("", 5), ("x", 5), ("-3", 5), ("1", 2), ("64", 64), ("9999", 256)])
+def test_slot_count_comes_from_gpusnap_stream_slots_within_bounds(monkeypatch, raw, want):
+    from gpusnap.store.pagestream import slot_count
+    monkeypatch.setenv("GPUSNAP_STREAM_SLOTS", raw)
+    assert slot_count(2) == want
 
 
 def test_a_stream_cut_short_is_an_error_and_abort_stops_the_workers(tmp_path):
