@@ -13,10 +13,12 @@ the tensors again and reads them with the row's reader:
   parked        the loader as a resume runs it (pinned, its defaults)
   parked_t16    16 threads
   parked_c32    32 MiB windows
-  mapped        no host copy: the file mmap'd read-only, each window cudaHostRegister'ed
-                with cudaHostRegisterReadOnly (the page cache's own pages pinned) and
-                copied to the GPU by DMA, then unregistered: needs the device attribute
-                READ_ONLY_HOST_REGISTER_SUPPORTED (printed)
+  mapped        the loader's mapped reader (GPUSNAP_SDK_READER=mapped): no host copy, the
+                file mmap'd read-only, each 256 MiB window cudaHostRegister'ed with
+                cudaHostRegisterReadOnly (the page cache's own pages pinned) and copied
+                to the GPU by DMA, then unregistered: needs the device attribute
+                READ_ONLY_HOST_REGISTER_SUPPORTED (printed); mapped_t16: 16 threads,
+                mapped_w64: 64 MiB windows
 
 Floors in the same run: parallel pread from the page cache into host memory (8 and 16
 threads), pinned host-to-device. Every read is checked against the file (ends of each
@@ -26,9 +28,7 @@ tensor). Prints a table; writes DIR/sdk_read_probe_<card>.json and .md.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
 import os
 import statistics
 import subprocess
@@ -112,120 +112,28 @@ def park() -> dict:
     return result
 
 
-class Mapped:
-    """The zero-copy reader: windows of the page cache pinned in place and DMA'd."""
-
-    def __init__(self):
-        import torch
-        self.rt = torch.cuda.cudart()
-        self.cuda = ctypes.CDLL("libcuda.so.1")
-        v = ctypes.c_int(0)
-        self.cuda.cuDeviceGetAttribute(ctypes.byref(v), ATTR_READ_ONLY_REGISTER, 0)
-        self.supported = bool(v.value)
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.mmap.restype = ctypes.c_void_p
-        self.libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                   ctypes.c_int, ctypes.c_long]
-        self.libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        rt = [ln.split()[-1] for ln in open("/proc/self/maps") if "libcudart" in ln]
-        self.cudart = ctypes.CDLL(rt[0]) if rt else None
-
-    def load(self, jobs, threads: int = 8, window: int = 256 << 20) -> dict:
-        import torch
-        path = jobs[0].path
-        size = os.path.getsize(path)
-        fd = os.open(path, os.O_RDONLY)
-        base = self.libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        os.close(fd)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap")
-        wins = [(a, min(window, size - a)) for a in range(0, size, window)]
-        lock = threading.Lock()
-        stats = {"register_s": 0.0, "unregister_s": 0.0, "errors": []}
-        by_win: dict[int, list] = {}
-        for j in jobs:
-            pos = 0
-            while pos < j.length:
-                at = j.offset + pos
-                w = at // window
-                n = min(j.length - pos, (w + 1) * window - at)
-                by_win.setdefault(w, []).append((j.dst.data_ptr() + pos, base + at, n))
-                pos += n
-        todo = list(range(len(wins)))
-        self.cudart.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                                ctypes.c_int, ctypes.c_void_p]
-
-        def worker():
-            torch.cuda.set_device(0)
-            stream = torch.cuda.Stream()
-            prev = None
-            while True:
-                with lock:
-                    if not todo or stats["errors"]:
-                        break
-                    w = todo.pop(0)
-                a, n = wins[w]
-                t = time.perf_counter()
-                err = self.rt.cudaHostRegister(base + a, n, READ_ONLY)
-                r = time.perf_counter() - t
-                if int(getattr(err, "value", err)):
-                    stats["errors"].append(f"cudaHostRegister: {err}")
-                    break
-                for dst, src, k in by_win.get(w, []):
-                    e = self.cudart.cudaMemcpyAsync(dst, src, k, 1, stream.cuda_stream)
-                    if e:
-                        stats["errors"].append(f"cudaMemcpyAsync: {e}")
-                ev = torch.cuda.Event()
-                ev.record(stream)
-                u = 0.0
-                if prev is not None:
-                    prev[1].synchronize()
-                    t = time.perf_counter()
-                    self.rt.cudaHostUnregister(prev[0])
-                    u = time.perf_counter() - t
-                prev = (base + a, ev)
-                with lock:
-                    stats["register_s"] += r
-                    stats["unregister_s"] += u
-            if prev is not None:
-                prev[1].synchronize()
-                self.rt.cudaHostUnregister(prev[0])
-
-        t0 = time.perf_counter()
-        ts = [threading.Thread(target=worker) for _ in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        seconds = time.perf_counter() - t0
-        self.libc.munmap(base, size)
-        if stats["errors"]:
-            raise RuntimeError(stats["errors"][0])
-        return {"seconds": seconds, "bytes": sum(j.length for j in jobs),
-                "register_s": round(stats["register_s"], 4), "unregister_s": round(stats["unregister_s"], 4)}
+VARIANTS = {"parked": {}, "parked_t16": {"threads": 16}, "parked_c32": {"chunk": 32 << 20},
+            "mapped": {"reader": "mapped"}, "mapped_t16": {"reader": "mapped", "threads": 16},
+            "mapped_w64": {"reader": "mapped", "chunk": 64 << 20}}
 
 
-def read(jobs, how: str, mapped: Mapped | None) -> dict:
+def read(jobs, how: str) -> dict:
     import torch
     torch.cuda.synchronize()
     t = time.perf_counter()
-    if how == "mapped":
-        extra = mapped.load(jobs)
-    else:
-        kw = {"parked_t16": {"threads": 16}, "parked_c32": {"chunk": 32 << 20}}.get(how, {})
-        extra = loader.load(jobs, **kw)
+    extra = loader.load(jobs, **VARIANTS[how])
     torch.cuda.synchronize()
     s = time.perf_counter() - t
     n = sum(j.length for j in jobs)
     return {"seconds": round(s, 4), "gbps": round(n / s / 1e9, 2),
-            **{k: v for k, v in extra.items() if k in ("register_s", "unregister_s", "threads", "chunk")}}
+            **{k: v for k, v in extra.items() if k in ("reader", "threads", "chunk")}}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gib", type=int, default=16)
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--rows", default="parked,parked_t16,parked_c32,mapped")
+    ap.add_argument("--rows", default="parked,parked_t16,parked_c32,mapped,mapped_t16,mapped_w64")
     ap.add_argument("--file", default="/tmp/gpusnap-bench/sdkprobe/model.safetensors")
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS", os.path.join(REPO, "benchmarks", "results")))
     a = ap.parse_args()
@@ -238,9 +146,9 @@ def main() -> int:
         print(f"made {a.file} in {time.perf_counter() - t:.1f} s", flush=True)
     warm(a.file)
     jobs = jobs_for(a.file)
-    mapped = Mapped()
+    supported = loader.read_only_register_supported()
     res = {"card": card, "gib": a.gib, "bytes": sum(j.length for j in jobs), "tensors": len(jobs),
-           "read_only_register_supported": mapped.supported,
+           "read_only_register_supported": supported,
            "floors": {"host_read_8": round(host_read(a.file, 8, 16 << 20, False), 2),
                       "host_read_16": round(host_read(a.file, 16, 16 << 20, False), 2),
                       "pinned_h2d": round(pinned_h2d(), 2)},
@@ -255,7 +163,7 @@ def main() -> int:
                 p = park()
                 r.update(suspend_s=round(p["suspend_s"], 3), resume_s=round(p["resume_s"], 3))
                 r["alloc_s"] = round(alloc(jobs), 4)
-            r.update(read(jobs, how, mapped))
+            r.update(read(jobs, how))
             r["correct"] = check_correct(a.file, jobs)
         except Exception as e:  # noqa: BLE001 - a probe row that fails says why and the next runs
             r["error"] = f"{type(e).__name__}: {e}"
@@ -264,11 +172,11 @@ def main() -> int:
 
     for _ in range(a.runs):
         row("fresh", "parked", False)
-        if mapped.supported:
+        if supported:
             row("fresh_mapped", "mapped", False)
     for _ in range(a.runs):
         for name in a.rows.split(","):
-            if name == "mapped" and not mapped.supported:
+            if name.startswith("mapped") and not supported:
                 continue
             row(name, name, True)
     os.makedirs(a.out, exist_ok=True)

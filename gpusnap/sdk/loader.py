@@ -11,6 +11,12 @@ pinned    no KvikIO: the ranges are cut into windows of `chunk` bytes (adjacent 
           own two pinned host buffers and a CUDA stream, pread(2) a window into one buffer
           while the previous window's host-to-device copy runs from the other
           (double-buffered), and wait on a buffer's event before reusing it.
+mapped    no host copy (an experiment, GPUSNAP_SDK_READER=mapped): each file mmap'd
+          read-only; page-aligned windows of it cudaHostRegister'ed with
+          cudaHostRegisterReadOnly (the page cache's own pages pinned where they are),
+          copied to the GPU by DMA on `threads` workers' streams, unregistered once
+          copied. Needs the device's READ_ONLY_HOST_REGISTER_SUPPORTED; where a
+          registration fails the load is done again by the pinned reader.
 cpu       tensors in host memory: parallel pread(2) straight into the tensor.
 
 The pinned buffers are one block taken for the load and given back after it: nothing
@@ -25,7 +31,7 @@ MiB tasks (its compatibility mode read 6.6-8.8 GB/s inside the restored server; 
 GB/s once its bounce buffers exist). From disk (drop_caches) every reader gave the
 disk's ~1.6-2 GB/s.
 
-Environment: GPUSNAP_SDK_READER=pinned|kvikio forces a reader; GPUSNAP_SDK_THREADS and
+Environment: GPUSNAP_SDK_READER=pinned|kvikio|mapped forces a reader; GPUSNAP_SDK_THREADS and
 GPUSNAP_SDK_CHUNK_MB set the workers and the window (task) size; GPUSNAP_SDK_PIN how the
 pinned reader pins (torch | register).
 """
@@ -47,6 +53,9 @@ DEFAULT_THREADS = 8
 DEFAULT_CHUNK = {"pinned": 4 << 20, "kvikio": 16 << 20}
 BIG_LOAD, BIG_WINDOW = 8 << 30, 16 << 20        # a load this large: pinned windows this large
 GAP = 64 << 10                  # ranges this close are read in one window
+MAPPED_WINDOW = 256 << 20       # the mapped reader's registration unit
+PAGE = 4096
+READ_ONLY = 8                   # cudaHostRegisterReadOnly
 
 
 @dataclass
@@ -68,6 +77,8 @@ def gds_backend() -> dict:
         return {"reader": "pinned", "reason": "GPUSNAP_SDK_READER=pinned"}
     if forced == "kvikio":
         return {"reader": "kvikio", "reason": "GPUSNAP_SDK_READER=kvikio"}
+    if forced == "mapped":
+        return {"reader": "mapped", "reason": "GPUSNAP_SDK_READER=mapped"}
     try:
         found = importlib.util.find_spec("kvikio") is not None
     except (ImportError, ValueError):
@@ -117,6 +128,14 @@ def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
             except Exception as e:  # noqa: BLE001 - the pinned reader does the same job
                 reader = f"pinned (kvikio failed: {type(e).__name__}: {e})"
                 _load_pinned(dev, threads, DEFAULT_CHUNK["pinned"])
+        elif reader == "mapped":
+            chunk = chunk or MAPPED_WINDOW
+            try:
+                _load_mapped(dev, threads, chunk)
+            except Exception as e:  # noqa: BLE001 - the pinned reader does the same job
+                reader = f"pinned (mapped failed: {type(e).__name__}: {e})"
+                chunk = pinned_window(sum(j.length for j in dev))
+                _load_pinned(dev, threads, chunk)
         else:
             chunk = chunk or pinned_window(sum(j.length for j in dev))
             _load_pinned(dev, threads, chunk)
@@ -356,3 +375,117 @@ def _load_kvikio(jobs: list[Job], threads: int, chunk: int) -> None:
     finally:
         for h in handles.values():
             h.close()
+
+
+def read_only_register_supported(device: int = 0) -> bool:
+    """The device can map host memory read-only (cudaHostRegisterReadOnly): what the
+    mapped reader needs to pin page-cache pages that are not writable."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev, v = ctypes.c_int(0), ctypes.c_int(0)
+        if cuda.cuDeviceGet(ctypes.byref(dev), device):
+            return False
+        return cuda.cuDeviceGetAttribute(ctypes.byref(v), 113, dev) == 0 and bool(v.value)
+    except OSError:
+        return False
+
+
+def mapped_windows(jobs: list[Job], window: int) -> dict[str, dict[int, list]]:
+    """{path: {window index: [(dst uint8 view, dst offset, file offset, n)]}}: each job's
+    range cut where the file's aligned windows of `window` bytes (a multiple of the page
+    size) end, so that two windows never share a page and register apart. Pure."""
+    if window % PAGE:
+        raise ValueError(f"window {window} is not a multiple of {PAGE}")
+    out: dict[str, dict[int, list]] = {}
+    for j in jobs:
+        dst = byte_view(j.dst)
+        pos = 0
+        while pos < j.length:
+            at = j.offset + pos
+            w = at // window
+            n = min(j.length - pos, (w + 1) * window - at)
+            out.setdefault(j.path, {}).setdefault(w, []).append((dst, pos, at, n))
+            pos += n
+    return out
+
+
+def _load_mapped(jobs: list[Job], threads: int, window: int) -> None:
+    import mmap
+    import warnings
+
+    import torch
+    cut = mapped_windows(jobs, window)
+    maps, whole, todo = {}, {}, []
+    try:
+        for path, wins in cut.items():
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                maps[path] = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            with warnings.catch_warnings():     # read-only: torch warns, nothing writes to it
+                warnings.simplefilter("ignore")
+                whole[path] = torch.frombuffer(maps[path], dtype=torch.uint8)
+            for w in sorted(wins):
+                end = min((w + 1) * window, -(-size // PAGE) * PAGE)
+                todo.append((path, w * window, end - w * window, wins[w]))
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        for t in todo:
+            q.put(t)
+        errors: list[BaseException] = []
+        ts = [threading.Thread(target=_mapped_worker, args=(whole, q, errors),
+                               name=f"gpusnap-sdk-map-{i}", daemon=True)
+              for i in range(min(threads, len(todo)))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errors:
+            raise errors[0]
+    finally:
+        whole.clear()
+        for m in maps.values():
+            with contextlib.suppress(BufferError):
+                m.close()
+
+
+def _mapped_worker(whole: dict, q: queue.SimpleQueue, errors: list[BaseException]) -> None:
+    """Windows from q: register, copy on this thread's stream, unregister the previous
+    window once its copies are done (so one window's DMA overlaps the next one's
+    registration). Stops at the first error of any thread."""
+    import torch
+    rt = torch.cuda.cudart()
+    prev = None
+    streams: dict = {}
+    try:
+        while not errors:
+            try:
+                path, start, n, pieces = q.get_nowait()
+            except queue.Empty:
+                break
+            ptr = whole[path].data_ptr() + start
+            err = rt.cudaHostRegister(ptr, n, READ_ONLY)
+            if int(getattr(err, "value", err)) != 0:
+                raise RuntimeError(f"cudaHostRegister (read-only) of {n} bytes of {path}: {err}")
+            try:
+                device = pieces[0][0].device
+                stream = streams.get(device)
+                if stream is None:
+                    stream = streams[device] = torch.cuda.Stream(device=device)
+                with torch.cuda.stream(stream):
+                    for dst, doff, at, k in pieces:
+                        dst[doff:doff + k].copy_(whole[path][at:at + k], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+            except BaseException:
+                torch.cuda.synchronize(pieces[0][0].device)
+                rt.cudaHostUnregister(ptr)
+                raise
+            if prev is not None:
+                prev[1].synchronize()
+                rt.cudaHostUnregister(prev[0])
+            prev = (ptr, ev)
+    except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+        errors.append(e)
+    finally:
+        if prev is not None:
+            prev[1].synchronize()
+            rt.cudaHostUnregister(prev[0])

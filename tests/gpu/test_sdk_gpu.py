@@ -160,3 +160,30 @@ def test_leave_running_dump_gives_the_original_its_weights_back(model_dir, serve
     assert snap["sdk"] and "sdk_resume" in snap["timings"]
     assert _tokens() == expected
     _record(leave_running_timings=snap["timings"])
+
+
+@pytest.mark.parametrize("reader,chunk", [("pinned", 1 << 20), ("mapped", 1 << 20), ("mapped", None)])
+def test_each_reader_puts_the_files_bytes_into_gpu_tensors(_needs_gpu, tmp_path, reader, chunk):
+    """The pinned reader and the mapped one (page-cache pages registered read-only, or,
+    where the device cannot, the pinned reader again, saying why) read tensors whose
+    ranges cross their windows, from an odd header length, byte for byte."""
+    import torch
+    from gpusnap.sdk import loader
+    from tests.workloads.sdk_server import write_safetensors
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"t{i}": torch.randint(-2**62, 2**62, (n,), dtype=torch.int64, generator=g)
+               for i, n in enumerate([1, 3 << 17, 5 << 15, 7, 1 << 18, 999])}
+    path = str(tmp_path / "w.safetensors")
+    write_safetensors(tensors, path)
+    from gpusnap.sdk import read_header
+    h = read_header(path)
+    jobs = [loader.Job(path, e.offset, e.length, torch.empty(e.shape, dtype=torch.int64, device="cuda"))
+            for e in h.entries.values()]
+    stats = loader.load(jobs, reader=reader, chunk=chunk)
+    torch.cuda.synchronize()
+    for name, j in zip(h.entries, jobs):
+        assert torch.equal(j.dst.cpu(), tensors[name]), name
+    if reader == "mapped":
+        want = "mapped" if loader.read_only_register_supported() else "pinned (mapped failed"
+        assert stats["reader"].startswith(want), stats
+    _record(**{f"reader_{reader}_{chunk}": stats["reader"]})

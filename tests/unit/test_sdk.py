@@ -205,12 +205,32 @@ def test_windows_merge_neighbours_and_split_large_ranges():
     assert [w.path for w in wins].count("g") == 1
 
 
+@needs_torch
+def test_mapped_windows_never_share_a_page_and_cover_every_byte():
+    import torch
+    a, b = torch.empty(5000, dtype=torch.uint8), torch.empty(9000, dtype=torch.uint8)
+    jobs = [loader.Job("f", 8, 5000, a), loader.Job("f", 5008, 9000, b), loader.Job("g", 100, 5000, a)]
+    cut = loader.mapped_windows(jobs, 8192)
+    f = cut["f"]
+    assert sorted(f) == [0, 1]                      # bytes 8..14008: windows 0 and 1
+    for w, pieces in f.items():
+        for _, _, at, n in pieces:
+            assert w * 8192 <= at and at + n <= (w + 1) * 8192
+    assert sum(n for ps in f.values() for *_, n in ps) == 14000
+    assert [(d.numel(), do, at, n) for d, do, at, n in f[0]] == [(5000, 0, 8, 5000), (9000, 0, 5008, 3184)]
+    assert list(cut["g"]) == [0]
+    with pytest.raises(ValueError):
+        loader.mapped_windows(jobs, 5000)
+
+
 def test_gds_backend_without_kvikio_is_pinned(monkeypatch):
     if importlib.util.find_spec("kvikio") is None:
         b = loader.gds_backend()
         assert b["reader"] == "pinned" and "kvikio is not importable" in b["reason"]
     monkeypatch.setenv("GPUSNAP_SDK_READER", "pinned")
     assert loader.gds_backend() == {"reader": "pinned", "reason": "GPUSNAP_SDK_READER=pinned"}
+    monkeypatch.setenv("GPUSNAP_SDK_READER", "mapped")
+    assert loader.gds_backend()["reader"] == "mapped"
 
 
 def test_sdk_imports_neither_torch_nor_the_rest_of_gpusnap():
