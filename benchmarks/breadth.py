@@ -31,6 +31,7 @@ switch's baseline is the driver's floor by hand; tp has none (TP_NO_NAIVE says w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -185,10 +186,14 @@ def start_server(ctx: Ctx, module: str, model_dir: str, name: str, port: int, sd
     return {"pid": proc.pid, "proc": proc, "port": port, "cold_s": cold, "tokens": tokens, "info": info}
 
 
-def each_mode(row: dict, fn) -> dict:
-    """row[mode] = fn(mode) for transparent and sdk; a mode that fails is recorded as
-    such and the other still runs."""
-    for mode in ("transparent", "sdk"):
+MODES = ("transparent", "sdk")
+READER_MODES = {"sdk_mapped": "mapped", "sdk_pinned": "pinned"}    # SDK servers with that reader
+
+
+def each_mode(row: dict, fn, modes=MODES) -> dict:
+    """row[mode] = fn(mode) for each mode (transparent and sdk by default); a mode that
+    fails is recorded as such and the others still run."""
+    for mode in modes:
         guarded(row, mode, lambda: fn(mode))
     return row
 
@@ -337,7 +342,28 @@ def llm_row(ctx: Ctx, name: str, mode_fn) -> dict:
     """A row over one LLM size: the model made once, mode_fn(ctx, model, sdk) per mode."""
     model = llm_model(ctx, ctx.args.size)
     row = {"row": name, "size": ctx.args.size, "weights_bytes": _weights(model), "runs": ctx.args.runs}
-    return each_mode(row, lambda mode: mode_fn(ctx, model, mode == "sdk"))
+    modes = [m for m in (getattr(ctx.args, "modes", None) or ",".join(MODES)).split(",") if m]
+
+    def one(mode: str):
+        reader = READER_MODES.get(mode)
+        if reader is None:
+            return mode_fn(ctx, model, mode == "sdk")
+        with _env_set("GPUSNAP_SDK_READER", reader):      # the servers it starts inherit it
+            return mode_fn(ctx, model, True, mode)
+    return each_mode(row, one, modes)
+
+
+@contextlib.contextmanager
+def _env_set(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _switch_ways(ctx: Ctx) -> list[tuple[str, dict, str]]:
@@ -369,8 +395,8 @@ def _prefixed(prefix: str, timings: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in timings.items()}
 
 
-def _switch_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
-    mode = "sdk" if sdk else "transparent"
+def _switch_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> dict:
+    mode = mode or ("sdk" if sdk else "transparent")
     servers = []
     try:
         for name, port in (("A", 18201), ("B", 18202)):
@@ -490,8 +516,8 @@ def _standby_naive(ctx: Ctx, model: str, images: str) -> dict:
              total=r["cuda_restore+unlock"] + r["first_token"]) for r in runs]}
 
 
-def _standby_mode(ctx: Ctx, model: str, sdk: bool) -> dict:
-    mode = "sdk" if sdk else "transparent"
+def _standby_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> dict:
+    mode = mode or ("sdk" if sdk else "transparent")
     srv = start_llm(ctx, model, f"standby-{mode}", 18203, sdk)
     snap, t_dump = timed(ctx.gs, "dump", "--pid", str(srv["pid"]), "--name", f"standby-{mode}")
     srv["proc"].wait()
@@ -844,7 +870,7 @@ def _modes(row: dict, fn, runs: str | None = None) -> list[list[str]]:
     """A line per mode; with runs (the key of its list of runs), a line per mode and
     front door (a run's "via": cli, daemon) where the runs went through more than one."""
     lines = []
-    for mode in ("transparent", "sdk", "naive"):
+    for mode in ("transparent", "sdk", *READER_MODES, "naive"):
         x = row.get(mode)
         if x is None:
             continue
@@ -1112,6 +1138,9 @@ def parse(argv=None):
                     "estimated (default 8)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mode", choices=["transparent", "sdk"], default="transparent", help="b30")
+    ap.add_argument("--modes", help="switch, standby: the modes, a comma list of transparent, sdk, "
+                    "sdk_mapped (SDK servers with GPUSNAP_SDK_READER=mapped), sdk_pinned "
+                    "(default transparent,sdk)")
     ap.add_argument("--cpu", action="store_true", help="tp, diffusion: on the CPU (tp: gloo ranks), "
                     "no GPU needed")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds the row may take")

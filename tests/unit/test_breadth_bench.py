@@ -310,3 +310,24 @@ def test_a_budget_without_room_for_the_naive_step_records_why_and_starts_nothing
     row = {"row": "standby"}
     breadth.with_naive(breadth.Ctx(args), row, 10**9, started.append)
     assert row == {"row": "standby"} and not started
+
+
+def test_reader_modes_start_their_servers_with_that_reader(monkeypatch):
+    """--modes sdk,sdk_mapped: the sdk_mapped mode runs as SDK with GPUSNAP_SDK_READER=mapped
+    in the environment its servers inherit, and only while it runs."""
+    import types
+    monkeypatch.delenv("GPUSNAP_SDK_READER", raising=False)
+    monkeypatch.setattr(breadth, "llm_model", lambda ctx, size: "/nowhere")
+    monkeypatch.setattr(breadth, "_weights", lambda model: 1)
+    seen = []
+
+    def mode_fn(ctx, model, sdk, mode=None):
+        import os
+        seen.append((sdk, mode, os.environ.get("GPUSNAP_SDK_READER")))
+        return {}
+    ctx = types.SimpleNamespace(args=types.SimpleNamespace(size="8b", runs=1, modes="sdk,sdk_mapped"))
+    row = breadth.llm_row(ctx, "switch", mode_fn)
+    assert seen == [(True, None, None), (True, "sdk_mapped", "mapped")]
+    assert set(row) >= {"sdk", "sdk_mapped"} and "transparent" not in row
+    import os
+    assert "GPUSNAP_SDK_READER" not in os.environ
