@@ -33,7 +33,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,21 +94,39 @@ def alloc(jobs) -> float:
 
 
 def park() -> dict:
-    pid = str(os.getpid())
-    result: dict = {}
-
-    def both():
-        t = time.perf_counter()
-        result["suspend"] = gpusnap("suspend", pid)
-        result["suspend_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        result["resume"] = gpusnap("resume", pid)
-        result["resume_s"] = time.perf_counter() - t
-
-    th = threading.Thread(target=both)      # this thread stays out of CUDA meanwhile
-    th.start()
-    th.join()
+    """The worker asks its parent to park it (gpusnap refuses to suspend an ancestor of
+    its own, so the worker runs in its own session) and waits, out of CUDA, for the
+    answer."""
+    print("PARK", flush=True)
+    result = json.loads(sys.stdin.readline())
+    if "error" in result:
+        raise RuntimeError(result["error"])
     return result
+
+
+def parent(argv: list[str]) -> int:
+    """Run the probe as a worker in its own session; suspend and resume it when it asks."""
+    w = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *argv],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    for line in w.stdout:
+        if line.strip() != "PARK":
+            print(line, end="", flush=True)
+            continue
+        result: dict = {}
+        try:
+            t = time.perf_counter()
+            result["suspend"] = gpusnap("suspend", str(w.pid))
+            result["suspend_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            result["resume"] = gpusnap("resume", str(w.pid))
+            result["resume_s"] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 - the worker records it in its row
+            result = {"error": f"{type(e).__name__}: {e}"}
+            subprocess.run([sys.executable, "-m", "gpusnap", "resume", str(w.pid)], capture_output=True)
+        w.stdin.write(json.dumps(result) + "\n")
+        w.stdin.flush()
+    return w.wait()
 
 
 VARIANTS = {"parked": {}, "parked_t16": {"threads": 16}, "parked_c32": {"chunk": 32 << 20},
@@ -136,7 +153,10 @@ def main() -> int:
     ap.add_argument("--rows", default="parked,parked_t16,parked_c32,mapped,mapped_t16,mapped_w64")
     ap.add_argument("--file", default="/tmp/gpusnap-bench/sdkprobe/model.safetensors")
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS", os.path.join(REPO, "benchmarks", "results")))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if not a.worker:
+        return parent(sys.argv[1:])
     import torch
     torch.cuda.init()
     card = torch.cuda.get_device_name(0)
