@@ -75,9 +75,9 @@ def dump(pid: int, images_dir: str, opts: CriuOptions, *, leave: str = "stopped"
 def _size_buffers(sock: socket.socket) -> None:
     """The page stream's socket buffers, GPUSNAP_PS_BUFFER_MB (default 4, asked plainly:
     capped by net.core.wmem_max, 208 KiB on a stock kernel). Above 4, SO_SNDBUFFORCE (root:
-    past the cap), else what the cap allows: large enough for CRIU to send its next batches
-    while gpusnap still copies the last ones, where at the cap the two may take turns
-    (docs/design.md; the default stays until the GPU machine has measured it)."""
+    past the cap), else what the cap allows. Larger buffers were a guess against CRIU and
+    gpusnap taking turns; on the H200 they did not pay (docs/design.md), so the default
+    stays."""
     raw = os.environ.get("GPUSNAP_PS_BUFFER_MB", "")
     size = (int(raw) if raw.strip().isdigit() and 0 < int(raw) <= 1024 else PS_BUFFER_MB) << 20
     for force, plain in ((32, socket.SO_SNDBUF), (33, socket.SO_RCVBUF)):   # SO_*BUFFORCE
