@@ -16,7 +16,10 @@ mapped    no host copy (an experiment, GPUSNAP_SDK_READER=mapped): each file mma
           cudaHostRegisterReadOnly (the page cache's own pages pinned where they are),
           copied to the GPU by DMA on `threads` workers' streams, unregistered once
           copied. Needs the device's READ_ONLY_HOST_REGISTER_SUPPORTED; where a
-          registration fails the load is done again by the pinned reader.
+          registration fails the load is done again by the pinned reader. Slower
+          than pinned on an H200 (22-24 against 25-28 GB/s, 17 GB,
+          sdk_read_probe_h200_s18.md): pinning page-cache pages costs more than the
+          copy it saves.
 cpu       tensors in host memory: parallel pread(2) straight into the tensor.
 
 The pinned buffers are one block taken for the load and given back after it: nothing
