@@ -29,7 +29,9 @@ Defaults, from benchmarks/results/gds_h200.md (H200, 16 CPUs, weights in the pag
 cache): pinned, 8 threads, the pool registered (mmap + huge pages + cudaHostRegister);
 4 MiB windows below 8 GiB (1.7 GB: 14.4 GB/s for one load in a fresh process against
 11.0 with torch's pinning), 16 MiB from 8 GiB up (16 GB: 35.0 GB/s against 25.2 with
-the old default, torch x 4 MiB; 12 or 16 threads were no faster). KvikIO 8 threads x 16
+the old default, torch x 4 MiB); 16 threads from 8 GiB up (sdk_read_probe_h200_s18.md:
+17 GB, 27.4-28.2 GB/s against 23.2-25.5 with 8, the read from the page cache into the
+pinned pool being the bound: 27.5 GB/s alone, the copies to the GPU alone 43.7). KvikIO 8 threads x 16
 MiB tasks (its compatibility mode read 6.6-8.8 GB/s inside the restored server; 24-34
 GB/s once its bounce buffers exist). From disk (drop_caches) every reader gave the
 disk's ~1.6-2 GB/s.
@@ -55,6 +57,7 @@ from .registry import byte_view
 DEFAULT_THREADS = 8
 DEFAULT_CHUNK = {"pinned": 4 << 20, "kvikio": 16 << 20}
 BIG_LOAD, BIG_WINDOW = 8 << 30, 16 << 20        # a load this large: pinned windows this large
+BIG_THREADS = 16                                # ... and this many pinned workers
 GAP = 64 << 10                  # ranges this close are read in one window
 MAPPED_WINDOW = 256 << 20       # the mapped reader's registration unit
 PAGE = 4096
@@ -108,7 +111,9 @@ def _env_int(name: str, default: int) -> int:
 def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
          chunk: int | None = None) -> dict:
     """Fill every job's tensor from its file range. Returns {reader, bytes, seconds}."""
-    threads = threads or _env_int("GPUSNAP_SDK_THREADS", DEFAULT_THREADS)
+    asked = threads or (_env_int("GPUSNAP_SDK_THREADS", DEFAULT_THREADS)
+                        if os.environ.get("GPUSNAP_SDK_THREADS") else None)
+    threads = asked or DEFAULT_THREADS
     if not chunk and os.environ.get("GPUSNAP_SDK_CHUNK_MB"):
         chunk = _env_int("GPUSNAP_SDK_CHUNK_MB", 4) << 20
     for j in jobs:
@@ -140,12 +145,21 @@ def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
                 chunk = pinned_window(sum(j.length for j in dev))
                 _load_pinned(dev, threads, chunk)
         else:
-            chunk = chunk or pinned_window(sum(j.length for j in dev))
+            nbytes = sum(j.length for j in dev)
+            chunk = chunk or pinned_window(nbytes)
+            threads = asked or pinned_threads(nbytes)
             _load_pinned(dev, threads, chunk)
         used.append(reader)
     total = sum(j.length for j in jobs)
     return {"reader": "+".join(used) or "none", "bytes": total,
             "seconds": time.perf_counter() - start, "threads": threads, "chunk": chunk}
+
+
+def pinned_threads(nbytes: int) -> int:
+    """The pinned reader's workers for a load of nbytes: BIG_THREADS from BIG_LOAD up
+    (sdk_read_probe_h200_s18.md, 17 GB in 16 MiB windows, two calls: 16 threads 27.4 and
+    28.2 GB/s against 25.5 and 23.2 with 8; 4 or 32: 15-16). Pure."""
+    return BIG_THREADS if nbytes >= BIG_LOAD else DEFAULT_THREADS
 
 
 def pinned_window(nbytes: int) -> int:

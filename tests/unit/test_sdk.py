@@ -223,6 +223,13 @@ def test_mapped_windows_never_share_a_page_and_cover_every_byte():
         loader.mapped_windows(jobs, 5000)
 
 
+def test_pinned_reader_takes_more_workers_and_windows_for_large_loads():
+    assert loader.pinned_threads(loader.BIG_LOAD - 1) == loader.DEFAULT_THREADS == 8
+    assert loader.pinned_threads(loader.BIG_LOAD) == loader.BIG_THREADS == 16
+    assert loader.pinned_window(loader.BIG_LOAD - 1) == 4 << 20
+    assert loader.pinned_window(loader.BIG_LOAD) == 16 << 20
+
+
 def test_gds_backend_without_kvikio_is_pinned(monkeypatch):
     if importlib.util.find_spec("kvikio") is None:
         b = loader.gds_backend()
