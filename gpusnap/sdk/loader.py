@@ -29,7 +29,7 @@ Defaults, from benchmarks/results/gds_h200.md (H200, 16 CPUs, weights in the pag
 cache): pinned, 8 threads, the pool registered (mmap + huge pages + cudaHostRegister);
 4 MiB windows below 8 GiB (1.7 GB: 14.4 GB/s for one load in a fresh process against
 11.0 with torch's pinning), 16 MiB from 8 GiB up (16 GB: 35.0 GB/s against 25.2 with
-the old default, torch x 4 MiB); 16 threads from 8 GiB up (sdk_read_probe_h200_s18.md:
+the old default, torch x 4 MiB); 16 threads from 8 GiB up (sdk_read_probe_h200_s18{,_halves}.md:
 17 GB, 27.4-28.2 GB/s against 23.2-25.5 with 8, the read from the page cache into the
 pinned pool being the bound: 27.5 GB/s alone, the copies to the GPU alone 43.7). KvikIO 8 threads x 16
 MiB tasks (its compatibility mode read 6.6-8.8 GB/s inside the restored server; 24-34
