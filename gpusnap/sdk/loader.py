@@ -157,7 +157,7 @@ def load(jobs: list[Job], reader: str | None = None, threads: int | None = None,
 
 def pinned_threads(nbytes: int) -> int:
     """The pinned reader's workers for a load of nbytes: BIG_THREADS from BIG_LOAD up
-    (sdk_read_probe_h200_s18.md, 17 GB in 16 MiB windows, two calls: 16 threads 27.4 and
+    (sdk_read_probe_h200_s18{,_halves}.md, 17 GB in 16 MiB windows, two calls: 16 threads 27.4 and
     28.2 GB/s against 25.5 and 23.2 with 8; 4 or 32: 15-16). Pure."""
     return BIG_THREADS if nbytes >= BIG_LOAD else DEFAULT_THREADS
 
