@@ -134,22 +134,40 @@ VARIANTS = {"parked": {}, "parked_t16": {"threads": 16}, "parked_c32": {"chunk":
             "mapped_w64": {"reader": "mapped", "chunk": 64 << 20},
             "parked_t4": {"threads": 4}, "parked_t32": {"threads": 32},
             "parked_c4": {"chunk": 4 << 20}, "parked_t16_c4": {"threads": 16, "chunk": 4 << 20}}
-HALVES = ("pread_only", "dma_only", "both_halves")
+HALVES = ("pread_only", "dma_only", "both_halves", "pread_only_torch", "both_halves_torch",
+          "pread_only_plain")
 
 
-def halves(jobs, what: str, threads: int = 8, window: int = 16 << 20) -> dict:
-    """The pinned reader's two halves apart, same threads, windows and pool: pread_only
+class _Plain:
+    """An ordinary (not pinned) host buffer shaped as a pool: pread_only_plain."""
+
+    def __init__(self, nbytes: int):
+        import torch
+        self.tensor = torch.ones(nbytes, dtype=torch.uint8)     # written: faulted in
+
+    def close(self) -> None:
+        self.tensor = None
+
+
+def halves(jobs, what: str, threads: int = 16, window: int = 16 << 20) -> dict:
+    """The pinned reader's two halves apart (16 threads, 16 MiB windows, as the reader from 8 GiB up): pread_only
     reads every window into the pool and copies nothing; dma_only copies the pool's
     buffers to every window's tensors and reads nothing (the bytes are wrong: timing
     only); both_halves does both, as the reader does. Where both_halves takes about the
-    sum of the other two, a thread's read and its copy do not overlap."""
+    sum of the other two, a thread's read and its copy do not overlap. A name ending in
+    _torch takes the pool from torch's pinned allocator (GPUSNAP_SDK_PIN=torch) instead
+    of registered huge pages; pread_only_plain reads into ordinary memory."""
     import queue
     import threading
 
     import torch
     wins = loader.windows(jobs, window)
     workers = min(threads, len(wins))
-    pool = loader._PinnedPool(workers * 2 * window)
+    if what.endswith("_plain"):
+        pool = _Plain(workers * 2 * window)
+    else:
+        pool = loader._PinnedPool(workers * 2 * window, "torch" if what.endswith("_torch") else None)
+    what = what.rsplit("_", 1)[0] if what.endswith(("_torch", "_plain")) else what
     q: queue.SimpleQueue = queue.SimpleQueue()
     for w in wins:
         q.put(w)
