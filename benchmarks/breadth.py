@@ -31,7 +31,6 @@ switch's baseline is the driver's floor by hand; tp has none (TP_NO_NAIVE says w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -42,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks.cold_start import kill_tree, med, note, sh, tree, wait_gone  # noqa: E402
+from benchmarks.cold_start import env_set, kill_tree, med, note, sh, tree, wait_gone  # noqa: E402
 from tests.workloads.llm_server import PROMPT, SIZES  # noqa: E402
 
 STARTED: list[int] = []         # every server's root pid, killed (with its tree) at exit
@@ -348,22 +347,9 @@ def llm_row(ctx: Ctx, name: str, mode_fn) -> dict:
         reader = READER_MODES.get(mode)
         if reader is None:
             return mode_fn(ctx, model, mode == "sdk")
-        with _env_set("GPUSNAP_SDK_READER", reader):      # the servers it starts inherit it
+        with env_set("GPUSNAP_SDK_READER", reader):      # the servers it starts inherit it
             return mode_fn(ctx, model, True, mode)
     return each_mode(row, one, modes)
-
-
-@contextlib.contextmanager
-def _env_set(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _switch_ways(ctx: Ctx) -> list[tuple[str, dict, str]]:

@@ -295,6 +295,21 @@ THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 @contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The environment variable name set to value for the block, as it was after (the
+    processes the block starts inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def thp_mode(mode):
     """Transparent huge pages for anonymous memory set to mode (None: leave as is)."""
     if mode is None:

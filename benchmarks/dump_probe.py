@@ -38,7 +38,6 @@ compressing, writing and fsyncing. Writes OUT/dump_probe_<card>.md/.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -208,35 +207,25 @@ def checkpoint_twice(pid: int) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    """The environment variable name set to value for the block (the rows' gpusnap
-    subprocesses inherit it)."""
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        del os.environ[name]
-
-
 def run_row(name: str, gib: float, work: str, store: str) -> dict:
     """One row on a fresh holder; a name ending in _thp runs with THP=always (anonymous
     memory in huge pages: the driver's staging memory faults in 2 MiB at a time), one
     ending in _direct with GPUSNAP_DIRECT_IO=1 (stream_direct, stream_bf16_direct)."""
+    from cold_start import env_set      # the rows' gpusnap subprocesses inherit it
     if name.endswith("_direct"):        # chunk files written with O_DIRECT (GPUSNAP_DIRECT_IO)
-        with _env("GPUSNAP_DIRECT_IO", "1"):
+        with env_set("GPUSNAP_DIRECT_IO", "1"):
             return run_row(name[:-len("_direct")], gib, work, store)
     head, _, copiers = name.rpartition("_c")
     if head and copiers.isdigit():      # stream_c0: GPUSNAP_STREAM_COPIERS=0 (the receiver copies)
-        with _env("GPUSNAP_STREAM_COPIERS", copiers):
+        with env_set("GPUSNAP_STREAM_COPIERS", copiers):
             return run_row(head, gib, work, store)
     head, _, slots = name.rpartition("_s")
     if head and slots.isdigit():        # stream_s128: GPUSNAP_STREAM_SLOTS=128 (2 GiB of slots)
-        with _env("GPUSNAP_STREAM_SLOTS", slots):
+        with env_set("GPUSNAP_STREAM_SLOTS", slots):
             return run_row(head, gib, work, store)
     head, _, mib = name.rpartition("_b")
     if head and mib.isdigit():          # second_b64: GPUSNAP_PS_BUFFER_MB=64 (past the host's cap)
-        with _env("GPUSNAP_PS_BUFFER_MB", mib):
+        with env_set("GPUSNAP_PS_BUFFER_MB", mib):
             return run_row(head, gib, work, store)
     if name.endswith("_thp"):
         from cold_start import thp_mode

@@ -39,11 +39,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.gds import check_correct, host_read, jobs_for, pinned_h2d, warm  # noqa: E402
+from benchmarks.seed_probe import bf16_header  # noqa: E402
 from gpusnap.sdk import loader  # noqa: E402
 
 SIZES = (32 << 20, 112 << 20, 112 << 20, 112 << 20, 32 << 20, 32 << 20, 32 << 20)
-READ_ONLY = 8                   # cudaHostRegisterReadOnly
-ATTR_READ_ONLY_REGISTER = 113   # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
 
 
 def make_file(path: str, gib: int) -> int:
@@ -52,15 +51,10 @@ def make_file(path: str, gib: int) -> int:
     total, sizes = gib << 30, []
     while sum(sizes) < total:
         sizes.append(SIZES[len(sizes) % len(SIZES)])
-    header, off = {}, 0
-    for i, n in enumerate(sizes):
-        header[f"t{i}"] = {"dtype": "BF16", "shape": [n // 2], "data_offsets": [off, off + n]}
-        off += n
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
+    head, off = bf16_header(sizes)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h)
+        f.write(head)
         g = torch.Generator(device="cuda").manual_seed(0)
         for n in sizes:
             t = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda", generator=g).cpu()

@@ -129,6 +129,18 @@ def table(row: dict, what: str) -> str:
 
 # ---- the CPU stand-in ------------------------------------------------------------------
 
+def bf16_header(sizes: list[int]) -> tuple[bytes, int]:
+    """A safetensors file's head (length and JSON header, padded to 8) for bf16 tensors
+    t0, t1, ... of these byte sizes, one after the other; and their bytes in all."""
+    header, off = {}, 0
+    for i, size in enumerate(sizes):
+        header[f"t{i}"] = {"dtype": "BF16", "shape": [size // 2], "data_offsets": [off, off + size]}
+        off += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, off
+
+
 def make_safetensors(path: str, mib: int, seed: int = 7) -> None:
     """Random bf16 tensors (8 KiB to 24 MiB, some not whole pages) adding up to ~mib MiB."""
     rnd = random.Random(seed)
@@ -137,14 +149,9 @@ def make_safetensors(path: str, mib: int, seed: int = 7) -> None:
         size = rnd.choice([8 << 10, 4096 * 3 + 1024, 1 << 20, 6 << 20, 24 << 20, (2 << 20) + 512])
         sizes.append(size)
         total += size
-    header, off = {}, 0
-    for i, size in enumerate(sizes):
-        header[f"t{i}"] = {"dtype": "BF16", "shape": [size // 2], "data_offsets": [off, off + size]}
-        off += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, off = bf16_header(sizes)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(head)
         left = off
         while left:
             n = min(left, 8 << 20)

@@ -62,6 +62,7 @@ GAP = 64 << 10                  # ranges this close are read in one window
 MAPPED_WINDOW = 256 << 20       # the mapped reader's registration unit
 PAGE = 4096
 READ_ONLY = 8                   # cudaHostRegisterReadOnly
+ATTR_READ_ONLY_REGISTER = 113   # CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED
 
 
 @dataclass
@@ -402,7 +403,7 @@ def read_only_register_supported(device: int = 0) -> bool:
         dev, v = ctypes.c_int(0), ctypes.c_int(0)
         if cuda.cuDeviceGet(ctypes.byref(dev), device):
             return False
-        return cuda.cuDeviceGetAttribute(ctypes.byref(v), 113, dev) == 0 and bool(v.value)
+        return cuda.cuDeviceGetAttribute(ctypes.byref(v), ATTR_READ_ONLY_REGISTER, dev) == 0 and bool(v.value)
     except OSError:
         return False
 
