@@ -34,7 +34,7 @@ from .. import interrupts
 from ..errors import GpuMismatch, GpusnapError, UsageError
 from ..model.fields import Fields
 from ..model.manifest import CudaFacts
-from . import gpu, park
+from . import gpu, park, parked
 
 MARGIN = 1 << 30        # per GPU, besides what IN needs: contexts, allocator slack
 
@@ -116,6 +116,7 @@ class _Resuming:
     waits let the GIL go, so it runs while OUT suspends."""
 
     def __init__(self, plan: park.ResumePlan):
+        self.plan = plan
         self.value: dict | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
@@ -177,9 +178,10 @@ def _undo(req: SwitchRequest, out_pid: int, out: dict | None,
         if resuming.error is None and resuming.value is not None:
             target = req.into.container or str(req.into.pid)
             try:
-                park.execute_suspend(park.plan_suspend(park.SuspendRequest(
+                again = park.execute_suspend(park.plan_suspend(park.SuspendRequest(
                     pid=req.into.pid, container=req.into.container, engine=req.out.engine,
                     force=True)))
+                _back_to_standby(resuming.plan.entry, again, errors)
             except GpusnapError as e:
                 errors.append(f"{target} was resumed and could not be suspended again "
                               f"({e.message}): it runs; `gpusnap suspend {target}` parks it")
@@ -191,3 +193,13 @@ def _undo(req: SwitchRequest, out_pid: int, out: dict | None,
             errors.append(f"{req.out.container or out_pid} stays suspended ({e.message}): "
                           f"`gpusnap resume {req.out.container or out_pid}` brings it back")
     return errors
+
+
+def _back_to_standby(was: dict, again: dict, errors: list[str]) -> None:
+    """IN came from a standby pool (restore --standby): suspended again by the undo, it
+    is listed as the standby it was, with its snapshot, not as a suspended process."""
+    if was.get("state") != "standby":
+        return
+    entry = {k: v for k, v in again.items() if k not in ("host_memory", "timings", "notes", "started")}
+    parked.record_quietly(dict(entry, state="standby", snapshot=was.get("snapshot"),
+                               since=was.get("since", entry.get("since"))), errors)

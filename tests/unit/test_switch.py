@@ -62,16 +62,18 @@ class _Halves:
 
 
 class _Plan:
-    def __init__(self, pid):
+    def __init__(self, pid, state="suspended"):
         self.pid = pid
         self.target = self
         self.root_pid = pid
+        self.entry = {"pid": pid, "state": state, "snapshot": "snap1" if state == "standby" else None,
+                      "since": 1.0}
 
 
-def _switch_plan(overlap: bool):
+def _switch_plan(overlap: bool, into: int = 2, state: str = "suspended"):
     from gpusnap.engine import park, switch
-    req = switch.SwitchRequest(out=park.SuspendRequest(pid=1), into=park.ResumeRequest(pid=2))
-    return switch.SwitchPlan(req, _Plan(1), _Plan(2), overlap, "test")
+    req = switch.SwitchRequest(out=park.SuspendRequest(pid=1), into=park.ResumeRequest(pid=into))
+    return switch.SwitchPlan(req, _Plan(1), _Plan(into, state), overlap, "test")
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -101,6 +103,22 @@ def test_out_failing_parks_in_again_when_it_had_resumed(monkeypatch):
     with pytest.raises(CudaFailed, match="suspend 1"):
         switch.execute_switch(_switch_plan(True))
     assert halves.log[-1] == ("suspend", 2) and ("resume", 1) not in halves.log
+
+
+def test_a_standby_parked_again_by_the_undo_is_listed_as_the_standby_it_was(monkeypatch, tmp_path):
+    import os
+
+    from gpusnap.engine import parked, switch
+    from gpusnap.errors import CudaFailed
+    monkeypatch.setenv("GPUSNAP_STATE_DIR", str(tmp_path / "state"))
+    me = os.getpid()
+    halves = _Halves(monkeypatch, fail={("suspend", 1)})
+    with pytest.raises(CudaFailed):
+        switch.execute_switch(_switch_plan(True, into=me, state="standby"))
+    assert halves.log[-1] == ("suspend", me)
+    entry = parked.lookup(me)
+    assert entry["state"] == "standby" and entry["snapshot"] == "snap1" and entry["since"] == 1.0
+    assert not {"timings", "notes"} & set(entry)
 
 
 def test_an_undo_that_fails_is_named_in_the_hint(monkeypatch):
