@@ -19,6 +19,15 @@ the tensors again and reads them with the row's reader:
                 to the GPU by DMA, then unregistered: needs the device attribute
                 READ_ONLY_HOST_REGISTER_SUPPORTED (printed); mapped_t16: 16 threads,
                 mapped_w64: 64 MiB windows
+  held          the file registered read-only whole before the park (benchmarks/held_files.py,
+                hold_s) and held through it; the tensors copied from it after the
+                resume, then given back (release_s): does the registration survive the
+                driver's checkpoint and restore, and at what speed does it copy then
+  hostcopy      a copy of the tensors in pinned host memory (huge pages, registered:
+                loader._PinnedPool; alloc_s, d2h_s) held through the park, copied back
+                after the resume: what the driver's checkpoint and restore cost with a
+                pinned host copy the weights' size in the process; hostcopy_torch: the
+                copy in torch's pinned memory (cudaHostAlloc) instead
 
 Floors in the same run: parallel pread from the page cache into host memory (8 and 16
 threads), pinned host-to-device. Every read is checked against the file (ends of each
@@ -206,11 +215,45 @@ def halves(jobs, what: str, threads: int = 16, window: int = 16 << 20) -> dict:
         pool.close()
 
 
-def read(jobs, how: str) -> dict:
+class HostCopy:
+    """The hostcopy row's pinned copy of every job's tensor, made before the park."""
+
+    def __init__(self, jobs, mode=None):
+        import torch
+        t = time.perf_counter()
+        self.pool = loader._PinnedPool(sum(j.length for j in jobs), mode)
+        self.alloc_s = time.perf_counter() - t
+        self.host, at = [], 0
+        for j in jobs:
+            self.host.append(self.pool.tensor[at:at + j.length])
+            at += j.length
+        t = time.perf_counter()
+        for h, j in zip(self.host, jobs):
+            h.copy_(j.dst.view(-1).view(torch.uint8), non_blocking=True)
+        torch.cuda.synchronize()
+        self.d2h_s = time.perf_counter() - t
+
+    def load(self, jobs) -> dict:
+        import torch
+        for h, j in zip(self.host, jobs):
+            j.dst.view(-1).view(torch.uint8).copy_(h, non_blocking=True)
+        return {"reader": "hostcopy"}
+
+    def release(self) -> float:
+        t = time.perf_counter()
+        self.host = []
+        self.pool.close()
+        return time.perf_counter() - t
+
+
+def read(jobs, how: str, held=None) -> dict:
     import torch
     torch.cuda.synchronize()
     t = time.perf_counter()
-    extra = halves(jobs, how) if how in HALVES else loader.load(jobs, **VARIANTS[how])
+    if held is not None:
+        extra = held.load(jobs)
+    else:
+        extra = halves(jobs, how) if how in HALVES else loader.load(jobs, **VARIANTS[how])
     torch.cuda.synchronize()
     s = time.perf_counter() - t
     n = sum(j.length for j in jobs)
@@ -251,16 +294,27 @@ def main() -> int:
 
     def row(name, how, parked):
         r = {"row": name}
+        held = None
         try:
+            if how == "held":
+                from benchmarks.held_files import HeldFiles
+                held = HeldFiles()
+                r["hold_s"] = held.hold([a.file])["seconds"]
+            if how.startswith("hostcopy"):
+                held = HostCopy(jobs, "torch" if how.endswith("_torch") else None)
+                r.update(alloc_s=round(held.alloc_s, 3), d2h_s=round(held.d2h_s, 4))
             if parked:
                 drop(jobs)
                 p = park()
                 r.update(suspend_s=round(p["suspend_s"], 3), resume_s=round(p["resume_s"], 3))
                 r["alloc_s"] = round(alloc(jobs), 4)
-            r.update(read(jobs, how))
+            r.update(read(jobs, how, held))
             r["correct"] = check_correct(a.file, jobs) if how not in HALVES else None
         except Exception as e:  # noqa: BLE001 - a probe row that fails says why and the next runs
             r["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            if held is not None:
+                r["release_s"] = round(held.release(), 4)
         print(json.dumps(r), flush=True)
         res["rows"].append(r)
 
@@ -270,7 +324,7 @@ def main() -> int:
             row("fresh_mapped", "mapped", False)
     for _ in range(a.runs):
         for name in a.rows.split(","):
-            if name.startswith("mapped") and not supported:
+            if name.startswith(("mapped", "held")) and not supported:
                 continue
             row(name, name, True)
         for name in a.halves.split(","):

@@ -26,6 +26,9 @@
 # sdkread (benchmarks/sdk_read_probe.py: the SDK's weight read in a fresh process against the
 # same process parked and resumed, and the zero-copy read of page-cache pages registered
 # read-only; 16 GiB, SDKREAD_ARGS adds options; ~1.5 min),
+# hostpark (benchmarks/host_park_probe.py: what keeping an SDK server's weights in pinned
+# host memory while parked would cost: pinning, device<->host copies, the file registered
+# read-only once; 16 GiB; ~1.5 min),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
@@ -152,6 +155,7 @@ for spec in "$@"; do
         dedup)    step "$name" "$limit" python3 benchmarks/dedup_probe.py --gib 1 --restore ;;
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         sdkread)  step "$name" "$limit" python3 benchmarks/sdk_read_probe.py --out "$OUT" ${SDKREAD_ARGS:-} ;;
+        hostpark) step "$name" "$limit" python3 benchmarks/host_park_probe.py --out "$OUT" ${HOSTPARK_ARGS:-} ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED_ARGS:-} ;;
