@@ -92,6 +92,32 @@ class Ctx:
             doors.append(("daemon", {"GPUSNAP_SOCKET": sock}))
         return doors
 
+    def api(self, *a, env=None):
+        """The command sent to gpusnapd's API (/v1/run) from this process, as a controller
+        that talks to the daemon does: no interpreter started for it. Its JSON answer."""
+        from gpusnap.daemon.client import Client
+        env = {**self.env, **(env or {})}
+        sock = env.get("GPUSNAP_SOCKET")
+        if not sock:
+            raise RuntimeError("the api door needs --daemon")
+        body = {"argv": ["--json", "--store", self.store, *a], "cwd": REPO,
+                "env": {k: v for k, v in env.items() if k.startswith("GPUSNAP_") and k != "GPUSNAP_SOCKET"}}
+        out, err, code = [], [], None
+        for event in Client(sock, timeout=self.budget.left() + 30).stream("POST", "/v1/run", body):
+            out.append(event.get("stdout", ""))
+            err.append(event.get("stderr", ""))
+            if "exit_code" in event:
+                code = event["exit_code"]
+            elif "http_status" in event:
+                raise RuntimeError(f"gpusnapd: {event}")
+        if code != 0:
+            raise RuntimeError(f"gpusnap {' '.join(a)} (api): exit {code}: {''.join(err)[-2000:]}")
+        return json.loads("".join(out))
+
+    def run(self, via: str, *a, env=None):
+        """gs(), or api() for the api door."""
+        return self.api(*a, env=env) if via == "api" else self.gs(*a, env=env)
+
     def close(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.terminate()
@@ -356,20 +382,30 @@ def _switch_ways(ctx: Ctx) -> list[tuple[str, dict, str]]:
     """(via, env, how) of each way a switch is made: how is "pair" (`suspend A` then
     `resume B`, two commands), "switch" (`gpusnap switch A B`: B's resume overlaps A's
     suspend where B fits beside A) or "sequential" (`switch --sequential`). With --daemon
-    every way goes through gpusnapd (the plain CLI's pair is the earlier rows': +2.5 s)."""
+    every way goes through gpusnapd (the plain CLI's pair is the earlier rows': +2.5 s);
+    with --api too, the pair and the switch also go to the daemon's API from this process
+    (via "api": no interpreter started per command, as a controller does)."""
     via, env = ctx.doors()[-1]
-    return [(via, env, how) for how in ("pair", "switch", "sequential")]
+    ways = [(via, env, how) for how in ("pair", "switch", "sequential")]
+    if getattr(ctx.args, "api", False) and via == "daemon":
+        ways += [("api", env, how) for how in ("pair", "switch")]
+    return ways
 
 
-def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict) -> tuple[dict, dict]:
+def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict,
+                 via: str = "cli") -> tuple[dict, dict]:
     """One switch from running to parked, made how; (the runs' record, the resume's answer)."""
+    def gs(*a, env=None):
+        return ctx.run(via, *a, env=env)
     if how == "pair":
-        out, t_out = timed(ctx.gs, "suspend", str(running["pid"]), env=env)
-        res, t_in = timed(ctx.gs, "resume", str(parked["pid"]), env=env)
+        out, t_out = timed(gs, "suspend", str(running["pid"]), env=env)
+        res, t_in = timed(gs, "resume", str(parked["pid"]), env=env)
         return {"suspend_s": t_out, "resume_s": t_in, "command_s": t_out + t_in,
                 **_prefixed("suspend_", out["timings"])}, res
     extra = ["--sequential"] if how == "sequential" else []
-    both, t = timed(ctx.gs, "switch", str(running["pid"]), str(parked["pid"]), *extra, env=env)
+    both, t = timed(gs, "switch", str(running["pid"]), str(parked["pid"]), *extra, env=env)
+
+
     res = dict(both["in"], via=both.get("via"))
     return {"suspend_s": both["timings"]["suspend"], "resume_s": both["timings"]["resume"],
             "command_s": t, "plan_s": both["timings"].get("plan"), "overlapped": both["overlapped"],
@@ -394,10 +430,10 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> di
         for i in range(2 * ctx.args.runs * len(ways)):
             via, env, how = ways[i % len(ways)]
             ctx.budget.check(f"{mode} switch {i}")
-            rec, res = _switch_once(ctx, how, env, running, parked)
+            rec, res = _switch_once(ctx, how, env, running, parked, via)
             tokens, t_tok = timed(first_token, parked["port"])
             assert tokens == parked["tokens"], (tokens, parked["tokens"])
-            assert res.get("via", via) == via, res
+            assert res.get("via", via) == ("daemon" if via == "api" else via), res
             sdk_in = res.get("sdk") or {}
             runs.append({"via": via, "how": how, "way": f"{via}, {how}", **rec, "first_token_s": t_tok,
                          "total": rec["command_s"] + t_tok,
@@ -1137,6 +1173,8 @@ def parse(argv=None):
                     or os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--from", dest="source", help="estimate: where the tp row's JSON is (default --out)")
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
+    ap.add_argument("--api", action="store_true", help="switch, with --daemon: the pair and the "
+                    "switch also sent to gpusnapd's API from the benchmark's process (via api)")
     ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
                     "plain CLI and through gpusnapd")
     ap.add_argument("--no-floor-thp", action="store_true", help="switch: leave out the driver's "

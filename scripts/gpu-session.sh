@@ -29,6 +29,8 @@
 # hostpark (benchmarks/host_park_probe.py: what keeping an SDK server's weights in pinned
 # host memory while parked would cost: pinning, device<->host copies, the file registered
 # read-only once; 16 GiB; ~1.5 min),
+# overhead (benchmarks/daemon_overhead_probe.py: the time a command through gpusnapd spends
+# around its operation: the interpreter, the client's imports, the daemon's child; ~1 min),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
@@ -156,6 +158,7 @@ for spec in "$@"; do
         gds)      step "$name" "$limit" python3 benchmarks/gds.py --out "$OUT" ;;
         sdkread)  step "$name" "$limit" python3 benchmarks/sdk_read_probe.py --out "$OUT" ${SDKREAD_ARGS:-} ;;
         hostpark) step "$name" "$limit" python3 benchmarks/host_park_probe.py --out "$OUT" ${HOSTPARK_ARGS:-} ;;
+        overhead) step "$name" "$limit" python3 benchmarks/daemon_overhead_probe.py --out "$OUT" ${OVERHEAD_ARGS:-} ;;
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED_ARGS:-} ;;

@@ -49,6 +49,7 @@ class Child:
     exit_code: int | None = None
     task: asyncio.Task | None = None
     interrupted: bool = False
+    answered: float | None = None       # monotonic: its output and result were all in
 
     def interrupt(self) -> None:
         """Ctrl-C for the operation: the engine undoes what it started, then it exits."""
@@ -132,6 +133,11 @@ def _child_main(fn, args, env, writers: list[int], parent: int, setup,
     if isinstance(payload.get("ok"), dict) and "exit_code" in payload["ok"]:
         code = payload["ok"]["exit_code"]
     _write_all(res_w, json.dumps(payload, default=str).encode())
+    for fd in (res_w, 1, 2):        # the answer is whole before the exit's teardown starts
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     os._exit(code if isinstance(code, int) and 0 <= code < 256 else 1)
 
 
@@ -192,6 +198,7 @@ async def _collect(child: Child, readers: list[int]) -> None:
             _drain(out_r, lambda b: child.events.put_nowait(("stdout", b))),
             _drain(err_r, lambda b: child.events.put_nowait(("stderr", b))),
             _drain(res_r, result.extend))
+        child.answered = time.monotonic()
         await _readable(pidfd)
     finally:
         os.close(pidfd)

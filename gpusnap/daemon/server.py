@@ -150,8 +150,9 @@ class Daemon:
         ok = result.get("ok")
         emitted = ok.get("emitted", [ok]) if isinstance(ok, dict) else []
         self.metrics.observe(child.kind, secs, child.exit_code, emitted)
+        answered = round(child.answered - child.started, 4) if child.answered else None
         log.info("finished", extra={"fields": {"op": child.op_id, "exit_code": child.exit_code,
-                                               "seconds": round(secs, 4),
+                                               "seconds": round(secs, 4), "answered_s": answered,
                                                "error": (result.get("error") or {}).get("error")}})
 
     async def engine_op(self, request):

@@ -331,3 +331,23 @@ def test_reader_modes_start_their_servers_with_that_reader(monkeypatch):
     assert set(row) >= {"sdk", "sdk_mapped"} and "transparent" not in row
     import os
     assert "GPUSNAP_SDK_READER" not in os.environ
+
+
+def test_the_api_door_runs_commands_on_a_real_gpusnapd_from_this_process(tmp_path):
+    """breadth --api: a command sent to the daemon's /v1/run by the benchmark itself (no
+    interpreter started), its JSON answer as the CLI's; refused without a daemon."""
+    import argparse
+    args = argparse.Namespace(work=str(tmp_path), row="switch", budget=300, daemon=True, api=True,
+                              cpu=True, dry_run=False)
+    ctx = breadth.Ctx(args)
+    try:
+        via, env = ctx.doors()[-1]          # starts gpusnapd on the row's store
+        assert via == "daemon"
+        assert [w[0] for w in breadth._switch_ways(ctx)] == ["daemon"] * 3 + ["api"] * 2
+        assert ctx.run("api", "ps", env=env) == [] == ctx.run("daemon", "ps", env=env)
+        with pytest.raises(RuntimeError, match="api door needs --daemon"):
+            ctx.api("ps", env={"GPUSNAP_SOCKET": ""})
+        with pytest.raises(RuntimeError, match=r"\(api\): exit 25"):
+            ctx.api("resume", "999999", env=env)
+    finally:
+        ctx.close()
