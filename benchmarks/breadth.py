@@ -18,7 +18,10 @@ step named; SIGTERM (gpu-session.sh's timeout) kills every server it started.
 Models (random weights) are made once under --work/models and reused by later rows.
 --daemon (switch, standby): each run goes through both front doors, the plain CLI and the
 CLI forwarding to a gpusnapd started on the row's store (suspend and resume are what it
-runs there), and the table has a line for each.
+runs there), and the table has a line for each. --api adds a third: the same command
+lines sent to gpusnapd's /v1/run by the benchmark's own process, as a controller that talks
+to the daemon does (no interpreter started per command; the switch's pair and switch, the
+standby's resume).
 The naive baseline (cold_start.py's: the driver's lock + checkpoint by hand, a plain
 `criu dump` into /dev/shm, `criu restore`, the driver's restore + unlock by hand) runs
 after the other modes in standby, diffusion and b30 --mode transparent: --naive-runs
@@ -90,6 +93,14 @@ class Ctx:
                 from benchmarks.daemon_soak import start_daemon
                 self.daemon = start_daemon(self.store, sock, os.path.join(self.work, "gpusnapd.log"))
             doors.append(("daemon", {"GPUSNAP_SOCKET": sock}))
+        return doors
+
+    def doors_and_api(self) -> list[tuple[str, dict]]:
+        """doors(), and with --api (and --daemon) the daemon's API called from this
+        process (via "api", the daemon door's env)."""
+        doors = self.doors()
+        if getattr(self.args, "api", False) and doors[-1][0] == "daemon":
+            doors.append(("api", doors[-1][1]))
         return doors
 
     def api(self, *a, env=None):
@@ -545,7 +556,7 @@ def _standby_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> d
     srv["proc"].wait()
     wait_gone([srv["pid"]])
     out = {"cold_s": srv["cold_s"], "dump_s": t_dump, "bytes_logical": snap["bytes_logical"], "runs": []}
-    doors = ctx.doors()
+    doors = ctx.doors_and_api()
     for i in range(ctx.args.runs * len(doors)):
         via, env = doors[i % len(doors)]
         ctx.budget.check(f"{mode} standby {i}")
@@ -554,10 +565,10 @@ def _standby_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> d
         try:
             held = {e["pid"]: e for e in ctx.gs("ps")}.get(pid, {})
             gpu = _gpu_use(pid)
-            r2, t_resume = timed(ctx.gs, "resume", str(pid), env=env)
+            r2, t_resume = timed(ctx.run, via, "resume", str(pid), env=env)
             tokens, t_tok = timed(first_token, srv["port"])
             assert tokens == srv["tokens"], (tokens, srv["tokens"])
-            assert r2.get("via", via) == via, r2
+            assert r2.get("via", via) == ("daemon" if via == "api" else via), r2
         finally:
             stop(pid)
         wait_gone([pid])
@@ -1173,8 +1184,9 @@ def parse(argv=None):
                     or os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--from", dest="source", help="estimate: where the tp row's JSON is (default --out)")
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
-    ap.add_argument("--api", action="store_true", help="switch, with --daemon: the pair and the "
-                    "switch also sent to gpusnapd's API from the benchmark's process (via api)")
+    ap.add_argument("--api", action="store_true", help="switch, standby, with --daemon: the pair and "
+                    "the switch, the standby's resume, also sent to gpusnapd's API from the "
+                    "benchmark's process (via api)")
     ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
                     "plain CLI and through gpusnapd")
     ap.add_argument("--no-floor-thp", action="store_true", help="switch: leave out the driver's "

@@ -344,6 +344,7 @@ def test_the_api_door_runs_commands_on_a_real_gpusnapd_from_this_process(tmp_pat
         via, env = ctx.doors()[-1]          # starts gpusnapd on the row's store
         assert via == "daemon"
         assert [w[0] for w in breadth._switch_ways(ctx)] == ["daemon"] * 3 + ["api"] * 2
+        assert [d[0] for d in ctx.doors_and_api()] == ["cli", "daemon", "api"]
         assert ctx.run("api", "ps", env=env) == [] == ctx.run("daemon", "ps", env=env)
         with pytest.raises(RuntimeError, match="api door needs --daemon"):
             ctx.api("ps", env={"GPUSNAP_SOCKET": ""})
