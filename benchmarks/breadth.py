@@ -105,25 +105,18 @@ class Ctx:
 
     def api(self, *a, env=None):
         """The command sent to gpusnapd's API (/v1/run) from this process, as a controller
-        that talks to the daemon does: no interpreter started for it. Its JSON answer."""
+        that talks to the daemon does (Client.run): no interpreter started for it. Its
+        JSON answer."""
         from gpusnap.daemon.client import Client
         env = {**self.env, **(env or {})}
-        sock = env.get("GPUSNAP_SOCKET")
+        sock = env.pop("GPUSNAP_SOCKET", None)
         if not sock:
             raise RuntimeError("the api door needs --daemon")
-        body = {"argv": ["--json", "--store", self.store, *a], "cwd": REPO,
-                "env": {k: v for k, v in env.items() if k.startswith("GPUSNAP_") and k != "GPUSNAP_SOCKET"}}
-        out, err, code = [], [], None
-        for event in Client(sock, timeout=self.budget.left() + 30).stream("POST", "/v1/run", body):
-            out.append(event.get("stdout", ""))
-            err.append(event.get("stderr", ""))
-            if "exit_code" in event:
-                code = event["exit_code"]
-            elif "http_status" in event:
-                raise RuntimeError(f"gpusnapd: {event}")
+        code, out, err = Client(sock, timeout=self.budget.left() + 30).run(
+            ["--json", "--store", self.store, *a], cwd=REPO, env=env)
         if code != 0:
-            raise RuntimeError(f"gpusnap {' '.join(a)} (api): exit {code}: {''.join(err)[-2000:]}")
-        return json.loads("".join(out))
+            raise RuntimeError(f"gpusnap {' '.join(a)} (api): exit {code}: {err[-2000:]}")
+        return json.loads(out)
 
     def run(self, via: str, *a, env=None):
         """gs(), or api() for the api door."""

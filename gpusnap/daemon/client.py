@@ -9,6 +9,8 @@ import json
 import socket
 from typing import Iterator
 
+from ..errors import GpusnapError
+
 # The commands the CLI sends to a daemon that answers (the rest run standalone). suspend
 # and resume are what a standby pool or a GPU switch waits on: through the daemon they
 # skip the interpreter's imports and libcuda's load.
@@ -90,8 +92,35 @@ class Client:
         finally:
             conn.close()
 
+    def run(self, argv: list[str], cwd: str = "/", env: dict | None = None) -> tuple[int, str, str]:
+        """Run a gpusnap command line on the daemon (/v1/run), as a controller does
+        without starting a CLI: (exit code, stdout, stderr), as the CLI would have
+        printed them. env: GPUSNAP_* variables for the command (others are not sent).
+        Raises Unreachable when no daemon answers, GpusnapError when it refuses."""
+        body = {"argv": [str(a) for a in argv], "cwd": cwd,
+                "env": {k: v for k, v in (env or {}).items() if k.startswith("GPUSNAP_")}}
+        out, err = [], []
+        for event in self.stream("POST", "/v1/run", body):
+            if "http_status" in event:          # refused: it ran nothing
+                raise refusal(event)
+            if "stdout" in event:
+                out.append(event["stdout"])
+            elif "stderr" in event:
+                err.append(event["stderr"])
+            elif "exit_code" in event:
+                return int(event["exit_code"]), "".join(out), "".join(err)
+        raise GpusnapError("gpusnapd went away mid-operation", hint="its operation was interrupted and undone")
+
     def cancel(self, op: str) -> None:
         try:
             self.request("POST", f"/v1/ops/{op}/cancel")
         except (Unreachable, OSError, http.client.HTTPException):
             pass
+
+
+def refusal(answer: dict) -> GpusnapError:
+    """The daemon's answer when it does not run a command (an HTTP error body)."""
+    exc = GpusnapError(f"gpusnapd: {answer.get('message') or answer.get('http_status')}",
+                       hint=answer.get("hint"))
+    exc.exit_code = int(answer.get("exit_code") or 1)
+    return exc

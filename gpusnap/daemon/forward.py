@@ -21,7 +21,7 @@ from ..errors import GpusnapError
 def forward(argv: list[str], path: str) -> None:
     """Run argv on the daemon at socket path and exit with its exit code; return if it
     does not run that command or none answers there."""
-    from ..daemon.client import FORWARDED, Client, Unreachable, command_of
+    from ..daemon.client import FORWARDED, Client, Unreachable, command_of, refusal
     if command_of(argv)[0] not in FORWARDED or {"-h", "--help"} & set(argv):
         return
     client = Client(path)
@@ -32,7 +32,7 @@ def forward(argv: list[str], path: str) -> None:
     except Unreachable:
         return
     if "op" not in first:
-        raise _refusal(first)
+        raise refusal(first)
     sys.exit(_follow(client, first["op"], events))
 
 
@@ -58,9 +58,3 @@ def _follow(client, op: str, events) -> int:
             signal.signal(sig, handler)
     raise GpusnapError("gpusnapd went away mid-operation", hint="its operation was interrupted and undone")
 
-
-def _refusal(answer: dict) -> GpusnapError:
-    exc = GpusnapError(f"gpusnapd: {answer.get('message') or answer.get('http_status')}",
-                       hint=answer.get("hint"))
-    exc.exit_code = int(answer.get("exit_code") or 1)
-    return exc

@@ -414,3 +414,20 @@ def test_suspend_resume_and_ps_go_through_the_daemon_with_the_cli_s_answers(work
         assert through[1]["error"] == alone[1]["error"], (command, alone, through)
     report = w.report()
     assert report["data_ok"] and report["children_ok"], report
+
+
+def test_a_controller_runs_commands_with_the_client_and_no_cli(daemon, tmp_path):
+    """Client.run: what a controller calls instead of starting a CLI per command; the
+    CLI's exit codes and output, a refusal as a GpusnapError, no daemon as Unreachable."""
+    from gpusnap.errors import GpusnapError
+    d = daemon()
+    client = Client(d.socket, timeout=60)
+    code, out, err = client.run(["--json", "ps"], env={"GPUSNAP_STORE": d.store, "PATH": "/nowhere"})
+    assert code == 0 and json.loads(out) == [], err
+    code, out, err = client.run(["--json", "resume", "999999"])
+    assert code == 25 and json.loads(out)["error"] == "NotParked" and "nothing parked" in err
+    with pytest.raises(GpusnapError, match="does not run") as refused:
+        client.run(["seed", "ls"])
+    assert refused.value.exit_code != 0
+    with pytest.raises(Unreachable):
+        Client(str(tmp_path / "none.sock")).run(["ps"])
