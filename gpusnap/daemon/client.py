@@ -100,16 +100,21 @@ class Client:
         body = {"argv": [str(a) for a in argv], "cwd": cwd,
                 "env": {k: v for k, v in (env or {}).items() if k.startswith("GPUSNAP_")}}
         out, err = [], []
-        for event in self.stream("POST", "/v1/run", body):
-            if "http_status" in event:          # refused: it ran nothing
-                raise refusal(event)
-            if "stdout" in event:
-                out.append(event["stdout"])
-            elif "stderr" in event:
-                err.append(event["stderr"])
-            elif "exit_code" in event:
-                return int(event["exit_code"]), "".join(out), "".join(err)
-        raise GpusnapError("gpusnapd went away mid-operation", hint="its operation was interrupted and undone")
+        why = ""
+        try:
+            for event in self.stream("POST", "/v1/run", body):
+                if "http_status" in event:      # refused: it ran nothing
+                    raise refusal(event)
+                if "stdout" in event:
+                    out.append(event["stdout"])
+                elif "stderr" in event:
+                    err.append(event["stderr"])
+                elif "exit_code" in event:
+                    return int(event["exit_code"]), "".join(out), "".join(err)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            why = f": {exc}"
+        raise GpusnapError(f"gpusnapd went away mid-operation{why}",
+                           hint="its operation was interrupted and undone")
 
     def cancel(self, op: str) -> None:
         try:

@@ -252,14 +252,36 @@ def test_non_root_peers_are_refused_or_read_only(workload, gpusnap, daemon):
     assert code == 0, body                                              # no access to the socket at all
 
 
-def test_daemon_killed_mid_dump_leaves_the_target_running(workload, daemon, store, tmp_path):
+@pytest.mark.parametrize("door", ["cli", "client"])
+def test_daemon_killed_mid_dump_leaves_the_target_running(workload, daemon, store, tmp_path, door):
+    """Through the CLI, or Client.run as a controller calls it: the caller is told the
+    daemon went away, the target runs on."""
+    import threading
+    from gpusnap.errors import GpusnapError
     d = daemon()
     w = workload("--mib", "768", "--children", "1")
-    dump = d.cli("dump", "--pid", str(w.pid), env=_paused_at_the_commit(tmp_path))
+    env = _paused_at_the_commit(tmp_path)
+    if door == "cli":
+        dump = d.cli("dump", "--pid", str(w.pid), env=env)
+    else:
+        told: list = []
+
+        def run():
+            try:
+                told.append(Client(d.socket).run(["--json", "--store", d.store, "dump", "--pid", str(w.pid)],
+                                                 env=env))
+            except GpusnapError as e:
+                told.append(e)
+        caller = threading.Thread(target=run)
+        caller.start()
     _wait_stopped(w.pid)
     os.kill(d.proc.pid, signal.SIGKILL)                 # mid-ingest: CRIU left the tree stopped
-    rc, out, err = _done(dump)
-    assert rc != 0 and "went away" in err, err
+    if door == "cli":
+        rc, out, err = _done(dump)
+        assert rc != 0 and "went away" in err, err
+    else:
+        caller.join(300)
+        assert isinstance(told[0], GpusnapError) and "went away" in told[0].message, told
     _assert_running(w)
     d.proc.wait()
     d2 = daemon()
@@ -422,7 +444,8 @@ def test_a_controller_runs_commands_with_the_client_and_no_cli(daemon, tmp_path)
     from gpusnap.errors import GpusnapError
     d = daemon()
     client = Client(d.socket, timeout=60)
-    code, out, err = client.run(["--json", "ps"], env={"GPUSNAP_STORE": d.store, "PATH": "/nowhere"})
+    code, out, err = client.run(["--json", "ps"], env={"GPUSNAP_STORE": d.store, "PATH": "/nowhere",
+                                                        "GPUSNAP_STATE_DIR": str(tmp_path / "state")})
     assert code == 0 and json.loads(out) == [], err
     code, out, err = client.run(["--json", "resume", "999999"])
     assert code == 25 and json.loads(out)["error"] == "NotParked" and "nothing parked" in err
