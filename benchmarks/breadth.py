@@ -389,11 +389,15 @@ def _switch_ways(ctx: Ctx) -> list[tuple[str, dict, str]]:
     every way goes through gpusnapd (the plain CLI's pair is the earlier rows': +2.5 s);
     with --api too, the pair and the switch also go to the daemon's API from this process
     (via "api": no interpreter started per command, as a controller does)."""
-    via, env = ctx.doors()[-1]
-    ways = [(via, env, how) for how in ("pair", "switch", "sequential")]
-    if getattr(ctx.args, "api", False) and via == "daemon":
-        ways += [("api", env, how) for how in ("pair", "switch")]
-    return ways
+    doors = ctx.doors_and_api()
+    via, env = [d for d in doors if d[0] != "api"][-1]
+    return [(via, env, how) for how in ("pair", "switch", "sequential")] + \
+        [(door, e, how) for door, e in doors if door == "api" for how in ("pair", "switch")]
+
+
+def _answered_via(via: str) -> str:
+    """The "via" a command's answer says for a door: the api door's runs in gpusnapd."""
+    return "daemon" if via == "api" else via
 
 
 def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict,
@@ -408,8 +412,6 @@ def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict,
                 **_prefixed("suspend_", out["timings"])}, res
     extra = ["--sequential"] if how == "sequential" else []
     both, t = timed(gs, "switch", str(running["pid"]), str(parked["pid"]), *extra, env=env)
-
-
     res = dict(both["in"], via=both.get("via"))
     return {"suspend_s": both["timings"]["suspend"], "resume_s": both["timings"]["resume"],
             "command_s": t, "plan_s": both["timings"].get("plan"), "overlapped": both["overlapped"],
@@ -437,7 +439,7 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> di
             rec, res = _switch_once(ctx, how, env, running, parked, via)
             tokens, t_tok = timed(first_token, parked["port"])
             assert tokens == parked["tokens"], (tokens, parked["tokens"])
-            assert res.get("via", via) == ("daemon" if via == "api" else via), res
+            assert res.get("via", via) == _answered_via(via), res
             sdk_in = res.get("sdk") or {}
             runs.append({"via": via, "how": how, "way": f"{via}, {how}", **rec, "first_token_s": t_tok,
                          "total": rec["command_s"] + t_tok,
@@ -561,7 +563,7 @@ def _standby_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> d
             r2, t_resume = timed(ctx.run, via, "resume", str(pid), env=env)
             tokens, t_tok = timed(first_token, srv["port"])
             assert tokens == srv["tokens"], (tokens, srv["tokens"])
-            assert r2.get("via", via) == ("daemon" if via == "api" else via), r2
+            assert r2.get("via", via) == _answered_via(via), r2
         finally:
             stop(pid)
         wait_gone([pid])

@@ -25,18 +25,13 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import threading
 import time
 import warnings
 
-from gpusnap.sdk.loader import PAGE, Job, read_only_register_supported
+from gpusnap.sdk.loader import PAGE, READ_ONLY, Job, read_only_register_supported
 from gpusnap.sdk.registry import byte_view
 
-READ_ONLY, PORTABLE = 8, 1          # cudaHostRegisterReadOnly, cudaHostRegisterPortable
-
-
-class HoldFailed(RuntimeError):
-    pass
+PORTABLE = 1                        # cudaHostRegisterPortable
 
 
 class _File:
@@ -46,7 +41,7 @@ class _File:
         with open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             if not self.size:
-                raise HoldFailed(f"{path} is empty")
+                raise RuntimeError(f"{path} is empty")
             self.map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         with warnings.catch_warnings():     # read-only: torch warns, nothing writes to it
             warnings.simplefilter("ignore")
@@ -59,7 +54,7 @@ class _File:
         n = -(-self.size // PAGE) * PAGE    # the mapping's whole pages
         err = torch.cuda.cudart().cudaHostRegister(self.ptr, n, READ_ONLY | PORTABLE)
         if int(getattr(err, "value", err)) != 0:
-            raise HoldFailed(f"cudaHostRegister (read-only) of {self.path}: {err}")
+            raise RuntimeError(f"cudaHostRegister (read-only) of {self.path}: {err}")
         self.registered = n
 
     def close(self) -> None:
@@ -73,52 +68,30 @@ class _File:
 
 
 class HeldFiles:
-    """The weight files an agent holds registered. hold() and release() may be called
-    from any thread; load() only while held (the agent's command lock orders them)."""
+    """The weight files held registered: hold(), load() while held, release()."""
 
     def __init__(self):
         self._files: dict[str, _File] = {}
-        self._lock = threading.Lock()
-        self.error: str | None = None      # why the last hold() failed
-
-    @property
-    def paths(self) -> list[str]:
-        return sorted(self._files)
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.registered for f in self._files.values())
 
     def hold(self, paths) -> dict:
         """Register every path not yet held. All or nothing: on failure what this call
-        registered is given back and HoldFailed says why (kept in .error)."""
+        registered is given back."""
         t = time.perf_counter()
-        with self._lock:
-            new: list[_File] = []
-            try:
-                if not read_only_register_supported():
-                    raise HoldFailed("this GPU cannot register host memory read-only "
-                                     "(READ_ONLY_HOST_REGISTER_SUPPORTED is 0)")
-                for p in sorted({os.path.realpath(p) for p in paths} - set(self._files)):
-                    f = _File(p)
-                    new.append(f)
-                    f.register()
-            except BaseException as e:
-                for f in new:
-                    f.close()
-                self.error = str(e) if isinstance(e, HoldFailed) else f"{type(e).__name__}: {e}"
-                if isinstance(e, Exception) and not isinstance(e, HoldFailed):
-                    raise HoldFailed(self.error) from e
-                raise
-            self._files.update((f.path, f) for f in new)
-            self.error = None
+        if not read_only_register_supported():
+            raise RuntimeError("this GPU cannot register host memory read-only "
+                               "(READ_ONLY_HOST_REGISTER_SUPPORTED is 0)")
+        new: list[_File] = []
+        try:
+            for p in sorted({os.path.realpath(p) for p in paths} - set(self._files)):
+                new.append(_File(p))
+                new[-1].register()
+        except BaseException:
+            for f in new:
+                f.close()
+            raise
+        self._files.update((f.path, f) for f in new)
         return {"files": len(new), "bytes": sum(f.registered for f in new),
                 "seconds": round(time.perf_counter() - t, 4)}
-
-    def covers(self, jobs: list[Job]) -> bool:
-        return bool(jobs) and all(j.dst.device.type == "cuda" and os.path.realpath(j.path) in self._files
-                                  and j.offset + j.length <= self._files[os.path.realpath(j.path)].size
-                                  for j in jobs)
 
     def load(self, jobs: list[Job], streams: int = 1) -> dict:
         """Copy every job's range from its held file into its tensor, on `streams`
@@ -127,16 +100,16 @@ class HeldFiles:
         t = time.perf_counter()
         per_device: dict = {}
         for i, j in enumerate(jobs):
-            if byte_view(j.dst).numel() != j.length:
-                raise ValueError(f"{j.path}@{j.offset}: {j.length} bytes into a tensor of "
-                                 f"{byte_view(j.dst).numel()}")
+            dst = byte_view(j.dst)
+            if dst.numel() != j.length:
+                raise ValueError(f"{j.path}@{j.offset}: {j.length} bytes into a tensor of {dst.numel()}")
             f = self._files[os.path.realpath(j.path)]
             ss = per_device.get(j.dst.device)
             if ss is None:
                 ss = per_device[j.dst.device] = [torch.cuda.Stream(device=j.dst.device)
                                                  for _ in range(streams)]
             with torch.cuda.stream(ss[i % streams]):
-                byte_view(j.dst).copy_(f.bytes[j.offset:j.offset + j.length], non_blocking=True)
+                dst.copy_(f.bytes[j.offset:j.offset + j.length], non_blocking=True)
         for ss in per_device.values():
             for s in ss:
                 s.synchronize()
@@ -146,8 +119,7 @@ class HeldFiles:
     def release(self) -> float:
         """Unregister and unmap everything held; returns the seconds it took."""
         t = time.perf_counter()
-        with self._lock:
-            files, self._files = self._files, {}
-            for f in files.values():
-                f.close()
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
         return time.perf_counter() - t

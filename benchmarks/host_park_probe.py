@@ -41,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.gds import jobs_for, pinned_h2d, warm  # noqa: E402
-from benchmarks.sdk_read_probe import make_file  # noqa: E402
+from benchmarks.sdk_read_probe import make_file, slices  # noqa: E402
 from gpusnap.sdk import loader, registry  # noqa: E402
 
 
@@ -56,14 +56,6 @@ def timed(fn):
     out = fn()
     _sync()
     return time.perf_counter() - t, out
-
-
-def slices(jobs, block):
-    out, at = [], 0
-    for j in jobs:
-        out.append(block[at:at + j.length])
-        at += j.length
-    return out
 
 
 def copy(pairs, streams: int) -> None:

@@ -50,6 +50,7 @@ sys.path.insert(0, REPO)
 from benchmarks.gds import check_correct, host_read, jobs_for, pinned_h2d, warm  # noqa: E402
 from benchmarks.seed_probe import bf16_header  # noqa: E402
 from gpusnap.sdk import loader  # noqa: E402
+from gpusnap.sdk.registry import byte_view  # noqa: E402
 
 SIZES = (32 << 20, 112 << 20, 112 << 20, 112 << 20, 32 << 20, 32 << 20, 32 << 20)
 
@@ -215,6 +216,15 @@ def halves(jobs, what: str, threads: int = 16, window: int = 16 << 20) -> dict:
         pool.close()
 
 
+def slices(jobs, block) -> list:
+    """block cut into one slice per job, each its tensor's length, in the jobs' order."""
+    out, at = [], 0
+    for j in jobs:
+        out.append(block[at:at + j.length])
+        at += j.length
+    return out
+
+
 class HostCopy:
     """The hostcopy row's pinned copy of every job's tensor, made before the park."""
 
@@ -223,20 +233,16 @@ class HostCopy:
         t = time.perf_counter()
         self.pool = loader._PinnedPool(sum(j.length for j in jobs), mode)
         self.alloc_s = time.perf_counter() - t
-        self.host, at = [], 0
-        for j in jobs:
-            self.host.append(self.pool.tensor[at:at + j.length])
-            at += j.length
+        self.host = slices(jobs, self.pool.tensor)
         t = time.perf_counter()
         for h, j in zip(self.host, jobs):
-            h.copy_(j.dst.view(-1).view(torch.uint8), non_blocking=True)
+            h.copy_(byte_view(j.dst), non_blocking=True)
         torch.cuda.synchronize()
         self.d2h_s = time.perf_counter() - t
 
     def load(self, jobs) -> dict:
-        import torch
         for h, j in zip(self.host, jobs):
-            j.dst.view(-1).view(torch.uint8).copy_(h, non_blocking=True)
+            byte_view(j.dst).copy_(h, non_blocking=True)
         return {"reader": "hostcopy"}
 
     def release(self) -> float:
