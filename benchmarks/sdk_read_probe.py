@@ -137,7 +137,9 @@ VARIANTS = {"parked": {}, "parked_t16": {"threads": 16}, "parked_c32": {"chunk":
             "mapped": {"reader": "mapped"}, "mapped_t16": {"reader": "mapped", "threads": 16},
             "mapped_w64": {"reader": "mapped", "chunk": 64 << 20},
             "parked_t4": {"threads": 4}, "parked_t32": {"threads": 32},
-            "parked_c4": {"chunk": 4 << 20}, "parked_t16_c4": {"threads": 16, "chunk": 4 << 20}}
+            "parked_c4": {"chunk": 4 << 20}, "parked_t16_c4": {"threads": 16, "chunk": 4 << 20},
+            "parked_c16": {"chunk": 16 << 20}, "parked_t16_c16": {"threads": 16, "chunk": 16 << 20},
+            "parked_t16_c8": {"threads": 16, "chunk": 8 << 20}}
 HALVES = ("pread_only", "dma_only", "both_halves", "pread_only_torch", "both_halves_torch",
           "pread_only_plain")
 

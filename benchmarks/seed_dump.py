@@ -81,7 +81,11 @@ def main(argv=None) -> str:
                     help="GPUSNAP_FSYNC of gpusnap's dumps, a comma list: each mode's rows in turn "
                          "(auto: one journal commit a batch of chunks on ext4/XFS; each: an fsync a chunk); "
                          "MODE:sN also sets GPUSNAP_STREAM_SLOTS=N (auto,auto:s128: the page stream's "
-                         "default slots against 128)")
+                         "default slots against 128), MODE:cLEVEL GPUSNAP_COMPRESS=LEVEL "
+                         "(auto,auto:cbf16: `--compress bf16` beside the default)")
+    ap.add_argument("--kinds", default="empty,seeded",
+                    help="gpusnap's rows: empty (an empty store, then the second dump) and/or "
+                         "seeded (a store seeded with the weights file)")
     ap.add_argument("--no-naive", dest="naive", action="store_false",
                     help="leave out the dump by hand and the floor")
     ap.add_argument("--baselines-only", action="store_true",
@@ -114,8 +118,8 @@ def main(argv=None) -> str:
     text = ""
     try:
         for run in range(args.runs):
-            for mode, kind in [(m, k) for m in modes for k in ("empty", "seeded")
-                               if not args.baselines_only]:
+            kinds = [k for k in ("empty", "seeded") if k in args.kinds.split(",")]
+            for mode, kind in [(m, k) for m in modes for k in kinds if not args.baselines_only]:
                 store = os.path.join(args.work, f"store-{kind}")
                 shutil.rmtree(store, ignore_errors=True)
                 if kind == "seeded":
@@ -196,12 +200,24 @@ def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
     """`gpusnap dump --leave-running` of pid into store, after a sync (not timed)."""
     os.sync()
     t = time.perf_counter()
-    mode, _, slots = fsync.partition(":s")
-    env = {"GPUSNAP_FSYNC": mode, **({"GPUSNAP_STREAM_SLOTS": slots} if slots else {})}
-    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store, env=env)
+    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store, env=mode_env(fsync))
     return {"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
             "bytes_logical": snap["bytes_logical"], "downtime": snap.get("downtime"),
             "timings": snap.get("timings", {})}
+
+
+def mode_env(mode: str) -> dict:
+    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL]. Pure."""
+    fsync, *more = mode.split(":")
+    env = {"GPUSNAP_FSYNC": fsync}
+    for part in more:
+        if part[:1] == "s" and part[1:].isdigit():
+            env["GPUSNAP_STREAM_SLOTS"] = part[1:]
+        elif part[:1] == "c" and part[1:]:
+            env["GPUSNAP_COMPRESS"] = part[1:]
+        else:
+            raise SystemExit(f"--fsync: {mode!r}: {part!r} is neither sN nor cLEVEL")
+    return env
 
 
 STAGES = ("cuda_checkpoint", "criu_dump", "cuda_restore", "pages_finish", "commit")

@@ -1,0 +1,23 @@
+"""benchmarks/seed_dump.py's pure part: the environment of each --fsync mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.seed_dump import mode_env
+
+
+def test_a_plain_mode_sets_the_fsync_alone():
+    assert mode_env("auto") == {"GPUSNAP_FSYNC": "auto"}
+
+
+def test_slots_and_compression_in_either_order():
+    want = {"GPUSNAP_FSYNC": "each", "GPUSNAP_STREAM_SLOTS": "128", "GPUSNAP_COMPRESS": "bf16"}
+    assert mode_env("each:s128:cbf16") == want
+    assert mode_env("each:cbf16:s128") == want
+
+
+@pytest.mark.parametrize("mode", ["auto:x", "auto:s", "auto:sabc", "auto:c"])
+def test_an_unknown_part_is_refused(mode):
+    with pytest.raises(SystemExit):
+        mode_env(mode)
