@@ -419,6 +419,14 @@ def _switch_once(ctx: Ctx, how: str, env: dict, running: dict, parked: dict,
             **_prefixed("suspend_", both["out"]["timings"])}, res
 
 
+def _sdk_reply(res: dict) -> dict:
+    """A resume's SDK agents' own times (the slowest agent's; None without agents), as
+    resume_sdk_*: where the weight read's stage goes (allocation, the read, the check)."""
+    sdk = res.get("sdk") or {}
+    return {f"resume_sdk_{k}": sdk.get(k)
+            for k in ("alloc_seconds", "read_seconds", "verify_seconds", "seconds")}
+
+
 def _prefixed(prefix: str, timings: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in timings.items()}
 
@@ -440,11 +448,8 @@ def _switch_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> di
             tokens, t_tok = timed(first_token, parked["port"])
             assert tokens == parked["tokens"], (tokens, parked["tokens"])
             assert res.get("via", via) == _answered_via(via), res
-            sdk_in = res.get("sdk") or {}
             runs.append({"via": via, "how": how, "way": f"{via}, {how}", **rec, "first_token_s": t_tok,
-                         "total": rec["command_s"] + t_tok,
-                         **{f"resume_sdk_{k}": sdk_in.get(k) for k in
-                            ("alloc_seconds", "read_seconds", "verify_seconds", "seconds")},
+                         "total": rec["command_s"] + t_tok, **_sdk_reply(res),
                          **_prefixed("resume_", res["timings"])})
             note(row="switch", mode=mode, **runs[-1])
             running, parked = parked, running
@@ -571,8 +576,8 @@ def _standby_mode(ctx: Ctx, model: str, sdk: bool, mode: str | None = None) -> d
                             "host_memory": (res.get("standby") or {}).get("host_memory"),
                             "host_memory_ps": held.get("host_memory"),
                             "gpu_memory_while_standby": gpu, "resume_s": t_resume,
-                            "first_token_s": t_tok, "total": t_resume + t_tok,
-                            **{f"resume_{k}": v for k, v in r2["timings"].items()}})
+                            "first_token_s": t_tok, "total": t_resume + t_tok, **_sdk_reply(r2),
+                            **_prefixed("resume_", r2["timings"])})
         note(row="standby", mode=mode, **out["runs"][-1])
     ctx.gs("rm", snap["id"])
     return out

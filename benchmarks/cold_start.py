@@ -224,6 +224,48 @@ def more_dumps(row, size, snap_id, pid, store, work, runs, staged=True, compress
     row["_pid"] = pid
 
 
+def restore_to_first_token(snap_id, store, env, expected):
+    """`gpusnap restore` of snap_id, then the first answer (checked against expected).
+    Returns (the restored pid, the run's times: total, the CLI, the first token, the
+    restore's stages, its fill and materialise figures)."""
+    t0 = time.perf_counter()
+    res = gpusnap("restore", snap_id, store=store, env=env)
+    t1 = time.perf_counter()
+    tokens = first_token()
+    t2 = time.perf_counter()
+    assert tokens == expected, (tokens, expected)
+    return res["pid"], {"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1,
+                        **res["timings"], "page_path": res.get("page_path"),
+                        **{f"fill_{k}": v for k, v in (res.get("fill") or {}).items()
+                           if isinstance(v, (int, float))},
+                        **{f"mat_{k}": v for k, v in (res.get("materialise") or {}).items()
+                           if isinstance(v, (int, float))}}
+
+
+def compressed_restores(row, size, pid, work, runs, codec, expected):
+    """The restore's price of a codec: the running server (pid) dumped with `--compress
+    codec` into a store of its own (chunk ids are of the plain bytes: in the main store
+    every chunk would be found, none encoded), then `runs` restores from it to the first
+    token, as the default's rows (row["gpusnap_restore_compress_CODEC"]). The store is
+    removed after; returns the last restored server's pid."""
+    coded = os.path.join(work, f"store-{codec}")
+    shutil.rmtree(coded, ignore_errors=True)
+    pids = tree(pid)
+    snap = gpusnap("dump", "--pid", str(pid), "--compress", codec, store=coded)
+    wait_gone(pids)
+    row[f"dump_compress_{codec}_bytes_stored"] = snap["bytes_stored"]
+    out = []
+    for i in range(runs):
+        if i:
+            kill_tree(tree(pid))
+        pid, run = restore_to_first_token(snap["id"], coded, {}, expected)
+        out.append(run)
+        note(size=size, step=f"gpusnap_restore_compress_{codec}", **out[-1])
+    row[f"gpusnap_restore_compress_{codec}"] = out
+    shutil.rmtree(coded, ignore_errors=True)
+    return pid
+
+
 # ---- naive baseline ------------------------------------------------------------------
 # What one gets by hand, no gpusnap: the driver's lock + checkpoint of every CUDA process
 # of the tree, a plain `criu dump` into a directory (on /dev/shm: nothing stored, nothing
@@ -326,7 +368,7 @@ def thp_mode(mode):
 
 
 def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, staged=True,
-               compress=None):
+               compress=None, restore_compress=None):
     model_dir = os.path.join(work, "models", size)
     state = os.path.join(work, "state")
     row = {"size": size}
@@ -398,21 +440,13 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, stag
             for i in range(runs):
                 if last_pid:
                     kill_tree(tree(last_pid))
-                t0 = time.perf_counter()
-                res = gpusnap("restore", snap["id"], store=store, env=env)
-                t1 = time.perf_counter()
-                tokens = first_token()
-                t2 = time.perf_counter()
-                assert tokens == expected, (tokens, expected)
-                last_pid = res["pid"]
-                out.append({"total": t2 - t0, "restore_cli": t1 - t0, "first_token": t2 - t1, **res["timings"],
-                            "page_path": res.get("page_path"),
-                            **{f"fill_{k}": v for k, v in (res.get("fill") or {}).items()
-                               if isinstance(v, (int, float))},
-                            **{f"mat_{k}": v for k, v in (res.get("materialise") or {}).items()
-                               if isinstance(v, (int, float))}})
+                last_pid, run = restore_to_first_token(snap["id"], store, env, expected)
+                out.append(run)
                 note(size=size, step=f"gpusnap_restore{'_' + label if label else ''}", **out[-1])
         restores[label] = out
+    if restore_compress:
+        last_pid = compressed_restores(row, size, last_pid, work, runs, restore_compress, expected)
+        res = {"pid": last_pid}
     more_dumps(row, size, snap["id"], res["pid"], store, work, runs, staged, compress)
     t = time.perf_counter()
     second = gpusnap("dump", "--pid", str(row.pop("_pid")), "--name", f"llm-{size}-2", store=store)
@@ -656,6 +690,9 @@ def main(argv=None):
     ap.add_argument("--dump-compress", default=None, metavar="CODEC",
                     help="also `runs` first dumps with `dump --compress CODEC` (e.g. bf16) "
                          "into empty stores, beside the default's")
+    ap.add_argument("--restore-compress", default=None, metavar="CODEC",
+                    help="also `runs` restores of the server dumped with `--compress CODEC` "
+                         "into a store of its own (what a codec costs a restore)")
     ap.add_argument("--work", default="/tmp/gpusnap-bench")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
@@ -671,7 +708,7 @@ def main(argv=None):
     for size in args.sizes.split(","):
         variants = [v for v in args.variants.split(",") if v]
         rows.append(bench_size(size, args.runs, args.work, store, variants, args.sdk,
-                               args.staged, args.dump_compress))
+                               args.staged, args.dump_compress, args.restore_compress))
         print(summarise(rows, floors, card), flush=True)
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
     os.makedirs(args.out, exist_ok=True)
