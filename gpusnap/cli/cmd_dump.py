@@ -48,7 +48,7 @@ class CompressLevel(click.ParamType):
               show_default=True, help="zstd level of the chunks this dump adds: fast (decodes "
               "~7x faster than level 1 on model weights, which level 1 makes ~20% smaller), "
               "1-19, bf16 (byte planes: bf16 weights ~32% smaller, for a slow disk or object "
-              "store), or none.")
+              "store; restores decode them slower: a 1.3B server 2.30 s against 1.99), or none.")
 @click.option("--keep", is_flag=True, help="Keep the work dir (CRIU images and logs) and print "
               "where; it stays until you remove it (on a tmpfs it holds memory).")
 @click.option("--tcp-established/--no-tcp-established", default=True, show_default=True,
