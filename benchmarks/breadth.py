@@ -219,6 +219,15 @@ MODES = ("transparent", "sdk")
 READER_MODES = {"sdk_mapped": "mapped", "sdk_pinned": "pinned"}    # SDK servers with that reader
 
 
+def asked_modes(args, known=None) -> list[str]:
+    """--modes as a list (default MODES); a mode outside known (where given) is refused. Pure."""
+    modes = [m for m in (getattr(args, "modes", None) or ",".join(MODES)).split(",") if m]
+    bad = [m for m in modes if known is not None and m not in known]
+    if bad:
+        raise SystemExit(f"{args.row}: --modes {','.join(bad)}: not one of {', '.join(known)}")
+    return modes
+
+
 def each_mode(row: dict, fn, modes=MODES) -> dict:
     """row[mode] = fn(mode) for each mode (transparent and sdk by default); a mode that
     fails is recorded as such and the others still run."""
@@ -371,7 +380,7 @@ def llm_row(ctx: Ctx, name: str, mode_fn) -> dict:
     """A row over one LLM size: the model made once, mode_fn(ctx, model, sdk) per mode."""
     model = llm_model(ctx, ctx.args.size)
     row = {"row": name, "size": ctx.args.size, "weights_bytes": _weights(model), "runs": ctx.args.runs}
-    modes = [m for m in (getattr(ctx.args, "modes", None) or ",".join(MODES)).split(",") if m]
+    modes = asked_modes(ctx.args)
 
     def one(mode: str):
         reader = READER_MODES.get(mode)
@@ -600,7 +609,7 @@ def row_tp(ctx: Ctx) -> dict:
     row = {"row": "tp", "size": a.size, "world": a.world, "runs": a.runs,
            "weights_bytes": a.world * shard_bytes(a.size, a.world)}
     model = os.path.join(ctx.work, "models", f"tp-{a.size}-{a.world}{'-cpu' if a.cpu else ''}")
-    each_mode(row, lambda mode: _tp_mode(ctx, model, mode))
+    each_mode(row, lambda mode: _tp_mode(ctx, model, mode), asked_modes(a, MODES))
     return row
 
 
@@ -1076,8 +1085,10 @@ SUMMARIES = {"switch": _sum_switch, "standby": _sum_standby, "tp": _sum_tp, "b30
 # ---- plan (--dry-run), the 120B estimate row, main -------------------------------------------------
 
 def plan(args) -> dict:
-    """What the row would do and need, from sizes alone; "fits": the disk holds it. Pure
-    but for the free space it reads."""
+    """What the row would do and need, from sizes alone; "fits": the disk holds it (tp: and
+    the host's available memory the ranks' checkpointed GPU memory; a WORK on a tmpfs
+    draws both from memory, which this does not add up). Pure but for the free space and
+    memory it reads."""
     import shutil
 
     from tests.workloads.tp_server import shard_bytes, shapes
@@ -1093,20 +1104,48 @@ def plan(args) -> dict:
         need, _free, drop = b30_disk(args)
     elif args.row == "diffusion":   # the images hold the weights and the activations' cache
         need = {"weights": weights, "disk": 3 * weights + (8 << 30), "ram": 3 * weights + (8 << 30)}
+    elif args.row == "tp":
+        need = tp_needs(weights, world, asked_modes(args, MODES))
     else:           # the weights' files, and one snapshot at a time in the store
         need = {"weights": weights, "disk": 2 * weights + (4 << 30),
                 "ram": weights * (2 if args.row == "switch" else 1) + (8 << 30)}
     os.makedirs(args.work, exist_ok=True)
     free = shutil.disk_usage(args.work).free
+    ram = _ram_available()
     return {"row": args.row, "size": size, "world": world, "runs": args.runs,
             "gpus_needed": world, "gpu_memory_per_gpu": weights // world * (2 if args.row == "switch" else 1),
             **{f"{k}_bytes": v for k, v in need.items()}, "disk_free_bytes": free,
-            "fits": drop is not None if args.row == "b30" else free >= need["disk"],
+            "ram_available_bytes": ram,
+            "fits": drop is not None if args.row == "b30" else
+            free >= need["disk"] and (args.row != "tp" or ram >= need["ram"]),
             **({"drops_weights_file": drop} if args.row == "b30" else {}), "budget_s": args.budget,
             "naive": naive_plan(args, weights, free - need["disk"] if args.row != "b30" else
                                 b30_free_after(free, _file_bytes(os.path.join(args.work, "models", size,
                                                                               "model.safetensors")),
                                                need["weights"], drop))}
+
+
+def _ram_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tp_needs(weights: int, world: int, modes: list[str]) -> dict:
+    """Bytes the tp row needs under WORK (disk: the ranks' weight files and one snapshot at
+    a time in the store; transparent: the weights again, the default codec keeping
+    random bf16 whole; sdk: each rank's image without its weights, ~1.2 GB measured at
+    8B TP=2, breadth_tp_2xh200_8b_tp2.md) and host RAM (transparent: the ranks' checkpointed
+    GPU memory while the dump runs). Pure."""
+    store = weights if "transparent" in modes else world * (2 << 30)
+    return {"weights": weights, "disk": weights + store + (4 << 30),
+            "ram": (weights if "transparent" in modes else 0) + world * (8 << 30)}
 
 
 def naive_plan(args, weights: int, work_free: int) -> dict | str:
@@ -1171,9 +1210,9 @@ def parse(argv=None):
                     "estimated (default 8)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mode", choices=["transparent", "sdk"], default="transparent", help="b30")
-    ap.add_argument("--modes", help="switch, standby: the modes, a comma list of transparent, sdk, "
-                    "sdk_mapped (SDK servers with GPUSNAP_SDK_READER=mapped), sdk_pinned "
-                    "(default transparent,sdk)")
+    ap.add_argument("--modes", help="switch, standby, tp: the modes, a comma list of transparent "
+                    "and sdk; switch and standby also take sdk_mapped (SDK servers with "
+                    "GPUSNAP_SDK_READER=mapped) and sdk_pinned (default transparent,sdk)")
     ap.add_argument("--cpu", action="store_true", help="tp, diffusion: on the CPU (tp: gloo ranks), "
                     "no GPU needed")
     ap.add_argument("--budget", type=float, default=270.0, help="seconds the row may take")

@@ -44,6 +44,12 @@
 # on the one-GPU kind's 64 GiB disk: b30sdk with BREADTH_ARGS="--store /dev/shm/gpusnap-b30",
 # then b30, which removes the weights file after its cold start to make room for the store;
 # run them last, b30make first).
+# The 70B-class TP=2 row (issue 18) on the two-GPU kind (256 GiB RAM, 128 GiB disk): its
+# 145 GB of weights fit neither that disk nor /dev/shm's default half of RAM, and a
+# transparent snapshot would need them twice. So SDK only, on a grown tmpfs: a command
+# `mount -o remount,size=200G /dev/shm` before, then tp2 with BREADTH_ARGS="--size 70b
+# --modes sdk --work /dev/shm/gpusnap-bench --runs 1" (`python3 benchmarks/breadth.py tp
+# --size 70b --modes sdk --work DIR --dry-run` says what it needs and whether it fits).
 # standby, diffusion and b30 (transparent) end with the naive baseline (cold_start.py's: the
 # driver by hand, plain `criu dump`/`criu restore`), one round trip (--naive-runs N for more;
 # BREADTH_ARGS=--no-naive leaves it out; `breadth.py ROW --dry-run` says where its images go):

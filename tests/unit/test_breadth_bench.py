@@ -27,7 +27,8 @@ def test_dry_run_plans_and_refuses_what_the_disk_cannot_hold(tmp_path, capsys):
     rc = breadth.main(["tp", "--dry-run", "--world", "2", "--work", str(tmp_path)])
     p = json.loads(capsys.readouterr().out)
     assert p["gpus_needed"] == 2 and p["weights_bytes"] == 2 * shard_bytes("8b", 2)
-    assert (rc == 0) == p["fits"] == (p["disk_free_bytes"] >= p["disk_bytes"])
+    assert (rc == 0) == p["fits"] == (p["disk_free_bytes"] >= p["disk_bytes"]
+                                      and p["ram_available_bytes"] >= p["ram_bytes"])
     rc = breadth.main(["tp", "--dry-run", "--world", "8", "--size", "120b", "--work", str(tmp_path)])
     p = json.loads(capsys.readouterr().out)
     assert rc == 1 and not p["fits"] and p["disk_bytes"] > 2 * 220e9
@@ -352,3 +353,22 @@ def test_the_api_door_runs_commands_on_a_real_gpusnapd_from_this_process(tmp_pat
             ctx.api("resume", "999999", env=env)
     finally:
         ctx.close()
+
+
+def test_tp_needs_count_what_each_mode_keeps():
+    w = 145 << 30
+    both = breadth.tp_needs(w, 2, ["transparent", "sdk"])
+    sdk = breadth.tp_needs(w, 2, ["sdk"])
+    assert both["disk"] == 2 * w + (4 << 30) and both["ram"] == w + (16 << 30)
+    assert sdk["disk"] == w + (4 << 30) + (4 << 30) and sdk["ram"] == 16 << 30
+
+
+def test_asked_modes_default_and_refusal():
+    class A:
+        row, modes = "tp", None
+    assert breadth.asked_modes(A()) == list(breadth.MODES)
+    A.modes = "sdk"
+    assert breadth.asked_modes(A(), breadth.MODES) == ["sdk"]
+    A.modes = "sdk_mapped"
+    with pytest.raises(SystemExit, match="not one of"):
+        breadth.asked_modes(A(), breadth.MODES)
