@@ -30,23 +30,45 @@ WIDTH = 1024
 
 def write_safetensors(tensors: dict, path: str) -> None:
     """A minimal safetensors writer (the format: gpusnap/sdk/safetensors.py)."""
-    names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64"}
-    header, blobs, off = {}, [], 0
-    for k, t in tensors.items():
-        b = t.detach().contiguous().cpu().reshape(-1).view(__import__("torch").uint8)
-        raw = ctypes.string_at(b.data_ptr(), b.numel())
-        header[k] = {"dtype": names[str(t.dtype).split(".")[-1]], "shape": list(t.shape),
-                     "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
+    write_safetensors_stream([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                             tensors.__getitem__, path)
+
+
+ST_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int64": "I64"}
+
+
+def write_safetensors_stream(specs: list, produce, path: str) -> None:
+    """The same file from (name, dtype, shape) specs, each tensor asked of produce(name)
+    when its turn comes and let go after it is written: one tensor in host memory at a
+    time (a 70B shard is 72 GB)."""
+    import torch
+    header, off = {}, 0
+    for name, dtype, shape in specs:
+        n = torch.empty(0, dtype=dtype).element_size()
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": ST_DTYPES[str(dtype).split(".")[-1]], "shape": list(shape),
+                        "data_offsets": [off, off + n]}
+        off += n
     h = json.dumps(header).encode()
     h += b" " * (-len(h) % 8)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for raw in blobs:
-            f.write(raw)
-    os.rename(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h)
+            for name, _, _ in specs:
+                b = produce(name).detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+                want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+                if b.numel() != want:
+                    raise ValueError(f"{name}: {b.numel()} bytes, its spec says {want}")
+                if want:        # the tensor's own memory, not a copy of it
+                    f.write(memoryview((ctypes.c_char * want).from_address(b.data_ptr())))
+                del b
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def build(mib: int, device: str):

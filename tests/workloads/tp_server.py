@@ -87,21 +87,19 @@ def shard_bytes(size: str, world: int) -> int:
 def make(size: str, world: int, out: str, cpu: bool = False, seed: int = 0) -> None:
     import torch
 
-    from tests.workloads.sdk_server import write_safetensors
+    from tests.workloads.sdk_server import write_safetensors_stream
     os.makedirs(out, exist_ok=True)
     for rank in range(world):
         dev = "cpu" if cpu else f"cuda:{rank}"
         gen = torch.Generator(device=dev).manual_seed(seed * 1000 + rank)
-        shard = {}
-        for name, shape in shapes(size, world).items():
-            t = torch.empty(shape, dtype=torch.bfloat16, device=dev)
-            if "norm" in name:
-                t.fill_(1.0)
-            else:
-                t.normal_(0.0, 0.02, generator=gen)
-            shard[name] = t.cpu()
-        write_safetensors(shard, shard_path(out, rank, world))
-        del shard
+        specs = shapes(size, world)
+
+        def tensor(name: str, specs=specs, dev=dev, gen=gen):
+            # made in file order, as before: the generator's draws are the same
+            t = torch.empty(specs[name], dtype=torch.bfloat16, device=dev)
+            return t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=gen)
+        write_safetensors_stream([(n, torch.bfloat16, sh) for n, sh in specs.items()], tensor,
+                                 shard_path(out, rank, world))
     with open(os.path.join(out, "tp.json"), "w") as f:
         json.dump({"size": size, "world": world, "dims": TP_SIZES[size]}, f)
 
