@@ -740,13 +740,7 @@ def row_b30(ctx: Ctx) -> dict:
                    dump_stages=snap["timings"],
                    bytes_out_of_image=(snap.get("sdk") or {}).get("bytes_out_of_image"))
         note(row="b30", step="dump", dump_s=row["dump_s"], **snap["timings"])
-        ctx.budget.check("b30 restore")
-        res, t_restore = timed(ctx.gs, "restore", snap["id"])
-        tokens, t_tok = timed(first_token, srv["port"])
-        assert tokens == srv["tokens"], (tokens, srv["tokens"])
-        row["restore"] = {"restore_cli_s": t_restore, "first_token_s": t_tok, "total": t_restore + t_tok,
-                          **res["timings"], "sdk": res.get("sdk")}
-        note(row="b30", step="restore", **{k: v for k, v in row["restore"].items() if k != "sdk"})
+        res = _b30_restores(ctx, row, snap["id"], srv)
         if a.mode == "transparent":
             shutil.rmtree(ctx.store, ignore_errors=True)    # the naive images may need its room
             with_naive(ctx, row, snap["bytes_logical"] + NAIVE_SLACK, lambda images: {
@@ -756,6 +750,32 @@ def row_b30(ctx: Ctx) -> dict:
         stop(srv["pid"])
         shutil.rmtree(ctx.store, ignore_errors=True)     # 50+ GB: give the disk back
     return row
+
+
+def _b30_restores(ctx: Ctx, row: dict, snap_id: str, srv: dict) -> dict:
+    """The snapshot restored to the first token once through each front door (the CLI;
+    with --daemon gpusnapd's CLI, with --api its API), each restored server stopped before
+    the next; with --warm its images prepared first (`gpusnap warm`, through the last
+    door). row["restore"]: the first door's run (the CLI's), row["restores"]: all. Returns
+    the last restore's answer (its server left running)."""
+    doors = ctx.doors_and_api()
+    if ctx.args.warm:
+        ctx.budget.check("b30 warm")
+        _, row["warm_s"] = timed(ctx.run, doors[-1][0], "warm", snap_id, env=doors[-1][1])
+    row["restores"] = []
+    for i, (via, env) in enumerate(doors):
+        if i:
+            stop(res["pid"])
+            wait_gone([res["pid"]])
+        ctx.budget.check(f"b30 restore ({via})")
+        res, t_restore = timed(ctx.run, via, "restore", snap_id, env=env)
+        tokens, t_tok = timed(first_token, srv["port"])
+        assert tokens == srv["tokens"], (tokens, srv["tokens"])
+        row["restores"].append({"via": via, "restore_cli_s": t_restore, "first_token_s": t_tok,
+                                "total": t_restore + t_tok, **res["timings"], "sdk": res.get("sdk")})
+        note(row="b30", step="restore", **{k: v for k, v in row["restores"][-1].items() if k != "sdk"})
+    row["restore"] = row["restores"][0]
+    return res
 
 
 # ---- (e) a diffusion pipeline (tests/workloads/diffusion_server.py) --------------------------
@@ -1034,6 +1054,10 @@ def _sum_b30(row: dict) -> list[str]:
               _f(row.get("bytes_logical"), 2, 1e9), _f(row.get("bytes_stored"), 2, 1e9),
               _f(r.get("total")), *_x_naive(naive, r.get("total")),
               ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float) and k != "total")]]
+    for d in row.get("restores", [])[1:]:
+        lines.append([f"{row['mode']} ({d['via']}{', images warmed' if 'warm_s' in row else ''})",
+                      "", "", "", "", _f(d.get("total")), *_x_naive(naive, d.get("total")),
+                      ", ".join(f"{k} {v:.2f}" for k, v in d.items() if isinstance(v, float) and k != "total")])
     x = row.get("naive")
     if naive is not None:
         runs = x["runs"]
@@ -1223,10 +1247,12 @@ def parse(argv=None):
                     or os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--from", dest="source", help="estimate: where the tp row's JSON is (default --out)")
     ap.add_argument("--dry-run", action="store_true", help="say what the row needs; touch nothing")
-    ap.add_argument("--api", action="store_true", help="switch, standby, with --daemon: the pair and "
-                    "the switch, the standby's resume, also sent to gpusnapd's API from the "
-                    "benchmark's process (via api)")
-    ap.add_argument("--daemon", action="store_true", help="switch, standby: each run through the "
+    ap.add_argument("--api", action="store_true", help="switch, standby, b30, with --daemon: the pair and "
+                    "the switch, the standby's resume, b30's restore also sent to gpusnapd's API "
+                    "from the benchmark's process (via api)")
+    ap.add_argument("--warm", action="store_true", help="b30: the snapshot's images prepared "
+                    "(`gpusnap warm`) before its restores")
+    ap.add_argument("--daemon", action="store_true", help="switch, standby, b30: each run through the "
                     "plain CLI and through gpusnapd")
     ap.add_argument("--no-floor-thp", action="store_true", help="switch: leave out the driver's "
                     "floor with gpusnap's huge-page window around the checkpoint (gpusnap's own "

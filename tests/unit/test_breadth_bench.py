@@ -372,3 +372,16 @@ def test_asked_modes_default_and_refusal():
     A.modes = "sdk_mapped"
     with pytest.raises(SystemExit, match="not one of"):
         breadth.asked_modes(A(), breadth.MODES)
+
+
+def test_b30_table_has_a_line_per_further_door():
+    row = {"row": "b30", "size": "30b", "mode": "sdk", "weights_bytes": 61e9, "cold_s": 20.0,
+           "dump_s": 2.3, "bytes_logical": 1.0e9, "bytes_stored": 0.2e9, "warm_s": 0.4,
+           "restores": [{"via": "cli", "total": 3.6, "plan": 0.2},
+                        {"via": "daemon", "total": 3.2, "plan": 0.01},
+                        {"via": "api", "total": 2.9, "plan": 0.01}]}
+    row["restore"] = row["restores"][0]
+    md = breadth.summarise(row, "NVIDIA H200")
+    assert "| sdk | 20.00 | 2.30 | 1.00 | 0.20 | 3.60 |" in md
+    assert "| sdk (daemon, images warmed) |  |  |  |  | 3.20 |" in md
+    assert "| sdk (api, images warmed) |  |  |  |  | 2.90 |" in md
