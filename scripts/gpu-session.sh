@@ -89,6 +89,10 @@
 set -u
 OUT=${OUT:-/tmp/gpusnap-out}
 mkdir -p "$OUT"
+# The device returns at most 8 files: at exit, more than 7 go into $OUT/all-files.tgz
+# (scripts/pack-out.sh). A caller that runs this several times into subfolders of one
+# $OUT runs `scripts/pack-out.sh $OUT` itself at the end.
+trap '"$(dirname "$0")"/pack-out.sh "$OUT"' EXIT
 SITE=/tmp/gpusnap-site
 # Every wheel carried in .whl (the image has click, tqdm, pyyaml, psutil, pytest, aiohttp,
 # prometheus-client: zstandard, boto3 and moto's server are what it lacks), and kvikio's
