@@ -1050,12 +1050,14 @@ def _sum_tp(row: dict) -> list[str]:
 def _sum_b30(row: dict) -> list[str]:
     r = row.get("restore") or {}
     naive = _naive(row, lambda x: _m(x["runs"], "total"))
-    lines = [[row["mode"], _f(row.get("cold_s")), _f(row.get("dump_s")),
+    warmed = ", images warmed" if "warm_s" in row else ""
+    lines = [[row["mode"] + (f" ({r.get('via', 'cli')}{warmed})" if warmed else ""),
+              _f(row.get("cold_s")), _f(row.get("dump_s")),
               _f(row.get("bytes_logical"), 2, 1e9), _f(row.get("bytes_stored"), 2, 1e9),
               _f(r.get("total")), *_x_naive(naive, r.get("total")),
               ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float) and k != "total")]]
     for d in row.get("restores", [])[1:]:
-        lines.append([f"{row['mode']} ({d['via']}{', images warmed' if 'warm_s' in row else ''})",
+        lines.append([f"{row['mode']} ({d['via']}{warmed})",
                       "", "", "", "", _f(d.get("total")), *_x_naive(naive, d.get("total")),
                       ", ".join(f"{k} {v:.2f}" for k, v in d.items() if isinstance(v, float) and k != "total")])
     x = row.get("naive")

@@ -382,6 +382,6 @@ def test_b30_table_has_a_line_per_further_door():
                         {"via": "api", "total": 2.9, "plan": 0.01}]}
     row["restore"] = row["restores"][0]
     md = breadth.summarise(row, "NVIDIA H200")
-    assert "| sdk | 20.00 | 2.30 | 1.00 | 0.20 | 3.60 |" in md
+    assert "| sdk (cli, images warmed) | 20.00 | 2.30 | 1.00 | 0.20 | 3.60 |" in md
     assert "| sdk (daemon, images warmed) |  |  |  |  | 3.20 |" in md
     assert "| sdk (api, images warmed) |  |  |  |  | 2.90 |" in md
