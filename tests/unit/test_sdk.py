@@ -443,3 +443,14 @@ def test_the_pinned_reader_takes_larger_windows_only_for_large_loads():
     assert loader.pinned_window(1 << 30) == 4 << 20
     assert loader.pinned_window(loader.BIG_LOAD - 1) == 4 << 20
     assert loader.pinned_window(loader.BIG_LOAD) == loader.BIG_WINDOW == 16 << 20
+
+
+@needs_torch
+def test_stream_writer_refuses_a_tensor_unlike_its_spec_and_leaves_no_temp_file(tmp_path):
+    import torch
+
+    from tests.workloads.sdk_server import write_safetensors_stream
+    path = str(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="its spec says 8"):
+        write_safetensors_stream([("a", torch.float32, (2,))], lambda n: torch.zeros(3), path)
+    assert os.listdir(tmp_path) == []
