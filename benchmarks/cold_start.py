@@ -446,8 +446,7 @@ def bench_size(size, runs, work, store, args_variants=("warm",), sdk=False, stag
         restores[label] = out
     if restore_compress:
         last_pid = compressed_restores(row, size, last_pid, work, runs, restore_compress, expected)
-        res = {"pid": last_pid}
-    more_dumps(row, size, snap["id"], res["pid"], store, work, runs, staged, compress)
+    more_dumps(row, size, snap["id"], last_pid, store, work, runs, staged, compress)
     t = time.perf_counter()
     second = gpusnap("dump", "--pid", str(row.pop("_pid")), "--name", f"llm-{size}-2", store=store)
     row["second_dump_s"] = time.perf_counter() - t

@@ -115,10 +115,10 @@ def main(argv=None) -> str:
         with open(base + ".md", "w") as f:
             f.write(text)
         return text
+    kinds = [k for k in ("empty", "seeded") if k in args.kinds.split(",")]
     text = ""
     try:
         for run in range(args.runs):
-            kinds = [k for k in ("empty", "seeded") if k in args.kinds.split(",")]
             for mode, kind in [(m, k) for m in modes for k in kinds if not args.baselines_only]:
                 store = os.path.join(args.work, f"store-{kind}")
                 shutil.rmtree(store, ignore_errors=True)

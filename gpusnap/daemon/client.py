@@ -100,7 +100,7 @@ class Client:
         body = {"argv": [str(a) for a in argv], "cwd": cwd,
                 "env": {k: v for k, v in (env or {}).items() if k.startswith("GPUSNAP_")}}
         out, err = [], []
-        why = ""
+        cause = None
         try:
             for event in self.stream("POST", "/v1/run", body):
                 if "http_status" in event:      # refused: it ran nothing
@@ -112,9 +112,8 @@ class Client:
                 elif "exit_code" in event:
                     return int(event["exit_code"]), "".join(out), "".join(err)
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            why = f": {exc}"
-        raise GpusnapError(f"gpusnapd went away mid-operation{why}",
-                           hint="its operation was interrupted and undone")
+            cause = exc
+        raise went_away(cause)
 
     def cancel(self, op: str) -> None:
         try:
@@ -129,3 +128,10 @@ def refusal(answer: dict) -> GpusnapError:
                        hint=answer.get("hint"))
     exc.exit_code = int(answer.get("exit_code") or 1)
     return exc
+
+
+def went_away(cause: BaseException | None = None) -> GpusnapError:
+    """A daemon that stopped answering in the middle of an operation (cause: how it
+    showed, where known)."""
+    return GpusnapError(f"gpusnapd went away mid-operation{f': {cause}' if cause else ''}",
+                        hint="its operation was interrupted and undone")

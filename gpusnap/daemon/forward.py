@@ -15,8 +15,6 @@ import os
 import signal
 import sys
 
-from ..errors import GpusnapError
-
 
 def forward(argv: list[str], path: str) -> None:
     """Run argv on the daemon at socket path and exit with its exit code; return if it
@@ -37,6 +35,7 @@ def forward(argv: list[str], path: str) -> None:
 
 
 def _follow(client, op: str, events) -> int:
+    from ..daemon.client import went_away
     def cancel(signum, frame):
         client.cancel(op)                       # the answer goes on: the undo's message, 130
     old = {sig: signal.signal(sig, cancel) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -51,10 +50,9 @@ def _follow(client, op: str, events) -> int:
             elif "exit_code" in event:
                 return int(event["exit_code"])
     except OSError as exc:
-        raise GpusnapError(f"gpusnapd went away mid-operation: {exc}",
-                           hint="its operation was interrupted and undone") from None
+        raise went_away(exc) from None
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-    raise GpusnapError("gpusnapd went away mid-operation", hint="its operation was interrupted and undone")
+    raise went_away()
 
