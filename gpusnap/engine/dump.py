@@ -11,9 +11,11 @@ Ctrl-C and SIGTERM included):
     then: kill the target, or (--leave-running) resume it
 
 With --leave-running and the page stream, the original's CUDA is restored and unlocked on a
-thread of its own while the stream's last slots and the other images are stored (the
-driver's restore and the store's finish share nothing); the commit waits for it, so that the
-manifest's downtime is the real one and a failed restore still commits nothing.
+thread of its own while the stream's slots still queued and the other images are stored (the
+driver's restore and the store's finish share nothing; the stream grows into host memory
+the checkpoint left, so CRIU does not wait for the disk: store/pagestream.py); the commit
+waits for it, so that the manifest's downtime is the real one and a failed restore still
+commits nothing.
 
 Without --leave-running the original is left stopped rather than killed, so a dump that
 fails after the images are taken (disk full, say) still resumes it: the target dies only
@@ -35,6 +37,8 @@ import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
+
+import psutil
 
 from .. import VERSION, interrupts, testpause
 from ..criu import pageserver
@@ -231,8 +235,8 @@ class _Dump:
     def _attempt(self, req, progress=None):
         stages, cuda = self.stages, self.cuda
         if self.plan.pages == "stream":
-            with stages.stage("page_workers"):
-                self.stream = PageStream(self.repo)     # its workers fork before anything is locked
+            with stages.stage("page_workers"):          # its workers fork before anything is locked
+                self.stream = PageStream(self.repo, room=_available() if req.leave_running else 0)
         cuda_facts = None
         if cuda:
             with stages.stage("cuda_facts"):            # NVML: before the checkpoint frees the GPUs
@@ -246,6 +250,10 @@ class _Dump:
                 cuda.checkpoint_all()
             if cuda_facts is not None:                  # where the device memory went
                 cuda_facts.staging = staging.gained(mapped)
+        if self.stream and req.leave_running:
+            # the original runs again once CRIU is done: let CRIU run ahead of the disk
+            # into memory the driver's checkpoint left (pagestream.py)
+            self.stream.grow(_available())
         known = cuda.pids if cuda else []
         with stages.stage("cuda_recheck"):
             cudarace.check(self.dumper.pids_now(), known, gpu.cuda_pids)
@@ -387,6 +395,11 @@ class _Dump:
             exc.hint = exc.hint or (f"CRIU log kept at {kept}" if kept else None)
         if undo_errors:
             exc.hint = "; ".join(filter(None, [exc.hint, *undo_errors]))
+
+
+def _available() -> int:
+    """Host memory available now (bytes): what a --leave-running page stream may grow into."""
+    return psutil.virtual_memory().available
 
 
 def _what(exc: BaseException) -> str:

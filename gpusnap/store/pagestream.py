@@ -15,6 +15,13 @@ and returns the pages images as file entries for the manifest.
 A full slot is cut where the chunker may cut (a content-defined page boundary) and the
 rest carried into the next slot, so the chunks of memory that moved between two dumps
 (the CUDA driver lays its host copy out anew each time) are the same chunks.
+
+Full slots wait in a queue of this process while every worker is busy, so CRIU is held up
+only when no slot is free. A dump with --leave-running lets its stream grow (grow()) once
+the driver's checkpoint has taken its host memory: up to a quarter of the memory then
+available (BUFFER_SHARE, at most BUFFER_CAP), so that CRIU, and with it the original's
+freeze, ends at the pace of memory rather than of the disk, and the original's CUDA
+restore runs while the workers write the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import CriuFailed, ImageError
@@ -34,6 +42,8 @@ from .tally import Tally
 
 SLOT_BYTES = 16 << 20
 MAX_SLOTS = 256                 # 4 GiB of slots at most (GPUSNAP_STREAM_SLOTS)
+BUFFER_CAP = 32 << 30           # what a stream may grow to (grow(): --leave-running)
+BUFFER_SHARE = 4                # ... a quarter of the host memory available, at most
 
 
 def slot_count(workers: int) -> int:
@@ -44,6 +54,17 @@ def slot_count(workers: int) -> int:
     if raw.isdigit():
         return max(2, min(MAX_SLOTS, int(raw)))
     return workers * 3 // 2 + 2
+
+
+def slots_forced() -> bool:
+    """Whether GPUSNAP_STREAM_SLOTS fixes the slot count (no growing then)."""
+    return os.environ.get("GPUSNAP_STREAM_SLOTS", "").isdigit()
+
+
+def buffer_slots(memory: int) -> int:
+    """The slots a stream may grow to where `memory` bytes of host memory are available:
+    BUFFER_SHARE of it, at most BUFFER_CAP."""
+    return min(BUFFER_CAP, memory // BUFFER_SHARE) // SLOT_BYTES
 
 
 @dataclass
@@ -59,13 +80,22 @@ class PageStream:
     """The PageSink of one dump (criu/pageserver.py): open(), add(), close(); then
     finish() or, on any failure, abort()."""
 
-    def __init__(self, repo, workers: int | None = None):
+    def __init__(self, repo, workers: int | None = None, room: int = 0):
+        """room: host memory (bytes) that grow() may later take slots from (the stream's
+        mapping is sized for buffer_slots(room); nothing is touched until used)."""
         self.repo = repo
         n = workers or parallel.stream_workers(codec.compresses(repo.compress_level))
         slots = slot_count(n)
-        self.shm = mmap.mmap(-1, slots * SLOT_BYTES)        # shared with the workers
+        self.limit = slots if slots_forced() else max(slots, buffer_slots(room))
+        try:
+            self.shm = mmap.mmap(-1, self.limit * SLOT_BYTES)   # shared with the workers
+        except OSError:             # a host that commits memory strictly: no room to grow
+            self.limit = slots
+            self.shm = mmap.mmap(-1, slots * SLOT_BYTES)
         self.view = memoryview(self.shm)
         self.free = list(range(slots))
+        self.slots = self.peak = slots                       # slots in use: made, at most
+        self.backlog: deque = deque()                        # full slots no worker has room for
         self.maps: dict[tuple[str, int], _Pagemap] = {}
         self.key: tuple[str, int] | None = None
         self.slot: list | None = None                        # [slot, bytes used, parts]
@@ -87,6 +117,16 @@ class PageStream:
             raise
         # how an entry's pages reach a slot: by the copier's threads, or read here
         self.receive = self.copier.copy if self.copier else (lambda fill, view: fill(view))
+
+    def grow(self, available: int) -> int:
+        """More slots, up to buffer_slots(available) and the mapping's size: called once
+        the memory the dump itself takes (the driver's checkpoint) is taken. Returns the
+        slot count."""
+        more = min(self.limit, buffer_slots(available)) - self.slots
+        if more > 0:
+            self.free[:0] = range(self.slots, self.slots + more)    # used last: pop() is LIFO
+            self.slots += more
+        return self.slots
 
     # ---- PageSink ----
     def open(self, kind: str, ident: int) -> None:
@@ -126,11 +166,13 @@ class PageStream:
         pages images' file entries, the byte counts, and what zero elision dropped
         (elide=False: zero pages stay, as zero chunks that take no space)."""
         self._submit()
+        while self.backlog:                 # the workers take the rest as they finish
+            self.pool.submit(*self.backlog.popleft())
         ranges: dict[int, list[tuple[int, int]]] = {}
         if elide:       # the mm images: while the workers store the last slots, then the rest
             self._read_ranges(images_dir, ranges)
         self._end_copier()
-        self._absorb(self.pool.finish())
+        self._take_results(self.pool.finish())
         if elide:
             self._read_ranges(images_dir, ranges)
         files, total = [], zero_pages.Stats()
@@ -150,11 +192,14 @@ class PageStream:
         out = {f"stream_{k}": round(v, 4) for k, v in self.clock.seconds.items()}
         out["stream_workers"] = self.workers
         out["stream_copiers"] = self.copiers
+        out["stream_slots"] = self.slots
+        out["stream_slots_peak"] = self.peak
         return out
 
     def abort(self) -> None:
         """Stop the copier and the workers (chunks they stored stay, unreferenced, for gc)."""
         self._end_copier()
+        self.backlog.clear()
         self.pool.close()
         self._release()
 
@@ -191,11 +236,18 @@ class PageStream:
         self._absorb(self.pool.take())
         if not self.free:
             self.clock.timed("slot_wait", self._wait_for_slot)
-        return self.free.pop()
+        slot = self.free.pop()
+        self.peak = max(self.peak, self.slots - len(self.free))
+        return slot
 
     def _wait_for_slot(self) -> None:
         while not self.free:
             self._absorb(self.pool.take(block=True))
+
+    def _dispatch(self) -> None:
+        """Queued slots to the workers that have room."""
+        while self.backlog and self.pool.has_room():
+            self.pool.submit(*self.backlog.popleft())
 
     def _submit(self, carry: bool = False) -> None:
         """The slot being filled goes to a worker. carry (a full slot, the pagemap goes
@@ -212,8 +264,8 @@ class PageStream:
             parts, tail = _split_parts(parts, cut // PAGE_SIZE)
         self.slot = None
         pm = self.maps[self.key]
-        self.clock.timed("slot_wait", self.pool.submit,       # waits for a worker
-                         (self.key, pm.slots, slot), (slot, cut, parts))
+        self.backlog.append(((self.key, pm.slots, slot), (slot, cut, parts)))
+        self._dispatch()
         pm.slots += 1
         if tail:
             new = self._free_slot()
@@ -222,6 +274,12 @@ class PageStream:
             self.slot = [new, used - cut, tail]
 
     def _absorb(self, results) -> None:
+        """Finished slots back to the free list (their pieces kept); queued slots then go
+        to the workers that finished them."""
+        self._take_results(results)
+        self._dispatch()
+
+    def _take_results(self, results) -> None:
         for (key, seq, slot), (pieces, seconds) in results:
             self.free.append(slot)
             self.clock.add(seconds)

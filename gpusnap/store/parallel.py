@@ -297,6 +297,10 @@ class Stream:
         self.tasks[pid].flush()
         self.busy[pid] += 1
 
+    def has_room(self) -> bool:
+        """Whether submit() would hand a task over without waiting."""
+        return self.pool is not None or min(self.busy.values()) < self.depth
+
     def take(self, block: bool = False) -> list:
         """(tag, result) of the tasks finished since the last take(); block: wait for one."""
         if self.pool is not None:

@@ -46,13 +46,17 @@ def send_like_criu(sock, maps: dict[int, list[tuple[int, bytes]]], split: int = 
     assert struct.unpack("=i", sock.recv(4))[0] == 0
 
 
-def stream(tmp_path, maps, vmas_of, split=256, workers=2, images="images"):
+def stream(tmp_path, maps, vmas_of, split=256, workers=2, images="images", grow=0, out=None):
+    """grow: host memory (bytes) the stream may grow into, as a --leave-running dump's;
+    out: a dict that gets the stream's timings."""
     repo = Repository.open(str(tmp_path / "store"))
     images = tmp_path / images
     images.mkdir()
     for pid, vmas in vmas_of.items():
         (images / f"mm-{pid}.img").write_bytes(make_mm(vmas))
-    sink = PageStream(repo, workers=workers)
+    sink = PageStream(repo, workers=workers, room=grow)
+    if grow:
+        sink.grow(grow)
     ours, theirs = socket.socketpair()
     client = threading.Thread(target=send_like_criu, args=(theirs, maps, split))
     client.start()
@@ -63,6 +67,8 @@ def stream(tmp_path, maps, vmas_of, split=256, workers=2, images="images"):
         ours.close()
         theirs.close()
     files, counts, stats = sink.finish(str(images))
+    if out is not None:
+        out.update(sink.timings())
     return repo, images, files, counts, stats
 
 
@@ -134,6 +140,47 @@ def test_two_tasks_many_slots_and_dedup_on_a_second_stream(tmp_path, monkeypatch
     # the same pages again, into the same store: nothing new (chunks dedup across dumps)
     counts2 = stream(tmp_path, maps, vmas, images="again")[3]
     assert counts2["bytes_new"] == 0 and counts2["bytes_logical"] == counts["bytes_logical"]
+
+
+def test_a_grown_stream_queues_full_slots_and_stores_the_same_chunks(tmp_path, monkeypatch):
+    """A --leave-running dump's stream grown past its workers' queues (one worker taking
+    two slots, 24 slots of room): full slots wait in the stream's own queue, CRIU's side
+    goes on, and what is stored is what the default stream stores."""
+    monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
+    from gpusnap.store import pagestream
+    vaddr = 0x7f0000000000
+    data = random.Random(7).randbytes(5 * pagestream.SLOT_BYTES + 40 * P)     # 6 slots
+    maps, vmas = {7: [(vaddr, data)]}, {7: [(vaddr, vaddr + len(data), ANON_FLAGS, ANON)]}
+    timings: dict = {}
+    grown = stream(tmp_path / "a", maps, vmas, workers=1, grow=24 * 4 * pagestream.SLOT_BYTES,
+                   out=timings)
+    plain = stream(tmp_path / "b", maps, vmas, workers=1)
+    assert timings["stream_slots"] == 24 and 3 <= timings["stream_slots_peak"] <= 24, timings
+    assert [f.chunks for f in grown[2]] == [f.chunks for f in plain[2]]
+    assert pages_of(grown[0], grown[2][0]) == data
+
+
+def test_grow_takes_a_quarter_of_the_memory_given_within_the_mapping(tmp_path, monkeypatch):
+    from gpusnap.store import pagestream
+    monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
+    slot = pagestream.SLOT_BYTES
+    assert pagestream.buffer_slots(400 * slot) == 100
+    assert pagestream.buffer_slots(1 << 50) == pagestream.BUFFER_CAP // slot
+    repo = Repository.open(str(tmp_path / "store"))
+    sink = PageStream(repo, workers=1, room=80 * slot)          # mapped for 20 slots
+    try:
+        assert sink.grow(40 * slot) == 10                       # a quarter of what is left
+        assert sink.grow(8 * slot) == 10                        # never shrinks
+        assert sink.grow(1 << 40) == 20                         # the mapping's size at most
+        assert sorted(sink.free) == list(range(20))
+    finally:
+        sink.abort()
+    monkeypatch.setenv("GPUSNAP_STREAM_SLOTS", "4")             # a fixed count: no growing
+    sink = PageStream(repo, workers=1, room=80 * slot)
+    try:
+        assert sink.grow(1 << 40) == 4
+    finally:
+        sink.abort()
 
 
 @pytest.mark.parametrize("raw,want", [("", 5), ("x", 5), ("-3", 5), ("1", 2), ("64", 64), ("9999", 256)])
