@@ -174,7 +174,10 @@ def main(argv=None) -> None:
 
 def _from_click(exc: click.ClickException) -> GpusnapError:
     """click's own errors (unknown option, missing argument, bad value) as gpusnap's."""
-    err = UsageError(exc.format_message(), hint=_usage_hint(exc))
+    hint = _usage_hint(exc)
+    if isinstance(exc, click.NoSuchOption) and _group_option(exc.option_name) is not None:
+        exc.possibilities = None        # not "did you mean" a command's option
+    err = UsageError(exc.format_message(), hint=hint)
     if not isinstance(exc, click.UsageError):
         err.exit_code = exc.exit_code
     return err
@@ -182,7 +185,25 @@ def _from_click(exc: click.ClickException) -> GpusnapError:
 
 def _usage_hint(exc: click.ClickException) -> str | None:
     ctx = getattr(exc, "ctx", None)
-    return f"`{ctx.command_path} --help` lists what it takes" if ctx is not None else None
+    if ctx is None:
+        return None
+    name = getattr(exc, "option_name", None)
+    own = _group_option(name) if isinstance(exc, click.NoSuchOption) and ctx.parent else None
+    if own is not None:
+        env = f", or set {own.envvar}" if isinstance(own.envvar, str) else ""
+        root, _, rest = ctx.command_path.partition(" ")
+        value = "" if own.is_flag or own.count else " VALUE"
+        return (f"{name} is an option of gpusnap itself: give it before the command "
+                f"(`{root} {name}{value} {rest} ...`){env}")
+    return f"`{ctx.command_path} --help` lists what it takes"
+
+
+def _group_option(name: str | None) -> click.Option | None:
+    """The option of gpusnap itself (not of its commands) spelled name, if there is one."""
+    for param in cli.params:
+        if isinstance(param, click.Option) and name in param.opts + param.secondary_opts:
+            return param
+    return None
 
 
 def _unexpected(exc: Exception) -> GpusnapError:

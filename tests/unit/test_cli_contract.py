@@ -73,6 +73,20 @@ def test_usage_error_without_json_is_text(capsys):
     assert got == 2 and out == "" and "No such option" in err
 
 
+@pytest.mark.parametrize("args, hint", [
+    (["ls", "--store", "/x"], "give it before the command (`gpusnap --store VALUE ls ...`), or set GPUSNAP_STORE"),
+    (["seed", "add", "--key-file", "k"], "(`gpusnap --key-file VALUE seed add ...`), or set GPUSNAP_KEY_FILE"),
+    (["restore", "-v", "x"], "(`gpusnap -v restore ...`)"),
+])
+def test_gpusnaps_own_option_after_the_command_says_where_it_goes(capsys, args, hint):
+    got, out, err = _run_main(["--json", *args], capsys)
+    body = json.loads(out)
+    assert got == 2 and hint in body["hint"] and "is an option of gpusnap itself" in body["hint"]
+    assert "Did you mean" not in body["message"]            # not a command's option instead
+    got, _out, err = _run_main(["ls", "--jsn"], capsys)     # a command's own: as before
+    assert "Did you mean '--json'?" in err and "`gpusnap ls --help` lists what it takes" in err
+
+
 def test_inspect_files_changes_text_and_types_stay(tmp_path):
     path, sid = _store_with_snapshot(tmp_path)
     runner = CliRunner()
