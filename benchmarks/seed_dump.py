@@ -82,7 +82,9 @@ def main(argv=None) -> str:
                          "(auto: one journal commit a batch of chunks on ext4/XFS; each: an fsync a chunk); "
                          "MODE:sN also sets GPUSNAP_STREAM_SLOTS=N (auto,auto:s128: the page stream's "
                          "default slots against 128), MODE:cLEVEL GPUSNAP_COMPRESS=LEVEL "
-                         "(auto,auto:cbf16: `--compress bf16` beside the default)")
+                         "(auto,auto:cbf16: `--compress bf16` beside the default), MODE:p "
+                         "GPUSNAP_STREAM_PREFAULT=1 (the page stream's slots touched during the "
+                         "driver's checkpoint)")
     ap.add_argument("--kinds", default="empty,seeded",
                     help="gpusnap's rows: empty (an empty store, then the second dump) and/or "
                          "seeded (a store seeded with the weights file)")
@@ -207,7 +209,8 @@ def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
 
 
 def mode_env(mode: str) -> dict:
-    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL]. Pure."""
+    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:p] (p: the page stream's
+    slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1). Pure."""
     fsync, *more = mode.split(":")
     env = {"GPUSNAP_FSYNC": fsync}
     for part in more:
@@ -215,8 +218,10 @@ def mode_env(mode: str) -> dict:
             env["GPUSNAP_STREAM_SLOTS"] = part[1:]
         elif part[:1] == "c" and part[1:]:
             env["GPUSNAP_COMPRESS"] = part[1:]
+        elif part == "p":
+            env["GPUSNAP_STREAM_PREFAULT"] = "1"
         else:
-            raise SystemExit(f"--fsync: {mode!r}: {part!r} is neither sN nor cLEVEL")
+            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, p")
     return env
 
 

@@ -246,8 +246,14 @@ class _Dump:
             mapped = staging.snapshot(cuda.pids)       # /proc/PID/maps: ~1 ms a pid
             with stages.stage("cuda_lock"):
                 cuda.lock_all(req.lock_timeout_ms)
-            with stages.stage("cuda_checkpoint"):
-                cuda.checkpoint_all()
+            ahead = self.stream.prefault(sum(cuda_facts.used_memory.values())) \
+                if self.stream and req.leave_running and cuda_facts else None
+            try:
+                with stages.stage("cuda_checkpoint"):
+                    cuda.checkpoint_all()
+            finally:
+                if ahead is not None:
+                    stages.seconds.update(ahead.stop())
             if cuda_facts is not None:                  # where the device memory went
                 cuda_facts.staging = staging.gained(mapped)
         if self.stream and req.leave_running:

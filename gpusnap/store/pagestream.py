@@ -26,8 +26,10 @@ restore runs while the workers write the rest.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,6 +61,16 @@ def slot_count(workers: int) -> int:
 def slots_forced() -> bool:
     """Whether GPUSNAP_STREAM_SLOTS fixes the slot count (no growing then)."""
     return os.environ.get("GPUSNAP_STREAM_SLOTS", "").isdigit()
+
+
+PREFAULT_ENV = "GPUSNAP_STREAM_PREFAULT"      # experimental: 1 touches slots ahead (prefault())
+_MADV_POPULATE_WRITE = 23                      # Linux 5.14
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() else 0
 
 
 def buffer_slots(memory: int) -> int:
@@ -123,10 +135,27 @@ class PageStream:
         the memory the dump itself takes (the driver's checkpoint) is taken. Returns the
         slot count."""
         more = min(self.limit, buffer_slots(available)) - self.slots
-        if more > 0:
-            self.free[:0] = range(self.slots, self.slots + more)    # used last: pop() is LIFO
+        if more > 0:        # used last (pop() is LIFO), in ascending order (prefault())
+            self.free[:0] = range(self.slots + more - 1, self.slots - 1, -1)
             self.slots += more
         return self.slots
+
+    def prefault(self, nbytes: int, threads: int = 4) -> "Prefault | None":
+        """Experimental (GPUSNAP_STREAM_PREFAULT=1): the slots grow() would hand out
+        first for nbytes of pages, touched on threads of their own until stopped, so the
+        kernel allocates and zeroes them while the caller waits on something else (the
+        driver's checkpoint) rather than while CRIU's pages are copied in. None when not
+        asked for or there is nothing to touch."""
+        if _env_int(PREFAULT_ENV) != 1 or self.view is None:
+            return None
+        first = self.slots
+        count = min(self.limit - first, -(-nbytes // SLOT_BYTES))
+        if count <= 0:
+            return None
+        probe = ctypes.c_char.from_buffer(self.shm)
+        address = ctypes.addressof(probe)
+        del probe                                       # no export left: close() works
+        return Prefault(address, first, count, threads)
 
     # ---- PageSink ----
     def open(self, kind: str, ident: int) -> None:
@@ -365,6 +394,43 @@ def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[st
     if pending:
         clock.timed("w_write", repo.backend.put_many, list(pending.items()))
     return pieces, clock.seconds
+
+
+class Prefault:
+    """Threads that touch slots [first, first + count) in ascending order
+    (MADV_POPULATE_WRITE, which allocates without copying anything) until done or
+    stopped; ctypes lets go of the GIL for each call."""
+
+    def __init__(self, address: int, first: int, count: int, threads: int):
+        self.address, self.first, self.count = address, first, count
+        self.touched = 0
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True,
+                                          name="gpusnap-prefault") for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, index: int, stride: int) -> None:
+        for slot in range(self.first + index, self.first + self.count, stride):
+            if self._stop.is_set():
+                return
+            at = ctypes.c_void_p(self.address + slot * SLOT_BYTES)
+            if _libc.madvise(at, ctypes.c_size_t(SLOT_BYTES), _MADV_POPULATE_WRITE) != 0:
+                return                                  # an older kernel: nothing to gain
+            with self._lock:
+                self.touched += SLOT_BYTES
+
+    def stop(self) -> dict[str, float]:
+        """Stop (each thread finishes the slot it is on); what was touched, for timings."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self.seconds = time.perf_counter() - self.started
+        return {"stream_prefault_gb": round(self.touched / 1e9, 3),
+                "stream_prefault_s": round(self.seconds, 4)}
 
 
 class _Clock:

@@ -183,6 +183,29 @@ def test_grow_takes_a_quarter_of_the_memory_given_within_the_mapping(tmp_path, m
         sink.abort()
 
 
+def test_prefault_touches_the_slots_grow_hands_out_first_and_stops(tmp_path, monkeypatch):
+    from gpusnap.store import pagestream
+    monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
+    slot = pagestream.SLOT_BYTES
+    repo = Repository.open(str(tmp_path / "store"))
+    sink = PageStream(repo, workers=1, room=64 * slot)              # 16 slots mapped
+    try:
+        assert sink.prefault(6 * slot) is None                      # not asked for
+        monkeypatch.setenv(pagestream.PREFAULT_ENV, "1")
+        ahead = sink.prefault(6 * slot - 1, threads=2)
+        assert (ahead.first, ahead.count) == (sink.slots, 6)
+        for t in ahead._threads:
+            t.join()
+        got = ahead.stop()
+        assert got["stream_prefault_gb"] in (0, round(6 * slot / 1e9, 3))   # 0: an old kernel
+        sink.grow(1 << 40)
+        handed = [sink.free[-1 - i] for i in range(sink.slots)]     # pop() order
+        assert handed[:3] == [2, 1, 0] and handed[3:9] == list(range(3, 9))
+        assert bytes(sink.view[3 * slot:4 * slot]) == bytes(slot)   # touched, still zeros
+    finally:
+        sink.abort()
+
+
 @pytest.mark.parametrize("raw,want", [("", 5), ("x", 5), ("-3", 5), ("1", 2), ("64", 64), ("9999", 256)])
 def test_slot_count_comes_from_gpusnap_stream_slots_within_bounds(monkeypatch, raw, want):
     from gpusnap.store.pagestream import slot_count

@@ -17,7 +17,11 @@ def test_slots_and_compression_in_either_order():
     assert mode_env("each:cbf16:s128") == want
 
 
-@pytest.mark.parametrize("mode", ["auto:x", "auto:s", "auto:sabc", "auto:c"])
+def test_the_prefault_part():
+    assert mode_env("auto:p") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PREFAULT": "1"}
+
+
+@pytest.mark.parametrize("mode", ["auto:x", "auto:s", "auto:sabc", "auto:c", "auto:n", "auto:px"])
 def test_an_unknown_part_is_refused(mode):
     with pytest.raises(SystemExit):
         mode_env(mode)
