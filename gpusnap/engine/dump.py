@@ -38,9 +38,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-import psutil
-
-from .. import VERSION, interrupts, testpause
+from .. import VERSION, hostmem, interrupts, testpause
 from ..criu import pageserver
 from ..cuda import hugepages, staging
 from ..criu.runner import log_errors
@@ -404,8 +402,9 @@ class _Dump:
 
 
 def _available() -> int:
-    """Host memory available now (bytes): what a --leave-running page stream may grow into."""
-    return psutil.virtual_memory().available
+    """Memory this process may take now (bytes; its cgroup's limit included): what a
+    --leave-running page stream may grow into."""
+    return hostmem.available()
 
 
 def _what(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ rest carried into the next slot, so the chunks of memory that moved between two 
 Full slots wait in a queue of this process while every worker is busy, so CRIU is held up
 only when no slot is free. A dump with --leave-running lets its stream grow (grow()) once
 the driver's checkpoint has taken its host memory: up to a quarter of the memory then
-available (BUFFER_SHARE, at most BUFFER_CAP), so that CRIU, and with it the original's
+available to gpusnap (BUFFER_SHARE, at most BUFFER_CAP; the caller says how much: hostmem.py), so that CRIU, and with it the original's
 freeze, ends at the pace of memory rather than of the disk, and the original's CUDA
 restore runs while the workers write the rest.
 """

@@ -79,3 +79,51 @@ def test_direct_io_dump_is_verified_and_restores(workload, gpusnap, store):
     assert rc == 0, err
     assert w.report()["data_ok"]
     w.kill_all()
+
+
+def _memory_cgroup(limit: int):
+    """A new memory cgroup limited to `limit` bytes (v1, else v2); its cgroup.procs path
+    and a remover; skips where none can be made."""
+    for base, limit_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+                             ("/sys/fs/cgroup", "memory.max")):
+        if not os.path.exists(os.path.join(base, "cgroup.procs")):
+            continue
+        path = os.path.join(base, f"gpusnap-test-{os.getpid()}")
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, limit_file), "w") as f:
+                f.write(str(limit))
+        except OSError:             # no such controller there, or not ours to make
+            if os.path.isdir(path):
+                os.rmdir(path)
+            continue
+        return os.path.join(path, "cgroup.procs"), lambda: os.rmdir(path)
+    pytest.skip("no memory cgroup can be made here")
+
+
+def test_a_leave_running_stream_grows_within_gpusnaps_memory_cgroup(workload, store, tmp_path):
+    """gpusnap in a memory cgroup of 768 MiB on a host with far more: the page stream of a
+    --leave-running dump grows into a quarter of what the cgroup leaves (hostmem.py), not of
+    the host's memory, and the dump restores."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    from gpusnap.store.pagestream import SLOT_BYTES, slot_count
+    limit = 768 << 20
+    procs, remove = _memory_cgroup(limit)
+    w = workload("--mib", "64")
+    env = {**os.environ, "GPUSNAP_STORE": store,
+           "GPUSNAP_STATE_DIR": os.path.join(os.path.dirname(store), "state")}
+    env.pop("GPUSNAP_STREAM_SLOTS", None)
+    try:
+        proc = subprocess.run(["sh", "-c", f'echo $$ > {procs} && exec "$0" "$@"', sys.executable,
+                               "-m", "gpusnap", "--json", "dump", "--pid", str(w.pid), "--leave-running"],
+                              cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        remove()
+    assert proc.returncode == 0, proc.stderr
+    timings = json.loads(proc.stdout)["timings"]
+    assert timings["stream_slots"] * SLOT_BYTES <= max(limit // 4, slot_count(timings["stream_workers"]) * SLOT_BYTES)
+    assert w.report(w.pid)["data_ok"]
+    w.kill_all()
