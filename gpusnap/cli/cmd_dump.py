@@ -117,8 +117,9 @@ def _execute(app, repo, plan, planned: float) -> dict:
     for text in manifest.notes:
         app.note(text)
     if not app.as_json and app.verbose:
+        held = f"; the target was held {manifest.downtime:.3f} s" if manifest.downtime is not None else ""
         app.note(f"{human_bytes(manifest.bytes_logical)} of images, "
-                 f"{human_bytes(manifest.bytes_new)} new in the store\n"
+                 f"{human_bytes(manifest.bytes_new)} new in the store{held}\n"
                  + timings_table(manifest.timings))
     # these fields alone (the whole to_json() lists every chunk of the snapshot)
     return {"id": manifest.id, "name": manifest.name, "bytes_logical": manifest.bytes_logical,

@@ -90,7 +90,10 @@ def timings_table(timings: dict[str, float]) -> str:
         rows.append(f"  page stream, inside criu_dump: reading {timings['stream_recv']:.3f} s"
                     + (f" ({copiers} copy threads; waiting for their last copies "
                        f"{timings.get('stream_copy_wait', 0.0):.3f} s)" if copiers else "")
-                    + f", waiting for a free slot {timings.get('stream_slot_wait', 0.0):.3f} s")
+                    + f", waiting for a free slot {timings.get('stream_slot_wait', 0.0):.3f} s"
+                    + (f"; slots of 16 MiB: {int(timings['stream_slots'])} allowed, "
+                       f"{int(timings.get('stream_slots_peak', 0))} used at most"
+                       if "stream_slots" in timings else ""))
         rows.append(f"  {int(timings.get('stream_workers', 0))} workers, summed: "
                     + ", ".join(f"{what} {timings.get('stream_' + key, 0.0):.3f} s"
                                 for key, what in STREAM_STEPS))

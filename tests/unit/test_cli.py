@@ -116,4 +116,8 @@ def test_the_timings_table_keeps_page_stream_figures_out_of_the_total():
     assert "total                 3.000 s" in text
     assert "16 workers, summed:" in text and "writing 30.000 s" in text
     assert "cuda_restore ran at the same time as pages_finish" in text
-    assert "stream_workers" not in text
+    assert "stream_workers" not in text and "slots of 16 MiB" not in text
+    grown = timings_table({"criu_dump": 1.0, "stream_recv": 0.4, "stream_slots": 1721,
+                           "stream_slots_peak": 598, "stream_workers": 16})
+    assert "total                 1.000 s" in grown
+    assert "slots of 16 MiB: 1721 allowed, 598 used at most" in grown
