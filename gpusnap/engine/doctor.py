@@ -52,6 +52,30 @@ def _kernel() -> list[Check]:
     return out
 
 
+def _dump_buffer() -> list[Check]:
+    """How far a --leave-running dump's page stream may run ahead of the disk here: a
+    quarter of the memory left to gpusnap (its memory cgroup's limit counted), unless
+    GPUSNAP_STREAM_SLOTS fixes the slots (store/pagestream.py)."""
+    from .. import hostmem
+    from ..store import pagestream
+    if pagestream.slots_forced():
+        n = pagestream.slot_count(1)
+        return [Check("dump buffer", "ok", f"GPUSNAP_STREAM_SLOTS fixes {n} slots "
+                      f"({n * pagestream.SLOT_BYTES >> 20} MiB): CRIU waits for the disk past them")]
+    room = hostmem.cgroup_room()
+    left = hostmem.available()
+    limit = pagestream.buffer_slots(left) * pagestream.SLOT_BYTES
+    where = f"of {left / 2**30:.1f} GiB left to gpusnap" + (
+        " (its memory cgroup's limit)" if room is not None and room <= left else "")
+    if limit < 1 << 30:
+        return [Check("dump buffer", "warn", f"a --leave-running dump may buffer "
+                      f"{limit >> 20} MiB of pages ({where}): CRIU, and the target's freeze, "
+                      f"go at the disk's pace", "give gpusnap (gpusnapd's pod) more memory")]
+    return [Check("dump buffer", "ok", f"a --leave-running dump may buffer up to "
+                  f"{limit / 2**30:.1f} GiB of pages, a quarter {where} (less what the "
+                  f"driver's checkpoint takes)")]
+
+
 def _workdir() -> list[Check]:
     from . import workdir
     where = workdir.describe("<store>")
@@ -190,7 +214,7 @@ def _recoveries() -> list[Check]:
 
 def run_checks() -> list[Check]:
     checks: list[Check] = []
-    for group in (_privileges, _criu, _kernel, _workdir, _recoveries, _cuda, _engines):
+    for group in (_privileges, _criu, _kernel, _workdir, _dump_buffer, _recoveries, _cuda, _engines):
         try:
             checks += group()
         except Exception as exc:  # noqa: BLE001

@@ -62,3 +62,19 @@ def test_available_is_the_smaller_of_host_and_cgroup(tmp_path):
     root = _tree(tmp_path, "0::/\n", {"memory.max": str(G), "memory.current": str(2 * G)})
     assert hostmem.available(root) == 0                  # over its limit already: nothing
     assert hostmem.available(str(tmp_path / "nowhere")) > 0
+
+
+def test_doctor_says_how_much_a_dump_may_buffer(monkeypatch):
+    from gpusnap.engine import doctor
+    monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
+    monkeypatch.setattr(hostmem, "available", lambda root="/": 40 * G)
+    monkeypatch.setattr(hostmem, "cgroup_room", lambda root="/": None)
+    [check] = doctor._dump_buffer()
+    assert check.status == "ok" and "up to 10.0 GiB of pages" in check.detail
+    monkeypatch.setattr(hostmem, "available", lambda root="/": 2 * G)
+    monkeypatch.setattr(hostmem, "cgroup_room", lambda root="/": 2 * G)
+    [check] = doctor._dump_buffer()
+    assert check.status == "warn" and "512 MiB" in check.detail and "cgroup" in check.detail
+    monkeypatch.setenv("GPUSNAP_STREAM_SLOTS", "40")
+    [check] = doctor._dump_buffer()
+    assert check.status == "ok" and "fixes 40 slots (640 MiB)" in check.detail
