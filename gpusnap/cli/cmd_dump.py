@@ -41,7 +41,11 @@ class CompressLevel(click.ParamType):
 @click.option("--name", callback=_valid_name,
               help="A name for the snapshot: commands that take SNAP read it as the newest "
                    "snapshot of that name; dumps may reuse it. Several containers: NAME.CONTAINER.")
-@click.option("--leave-running", is_flag=True, help="Keep the original running after the dump.")
+@click.option("--leave-running", is_flag=True,
+              help="Keep the original running after the dump. It runs again once CRIU has read "
+                   "its memory (and the driver has put its GPU memory back): a process tree's "
+                   "pages wait in up to a quarter of the memory left to gpusnap while the store "
+                   "writes them (`gpusnap doctor` says how much).")
 @click.option("--lock-timeout", envvar="GPUSNAP_LOCK_TIMEOUT", type=float, default=10.0,
               show_default=True, help="Seconds to wait for CUDA work in flight before locking.")
 @click.option("--compress", envvar="GPUSNAP_COMPRESS", type=CompressLevel(), default="fast",
