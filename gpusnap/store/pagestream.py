@@ -19,9 +19,10 @@ rest carried into the next slot, so the chunks of memory that moved between two 
 Full slots wait in a queue of this process while every worker is busy, so CRIU is held up
 only when no slot is free. A dump with --leave-running lets its stream grow (grow()) once
 the driver's checkpoint has taken its host memory: up to a quarter of the memory then
-available to gpusnap (BUFFER_SHARE, at most BUFFER_CAP; the caller says how much: hostmem.py), so that CRIU, and with it the original's
-freeze, ends at the pace of memory rather than of the disk, and the original's CUDA
-restore runs while the workers write the rest.
+available to gpusnap (BUFFER_SHARE, at most BUFFER_CAP; the caller says how much, from
+hostmem.py), so that CRIU, and with it the original's freeze, ends at the pace of memory
+rather than of the disk, and the original's CUDA restore runs while the workers write
+the rest.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .tally import Tally
 SLOT_BYTES = 16 << 20
 MAX_SLOTS = 256                 # 4 GiB of slots at most (GPUSNAP_STREAM_SLOTS)
 BUFFER_CAP = 32 << 30           # what a stream may grow to (grow(): --leave-running)
-BUFFER_SHARE = 4                # ... a quarter of the host memory available, at most
+BUFFER_SHARE = 4                # ... a quarter of the memory available to gpusnap, at most
 
 
 def slot_count(workers: int) -> int:
