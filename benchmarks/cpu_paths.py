@@ -12,11 +12,14 @@ Rows, same run, same tree (a memholder: random data, two children, two threads):
   and plain `criu restore` from the tmpfs images
 
 Medians of --runs, wall clock of the whole command. Writes OUT/cpu_paths_<host>.md/.json.
+gpusnap's modules are compiled first, as a wheel's install leaves them (an editable
+install under PYTHONDONTWRITEBYTECODE would compile them again in every command timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -145,6 +148,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args()
     criu = find_criu()[0]
+    compileall.compile_dir(os.path.join(REPO, "gpusnap"), quiet=1)
     rows = []
     for _ in range(args.runs):
         work = tempfile.mkdtemp(prefix="gpusnap-cpu-bench-", dir="/dev/shm")

@@ -53,4 +53,8 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
         echo "setup: no local CPU PyTorch wheel: the SDK tests will skip"
     fi
 fi
+# gpusnap's bytecode, as installing a wheel writes it: an editable install compiles
+# nothing, and where PYTHONDONTWRITEBYTECODE is set every command would compile its ~270
+# modules again (0.1 s a command on the 2-core CPU host; benchmarks/results/cpu_paths_cpu_s22.md).
+.venv/bin/python -m compileall -q gpusnap >/dev/null
 echo "setup: .venv ready ($(.venv/bin/gpusnap --version))"

@@ -36,18 +36,23 @@ from ..criu.pageserver import CUT_MID_ENTRY
 from ..errors import CriuFailed
 
 DEFAULT_THREADS = 4
+MIN_CPUS = 4                    # fewer: a copier only takes CPU from CRIU and the workers
 MAX_THREADS = 32                # a pipe (two descriptors) each: H200, 8 were no faster than 4
 PIPE_BYTES = 1 << 20            # /proc/sys/fs/pipe-max-size's default: anyone may size a pipe so
 SMALL = 64 << 10                # below this a piece is read by the receiver
 
 
-def threads() -> int:
+def threads(cpus: int | None = None) -> int:
     """GPUSNAP_STREAM_COPIERS where it is a count >= 0 (at most MAX_THREADS), else
-    DEFAULT_THREADS (at most the CPUs less one)."""
+    DEFAULT_THREADS (at most the CPUs less one), none on fewer than MIN_CPUS CPUs: on
+    two, CRIU, the receiver and the workers keep both busy, and a copier's splice and
+    hand-over are work added (the 2-core CPU host's 1 GiB dump: 1.33 s without, 1.39-1.44
+    with one; benchmarks/results/cpu_paths_cpu_s22.md)."""
     raw = os.environ.get("GPUSNAP_STREAM_COPIERS", "")
     if raw.strip().isdigit():
         return min(int(raw), MAX_THREADS)
-    return max(0, min(DEFAULT_THREADS, (os.cpu_count() or 1) - 1))
+    cpus = cpus or os.cpu_count() or 1
+    return min(DEFAULT_THREADS, cpus - 1) if cpus >= MIN_CPUS else 0
 
 
 class PipeCopier:

@@ -190,9 +190,18 @@ def test_prefault_touches_the_slots_grow_hands_out_first_and_stops(tmp_path, mon
     repo = Repository.open(str(tmp_path / "store"))
     sink = PageStream(repo, workers=1, room=64 * slot)              # 16 slots mapped
     try:
-        assert sink.prefault(6 * slot) is None                      # not asked for
+        for off in ("", "0", "yes"):
+            monkeypatch.setenv(pagestream.PREFAULT_ENV, off)
+            assert sink.prefault(6 * slot, 1 << 40) is None         # not asked for
         monkeypatch.setenv(pagestream.PREFAULT_ENV, "1")
-        ahead = sink.prefault(6 * slot - 1, threads=2)
+        # what grow() allows once the driver has taken its 6 slots' worth: a quarter of
+        # 42 - 6 slots = 9 slots, 3 already made: 6 to touch ahead
+        for available, count in ((42, 6), (30, 3), (6, None)):     # 30 - 6: 6 slots in all
+            ahead = sink.prefault(6 * slot, available * slot)
+            assert (ahead and ahead.count) == count
+            if ahead:
+                ahead.stop()
+        ahead = sink.prefault(6 * slot - 1, 1 << 40, threads=2)
         assert (ahead.first, ahead.count) == (sink.slots, 6)
         for t in ahead._threads:
             t.join()
@@ -202,6 +211,25 @@ def test_prefault_touches_the_slots_grow_hands_out_first_and_stops(tmp_path, mon
         handed = [sink.free[-1 - i] for i in range(sink.slots)]     # pop() order
         assert handed[:3] == [2, 1, 0] and handed[3:9] == list(range(3, 9))
         assert bytes(sink.view[3 * slot:4 * slot]) == bytes(slot)   # touched, still zeros
+    finally:
+        sink.abort()
+
+
+def test_slots_touched_ahead_count_as_the_streams_when_it_grows(tmp_path, monkeypatch):
+    """The driver's copy and the touched slots both came out of what the host has left:
+    grow() still hands out every slot touched ahead."""
+    from gpusnap.store import pagestream
+    monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
+    monkeypatch.setenv(pagestream.PREFAULT_ENV, "1")
+    slot = pagestream.SLOT_BYTES
+    sink = PageStream(Repository.open(str(tmp_path / "store")), workers=1, room=64 * slot)
+    try:
+        ahead = sink.prefault(6 * slot, 42 * slot, threads=2)     # 3 slots made, 6 ahead
+        for t in ahead._threads:
+            t.join()
+        ahead.stop()
+        if ahead.touched:                                           # 0: a kernel without it
+            assert sink.grow((42 - 6 - 6) * slot) == 9              # a quarter of 36, not of 30
     finally:
         sink.abort()
 
@@ -398,7 +426,9 @@ def test_copy_threads_come_from_gpusnap_stream_copiers(monkeypatch, tmp_path):
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "100000")
     assert pipecopy.threads() == pipecopy.MAX_THREADS
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "many")
-    assert pipecopy.threads() == max(0, min(pipecopy.DEFAULT_THREADS, (os.cpu_count() or 1) - 1))
+    cpus = os.cpu_count() or 1
+    assert pipecopy.threads() == (min(pipecopy.DEFAULT_THREADS, cpus - 1) if cpus >= pipecopy.MIN_CPUS else 0)
+    assert [pipecopy.threads(n) for n in (1, 2, 3, 4, 5, 16, 64)] == [0, 0, 0, 3, 4, 4, 4]
 
 
 def test_closing_a_copier_twice_or_under_sigterm_is_safe(monkeypatch):
