@@ -84,7 +84,7 @@ def main(argv=None) -> str:
                          "default slots against 128), MODE:cLEVEL GPUSNAP_COMPRESS=LEVEL "
                          "(auto,auto:cbf16: `--compress bf16` beside the default), MODE:p "
                          "GPUSNAP_STREAM_PREFAULT=1 (the page stream's slots touched during the "
-                         "driver's checkpoint)")
+                         "driver's checkpoint), MODE:p0 GPUSNAP_STREAM_PREFAULT=0")
     ap.add_argument("--kinds", default="empty,seeded",
                     help="gpusnap's rows: empty (an empty store, then the second dump) and/or "
                          "seeded (a store seeded with the weights file)")
@@ -209,8 +209,9 @@ def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
 
 
 def mode_env(mode: str) -> dict:
-    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:p] (p: the page stream's
-    slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1). Pure."""
+    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:p|:p0] (p: the page
+    stream's slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1; p0:
+    =0). Pure."""
     fsync, *more = mode.split(":")
     env = {"GPUSNAP_FSYNC": fsync}
     for part in more:
@@ -218,10 +219,10 @@ def mode_env(mode: str) -> dict:
             env["GPUSNAP_STREAM_SLOTS"] = part[1:]
         elif part[:1] == "c" and part[1:]:
             env["GPUSNAP_COMPRESS"] = part[1:]
-        elif part == "p":
-            env["GPUSNAP_STREAM_PREFAULT"] = "1"
+        elif part in ("p", "p0"):
+            env["GPUSNAP_STREAM_PREFAULT"] = "1" if part == "p" else "0"
         else:
-            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, p")
+            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, p, p0")
     return env
 
 

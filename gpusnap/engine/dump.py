@@ -244,7 +244,7 @@ class _Dump:
             mapped = staging.snapshot(cuda.pids)       # /proc/PID/maps: ~1 ms a pid
             with stages.stage("cuda_lock"):
                 cuda.lock_all(req.lock_timeout_ms)
-            ahead = self.stream.prefault(sum(cuda_facts.used_memory.values())) \
+            ahead = self.stream.prefault(sum(cuda_facts.used_memory.values()), _available()) \
                 if self.stream and req.leave_running and cuda_facts else None
             try:
                 with stages.stage("cuda_checkpoint"):

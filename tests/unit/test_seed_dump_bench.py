@@ -19,6 +19,7 @@ def test_slots_and_compression_in_either_order():
 
 def test_the_prefault_part():
     assert mode_env("auto:p") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PREFAULT": "1"}
+    assert mode_env("auto:p0") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PREFAULT": "0"}
 
 
 @pytest.mark.parametrize("mode", ["auto:x", "auto:s", "auto:sabc", "auto:c", "auto:n", "auto:px"])
