@@ -10,8 +10,7 @@ memory (a --leave-running dump's page stream: store/pagestream.py) is sized from
     cgroup v1   "N:...memory...:PATH": memory.limit_in_bytes - memory.usage_in_bytes, at PATH
                 and its ancestors under /sys/fs/cgroup/memory (a limit past 2^62: none)
 
-A cgroup namespace shows PATH as "/": the files at the mount's root are then the
-container's own. Whatever cannot be read counts as no limit.
+Which directories those are: cgroups.py. Whatever cannot be read counts as no limit.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from __future__ import annotations
 import os
 
 import psutil
+
+from . import cgroups
 
 UNLIMITED = 1 << 62
 
@@ -34,44 +35,11 @@ def cgroup_room(root: str = "/") -> int | None:
     """Bytes left under the tightest memory limit of this process's cgroup and its
     ancestors; None where no limit applies or none can be read. root: where /proc and
     /sys are (tests)."""
-    try:
-        with open(os.path.join(root, "proc/self/cgroup")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
     rooms = []
-    for line in lines:
-        _id, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if controllers == "" and _id == "0":
-            rooms += _levels(os.path.join(root, "sys/fs/cgroup"), path, "memory.max", "memory.current")
-        elif "memory" in controllers.split(","):
-            rooms += _levels(os.path.join(root, "sys/fs/cgroup/memory"), path,
-                             "memory.limit_in_bytes", "memory.usage_in_bytes")
-    return min(rooms) if rooms else None
-
-
-def _levels(mount: str, path: str, limit_file: str, usage_file: str) -> list[int]:
-    """limit - usage at mount/path and each ancestor up to mount (levels with a limit)."""
-    parts = [p for p in path.split("/") if p and p not in (".", "..")]
-    if not os.path.isdir(os.path.join(mount, *parts)):
-        parts = []                  # another namespace's path: the mount's root is ours
-    out = []
-    while True:
-        here = os.path.join(mount, *parts)
-        limit = _read_int(os.path.join(here, limit_file))
+    for version, here in cgroups.levels("memory", root):
+        limit_file, usage_file = (("memory.max", "memory.current") if version == 2 else
+                                  ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+        limit = cgroups.read_int(os.path.join(here, limit_file))
         if limit is not None and limit < UNLIMITED:
-            usage = _read_int(os.path.join(here, usage_file)) or 0
-            out.append(limit - usage)
-        if not parts:
-            return out
-        parts.pop()
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            raw = f.read().strip()
-    except OSError:
-        return None
-    return int(raw) if raw.isdigit() else None
+            rooms.append(limit - (cgroups.read_int(os.path.join(here, usage_file)) or 0))
+    return min(rooms) if rooms else None

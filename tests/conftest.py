@@ -270,3 +270,17 @@ def libz_path() -> str:
         if os.path.exists(os.path.join(d, "libz.so.1")):
             return os.path.join(d, "libz.so.1")
     pytest.skip("no libz.so.1 to copy")
+
+
+def cgroup_tree(tmp_path, cgroup: str, files: dict[str, str]) -> str:
+    """A root with proc/self/cgroup holding `cgroup` and, under sys/fs/cgroup, `files`
+    (relative path -> content): a host's or a container's cgroup files as hostmem.py and
+    hostcpu.py read them."""
+    root = tmp_path / "root"
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        path = root / "sys/fs/cgroup" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return str(root)

@@ -76,6 +76,19 @@ def _dump_buffer() -> list[Check]:
                   f"driver's checkpoint takes)")]
 
 
+def _cpus() -> list[Check]:
+    """The CPUs gpusnap's worker pools are sized from (hostcpu.py): its affinity within
+    its CPU cgroup's quota, which in a pod is the pod's CPU limit, not the node's CPUs."""
+    from .. import hostcpu
+    from ..store import parallel
+    n, quota, node = hostcpu.count(), hostcpu.cgroup_quota(), os.cpu_count() or 1
+    why = (f"of {node} on the host: its CPU cgroup's quota" if quota is not None and quota <= n
+           else f"of {node} on the host: the CPUs it may run on" if n < node else "")
+    return [Check("cpus", "ok", f"{n} for gpusnap{' (' + why + ')' if why else ''}: "
+                  f"{parallel.workers()} workers to store or restore a snapshot's chunks "
+                  f"(GPUSNAP_THREADS sets them)")]
+
+
 def _workdir() -> list[Check]:
     from . import workdir
     where = workdir.describe("<store>")
@@ -214,7 +227,7 @@ def _recoveries() -> list[Check]:
 
 def run_checks() -> list[Check]:
     checks: list[Check] = []
-    for group in (_privileges, _criu, _kernel, _workdir, _dump_buffer, _recoveries, _cuda, _engines):
+    for group in (_privileges, _criu, _kernel, _cpus, _workdir, _dump_buffer, _recoveries, _cuda, _engines):
         try:
             checks += group()
         except Exception as exc:  # noqa: BLE001

@@ -38,7 +38,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
-from .. import errors, sysrun
+from .. import errors, hostcpu, sysrun
 from ..errors import GpusnapError
 
 BATCH_BYTES = 16 << 20      # what a worker takes at once, and the step progress moves in
@@ -52,8 +52,8 @@ def _threads_set() -> int | None:
 
 def workers() -> int:
     """Worker processes for ingest, materialise, verify and the page stream:
-    GPUSNAP_THREADS, else the CPUs (at most 16)."""
-    return _threads_set() or max(2, min(16, os.cpu_count() or 2))
+    GPUSNAP_THREADS, else the CPUs this process may use (hostcpu.py; at most 16)."""
+    return _threads_set() or max(2, min(16, hostcpu.count()))
 
 
 def stream_workers(compressing: bool) -> int:
@@ -65,7 +65,7 @@ def stream_workers(compressing: bool) -> int:
     where set."""
     if not compressing or _threads_set():
         return workers()
-    return max(2, min(32, 2 * (os.cpu_count() or 1)))
+    return max(2, min(32, 2 * hostcpu.count()))
 
 
 def batches(items: list, size, limit: int | None = None) -> list[list]:

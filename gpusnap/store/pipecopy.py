@@ -31,7 +31,7 @@ import os
 import queue
 import threading
 
-from .. import interrupts
+from .. import hostcpu, interrupts
 from ..criu.pageserver import CUT_MID_ENTRY
 from ..errors import CriuFailed
 
@@ -44,14 +44,14 @@ SMALL = 64 << 10                # below this a piece is read by the receiver
 
 def threads(cpus: int | None = None) -> int:
     """GPUSNAP_STREAM_COPIERS where it is a count >= 0 (at most MAX_THREADS), else
-    DEFAULT_THREADS (at most the CPUs less one), none on fewer than MIN_CPUS CPUs: on
-    two, CRIU, the receiver and the workers keep both busy, and a copier's splice and
-    hand-over are work added (the 2-core CPU host's 1 GiB dump: 1.33 s without, 1.39-1.44
-    with one; benchmarks/results/cpu_paths_cpu_s22.md)."""
+    DEFAULT_THREADS (at most the CPUs this process may use less one: hostcpu.py), none on
+    fewer than MIN_CPUS CPUs: on two, CRIU, the receiver and the workers keep both busy,
+    and a copier's splice and hand-over are work added (the 2-core CPU host's 1 GiB dump:
+    1.33 s without, 1.39-1.44 with one; benchmarks/results/cpu_paths_cpu_s22.md)."""
     raw = os.environ.get("GPUSNAP_STREAM_COPIERS", "")
     if raw.strip().isdigit():
         return min(int(raw), MAX_THREADS)
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or hostcpu.count()
     return min(DEFAULT_THREADS, cpus - 1) if cpus >= MIN_CPUS else 0
 
 

@@ -81,24 +81,29 @@ def test_direct_io_dump_is_verified_and_restores(workload, gpusnap, store):
     w.kill_all()
 
 
-def _memory_cgroup(limit: int):
-    """A new memory cgroup limited to `limit` bytes (v1, else v2); its cgroup.procs path
-    and a remover; skips where none can be made."""
-    for base, limit_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
-                             ("/sys/fs/cgroup", "memory.max")):
+def _cgroup(what: str, choices: list[tuple[str, dict[str, str]]]):
+    """A new cgroup made at the first base of choices ((base, {file: value}), v1 first)
+    where it can be: its cgroup.procs path and a remover; skips where none can be made."""
+    for base, files in choices:
         if not os.path.exists(os.path.join(base, "cgroup.procs")):
             continue
-        path = os.path.join(base, f"gpusnap-test-{os.getpid()}")
+        path = os.path.join(base, f"gpusnap-test-{what}-{os.getpid()}")
         try:
             os.mkdir(path)
-            with open(os.path.join(path, limit_file), "w") as f:
-                f.write(str(limit))
+            for name, value in files.items():
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(value)
         except OSError:             # no such controller there, or not ours to make
             if os.path.isdir(path):
                 os.rmdir(path)
             continue
         return os.path.join(path, "cgroup.procs"), lambda: os.rmdir(path)
-    pytest.skip("no memory cgroup can be made here")
+    pytest.skip(f"no {what} cgroup can be made here")
+
+
+def _memory_cgroup(limit: int):
+    return _cgroup("memory", [("/sys/fs/cgroup/memory", {"memory.limit_in_bytes": str(limit)}),
+                              ("/sys/fs/cgroup", {"memory.max": str(limit)})])
 
 
 def test_a_leave_running_stream_grows_within_gpusnaps_memory_cgroup(workload, store, tmp_path):
@@ -127,3 +132,29 @@ def test_a_leave_running_stream_grows_within_gpusnaps_memory_cgroup(workload, st
     assert timings["stream_slots"] * SLOT_BYTES <= max(limit // 4, slot_count(timings["stream_workers"]) * SLOT_BYTES)
     assert w.report(w.pid)["data_ok"]
     w.kill_all()
+
+
+def _cpu_cgroup(cpus: int):
+    return _cgroup("cpu", [("/sys/fs/cgroup/cpu", {"cpu.cfs_period_us": "100000",
+                                                    "cpu.cfs_quota_us": str(cpus * 100000)}),
+                           ("/sys/fs/cgroup", {"cpu.max": f"{cpus * 100000} 100000"})])
+
+
+def test_doctor_sizes_the_workers_from_gpusnaps_cpu_quota(tmp_path):
+    """gpusnap in a CPU cgroup with a quota of one CPU: its worker pools are sized from
+    that (hostcpu.py), as a pod's CPU limit would have them, and doctor says so."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    procs, remove = _cpu_cgroup(1)
+    try:
+        proc = subprocess.run(["sh", "-c", f'echo $$ > {procs} && exec "$0" "$@"', sys.executable,
+                               "-m", "gpusnap", "--json", "doctor"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "GPUSNAP_STORE": str(tmp_path / "store")})
+    finally:
+        remove()
+    checks = {c["name"]: c for c in json.loads(proc.stdout)}
+    assert checks["cpus"]["detail"].startswith("1 for gpusnap (of "), checks["cpus"]
+    assert "its CPU cgroup's quota" in checks["cpus"]["detail"]

@@ -4,25 +4,15 @@ and /sys laid out as cgroup v1 and v2 hosts and containers lay them out."""
 from __future__ import annotations
 
 import pytest
+from conftest import cgroup_tree
 
 from gpusnap import hostmem
 
 G = 1 << 30
 
 
-def _tree(tmp_path, cgroup: str, files: dict[str, str]) -> str:
-    root = tmp_path / "root"
-    (root / "proc/self").mkdir(parents=True)
-    (root / "proc/self/cgroup").write_text(cgroup)
-    for rel, text in files.items():
-        path = root / "sys/fs/cgroup" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return str(root)
-
-
 def test_v2_the_tightest_level_up_the_hierarchy(tmp_path):
-    root = _tree(tmp_path, "0::/kubepods/pod1/ctr\n", {
+    root = cgroup_tree(tmp_path, "0::/kubepods/pod1/ctr\n", {
         "kubepods/memory.max": str(64 * G), "kubepods/memory.current": str(10 * G),
         "kubepods/pod1/memory.max": str(8 * G), "kubepods/pod1/memory.current": str(3 * G),
         "kubepods/pod1/ctr/memory.max": "max", "kubepods/pod1/ctr/memory.current": str(3 * G),
@@ -31,35 +21,35 @@ def test_v2_the_tightest_level_up_the_hierarchy(tmp_path):
 
 
 def test_v2_in_a_cgroup_namespace_the_mounts_root_is_ours(tmp_path):
-    root = _tree(tmp_path, "0::/\n", {"memory.max": str(4 * G), "memory.current": str(G)})
+    root = cgroup_tree(tmp_path, "0::/\n", {"memory.max": str(4 * G), "memory.current": str(G)})
     assert hostmem.cgroup_room(root) == 3 * G
 
 
 def test_v1_memory_controller_and_an_unlimited_host(tmp_path):
-    root = _tree(tmp_path, "5:cpu,cpuacct:/x\n4:memory:/docker/abc\n", {
+    root = cgroup_tree(tmp_path, "5:cpu,cpuacct:/x\n4:memory:/docker/abc\n", {
         "memory/docker/abc/memory.limit_in_bytes": str(2 * G),
         "memory/docker/abc/memory.usage_in_bytes": str(G // 2),
         "memory/memory.limit_in_bytes": "9223372036854771712",
     })
     assert hostmem.cgroup_room(root) == G + G // 2
-    free = _tree(tmp_path / "free", "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712"})
+    free = cgroup_tree(tmp_path / "free", "4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712"})
     assert hostmem.cgroup_room(free) is None
 
 
 def test_v1_a_path_from_another_namespace_reads_the_mounts_root(tmp_path):
-    root = _tree(tmp_path, "4:memory:/elsewhere/abc\n", {
+    root = cgroup_tree(tmp_path, "4:memory:/elsewhere/abc\n", {
         "memory/memory.limit_in_bytes": str(3 * G), "memory/memory.usage_in_bytes": str(G)})
     assert hostmem.cgroup_room(root) == 2 * G
 
 
 @pytest.mark.parametrize("cgroup", ["", "garbage\n", "0::/../../etc\n"])
 def test_unreadable_or_odd_is_no_limit(tmp_path, cgroup):
-    assert hostmem.cgroup_room(_tree(tmp_path, cgroup, {})) is None
+    assert hostmem.cgroup_room(cgroup_tree(tmp_path, cgroup, {})) is None
     assert hostmem.cgroup_room(str(tmp_path / "nowhere")) is None
 
 
 def test_available_is_the_smaller_of_host_and_cgroup(tmp_path):
-    root = _tree(tmp_path, "0::/\n", {"memory.max": str(G), "memory.current": str(2 * G)})
+    root = cgroup_tree(tmp_path, "0::/\n", {"memory.max": str(G), "memory.current": str(2 * G)})
     assert hostmem.available(root) == 0                  # over its limit already: nothing
     assert hostmem.available(str(tmp_path / "nowhere")) > 0
 

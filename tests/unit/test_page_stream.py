@@ -413,6 +413,7 @@ def test_a_stream_cut_mid_piece_ends_and_closing_frees_the_waiting_copy_thread(m
 
 
 def test_copy_threads_come_from_gpusnap_stream_copiers(monkeypatch, tmp_path):
+    from gpusnap import hostcpu
     from gpusnap.store import pipecopy
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "0")
     assert pipecopy.threads() == 0
@@ -426,7 +427,7 @@ def test_copy_threads_come_from_gpusnap_stream_copiers(monkeypatch, tmp_path):
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "100000")
     assert pipecopy.threads() == pipecopy.MAX_THREADS
     monkeypatch.setenv("GPUSNAP_STREAM_COPIERS", "many")
-    cpus = os.cpu_count() or 1
+    cpus = hostcpu.count()
     assert pipecopy.threads() == (min(pipecopy.DEFAULT_THREADS, cpus - 1) if cpus >= pipecopy.MIN_CPUS else 0)
     assert [pipecopy.threads(n) for n in (1, 2, 3, 4, 5, 16, 64)] == [0, 0, 0, 3, 4, 4, 4]
 

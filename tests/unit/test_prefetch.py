@@ -19,6 +19,7 @@ import pytest
 from conftest import commit_snapshot, write_images
 from s3server import s3_env, s3_server  # noqa: F401
 
+from gpusnap import hostcpu
 from gpusnap.store import Repository
 from gpusnap.store.backends import prefetch
 
@@ -104,13 +105,13 @@ def _snapshot(url, tmp_path, mib=48):
 
 def test_helper_processes_default_to_one_for_four_cpus(monkeypatch):
     monkeypatch.delenv("GPUSNAP_S3_PREFETCH_PROCS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(hostcpu, "count", lambda: 16)
     assert prefetch.procs(packs=100, workers=16) == 4
     assert prefetch.procs(packs=2, workers=16) == 2
     assert prefetch.procs(packs=100, workers=3) == 3
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hostcpu, "count", lambda: 2)
     assert prefetch.procs(packs=100, workers=16) == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(hostcpu, "count", lambda: 128)
     assert prefetch.procs(packs=100, workers=16) == 8
     for bad in ("0", "x", ""):
         monkeypatch.setenv("GPUSNAP_S3_PREFETCH_PROCS", bad)

@@ -31,7 +31,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from ... import sysrun
+from ... import hostcpu, sysrun
 from .. import parallel
 
 STOP_WAIT = 5.0     # seconds the helper has to finish its packs in flight once told to stop
@@ -60,10 +60,11 @@ def order(names: Iterable[str], pack_of: Callable[[str], object | None],
 
 def procs(packs: int, workers: int) -> int:
     """How many helper processes: GPUSNAP_S3_PREFETCH_PROCS where set, else one for
-    every 4 CPUs, at most 8; never more than the packs, nor than the requests in flight."""
+    every 4 CPUs this process may use (hostcpu.py), at most 8; never more than the packs,
+    nor than the requests in flight."""
     value = os.environ.get("GPUSNAP_S3_PREFETCH_PROCS", "")
     n = int(value) if value.isdigit() and int(value) > 0 else \
-        min(8, max(1, (os.cpu_count() or 1) // 4))
+        min(8, max(1, hostcpu.count() // 4))
     return max(1, min(n, packs, workers))
 
 
