@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def main(argv=None) -> str:
                          "default slots against 128), MODE:cLEVEL GPUSNAP_COMPRESS=LEVEL "
                          "(auto,auto:cbf16: `--compress bf16` beside the default), MODE:p "
                          "GPUSNAP_STREAM_PREFAULT=1 (the page stream's slots touched during the "
-                         "driver's checkpoint), MODE:p0 GPUSNAP_STREAM_PREFAULT=0")
+                         "driver's checkpoint), MODE:p0 GPUSNAP_STREAM_PREFAULT=0, MODE:tN "
+                         "GPUSNAP_THREADS=N (the page stream's workers)")
     ap.add_argument("--kinds", default="empty,seeded",
                     help="gpusnap's rows: empty (an empty store, then the second dump) and/or "
                          "seeded (a store seeded with the weights file)")
@@ -96,6 +98,7 @@ def main(argv=None) -> str:
     ap.add_argument("--out", default=os.environ.get("GPUSNAP_RESULTS") or
                     os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # the server stopped (finally) at a step's limit
     os.makedirs(args.work, exist_ok=True)
     proc, weights, stop = (_holder(args.work, args.mib) if args.what == "cpu"
                            else _server(args.work, args.size))
@@ -209,9 +212,9 @@ def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
 
 
 def mode_env(mode: str) -> dict:
-    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:p|:p0] (p: the page
-    stream's slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1; p0:
-    =0). Pure."""
+    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:tTHREADS][:p|:p0] (p: the
+    page stream's slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1;
+    p0: =0; tN: GPUSNAP_THREADS=N, the page stream's workers). Pure."""
     fsync, *more = mode.split(":")
     env = {"GPUSNAP_FSYNC": fsync}
     for part in more:
@@ -219,10 +222,12 @@ def mode_env(mode: str) -> dict:
             env["GPUSNAP_STREAM_SLOTS"] = part[1:]
         elif part[:1] == "c" and part[1:]:
             env["GPUSNAP_COMPRESS"] = part[1:]
+        elif part[:1] == "t" and part[1:].isdigit():
+            env["GPUSNAP_THREADS"] = part[1:]
         elif part in ("p", "p0"):
             env["GPUSNAP_STREAM_PREFAULT"] = "1" if part == "p" else "0"
         else:
-            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, p, p0")
+            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, tN, p, p0")
     return env
 
 

@@ -22,7 +22,12 @@ def test_the_prefault_part():
     assert mode_env("auto:p0") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PREFAULT": "0"}
 
 
-@pytest.mark.parametrize("mode", ["auto:x", "auto:s", "auto:sabc", "auto:c", "auto:n", "auto:px"])
+def test_the_workers_part():
+    assert mode_env("auto:t32:p0") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_THREADS": "32",
+                                       "GPUSNAP_STREAM_PREFAULT": "0"}
+
+
+@pytest.mark.parametrize("mode", ["auto:t", "auto:tx", "auto:x", "auto:s", "auto:sabc", "auto:c", "auto:n", "auto:px"])
 def test_an_unknown_part_is_refused(mode):
     with pytest.raises(SystemExit):
         mode_env(mode)
