@@ -88,8 +88,9 @@ def main(argv=None) -> str:
                          "driver's checkpoint), MODE:p0 GPUSNAP_STREAM_PREFAULT=0, MODE:tN "
                          "GPUSNAP_THREADS=N (the page stream's workers)")
     ap.add_argument("--kinds", default="empty,seeded",
-                    help="gpusnap's rows: empty (an empty store, then the second dump) and/or "
-                         "seeded (a store seeded with the weights file)")
+                    help="gpusnap's rows: empty (an empty store, then the second dump), "
+                         "seeded (a store seeded with the weights file ahead), inline (an empty "
+                         "store, `dump --seed` the weights file, then again)")
     ap.add_argument("--no-naive", dest="naive", action="store_false",
                     help="leave out the dump by hand and the floor")
     ap.add_argument("--baselines-only", action="store_true",
@@ -120,7 +121,7 @@ def main(argv=None) -> str:
         with open(base + ".md", "w") as f:
             f.write(text)
         return text
-    kinds = [k for k in ("empty", "seeded") if k in args.kinds.split(",")]
+    kinds = [k for k in ("empty", "seeded", "inline") if k in args.kinds.split(",")]
     text = ""
     try:
         for run in range(args.runs):
@@ -132,8 +133,9 @@ def main(argv=None) -> str:
                     seed = gpusnap("seed", "add", weights, store=store)
                     seed["wall_s"] = time.perf_counter() - t
                     seeds.append(seed)
-                for row in (kind, "second") if kind == "empty" else (kind,):
-                    rows[_key(row, mode)].append(_dump(proc.pid, store, mode))
+                for row in FOLLOWED.get(kind, (kind,)):
+                    seed = ("--seed", weights) if kind == "inline" else ()
+                    rows[_key(row, mode)].append(_dump(proc.pid, store, mode, *seed))
                     print(json.dumps({"run": run, "kind": row, "fsync": mode,
                                       **rows[_key(row, mode)][-1]}), flush=True)
                 shutil.rmtree(store, ignore_errors=True)
@@ -156,12 +158,16 @@ def _table(runs: int, argv, card: str, rows: dict, modes: list[str], seeds: list
     tag = (lambda m: f" (GPUSNAP_FSYNC={m})") if len(modes) > 1 else (lambda m: "")
     ours = [(k, m) for m in modes for k in KINDS if rows[_key(k, m)]]
     names = {"empty": "empty", "second": "the same store again (second dump)",
-             "seeded": "seeded with the weights file"}
-    e, again, s = (rows[_key(k, modes[0])] for k in ("empty", "second", "seeded"))
+             "seeded": "seeded with the weights file",
+             "inline": "empty, `dump --seed` the weights file (seeded as it dumps; GB written: both)",
+             "inline_again": "the same store again, `--seed` again (the seed found, not read)"}
+    e, again, s, i, i2 = (rows[_key(k, modes[0])] for k in KINDS)
     naive = rows["naive"]
-    ratios = ([f"Second dump / first: {med([r['s'] for r in again]) / med([r['s'] for r in e]):.2f}"]
-              if e else []) + ([f"seeded / naive: {med([r['s'] for r in s]) / med([r['s'] for r in naive]):.2f}"]
-                               if s and naive else [])
+    wall = lambda runs: med([r["s"] for r in runs])     # noqa: E731
+    ratios = ([f"Second dump / first: {wall(again) / wall(e):.2f}"] if e else []) \
+        + ([f"seeded / naive: {wall(s) / wall(naive):.2f}"] if s and naive else []) \
+        + ([f"`--seed` / naive: {wall(i) / wall(naive):.2f}"] if i and naive else []) \
+        + ([f"`--seed` again / `--seed` first: {wall(i2) / wall(i):.2f}"] if i and i2 else [])
     return [f"# First dump into an empty store vs a seeded one — {card}", "",
             f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
             f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
@@ -193,7 +199,8 @@ def _table(runs: int, argv, card: str, rows: dict, modes: list[str], seeds: list
                    for k in ("naive", "floor") if rows[k]])]
 
 
-KINDS = ("empty", "second", "seeded")      # gpusnap's rows, each fsync mode's
+KINDS = ("empty", "second", "seeded", "inline", "inline_again")    # gpusnap's rows, each mode's
+FOLLOWED = {"empty": ("empty", "second"), "inline": ("inline", "inline_again")}   # one store each
 
 
 def _key(kind: str, mode: str) -> str:
@@ -201,14 +208,17 @@ def _key(kind: str, mode: str) -> str:
     return kind if mode == "auto" else f"{kind}@{mode}"
 
 
-def _dump(pid: int, store: str, fsync: str = "auto") -> dict:
-    """`gpusnap dump --leave-running` of pid into store, after a sync (not timed)."""
+def _dump(pid: int, store: str, fsync: str = "auto", *extra: str) -> dict:
+    """`gpusnap dump --leave-running` of pid into store, after a sync (not timed). With
+    `--seed` (extra), bytes_new counts what the seed wrote too."""
     os.sync()
     t = time.perf_counter()
-    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", store=store, env=mode_env(fsync))
-    return {"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"],
+    snap = gpusnap("dump", "--pid", str(pid), "--leave-running", *extra, store=store,
+                   env=mode_env(fsync))
+    seed = snap.get("seed") or {}
+    return {"s": time.perf_counter() - t, "bytes_new": snap["bytes_new"] + seed.get("bytes_new", 0),
             "bytes_logical": snap["bytes_logical"], "downtime": snap.get("downtime"),
-            "timings": snap.get("timings", {})}
+            "timings": snap.get("timings", {}), "seed": seed or None}
 
 
 def mode_env(mode: str) -> dict:

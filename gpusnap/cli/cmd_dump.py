@@ -69,13 +69,19 @@ class CompressLevel(click.ParamType):
 @click.option("--ignore-rootfs", is_flag=True, help="Containers: leave the container's "
               "filesystem changes out of the snapshot (as podman's flag); a restore as a new "
               "container starts from its image's filesystem.")
+@click.option("--seed", "seed", multiple=True, type=click.Path(exists=True),
+              help="A model's .safetensors file, or a directory of them (repeatable): store it "
+                   "as a seed while the dump runs (`gpusnap seed add`), so that its tensors go "
+                   "to the disk while the CUDA driver copies the GPU's memory and the dump "
+                   "writes only what they lack. A seed of the same files, unchanged, is used "
+                   "as it is; --json reports it under `seed`.")
 @click.option("--force", is_flag=True, help="Dump anyway what is refused because a restore "
               "may not bring it back: a process tree sharing a pipe, socket or terminal with "
               "a process outside it (exit 7; the snapshot notes each), a NCCL job that may "
               "use CUDA IPC peer memory (exit 23).")
 @click.pass_obj
 def command(app, containers, pid, engine, name, leave_running, lock_timeout, compress, keep,
-            tcp_established, file_locks, pages, ignore_rootfs, force):
+            tcp_established, file_locks, pages, ignore_rootfs, seed, force):
     """Checkpoint CONTAINERS (one snapshot each), or the process tree of --pid, into the store.
 
     Without --leave-running the original stops for good once its snapshot is committed;
@@ -89,7 +95,8 @@ def command(app, containers, pid, engine, name, leave_running, lock_timeout, com
         (c, f"{name}.{c}" if name and len(containers) > 1 else name) for c in containers]
     requests = [dump.DumpRequest(pid=pid, container=c, engine=engine, name=n,
                                  leave_running=leave_running, lock_timeout_ms=int(lock_timeout * 1000),
-                                 force=force, pages=pages, ignore_rootfs=ignore_rootfs)
+                                 force=force, pages=pages, ignore_rootfs=ignore_rootfs,
+                                 seed=tuple(seed))
                 for c, n in targets]
     plans = [_plan(req, tcp_established, file_locks) for req in requests]   # every check first
     repo = app.repo()                   # a read-only store is refused before the target is touched
@@ -115,11 +122,18 @@ def _plan(req, tcp_established: bool, file_locks: bool):
 
 def _execute(app, repo, plan, planned: float) -> dict:
     from ..engine import dump
+    report: dict = {}
     with app.progress("dump") as progress:
-        manifest = dump.execute(plan, repo, progress)
+        manifest = dump.execute(plan, repo, progress, report)
     manifest.timings = {"plan": round(planned, 4), **manifest.timings}
     for text in manifest.notes:
         app.note(text)
+    seeded = report.get("seed")
+    if seeded and seeded.get("error"):
+        app.note(f"the seed was not stored ({seeded['error']}); the snapshot does not need it")
+    elif seeded and not app.as_json and app.verbose:
+        app.note(f"seed {seeded['id']}: " + ("in the store already, not read again" if seeded["reused"]
+                 else f"{human_bytes(seeded['bytes_new'])} new in the store"))
     if not app.as_json and app.verbose:
         held = f"; the target was held {manifest.downtime:.3f} s" if manifest.downtime is not None else ""
         app.note(f"{human_bytes(manifest.bytes_logical)} of images, "
@@ -129,4 +143,5 @@ def _execute(app, repo, plan, planned: float) -> dict:
     return {"id": manifest.id, "name": manifest.name, "bytes_logical": manifest.bytes_logical,
             "bytes_stored": manifest.bytes_stored, "bytes_new": manifest.bytes_new,
             "timings": manifest.timings, "downtime": manifest.downtime,
-            "sdk": manifest.sdk.to_json() if manifest.sdk else None, "notes": manifest.notes}
+            "sdk": manifest.sdk.to_json() if manifest.sdk else None, "notes": manifest.notes,
+            "seed": seeded}

@@ -25,7 +25,8 @@ def add(app, paths, name):
     import os
     import time
     started = time.perf_counter()
-    files = _weight_files(paths)
+    from ..store.seed import weight_files
+    files = weight_files(paths)
     repo = app.repo()
     total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     with repo.shared_lock(), app.progress("seed", total) as progress:
@@ -36,25 +37,6 @@ def add(app, paths, name):
               "seconds": round(time.perf_counter() - started, 3)}
     app.emit(report, f"seed {record.id}: {human_bytes(record.bytes_seeded)} of tensors in "
              f"{report['chunks']} chunks, {human_bytes(tally.new)} new in the store")
-
-
-def _weight_files(paths) -> list[str]:
-    """The files of paths, a directory standing for its *.safetensors files (sorted)."""
-    import os
-
-    from ..errors import UsageError
-    out = []
-    for path in paths:
-        if not os.path.isdir(path):
-            out.append(path)
-            continue
-        found = sorted(os.path.join(d, n) for d, _dirs, names in os.walk(path)
-                       for n in names if n.endswith(".safetensors"))
-        if not found:
-            raise UsageError(f"{path} holds no .safetensors file",
-                             hint="give a model's .safetensors files, or the directory holding them")
-        out += found
-    return out
 
 
 @command.command("ls")

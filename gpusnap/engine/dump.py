@@ -47,8 +47,9 @@ from ..errors import ContainerEngineError, CriuFailed, GpusnapError, Interrupted
 from ..imagefile import zero_pages
 from ..model import CriuFacts, Manifest
 from ..store import Repository
+from ..store import seed as seeds
 from ..store.pagestream import PageStream
-from . import agent_steps, cudarace, gpu, intent, strategies, workdir
+from . import agent_steps, cudarace, gpu, intent, seeding, strategies, workdir
 from .plans import DumpPlan, DumpRequest
 from .timing import Stages
 
@@ -64,7 +65,10 @@ def plan(req: DumpRequest) -> DumpPlan:
     collective_pids = [] if req.force else \
         gpu.refuse_nccl_ipc(target.pids, "dump", strategy.sdk_agents)
     notes = strategy.preflight(req, target)
-    return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
+    seed_files = seeds.weight_files(req.seed)
+    for path in seed_files:             # every header read now: a bad file refused here
+        seeds.tensor_ranges(path)
+    return DumpPlan(seed_files=seed_files, request=req, target=target, strategy=strategy, criu_path=criu_path,
                     collective_pids=collective_pids,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=strategy.criu_options(target),
@@ -90,8 +94,9 @@ def _page_path(asked: str, kind: str) -> str:
 
 
 def execute(plan: DumpPlan, repo: Repository,
-            progress: Callable[[int], None] | None = None) -> Manifest:
-    """Run the dump; returns the committed manifest."""
+            progress: Callable[[int], None] | None = None, report: dict | None = None) -> Manifest:
+    """Run the dump; returns the committed manifest. report, where given, gets "seed": what
+    --seed stored (engine/seeding.py), or None."""
     run = _Dump(plan, repo)
     try:
         run.start()
@@ -100,6 +105,8 @@ def execute(plan: DumpPlan, repo: Repository,
         manifest.downtime = run.downtime()          # without --leave-running: to the commit's end
         run.finish()
         manifest.timings = run.stages.to_dict()     # now with the commit's
+        if report is not None:
+            report["seed"] = run.seed.report if run.seed else None
         return manifest
     except BaseException as exc:
         if run.committed():
@@ -108,6 +115,8 @@ def execute(plan: DumpPlan, repo: Repository,
         raise
     finally:
         with interrupts.shielded():
+            if run.seed:
+                run.seed.stop()
             workdir.remove(run.work)
             run.intent.end()
 
@@ -129,6 +138,7 @@ class _Dump:
         self.resumed_at: float | None = None
         self.resuming: tuple[Future, Stages] | None = None     # --leave-running: on its thread
         self.snapshot: str | None = None
+        self.seed: seeding.InlineSeed | None = None
         self.intent = intent.NONE
         self.work = workdir.make(repo.path, "dump-")
         self.images = os.path.join(self.work, "images")
@@ -147,6 +157,9 @@ class _Dump:
 
     def take_and_commit(self, progress) -> Manifest:
         req, stages = self.plan.request, self.stages
+        if self.plan.seed_files:            # under the store's lock, before the CUDA lock
+            with stages.stage("seed_start"):
+                self.seed = seeding.InlineSeed(self.repo, self.plan.seed_files)
         cuda_facts = self._hold_and_take(req, progress)
         if req.leave_running:
             self._start_resuming(background=self.stream is not None)
@@ -160,6 +173,9 @@ class _Dump:
         if self.resuming:                   # while the original's CUDA is restored
             with stages.stage("commit_sync"):
                 self.repo.sync_ahead(manifest)
+        if self.seed:
+            with stages.stage("seed_wait"):
+                self.seed.wait()            # a seed that failed is said, the dump goes on
         self._resumed()                     # raises what the original's resume raised
         self.snapshot = manifest.id
         self.intent.update(snapshot=manifest.id)
@@ -382,6 +398,8 @@ class _Dump:
         self._resumed(quiet=True)           # a resume under way ends first
         with interrupts.shielded():
             self._drop_stream()
+            if self.seed:
+                self.seed.stop()
             if self.stopped:
                 self.dumper.resume()
             if self.cuda:

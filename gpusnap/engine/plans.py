@@ -32,6 +32,7 @@ class DumpRequest:
     force: bool = False             # dump anyway: a NCCL job that may use CUDA IPC (cuda/nccl.py),
                                     # a tree sharing descriptors with others (targets/fds.py)
     ignore_rootfs: bool = False     # containers: leave the filesystem changes out
+    seed: tuple[str, ...] = ()      # weights files (or directories of them) seeded as it runs
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DumpPlan:
     pages: str = "staged"           # stream: pages go from CRIU to the store (store/pagestream.py)
     collective_pids: list[int] = field(default_factory=list)    # NCCL ranks whose agent must prepare
     notes: list[str] = field(default_factory=list)  # for the manifest (what --force let through)
+    seed_files: list[str] = field(default_factory=list)     # --seed's .safetensors files, checked
 
 
 @dataclass

@@ -348,6 +348,60 @@ class Stream:
         self.children, self.tasks, self.busy = {}, {}, {}
 
 
+class Background:
+    """fn(job, 0) on one forked process while the caller goes on (a dump's --seed): result()
+    waits for it and returns its value or raises its error, as run()'s; stop() ends it
+    (SIGTERM: it removes the temp file it is writing) and reaps it. Where forking is not
+    safe it runs here and now."""
+
+    def __init__(self, fn: Callable[[Any, int], Any], job: Any):
+        self.pid: int | None = None
+        self.pipe: int | None = None
+        self.value = None
+        if not fork_is_safe():
+            self.value = _call(fn, job, 0)
+            return
+        r, w = os.pipe()
+
+        def body():
+            os.close(r)
+            _send(w, _call(fn, job, 0))
+        self.pid = _spawn(body)
+        os.close(w)
+        self.pipe = r
+
+    def result(self):
+        if self.pid is not None:
+            message = _read_message(self.pipe)
+            pid, self.pid = self.pid, None
+            os.close(self.pipe)
+            if message is None:
+                raise _died(pid)
+            os.waitpid(pid, 0)
+            self.value = message
+        return _unwrap(self.value)
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        os.close(self.pipe)
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _send(fd: int, value) -> None:
+    """One length-prefixed pickle into a result pipe (_read_message reads it)."""
+    data = pickle.dumps(value)
+    view = memoryview(_LENGTH.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _stream_worker(fn, job, r_task: int, w_res: int) -> None:
     with os.fdopen(r_task, "rb") as tasks:
         while True:
@@ -355,10 +409,7 @@ def _stream_worker(fn, job, r_task: int, w_res: int) -> None:
                 tag, task = pickle.load(tasks)
             except EOFError:
                 return
-            data = pickle.dumps((tag, _call(fn, job, task)))
-            view = memoryview(_LENGTH.pack(len(data)) + data)
-            while view:
-                view = view[os.write(w_res, view):]
+            _send(w_res, (tag, _call(fn, job, task)))
 
 
 _LENGTH = struct.Struct("=Q")

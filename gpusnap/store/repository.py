@@ -134,7 +134,7 @@ def _ingest_batch(job, batch_index: int) -> list[tuple[str, int, int]]:
                 raise StoreError(f"{paths[index]} changed while it was read")
             out.append(repo._put_chunk(data, pending))
         if pending:
-            repo.backend.put_many(list(pending.items()))
+            out = repo.not_new(out, repo.backend.put_many(list(pending.items())))
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -301,6 +301,13 @@ class Repository:
             return cid, size, 0
         pending[self.chunk_name(cid)] = bytes(blob)      # blob may be scratch space
         return cid, len(blob), len(blob)
+
+    def not_new(self, rows: list, left) -> list:
+        """rows (tuples ending in chunk id, stored bytes, new bytes), those of the chunks
+        a batched put found stored meanwhile (left: their names) counted as not new."""
+        if not left:
+            return rows
+        return [(*row[:-1], 0) if self.chunk_name(row[-3]) in left else row for row in rows]
 
     def store_blob(self, cid: str, blob: bytes) -> None:
         """Write a chunk's stored bytes under its id (write-once; atomic visibility).

@@ -15,6 +15,7 @@ file, are refused (UsageError, exit 2) before anything is stored.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import mmap
 import os
@@ -78,6 +79,50 @@ def spans(path: str) -> list[tuple[int, int]]:
             with whole[start:start + pages * PAGE] as run:
                 out += [(start + off, n) for off, n in chunker.run_spans(run)]
     return out
+
+
+def weight_files(paths) -> list[str]:
+    """The files of paths, a directory standing for its *.safetensors files (sorted)."""
+    out = []
+    for path in paths:
+        if not os.path.isdir(path):
+            out.append(path)
+            continue
+        found = sorted(os.path.join(d, n) for d, _dirs, names in os.walk(path)
+                       for n in names if n.endswith(".safetensors"))
+        if not found:
+            raise UsageError(f"{path} holds no .safetensors file",
+                             hint="give a model's .safetensors files, or the directory holding them")
+        out += found
+    return out
+
+
+def seeded_bytes(path: str) -> int:
+    """What a seed of path holds (its record's file size): each tensor's whole pages, from
+    the header alone."""
+    return sum((end - start) // PAGE * PAGE for start, end in tensor_ranges(path))
+
+
+def already_seeded(seeds, paths: list[str]):
+    """The newest of seeds (Seed records) made from exactly these files as they are now:
+    the same absolute paths, the same tensors' bytes each (from their headers), none
+    modified since the second the seed was stamped in; else None. (A file rewritten with
+    the same layout before its seed, in that second, is seeded again: the stamp is cut
+    to the second.) Used to spare a dump's --seed the reading; what a seed lacks the
+    dump writes anyway."""
+    sources = [os.path.abspath(p) for p in paths]
+    sizes = [seeded_bytes(p) for p in paths]
+    newest = [os.stat(p).st_mtime for p in paths]
+    for record in sorted(seeds, key=lambda s: s.created, reverse=True):
+        if list(record.sources) != sources or [f.size for f in record.files] != sizes:
+            continue
+        try:
+            made = dt.datetime.fromisoformat(record.created).timestamp()
+        except ValueError:
+            continue
+        if max(newest) < made:
+            return record
+    return None
 
 
 def _bad(path: str, why: str) -> UsageError:

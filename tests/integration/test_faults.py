@@ -405,3 +405,34 @@ def test_signal_during_criu_restore(workload, gpusnap, store, tmp_path, sig):
     rc, out, err = gpusnap("restore", snap["id"])
     assert rc == 0, err
     _assert_running_and_healthy(w, children=1)
+
+
+def test_signal_while_pages_stream_stops_a_dumps_seed(workload, gpusnap, store, tmp_path):
+    """`dump --seed`: SIGTERM while CRIU streams, the seed storing the weights file on its
+    own process. Both stop: none of gpusnap's processes left, no temp file, no seed record
+    but a whole one (had the seed finished first), the tree running as before."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import seed_probe
+    finally:
+        sys.path.pop(0)
+    weights = str(tmp_path / "model.safetensors")
+    seed_probe.make_safetensors(weights, 384)
+    mark = str(tmp_path / "mark")
+    w = workload("--mib", "256", "--children", "1")
+    shm = _shm_entries()
+    proc = _start_cli(store, "dump", "--pid", str(w.pid), "--seed", weights,
+                      env={"GPUSNAP_TEST_PAUSE": f"pages_stream:{mark}"})
+    _wait_file(mark, proc)
+    seeding = [c for c in psutil.Process(proc.pid).children() if c.pid != w.pid]
+    proc.send_signal(signal.SIGTERM)
+    rc, out, err = _finish(proc)
+    assert rc == 130 and out["error"] == "Interrupted", err
+    wait_pids_free([c.pid for c in seeding])
+    assert not [c.pid for c in seeding if psutil.pid_exists(c.pid)]
+    _assert_running_and_healthy(w, children=1)
+    _assert_no_trace(gpusnap, store, shm)
+    temps = [n for _d, _s, names in os.walk(store) for n in names if n.startswith(".tmp-")]
+    assert temps == []
+    rc, listed, err = gpusnap("seed", "ls")
+    assert rc == 0 and listed["unreadable"] == [], (listed, err)

@@ -58,6 +58,16 @@ def _check(pid: int, state: str) -> dict:
     return wait_json(os.path.join(state, "report.json"), timeout=30)
 
 
+def _restores_intact(gpusnap, snap_id: str, state: str) -> None:
+    rc, out, err = gpusnap("restore", snap_id)
+    assert rc == 0, err
+    try:
+        report = _check(out["pid"], state)
+        assert report["data_ok"] and report["pid"] == out["pid"]
+    finally:
+        os.kill(out["pid"], signal.SIGKILL)
+
+
 def test_a_seeded_store_takes_the_weights_from_the_seed(gpusnap, holder, weights, tmp_path):
     proc, state = holder(weights)
     rc, seed, err = gpusnap("seed", "add", weights)
@@ -72,13 +82,7 @@ def test_a_seeded_store_takes_the_weights_from_the_seed(gpusnap, holder, weights
     assert rc == 0
     rc, gc, _ = gpusnap("gc")                    # the snapshot's chunks stay, the rest goes
     assert rc == 0 and gc["chunks"] > 0
-    rc, out, err = gpusnap("restore", snap["id"])
-    assert rc == 0, err
-    try:
-        report = _check(out["pid"], state)
-        assert report["data_ok"] and report["pid"] == out["pid"]
-    finally:
-        os.kill(out["pid"], signal.SIGKILL)
+    _restores_intact(gpusnap, snap["id"], state)
 
 
 def test_off_the_page_grid_the_seed_holds_nothing(gpusnap, holder, weights):
@@ -88,3 +92,47 @@ def test_off_the_page_grid_the_seed_holds_nothing(gpusnap, holder, weights):
     rc, snap, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running")
     assert rc == 0, err
     assert snap["bytes_new"] > seed["bytes_seeded"] * 0.9, (snap, seed)
+
+
+def test_dump_seed_stores_the_weights_while_it_dumps(gpusnap, store, holder, weights):
+    """`dump --seed`: the seed is made beside the dump (recorded, kept from gc), the
+    snapshot restores byte-exact, a chunk is written once though both store it, and the
+    next dump with the same file uses that seed without reading it again."""
+    hour_ago = os.stat(weights).st_mtime - 3600      # the model landed before: a seed that
+    os.utime(weights, (hour_ago, hour_ago))         # is stamped in its second is not reused
+    proc, state = holder(weights)
+    rc, snap, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", "--seed", weights)
+    assert rc == 0, err
+    seed = snap["seed"]
+    assert seed["reused"] is False and seed["id"] and seed["bytes_seeded"] > 40 << 20, snap
+    assert "seed_start" in snap["timings"] and "seed_wait" in snap["timings"]
+    rc, listed, _ = gpusnap("seed", "ls")
+    assert [s["id"] for s in listed["seeds"]] == [seed["id"]]
+    chunks = os.path.join(store, "chunks")
+    on_disk = sum(os.path.getsize(os.path.join(d, n)) for d, _s, names in os.walk(chunks)
+                  for n in names)
+    # what the two report as new is what the store holds, but for a chunk both wrote in
+    # the same instant (each looks just before it writes: not in bulk)
+    reported = seed["bytes_new"] + snap["bytes_new"]
+    assert on_disk <= reported < on_disk * 1.1, (on_disk, seed, snap)
+    rc, again, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", "--seed", weights)
+    assert rc == 0, err
+    assert again["seed"] == {"id": seed["id"], "reused": True, "bytes_seeded": seed["bytes_seeded"],
+                             "bytes_new": 0, "seconds": 0.0}
+    assert again["bytes_new"] < 4 << 20, again
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    wait_pids_free([proc.pid])
+    _restores_intact(gpusnap, snap["id"], state)
+
+
+def test_dump_seed_refuses_a_file_that_is_no_safetensors_before_the_target_is_touched(
+        gpusnap, store, holder, weights, tmp_path):
+    proc, _state = holder(weights)
+    bogus = tmp_path / "notes.safetensors"
+    bogus.write_bytes(b"\xff" * 64)
+    rc, out, err = gpusnap("dump", "--pid", str(proc.pid), "--seed", str(bogus))
+    assert rc == 2 and "is not a safetensors file" in out["message"], (out, err)
+    assert proc.poll() is None                  # untouched: still running
+    seeds = os.path.join(store, "seeds")
+    assert not os.path.isdir(seeds) or not os.listdir(seeds)

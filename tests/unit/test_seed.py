@@ -206,3 +206,42 @@ def test_seeds_in_an_s3_store(s3_env, tmp_path):
         with pytest.raises(UsageError):
             other.remove_seeds([record.id])
         assert len(other.gc_plan()["chunks"]) == len(record.chunk_sizes())
+
+
+def test_what_a_seed_holds_is_known_from_the_header(tmp_path):
+    repo, path, _blobs, record, _tally = _store_with_seed(tmp_path)
+    assert cutting.seeded_bytes(path) == record.bytes_seeded == record.files[0].size
+
+
+def test_a_seed_of_the_same_files_unchanged_is_found_again(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    _safetensors(path, [PAGE * 700, PAGE * 90 + 7])
+    old = os.stat(path).st_mtime - 3600
+    os.utime(path, (old, old))              # the model landed before its seed
+    repo = Repository.open(str(tmp_path / "store"))
+    with repo.shared_lock():
+        record, _tally = repo.add_seed([path])
+    seeds = repo.seeds()[0]
+    assert cutting.already_seeded(seeds, [path]).id == record.id
+    assert cutting.already_seeded(seeds, [os.path.relpath(path)]).id == record.id
+    other = str(tmp_path / "x.safetensors")
+    _safetensors(other, [PAGE * 3])
+    assert cutting.already_seeded(seeds, [path, other]) is None     # not the same files
+    _safetensors(path, [PAGE * 700, PAGE * 91])                      # another layout
+    os.utime(path, (old, old))
+    assert cutting.already_seeded(seeds, [path]) is None
+    _safetensors(path, [PAGE * 700, PAGE * 90 + 7], seed=9)          # same layout, rewritten
+    assert cutting.already_seeded(seeds, [path]) is None
+
+
+def test_weight_files_takes_a_models_directory_and_refuses_one_without_weights(tmp_path):
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    for name in ("m/b.safetensors", "m/sub/a.safetensors", "m/config.json"):
+        (tmp_path / name).write_bytes(b"x")
+    lone = str(tmp_path / "lone.safetensors")
+    assert cutting.weight_files([str(tmp_path / "m"), lone]) == \
+        [str(tmp_path / "m" / "b.safetensors"), str(tmp_path / "m" / "sub" / "a.safetensors"), lone]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as exc:
+        cutting.weight_files([str(tmp_path / "empty")])
+    assert exc.value.exit_code == 2 and "holds no .safetensors file" in exc.value.message

@@ -50,10 +50,12 @@ class Backend:
     def put(self, name: str, data, *, durable: bool = True, if_absent: bool = False) -> bool:
         raise NotImplementedError
 
-    def put_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Non-durable puts of several objects (a backend may run them at once)."""
+    def put_many(self, items: list[tuple[str, bytes]]) -> set[str]:
+        """Non-durable puts of several objects (a backend may run them at once). Returns
+        the names it found stored by another writer meanwhile and left (none here)."""
         for name, data in items:
             self.put(name, data, durable=False)
+        return set()
 
     def claim(self, name: str, size: int) -> int | None:
         """For batched puts: None when this process is the first to send name, else the

@@ -82,14 +82,22 @@ class LocalBackend(Backend):
         self.put_many([(name, data)])
         return True
 
-    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+    def put_many(self, items: list[tuple[str, bytes]]) -> set[str]:
         """Each object's bytes durable before its name appears; the names are durable
-        after sync()."""
+        after sync(). Objects are written once (chunks: their name is their content's
+        hash): a name that appeared since the caller looked (another writer at the same
+        time, such as a dump and its --seed) is left as it is, not written twice.
+        Returns those names."""
+        present = {n for n, _d in items if os.path.lexists(self._path(n))}
+        paths = [(self._path(n), d) for n, d in items if n not in present]
+        if not paths:
+            return present
         try:
-            fsutil.write_renamed_many([(self._path(n), d) for n, d in items], self.tmp_dir,
+            fsutil.write_renamed_many(paths, self.tmp_dir,
                                       fsync=True, direct=self.direct, beside=True)
         except OSError as exc:
             fsutil.raise_os_error(exc, exc.filename or self.path)
+        return present
 
     def size(self, name: str) -> int | None:
         try:

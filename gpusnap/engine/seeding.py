@@ -1,0 +1,63 @@
+"""A dump's --seed: the model's weights files stored as a seed (store/seed.py) while the
+dump runs, so that their bytes go to the disk while the CUDA driver copies the GPU's
+memory to the host, a time the disk otherwise waits through. The page stream's workers
+then find the chunks of every tensor the seed holds already stored (a local store looks
+each chunk up as it goes) and write only the rest; what the seed has not reached yet
+they write themselves, and the seed then finds it there. The dump waits for the seed
+before its commit, so that both are done when it returns.
+
+A seed of the same files as they are now (store/seed.py, already_seeded) is used as it is:
+the files are not read again.
+
+The seed runs on a process of its own (parallel.Background), forked before the CUDA lock;
+the dump's undo stops it (SIGTERM; the chunks it stored stay, unreferenced until gc when
+no snapshot uses them, like those of a failed dump).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import GpusnapError, Interrupted
+from ..store import Repository, parallel
+from ..store import seed as seeds
+
+
+class InlineSeed:
+    def __init__(self, repo: Repository, files: list[str]):
+        self.files, self.started = files, time.perf_counter()
+        self.report: dict | None = None
+        self.running: parallel.Background | None = None
+        found = seeds.already_seeded(repo.seeds()[0], files)
+        if found is not None:
+            self.report = {"id": found.id, "reused": True, "bytes_seeded": found.bytes_seeded,
+                           "bytes_new": 0, "seconds": 0.0}
+        else:
+            self.running = parallel.Background(_add, (repo, files))
+
+    def wait(self) -> dict:
+        """The seed's report once it is recorded; a seed that failed is reported with its
+        "error" (the snapshot does not depend on it: what it lacked the dump stored)."""
+        if self.running is not None:
+            try:
+                record_id, seeded, new = self.running.result()
+                report = {"id": record_id, "reused": False, "bytes_seeded": seeded, "bytes_new": new}
+            except Interrupted:
+                raise                   # still running: stop() ends it
+            except GpusnapError as exc:
+                report = {"id": None, "reused": False, "error": exc.message}
+            self.running = None
+            self.report = {**report, "seconds": round(time.perf_counter() - self.started, 3)}
+        return self.report
+
+    def stop(self) -> None:
+        running, self.running = self.running, None
+        if running is not None:
+            running.stop()
+
+
+def _add(job, _index: int) -> tuple[str, int, int]:
+    """In the seed's process: the seed stored and recorded; (id, bytes seeded, bytes new)."""
+    repo, files = job
+    record, tally = repo.add_seed(files, name="dump --seed")
+    return record.id, record.bytes_seeded, tally.new
