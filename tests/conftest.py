@@ -122,6 +122,17 @@ def wait_json(path: str, *, proc=None, timeout: float = 60) -> dict:
     raise TimeoutError(path)
 
 
+def make_weights(path: str, mib: int) -> str:
+    """A safetensors file of random bf16 tensors at path (benchmarks/seed_probe.py's)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import seed_probe
+    finally:
+        sys.path.pop(0)
+    seed_probe.make_safetensors(path, mib)
+    return path
+
+
 def write_images(path, files: dict[str, bytes]) -> str:
     """A directory of image files (name -> bytes) to ingest; returns path."""
     os.makedirs(path, exist_ok=True)

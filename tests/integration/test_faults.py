@@ -27,7 +27,7 @@ import time
 import psutil
 import pytest
 
-from conftest import AFTER_CRIU, BEFORE_CRIU, REPO, release, wait_pids_free
+from conftest import AFTER_CRIU, BEFORE_CRIU, REPO, make_weights, release, wait_pids_free
 
 pytestmark = [pytest.mark.root]
 
@@ -411,13 +411,7 @@ def test_signal_while_pages_stream_stops_a_dumps_seed(workload, gpusnap, store, 
     """`dump --seed`: SIGTERM while CRIU streams, the seed storing the weights file on its
     own process. Both stop: none of gpusnap's processes left, no temp file, no seed record
     but a whole one (had the seed finished first), the tree running as before."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import seed_probe
-    finally:
-        sys.path.pop(0)
-    weights = str(tmp_path / "model.safetensors")
-    seed_probe.make_safetensors(weights, 384)
+    weights = make_weights(str(tmp_path / "model.safetensors"), 384)
     mark = str(tmp_path / "mark")
     w = workload("--mib", "256", "--children", "1")
     shm = _shm_entries()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, wait_json, wait_pids_free
+from conftest import REPO, make_weights, wait_json, wait_pids_free
 
 pytestmark = [pytest.mark.root]
 PAGE = 4096
@@ -20,14 +20,7 @@ PAGE = 4096
 
 @pytest.fixture
 def weights(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import seed_probe
-    finally:
-        sys.path.pop(0)
-    path = str(tmp_path / "model.safetensors")
-    seed_probe.make_safetensors(path, 48)
-    return path
+    return make_weights(str(tmp_path / "model.safetensors"), 48)
 
 
 @pytest.fixture
