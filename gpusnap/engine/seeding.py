@@ -11,13 +11,18 @@ the files are not read again.
 
 The seed runs on a process of its own (parallel.Background), forked before the CUDA lock;
 the dump's undo stops it (SIGTERM; the chunks it stored stay, unreferenced until gc when
-no snapshot uses them, like those of a failed dump).
+no snapshot uses them, like those of a failed dump). It runs niced (NICE), on a quarter of
+the CPUs (SHARE): on an H200 with all 16 CPUs hashing at normal priority, the 8B server's
+checkpoint by the driver took 11.0 s instead of ~5.5 (one run,
+benchmarks/results/seed_dump_h200_8b_s23_inline.md), the disk needing far fewer.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
+from .. import hostcpu
 from ..errors import GpusnapError, Interrupted
 from ..store import Repository, parallel
 from ..store import seed as seeds
@@ -56,8 +61,18 @@ class InlineSeed:
             running.stop()
 
 
+NICE = 10                       # the driver's checkpoint, CRIU and the page stream first
+SHARE = 4                       # of the CPUs gpusnap may use (hostcpu.py), at least 2
+
+
+def seed_workers(cpus: int) -> int:
+    return max(2, cpus // SHARE)
+
+
 def _add(job, _index: int) -> tuple[str, int, int]:
     """In the seed's process: the seed stored and recorded; (id, bytes seeded, bytes new)."""
     repo, files = job
-    record, tally = repo.add_seed(files, name="dump --seed")
+    os.nice(NICE)                   # its workers, forked from here, inherit it
+    record, tally = repo.add_seed(files, name="dump --seed",
+                                  workers=seed_workers(hostcpu.count()))
     return record.id, record.bytes_seeded, tally.new

@@ -421,15 +421,16 @@ class Repository:
         return entries, {"bytes_logical": logical, "bytes_stored": tally.stored, "bytes_new": tally.new}
 
     def ingest_spans(self, paths: list[str], spans: list[list[tuple[int, int]]],
-                     progress: Progress | None = None) -> tuple[list[list[tuple[str, int]]], Tally]:
+                     progress: Progress | None = None,
+                     workers: int | None = None) -> tuple[list[list[tuple[str, int]]], Tally]:
         """Each (offset, length) span of each file stored as a chunk if new, on worker
-        processes: ([(chunk id, length), ...] a file, the byte counts). Durable as for
-        ingest_dir."""
+        processes (default parallel.workers()): ([(chunk id, length), ...] a file, the byte
+        counts). Durable as for ingest_dir."""
         self.backend.refresh("chunks/")         # one listing instead of a lookup a chunk
         items = [(index, off, n) for index, file_spans in enumerate(spans) for off, n in file_spans]
         batches = parallel.batches(items, lambda span: span[2])
         _mode, results = parallel.run(_ingest_batch, (self, paths, batches),
-                                      len(batches), parallel.workers(), ordered=True)
+                                      len(batches), workers or parallel.workers(), ordered=True)
         chunks: list[list[tuple[str, int]]] = [[] for _ in paths]
         tally = Tally()
         try:
@@ -445,13 +446,13 @@ class Repository:
 
     # ---- seeds (store/seed.py) --------------------------------------------------------
     def add_seed(self, paths: list[str], name: str | None = None,
-                 progress: Progress | None = None) -> tuple[Seed, Tally]:
+                 progress: Progress | None = None, workers: int | None = None) -> tuple[Seed, Tally]:
         """Store each weights file's tensors as a dump's page stream would cut them, then
         record them (seeds/<id>.json) so gc keeps them: the chunks durable first, their
         names, then the record, as commit() does for a manifest. Under the shared lock."""
         from . import seed as cutting
         spans = [cutting.spans(p) for p in paths]          # every file checked before a write
-        chunks, tally = self.ingest_spans(paths, spans, progress)
+        chunks, tally = self.ingest_spans(paths, spans, progress, workers)
         entries = [FileEntry(os.path.basename(p), sum(n for _c, n in cs), 0o600, cs)
                    for p, cs in zip(paths, chunks)]
         record = Seed(id=secrets.token_hex(8), files=entries, created=_now(), name=name,

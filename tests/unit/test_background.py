@@ -76,3 +76,8 @@ def test_a_chunk_another_writer_stored_meanwhile_is_left_as_it_is(tmp_path):
     assert store.put_many([(name, b"second"), ("chunks/cd/" + "cd" * 32, b"x")]) == {name}
     assert store.get(name) == b"first"
     assert store.get("chunks/cd/" + "cd" * 32) == b"x"
+
+
+def test_a_dumps_seed_takes_a_quarter_of_the_cpus_at_least_two():
+    from gpusnap.engine.seeding import seed_workers
+    assert [seed_workers(n) for n in (1, 2, 8, 16, 64)] == [2, 2, 2, 4, 16]
