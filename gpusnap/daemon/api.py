@@ -53,12 +53,17 @@ def run_cli(argv: list[str], cwd: str) -> dict:
 def run_dump(body: dict, store: Store) -> dict:
     from ..engine import dump
     started = time.perf_counter()
-    plan = dump.plan(_request(dump.DumpRequest, body))
+    req = _request(dump.DumpRequest, body)
+    req.seed = tuple(str(p) for p in req.seed or ())
+    if not all(os.path.isabs(p) for p in req.seed):
+        raise UsageError("seed: give absolute paths (the daemon does not run where you do)")
+    plan = dump.plan(req)
     planned = time.perf_counter() - started
-    out = dump.execute(plan, store.repo(create=True), None).to_json()
+    report: dict = {}
+    out = dump.execute(plan, store.repo(create=True), None, report).to_json()
     keys = ("id", "name", "bytes_logical", "bytes_stored", "bytes_new", "downtime", "sdk", "notes")
     return {**{k: out.get(k) for k in keys}, "timings": {"plan": round(planned, 4), **out["timings"]},
-            "via": "daemon"}
+            "seed": report.get("seed"), "via": "daemon"}
 
 
 def run_restore(body: dict, store: Store) -> dict:

@@ -4,7 +4,7 @@ clean-up, graceful shutdown. Operations run in forked children (daemon/ops.py).
     GET  /v1/status                 version, store, operations in flight       (read)
     GET  /v1/snapshots              the snapshots (as `gpusnap ls --json`)     (read)
     GET  /v1/snapshots/{ref}        one manifest (as `gpusnap inspect --json`) (read)
-    POST /v1/dump      DumpRequest fields        -> the dump's summary
+    POST /v1/dump      DumpRequest fields        -> the dump's summary ("seed": absolute paths)
     POST /v1/restore   RestoreRequest fields     -> the restore's result
     POST /v1/warm      {"snapshots": [...]}      -> prefetched image caches
     POST /v1/run       {"argv", "cwd", "env"}    -> NDJSON stream: {"op"}, {"stdout"},

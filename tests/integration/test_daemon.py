@@ -16,7 +16,7 @@ import pytest
 
 from gpusnap.daemon.client import Client, Unreachable
 
-from conftest import REPO, wait_pids_free
+from conftest import REPO, make_weights, wait_pids_free
 from s3server import s3_env, s3_server  # noqa: F401
 
 pytestmark = [pytest.mark.root]
@@ -122,7 +122,7 @@ def _assert_running(w) -> None:
     assert report["data_ok"] and report["children_ok"], report
 
 
-def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon):
+def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon, tmp_path):
     d = daemon()
     w = workload("--mib", "64", "--children", "1", "--threads", "1")
     rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--name", "viad", env=d.env)
@@ -141,8 +141,14 @@ def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon):
     assert rc == 3 and out["error"] == "SnapshotNotFound"
     code, warmed = d.client.request("POST", "/v1/warm", {"snapshots": ["viad"]})     # prefetch
     assert code == 200 and warmed["warmed"][0]["bytes"] >= 64 << 20, warmed
-    code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True, "name": "api"})
+    weights = make_weights(str(tmp_path / "model.safetensors"), 8)
+    code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True, "name": "api",
+                                                       "seed": [weights]})
     assert code == 200 and out["via"] == "daemon" and out["bytes_logical"] >= 64 << 20, out
+    assert out["seed"]["reused"] is False and out["seed"]["bytes_seeded"] > 0, out
+    code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True,
+                                                       "seed": ["model.safetensors"]})
+    assert code == 400 and "absolute paths" in out["message"], out
     code, out = d.client.request("POST", "/v1/restore", {"snapshot": "nosuch"})
     assert code == 404 and out["error"] == "SnapshotNotFound", out
     assert w.report()["data_ok"]
