@@ -68,8 +68,8 @@ def plan(req: DumpRequest) -> DumpPlan:
     seed_files = seeds.weight_files(req.seed)
     for path in seed_files:             # every header read now: a bad file refused here
         seeds.tensor_ranges(path)
-    return DumpPlan(seed_files=seed_files, request=req, target=target, strategy=strategy, criu_path=criu_path,
-                    collective_pids=collective_pids,
+    return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
+                    collective_pids=collective_pids, seed_files=seed_files,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=strategy.criu_options(target),
                     zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"), notes=notes,

@@ -29,6 +29,8 @@ from ..store import seed as seeds
 
 
 class InlineSeed:
+    """One dump's seed: started (or found) at construction, then wait() or stop()."""
+
     def __init__(self, repo: Repository, files: list[str]):
         self.files, self.started = files, time.perf_counter()
         self.report: dict | None = None

@@ -82,10 +82,14 @@ def spans(path: str) -> list[tuple[int, int]]:
 
 
 def weight_files(paths) -> list[str]:
-    """The files of paths, a directory standing for its *.safetensors files (sorted)."""
+    """The files of paths, a directory standing for its *.safetensors files (sorted);
+    anything else but a regular file is refused."""
     out = []
     for path in paths:
         if not os.path.isdir(path):
+            if not os.path.isfile(path):        # a FIFO would hold the header's read forever
+                raise UsageError(f"{path} is not a regular file",
+                                 hint="give a model's .safetensors files, or the directory holding them")
             out.append(path)
             continue
         found = sorted(os.path.join(d, n) for d, _dirs, names in os.walk(path)

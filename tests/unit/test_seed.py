@@ -234,14 +234,19 @@ def test_a_seed_of_the_same_files_unchanged_is_found_again(tmp_path):
     assert cutting.already_seeded(seeds, [path]) is None
 
 
-def test_weight_files_takes_a_models_directory_and_refuses_one_without_weights(tmp_path):
+def test_weight_files_takes_a_models_directory_and_refuses_what_holds_no_weights(tmp_path):
     (tmp_path / "m" / "sub").mkdir(parents=True)
     for name in ("m/b.safetensors", "m/sub/a.safetensors", "m/config.json"):
         (tmp_path / name).write_bytes(b"x")
     lone = str(tmp_path / "lone.safetensors")
+    (tmp_path / "lone.safetensors").write_bytes(b"x")
     assert cutting.weight_files([str(tmp_path / "m"), lone]) == \
         [str(tmp_path / "m" / "b.safetensors"), str(tmp_path / "m" / "sub" / "a.safetensors"), lone]
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError) as exc:
         cutting.weight_files([str(tmp_path / "empty")])
     assert exc.value.exit_code == 2 and "holds no .safetensors file" in exc.value.message
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for name in ("pipe.safetensors", "missing.safetensors"):
+        with pytest.raises(UsageError, match="is not a regular file"):
+            cutting.weight_files([str(tmp_path / name)])
