@@ -23,7 +23,8 @@
 # by default; ~1-2 min for the 1b),
 # seeddump (benchmarks/seed_dump.py server: the LLM server's first dump into an empty store
 # against one into a store seeded with its weights file by `gpusnap seed add`, same run,
-# alternating; SEED_SIZE (8b by default), SEED_RUNS (3); ~5 min for the 8b),
+# alternating; SEED_SIZE (8b by default), SEED_RUNS (3); ~5 min for the 8b; SEED_ARGS adds options:
+# --kinds empty,inline puts `dump --seed` beside the empty store),
 # sdkread (benchmarks/sdk_read_probe.py: the SDK's weight read in a fresh process against the
 # same process parked and resumed, and the zero-copy read of page-cache pages registered
 # read-only; 16 GiB, SDKREAD_ARGS adds options; ~1.5 min),
