@@ -28,7 +28,7 @@ def add(app, paths, name):
     from ..store.seed import weight_files
     files = weight_files(paths)
     repo = app.repo()
-    total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    total = sum(os.path.getsize(f) for f in files)      # regular files (weight_files)
     with repo.shared_lock(), app.progress("seed", total) as progress:
         record, tally = repo.add_seed(files, name=name, progress=progress)
     report = {"id": record.id, "name": record.name, "files": list(record.sources),

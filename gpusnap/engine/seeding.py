@@ -32,7 +32,7 @@ class InlineSeed:
     """One dump's seed: started (or found) at construction, then wait() or stop()."""
 
     def __init__(self, repo: Repository, files: list[str]):
-        self.files, self.started = files, time.perf_counter()
+        self.started = time.perf_counter()
         self.report: dict | None = None
         self.running: parallel.Background | None = None
         found = seeds.already_seeded(repo.seeds()[0], files)

@@ -401,7 +401,8 @@ def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[st
                 pieces.append((at + c_off, c_len // PAGE_SIZE, cid, stored, new))
         off += pages * PAGE_SIZE
     if pending:
-        pieces = repo.not_new(pieces, clock.timed("w_write", repo.backend.put_many, list(pending.items())))
+        left = clock.timed("w_write", repo.backend.put_many, list(pending.items()))
+        pieces = repo.not_new(pieces, left)
     return pieces, clock.seconds
 
 

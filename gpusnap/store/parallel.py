@@ -356,7 +356,7 @@ class Background:
 
     def __init__(self, fn: Callable[[Any, int], Any], job: Any):
         self.pid: int | None = None
-        self.pipe: int | None = None
+        self.pipe = None                        # the result pipe's read end (a file)
         self.value = None
         if not fork_is_safe():
             self.value = _call(fn, job, 0)
@@ -368,13 +368,13 @@ class Background:
             _send(w, _call(fn, job, 0))
         self.pid = _spawn(body)
         os.close(w)
-        self.pipe = r
+        self.pipe = os.fdopen(r, "rb", buffering=0)     # read by _read_message
 
     def result(self):
         if self.pid is not None:
-            message = _read_message(self.pipe)
+            message = _read_message(self.pipe.fileno())
             pid, self.pid = self.pid, None
-            os.close(self.pipe)
+            self.pipe.close()
             if message is None:
                 raise _died(pid)
             os.waitpid(pid, 0)
@@ -382,16 +382,9 @@ class Background:
         return _unwrap(self.value)
 
     def stop(self) -> None:
-        if self.pid is None:
-            return
-        pid, self.pid = self.pid, None
-        os.close(self.pipe)
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+        if self.pid is not None:
+            pid, self.pid = self.pid, None
+            _stop({pid: self.pipe})
 
 
 def _send(fd: int, value) -> None:

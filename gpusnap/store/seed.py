@@ -81,6 +81,9 @@ def spans(path: str) -> list[tuple[int, int]]:
     return out
 
 
+_GIVE = "give a model's .safetensors files, or the directory holding them"
+
+
 def weight_files(paths) -> list[str]:
     """The files of paths, a directory standing for its *.safetensors files (sorted);
     anything else but a regular file is refused."""
@@ -88,15 +91,13 @@ def weight_files(paths) -> list[str]:
     for path in paths:
         if not os.path.isdir(path):
             if not os.path.isfile(path):        # a FIFO would hold the header's read forever
-                raise UsageError(f"{path} is not a regular file",
-                                 hint="give a model's .safetensors files, or the directory holding them")
+                raise UsageError(f"{path} is not a regular file", hint=_GIVE)
             out.append(path)
             continue
         found = sorted(os.path.join(d, n) for d, _dirs, names in os.walk(path)
                        for n in names if n.endswith(".safetensors"))
         if not found:
-            raise UsageError(f"{path} holds no .safetensors file",
-                             hint="give a model's .safetensors files, or the directory holding them")
+            raise UsageError(f"{path} holds no .safetensors file", hint=_GIVE)
         out += found
     return out
 
