@@ -189,6 +189,7 @@ def _table(runs: int, argv, card: str, rows: dict, modes: list[str], seeds: list
             "Stages, medians (s): " + "; ".join(
                 [f"{k}{tag(m)}: {_stages(rows[_key(k, m)])}" for k, m in ours]
                 + ([f"floor: {_stages(rows['floor'])}"] if rows["floor"] else [])),
+            *_landing_lines([(f"{k}{tag(m)}", rows[_key(k, m)]) for k, m in ours]),
             "",
             *([f"`gpusnap seed add` (before the dump, apart): {med([x['wall_s'] for x in seeds]):.2f} s, "
                f"{seeds[0]['bytes_seeded'] / 1e9:.2f} GB of tensors in {seeds[0]['chunks']} chunks."]
@@ -249,6 +250,27 @@ def _stages(runs: list[dict]) -> str:
     """The larger stages' medians, as `gpusnap dump --json` timed them."""
     return ", ".join(f"{k} {statistics.median([r['timings'].get(k, 0.0) for r in runs]):.2f}"
                      for k in STAGES)
+
+
+def _landing_lines(named: list[tuple[str, list[dict]]]) -> list[str]:
+    """Where the stream's disk time went (the dump's stream_close_s, stream_new_gb_at_close,
+    stream_end_s, medians): new GB stored while CRIU sent pages, and the pace of the rest
+    once it was done. Nothing for runs without them (an older gpusnap)."""
+    med = statistics.median
+    parts = []
+    for name, runs in named:
+        got = [r["timings"] for r in runs if "stream_end_s" in r.get("timings", {})]
+        if not got:
+            continue
+        close, end = med([t["stream_close_s"] for t in got]), med([t["stream_end_s"] for t in got])
+        at_close = med([t["stream_new_gb_at_close"] for t in got])
+        new = med([r["bytes_new"] for r in runs]) / 1e9
+        rest = (new - at_close) / (end - close) if end > close else float("nan")
+        parts.append(f"{name}: {at_close:.2f} of {new:.2f} GB new stored in CRIU's {close:.2f} s "
+                     f"({at_close / close if close else float('nan'):.2f} GB/s), the rest at "
+                     f"{rest:.2f} GB/s in {max(0.0, end - close):.2f} s")
+    return ["Stored while CRIU sent pages and after (from the first slot sent, medians): "
+            + "; ".join(parts) + "."] if parts else []
 
 
 def _row(name: str, runs: list[dict]) -> str:

@@ -114,6 +114,12 @@ class PageStream:
         # for a free slot or worker; worker-seconds finding zero pages, cutting, hashing and
         # compressing (with the store's lookups), writing and fsyncing
         self.clock = _Clock(("recv", "copy_wait", "slot_wait", "w_zero", "w_cut", "w_chunk", "w_write"))
+        # when new bytes landed (CLOCK_MONOTONIC, the workers' too): the first slot sent,
+        # CRIU's end (close()), each slot's (end, new bytes); timings() says how much of
+        # the writing was left once CRIU was done
+        self.first_sent: float | None = None
+        self.closed_at: float | None = None
+        self.landed: list[tuple[float, int]] = []
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         # a worker holds up to depth slots: every slot can be in a worker's queue
         self.pool = parallel.Stream(_slot_work, (repo, self.shm), n, depth=max(2, -(-slots // n)))
@@ -197,6 +203,7 @@ class PageStream:
 
     def close(self) -> None:
         self._submit()
+        self.closed_at = time.monotonic()
 
     # ---- the end ----
     def finish(self, images_dir: str, elide: bool = True) -> tuple[list[FileEntry], dict, zero_pages.Stats]:
@@ -232,7 +239,19 @@ class PageStream:
         out["stream_copiers"] = self.copiers
         out["stream_slots"] = self.slots
         out["stream_slots_peak"] = self.peak
+        out.update(self._landing())
         return out
+
+    def _landing(self) -> dict[str, float]:
+        """New bytes stored by CRIU's end and after it: stream_close_s (seconds from the
+        first slot sent to CRIU's end), stream_new_gb_at_close (GB of new chunks stored by
+        then), stream_end_s (to the last slot stored). Nothing where no slot was sent."""
+        if self.first_sent is None or self.closed_at is None or not self.landed:
+            return {}
+        at_close = sum(n for t, n in self.landed if t <= self.closed_at)
+        return {"stream_close_s": round(self.closed_at - self.first_sent, 4),
+                "stream_new_gb_at_close": round(at_close / 1e9, 3),
+                "stream_end_s": round(max(t for t, _n in self.landed) - self.first_sent, 4)}
 
     def abort(self) -> None:
         """Stop the copier and the workers (chunks they stored stay, unreferenced, for gc)."""
@@ -303,6 +322,8 @@ class PageStream:
         self.slot = None
         pm = self.maps[self.key]
         self.backlog.append(((self.key, pm.slots, slot), (slot, cut, parts)))
+        if self.first_sent is None:
+            self.first_sent = time.monotonic()
         self._dispatch()
         pm.slots += 1
         if tail:
@@ -318,9 +339,10 @@ class PageStream:
         self._dispatch()
 
     def _take_results(self, results) -> None:
-        for (key, seq, slot), (pieces, seconds) in results:
+        for (key, seq, slot), (pieces, seconds, done_at) in results:
             self.free.append(slot)
             self.clock.add(seconds)
+            self.landed.append((done_at, sum(p[4] for p in pieces)))
             pm = self.maps[key]
             pm.pieces[seq] = [(v, n, cid) for v, n, cid, _s, _new in pieces]
             for _v, _n, cid, size, new in pieces:
@@ -377,9 +399,9 @@ def _split_parts(parts: list[tuple[int, int]], at: int):
 
 # ---- in a worker ----
 
-def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[str, float]]:
+def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[str, float], float]:
     """One slot: (vaddr, pages, chunk id or ZERO_ID, stored bytes, new bytes) per piece,
-    and the seconds each step took."""
+    the seconds each step took, and when it was done (time.monotonic())."""
     repo, shm = job
     slot, used, parts = task
     pending = {} if repo.backend.batches_puts else None
@@ -403,7 +425,7 @@ def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[st
     if pending:
         left = clock.timed("w_write", repo.backend.put_many, list(pending.items()))
         pieces = repo.not_new(pieces, left)
-    return pieces, clock.seconds
+    return pieces, clock.seconds, time.monotonic()
 
 
 class Prefault:

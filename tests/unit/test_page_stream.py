@@ -156,6 +156,9 @@ def test_a_grown_stream_queues_full_slots_and_stores_the_same_chunks(tmp_path, m
                    out=timings)
     plain = stream(tmp_path / "b", maps, vmas, workers=1)
     assert timings["stream_slots"] == 24 and 3 <= timings["stream_slots_peak"] <= 24, timings
+    # where the writing went: new bytes by CRIU's end, never more than all of them
+    assert 0 <= timings["stream_new_gb_at_close"] * 1e9 <= grown[3]["bytes_new"] + 1e6, timings
+    assert 0 <= timings["stream_close_s"] and timings["stream_end_s"] >= 0, timings
     assert [f.chunks for f in grown[2]] == [f.chunks for f in plain[2]]
     assert pages_of(grown[0], grown[2][0]) == data
 

@@ -1,9 +1,10 @@
-"""benchmarks/seed_dump.py's pure part: the environment of each --fsync mode."""
+"""benchmarks/seed_dump.py's pure parts: the environment of each --fsync mode, the landing line."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks import seed_dump
 from benchmarks.seed_dump import mode_env
 
 
@@ -31,3 +32,12 @@ def test_the_workers_part():
 def test_an_unknown_part_is_refused(mode):
     with pytest.raises(SystemExit):
         mode_env(mode)
+
+
+def test_the_landing_line_splits_the_new_bytes_at_crius_end():
+    run = {"bytes_new": 10e9, "timings": {"stream_close_s": 4.0, "stream_new_gb_at_close": 4.0,
+                                          "stream_end_s": 7.0}}
+    (line,) = seed_dump._landing_lines([("empty", [run]), ("old", [{"bytes_new": 1, "timings": {}}])])
+    assert "empty: 4.00 of 10.00 GB new stored in CRIU's 4.00 s (1.00 GB/s), the rest at 2.00 GB/s in 3.00 s" in line
+    assert "old" not in line
+    assert seed_dump._landing_lines([("old", [{"bytes_new": 1, "timings": {}}])]) == []
