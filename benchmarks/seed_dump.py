@@ -90,7 +90,8 @@ def main(argv=None) -> str:
     ap.add_argument("--kinds", default="empty,seeded",
                     help="gpusnap's rows: empty (an empty store, then the second dump), "
                          "seeded (a store seeded with the weights file ahead), inline (an empty "
-                         "store, `dump --seed` the weights file, then again)")
+                         "store, `dump --seed` the weights file, then again), auto (the same "
+                         "with `--seed auto`: the weights the server names)")
     ap.add_argument("--no-naive", dest="naive", action="store_false",
                     help="leave out the dump by hand and the floor")
     ap.add_argument("--baselines-only", action="store_true",
@@ -121,7 +122,7 @@ def main(argv=None) -> str:
         with open(base + ".md", "w") as f:
             f.write(text)
         return text
-    kinds = [k for k in ("empty", "seeded", "inline") if k in args.kinds.split(",")]
+    kinds = [k for k in ("empty", "seeded", "inline", "auto") if k in args.kinds.split(",")]
     text = ""
     try:
         for run in range(args.runs):
@@ -134,7 +135,8 @@ def main(argv=None) -> str:
                     seed["wall_s"] = time.perf_counter() - t
                     seeds.append(seed)
                 for row in FOLLOWED.get(kind, (kind,)):
-                    seed = ("--seed", weights) if kind == "inline" else ()
+                    seed = ("--seed", weights) if kind == "inline" else \
+                        ("--seed", "auto") if kind == "auto" else ()
                     rows[_key(row, mode)].append(_dump(proc.pid, store, mode, *seed))
                     print(json.dumps({"run": run, "kind": row, "fsync": mode,
                                       **rows[_key(row, mode)][-1]}), flush=True)
@@ -160,14 +162,19 @@ def _table(runs: int, argv, card: str, rows: dict, modes: list[str], seeds: list
     names = {"empty": "empty", "second": "the same store again (second dump)",
              "seeded": "seeded with the weights file",
              "inline": "empty, `dump --seed` the weights file (seeded as it dumps; GB written: both)",
-             "inline_again": "the same store again, `--seed` again (the seed found, not read)"}
-    e, again, s, i, i2 = (rows[_key(k, modes[0])] for k in KINDS)
+             "inline_again": "the same store again, `--seed` again (the seed found, not read)",
+             "auto": "empty, `dump --seed auto` (the weights the server's command line names, "
+                     "seeded as it dumps; GB written: both)",
+             "auto_again": "the same store again, `--seed auto` again (the seed found, not read)"}
+    e, again, s, i, i2, a, a2 = (rows[_key(k, modes[0])] for k in KINDS)
     naive = rows["naive"]
     wall = lambda runs: med([r["s"] for r in runs])     # noqa: E731
     ratios = ([f"Second dump / first: {wall(again) / wall(e):.2f}"] if e else []) \
         + ([f"seeded / naive: {wall(s) / wall(naive):.2f}"] if s and naive else []) \
         + ([f"`--seed` / naive: {wall(i) / wall(naive):.2f}"] if i and naive else []) \
-        + ([f"`--seed` again / `--seed` first: {wall(i2) / wall(i):.2f}"] if i and i2 else [])
+        + ([f"`--seed` again / `--seed` first: {wall(i2) / wall(i):.2f}"] if i and i2 else []) \
+        + ([f"`--seed auto` / naive: {wall(a) / wall(naive):.2f}"] if a and naive else []) \
+        + ([f"`--seed auto` again / first: {wall(a2) / wall(a):.2f}"] if a and a2 else [])
     return [f"# First dump into an empty store vs a seeded one — {card}", "",
             f"`benchmarks/seed_dump.py {' '.join(argv or sys.argv[1:])}`, "
             f"{time.strftime('%Y-%m-%d %H:%M')}; the same live process dumped with "
@@ -200,8 +207,9 @@ def _table(runs: int, argv, card: str, rows: dict, modes: list[str], seeds: list
                    for k in ("naive", "floor") if rows[k]])]
 
 
-KINDS = ("empty", "second", "seeded", "inline", "inline_again")    # gpusnap's rows, each mode's
-FOLLOWED = {"empty": ("empty", "second"), "inline": ("inline", "inline_again")}   # one store each
+KINDS = ("empty", "second", "seeded", "inline", "inline_again", "auto", "auto_again")   # gpusnap's rows
+FOLLOWED = {"empty": ("empty", "second"), "inline": ("inline", "inline_again"),
+            "auto": ("auto", "auto_again")}     # one store each
 
 
 def _key(kind: str, mode: str) -> str:

@@ -1,4 +1,5 @@
 import contextlib
+import os
 import time
 
 import click
@@ -31,6 +32,14 @@ class CompressLevel(click.ParamType):
         if str(value).isdigit() and 1 <= int(value) <= 19:
             return int(value)
         self.fail(f"{value!r} is not a zstd level 1-19, fast, bf16 or none", param, ctx)
+
+
+def _seed_paths(_ctx, _param, values):
+    """--seed: `auto` as it is, else an existing path (./auto for a file named auto)."""
+    for value in values:
+        if value != "auto" and not os.path.exists(value):
+            raise click.BadParameter(f"{value!r} does not exist", param_hint="--seed")
+    return values
 
 
 @click.command("dump")
@@ -69,12 +78,15 @@ class CompressLevel(click.ParamType):
 @click.option("--ignore-rootfs", is_flag=True, help="Containers: leave the container's "
               "filesystem changes out of the snapshot (as podman's flag); a restore as a new "
               "container starts from its image's filesystem.")
-@click.option("--seed", "seed", multiple=True, type=click.Path(exists=True),
+@click.option("--seed", "seed", multiple=True, callback=_seed_paths, metavar="PATH|auto",
               help="A model's .safetensors file, or a directory of them (repeatable): store it "
                    "as a seed while the dump runs (`gpusnap seed add`), so that its tensors go "
                    "to the disk while the CUDA driver copies the GPU's memory and the dump "
-                   "writes only what they lack. A seed of the same files, unchanged, is used "
-                   "as it is; --json reports it under `seed`.")
+                   "writes only what they lack. `auto`: the .safetensors files (or directories "
+                   "of them, or Hugging Face model ids in its cache) that the target's command "
+                   "line names, looked up inside the target's own root, those its user may "
+                   "read. A seed of the same files, unchanged, is used as it is; --json "
+                   "reports it under `seed`.")
 @click.option("--force", is_flag=True, help="Dump anyway what is refused because a restore "
               "may not bring it back: a process tree sharing a pipe, socket or terminal with "
               "a process outside it (exit 7; the snapshot notes each), a NCCL job that may "
@@ -129,9 +141,15 @@ def _execute(app, repo, plan, planned: float) -> dict:
     for text in manifest.notes:
         app.note(text)
     seeded = report.get("seed")
+    if seeded and seeded.get("auto"):
+        if seeded.get("skipped"):
+            app.note("--seed auto: not safetensors files, left out: " + ", ".join(seeded["skipped"]))
+        if not seeded["sources"]:
+            app.note("--seed auto: the target's command line names no .safetensors file it may "
+                     "read; no seed")
     if seeded and seeded.get("error"):
         app.note(f"the seed was not stored ({seeded['error']}); the snapshot does not need it")
-    elif seeded and not app.as_json and app.verbose:
+    elif seeded and seeded.get("id") and not app.as_json and app.verbose:
         app.note(f"seed {seeded['id']}: " + ("in the store already, not read again" if seeded["reused"]
                  else f"{human_bytes(seeded['bytes_new'])} new in the store"))
     if not app.as_json and app.verbose:

@@ -55,8 +55,9 @@ def run_dump(body: dict, store: Store) -> dict:
     started = time.perf_counter()
     req = _request(dump.DumpRequest, body)
     req.seed = tuple(str(p) for p in req.seed or ())
-    if not all(os.path.isabs(p) for p in req.seed):
-        raise UsageError("seed: give absolute paths (the daemon does not run where you do)")
+    if not all(os.path.isabs(p) or p == dump.SEED_AUTO for p in req.seed):
+        raise UsageError("seed: give absolute paths (the daemon does not run where you do), "
+                         "or \"auto\"")
     plan = dump.plan(req)
     planned = time.perf_counter() - started
     report: dict = {}

@@ -49,6 +49,7 @@ from ..model import CriuFacts, Manifest
 from ..store import Repository
 from ..store import seed as seeds
 from ..store.pagestream import PageStream
+from ..targets import weights
 from . import agent_steps, cudarace, gpu, intent, seeding, strategies, workdir
 from .plans import DumpPlan, DumpRequest
 from .timing import Stages
@@ -65,15 +66,52 @@ def plan(req: DumpRequest) -> DumpPlan:
     collective_pids = [] if req.force else \
         gpu.refuse_nccl_ipc(target.pids, "dump", strategy.sdk_agents)
     notes = strategy.preflight(req, target)
-    seed_files = seeds.weight_files(req.seed)
+    seed_files = seeds.weight_files([p for p in req.seed if p != SEED_AUTO])
     for path in seed_files:             # every header read now: a bad file refused here
         seeds.tensor_ranges(path)
+    seed_sources = [os.path.abspath(p) for p in seed_files]
+    found, skipped = _seed_auto(target.pids) if SEED_AUTO in req.seed else (None, [])
+    if found is not None:
+        seed_files += found.paths
+        seed_sources += found.sources
     return DumpPlan(request=req, target=target, strategy=strategy, criu_path=criu_path,
                     collective_pids=collective_pids, seed_files=seed_files,
+                    seed_sources=seed_sources, seed_found=found, seed_skipped=skipped,
                     criu_version=criu_version, cuda_pids=gpu.cuda_pids(target.pids),
                     criu_options=strategy.criu_options(target),
                     zero_elide=not os.environ.get("GPUSNAP_NO_ZERO_ELIDE"), notes=notes,
                     pages=_page_path(req.pages, strategy.kind))
+
+
+SEED_AUTO = "auto"
+
+
+def _seed_auto(pids: list[int]):
+    """--seed auto: the weights files the target names (targets/weights.py), held open,
+    those whose header is no safetensors header left out (said, not refused: the target
+    named them, not the user). (Found, the sources left out)."""
+    found = weights.discover(pids)
+    keep, skipped = [], []
+    for i, path in enumerate(found.paths):
+        try:
+            seeds.tensor_ranges(path)
+            keep.append(i)
+        except UsageError:
+            skipped.append(found.sources[i])
+    found.keep(keep)
+    return found, skipped
+
+
+def _seed_report(plan: DumpPlan, seed: seeding.InlineSeed | None) -> dict | None:
+    """What --seed stored, for --json's `seed`; with auto, also what was found and left
+    out ("auto": true, "skipped": the sources whose header is no safetensors header), an
+    empty report where nothing was found."""
+    got = seed.report if seed else None
+    if SEED_AUTO not in plan.request.seed:
+        return got
+    got = got or {"id": None, "reused": False, "bytes_seeded": 0, "bytes_new": 0,
+                  "seconds": 0.0, "sources": []}
+    return {**got, "auto": True, "skipped": list(plan.seed_skipped)}
 
 
 PAGE_PATHS = ("auto", "stream", "staged")
@@ -97,7 +135,11 @@ def execute(plan: DumpPlan, repo: Repository,
             progress: Callable[[int], None] | None = None, report: dict | None = None) -> Manifest:
     """Run the dump; returns the committed manifest. report, where given, gets "seed": what
     --seed stored (engine/seeding.py), or None."""
-    run = _Dump(plan, repo)
+    try:
+        run = _Dump(plan, repo)
+    except BaseException:
+        plan.close_seed()
+        raise
     try:
         run.start()
         with repo.shared_lock():
@@ -106,7 +148,7 @@ def execute(plan: DumpPlan, repo: Repository,
         run.finish()
         manifest.timings = run.stages.to_dict()     # now with the commit's
         if report is not None:
-            report["seed"] = run.seed.report if run.seed else None
+            report["seed"] = _seed_report(plan, run.seed)
         return manifest
     except BaseException as exc:
         if run.committed():
@@ -117,6 +159,7 @@ def execute(plan: DumpPlan, repo: Repository,
         with interrupts.shielded():
             if run.seed:
                 run.seed.stop()
+            plan.close_seed()
             workdir.remove(run.work)
             run.intent.end()
 
@@ -159,7 +202,8 @@ class _Dump:
         req, stages = self.plan.request, self.stages
         if self.plan.seed_files:            # under the store's lock, before the CUDA lock
             with stages.stage("seed_start"):
-                self.seed = seeding.InlineSeed(self.repo, self.plan.seed_files)
+                self.seed = seeding.InlineSeed(self.repo, self.plan.seed_files,
+                                               self.plan.seed_sources)
         cuda_facts = self._hold_and_take(req, progress)
         if req.leave_running:
             self._start_resuming(background=self.stream is not None)

@@ -18,6 +18,7 @@ from ..model import Manifest, Target
 
 if TYPE_CHECKING:
     from ..store import Repository
+    from ..targets.weights import Found
 
 
 @dataclass
@@ -32,7 +33,8 @@ class DumpRequest:
     force: bool = False             # dump anyway: a NCCL job that may use CUDA IPC (cuda/nccl.py),
                                     # a tree sharing descriptors with others (targets/fds.py)
     ignore_rootfs: bool = False     # containers: leave the filesystem changes out
-    seed: tuple[str, ...] = ()      # weights files (or directories of them) seeded as it runs
+    seed: tuple[str, ...] = ()      # weights files (or directories of them) seeded as it runs; "auto":
+                                    # those the target names (targets/weights.py)
 
 
 @dataclass
@@ -49,6 +51,14 @@ class DumpPlan:
     collective_pids: list[int] = field(default_factory=list)    # NCCL ranks whose agent must prepare
     notes: list[str] = field(default_factory=list)  # for the manifest (what --force let through)
     seed_files: list[str] = field(default_factory=list)     # --seed's .safetensors files, checked
+    seed_sources: list[str] = field(default_factory=list)   # their names in the seed's record
+    seed_found: Found | None = None     # --seed auto: the files found, held open (close_seed())
+    seed_skipped: list[str] = field(default_factory=list)   # --seed auto: found, not safetensors
+
+    def close_seed(self) -> None:
+        """The files --seed auto holds open are closed (once the dump is over)."""
+        if self.seed_found is not None:
+            self.seed_found.close()
 
 
 @dataclass

@@ -31,16 +31,19 @@ from ..store import seed as seeds
 class InlineSeed:
     """One dump's seed: started (or found) at construction, then wait() or stop()."""
 
-    def __init__(self, repo: Repository, files: list[str]):
+    def __init__(self, repo: Repository, files: list[str], sources: list[str] | None = None):
+        """files: the paths to read; sources: the names the seed's record keeps (their
+        absolute paths where not given)."""
         self.started = time.perf_counter()
         self.report: dict | None = None
         self.running: parallel.Background | None = None
-        found = seeds.already_seeded(repo.seeds()[0], files)
+        self.sources = list(sources) if sources is not None else [os.path.abspath(p) for p in files]
+        found = seeds.already_seeded(repo.seeds()[0], files, self.sources)
         if found is not None:
             self.report = {"id": found.id, "reused": True, "bytes_seeded": found.bytes_seeded,
-                           "bytes_new": 0, "seconds": 0.0}
+                           "bytes_new": 0, "seconds": 0.0, "sources": self.sources}
         else:
-            self.running = parallel.Background(_add, (repo, files))
+            self.running = parallel.Background(_add, (repo, files, self.sources))
 
     def wait(self) -> dict:
         """The seed's report once it is recorded; a seed that failed is reported with its
@@ -54,7 +57,8 @@ class InlineSeed:
             except GpusnapError as exc:
                 report = {"id": None, "reused": False, "error": exc.message}
             self.running = None
-            self.report = {**report, "seconds": round(time.perf_counter() - self.started, 3)}
+            self.report = {**report, "seconds": round(time.perf_counter() - self.started, 3),
+                           "sources": self.sources}
         return self.report
 
     def stop(self) -> None:
@@ -73,8 +77,8 @@ def seed_workers(cpus: int) -> int:
 
 def _add(job, _index: int) -> tuple[str, int, int]:
     """In the seed's process: the seed stored and recorded; (id, bytes seeded, bytes new)."""
-    repo, files = job
+    repo, files, sources = job
     os.nice(NICE)                   # its workers, forked from here, inherit it
     record, tally = repo.add_seed(files, name="dump --seed",
-                                  workers=seed_workers(hostcpu.count()))
+                                  workers=seed_workers(hostcpu.count()), sources=sources)
     return record.id, record.bytes_seeded, tally.new

@@ -446,17 +446,21 @@ class Repository:
 
     # ---- seeds (store/seed.py) --------------------------------------------------------
     def add_seed(self, paths: list[str], name: str | None = None,
-                 progress: Progress | None = None, workers: int | None = None) -> tuple[Seed, Tally]:
+                 progress: Progress | None = None, workers: int | None = None,
+                 sources: list[str] | None = None) -> tuple[Seed, Tally]:
         """Store each weights file's tensors as a dump's page stream would cut them, then
         record them (seeds/<id>.json) so gc keeps them: the chunks durable first, their
-        names, then the record, as commit() does for a manifest. Under the shared lock."""
+        names, then the record, as commit() does for a manifest. Under the shared lock.
+        sources: the files' names in the record (their absolute paths where not given:
+        `dump --seed auto` reads them through descriptors it holds)."""
         from . import seed as cutting
         spans = [cutting.spans(p) for p in paths]          # every file checked before a write
         chunks, tally = self.ingest_spans(paths, spans, progress, workers)
-        entries = [FileEntry(os.path.basename(p), sum(n for _c, n in cs), 0o600, cs)
-                   for p, cs in zip(paths, chunks)]
+        sources = list(sources) if sources is not None else [os.path.abspath(p) for p in paths]
+        entries = [FileEntry(os.path.basename(s), sum(n for _c, n in cs), 0o600, cs)
+                   for s, cs in zip(sources, chunks)]
         record = Seed(id=secrets.token_hex(8), files=entries, created=_now(), name=name,
-                      sources=[os.path.abspath(p) for p in paths])
+                      sources=sources)
         data = record.to_json()
         Seed.from_json(data)                    # what is written must load
         self._publish("seeds/", "seed", record.id, data, record.chunk_sizes(),

@@ -108,14 +108,15 @@ def seeded_bytes(path: str) -> int:
     return sum((end - start) // PAGE * PAGE for start, end in tensor_ranges(path))
 
 
-def already_seeded(seeds, paths: list[str]):
+def already_seeded(seeds, paths: list[str], sources: list[str] | None = None):
     """The newest of seeds (Seed records) made from exactly these files as they are now:
-    the same absolute paths, the same tensors' bytes each (from their headers), none
+    the same sources (the names records keep: the paths' absolute paths where not
+    given), the same tensors' bytes each (from their headers), none
     modified since the second the seed was stamped in; else None. (A file rewritten with
     the same layout before its seed, in that second, is seeded again: the stamp is cut
     to the second.) Used to spare a dump's --seed the reading; what a seed lacks the
     dump writes anyway."""
-    sources = [os.path.abspath(p) for p in paths]
+    sources = list(sources) if sources is not None else [os.path.abspath(p) for p in paths]
     sizes = [seeded_bytes(p) for p in paths]
     newest = [os.stat(p).st_mtime for p in paths]
     for record in sorted(seeds, key=lambda s: s.created, reverse=True):

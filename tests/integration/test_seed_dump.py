@@ -109,12 +109,48 @@ def test_dump_seed_stores_the_weights_while_it_dumps(gpusnap, store, holder, wei
     rc, again, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", "--seed", weights)
     assert rc == 0, err
     assert again["seed"] == {"id": seed["id"], "reused": True, "bytes_seeded": seed["bytes_seeded"],
-                             "bytes_new": 0, "seconds": 0.0}
+                             "bytes_new": 0, "seconds": 0.0, "sources": [os.path.abspath(weights)]}
     assert again["bytes_new"] < 4 << 20, again
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
     wait_pids_free([proc.pid])
     _restores_intact(gpusnap, snap["id"], state)
+
+
+def test_dump_seed_auto_seeds_the_file_the_target_names(gpusnap, store, holder, weights, tmp_path):
+    """`dump --seed auto`: the weights file on the holder's command line is found and
+    seeded as the dump runs (read through the descriptor discovery opened), recorded
+    under the name the target gave it; the next dump finds that seed; the snapshot
+    restores byte-exact. A target naming no weights file dumps without a seed."""
+    hour_ago = os.stat(weights).st_mtime - 3600
+    os.utime(weights, (hour_ago, hour_ago))
+    proc, state = holder(weights)
+    rc, snap, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", "--seed", "auto")
+    assert rc == 0, err
+    seed = snap["seed"]
+    assert seed["auto"] is True and seed["skipped"] == [] and seed["reused"] is False, snap
+    assert seed["sources"] == [weights] and seed["bytes_seeded"] > 40 << 20, snap
+    rc, listed, _ = gpusnap("seed", "ls")
+    assert [s["id"] for s in listed["seeds"]] == [seed["id"]]
+    rc, again, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running", "--seed", "auto")
+    assert rc == 0, err
+    assert again["seed"]["reused"] is True and again["seed"]["id"] == seed["id"], again
+    assert again["bytes_new"] < 4 << 20, again
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    wait_pids_free([proc.pid])
+    _restores_intact(gpusnap, snap["id"], state)
+    bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc, out, err = gpusnap("dump", "--pid", str(bare.pid), "--leave-running", "--seed", "auto")
+        assert rc == 0, err
+        assert out["seed"] == {"id": None, "reused": False, "bytes_seeded": 0, "bytes_new": 0,
+                               "seconds": 0.0, "sources": [], "auto": True, "skipped": []}, out
+        assert "names no .safetensors file" in err
+    finally:
+        bare.kill()
+        bare.wait()
 
 
 def test_dump_seed_refuses_a_file_that_is_no_safetensors_before_the_target_is_touched(
