@@ -71,7 +71,13 @@ NICE = 10                       # the driver's checkpoint, CRIU and the page str
 SHARE = 4                       # of the CPUs gpusnap may use (hostcpu.py), at least 2
 
 
+WORKERS_ENV = "GPUSNAP_SEED_WORKERS"     # a count: the seed's workers (benchmarks)
+
+
 def seed_workers(cpus: int) -> int:
+    raw = os.environ.get(WORKERS_ENV, "")
+    if raw.isdigit() and int(raw) > 0:
+        return min(int(raw), max(cpus, 1) * 2)
     return max(2, cpus // SHARE)
 
 

@@ -41,3 +41,7 @@ def test_the_landing_line_splits_the_new_bytes_at_crius_end():
     assert "empty: 4.00 of 10.00 GB new stored in CRIU's 4.00 s (1.00 GB/s), the rest at 2.00 GB/s in 3.00 s" in line
     assert "old" not in line
     assert seed_dump._landing_lines([("old", [{"bytes_new": 1, "timings": {}}])]) == []
+
+
+def test_the_seed_workers_part():
+    assert mode_env("auto:w8") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_SEED_WORKERS": "8"}
