@@ -149,6 +149,9 @@ def test_cli_dump_and_restore_through_the_daemon(workload, gpusnap, daemon, tmp_
     code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True,
                                                        "seed": ["model.safetensors"]})
     assert code == 400 and "absolute paths" in out["message"], out
+    code, out = d.client.request("POST", "/v1/dump", {"pid": w.pid, "leave_running": True,
+                                                       "seed": ["auto"]})   # names no weights
+    assert code == 200 and out["seed"]["auto"] is True and out["seed"]["sources"] == [], out
     code, out = d.client.request("POST", "/v1/restore", {"snapshot": "nosuch"})
     assert code == 404 and out["error"] == "SnapshotNotFound", out
     assert w.report()["data_ok"]
