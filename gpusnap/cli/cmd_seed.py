@@ -16,27 +16,71 @@ def command():
 
 
 @command.command("add")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @click.option("--name", help="A name to recognise the seed by in `gpusnap seed ls`.")
+@click.option("--pid", type=int, help="Also the weights the process tree of PID names: "
+              "what `dump --seed auto` finds (.safetensors files, directories of them or "
+              "Hugging Face ids on its command line, inside its own root, those its user may "
+              "read). A seed of the same files, unchanged, is not made again (`reused`).")
+@click.option("--container", metavar="NAME", help="As --pid, for the processes of a container.")
+@click.option("--engine", type=click.Choice(["docker", "podman"]), envvar="GPUSNAP_ENGINE",
+              help="With --container: its engine (default: whichever knows the name).")
 @click.pass_obj
-def add(app, paths, name):
+def add(app, paths, name, pid, container, engine):
     """Store the tensors of PATHS, cut as a dump cuts memory pages: .safetensors files,
-    or directories (every *.safetensors file under them: a model's shards)."""
+    or directories (every *.safetensors file under them: a model's shards); or those a
+    running server names (--pid, --container), as soon as it has started, so that its
+    first dump writes only what the weights lack."""
     import os
     import time
     started = time.perf_counter()
-    from ..store.seed import weight_files
+    from ..errors import UsageError
+    from ..store.seed import already_seeded, weight_files
+    if not paths and pid is None and container is None:
+        raise UsageError("give the weights' PATHS, or --pid or --container of a server naming them")
+    if pid is not None and container is not None:
+        raise UsageError("give --pid or --container, not both")
     files = weight_files(paths)
-    repo = app.repo()
-    total = sum(os.path.getsize(f) for f in files)      # regular files (weight_files)
-    with repo.shared_lock(), app.progress("seed", total) as progress:
-        record, tally = repo.add_seed(files, name=name, progress=progress)
+    sources = [os.path.abspath(f) for f in files]
+    found = skipped = None
+    if pid is not None or container is not None:
+        found, skipped = _found(pid, container, engine)
+    try:
+        if found is not None:
+            if not found.paths and not files:
+                raise UsageError("the target's command line names no .safetensors file its user "
+                                 "may read" + (f" (not safetensors: {', '.join(skipped)})" if skipped else ""),
+                                 hint="give the model's .safetensors files or directory as PATHS")
+            files, sources = files + found.paths, sources + found.sources
+        repo = app.repo()
+        total = sum(os.path.getsize(f) for f in files)      # regular files (weight_files, discovery)
+        with repo.shared_lock():
+            record = already_seeded(repo.seeds()[0], files, sources) if found is not None else None
+            reused = record is not None
+            if not reused:
+                with app.progress("seed", total) as progress:
+                    record, tally = repo.add_seed(files, name=name, progress=progress, sources=sources)
+    finally:
+        if found is not None:
+            found.close()
+    new = 0 if reused else tally.new
     report = {"id": record.id, "name": record.name, "files": list(record.sources),
               "chunks": len(record.chunk_sizes()), "bytes_seeded": record.bytes_seeded,
-              "bytes_stored": tally.stored, "bytes_new": tally.new,
+              "bytes_stored": 0 if reused else tally.stored, "bytes_new": new,
               "seconds": round(time.perf_counter() - started, 3)}
+    if found is not None:
+        report.update(reused=reused, skipped=skipped)
     app.emit(report, f"seed {record.id}: {human_bytes(record.bytes_seeded)} of tensors in "
-             f"{report['chunks']} chunks, {human_bytes(tally.new)} new in the store")
+             f"{report['chunks']} chunks, " + ("in the store already, not read again" if reused
+                                               else f"{human_bytes(new)} new in the store"))
+
+
+def _found(pid, container, engine):
+    """The weights the target names (engine/seeding.py: discover), held open."""
+    from ..engine import seeding, strategies
+    from ..engine.plans import DumpRequest
+    _strategy, target = strategies.resolve(DumpRequest(pid=pid, container=container, engine=engine))
+    return seeding.discover(target.pids)
 
 
 @command.command("ls")

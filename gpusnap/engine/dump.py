@@ -49,7 +49,6 @@ from ..model import CriuFacts, Manifest
 from ..store import Repository
 from ..store import seed as seeds
 from ..store.pagestream import PageStream
-from ..targets import weights
 from . import agent_steps, cudarace, gpu, intent, seeding, strategies, workdir
 from .plans import DumpPlan, DumpRequest
 from .timing import Stages
@@ -70,7 +69,7 @@ def plan(req: DumpRequest) -> DumpPlan:
     for path in seed_files:             # every header read now: a bad file refused here
         seeds.tensor_ranges(path)
     seed_sources = [os.path.abspath(p) for p in seed_files]
-    found, skipped = _seed_auto(target.pids) if SEED_AUTO in req.seed else (None, [])
+    found, skipped = seeding.discover(target.pids) if SEED_AUTO in req.seed else (None, [])
     if found is not None:
         seed_files += found.paths
         seed_sources += found.sources
@@ -84,22 +83,6 @@ def plan(req: DumpRequest) -> DumpPlan:
 
 
 SEED_AUTO = "auto"
-
-
-def _seed_auto(pids: list[int]):
-    """--seed auto: the weights files the target names (targets/weights.py), held open,
-    those whose header is no safetensors header left out (said, not refused: the target
-    named them, not the user). (Found, the sources left out)."""
-    found = weights.discover(pids)
-    keep, skipped = [], []
-    for i, path in enumerate(found.paths):
-        try:
-            seeds.tensor_ranges(path)
-            keep.append(i)
-        except UsageError:
-            skipped.append(found.sources[i])
-    found.keep(keep)
-    return found, skipped
 
 
 def _seed_report(plan: DumpPlan, seed: seeding.InlineSeed | None) -> dict | None:

@@ -23,9 +23,27 @@ import os
 import time
 
 from .. import hostcpu
-from ..errors import GpusnapError, Interrupted
+from ..errors import GpusnapError, Interrupted, UsageError
 from ..store import Repository, parallel
 from ..store import seed as seeds
+from ..targets import weights
+
+
+def discover(pids: list[int]) -> tuple[weights.Found, list[str]]:
+    """The weights files the processes of pids name (targets/weights.py: `dump --seed
+    auto`, `seed add --pid`), held open; those whose header is no safetensors header left
+    out (said, not refused: the target named them, not the user). (Found, the sources
+    left out)."""
+    found = weights.discover(pids)
+    keep, skipped = [], []
+    for i, path in enumerate(found.paths):
+        try:
+            seeds.tensor_ranges(path)
+            keep.append(i)
+        except UsageError:
+            skipped.append(found.sources[i])
+    found.keep(keep)
+    return found, skipped
 
 
 class InlineSeed:

@@ -153,6 +153,35 @@ def test_dump_seed_auto_seeds_the_file_the_target_names(gpusnap, store, holder, 
         bare.wait()
 
 
+def test_seed_add_pid_seeds_what_a_running_server_names(gpusnap, store, holder, weights):
+    """`seed add --pid`: the weights the holder names, seeded ahead of its first dump,
+    not again while unchanged; that dump then writes little; a process naming no
+    weights file is an error (exit 2)."""
+    hour_ago = os.stat(weights).st_mtime - 3600
+    os.utime(weights, (hour_ago, hour_ago))
+    proc, _state = holder(weights)
+    rc, seed, err = gpusnap("seed", "add", "--pid", str(proc.pid), "--name", "holder")
+    assert rc == 0, err
+    assert seed["files"] == [weights] and seed["reused"] is False and seed["skipped"] == [], seed
+    assert seed["bytes_new"] > 40 << 20, seed
+    rc, again, err = gpusnap("seed", "add", "--pid", str(proc.pid))
+    assert rc == 0, err
+    assert again["reused"] is True and again["id"] == seed["id"] and again["bytes_new"] == 0, again
+    rc, snap, err = gpusnap("dump", "--pid", str(proc.pid), "--leave-running")
+    assert rc == 0, err
+    assert snap["bytes_new"] < snap["bytes_logical"] - 0.6 * seed["bytes_seeded"], (snap, seed)
+    bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc, out, _err = gpusnap("seed", "add", "--pid", str(bare.pid))
+        assert rc == 2 and "names no .safetensors file" in out["message"], out
+    finally:
+        bare.kill()
+        bare.wait()
+    rc, out, _err = gpusnap("seed", "add")
+    assert rc == 2 and "--pid" in out["message"], out
+
+
 def test_dump_seed_refuses_a_file_that_is_no_safetensors_before_the_target_is_touched(
         gpusnap, store, holder, weights, tmp_path):
     proc, _state = holder(weights)
