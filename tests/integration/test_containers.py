@@ -168,6 +168,25 @@ def test_dump_stops_the_container_and_restore_continues_its_counter(box, gpusnap
     assert later > after, "the restored container keeps counting"
 
 
+def test_seed_add_container_finds_its_weights_inside_its_own_root(box, gpusnap, tmp_path):
+    """`seed add --container`: the path on the container's command line is looked up in
+    the container's root (its bind mount of the model), and a symlink there that names a
+    host path resolves inside the container, not to the host's file."""
+    from conftest import make_weights
+    models = tmp_path / "models"
+    models.mkdir()
+    make_weights(str(models / "model.safetensors"), 2)
+    host_only = make_weights(str(tmp_path / "host-only.safetensors"), 2)
+    os.symlink(host_only, models / "escape.safetensors")       # a host path, absent inside
+    name = box.name()
+    sh(box.engine, "run", "-d", "--name", name, "-v", f"{models}:/models:ro", IMAGE,
+       "sh", "-c", "sleep 3600; true", "/models")               # $0: on sh's command line
+    rc, seed, err = gpusnap("seed", "add", "--container", name, "--engine", box.engine)
+    assert rc == 0, err
+    assert seed["files"] == ["/models/model.safetensors"] and seed["reused"] is False, seed
+    assert seed["bytes_seeded"] > 1 << 20, seed
+
+
 def test_counter_goes_on_from_the_dumped_value(box, gpusnap):
     """A counter read just before the dump bounds it from below after the restore."""
     name = box.run()
