@@ -33,6 +33,8 @@
 # read-only once; 16 GiB; ~1.5 min),
 # overhead (benchmarks/daemon_overhead_probe.py: the time a command through gpusnapd spends
 # around its operation: the interpreter, the client's imports, the daemon's child; ~1 min),
+# slotprobe (benchmarks/slot_fault_probe.py: the copy into a page stream's fresh slots against
+# touched ones, shared and private, 4 KiB and huge pages; SLOT_GIB (8); ~30 s),
 # thpfill (benchmarks/thp_fill_probe.py: the ways to put a restore's bytes into another
 # process in huge pages, 8 GiB, 16 workers).
 # The experimental overlap of the fill with the CUDA restore (GPUSNAP_UFFD_OVERLAP=1):
@@ -182,6 +184,8 @@ for spec in "$@"; do
                   --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" ${FSYNC_ARGS:-} ;;
         seedprobe) step "$name" "$limit" python3 benchmarks/seed_probe.py server --size "${SEED_SIZE:-1b}" --pages --out "$OUT" ;;
         thpfill)  step "$name" "$limit" python3 benchmarks/thp_fill_probe.py --gib 8 --workers 16 --runs 2 --out "$OUT" ;;
+        slotprobe) step "$name" "$limit" python3 benchmarks/slot_fault_probe.py --gib "${SLOT_GIB:-8}" --threads 4 --runs 3 \
+                      --out "$OUT" --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" ;;
         commitcost) step "$name" "$limit" python3 benchmarks/commit_cost.py --mib 4096 --runs 3 --dir /tmp --tag h200 --out "$OUT" ;;
         switch|standby|diffusion)
                   breadth "$name" "$limit" "$name" ;;
