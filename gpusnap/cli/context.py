@@ -94,7 +94,13 @@ def timings_table(timings: dict[str, float]) -> str:
                     + (f"; slots of 16 MiB: {int(timings['stream_slots'])} allowed, "
                        f"{int(timings.get('stream_slots_peak', 0))} used at most"
                        if "stream_slots" in timings else ""))
+        steps = ((("w_read", "reading the private slots"),) if timings.get("stream_private") else ()) \
+            + STREAM_STEPS
         rows.append(f"  {int(timings.get('stream_workers', 0))} workers, summed: "
                     + ", ".join(f"{what} {timings.get('stream_' + key, 0.0):.3f} s"
-                                for key, what in STREAM_STEPS))
+                                for key, what in steps))
+        if "stream_end_s" in timings:
+            rows.append(f"  new chunks: {timings['stream_new_gb_at_close']:.2f} GB stored by CRIU's end, "
+                        f"{timings['stream_close_s']:.3f} s after the first slot; the last "
+                        f"{timings['stream_end_s']:.3f} s after it")
     return "\n".join(rows)

@@ -65,8 +65,25 @@ def slots_forced() -> bool:
 
 
 PREFAULT_ENV = "GPUSNAP_STREAM_PREFAULT"      # 1: slots are touched ahead (prefault()); off by default
+PRIVATE_ENV = "GPUSNAP_STREAM_PRIVATE"        # 1: slots in private huge pages (_Remote); off by default
 _MADV_POPULATE_WRITE = 23                      # Linux 5.14
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+
+def private_wanted() -> bool:
+    """Whether the slots go in private huge-page memory that the workers read with
+    process_vm_readv (GPUSNAP_STREAM_PRIVATE=1, as root: reading another process's memory
+    takes CAP_SYS_PTRACE where Yama is on) rather than in shared memory.
+
+    Why: a first dump's stream grows to hundreds of fresh slots, and fresh shared memory
+    faults in 4 KiB pages (shmem THP is `never` on most hosts): on an H200 four threads
+    copied into fresh shared slots at 5.6 GB/s against 17.8 into private huge pages, and
+    8.6 GB of shared slots took 0.54 s to give back against 0.02
+    (benchmarks/results/slot_fault_probe_h200_s24.md). The price: each worker copies its
+    slot once more, into a buffer of its own that it reuses. Opt-in: not yet measured in
+    a dump on a GPU."""
+    return os.environ.get(PRIVATE_ENV, "").strip() == "1" and os.geteuid() == 0
 
 
 def buffer_slots(memory: int) -> int:
@@ -95,11 +112,19 @@ class PageStream:
         n = workers or parallel.stream_workers(codec.compresses(repo.compress_level))
         slots = slot_count(n)
         self.limit = slots if slots_forced() else max(slots, buffer_slots(room))
+        self.private = private_wanted()
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0) if self.private else mmap.MAP_SHARED
         try:
-            self.shm = mmap.mmap(-1, self.limit * SLOT_BYTES)   # shared with the workers
+            self.shm = mmap.mmap(-1, self.limit * SLOT_BYTES, flags=flags)  # shared: the workers'
         except OSError:             # a host that commits memory strictly: no room to grow
             self.limit = slots
-            self.shm = mmap.mmap(-1, slots * SLOT_BYTES)
+            self.shm = mmap.mmap(-1, slots * SLOT_BYTES, flags=flags)
+        memory = self.shm
+        if self.private:            # the workers read it from this process (_Remote)
+            self.shm.madvise(mmap.MADV_HUGEPAGE)
+            probe = ctypes.c_char.from_buffer(self.shm)
+            memory = _Remote(os.getpid(), ctypes.addressof(probe))
+            del probe                                   # no export left: close() works
         self.view = memoryview(self.shm)
         self.free = list(range(slots))
         self.slots = self.peak = slots                       # slots in use: made, at most
@@ -122,7 +147,7 @@ class PageStream:
         self.landed: list[tuple[float, int]] = []
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         # a worker holds up to depth slots: every slot can be in a worker's queue
-        self.pool = parallel.Stream(_slot_work, (repo, self.shm), n, depth=max(2, -(-slots // n)))
+        self.pool = parallel.Stream(_slot_work, (repo, memory), n, depth=max(2, -(-slots // n)))
         self.copiers = pipecopy.threads()   # after the fork: the workers hold no pipe of it
         try:
             self.copier = pipecopy.PipeCopier(self.copiers) if self.copiers else None
@@ -239,6 +264,7 @@ class PageStream:
         out["stream_copiers"] = self.copiers
         out["stream_slots"] = self.slots
         out["stream_slots_peak"] = self.peak
+        out["stream_private"] = int(self.private)
         out.update(self._landing())
         return out
 
@@ -402,11 +428,14 @@ def _split_parts(parts: list[tuple[int, int]], at: int):
 def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[str, float], float]:
     """One slot: (vaddr, pages, chunk id or ZERO_ID, stored bytes, new bytes) per piece,
     the seconds each step took, and when it was done (time.monotonic())."""
-    repo, shm = job
+    repo, memory = job
     slot, used, parts = task
     pending = {} if repo.backend.batches_puts else None
-    view = memoryview(shm)[slot * SLOT_BYTES:slot * SLOT_BYTES + used]
     clock = _Clock()
+    if isinstance(memory, _Remote):
+        view = clock.timed("w_read", memory.read, slot * SLOT_BYTES, used)
+    else:
+        view = memoryview(memory)[slot * SLOT_BYTES:slot * SLOT_BYTES + used]
     pieces, off = [], 0
     for vaddr, pages in _regions(parts):
         region = view[off:off + pages * PAGE_SIZE]
@@ -426,6 +455,37 @@ def _slot_work(job, task) -> tuple[list[tuple[int, int, str, int, int]], dict[st
         left = clock.timed("w_write", repo.backend.put_many, list(pending.items()))
         pieces = repo.not_new(pieces, left)
     return pieces, clock.seconds, time.monotonic()
+
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _Remote:
+    """The stream's slots as a worker sees them when they are private to the stream's
+    process (private_wanted()): read with process_vm_readv into a buffer of the worker's
+    own, reused from slot to slot (what read() returns is valid until its next call)."""
+
+    def __init__(self, pid: int, address: int):
+        self.pid, self.address = pid, address
+        self._buffer: bytearray | None = None       # made in the worker, on its first read
+
+    def read(self, offset: int, size: int) -> memoryview:
+        if self._buffer is None or len(self._buffer) < size:
+            self._buffer = bytearray(max(size, SLOT_BYTES))
+        base = ctypes.addressof((ctypes.c_char * len(self._buffer)).from_buffer(self._buffer))
+        got = 0
+        while got < size:
+            local = _iovec(base + got, size - got)
+            remote = _iovec(self.address + offset + got, size - got)
+            n = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+            if n <= 0:
+                err = ctypes.get_errno() if n < 0 else 0
+                raise ImageError(f"a page-stream worker could not read the stream's slots "
+                                 f"(process_vm_readv: {os.strerror(err) if err else 'nothing read'})",
+                                 hint=f"unset {PRIVATE_ENV}")
+            got += n
+        return memoryview(self._buffer)[:size]
 
 
 class Prefault:

@@ -520,3 +520,25 @@ def test_a_copy_thread_that_fails_fails_the_stream_and_nothing_waits_on_it():
     copier.close()
     assert time.monotonic() - t < 5
     assert not [th for th in threading.enumerate() if th.name.startswith("gpusnap-copy")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the workers read the slots with process_vm_readv: root")
+def test_private_slots_read_by_the_workers_store_what_shared_slots_store(tmp_path, monkeypatch):
+    """GPUSNAP_STREAM_PRIVATE=1: the slots are private to the stream's process (huge
+    pages), each forked worker reads its slot with process_vm_readv; the chunks, the
+    pages read back and the counts are those of the shared slots."""
+    monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
+    from gpusnap.store import pagestream
+    vaddr = 0x7f0000000000
+    data = random.Random(11).randbytes(3 * pagestream.SLOT_BYTES + 40 * P) + bytes(64 * P)
+    maps, vmas = {7: [(vaddr, data)]}, {7: [(vaddr, vaddr + len(data), ANON_FLAGS, ANON)]}
+    monkeypatch.setenv("GPUSNAP_STREAM_PRIVATE", "1")
+    timings: dict = {}
+    private = stream(tmp_path / "a", maps, vmas, workers=3, grow=24 * 4 * pagestream.SLOT_BYTES,
+                     out=timings)
+    monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE")
+    shared = stream(tmp_path / "b", maps, vmas, workers=3)
+    assert timings["stream_private"] == 1 and timings["stream_w_read"] > 0, timings
+    assert [f.chunks for f in private[2]] == [f.chunks for f in shared[2]]
+    assert private[3] == shared[3]
+    assert pages_of(private[0], private[2][0]) == pages_of(shared[0], shared[2][0])

@@ -45,3 +45,7 @@ def test_the_landing_line_splits_the_new_bytes_at_crius_end():
 
 def test_the_seed_workers_part():
     assert mode_env("auto:w8") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_SEED_WORKERS": "8"}
+
+
+def test_the_private_slots_part():
+    assert mode_env("auto:pv") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PRIVATE": "1"}
