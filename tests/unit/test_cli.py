@@ -121,3 +121,9 @@ def test_the_timings_table_keeps_page_stream_figures_out_of_the_total():
                            "stream_slots_peak": 598, "stream_workers": 16})
     assert "total                 1.000 s" in grown
     assert "slots of 16 MiB: 1721 allowed, 598 used at most" in grown
+    assert "reading the private slots" not in grown and "new chunks" not in grown
+    private = timings_table({"criu_dump": 1.0, "stream_recv": 0.4, "stream_workers": 16,
+                             "stream_private": 1, "stream_w_read": 2.5, "stream_close_s": 0.9,
+                             "stream_new_gb_at_close": 1.5, "stream_end_s": 1.25})
+    assert "reading the private slots 2.500 s" in private and "total                 1.000 s" in private
+    assert "new chunks: 1.50 GB stored by CRIU's end, 0.900 s after the first slot; the last 1.250 s" in private
