@@ -81,6 +81,26 @@ def test_direct_io_dump_is_verified_and_restores(workload, gpusnap, store):
     w.kill_all()
 
 
+def test_private_slots_dump_leaves_running_and_restores(workload, gpusnap, store):
+    """GPUSNAP_STREAM_PRIVATE=1 with real CRIU: the stream's slots private to gpusnap (huge
+    pages), each worker reading its slot with process_vm_readv; the dump says so, verify
+    re-derives every id, and the restore brings every byte back."""
+    w = workload("--mib", "48")
+    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--leave-running",
+                           env={"GPUSNAP_STREAM_PRIVATE": "1"})
+    assert rc == 0, err
+    assert out["timings"]["stream_private"] == 1 and out["timings"]["stream_w_read"] > 0, out
+    assert w.report()["data_ok"]                    # the original ran on
+    w.kill_all()
+    wait_pids_free(w.pids)
+    rc, _ver, err = gpusnap("verify", out["id"])
+    assert rc == 0, err
+    rc, _res, err = gpusnap("restore", out["id"])
+    assert rc == 0, err
+    assert w.report()["data_ok"]
+    w.kill_all()
+
+
 def _cgroup(what: str, choices: list[tuple[str, dict[str, str]]]):
     """A new cgroup made at the first base of choices ((base, {file: value}), v1 first)
     where it can be: its cgroup.procs path and a remover; skips where none can be made."""
