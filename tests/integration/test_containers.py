@@ -175,7 +175,9 @@ def test_seed_add_container_finds_its_weights_inside_its_own_root(box, gpusnap, 
     from conftest import make_weights
     models = tmp_path / "models"
     models.mkdir()
-    make_weights(str(models / "model.safetensors"), 2)
+    model = make_weights(str(models / "model.safetensors"), 2)
+    hour_ago = os.stat(model).st_mtime - 3600       # landed before: its seed is found again
+    os.utime(model, (hour_ago, hour_ago))
     host_only = make_weights(str(tmp_path / "host-only.safetensors"), 2)
     os.symlink(host_only, models / "escape.safetensors")       # a host path, absent inside
     name = box.name()
@@ -185,6 +187,13 @@ def test_seed_add_container_finds_its_weights_inside_its_own_root(box, gpusnap, 
     assert rc == 0, err
     assert seed["files"] == ["/models/model.safetensors"] and seed["reused"] is False, seed
     assert seed["bytes_seeded"] > 1 << 20, seed
+    # a dump of the container with --seed auto finds the same files (the engine's own
+    # checkpoint, staged): that seed again, not read
+    rc, snap, err = gpusnap("dump", name, "--engine", box.engine, "--leave-running",
+                            "--seed", "auto")
+    assert rc == 0, err
+    assert snap["seed"]["sources"] == ["/models/model.safetensors"], snap
+    assert snap["seed"]["reused"] is True and snap["seed"]["id"] == seed["id"], snap
 
 
 def test_counter_goes_on_from_the_dumped_value(box, gpusnap):
