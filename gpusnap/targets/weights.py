@@ -163,7 +163,7 @@ def discover(pids: list[int]) -> Found:
 class _Finder:
     def __init__(self):
         self.out = Found()
-        self.seen: set[tuple[int, int]] = set()      # (st_dev, st_ino) of files taken or refused
+        self.seen: set[tuple[int, int]] = set()      # (st_dev, st_ino) of the files taken
         self.entries = 0
 
     def process(self, pid: int) -> None:
