@@ -35,13 +35,13 @@ def add(app, paths, name, pid, container, engine):
     import time
     started = time.perf_counter()
     from ..errors import UsageError
-    from ..store.seed import already_seeded, weight_files
+    from ..store.seed import already_seeded, sources_of, weight_files
     if not paths and pid is None and container is None:
         raise UsageError("give the weights' PATHS, or --pid or --container of a server naming them")
     if pid is not None and container is not None:
         raise UsageError("give --pid or --container, not both")
     files = weight_files(paths)
-    sources = [os.path.abspath(f) for f in files]
+    sources = sources_of(files)
     found = skipped = None
     if pid is not None or container is not None:
         found, skipped = _found(pid, container, engine)

@@ -68,7 +68,7 @@ def plan(req: DumpRequest) -> DumpPlan:
     seed_files = seeds.weight_files([p for p in req.seed if p != SEED_AUTO])
     for path in seed_files:             # every header read now: a bad file refused here
         seeds.tensor_ranges(path)
-    seed_sources = [os.path.abspath(p) for p in seed_files]
+    seed_sources = seeds.sources_of(seed_files)
     found, skipped = seeding.discover(target.pids) if SEED_AUTO in req.seed else (None, [])
     if found is not None:
         seed_files += found.paths

@@ -49,13 +49,12 @@ def discover(pids: list[int]) -> tuple[weights.Found, list[str]]:
 class InlineSeed:
     """One dump's seed: started (or found) at construction, then wait() or stop()."""
 
-    def __init__(self, repo: Repository, files: list[str], sources: list[str] | None = None):
-        """files: the paths to read; sources: the names the seed's record keeps (their
-        absolute paths where not given)."""
+    def __init__(self, repo: Repository, files: list[str], sources: list[str]):
+        """files: the paths to read; sources: the names the seed's record keeps."""
         self.started = time.perf_counter()
         self.report: dict | None = None
         self.running: parallel.Background | None = None
-        self.sources = list(sources) if sources is not None else [os.path.abspath(p) for p in files]
+        self.sources = list(sources)
         found = seeds.already_seeded(repo.seeds()[0], files, self.sources)
         if found is not None:
             self.report = {"id": found.id, "reused": True, "bytes_seeded": found.bytes_seeded,

@@ -456,7 +456,7 @@ class Repository:
         from . import seed as cutting
         spans = [cutting.spans(p) for p in paths]          # every file checked before a write
         chunks, tally = self.ingest_spans(paths, spans, progress, workers)
-        sources = list(sources) if sources is not None else [os.path.abspath(p) for p in paths]
+        sources = cutting.sources_of(paths, sources)
         entries = [FileEntry(os.path.basename(s), sum(n for _c, n in cs), 0o600, cs)
                    for s, cs in zip(sources, chunks)]
         record = Seed(id=secrets.token_hex(8), files=entries, created=_now(), name=name,

@@ -108,6 +108,12 @@ def seeded_bytes(path: str) -> int:
     return sum((end - start) // PAGE * PAGE for start, end in tensor_ranges(path))
 
 
+def sources_of(paths: list[str], sources: list[str] | None = None) -> list[str]:
+    """The names a seed's record keeps for paths: sources where given (`dump --seed auto`
+    reads through descriptors, under the names the target gave), else their absolute paths."""
+    return list(sources) if sources is not None else [os.path.abspath(p) for p in paths]
+
+
 def already_seeded(seeds, paths: list[str], sources: list[str] | None = None):
     """The newest of seeds (Seed records) made from exactly these files as they are now:
     the same sources (the names records keep: the paths' absolute paths where not
@@ -116,7 +122,7 @@ def already_seeded(seeds, paths: list[str], sources: list[str] | None = None):
     the same layout before its seed, in that second, is seeded again: the stamp is cut
     to the second.) Used to spare a dump's --seed the reading; what a seed lacks the
     dump writes anyway."""
-    sources = list(sources) if sources is not None else [os.path.abspath(p) for p in paths]
+    sources = sources_of(paths, sources)
     sizes = [seeded_bytes(p) for p in paths]
     newest = [os.stat(p).st_mtime for p in paths]
     for record in sorted(seeds, key=lambda s: s.created, reverse=True):
