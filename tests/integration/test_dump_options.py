@@ -73,9 +73,14 @@ def test_direct_io_dump_is_verified_and_restores(workload, gpusnap, store):
     w.reap()
     wait_pids_free(w.pids)
     assert not os.listdir(os.path.join(store, "tmp"))
-    rc, ver, err = gpusnap("verify", out["id"])
+    _verified_and_restored(gpusnap, w, out["id"])
+
+
+def _verified_and_restored(gpusnap, w, snap_id: str) -> None:
+    """verify re-derives every id of snap_id; its restore brings w's every byte back."""
+    rc, _ver, err = gpusnap("verify", snap_id)
     assert rc == 0, err
-    rc, res, err = gpusnap("restore", out["id"])
+    rc, _res, err = gpusnap("restore", snap_id)
     assert rc == 0, err
     assert w.report()["data_ok"]
     w.kill_all()
@@ -93,12 +98,7 @@ def test_private_slots_dump_leaves_running_and_restores(workload, gpusnap, store
     assert w.report()["data_ok"]                    # the original ran on
     w.kill_all()
     wait_pids_free(w.pids)
-    rc, _ver, err = gpusnap("verify", out["id"])
-    assert rc == 0, err
-    rc, _res, err = gpusnap("restore", out["id"])
-    assert rc == 0, err
-    assert w.report()["data_ok"]
-    w.kill_all()
+    _verified_and_restored(gpusnap, w, out["id"])
 
 
 def _cgroup(what: str, choices: list[tuple[str, dict[str, str]]]):
