@@ -87,7 +87,8 @@ def main(argv=None) -> str:
                          "GPUSNAP_STREAM_PREFAULT=1 (the page stream's slots touched during the "
                          "driver's checkpoint), MODE:p0 GPUSNAP_STREAM_PREFAULT=0, MODE:tN "
                          "GPUSNAP_THREADS=N (the page stream's workers), MODE:wN GPUSNAP_SEED_WORKERS=N (a --seed's), MODE:pv "
-                         "GPUSNAP_STREAM_PRIVATE=1 (the slots in private huge pages, read by the workers)")
+                         "GPUSNAP_STREAM_PRIVATE=1 (the slots in private huge pages, read by the workers: "
+                         "the default where they may), MODE:sh GPUSNAP_STREAM_PRIVATE=0 (shared slots)")
     ap.add_argument("--kinds", default="empty,seeded",
                     help="gpusnap's rows: empty (an empty store, then the second dump), "
                          "seeded (a store seeded with the weights file ahead), inline (an empty "
@@ -232,7 +233,7 @@ def _dump(pid: int, store: str, fsync: str = "auto", *extra: str) -> dict:
 
 
 def mode_env(mode: str) -> dict:
-    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:tTHREADS][:wSEEDERS][:pv][:p|:p0] (p: the
+    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:tTHREADS][:wSEEDERS][:pv|:sh][:p|:p0] (p: the
     page stream's slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1;
     p0: =0; tN: GPUSNAP_THREADS=N, the page stream's workers). Pure."""
     fsync, *more = mode.split(":")
@@ -246,12 +247,12 @@ def mode_env(mode: str) -> dict:
             env["GPUSNAP_THREADS"] = part[1:]
         elif part[:1] == "w" and part[1:].isdigit():
             env["GPUSNAP_SEED_WORKERS"] = part[1:]
-        elif part == "pv":
-            env["GPUSNAP_STREAM_PRIVATE"] = "1"
+        elif part in ("pv", "sh"):
+            env["GPUSNAP_STREAM_PRIVATE"] = "1" if part == "pv" else "0"
         elif part in ("p", "p0"):
             env["GPUSNAP_STREAM_PREFAULT"] = "1" if part == "p" else "0"
         else:
-            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, tN, wN, pv, p, p0")
+            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, tN, wN, pv, sh, p, p0")
     return env
 
 

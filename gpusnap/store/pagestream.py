@@ -65,25 +65,54 @@ def slots_forced() -> bool:
 
 
 PREFAULT_ENV = "GPUSNAP_STREAM_PREFAULT"      # 1: slots are touched ahead (prefault()); off by default
-PRIVATE_ENV = "GPUSNAP_STREAM_PRIVATE"        # 1: slots in private huge pages (_Remote); off by default
+PRIVATE_ENV = "GPUSNAP_STREAM_PRIVATE"        # 0: slots in shared memory; else private where readable
 _MADV_POPULATE_WRITE = 23                      # Linux 5.14
+_CAP_SYS_PTRACE = 19
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 
 
 def private_wanted() -> bool:
     """Whether the slots go in private huge-page memory that the workers read with
-    process_vm_readv (GPUSNAP_STREAM_PRIVATE=1, as root: reading another process's memory
-    takes CAP_SYS_PTRACE where Yama is on) rather than in shared memory.
+    process_vm_readv (_Remote) rather than in shared memory: yes unless
+    GPUSNAP_STREAM_PRIVATE is 0, where a forked worker may read this process's memory
+    (workers_may_read()). PageStream still tries one read before the dump and falls back
+    to shared slots if it fails (an LSM that forbids it).
 
     Why: a first dump's stream grows to hundreds of fresh slots, and fresh shared memory
     faults in 4 KiB pages (shmem THP is `never` on most hosts): on an H200 four threads
     copied into fresh shared slots at 5.6 GB/s against 17.8 into private huge pages, and
     8.6 GB of shared slots took 0.54 s to give back against 0.02
-    (benchmarks/results/slot_fault_probe_h200_s24.md). The price: each worker copies its
-    slot once more, into a buffer of its own that it reuses. Opt-in: not yet measured in
-    a dump on a GPU."""
-    return os.environ.get(PRIVATE_ENV, "").strip() == "1" and os.geteuid() == 0
+    (benchmarks/results/slot_fault_probe_h200_s24.md). In an 8B server's first dump, CRIU's
+    stage took 4.62 s against 5.79 and the dump 18.32 s against 20.56 (medians of 3, same
+    run; seed_dump_h200_8b_s25_private.md). The price: each worker copies its slot once
+    more, into a buffer of its own that it reuses."""
+    if os.environ.get(PRIVATE_ENV, "").strip() == "0":
+        return False
+    return workers_may_read()
+
+
+def workers_may_read(yama: str = "/proc/sys/kernel/yama/ptrace_scope",
+                     status: str = "/proc/self/status") -> bool:
+    """Whether a process forked from this one may read this one's memory
+    (process_vm_readv takes PTRACE_MODE_ATTACH): always without Yama or with its scope 0
+    (same credentials); with scope 1 or 2 only holding CAP_SYS_PTRACE (a child is not a
+    descendant of its parent); never with scope 3."""
+    try:
+        with open(yama) as f:
+            scope = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        scope = 0
+    if scope == 0:
+        return True
+    if scope >= 3:
+        return False
+    try:
+        with open(status) as f:
+            caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
+        return bool(int(caps, 16) >> _CAP_SYS_PTRACE & 1)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def buffer_slots(memory: int) -> int:
@@ -113,18 +142,7 @@ class PageStream:
         slots = slot_count(n)
         self.limit = slots if slots_forced() else max(slots, buffer_slots(room))
         self.private = private_wanted()
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0) if self.private else mmap.MAP_SHARED
-        try:
-            self.shm = mmap.mmap(-1, self.limit * SLOT_BYTES, flags=flags)  # shared: the workers'
-        except OSError:             # a host that commits memory strictly: no room to grow
-            self.limit = slots
-            self.shm = mmap.mmap(-1, slots * SLOT_BYTES, flags=flags)
-        memory = self.shm
-        if self.private:            # the workers read it from this process (_Remote)
-            self.shm.madvise(mmap.MADV_HUGEPAGE)
-            probe = ctypes.c_char.from_buffer(self.shm)
-            memory = _Remote(os.getpid(), ctypes.addressof(probe))
-            del probe                                   # no export left: close() works
+        memory = self._map(slots)
         self.view = memoryview(self.shm)
         self.free = list(range(slots))
         self.slots = self.peak = slots                       # slots in use: made, at most
@@ -147,7 +165,16 @@ class PageStream:
         self.landed: list[tuple[float, int]] = []
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         # a worker holds up to depth slots: every slot can be in a worker's queue
-        self.pool = parallel.Stream(_slot_work, (repo, memory), n, depth=max(2, -(-slots // n)))
+        def workers(memory):
+            return parallel.Stream(_slot_work, (repo, memory), n, depth=max(2, -(-slots // n)))
+        self.pool = workers(memory)
+        if self.private and not self._workers_read():       # shared slots then
+            self.pool.close()
+            self._release()
+            self.private = False
+            memory = self._map(slots)
+            self.view = memoryview(self.shm)
+            self.pool = workers(memory)
         self.copiers = pipecopy.threads()   # after the fork: the workers hold no pipe of it
         try:
             self.copier = pipecopy.PipeCopier(self.copiers) if self.copiers else None
@@ -157,6 +184,36 @@ class PageStream:
             raise
         # how an entry's pages reach a slot: by the copier's threads, or read here
         self.receive = self.copier.copy if self.copier else (lambda fill, view: fill(view))
+
+    def _map(self, slots: int):
+        """The slots' mapping (self.shm), sized for self.limit where the host lets it be;
+        returns what the workers are to read it as: the mapping itself (shared), or
+        a _Remote (private to this process, in huge pages)."""
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0) if self.private else mmap.MAP_SHARED
+        try:
+            self.shm = mmap.mmap(-1, self.limit * SLOT_BYTES, flags=flags)
+        except OSError:             # a host that commits memory strictly: no room to grow
+            self.limit = slots
+            self.shm = mmap.mmap(-1, slots * SLOT_BYTES, flags=flags)
+        if not self.private:
+            return self.shm
+        self.shm.madvise(mmap.MADV_HUGEPAGE)
+        probe = ctypes.c_char.from_buffer(self.shm)
+        address = ctypes.addressof(probe)
+        del probe                                   # no export left: close() works
+        return _Remote(os.getpid(), address)
+
+    def _workers_read(self) -> bool:
+        """One worker reads a page of the private slots (an untouched page reads as zeros,
+        so nothing is allocated): False where it may not (an LSM's rule, a lost
+        capability), before any of CRIU's pages are in a slot."""
+        self.pool.submit(("probe",), (0, PAGE_SIZE, []))
+        try:
+            while not self.pool.take(block=True):
+                pass
+        except ImageError:
+            return False
+        return True
 
     def grow(self, available: int) -> int:
         """More slots, up to buffer_slots(available) and the mapping's size: called once
@@ -483,7 +540,7 @@ class _Remote:
                 err = ctypes.get_errno() if n < 0 else 0
                 raise ImageError(f"a page-stream worker could not read the stream's slots "
                                  f"(process_vm_readv: {os.strerror(err) if err else 'nothing read'})",
-                                 hint=f"unset {PRIVATE_ENV}")
+                                 hint=f"set {PRIVATE_ENV}=0")
             got += n
         return memoryview(self._buffer)[:size]
 

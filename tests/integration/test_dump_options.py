@@ -86,15 +86,18 @@ def _verified_and_restored(gpusnap, w, snap_id: str) -> None:
     w.kill_all()
 
 
-def test_private_slots_dump_leaves_running_and_restores(workload, gpusnap, store):
-    """GPUSNAP_STREAM_PRIVATE=1 with real CRIU: the stream's slots private to gpusnap (huge
-    pages), each worker reading its slot with process_vm_readv; the dump says so, verify
+@pytest.mark.parametrize("setting,private", [(None, 1), ("0", 0)])
+def test_page_stream_slots_dump_leaves_running_and_restores(workload, gpusnap, store, setting, private):
+    """Real CRIU, the original left running: by default (as root) the stream's slots are
+    private to gpusnap (huge pages), each worker reading its slot with process_vm_readv;
+    GPUSNAP_STREAM_PRIVATE=0 puts them in shared memory. The dump says which, verify
     re-derives every id, and the restore brings every byte back."""
     w = workload("--mib", "48")
-    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--leave-running",
-                           env={"GPUSNAP_STREAM_PRIVATE": "1"})
+    env = {"GPUSNAP_STREAM_PRIVATE": setting} if setting is not None else {}
+    rc, out, err = gpusnap("dump", "--pid", str(w.pid), "--leave-running", env=env)
     assert rc == 0, err
-    assert out["timings"]["stream_private"] == 1 and out["timings"]["stream_w_read"] > 0, out
+    assert out["timings"]["stream_private"] == private, out
+    assert bool(out["timings"].get("stream_w_read")) == bool(private), out
     assert w.report()["data_ok"]                    # the original ran on
     w.kill_all()
     wait_pids_free(w.pids)

@@ -5,10 +5,15 @@ compared page for page with what zero_pages.elide makes of the same pages images
 from __future__ import annotations
 
 import io
+import json
 import os
+import pathlib
 import random
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,12 +26,14 @@ from gpusnap.errors import CriuFailed
 from gpusnap.imagefile import mm, pagemap, streamed, zero_pages
 from gpusnap.model.manifest import ZERO_ID
 from gpusnap.store import Repository
+from gpusnap.store import pagestream
 from gpusnap.store.pagestream import PageStream
 
 from test_imagefile import make_pagemap
 from test_zero_pages import ANON, ANON_FLAGS, FILE_PRIV, make_mm, page
 
 P = pagemap.PAGE_SIZE
+HERE = pathlib.Path(__file__).resolve().parent
 
 
 def send_like_criu(sock, maps: dict[int, list[tuple[int, bytes]]], split: int = 256) -> None:
@@ -522,23 +529,70 @@ def test_a_copy_thread_that_fails_fails_the_stream_and_nothing_waits_on_it():
     assert not [th for th in threading.enumerate() if th.name.startswith("gpusnap-copy")]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the workers read the slots with process_vm_readv: root")
+@pytest.mark.skipif(not pagestream.workers_may_read(), reason="a forked worker may not read this process")
 def test_private_slots_read_by_the_workers_store_what_shared_slots_store(tmp_path, monkeypatch):
-    """GPUSNAP_STREAM_PRIVATE=1: the slots are private to the stream's process (huge
-    pages), each forked worker reads its slot with process_vm_readv; the chunks, the
-    pages read back and the counts are those of the shared slots."""
+    """The slots private to the stream's process (huge pages; the default where a worker
+    may read them), each forked worker reading its slot with process_vm_readv: the chunks,
+    the pages read back and the counts are those of shared slots (GPUSNAP_STREAM_PRIVATE=0)."""
     monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
-    from gpusnap.store import pagestream
+    monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE", raising=False)
     vaddr = 0x7f0000000000
     data = random.Random(11).randbytes(3 * pagestream.SLOT_BYTES + 40 * P) + bytes(64 * P)
     maps, vmas = {7: [(vaddr, data)]}, {7: [(vaddr, vaddr + len(data), ANON_FLAGS, ANON)]}
-    monkeypatch.setenv("GPUSNAP_STREAM_PRIVATE", "1")
     timings: dict = {}
     private = stream(tmp_path / "a", maps, vmas, workers=3, grow=24 * 4 * pagestream.SLOT_BYTES,
                      out=timings)
-    monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE")
-    shared = stream(tmp_path / "b", maps, vmas, workers=3)
+    monkeypatch.setenv("GPUSNAP_STREAM_PRIVATE", "0")
+    shared_timings: dict = {}
+    shared = stream(tmp_path / "b", maps, vmas, workers=3, out=shared_timings)
     assert timings["stream_private"] == 1 and timings["stream_w_read"] > 0, timings
+    assert shared_timings["stream_private"] == 0 and not shared_timings.get("stream_w_read")
     assert [f.chunks for f in private[2]] == [f.chunks for f in shared[2]]
     assert private[3] == shared[3]
     assert pages_of(private[0], private[2][0]) == pages_of(shared[0], shared[2][0])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="drops CAP_SYS_PTRACE with setpriv: root")
+def test_private_slots_fall_back_to_shared_where_the_kernel_refuses_the_read(tmp_path):
+    """A gpusnap whose workers may not read it (here: not dumpable, and no CAP_SYS_PTRACE,
+    so the kernel refuses process_vm_readv; in the field an LSM's rule) though Yama would
+    let them: the probe read fails before any page is sent, the stream maps shared slots
+    instead, and the dump's pages are stored all the same."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import ctypes, json, random, sys
+sys.path[:0] = [{str(HERE)!r}]
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)          # PR_SET_DUMPABLE 0
+from gpusnap.store import pagestream
+pagestream.workers_may_read = lambda: True     # what a host without Yama says
+from test_page_stream import stream, pages_of, ANON_FLAGS, ANON
+import pathlib
+vaddr = 0x7f0000000000
+data = random.Random(5).randbytes(pagestream.SLOT_BYTES + 8 * 4096)
+timings = {{}}
+repo, _i, files, counts, _s = stream(pathlib.Path({str(tmp_path)!r}), {{7: [(vaddr, data)]}},
+                                     {{7: [(vaddr, vaddr + len(data), ANON_FLAGS, ANON)]}},
+                                     workers=2, out=timings)
+print(json.dumps({{"private": timings["stream_private"], "same": pages_of(repo, files[0]) == data}}))
+""")
+    env = {k: v for k, v in os.environ.items() if k != "GPUSNAP_STREAM_PRIVATE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent.parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace",
+                           sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"private": 0, "same": True}
+
+
+@pytest.mark.parametrize("yama,caps,want", [(None, "0", True), ("0", "0", True),
+                                            ("1", "0000000000080000", True), ("1", "ffffffffff7ffff", False),
+                                            ("2", "000001fffeffffff", True), ("3", "000001ffffffffff", False),
+                                            ("junk", "0", True)])
+def test_workers_may_read_follows_yama_and_cap_sys_ptrace(tmp_path, yama, caps, want):
+    yama_path = tmp_path / "ptrace_scope"
+    if yama is not None:
+        yama_path.write_text(yama + "\n")
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tx\nCapInh:\t0\nCapEff:\t{caps}\n")
+    assert pagestream.workers_may_read(str(yama_path), str(status)) is want

@@ -49,3 +49,4 @@ def test_the_seed_workers_part():
 
 def test_the_private_slots_part():
     assert mode_env("auto:pv") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PRIVATE": "1"}
+    assert mode_env("auto:sh") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_STREAM_PRIVATE": "0"}
