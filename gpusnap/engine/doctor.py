@@ -76,6 +76,21 @@ def _dump_buffer() -> list[Check]:
                   f"driver's checkpoint takes)")]
 
 
+def _dump_slots() -> list[Check]:
+    """Where a dump's page stream puts CRIU's pages (store/pagestream.private_wanted):
+    private huge pages that its workers read, or shared memory that faults in 4 KiB pages."""
+    from ..store import pagestream
+    if os.environ.get(pagestream.PRIVATE_ENV, "").strip() == "0":
+        return [Check("dump slots", "ok", f"shared memory ({pagestream.PRIVATE_ENV}=0)")]
+    if pagestream.workers_may_read():
+        return [Check("dump slots", "ok", "private memory in huge pages, read by the page "
+                      "stream's workers (a dump tries one read first, else uses shared memory)")]
+    return [Check("dump slots", "warn", "shared memory: a worker may not read gpusnap's "
+                  "memory here (Yama's ptrace_scope, no CAP_SYS_PTRACE), and fresh shared "
+                  "memory faults in 4 KiB pages, which slows a first dump's CRIU stage",
+                  "run gpusnap as root with CAP_SYS_PTRACE")]
+
+
 def _cpus() -> list[Check]:
     """The CPUs gpusnap's worker pools are sized from (hostcpu.py): its affinity within
     its CPU cgroup's quota, which in a pod is the pod's CPU limit, not the node's CPUs."""
@@ -227,7 +242,8 @@ def _recoveries() -> list[Check]:
 
 def run_checks() -> list[Check]:
     checks: list[Check] = []
-    for group in (_privileges, _criu, _kernel, _cpus, _workdir, _dump_buffer, _recoveries, _cuda, _engines):
+    for group in (_privileges, _criu, _kernel, _cpus, _workdir, _dump_buffer, _dump_slots, _recoveries,
+                  _cuda, _engines):
         try:
             checks += group()
         except Exception as exc:  # noqa: BLE001

@@ -68,3 +68,20 @@ def test_doctor_says_how_much_a_dump_may_buffer(monkeypatch):
     monkeypatch.setenv("GPUSNAP_STREAM_SLOTS", "40")
     [check] = doctor._dump_buffer()
     assert check.status == "ok" and "fixes 40 slots (640 MiB)" in check.detail
+
+
+def test_doctor_says_where_a_dumps_slots_go(monkeypatch):
+    """Private huge pages where a worker may read gpusnap's memory; shared, with a warning
+    and the fix, where it may not; shared without one where GPUSNAP_STREAM_PRIVATE=0."""
+    from gpusnap.engine import doctor
+    from gpusnap.store import pagestream
+    monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE", raising=False)
+    monkeypatch.setattr(pagestream, "workers_may_read", lambda: True)
+    [check] = doctor._dump_slots()
+    assert check.status == "ok" and "huge pages" in check.detail
+    monkeypatch.setattr(pagestream, "workers_may_read", lambda: False)
+    [check] = doctor._dump_slots()
+    assert check.status == "warn" and "CAP_SYS_PTRACE" in check.fix
+    monkeypatch.setenv("GPUSNAP_STREAM_PRIVATE", "0")
+    [check] = doctor._dump_slots()
+    assert check.status == "ok" and "GPUSNAP_STREAM_PRIVATE=0" in check.detail
