@@ -83,11 +83,15 @@ def _dump_slots() -> list[Check]:
     if os.environ.get(pagestream.PRIVATE_ENV, "").strip() == "0":
         return [Check("dump slots", "ok", f"shared memory ({pagestream.PRIVATE_ENV}=0)")]
     if pagestream.workers_may_read():
-        return [Check("dump slots", "ok", "private memory in huge pages, read by the page "
-                      "stream's workers (a dump tries one read first, else uses shared memory)")]
+        which = ("every dump's" if os.environ.get(pagestream.PRIVATE_ENV, "").strip() == "1"
+                 else "a --leave-running dump's (the stream grows; others reuse a few shared slots)")
+        return [Check("dump slots", "ok", f"private memory in huge pages, read by the page "
+                      f"stream's workers, for {which}; a dump tries one read first, else uses "
+                      f"shared memory")]
     return [Check("dump slots", "warn", "shared memory: a worker may not read gpusnap's "
                   "memory here (Yama's ptrace_scope, no CAP_SYS_PTRACE), and fresh shared "
-                  "memory faults in 4 KiB pages, which slows a first dump's CRIU stage",
+                  "memory faults in 4 KiB pages, which slows a first --leave-running dump's "
+                  "CRIU stage",
                   "run gpusnap as root with CAP_SYS_PTRACE")]
 
 

@@ -65,29 +65,32 @@ def slots_forced() -> bool:
 
 
 PREFAULT_ENV = "GPUSNAP_STREAM_PREFAULT"      # 1: slots are touched ahead (prefault()); off by default
-PRIVATE_ENV = "GPUSNAP_STREAM_PRIVATE"        # 0: slots in shared memory; else private where readable
+PRIVATE_ENV = "GPUSNAP_STREAM_PRIVATE"        # 0: shared slots; 1: private; unset: private if it grows
 _MADV_POPULATE_WRITE = 23                      # Linux 5.14
 _CAP_SYS_PTRACE = 19
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
 
 
-def private_wanted() -> bool:
+def private_wanted(grows: bool) -> bool:
     """Whether the slots go in private huge-page memory that the workers read with
-    process_vm_readv (_Remote) rather than in shared memory: yes unless
-    GPUSNAP_STREAM_PRIVATE is 0, where a forked worker may read this process's memory
-    (workers_may_read()). PageStream still tries one read before the dump and falls back
-    to shared slots if it fails (an LSM that forbids it).
+    process_vm_readv (_Remote) rather than in shared memory. GPUSNAP_STREAM_PRIVATE=0: no;
+    =1: wherever a forked worker may read this process's memory (workers_may_read());
+    unset (the default): there, for a stream that grows (grows: a --leave-running dump's,
+    whose CRIU runs ahead into hundreds of fresh slots). PageStream still tries one read
+    before the dump and falls back to shared slots if it fails (an LSM that forbids it).
 
-    Why: a first dump's stream grows to hundreds of fresh slots, and fresh shared memory
-    faults in 4 KiB pages (shmem THP is `never` on most hosts): on an H200 four threads
-    copied into fresh shared slots at 5.6 GB/s against 17.8 into private huge pages, and
-    8.6 GB of shared slots took 0.54 s to give back against 0.02
+    Why: fresh shared memory faults in 4 KiB pages (shmem THP is `never` on most hosts):
+    on an H200 four threads copied into fresh shared slots at 5.6 GB/s against 17.8 into
+    private huge pages, and 8.6 GB of shared slots took 0.54 s to give back against 0.02
     (benchmarks/results/slot_fault_probe_h200_s24.md). In an 8B server's first dump, CRIU's
     stage took 4.62 s against 5.79 and the dump 18.32 s against 20.56 (medians of 3, same
     run; seed_dump_h200_8b_s25_private.md). The price: each worker copies its slot once
-    more, into a buffer of its own that it reuses."""
-    if os.environ.get(PRIVATE_ENV, "").strip() == "0":
+    more, into a buffer of its own that it reuses; a stream that does not grow reuses its
+    few slots, touched after the first round, and only pays it (the 2-core CPU VM's
+    1 GiB dump: 1.85-2.20 s against 1.78-1.87, cpu_paths_cpu_s25.md), so it keeps shared ones."""
+    setting = os.environ.get(PRIVATE_ENV, "").strip()
+    if setting == "0" or (setting != "1" and not grows):
         return False
     return workers_may_read()
 
@@ -141,7 +144,7 @@ class PageStream:
         n = workers or parallel.stream_workers(codec.compresses(repo.compress_level))
         slots = slot_count(n)
         self.limit = slots if slots_forced() else max(slots, buffer_slots(room))
-        self.private = private_wanted()
+        self.private = private_wanted(grows=self.limit > slots)
         memory = self._map(slots)
         self.view = memoryview(self.shm)
         self.free = list(range(slots))
@@ -169,8 +172,6 @@ class PageStream:
             return parallel.Stream(_slot_work, (repo, memory), n, depth=max(2, -(-slots // n)))
         self.pool = workers(memory)
         if self.private and not self._workers_read():       # shared slots then
-            self.pool.close()
-            self._release()
             self.private = False
             memory = self._map(slots)
             self.view = memoryview(self.shm)
@@ -205,15 +206,20 @@ class PageStream:
 
     def _workers_read(self) -> bool:
         """One worker reads a page of the private slots (an untouched page reads as zeros,
-        so nothing is allocated): False where it may not (an LSM's rule, a lost
-        capability), before any of CRIU's pages are in a slot."""
-        self.pool.submit(("probe",), (0, PAGE_SIZE, []))
+        so nothing is allocated), before any of CRIU's pages are in a slot. Where it may
+        not (an LSM's rule, a lost capability): the workers are stopped, the slots given
+        back, and False."""
         try:
+            self.pool.submit(("probe",), (0, PAGE_SIZE, []))
             while not self.pool.take(block=True):
                 pass
-        except ImageError:
-            return False
-        return True
+            return True
+        except BaseException as exc:
+            self.pool.close()
+            self._release()
+            if isinstance(exc, ImageError):
+                return False
+            raise
 
     def grow(self, available: int) -> int:
         """More slots, up to buffer_slots(available) and the mapping's size: called once

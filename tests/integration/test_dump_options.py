@@ -70,6 +70,7 @@ def test_direct_io_dump_is_verified_and_restores(workload, gpusnap, store):
     w = workload("--mib", "16")
     rc, out, err = gpusnap("dump", "--pid", str(w.pid), env={"GPUSNAP_DIRECT_IO": "1"})
     assert rc == 0, err
+    assert out["timings"]["stream_private"] == 0    # a stream that does not grow: shared slots
     w.reap()
     wait_pids_free(w.pids)
     assert not os.listdir(os.path.join(store, "tmp"))

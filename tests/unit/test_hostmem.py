@@ -78,7 +78,10 @@ def test_doctor_says_where_a_dumps_slots_go(monkeypatch):
     monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE", raising=False)
     monkeypatch.setattr(pagestream, "workers_may_read", lambda: True)
     [check] = doctor._dump_slots()
-    assert check.status == "ok" and "huge pages" in check.detail
+    assert check.status == "ok" and "huge pages" in check.detail and "--leave-running" in check.detail
+    monkeypatch.setenv("GPUSNAP_STREAM_PRIVATE", "1")
+    [check] = doctor._dump_slots()
+    assert check.status == "ok" and "every dump's" in check.detail
     monkeypatch.setattr(pagestream, "workers_may_read", lambda: False)
     [check] = doctor._dump_slots()
     assert check.status == "warn" and "CAP_SYS_PTRACE" in check.fix

@@ -531,9 +531,10 @@ def test_a_copy_thread_that_fails_fails_the_stream_and_nothing_waits_on_it():
 
 @pytest.mark.skipif(not pagestream.workers_may_read(), reason="a forked worker may not read this process")
 def test_private_slots_read_by_the_workers_store_what_shared_slots_store(tmp_path, monkeypatch):
-    """The slots private to the stream's process (huge pages; the default where a worker
-    may read them), each forked worker reading its slot with process_vm_readv: the chunks,
-    the pages read back and the counts are those of shared slots (GPUSNAP_STREAM_PRIVATE=0)."""
+    """The slots private to the stream's process (huge pages; the default for a stream
+    that grows, where a worker may read them), each forked worker reading its slot with
+    process_vm_readv: the chunks, the pages read back and the counts are those of shared
+    slots (GPUSNAP_STREAM_PRIVATE=0)."""
     monkeypatch.delenv("GPUSNAP_STREAM_SLOTS", raising=False)
     monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE", raising=False)
     vaddr = 0x7f0000000000
@@ -557,8 +558,8 @@ def test_private_slots_read_by_the_workers_store_what_shared_slots_store(tmp_pat
 def test_private_slots_fall_back_to_shared_where_the_kernel_refuses_the_read(tmp_path):
     """A gpusnap whose workers may not read it (here: not dumpable, and no CAP_SYS_PTRACE,
     so the kernel refuses process_vm_readv; in the field an LSM's rule) though Yama would
-    let them: the probe read fails before any page is sent, the stream maps shared slots
-    instead, and the dump's pages are stored all the same."""
+    let them: the growing stream's probe read fails before any page is sent, the stream
+    maps shared slots instead, and the dump's pages are stored all the same."""
     script = tmp_path / "run.py"
     script.write_text(f"""
 import ctypes, json, random, sys
@@ -573,7 +574,7 @@ data = random.Random(5).randbytes(pagestream.SLOT_BYTES + 8 * 4096)
 timings = {{}}
 repo, _i, files, counts, _s = stream(pathlib.Path({str(tmp_path)!r}), {{7: [(vaddr, data)]}},
                                      {{7: [(vaddr, vaddr + len(data), ANON_FLAGS, ANON)]}},
-                                     workers=2, out=timings)
+                                     workers=2, grow=64 * pagestream.SLOT_BYTES, out=timings)
 print(json.dumps({{"private": timings["stream_private"], "same": pages_of(repo, files[0]) == data}}))
 """)
     env = {k: v for k, v in os.environ.items() if k != "GPUSNAP_STREAM_PRIVATE"}
@@ -596,3 +597,16 @@ def test_workers_may_read_follows_yama_and_cap_sys_ptrace(tmp_path, yama, caps, 
     status = tmp_path / "status"
     status.write_text(f"Name:\tx\nCapInh:\t0\nCapEff:\t{caps}\n")
     assert pagestream.workers_may_read(str(yama_path), str(status)) is want
+
+
+@pytest.mark.parametrize("setting,grows,want", [(None, True, True), (None, False, False),
+                                                ("1", False, True), ("0", True, False)])
+def test_private_slots_by_default_only_for_a_stream_that_grows(monkeypatch, setting, grows, want):
+    """A stream that does not grow reuses its few slots (touched once), where private slots
+    would only add the workers' copy; GPUSNAP_STREAM_PRIVATE=1 and =0 decide either way."""
+    monkeypatch.setattr(pagestream, "workers_may_read", lambda: True)
+    if setting is None:
+        monkeypatch.delenv("GPUSNAP_STREAM_PRIVATE", raising=False)
+    else:
+        monkeypatch.setenv("GPUSNAP_STREAM_PRIVATE", setting)
+    assert pagestream.private_wanted(grows) is want
