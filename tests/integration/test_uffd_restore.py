@@ -224,6 +224,8 @@ def test_staging_thp_writes_the_largest_runs_in_huge_pages(workload, gpusnap):
     comes back, in 2 MiB pages where the host's THP mode allows them."""
     from gpusnap.cuda import hugepages
     w, snap = _dump(workload, gpusnap)
+    _compact_memory()               # free 2 MiB blocks, after a whole suite's page cache
+    fallbacks = _thp_fallbacks()
     rc, res, err = gpusnap("restore", snap["id"], "--pages", "uffd", env=STAGING_THP)
     assert rc == 0, err
     assert res["fill"]["direct_bytes"] >= 32 << 20, res["fill"]
@@ -231,8 +233,23 @@ def test_staging_thp_writes_the_largest_runs_in_huge_pages(workload, gpusnap):
     assert report["data_ok"] and report["zeros_ok"] and report["children_ok"], report
     if hugepages.read_mode() in ("madvise", "always") and os.geteuid() == 0:
         assert res["fill"]["huge_pages"] or hugepages.read_mode() == "always", res["fill"]
-        assert _huge_bytes(w.pid) >= 16 << 20
+        # huge pages, or the kernel was asked for them and had none free (its counter)
+        assert _huge_bytes(w.pid) >= 16 << 20 or _thp_fallbacks() > fallbacks
     w.kill_all()
+
+
+def _compact_memory() -> None:
+    try:
+        with open("/proc/sys/vm/compact_memory", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
+
+
+def _thp_fallbacks() -> int:
+    """The kernel's count of anonymous faults that wanted a huge page and got none."""
+    with open("/proc/vmstat") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("thp_fault_fallback "))
 
 
 def test_kill_9_during_the_staging_thp_fill_leaves_no_restored_tree(workload, gpusnap, store):
