@@ -80,10 +80,11 @@ def _dump_slots() -> list[Check]:
     """Where a dump's page stream puts CRIU's pages (store/pagestream.private_wanted):
     private huge pages that its workers read, or shared memory that faults in 4 KiB pages."""
     from ..store import pagestream
-    if os.environ.get(pagestream.PRIVATE_ENV, "").strip() == "0":
+    setting = pagestream.private_setting()
+    if setting == "0":
         return [Check("dump slots", "ok", f"shared memory ({pagestream.PRIVATE_ENV}=0)")]
     if pagestream.workers_may_read():
-        which = ("every dump's" if os.environ.get(pagestream.PRIVATE_ENV, "").strip() == "1"
+        which = ("every dump's" if setting == "1"
                  else "a --leave-running dump's (the stream grows; others reuse a few shared slots)")
         return [Check("dump slots", "ok", f"private memory in huge pages, read by the page "
                       f"stream's workers, for {which}; a dump tries one read first, else uses "

@@ -89,10 +89,15 @@ def private_wanted(grows: bool) -> bool:
     more, into a buffer of its own that it reuses; a stream that does not grow reuses its
     few slots, touched after the first round, and only pays it (the 2-core CPU VM's
     1 GiB dump: 1.85-2.20 s against 1.78-1.87, cpu_paths_cpu_s25.md), so it keeps shared ones."""
-    setting = os.environ.get(PRIVATE_ENV, "").strip()
+    setting = private_setting()
     if setting == "0" or (setting != "1" and not grows):
         return False
     return workers_may_read()
+
+
+def private_setting() -> str:
+    """GPUSNAP_STREAM_PRIVATE as given: "0", "1", or "" (unset: the default)."""
+    return os.environ.get(PRIVATE_ENV, "").strip()
 
 
 def workers_may_read(yama: str = "/proc/sys/kernel/yama/ptrace_scope",
@@ -146,7 +151,6 @@ class PageStream:
         self.limit = slots if slots_forced() else max(slots, buffer_slots(room))
         self.private = private_wanted(grows=self.limit > slots)
         memory = self._map(slots)
-        self.view = memoryview(self.shm)
         self.free = list(range(slots))
         self.slots = self.peak = slots                       # slots in use: made, at most
         self.ahead: Prefault | None = None                   # slots touched ahead (prefault())
@@ -174,7 +178,6 @@ class PageStream:
         if self.private and not self._workers_read():       # shared slots then
             self.private = False
             memory = self._map(slots)
-            self.view = memoryview(self.shm)
             self.pool = workers(memory)
         self.copiers = pipecopy.threads()   # after the fork: the workers hold no pipe of it
         try:
@@ -187,15 +190,16 @@ class PageStream:
         self.receive = self.copier.copy if self.copier else (lambda fill, view: fill(view))
 
     def _map(self, slots: int):
-        """The slots' mapping (self.shm), sized for self.limit where the host lets it be;
-        returns what the workers are to read it as: the mapping itself (shared), or
-        a _Remote (private to this process, in huge pages)."""
+        """The slots' mapping (self.shm, seen through self.view), sized for self.limit
+        where the host lets it be; returns what the workers are to read it as: the mapping
+        itself (shared), or a _Remote (private to this process, in huge pages)."""
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0) if self.private else mmap.MAP_SHARED
         try:
             self.shm = mmap.mmap(-1, self.limit * SLOT_BYTES, flags=flags)
         except OSError:             # a host that commits memory strictly: no room to grow
             self.limit = slots
             self.shm = mmap.mmap(-1, slots * SLOT_BYTES, flags=flags)
+        self.view = memoryview(self.shm)
         if not self.private:
             return self.shm
         self.shm.madvise(mmap.MADV_HUGEPAGE)
