@@ -21,11 +21,27 @@ import time
 
 import sys
 
+import zstandard
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpusnap.store import codec  # noqa: E402
 
 LEVELS = [("1 (the old default)", 1), ("3", 3), ("fast (-1, the default)", codec.FAST), ("-5", -5),
-          ("none", codec.NO_COMPRESSION), ("bf16 (byte planes, level 1)", codec.BF16)]
+          ("none", codec.NO_COMPRESSION), ("bf16 (byte planes, codec.PLANES_PARAMS)", codec.BF16),
+          ("bf16 as before 2026-12-03 (byte planes, level 1, bytes' slicing)", "planes_level1")]
+
+
+def _planes_level1(chunk) -> bytes:
+    """The byte planes as `--compress bf16` wrote them before codec.PLANES_PARAMS: bytes'
+    strided slicing, zstd level 1 (the same format: codec's decoder reads both)."""
+    cctx = _planes_level1.__dict__.setdefault(
+        "cctx", zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=True))
+    data = bytes(chunk)
+    return codec.PLANES_HEAD + cctx.compress(data[0::2] + data[1::2])
+
+
+def _compress(chunk, level) -> bytes:
+    return _planes_level1(chunk) if level == "planes_level1" else codec.compress(chunk, level)
 CHUNK = 1 << 20
 
 
@@ -52,19 +68,20 @@ def main() -> None:
     lines = [f"# zstd levels on bf16 weights — {platform.node()} ({os.cpu_count()} cores), one core", "",
              f"{len(data) >> 20} MiB of normal(0, 0.02) bf16 values in 1 MiB chunks, through "
              "gpusnap.store.codec (frames with content checksums; decode into a reused buffer). "
-             "`python benchmarks/compress_levels.py`.", "",
+             f"numpy {'installed' if codec._numpy() else 'not installed'} (bf16's planes split "
+             "and joined with it where it is). `python benchmarks/compress_levels.py`.", "",
              "| level | stored / plain | compress GB/s | decompress GB/s |", "|---|---|---|---|"]
     chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
     ids = [codec.chunk_id(c) for c in chunks]
     out = memoryview(bytearray(CHUNK))
     for label, level in LEVELS:
-        blobs = [codec.compress(c, level) for c in chunks]
+        blobs = [_compress(c, level) for c in chunks]
 
         def decode():
             for blob, cid, c in zip(blobs, ids, chunks):
                 codec.PLAIN.decode_view(blob, cid, len(c), out[:len(c)], check="frame")
         lines.append(f"| {label} | {sum(map(len, blobs)) / len(data):.3f} | "
-                     f"{rate(lambda: [codec.compress(c, level) for c in chunks], len(data), 5):.2f} | "
+                     f"{rate(lambda: [_compress(c, level) for c in chunks], len(data), 5):.2f} | "
                      f"{rate(decode, len(data), 20):.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -10,6 +10,7 @@
 # (benchmarks/materialise.py), cold1b / cold8b / cold (benchmarks/cold_start.py; COLD_ARGS
 # replaces its options, COLD_SIZES names cold's sizes), dedup (benchmarks/dedup_probe.py --restore), gds (benchmarks/gds.py),
 # dumprace (the parallel CUDA stages and the CUDA-child-mid-dump tests alone),
+# levels (benchmarks/compress_levels.py: `dump --compress` levels on bf16 weights, one core, 16 MiB),
 # fsyncprobe (benchmarks/fsync_probe.py: durable chunk writes by mode; FSYNC_ARGS adds options),
 # commitcost (benchmarks/commit_cost.py: fsync in the workers vs one syncfs, 4 GiB, store on /tmp),
 # dumpprobe (benchmarks/dump_probe.py: where a dump's time goes, 8 GiB on the GPU; PROBE_ARGS
@@ -180,6 +181,7 @@ for spec in "$@"; do
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED_ARGS:-} ;;
+        levels)   step "$name" "$limit" python3 benchmarks/compress_levels.py --mib 16 --out "$OUT" ;;
         fsyncprobe) step "$name" "$limit" python3 benchmarks/fsync_probe.py --out "$OUT" \
                   --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" ${FSYNC_ARGS:-} ;;
         seedprobe) step "$name" "$limit" python3 benchmarks/seed_probe.py server --size "${SEED_SIZE:-1b}" --pages --out "$OUT" ;;

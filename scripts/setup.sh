@@ -30,8 +30,8 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 fi
-# Also when an existing .venv predates a dependency (hypothesis, the daemon's, boto3 and moto's S3 server, joined later).
-if ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis, aiohttp, prometheus_client, kubernetes_validate, boto3, moto.server' 2>/dev/null; then
+# Also when an existing .venv predates a dependency (hypothesis, the daemon's, boto3 and moto's S3 server, numpy, joined later).
+if ! .venv/bin/python -c 'import gpusnap, click, zstandard, hypothesis, aiohttp, prometheus_client, kubernetes_validate, boto3, moto.server, numpy' 2>/dev/null; then
     .venv/bin/pip install -q -e '.[test,crypto,daemon,s3]'
 fi
 # The console scripts of an older checkout's install (gpusnap-criu-hook came later).

@@ -63,17 +63,39 @@ DEFAULT_LEVEL = FAST
 NO_COMPRESSION = -(1 << 17)     # zstd's fastest level, near raw: chunk files stay zstd frames
 
 # bf16 byte planes (`dump --compress bf16`): a chunk's even bytes, then its odd bytes, in
-# one level-1 zstd frame. In little-endian bf16 the odd byte holds the sign and 7 of the 8
-# exponent bits, which weights use few of: its plane shrinks to about a third, while the
-# even plane (mantissa) goes in raw blocks. bf16 weights store ~32% smaller against ~22%
-# for level 1 as they are, and decode about as fast as level 1 (half the bytes pass the
-# entropy decoder, all of them the interleave: benchmarks/results/compress_levels_cpu.md),
-# a seventh of fast mode: for a slow disk or object store, not the default. The frame
-# follows a 12-byte zstd skippable frame naming the transform, so a reader that does not
-# know it fails (the size does not match), never reads planes as data.
-BF16 = 1 << 20                  # not a zstd level: the planes transform at PLANES_LEVEL
-PLANES_LEVEL = 1
+# one zstd frame. In little-endian bf16 the odd byte holds the sign and 7 of the 8 exponent
+# bits, which weights use few of: its plane shrinks to about a third, while the even plane
+# (mantissa) goes in raw blocks. bf16 weights store ~33% smaller against ~22% for level 1
+# as they are, for a slow disk or object store; not the default (fast mode decodes several
+# times faster). The frame follows a 12-byte zstd skippable frame naming the transform, so
+# a reader that does not know it fails (the size does not match), never reads planes as data.
+#
+# The planes' frame is encoded with PLANES_PARAMS, not level 1: level 1's matcher finds
+# short matches all over the exponent plane (few distinct bytes) and spends its time on
+# them; a 64-entry hash table and 7-byte matches leave that plane to the entropy coder,
+# which is what shrinks it. One core of an H200 host, split included: 0.81 GB/s against
+# 0.39 as before, 0.670 of the plain size against 0.684, decoded at 1.23 GB/s against 1.02
+# (fewer sequences; benchmarks/results/compress_levels_h200_s26.md). Any zstd frame reads
+# back the same, so chunks written either way stay readable and dedup is unchanged (ids
+# are of the plain bytes). The planes are split and joined with numpy where it is
+# installed (the `bf16` extra: a split ~4x faster than bytes' strided slicing), else with
+# bytes' slicing.
+BF16 = 1 << 20                  # not a zstd level: the planes transform, PLANES_PARAMS
 PLANES_HEAD = b"\x5e\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"bf16"
+PLANES_PARAMS = dict(strategy=zstandard.STRATEGY_FAST, window_log=20, hash_log=6, chain_log=6,
+                     search_log=1, min_match=7, target_length=0)
+_NUMPY: list = []               # [numpy or None], looked up at first use
+
+
+def _numpy():
+    """numpy where it is installed, else None (looked up once)."""
+    if not _NUMPY:
+        try:
+            import numpy
+        except ImportError:
+            numpy = None
+        _NUMPY.append(numpy)
+    return _NUMPY[0]
 
 
 def _head(blob) -> tuple[bool, memoryview]:
@@ -84,24 +106,43 @@ def _head(blob) -> tuple[bool, memoryview]:
     return False, view
 
 
-def _to_planes(data) -> bytes:
-    """data's even bytes, then its odd bytes (bytes' own strided slicing: a memoryview's
-    is ~15 times slower)."""
-    data = data if isinstance(data, bytes) else bytes(data)
-    return data[0::2] + data[1::2]
+def _to_planes(data):
+    """data's even bytes, then its odd bytes: numpy's strided copy into this thread's
+    "planes_out" scratch buffer (valid until its next use), else bytes' own strided slicing
+    (a memoryview's is ~15 times slower)."""
+    np = _numpy()
+    if np is None:
+        data = data if isinstance(data, bytes) else bytes(data)
+        return data[0::2] + data[1::2]
+    size, half = len(data), len(data) // 2
+    src = np.frombuffer(data, dtype=np.uint8)
+    out = scratch(size, "planes_out")
+    dst = np.frombuffer(out, dtype=np.uint8)
+    dst[:half] = src[0::2]
+    dst[half:] = src[1::2]
+    return out
 
 
-def _interleaved(planes: memoryview) -> memoryview:
-    """planes' two halves interleaved again, in this thread's "interleave" scratch buffer
-    (valid until its next use): a bytearray's strided assignment is C's loop, a
-    memoryview's ~15 times slower."""
+def _interleaved(planes: memoryview, into: memoryview | None = None) -> memoryview:
+    """planes' two halves interleaved again: numpy's strided copy into `into` (returned
+    as it is given) or this thread's "interleave" scratch buffer (valid until its next
+    use); without numpy, a bytearray's strided assignment into that scratch buffer (C's
+    loop; a memoryview's is ~15 times slower), which `into` is not."""
     size, half = len(planes), len(planes) // 2
     if size % 2:                # compress() never writes planes of an odd size
         raise IntegrityError("a chunk of byte planes has an odd size")
-    buf = scratch(size, "interleave").obj
-    buf[0:size:2] = planes[:half]
-    buf[1:size:2] = planes[half:]
-    return memoryview(buf)[:size]
+    np = _numpy()
+    if np is None:
+        buf = scratch(size, "interleave").obj       # no view of it held while assigning
+        buf[0:size:2] = planes[:half]
+        buf[1:size:2] = planes[half:]
+        return memoryview(buf)[:size]
+    out = into if into is not None else scratch(size, "interleave")
+    src = np.frombuffer(planes, dtype=np.uint8)
+    dst = np.frombuffer(out, dtype=np.uint8, count=size)
+    dst[0::2] = src[:half]
+    dst[1::2] = src[half:]
+    return out
 
 
 def has_frame_checksum(blob) -> bool:
@@ -120,17 +161,21 @@ def compresses(level: int) -> bool:
 def compress(data, level: int = DEFAULT_LEVEL) -> bytes:
     """A chunk's stored bytes: one zstd frame at level, or with level BF16 (and an even
     size) PLANES_HEAD and a frame of its byte planes."""
-    planes = level == BF16 and len(data) % 2 == 0
-    if level == BF16:
-        level = PLANES_LEVEL
+    if level == BF16 and len(data) % 2 == 0:
+        cctx = getattr(_local, "planes_cctx", None)
+        if cctx is None:
+            cctx = _local.planes_cctx = zstandard.ZstdCompressor(
+                compression_params=zstandard.ZstdCompressionParameters(
+                    **PLANES_PARAMS, write_content_size=1, write_checksum=1))
+        return PLANES_HEAD + cctx.compress(_to_planes(data))
+    if level == BF16:           # an odd size (never a page run): level 1 as it is
+        level = 1
     cctx = getattr(_local, "cctx", None)
     if cctx is None or getattr(_local, "level", None) != level:
         cctx = _local.cctx = zstandard.ZstdCompressor(level=level, write_content_size=True,
                                                       write_checksum=True)
         _local.level = level
-    if not planes:
-        return cctx.compress(data)
-    return PLANES_HEAD + cctx.compress(_to_planes(data))
+    return cctx.compress(data)
 
 
 def decompress_bounded(blob, limit: int, what: str) -> bytes:
@@ -198,7 +243,9 @@ def _decompress_into_scratch(blob, expected_id: str, size: int,
     if got != size or extra:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
     if planes:
-        out[:size] = _interleaved(into)
+        joined = _interleaved(into, out)
+        if joined is not out:               # without numpy: joined in its scratch buffer
+            out[:size] = joined
     return out
 
 

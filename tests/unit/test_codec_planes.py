@@ -1,6 +1,8 @@
 """store/codec.py's bf16 byte planes (`dump --compress bf16`): same ids, fewer bytes for
 bf16 weights, every read path back to the same bytes, and a reader that does not know the
-transform fails instead of reading planes as data."""
+transform fails instead of reading planes as data. The planes are split and joined with
+numpy where it is installed, else with bytes' slicing: the round trips run both ways, and
+chunks written by one (or by the level-1 encoding of before) read back with the other."""
 
 from __future__ import annotations
 
@@ -29,6 +31,48 @@ def bf16_weights(n_bytes: int, seed: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def weights():
     return bf16_weights(MIB)
+
+
+@pytest.fixture(params=["numpy", "bytes"], autouse=True)
+def splitter(request, monkeypatch):
+    """Each test with numpy splitting and joining the planes, then without it."""
+    if request.param == "numpy":
+        pytest.importorskip("numpy")
+        monkeypatch.setattr(codec, "_NUMPY", [])        # looked up again
+    else:
+        monkeypatch.setattr(codec, "_NUMPY", [None])
+    return request.param
+
+
+def _other_splitter(monkeypatch, splitter):
+    """Switch to the other way of splitting and joining (numpy <-> bytes)."""
+    if splitter == "numpy":
+        monkeypatch.setattr(codec, "_NUMPY", [None])
+    else:
+        numpy = pytest.importorskip("numpy")
+        monkeypatch.setattr(codec, "_NUMPY", [numpy])
+
+
+def test_planes_written_one_way_read_back_the_other(weights, monkeypatch, splitter):
+    blob = codec.compress(weights, codec.BF16)
+    cid = codec.chunk_id(weights)
+    _other_splitter(monkeypatch, splitter)
+    assert codec.compress(weights, codec.BF16) == blob         # the same frame either way
+    assert codec.PLAIN.decode(blob, cid, len(weights)) == weights
+    assert bytes(codec.PLAIN.decode_view(blob, cid, len(weights), check="frame")) == weights
+
+
+def test_planes_of_the_level_1_encoding_of_before_still_read_back(weights):
+    """Chunks `--compress bf16` wrote before codec.PLANES_PARAMS (level 1 over the planes):
+    the same format, read by the same path; the new frames are no larger."""
+    old = codec.PLANES_HEAD + zstandard.ZstdCompressor(level=1, write_checksum=True).compress(
+        weights[0::2] + weights[1::2])
+    cid = codec.chunk_id(weights)
+    assert codec.PLAIN.decode(old, cid, len(weights)) == weights
+    dest = memoryview(bytearray(len(weights)))
+    codec.PLAIN.decode_view(old, cid, len(weights), dest, check="frame")
+    assert bytes(dest) == weights
+    assert len(codec.compress(weights, codec.BF16)) <= len(old) * 1.01
 
 
 def test_bf16_weights_store_smaller_than_level_1(weights):
