@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import sys
 import threading
 
 import zstandard
@@ -85,15 +86,27 @@ PLANES_HEAD = b"\x5e\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"bf16"
 PLANES_PARAMS = dict(strategy=zstandard.STRATEGY_FAST, window_log=20, hash_log=6, chain_log=6,
                      search_log=1, min_match=7, target_length=0)
 _NUMPY: list = []               # [numpy or None], looked up at first use
+_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
 
 
 def _numpy():
-    """numpy where it is installed, else None (looked up once)."""
+    """numpy where it is installed, else None (looked up once). Imported with its BLAS
+    held to one thread: only its strided copies are used, and at import OpenBLAS starts a
+    thread a CPU in every process (a dump's 32 page-stream workers on 16 CPUs: ~480)."""
     if not _NUMPY:
-        try:
-            import numpy
-        except ImportError:
-            numpy = None
+        numpy = sys.modules.get("numpy")
+        if numpy is None:
+            saved = os.environ.get(_BLAS_THREADS)
+            os.environ[_BLAS_THREADS] = "1"
+            try:
+                import numpy
+            except ImportError:
+                numpy = None
+            finally:
+                if saved is None:
+                    del os.environ[_BLAS_THREADS]
+                else:
+                    os.environ[_BLAS_THREADS] = saved
         _NUMPY.append(numpy)
     return _NUMPY[0]
 

@@ -165,3 +165,17 @@ def test_a_store_keeps_ids_and_reads_planes_chunks_back(tmp_path, weights):
             assert counts["bytes_stored"] < 0.75 * len(weights)
             assert repo.verify()["bad"] == []
     assert ids[codec.FAST] == ids[codec.BF16]
+
+
+def test_numpy_comes_in_with_one_blas_thread_and_the_environment_as_it_was():
+    """A page-stream worker imports numpy at its first bf16 chunk: no BLAS thread pool (one
+    a CPU in each of 32 workers), and OPENBLAS_NUM_THREADS as it was, for what it starts."""
+    pytest.importorskip("numpy")
+    import subprocess
+    import sys
+    code = ("import os; from gpusnap.store import codec; assert codec._numpy() is not None; "
+            "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["1", "None"]
