@@ -137,10 +137,10 @@ def _to_planes(data):
 
 
 def _interleaved(planes: memoryview, into: memoryview | None = None) -> memoryview:
-    """planes' two halves interleaved again: numpy's strided copy into `into` (returned
-    as it is given) or this thread's "interleave" scratch buffer (valid until its next
-    use); without numpy, a bytearray's strided assignment into that scratch buffer (C's
-    loop; a memoryview's is ~15 times slower), which `into` is not."""
+    """planes' two halves interleaved again, into `into` (returned) or this thread's
+    "interleave" scratch buffer (valid until its next use): numpy's strided copy straight
+    there; without numpy, a bytearray's strided assignment into the scratch buffer (C's
+    loop; a memoryview's is ~15 times slower), then copied into `into`."""
     size, half = len(planes), len(planes) // 2
     if size % 2:                # compress() never writes planes of an odd size
         raise IntegrityError("a chunk of byte planes has an odd size")
@@ -149,7 +149,10 @@ def _interleaved(planes: memoryview, into: memoryview | None = None) -> memoryvi
         buf = scratch(size, "interleave").obj       # no view of it held while assigning
         buf[0:size:2] = planes[:half]
         buf[1:size:2] = planes[half:]
-        return memoryview(buf)[:size]
+        if into is None:
+            return memoryview(buf)[:size]
+        into[:size] = memoryview(buf)[:size]
+        return into
     out = into if into is not None else scratch(size, "interleave")
     src = np.frombuffer(planes, dtype=np.uint8)
     dst = np.frombuffer(out, dtype=np.uint8, count=size)
@@ -256,9 +259,7 @@ def _decompress_into_scratch(blob, expected_id: str, size: int,
     if got != size or extra:
         raise IntegrityError(f"chunk {expected_id[:16]} does not match its hash")
     if planes:
-        joined = _interleaved(into, out)
-        if joined is not out:               # without numpy: joined in its scratch buffer
-            out[:size] = joined
+        _interleaved(into, out)
     return out
 
 
