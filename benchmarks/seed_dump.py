@@ -88,7 +88,8 @@ def main(argv=None) -> str:
                          "driver's checkpoint), MODE:p0 GPUSNAP_STREAM_PREFAULT=0, MODE:tN "
                          "GPUSNAP_THREADS=N (the page stream's workers), MODE:wN GPUSNAP_SEED_WORKERS=N (a --seed's), MODE:pv "
                          "GPUSNAP_STREAM_PRIVATE=1 (the slots in private huge pages, read by the workers: "
-                         "the default where they may), MODE:sh GPUSNAP_STREAM_PRIVATE=0 (shared slots)")
+                         "the default where they may), MODE:sh GPUSNAP_STREAM_PRIVATE=0 (shared slots), "
+                         "MODE:nN GPUSNAP_STREAM_NICE=N (the page stream's workers niced)")
     ap.add_argument("--kinds", default="empty,seeded",
                     help="gpusnap's rows: empty (an empty store, then the second dump), "
                          "seeded (a store seeded with the weights file ahead), inline (an empty "
@@ -233,9 +234,10 @@ def _dump(pid: int, store: str, fsync: str = "auto", *extra: str) -> dict:
 
 
 def mode_env(mode: str) -> dict:
-    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:tTHREADS][:wSEEDERS][:pv|:sh][:p|:p0] (p: the
+    """The environment of a --fsync mode: MODE[:sSLOTS][:cLEVEL][:tTHREADS][:wSEEDERS][:pv|:sh][:p|:p0][:nNICE] (p: the
     page stream's slots touched during the driver's checkpoint, GPUSNAP_STREAM_PREFAULT=1;
-    p0: =0; tN: GPUSNAP_THREADS=N, the page stream's workers). Pure."""
+    p0: =0; tN: GPUSNAP_THREADS=N, the page stream's workers; nN: GPUSNAP_STREAM_NICE=N,
+    their niceness). Pure."""
     fsync, *more = mode.split(":")
     env = {"GPUSNAP_FSYNC": fsync}
     for part in more:
@@ -251,8 +253,10 @@ def mode_env(mode: str) -> dict:
             env["GPUSNAP_STREAM_PRIVATE"] = "1" if part == "pv" else "0"
         elif part in ("p", "p0"):
             env["GPUSNAP_STREAM_PREFAULT"] = "1" if part == "p" else "0"
+        elif part[:1] == "n" and part[1:].isdigit():
+            env["GPUSNAP_STREAM_NICE"] = part[1:]
         else:
-            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, tN, wN, pv, sh, p, p0")
+            raise SystemExit(f"--fsync: {mode!r}: {part!r} is none of sN, cLEVEL, tN, wN, pv, sh, p, p0, nN")
     return env
 
 

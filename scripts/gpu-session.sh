@@ -25,7 +25,8 @@
 # seeddump (benchmarks/seed_dump.py server: the LLM server's first dump into an empty store
 # against one into a store seeded with its weights file by `gpusnap seed add`, same run,
 # alternating; SEED_SIZE (8b by default), SEED_RUNS (3); ~5 min for the 8b; SEED_ARGS adds options:
-# --kinds empty,inline puts `dump --seed` beside the empty store),
+# --kinds empty,inline puts `dump --seed` beside the empty store; seeddump2 is a second one in
+# the same call, SEED2_SIZE (1b by default) and SEED2_ARGS in place of SEED_SIZE and SEED_ARGS),
 # sdkread (benchmarks/sdk_read_probe.py: the SDK's weight read in a fresh process against the
 # same process parked and resumed, and the zero-copy read of page-cache pages registered
 # read-only; 16 GiB, SDKREAD_ARGS adds options; ~1.5 min),
@@ -181,6 +182,7 @@ for spec in "$@"; do
         dumprace) pytests "$name" "$limit" "${GPU_TEST_TIMEOUT:-300}" tests/gpu/test_gpu_dump_race.py ;;
         dumpprobe) step "$name" "$limit" python3 benchmarks/dump_probe.py --out "$OUT" ${PROBE_ARGS:---gib 8 --runs 2} ;;
         seeddump) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED_SIZE:-8b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED_ARGS:-} ;;
+        seeddump2) step "$name" "$limit" python3 benchmarks/seed_dump.py server --size "${SEED2_SIZE:-1b}" --runs "${SEED_RUNS:-3}" --out "$OUT" ${SEED2_ARGS:-} ;;
         levels)   step "$name" "$limit" python3 benchmarks/compress_levels.py --mib 16 --out "$OUT" ;;
         fsyncprobe) step "$name" "$limit" python3 benchmarks/fsync_probe.py --out "$OUT" \
                   --card "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" ${FSYNC_ARGS:-} ;;

@@ -64,6 +64,19 @@ def slots_forced() -> bool:
     return os.environ.get("GPUSNAP_STREAM_SLOTS", "").isdigit()
 
 
+NICE_ENV = "GPUSNAP_STREAM_NICE"              # the workers' niceness, 0 .. 19
+NICE = 0
+
+
+def worker_nice() -> int:
+    """The niceness the page stream's workers take: GPUSNAP_STREAM_NICE where it is a
+    count (at most 19), else NICE. Niced workers leave a CPU to CRIU and the receiver of
+    its pages whenever they compete for one (CRIU's stage is the original's freeze) and
+    take every CPU left idle."""
+    raw = os.environ.get(NICE_ENV, "").strip()
+    return min(19, int(raw)) if raw.isdigit() else NICE
+
+
 PREFAULT_ENV = "GPUSNAP_STREAM_PREFAULT"      # 1: slots are touched ahead (prefault()); off by default
 PRIVATE_ENV = "GPUSNAP_STREAM_PRIVATE"        # 0: shared slots; 1: private; unset: private if it grows
 _MADV_POPULATE_WRITE = 23                      # Linux 5.14
@@ -173,7 +186,8 @@ class PageStream:
         repo.backend.refresh("chunks/")                      # one listing, before the fork
         # a worker holds up to depth slots: every slot can be in a worker's queue
         def workers(memory):
-            return parallel.Stream(_slot_work, (repo, memory), n, depth=max(2, -(-slots // n)))
+            return parallel.Stream(_slot_work, (repo, memory), n, depth=max(2, -(-slots // n)),
+                                   nice=worker_nice())
         self.pool = workers(memory)
         if self.private and not self._workers_read():       # shared slots then
             self.private = False
@@ -332,6 +346,7 @@ class PageStream:
         out["stream_slots"] = self.slots
         out["stream_slots_peak"] = self.peak
         out["stream_private"] = int(self.private)
+        out["stream_nice"] = self.pool.nice if self.pool.pool is None else 0
         out.update(self._landing())
         return out
 

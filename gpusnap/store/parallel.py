@@ -254,8 +254,12 @@ class Stream:
     Each result comes back as (tag, result); errors are raised as run()'s are.
     Where forking is not safe, threads do the same."""
 
-    def __init__(self, fn: Callable[[Any, Any], Any], job: Any, workers: int, depth: int = 2):
-        self.fn, self.job, self.depth = fn, job, depth
+    def __init__(self, fn: Callable[[Any, Any], Any], job: Any, workers: int, depth: int = 2,
+                 nice: int = 0):
+        """nice: added to the forked workers' niceness (os.nice), so that the caller's
+        other work (a dump's CRIU and the receiver of its pages) runs first where they
+        compete for a CPU; threads are not niced."""
+        self.fn, self.job, self.depth, self.nice = fn, job, depth, nice
         self.done: list = []
         self.children: dict[int, Any] = {}      # pid -> result pipe (a file)
         self.tasks: dict[int, Any] = {}         # pid -> task pipe (a file)
@@ -277,6 +281,8 @@ class Stream:
         def body():
             for fd in (w_task, r_res, *others):
                 os.close(fd)
+            if self.nice > 0:
+                os.nice(self.nice)
             _stream_worker(self.fn, self.job, r_task, w_res)
         pid = _spawn(body)
         os.close(r_task)

@@ -28,7 +28,12 @@ def test_the_workers_part():
                                        "GPUSNAP_STREAM_PREFAULT": "0"}
 
 
-@pytest.mark.parametrize("mode", ["auto:t", "auto:tx", "auto:x", "auto:s", "auto:sabc", "auto:c", "auto:n", "auto:px"])
+def test_the_nice_part():
+    assert mode_env("auto:cbf16:n10") == {"GPUSNAP_FSYNC": "auto", "GPUSNAP_COMPRESS": "bf16",
+                                          "GPUSNAP_STREAM_NICE": "10"}
+
+
+@pytest.mark.parametrize("mode", ["auto:t", "auto:tx", "auto:x", "auto:s", "auto:sabc", "auto:c", "auto:n", "auto:nx", "auto:px"])
 def test_an_unknown_part_is_refused(mode):
     with pytest.raises(SystemExit):
         mode_env(mode)

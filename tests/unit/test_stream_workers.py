@@ -56,3 +56,31 @@ def test_sigterm_while_a_result_comes_in_stops_the_workers(monkeypatch):
     with pytest.raises(Interrupted):
         list(results)
     assert calls and time.monotonic() - started < 1.5     # stopped, not 20 batches waited for
+
+
+def _niceness(job, task):
+    import os
+    return os.nice(0)
+
+
+def test_stream_workers_take_the_niceness_asked_and_the_caller_keeps_its_own():
+    import os
+    own = os.nice(0)
+    stream = parallel.Stream(_niceness, None, 2, nice=7)
+    try:
+        for i in range(4):
+            stream.submit(i, i)
+        got = [value for _tag, value in stream.finish()]
+    finally:
+        stream.close()
+    assert got == [min(19, own + 7)] * 4
+    assert os.nice(0) == own
+
+
+def test_the_page_streams_niceness_comes_from_gpusnap_stream_nice(monkeypatch):
+    from gpusnap.store import pagestream
+    monkeypatch.delenv("GPUSNAP_STREAM_NICE", raising=False)
+    assert pagestream.worker_nice() == pagestream.NICE
+    for raw, want in (("10", 10), ("0", 0), ("40", 19), ("-5", pagestream.NICE), ("x", pagestream.NICE)):
+        monkeypatch.setenv("GPUSNAP_STREAM_NICE", raw)
+        assert pagestream.worker_nice() == want
